@@ -1,0 +1,3 @@
+from hybrid_ext.cli import main
+
+raise SystemExit(main())

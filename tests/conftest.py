@@ -1,0 +1,41 @@
+"""Multi-rank test harness: run code on N real ranks (gloo processes, horovodrun, deepspeed) with hard timeouts.
+
+Fixtures hand tests the launchers from :mod:`hybrid_ext.launch` with test-sized timeouts, so a hang fails the
+test with every rank's output instead of blocking CI. Functions given to ``spawn_ranks`` must be defined at
+module level (they are pickled into new processes).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+from hybrid_ext import launch
+
+# Generous for a loaded 2-core machine, far below CI's budget.
+SPAWN_TIMEOUT = 90.0
+LAUNCHER_TIMEOUT = 240.0
+
+
+@pytest.fixture
+def spawn_ranks():
+    """``spawn_ranks(fn, world_size, *args, **kw)`` -> list of ``fn(rank, world_size, *args)`` results."""
+    return functools.partial(_spawn_with_default_timeout)
+
+
+def _spawn_with_default_timeout(fn, world_size, *args, **kwargs):
+    kwargs.setdefault("timeout", SPAWN_TIMEOUT)
+    return launch.spawn(fn, world_size, *args, **kwargs)
+
+
+@pytest.fixture
+def horovodrun():
+    """``horovodrun(command, np)`` -> each rank's ``report_result`` from a real ``horovodrun --gloo`` job."""
+    return functools.partial(launch.run_horovodrun, timeout=LAUNCHER_TIMEOUT)
+
+
+@pytest.fixture
+def deepspeed_job():
+    """``deepspeed_job(command, np)`` -> each rank's ``report_result`` from a real ``deepspeed`` launcher job."""
+    return functools.partial(launch.run_deepspeed, timeout=LAUNCHER_TIMEOUT)
