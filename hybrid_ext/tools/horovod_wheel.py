@@ -177,8 +177,8 @@ def install(rebuild: bool = False) -> Path | None:
         [sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", str(wheel)],
         check=True,
     )
-    # Horovod's own runtime requirements (cloudpickle, psutil, pyyaml, packaging), without touching torch.
-    subprocess.run([sys.executable, "-m", "pip", "install", "cloudpickle", "psutil", "pyyaml", "packaging"], check=True)
+    # Again with dependencies: Horovod's own runtime requirements (cffi, cloudpickle, psutil, pyyaml, packaging).
+    subprocess.run([sys.executable, "-m", "pip", "install", str(wheel)], check=True)
     if not installed_horovod_works():
         raise SystemExit(f"installed {wheel}, but `import horovod.torch` fails or has no Gloo support")
     log(f"Horovod {HOROVOD_VERSION} installed from {wheel}")
