@@ -1,8 +1,32 @@
 """hybrid-ext: butterfly reduction and hybrid parallelism (data-parallel conv layers, model-parallel FC layers).
 
 The core imports only torch; Horovod, DeepSpeed and torchvision are imported by the modules that need them.
+Importing hybrid_ext registers the ``butterfly`` torch.distributed backend.
 """
 
+import hybrid_ext.integrations.torch  # noqa: F401 - registers the "butterfly" backend
+from hybrid_ext import metrics
+from hybrid_ext.collective import (
+    Handle,
+    allreduce,
+    allreduce_async,
+    allreduce_coalesced,
+    allreduce_coalesced_async,
+)
+from hybrid_ext.consistency import CollectiveMismatchError, set_check
+from hybrid_ext.transport import PeerError, Transport
 from hybrid_ext.version import __version__
 
-__all__ = ["__version__"]
+__all__ = [
+    "CollectiveMismatchError",
+    "Handle",
+    "PeerError",
+    "Transport",
+    "__version__",
+    "allreduce",
+    "allreduce_async",
+    "allreduce_coalesced",
+    "allreduce_coalesced_async",
+    "metrics",
+    "set_check",
+]

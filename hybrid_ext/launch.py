@@ -120,9 +120,7 @@ def _rank_main(spec: _RankSpec, rank: int, workdir: str, capture_output: bool) -
         if spec.threads:
             torch.set_num_threads(spec.threads)
         if spec.backend:
-            store = dist.TCPStore(
-                "127.0.0.1", spec.port, is_master=False, timeout=timedelta(seconds=spec.pg_timeout)
-            )
+            store = dist.TCPStore("127.0.0.1", spec.port, is_master=False, timeout=timedelta(seconds=spec.pg_timeout))
             dist.init_process_group(
                 spec.backend,
                 store=store,

@@ -128,7 +128,7 @@ def _drop_empty(step: Step) -> Step | None:
     recv_from, recv = (step.recv_from, step.recv) if step.recv_count else (None, None)
     if send is None and recv is None:
         return None
-    return Step(step.phase, send_to, send, recv_from, recv, step.reduce)
+    return Step(step.phase, send_to, send, recv_from, recv, step.reduce and recv is not None)
 
 
 def _folded(algorithm: str, rank: int, p: int, n: int) -> list[Step]:
@@ -195,7 +195,9 @@ def _ring(rank: int, p: int, n: int) -> list[Step]:
         i %= p
         return (bounds[i], bounds[i + 1])
 
-    steps = [Step("reduce_scatter", right, block(rank - k), left, block(rank - k - 1), reduce=True) for k in range(p - 1)]
+    steps = [
+        Step("reduce_scatter", right, block(rank - k), left, block(rank - k - 1), reduce=True) for k in range(p - 1)
+    ]
     # Rank r now holds block r + 1 fully reduced; pass finished blocks around once more.
     steps += [Step("allgather", right, block(rank + 1 - k), left, block(rank - k), reduce=False) for k in range(p - 1)]
     return steps

@@ -72,13 +72,16 @@ def deepspeed_worker() -> None:
         "train_micro_batch_size_per_gpu": 8,
         "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
         "zero_optimization": {"stage": 0},
+        "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 unless told otherwise
     }
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     x = torch.full((8, 4), float(rank + 1))
     loss = engine(x).sum()
     engine.backward(loss)
     engine.step()
-    report_result({"rank": rank, "size": size, "allreduce": t.tolist(), "weight": engine.module.weight.detach().clone()})
+    report_result(
+        {"rank": rank, "size": size, "allreduce": t.tolist(), "weight": engine.module.weight.detach().clone()}
+    )
 
 
 def check_gloo(np: int = 2) -> str:

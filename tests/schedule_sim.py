@@ -44,7 +44,9 @@ def simulate(plans: list[Plan]) -> list[np.ndarray]:
                 data = queue.popleft()
                 start, stop = step.recv
                 if len(data) != stop - start:
-                    raise SimulationError(f"rank {r} step {cursor[r]}: expected {stop - start} elements, got {len(data)}")
+                    raise SimulationError(
+                        f"rank {r} step {cursor[r]}: expected {stop - start} elements, got {len(data)}"
+                    )
                 if step.reduce:
                     mine = buffers[r][start:stop]
                     if any(a & b for a, b in zip(mine, data)):

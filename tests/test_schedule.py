@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from schedule_sim import SimulationError, simulate
 
 from hybrid_ext.schedule import ALGORITHMS, block_bounds, largest_power_of_two_at_most, plan_allreduce
-from schedule_sim import SimulationError, simulate
 
 
 def _check_allreduce(algorithm: str, p: int, n: int) -> None:
@@ -21,7 +22,7 @@ def _check_allreduce(algorithm: str, p: int, n: int) -> None:
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-@pytest.mark.parametrize("p", list(range(1, 17)) + [24, 31, 32, 33, 48, 63, 64])
+@pytest.mark.parametrize("p", [*list(range(1, 17)), 24, 31, 32, 33, 48, 63, 64])
 def test_every_rank_gets_every_contribution_exactly_once(algorithm, p):
     for n in sorted({0, 1, 2, p - 1, p, p + 1, 2 * p + 3, 97}):
         if n >= 0:
@@ -89,7 +90,7 @@ def test_one_rank_or_no_elements_means_no_steps():
 
 def test_block_bounds_are_balanced():
     bounds = block_bounds(10, 4)
-    sizes = [b - a for a, b in zip(bounds, bounds[1:])]
+    sizes = [b - a for a, b in itertools.pairwise(bounds)]
     assert bounds[0] == 0 and bounds[-1] == 10 and max(sizes) - min(sizes) <= 1
 
 
@@ -104,6 +105,6 @@ def test_bad_arguments_are_named():
 
 def test_simulator_catches_a_broken_plan():
     plans = [plan_allreduce("rabenseifner", r, 4, 8) for r in range(4)]
-    broken = plans[:3] + [plan_allreduce("ring", 3, 4, 8)]
+    broken = [*plans[:3], plan_allreduce("ring", 3, 4, 8)]
     with pytest.raises(SimulationError):
         simulate(broken)

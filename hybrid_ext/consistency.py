@@ -1,0 +1,83 @@
+"""Cross-rank safety: make sure every rank entered the same collective with the same shape and dtype.
+
+Ranks that disagree on a collective's size would otherwise deadlock or exchange garbage. In check mode
+(``HYBRID_EXT_CHECK=1``, or :func:`set_check` — on in hybrid-ext's own tests) each collective is preceded by a
+cheap fingerprint exchange: every rank contributes one row of a few integers (collective, op, dtype, element
+count, number of tensors, shape hash) to a small table that is summed over the group with recursive doubling
+(log2 P messages of P rows). A disagreement raises :class:`CollectiveMismatchError` on every rank, naming the
+ranks and what each of them passed, instead of hanging.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Sequence
+
+import torch
+
+CHECK_ENV = "HYBRID_EXT_CHECK"
+FIELDS = ("collective", "op", "dtype", "elements", "tensors", "shape_hash")
+
+_CODES: dict[str, int] = {}
+_NAMES: dict[int, str] = {}
+_override: bool | None = None
+
+
+class CollectiveMismatchError(RuntimeError):
+    """Ranks called the same collective with different shapes, dtypes or ops."""
+
+
+def check_enabled() -> bool:
+    if _override is not None:
+        return _override
+    return os.environ.get(CHECK_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def set_check(enabled: bool | None) -> None:
+    """Turn check mode on or off for this process (None: follow ``HYBRID_EXT_CHECK``)."""
+    global _override
+    _override = enabled
+
+
+def _code(name: str) -> int:
+    # A stable small integer per name, the same on every rank (crc32, not Python's salted hash).
+    code = zlib.crc32(name.encode()) & 0x7FFFFFFF
+    _NAMES[code] = name
+    return code
+
+
+def fingerprint(collective: str, op: str, tensors: Sequence[torch.Tensor]) -> list[int]:
+    shapes = ";".join(f"{tuple(t.shape)}" for t in tensors)
+    dtypes = ",".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors}))
+    return [
+        _code(collective),
+        _code(op),
+        _code(dtypes),
+        sum(t.numel() for t in tensors),
+        len(tensors),
+        zlib.crc32(shapes.encode()) & 0x7FFFFFFF,
+    ]
+
+
+def describe(row: Sequence[int]) -> str:
+    fields = dict(zip(FIELDS, (int(v) for v in row)))
+    name = _NAMES.get(fields["collective"], "?")
+    dtype = _NAMES.get(fields["dtype"], "a different dtype")
+    op = _NAMES.get(fields["op"], "a different op")
+    return f"{name}(op={op}) of {fields['tensors']} tensor(s), {fields['elements']} elements of {dtype}"
+
+
+def verify(table: torch.Tensor, own_shapes: str) -> None:
+    """Raise if the rows of the summed table (one per rank) differ."""
+    rows = [tuple(int(v) for v in row) for row in table.tolist()]
+    if all(row == rows[0] for row in rows):
+        return
+    groups: dict[tuple, list[int]] = {}
+    for rank, row in enumerate(rows):
+        groups.setdefault(row, []).append(rank)
+    lines = [f"  ranks {ranks}: {describe(row)}" for row, ranks in sorted(groups.items(), key=lambda kv: kv[1])]
+    raise CollectiveMismatchError(
+        "ranks called a collective with different arguments (this rank passed shapes "
+        f"{own_shapes}):\n" + "\n".join(lines)
+    )

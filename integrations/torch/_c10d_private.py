@@ -1,0 +1,45 @@
+"""Every private torch.distributed API hybrid-ext relies on, in one place (pinned by tests/test_torch_private.py).
+
+torch supports Python process groups (``dist.ProcessGroup`` subclasses, see upstream
+``test/distributed/test_c10d_pypg.py``), but a few of the pieces are underscored. If a torch release moves
+them, this file and its pinning tests are what change.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch._C._distributed_c10d import _create_work_from_future
+
+BackendType = dist.ProcessGroup.BackendType
+
+
+def work_from_future(future: torch.futures.Future) -> dist.Work:
+    """A ``Work`` whose ``wait()`` / ``get_future()`` follow ``future`` (what a Python process group returns)."""
+    return _create_work_from_future(future)
+
+
+def attach_backend(group: dist.ProcessGroup, device: torch.device, backend_type, backend) -> None:
+    """Route the collectives ``group`` does not override in Python to ``backend`` for ``device``.
+
+    A Python ``ProcessGroup`` has no backend of its own: without this, calls it does not implement
+    (gather, scatter, reduce, alltoall...) fail instead of falling back.
+    """
+    group._register_backend(device, backend_type, backend)
+
+
+def set_default_backend(group: dist.ProcessGroup, backend_type) -> None:
+    group._set_default_backend(backend_type)
+
+
+def backend_timeout_seconds(group) -> float | None:
+    """The timeout a process group (or backend) was created with, if it tells."""
+    try:
+        backend = group._get_backend(torch.device("cpu")) if isinstance(group, dist.ProcessGroup) else group
+        return float(backend.options._timeout.total_seconds())
+    except Exception:  # not every backend exposes its options
+        return None
+
+
+def backend_registered(name: str) -> bool:
+    return name.upper() in dist.Backend._plugins

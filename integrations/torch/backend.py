@@ -1,0 +1,162 @@
+"""The ``butterfly`` torch.distributed backend: ``dist.init_process_group("butterfly")``.
+
+``all_reduce`` (and ``all_reduce_coalesced``) go through hybrid-ext's butterfly allreduce; every other
+collective — broadcast, all_gather, reduce_scatter, all_to_all, barrier, send/recv... — falls back to an inner
+gloo group (and an inner NCCL group for CUDA tensors, when CUDA is available), created from the same store.
+DDP, DeviceMesh and DeepSpeed (``deepspeed.init_distributed(dist_backend="butterfly")``) run on it unchanged.
+
+    import hybrid_ext  # registers the backend
+    dist.init_process_group("butterfly")
+    dist.all_reduce(t)  # butterfly
+
+The algorithm follows ``HYBRID_EXT_ALGO`` (default ``auto``). Reductions torch has but the butterfly does not
+(product, bitwise ops, pre-multiplied sums) and dtypes it does not support go to the inner group.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from hybrid_ext import collective
+from hybrid_ext.integrations.torch import _c10d_private as c10d
+from hybrid_ext.integrations.torch.transport import TorchTransport
+
+BACKEND_NAME = "butterfly"
+
+_REDUCE_OPS = {
+    dist.ReduceOp.SUM: "sum",
+    dist.ReduceOp.AVG: "avg",
+    dist.ReduceOp.MIN: "min",
+    dist.ReduceOp.MAX: "max",
+}
+
+
+def _op_name(reduce_op: Any) -> str | None:
+    for torch_op, name in _REDUCE_OPS.items():
+        try:
+            if reduce_op == torch_op:
+                return name
+        except (TypeError, RuntimeError):  # pre-multiplied sums do not compare
+            return None
+    return None
+
+
+class ButterflyProcessGroup(dist.ProcessGroup):
+    """A Python process group: butterfly allreduce, everything else delegated to inner gloo / NCCL groups."""
+
+    def __init__(self, store: dist.Store, rank: int, size: int, timeout: timedelta) -> None:
+        super().__init__(rank, size)
+        self._rank, self._size = rank, size
+        self._group_name = ""
+        self._group_desc = ""
+        self._algorithm = "auto"
+        self._inner: dict[str, Any] = {}
+        self._comms: dict[str, collective.Communicator] = {}
+        gloo = dist.ProcessGroupGloo(dist.PrefixStore("butterfly/gloo", store), rank, size, timeout)
+        self._add_inner("cpu", c10d.BackendType.GLOO, gloo, TorchTransport(gloo, timeout.total_seconds()))
+        if torch.cuda.is_available() and dist.is_nccl_available():
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = timeout
+            nccl = dist.ProcessGroupNCCL(dist.PrefixStore("butterfly/nccl", store), rank, size, options)
+            self._add_inner("cuda", c10d.BackendType.NCCL, nccl, TorchTransport(nccl, timeout.total_seconds()))
+        c10d.set_default_backend(self, c10d.BackendType.GLOO)
+
+    def _add_inner(self, device_type: str, backend_type, backend, transport) -> None:
+        self._inner[device_type] = backend
+        self._comms[device_type] = collective.Communicator(transport)
+        c10d.attach_backend(self, torch.device(device_type), backend_type, backend)
+
+    # ------------------------------------------------------------------ identity
+    def getBackendName(self) -> str:
+        return BACKEND_NAME
+
+    def getRank(self) -> int:
+        return self._rank
+
+    def getSize(self) -> int:
+        return self._size
+
+    def setGroupName(self, name: str) -> None:
+        self._group_name = name
+
+    def getGroupName(self) -> str:
+        return self._group_name
+
+    def setGroupDesc(self, desc: str) -> None:
+        self._group_desc = desc
+
+    def getGroupDesc(self) -> str:
+        return self._group_desc
+
+    def butterfly_inner_group(self, device: torch.device) -> Any:
+        """The inner group that carries this group's traffic for ``device`` (hybrid-ext's transports use it)."""
+        return self._inner["cuda" if device.type == "cuda" and "cuda" in self._inner else "cpu"]
+
+    def butterfly_communicator(self, device: torch.device) -> collective.Communicator:
+        return self._comms["cuda" if device.type == "cuda" and "cuda" in self._comms else "cpu"]
+
+    # ------------------------------------------------------------------ the butterfly
+    def allreduce(self, tensors, opts=None):
+        op = _op_name(opts.reduceOp) if opts is not None else "sum"
+        if op is None or not self._supported(tensors, op):
+            return self.butterfly_inner_group(tensors[0].device).allreduce(tensors, opts)
+        return self._submit(tensors, op, separate=True)
+
+    def allreduce_coalesced(self, tensors, opts=None):
+        op = _op_name(opts.reduceOp) if opts is not None else "sum"
+        if op is None or not self._supported(tensors, op):
+            return self.butterfly_inner_group(tensors[0].device).allreduce_coalesced(tensors, opts)
+        return self._submit(tensors, op, separate=False)
+
+    def _supported(self, tensors, op: str) -> bool:
+        if not tensors:
+            return False
+        first = tensors[0]
+        if first.dtype not in collective.SUPPORTED_DTYPES or (op == "avg" and not first.dtype.is_floating_point):
+            return False
+        return all(t.dtype == first.dtype and t.device == first.device and not t.is_sparse for t in tensors)
+
+    def _submit(self, tensors, op: str, separate: bool):
+        tensors = list(tensors)
+        comm = self.butterfly_communicator(tensors[0].device)
+        algorithm = os.environ.get("HYBRID_EXT_ALGO", self._algorithm) or "auto"
+        if algorithm not in ("auto", "butterfly", "recursive_doubling", "rabenseifner", "ring"):
+            algorithm = "auto"
+
+        def job():
+            if separate:  # all_reduce of several tensors reduces each on its own, as other backends do
+                for t in tensors:
+                    comm.allreduce_now([t], op, algorithm)
+            else:
+                comm.allreduce_now(tensors, op, algorithm)
+            return tensors
+
+        handle = comm.submit(job)
+        future: torch.futures.Future = torch.futures.Future()
+
+        def finish(done: collective.Handle) -> None:
+            error = done.exception()
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(tensors)
+
+        handle.add_done_callback(finish)
+        return c10d.work_from_future(future)
+
+
+def create_butterfly_group(store: dist.Store, rank: int, size: int, timeout: timedelta) -> ButterflyProcessGroup:
+    return ButterflyProcessGroup(store, rank, size, timeout)
+
+
+def register_backend() -> None:
+    """Make ``"butterfly"`` a torch.distributed backend name (idempotent)."""
+    if c10d.backend_registered(BACKEND_NAME):
+        return
+    devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    dist.Backend.register_backend(BACKEND_NAME, create_butterfly_group, devices=devices)

@@ -1,0 +1,56 @@
+"""A DDP communication hook that averages gradient buckets with the butterfly allreduce.
+
+For users who keep their gloo / NCCL process group and change only the gradient reduction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from hybrid_ext import collective
+
+
+@dataclass
+class ButterflyHookState:
+    """State for :func:`butterfly_hook`.
+
+    group: the process group to reduce over (None: DDP's default group).
+    algorithm: ``"auto"``, ``"butterfly"``, ``"rabenseifner"``, ``"recursive_doubling"`` or ``"ring"``.
+    """
+
+    group: Any = None
+    algorithm: str = "auto"
+
+
+def butterfly_hook(state: ButterflyHookState | Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """Average a gradient bucket over the group with the butterfly allreduce.
+
+    Like DDP's default ``allreduce_hook`` (sum, then divide by the group size), but the bucket travels through
+    hybrid-ext's schedules instead of the backend's own allreduce. The reduction runs on hybrid-ext's
+    communication thread, so it overlaps the rest of the backward pass as DDP's own does. ``state`` may be a
+    :class:`ButterflyHookState`, a process group, or None.
+
+    Example::
+
+        >>> from hybrid_ext.integrations.torch import butterfly_hook, ButterflyHookState
+        >>> ddp_model.register_comm_hook(ButterflyHookState(algorithm="auto"), butterfly_hook)
+    """
+    if not isinstance(state, ButterflyHookState):
+        state = ButterflyHookState(group=state)
+    tensor = bucket.buffer()
+    handle = collective.allreduce_async(tensor, op="avg", algorithm=state.algorithm, group=state.group)
+    future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+
+    def finish(done: collective.Handle) -> None:
+        error = done.exception()
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(tensor)
+
+    handle.add_done_callback(finish)
+    return future
