@@ -3,8 +3,6 @@
 For users who keep their gloo / NCCL process group and change only the gradient reduction.
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +24,7 @@ class ButterflyHookState:
     algorithm: str = "auto"
 
 
+# Real (not postponed) annotations: DDP checks them with inspect.signature.
 def butterfly_hook(state: ButterflyHookState | Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """Average a gradient bucket over the group with the butterfly allreduce.
 

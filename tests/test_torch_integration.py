@@ -1,0 +1,164 @@
+"""torch.distributed integration: the `butterfly` backend under DDP, the DDP comm hook, fallbacks, private pins."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import hybrid_ext
+from hybrid_ext.integrations.torch import ButterflyHookState, ButterflyProcessGroup, butterfly_hook
+from hybrid_ext.integrations.torch import _c10d_private as c10d
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+
+
+def _train(rank: int, p: int, use_hook: bool) -> dict:
+    hybrid_ext.set_check(True)
+    # Small buckets: several reductions per backward, overlapping it.
+    ddp = DDP(_model(), bucket_cap_mb=0.001)
+    if use_hook:
+        ddp.register_comm_hook(ButterflyHookState(algorithm="auto"), butterfly_hook)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(rank)
+    with hybrid_ext.metrics.capture() as records:
+        for _ in range(4):
+            x, y = torch.randn(8, 16, generator=g), torch.randn(8, 4, generator=g)
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(ddp(x), y).backward()
+            optimizer.step()
+    return {
+        "params": [p.detach().clone() for p in ddp.module.parameters()],
+        "backend": dist.get_backend(),
+        "butterfly_calls": len(records),
+    }
+
+
+def _reference_params(p: int) -> list[torch.Tensor]:
+    """The same 4 steps in one process on the global batch (DDP averages the ranks' mean losses)."""
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    gens = [torch.Generator().manual_seed(r) for r in range(p)]
+    for _ in range(4):
+        batches = [(torch.randn(8, 16, generator=g), torch.randn(8, 4, generator=g)) for g in gens]
+        optimizer.zero_grad()
+        loss = sum(torch.nn.functional.mse_loss(model(x), y) for x, y in batches) / p
+        loss.backward()
+        optimizer.step()
+    return [p.detach() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("p", [2, 3])
+def test_ddp_on_the_butterfly_backend_equals_gloo_and_the_reference(spawn_ranks, p):
+    butterfly = spawn_ranks(_train, p, False, backend="butterfly")
+    gloo = spawn_ranks(_train, p, False, backend="gloo")
+    reference = _reference_params(p)
+    assert butterfly[0]["backend"] == "butterfly" and gloo[0]["backend"] == "gloo"
+    assert butterfly[0]["butterfly_calls"] >= 4  # at least one bucket per step
+    assert gloo[0]["butterfly_calls"] == 0
+    for result in butterfly:  # identical bits on every rank
+        for mine, first in zip(result["params"], butterfly[0]["params"]):
+            assert torch.equal(mine, first)
+    for ours, theirs, ref in zip(butterfly[0]["params"], gloo[0]["params"], reference):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_ddp_comm_hook_on_gloo_equals_plain_gloo(spawn_ranks):
+    hooked = spawn_ranks(_train, 3, True, backend="gloo")
+    assert hooked[0]["butterfly_calls"] >= 4
+    for ours, ref in zip(hooked[0]["params"], _reference_params(3)):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    for result in hooked:
+        assert all(torch.equal(a, b) for a, b in zip(result["params"], hooked[0]["params"]))
+
+
+def _fallbacks(rank: int, p: int) -> dict:
+    out = {}
+    t = torch.tensor([float(rank + 1)])
+    dist.all_reduce(t, op=dist.ReduceOp.PRODUCT)  # not a butterfly op: inner gloo
+    out["product"] = t.item()
+    t = torch.tensor([float(rank + 1)])
+    dist.all_reduce(t, op=dist.ReduceOp.AVG)  # gloo lacks AVG; the butterfly has it
+    out["avg"] = t.item()
+    b = torch.tensor([float(rank)])
+    dist.broadcast(b, src=p - 1)
+    out["broadcast"] = b.item()
+    gathered = [torch.zeros(1) for _ in range(p)]
+    dist.all_gather(gathered, torch.tensor([float(rank)]))
+    out["all_gather"] = [g.item() for g in gathered]
+    flat = torch.zeros(p)
+    dist.all_gather_into_tensor(flat, torch.tensor([float(rank)]))
+    out["all_gather_into_tensor"] = flat.tolist()
+    a2a = torch.zeros(p)
+    dist.all_to_all_single(a2a, torch.arange(p, dtype=torch.float32) + 10 * rank)
+    out["all_to_all_single"] = a2a.tolist()
+    red = torch.tensor([float(rank + 1)])
+    dist.reduce(red, dst=0)
+    out["reduce"] = red.item() if rank == 0 else None
+    if rank == 0:
+        dist.send(torch.tensor([42.0]), dst=1)
+    elif rank == 1:
+        r = torch.zeros(1)
+        dist.recv(r, src=0)
+        out["recv"] = r.item()
+    dist.barrier()
+    objs = [None] * p
+    dist.all_gather_object(objs, {"rank": rank})
+    out["objects"] = objs
+    i = torch.tensor([rank + 1], dtype=torch.int64)
+    dist.all_reduce(i)
+    out["int_sum"] = i.item()
+    return out
+
+
+def test_the_backend_falls_back_to_gloo_for_everything_else(spawn_ranks):
+    p = 3
+    results = spawn_ranks(_fallbacks, p, backend="butterfly")
+    for rank, out in enumerate(results):
+        assert out["product"] == 6.0 and out["avg"] == 2.0 and out["broadcast"] == 2.0
+        assert out["all_gather"] == [0.0, 1.0, 2.0] == out["all_gather_into_tensor"]
+        assert out["all_to_all_single"] == [float(rank + 10 * s) for s in range(p)]
+        assert out["objects"] == [{"rank": r} for r in range(p)]
+        assert out["int_sum"] == 6
+    assert results[0]["reduce"] == 6.0 and results[1]["recv"] == 42.0
+
+
+# ------------------------------------------------------------------ pins on torch's private surface
+
+
+def test_private_c10d_pieces_exist():
+    from torch.futures import Future
+
+    future = Future()
+    future.set_result([torch.ones(1)])
+    work = c10d.work_from_future(future)
+    assert work.wait()
+    assert work.get_future().value()[0].item() == 1.0
+    assert c10d.backend_registered("butterfly")
+    assert hasattr(dist.ProcessGroup, "_register_backend") and hasattr(dist.ProcessGroup, "_set_default_backend")
+    assert isinstance(dist.ProcessGroup.BackendType.GLOO, dist.ProcessGroup.BackendType)
+
+
+def test_python_process_group_overrides_are_dispatched():
+    # torch must route allreduce on a Python ProcessGroup subclass to the Python method.
+    class Probe(dist.ProcessGroup):
+        called = False
+
+        def allreduce(self, tensors, opts):
+            Probe.called = True
+            future = torch.futures.Future()
+            future.set_result(tensors)
+            return c10d.work_from_future(future)
+
+        def getBackendName(self):
+            return "probe"
+
+    pg = Probe(0, 1)
+    pg.allreduce([torch.ones(1)], dist.AllreduceOptions()).wait()
+    assert Probe.called
+    assert issubclass(ButterflyProcessGroup, dist.ProcessGroup)
