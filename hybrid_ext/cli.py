@@ -28,6 +28,12 @@ def _cmd_install_horovod(args: argparse.Namespace) -> int:
     return horovod_wheel.main(["--rebuild"] if args.rebuild else [])
 
 
+def _cmd_bench_allreduce(args: argparse.Namespace) -> int:
+    from hybrid_ext import bench
+
+    return bench.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hybrid-ext",
@@ -45,6 +51,30 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--np", type=int, default=2, help="ranks per job (default: 2)")
         sub.add_argument("--checks", nargs="+", choices=checks, default=checks, help="which parts to check")
         sub.set_defaults(handler=handler)
+
+    bench = commands.add_parser("bench", help="benchmarks", description="Benchmarks measured in one run.")
+    bench_kinds = bench.add_subparsers(dest="bench_kind", metavar="KIND", required=True)
+    allreduce = bench_kinds.add_parser(
+        "allreduce",
+        help="time allreduce algorithms against torch's gloo all_reduce",
+        description="Spawn N ranks (gloo) and time each algorithm, interleaved, against dist.all_reduce.",
+    )
+    allreduce.add_argument("--np", type=int, default=4, help="ranks (default: 4)")
+    allreduce.add_argument("--sizes", default="1K,64K,1M,16M,64M", help="message sizes in bytes (K, M suffixes)")
+    allreduce.add_argument(
+        "--algorithms",
+        default="butterfly,rabenseifner,recursive_doubling,ring,native",
+        help="comma-separated: auto, butterfly, rabenseifner, recursive_doubling, ring, native",
+    )
+    allreduce.add_argument("--iters", type=int, default=10, help="timed rounds per size (default: 10)")
+    allreduce.add_argument("--inner", type=int, default=5, help="calls per round, back to back (default: 5)")
+    allreduce.add_argument("--warmup", type=int, default=2, help="untimed rounds per size (default: 2)")
+    allreduce.add_argument(
+        "--transport", choices=["auto", "shm", "torch"], default="auto", help="hybrid-ext's transport (default: auto)"
+    )
+    allreduce.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    allreduce.add_argument("--calibrate", action="store_true", help="fit and save the cost model used by auto")
+    allreduce.set_defaults(handler=_cmd_bench_allreduce)
 
     install = commands.add_parser(
         "install-horovod",

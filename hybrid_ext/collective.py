@@ -66,10 +66,20 @@ def execute(plan: Plan, buffer: torch.Tensor, scratch: torch.Tensor, transport: 
     for index, step in enumerate(plan.steps):
         send = buffer[step.send[0] : step.send[1]] if step.send is not None else None
         recv = None
+        # Reduce straight out of the transport's buffers when it can and the send does not read what is being
+        # reduced (recursive doubling sends and reduces the same range: it needs the receive copy).
+        fused = (
+            step.reduce
+            and hasattr(transport, "exchange_reduce")
+            and (step.send is None or step.send[1] <= step.recv[0] or step.recv[1] <= step.send[0])
+        )
         if step.recv is not None:
             start, stop = step.recv
-            recv = scratch[: stop - start] if step.reduce else buffer[start:stop]
+            recv = scratch[: stop - start] if step.reduce and not fused else buffer[start:stop]
         try:
+            if fused:
+                transport.exchange_reduce(send, step.send_to, recv, step.recv_from, reduce)
+                continue
             transport.exchange(send, step.send_to, recv, step.recv_from)
         except PeerError as exc:
             raise PeerError(
@@ -187,7 +197,7 @@ class Communicator:
                 buffer[offset : offset + t.numel()].copy_(t.reshape(-1))
                 offset += t.numel()
         element_size = buffer.element_size()
-        chosen = cost_model.resolve(algorithm, count * element_size, self.size)
+        chosen = cost_model.resolve(algorithm, count * element_size, self.size, self.transport.name)
         plan = plan_allreduce(chosen, self.rank, self.size, count)
         execute(plan, buffer, self.scratch(plan.scratch_elements, wide, device), self.transport, op)
         if op == "avg":
@@ -231,26 +241,29 @@ def communicator(group: Any = None, device: torch.device | None = None) -> Commu
         # The butterfly backend's own communicator: its dist.all_reduce calls and ours share one order.
         if hasattr(group, "butterfly_communicator"):
             return group.butterfly_communicator(device or torch.device("cpu"))
+    device = device or torch.device("cpu")
+    key = (id(group), device.type)
     with _registry_lock:
-        entry = _communicators.get(id(group))
+        entry = _communicators.get(key)
         if entry is None or entry[0] is not group:
-            entry = (group, Communicator(_as_transport(group)))
-            _communicators[id(group)] = entry
+            entry = (group, Communicator(_as_transport(group, device)))
+            _communicators[key] = entry
         return entry[1]
 
 
-def _as_transport(group: Any) -> Transport:
+def _as_transport(group: Any, device: torch.device) -> Transport:
     if isinstance(group, Transport):
         return group
-    from hybrid_ext.integrations.torch.transport import TorchTransport
+    from hybrid_ext.integrations.torch.transport import transport_for
 
-    return TorchTransport(group)
+    return transport_for(group, device)
 
 
 def forget_group(group: Any) -> None:
     """Drop the communicator of a group that is being destroyed."""
     with _registry_lock:
-        _communicators.pop(id(group), None)
+        for key in [k for k in _communicators if k[0] == id(group)]:
+            del _communicators[key]
 
 
 # -------------------------------------------------------------------------------------------------- public API

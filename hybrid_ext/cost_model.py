@@ -20,8 +20,9 @@ Names a user may pass as ``algorithm``:
 
 ``HYBRID_EXT_ALGO=<name>`` overrides ``auto`` and ``butterfly`` everywhere (like ``NCCL_ALGO``); an explicit
 algorithm name passed by the caller is kept. ``hybrid-ext bench allreduce --calibrate`` measures α, β, γ and
-saves them where :func:`default_model` finds them (``~/.cache/hybrid-ext/cost_model.json``, or the file named
-by ``HYBRID_EXT_COST_MODEL``).
+saves them, per transport, where :func:`default_model` finds them (``~/.cache/hybrid-ext/cost_model.json``, or the
+file named by ``HYBRID_EXT_COST_MODEL``). Message costs differ by an order of magnitude between transports
+(shared memory vs TCP), so each transport has its own constants.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ BUTTERFLIES = ("recursive_doubling", "rabenseifner")
 class CostModel:
     """Seconds per message (alpha), per byte sent (beta), per byte reduced (gamma)."""
 
-    # Defaults measured on a 2-core CPU machine with gloo over loopback (hybrid-ext bench allreduce --calibrate).
     alpha: float = 150e-6
     beta: float = 0.6e-9
     gamma: float = 0.4e-9
@@ -73,16 +73,6 @@ class CostModel:
     def choose(self, nbytes: int, p: int, candidates: tuple[str, ...] = ALGORITHMS) -> str:
         return min(candidates, key=lambda a: (self.predict(a, nbytes, p), candidates.index(a)))
 
-    def save(self, path: Path | None = None) -> Path:
-        path = path or model_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        return path
-
-    @classmethod
-    def load(cls, path: Path) -> CostModel:
-        return cls(**{k: float(v) for k, v in json.loads(path.read_text()).items() if k in ("alpha", "beta", "gamma")})
-
 
 def model_path() -> Path:
     if os.environ.get(MODEL_ENV):
@@ -91,24 +81,47 @@ def model_path() -> Path:
     return Path(cache).expanduser() / "cost_model.json"
 
 
-_default: CostModel | None = None
+# Built-in constants per transport, from `hybrid-ext bench allreduce --np 8 --calibrate [--transport torch]` on a
+# 2-core x86-64 machine (α is high there: 8 ranks share 2 cores). A saved calibration replaces them.
+BUILTIN: dict[str, CostModel] = {
+    "shm": CostModel(alpha=650e-6, beta=0.9e-9, gamma=2.2e-9),
+    "torch-gloo": CostModel(alpha=3.5e-3, beta=1.0e-9, gamma=2.2e-9),
+}
+
+_models: dict[str, CostModel] | None = None
 
 
-def default_model() -> CostModel:
-    """The calibrated model if one was saved, else the built-in constants (read once per process)."""
-    global _default
-    if _default is None:
+def _load_models() -> dict[str, CostModel]:
+    global _models
+    if _models is None:
+        _models = dict(BUILTIN)
         path = model_path()
-        _default = CostModel.load(path) if path.exists() else CostModel()
-    return _default
+        if path.exists():
+            saved = json.loads(path.read_text())
+            for transport, values in saved.items():
+                if isinstance(values, dict):
+                    _models[transport] = CostModel(**{k: float(values[k]) for k in ("alpha", "beta", "gamma")})
+    return _models
 
 
-def set_default_model(model: CostModel | None) -> None:
-    global _default
-    _default = model
+def default_model(transport: str = "") -> CostModel:
+    """The model for a transport: its saved calibration, else the built-in constants."""
+    return _load_models().get(transport) or CostModel()
 
 
-def resolve(algorithm: str, nbytes: int, p: int, model: CostModel | None = None) -> str:
+def save_model(transport: str, model: CostModel, path: Path | None = None) -> Path:
+    """Store ``model`` as the calibration of ``transport`` (other transports' calibrations are kept)."""
+    path = path or model_path()
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    saved[transport] = asdict(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    global _models
+    _models = None
+    return path
+
+
+def resolve(algorithm: str, nbytes: int, p: int, transport: str = "", model: CostModel | None = None) -> str:
     """The concrete schedule to run for a requested ``algorithm`` name."""
     if algorithm not in CHOICES:
         raise ValueError(f"unknown allreduce algorithm {algorithm!r}; choose one of {', '.join(CHOICES)}")
@@ -119,5 +132,5 @@ def resolve(algorithm: str, nbytes: int, p: int, model: CostModel | None = None)
                 raise ValueError(f"{ALGO_ENV}={forced!r} is not one of {', '.join(ALGORITHMS)}")
             return forced
         candidates = BUTTERFLIES if (algorithm == "butterfly" or forced == "butterfly") else ALGORITHMS
-        return (model or default_model()).choose(nbytes, p, candidates)
+        return (model or default_model(transport)).choose(nbytes, p, candidates)
     return algorithm

@@ -80,17 +80,22 @@ def _matrix_rank(rank: int, p: int, sizes: list[int]) -> dict:
     return {"failures": failures, "digest": digest.hexdigest()}
 
 
-@pytest.mark.parametrize("p", [1, 2, 3, 4, 5, 6, 7, 8])
-def test_allreduce_exact_for_every_world_size_op_and_dtype(spawn_ranks, p):
+# Shared memory is what ranks on one host use by default; the torch transport is what crosses hosts.
+TRANSPORT_CASES = [("shm", p) for p in range(1, 9)] + [("torch", p) for p in (2, 3, 5, 8)]
+
+
+@pytest.mark.parametrize(("transport", "p"), TRANSPORT_CASES)
+def test_allreduce_exact_for_every_world_size_op_and_dtype(spawn_ranks, transport, p):
     sizes = sorted({0, 1, max(p - 1, 0), p + 1, 1000, 2**20 + 3})
-    results = spawn_ranks(_matrix_rank, p, sizes, timeout=600)
+    env = {"HYBRID_EXT_TRANSPORT": transport}
+    results = spawn_ranks(_matrix_rank, p, sizes, timeout=600, env=env)
     assert results[0]["failures"] == [], "\n".join(results[0]["failures"][:20])
     for rank, result in enumerate(results):
         assert result["failures"] == [], f"rank {rank}: " + "\n".join(result["failures"][:20])
         assert result["digest"] == results[0]["digest"], f"rank {rank} results are not bitwise equal to rank 0's"
 
 
-def _traffic_rank(rank: int, p: int) -> list:
+def _traffic_rank(rank: int, p: int, transport: str) -> list:
     n = 1 << 20
     out = []
     for algorithm in ("rabenseifner", "recursive_doubling", "ring"):
@@ -100,12 +105,12 @@ def _traffic_rank(rank: int, p: int) -> list:
     return out
 
 
-@pytest.mark.parametrize("p", [4, 8])
-def test_rabenseifner_traffic_is_optimal_per_the_metrics(spawn_ranks, p):
+@pytest.mark.parametrize(("transport", "name", "p"), [("shm", "shm", 4), ("shm", "shm", 8), ("torch", "torch-gloo", 4)])
+def test_rabenseifner_traffic_is_optimal_per_the_metrics(spawn_ranks, transport, name, p):
     n, log_p = 1 << 20, int(math.log2(p))
-    for records in spawn_ranks(_traffic_rank, p):
+    for records in spawn_ranks(_traffic_rank, p, transport, env={"HYBRID_EXT_TRANSPORT": transport}):
         rab, rd, ring = records
-        assert rab["algorithm"] == "rabenseifner" and rab["transport"] == "torch-gloo"
+        assert rab["algorithm"] == "rabenseifner" and rab["transport"] == name
         assert rab["bytes_sent"] == 2 * (p - 1) * n // p * 4
         assert rab["messages_sent"] == 2 * log_p
         assert rd["bytes_sent"] == n * 4 * log_p and rd["messages_sent"] == log_p
@@ -158,9 +163,10 @@ def _mismatch_rank(rank: int, p: int) -> str:
     return "no error"
 
 
-def test_mismatched_shapes_raise_a_clear_error_on_every_rank(spawn_ranks):
+@pytest.mark.parametrize("transport", ["shm", "torch"])
+def test_mismatched_shapes_raise_a_clear_error_on_every_rank(spawn_ranks, transport):
     start = time.monotonic()
-    messages = spawn_ranks(_mismatch_rank, 4, timeout=60)
+    messages = spawn_ranks(_mismatch_rank, 4, timeout=60, env={"HYBRID_EXT_TRANSPORT": transport})
     assert time.monotonic() - start < 60
     for message in messages:
         assert "ranks [0, 1, 3]: allreduce(op=sum) of 1 tensor(s), 1000 elements of float32" in message
@@ -180,9 +186,11 @@ def _dead_peer_rank(rank: int, p: int, outdir: str) -> None:
     Path(outdir, f"rank{rank}.txt").write_text(outcome)
 
 
-def test_a_killed_rank_makes_the_others_raise_within_the_timeout(spawn_ranks, tmp_path):
+@pytest.mark.parametrize("transport", ["shm", "torch"])
+def test_a_killed_rank_makes_the_others_raise_within_the_timeout(spawn_ranks, tmp_path, transport):
+    env = {"HYBRID_EXT_TRANSPORT": transport}
     with pytest.raises(LaunchError, match="rank 1 failed first"):
-        spawn_ranks(_dead_peer_rank, 4, str(tmp_path), pg_timeout=15, timeout=90, failure_grace=40)
+        spawn_ranks(_dead_peer_rank, 4, str(tmp_path), pg_timeout=15, timeout=90, failure_grace=40, env=env)
     for rank in (0, 2, 3):
         outcome = (tmp_path / f"rank{rank}.txt").read_text()
         assert outcome.startswith("PeerError after"), outcome

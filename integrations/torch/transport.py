@@ -8,17 +8,59 @@ timeout; a peer that dies or stops answering becomes a :class:`~hybrid_ext.trans
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
+from hybrid_ext import shm_transport
 from hybrid_ext.integrations.torch._c10d_private import backend_timeout_seconds
-from hybrid_ext.transport import PeerError
+from hybrid_ext.transport import PeerError, Transport
 
 # Tag for hybrid-ext's messages ("HX"), distinct from the default tag 0 of user send/recv.
 TAG = 0x4858
 DEFAULT_TIMEOUT = 300.0
+TRANSPORT_ENV = "HYBRID_EXT_TRANSPORT"  # auto (default) | shm | torch
+
+
+def transport_choice() -> str:
+    choice = os.environ.get(TRANSPORT_ENV, "auto").strip().lower() or "auto"
+    if choice not in ("auto", "shm", "torch"):
+        raise ValueError(f"{TRANSPORT_ENV}={choice!r}: choose auto, shm or torch")
+    return choice
+
+
+def transport_for(group: Any, device: torch.device, all_gather=None, barrier=None) -> Transport:
+    """The fastest transport for ``group`` on ``device``; all ranks of the group call this together.
+
+    CPU tensors on ranks that share one host go through shared memory (:mod:`hybrid_ext.shm_transport`), as
+    NCCL and MPI do within a node; anything else goes through the group's own send/recv.
+    ``HYBRID_EXT_TRANSPORT=torch`` forces the latter, ``shm`` insists on the former.
+    """
+    choice = transport_choice()
+    base = TorchTransport(group)
+    if device.type != "cpu" or base.size == 1 or choice == "torch" or not shm_transport.shm_supported():
+        if choice == "shm" and device.type == "cpu" and base.size > 1:
+            raise RuntimeError(f"{TRANSPORT_ENV}=shm, but shared memory is not supported on this machine")
+        return base
+    if all_gather is None:
+
+        def all_gather(obj):
+            out = [None] * base.size
+            dist.all_gather_object(out, obj, group=group)
+            return out
+
+    if barrier is None:
+
+        def barrier():
+            dist.barrier(group=group)
+
+    shm = shm_transport.create(base.rank, base.size, all_gather, barrier, base.timeout)
+    if shm is None and choice == "shm":
+        raise RuntimeError(f"{TRANSPORT_ENV}=shm, but the ranks of this group are on several hosts")
+    return shm or base
 
 
 def resolve_group(group: Any) -> Any:

@@ -1,0 +1,196 @@
+"""``hybrid-ext bench allreduce``: time the allreduce algorithms against torch's own, in one run.
+
+The ranks are spawned here (processes over gloo, one compute thread each). For every size the algorithms are
+interleaved — round i runs each of them in turn, in an order rotated by i — so that a machine that gets
+busier or quieter during the run shifts all of them alike. A round is a barrier, then ``inner`` calls back to
+back (as a training step issues them); a call's time is the round's time / ``inner`` on the slowest rank.
+Reported per size and algorithm: the median time over rounds, algbw = bytes / time, busbw = algbw · 2(P-1)/P
+(the bandwidth on the busiest link, comparable across P, as in nccl-tests), and the ratio of the median to
+``native`` (``dist.all_reduce`` on the same gloo group) measured in the same run.
+
+``--calibrate`` fits the cost model's α, β, γ (:mod:`hybrid_ext.cost_model`) to the recursive-doubling and
+Rabenseifner timings by least squares and saves them for ``auto``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from hybrid_ext import collective, cost_model
+from hybrid_ext.launch import spawn
+
+ALGORITHM_CHOICES = ("auto", "butterfly", "rabenseifner", "recursive_doubling", "ring", "native")
+
+
+@dataclass
+class BenchRow:
+    size_bytes: int
+    algorithm: str
+    ranks: int
+    median_ms: float
+    algbw_gbps: float
+    busbw_gbps: float
+    ratio_to_native: float | None
+    chosen: str  # the schedule that actually ran (auto / butterfly resolve to one)
+
+
+def parse_size(text: str) -> int:
+    """'1K' -> 1024, '16M' -> 16 MiB, '4096' -> 4096 (bytes)."""
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def format_size(nbytes: int) -> str:
+    for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if nbytes >= scale and nbytes % scale == 0:
+            return f"{nbytes // scale}{unit}"
+    return str(nbytes)
+
+
+def _bench_rank(
+    rank: int, p: int, sizes: list[int], algorithms: list[str], rounds: int, warmup: int, inner: int
+) -> dict:
+    times: dict[tuple[int, str], list[float]] = {}
+    chosen: dict[tuple[int, str], str] = {}
+    for size in sizes:
+        n = max(size // 4, 1)
+        buffers = {a: torch.ones(n) for a in algorithms}
+        for i in range(warmup + rounds):
+            shift = i % len(algorithms)
+            for algorithm in algorithms[shift:] + algorithms[:shift]:
+                buf = buffers[algorithm]
+                dist.barrier()
+                start = time.perf_counter()
+                for _ in range(inner):  # back to back, as training issues them: skew is paid once per round
+                    if algorithm == "native":
+                        dist.all_reduce(buf)
+                    else:
+                        collective.allreduce(buf, algorithm=algorithm)
+                elapsed = (time.perf_counter() - start) / inner
+                buf.fill_(1.0)  # keep values bounded
+                if i >= warmup:
+                    times.setdefault((size, algorithm), []).append(elapsed)
+        transport = collective.communicator().transport.name
+        for algorithm in algorithms:
+            resolved = "gloo" if algorithm == "native" else cost_model.resolve(algorithm, n * 4, p, transport)
+            chosen[(size, algorithm)] = resolved
+    return {"times": times, "chosen": chosen, "transport": collective.communicator().transport.name}
+
+
+def run_allreduce_bench(
+    np: int,
+    sizes: list[int],
+    algorithms: list[str],
+    iterations: int = 20,
+    warmup: int = 3,
+    inner: int = 5,
+    transport: str = "auto",
+    timeout: float = 1800,
+) -> tuple[list[BenchRow], str]:
+    """Rows per (size, algorithm), and the name of the transport hybrid-ext used."""
+    env = {"HYBRID_EXT_TRANSPORT": transport}
+    results = spawn(_bench_rank, np, sizes, algorithms, iterations, warmup, inner, timeout=timeout, env=env)
+    rows = []
+    for size in sizes:
+        medians = {}
+        for algorithm in algorithms:
+            per_iteration = zip(*(r["times"][(size, algorithm)] for r in results))
+            slowest = [max(ts) for ts in per_iteration]
+            medians[algorithm] = statistics.median(slowest)
+        for algorithm in algorithms:
+            seconds = medians[algorithm]
+            algbw = size / seconds / 1e9
+            rows.append(
+                BenchRow(
+                    size_bytes=size,
+                    algorithm=algorithm,
+                    ranks=np,
+                    median_ms=seconds * 1e3,
+                    algbw_gbps=algbw,
+                    busbw_gbps=algbw * 2 * (np - 1) / np,
+                    ratio_to_native=seconds / medians["native"] if "native" in medians else None,
+                    chosen=results[0]["chosen"][(size, algorithm)],
+                )
+            )
+    return rows, results[0]["transport"]
+
+
+def format_table(rows: list[BenchRow]) -> str:
+    header = (
+        f"{'size':>6}  {'algorithm':<19} {'ran':<19} {'median ms':>10} {'algbw GB/s':>11} {'busbw GB/s':>11} "
+        f"{'/native':>8}"
+    )
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        ratio = f"{row.ratio_to_native:.2f}" if row.ratio_to_native is not None else "-"
+        lines.append(
+            f"{format_size(row.size_bytes):>6}  {row.algorithm:<19} {row.chosen:<19} {row.median_ms:>10.3f} "
+            f"{row.algbw_gbps:>11.3f} {row.busbw_gbps:>11.3f} {ratio:>8}"
+        )
+    return "\n".join(lines)
+
+
+def calibrate(rows: list[BenchRow]) -> cost_model.CostModel:
+    """Least-squares α, β, γ (clipped at zero) from the butterfly rows of a bench run."""
+    import numpy as np
+
+    a, b = [], []
+    for row in rows:
+        if row.chosen not in ("recursive_doubling", "rabenseifner", "ring") or row.algorithm == "native":
+            continue
+        a.append(cost_model.CostModel().terms(row.chosen, row.size_bytes, row.ranks))
+        b.append(row.median_ms / 1e3)
+    if len(a) < 3:
+        raise ValueError("calibration needs timings of at least 3 (algorithm, size) pairs")
+    matrix, target = np.array(a), np.array(b)
+    # Relative error matters at every size: weight each equation by 1/t.
+    weights = 1.0 / target
+    solution, *_ = np.linalg.lstsq(matrix * weights[:, None], target * weights, rcond=None)
+    alpha, beta, gamma = (max(float(v), 1e-12) for v in solution)
+    return cost_model.CostModel(alpha=alpha, beta=beta, gamma=gamma)
+
+
+def main(args) -> int:
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    algorithms = [a.strip() for a in args.algorithms.split(",")]
+    unknown = [a for a in algorithms if a not in ALGORITHM_CHOICES]
+    if unknown:
+        raise SystemExit(f"unknown algorithms {unknown}; choose from {', '.join(ALGORITHM_CHOICES)}")
+    if args.calibrate:
+        algorithms = list(dict.fromkeys([*algorithms, "recursive_doubling", "rabenseifner"]))
+    if "native" not in algorithms:
+        algorithms.append("native")
+    print(
+        f"allreduce, {args.np} ranks (1 compute thread each), median of {args.iters} rounds of {args.inner} calls",
+        flush=True,
+    )
+    rows, transport = run_allreduce_bench(
+        args.np,
+        sizes,
+        algorithms,
+        iterations=args.iters,
+        warmup=args.warmup,
+        inner=args.inner,
+        transport=args.transport,
+    )
+    print(f"hybrid-ext transport: {transport}; native: torch.distributed.all_reduce on gloo")
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if args.calibrate:
+        model = calibrate(rows)
+        path = cost_model.save_model(transport, model)
+        print(f"calibrated α={model.alpha * 1e6:.1f} µs, β={model.beta * 1e9:.3f} ns/B, γ={model.gamma * 1e9:.3f} ns/B")
+        print(f"saved for transport {transport!r} to {path} (used by algorithm='auto')")
+    return 0
