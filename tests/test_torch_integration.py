@@ -162,3 +162,25 @@ def test_python_process_group_overrides_are_dispatched():
     pg.allreduce([torch.ones(1)], dist.AllreduceOptions()).wait()
     assert Probe.called
     assert issubclass(ButterflyProcessGroup, dist.ProcessGroup)
+
+
+def _mesh_and_subgroups(rank: int, p: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (p,))
+    whole = torch.ones(3)
+    dist.all_reduce(whole, group=mesh.get_group())
+    pair = dist.new_group([0, 1])
+    part = torch.full((2,), float(rank + 1))
+    if rank < 2:
+        with hybrid_ext.metrics.capture() as records:
+            dist.all_reduce(part, group=pair)
+        assert records and records[0].world_size == 2
+    return {"backend": dist.get_backend(mesh.get_group()), "whole": whole.tolist(), "part": part.tolist()}
+
+
+def test_device_mesh_and_subgroups_on_the_butterfly_backend(spawn_ranks):
+    results = spawn_ranks(_mesh_and_subgroups, 3, backend="butterfly")
+    for out in results:
+        assert out["backend"] == "butterfly" and out["whole"] == [3.0] * 3
+        assert out["part"] == [3.0, 3.0]  # ranks 0, 1: 1 + 2; rank 2 kept its own 3

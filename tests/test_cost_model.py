@@ -1,0 +1,103 @@
+"""Algorithm choice: the cost model, the HYBRID_EXT_ALGO override, calibration, and the bench tool's parsing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hybrid_ext import bench, cost_model
+from hybrid_ext.cost_model import CostModel
+
+
+@pytest.fixture(autouse=True)
+def _isolated_models(monkeypatch, tmp_path):
+    monkeypatch.setenv("HYBRID_EXT_COST_MODEL", str(tmp_path / "cost_model.json"))
+    monkeypatch.delenv("HYBRID_EXT_ALGO", raising=False)
+    cost_model._models = None
+    yield
+    cost_model._models = None
+
+
+def test_latency_bound_sizes_pick_recursive_doubling_and_large_pick_rabenseifner():
+    model = CostModel(alpha=100e-6, beta=1e-9, gamma=1e-9)
+    assert model.choose(1024, 8) == "recursive_doubling"
+    assert model.choose(64 << 20, 8) == "rabenseifner"
+    assert model.choose(1024, 8, ("ring",)) == "ring"
+
+
+def test_ring_wins_large_messages_when_the_fold_costs_more_than_its_latency():
+    # P = 6: the butterflies fold (+2n bytes) while the ring does not.
+    model = CostModel(alpha=1e-6, beta=1e-9, gamma=1e-9)
+    assert model.choose(256 << 20, 6) == "ring"
+
+
+def test_terms_match_the_documented_formulas():
+    model = CostModel()
+    assert model.terms("rabenseifner", 800, 8) == (6.0, 2 * 7 / 8 * 800, 7 / 8 * 800)
+    assert model.terms("recursive_doubling", 800, 8) == (3.0, 2400.0, 2400.0)
+    assert model.terms("ring", 800, 5) == (8.0, 2 * 4 / 5 * 800, 4 / 5 * 800)
+    # P = 6 folds onto 4: two more messages, 2n more bytes, n more reduced.
+    assert model.terms("recursive_doubling", 100, 6) == (4.0, 400.0, 300.0)
+    assert model.terms("ring", 0, 8) == (0.0, 0.0, 0.0)
+
+
+def test_environment_overrides_auto_and_butterfly_but_not_an_explicit_choice(monkeypatch):
+    monkeypatch.setenv("HYBRID_EXT_ALGO", "ring")
+    assert cost_model.resolve("auto", 1024, 8) == "ring"
+    assert cost_model.resolve("butterfly", 1024, 8) == "ring"
+    assert cost_model.resolve("rabenseifner", 1024, 8) == "rabenseifner"
+    monkeypatch.setenv("HYBRID_EXT_ALGO", "butterfly")
+    assert cost_model.resolve("auto", 64 << 20, 6, "shm") in cost_model.BUTTERFLIES
+    monkeypatch.setenv("HYBRID_EXT_ALGO", "tree")
+    with pytest.raises(ValueError, match="HYBRID_EXT_ALGO='tree'"):
+        cost_model.resolve("auto", 1024, 8)
+
+
+def test_calibration_is_saved_per_transport_and_used(tmp_path):
+    cost_model.save_model("shm", CostModel(alpha=1.0, beta=0.0, gamma=0.0))
+    cost_model.save_model("torch-gloo", CostModel(alpha=1e-9, beta=1.0, gamma=1.0))
+    saved = json.loads((tmp_path / "cost_model.json").read_text())
+    assert set(saved) == {"shm", "torch-gloo"}
+    # Only latency costs: fewest messages wins even for huge messages.
+    assert cost_model.resolve("auto", 1 << 30, 8, "shm") == "recursive_doubling"
+    # Only bandwidth costs: least traffic wins even for tiny messages.
+    assert cost_model.resolve("auto", 64, 8, "torch-gloo") == "rabenseifner"
+    assert cost_model.default_model("unknown-transport") == CostModel()
+
+
+def test_calibrate_recovers_known_constants():
+    truth = CostModel(alpha=300e-6, beta=1e-9, gamma=2e-9)
+    rows = []
+    for algorithm in ("recursive_doubling", "rabenseifner"):
+        for size in (1 << 10, 1 << 16, 1 << 20, 1 << 24):
+            seconds = truth.predict(algorithm, size, 8)
+            rows.append(bench.BenchRow(size, algorithm, 8, seconds * 1e3, 0, 0, None, algorithm))
+    fitted = bench.calibrate(rows)
+    assert fitted.alpha == pytest.approx(truth.alpha, rel=1e-6)
+    assert fitted.beta == pytest.approx(truth.beta, rel=1e-6)
+    assert fitted.gamma == pytest.approx(truth.gamma, rel=1e-6)
+
+
+@pytest.mark.parametrize(("text", "nbytes"), [("1K", 1024), ("64KiB", 65536), ("16M", 16 << 20), ("4096", 4096)])
+def test_bench_sizes_parse(text, nbytes):
+    assert bench.parse_size(text) == nbytes
+    assert bench.parse_size(bench.format_size(nbytes)) == nbytes
+
+
+def test_bench_cli_runs_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "hybrid_ext", "bench", "allreduce", "--np", "2", "--sizes", "1K,64K",
+         "--algorithms", "auto,ring", "--iters", "2", "--inner", "2", "--warmup", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=240, check=True,
+    )  # fmt: skip
+    assert "hybrid-ext transport: shm" in result.stdout
+    rows = json.loads(out.read_text())
+    assert {(r["size_bytes"], r["algorithm"]) for r in rows} == {
+        (s, a) for s in (1024, 65536) for a in ("auto", "ring", "native")
+    }
+    assert all(r["median_ms"] > 0 for r in rows)
+    assert all(r["ratio_to_native"] == 1.0 for r in rows if r["algorithm"] == "native")
