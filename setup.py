@@ -17,7 +17,11 @@ setup(
     python_requires=">=3.10",
     # `integrations/` sits at the top of the repository but installs as `hybrid_ext.integrations`,
     # so nothing called `integrations` lands at the top of site-packages.
-    packages=[*find_packages(include=["hybrid_ext", "hybrid_ext.*"]), "hybrid_ext.integrations"],
+    packages=[
+        *find_packages(include=["hybrid_ext", "hybrid_ext.*"]),
+        "hybrid_ext.integrations",
+        *(f"hybrid_ext.integrations.{name}" for name in find_packages("integrations")),
+    ],
     package_dir={"hybrid_ext.integrations": "integrations"},
     package_data={"hybrid_ext": ["data/*"]},
     install_requires=["torch>=2.4", "numpy", "tqdm", "psutil"],

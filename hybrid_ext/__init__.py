@@ -4,8 +4,7 @@ The core imports only torch; Horovod, DeepSpeed and torchvision are imported by 
 Importing hybrid_ext registers the ``butterfly`` torch.distributed backend.
 """
 
-import hybrid_ext.integrations.torch  # noqa: F401 - registers the "butterfly" backend
-from hybrid_ext import metrics
+from hybrid_ext import _checkout, metrics  # _checkout first: finds integrations/ in a source checkout
 from hybrid_ext.collective import (
     Handle,
     allreduce,
@@ -14,8 +13,11 @@ from hybrid_ext.collective import (
     allreduce_coalesced_async,
 )
 from hybrid_ext.consistency import CollectiveMismatchError, set_check
+from hybrid_ext.integrations.torch import register_backend  # importing it registers "butterfly"
 from hybrid_ext.transport import PeerError, Transport
 from hybrid_ext.version import __version__
+
+del _checkout, register_backend
 
 __all__ = [
     "CollectiveMismatchError",

@@ -30,11 +30,12 @@ def test_core_import_pulls_in_no_optional_framework(tmp_path):
 def test_integrations_install_as_a_subpackage(tmp_path):
     # Run outside the repository so that only the installed package is visible.
     found = _python(
-        "import importlib.util, hybrid_ext.integrations as i; "
-        "print(importlib.util.find_spec('integrations') is None, i.__name__)",
+        "import importlib.util, hybrid_ext.integrations as i, hybrid_ext.integrations.torch as t; "
+        "print(importlib.util.find_spec('integrations') is None, i.__name__, t.__name__, "
+        "'site-packages' in t.__file__)",
         tmp_path,
     )
-    assert found == "True hybrid_ext.integrations"
+    assert found == "True hybrid_ext.integrations hybrid_ext.integrations.torch True"
 
 
 def test_cli_version_and_help(tmp_path):
