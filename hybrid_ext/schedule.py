@@ -75,6 +75,7 @@ class Plan:
     world_size: int
     count: int
     steps: tuple[Step, ...]
+    collective: str = "allreduce"
 
     @property
     def messages_sent(self) -> int:
@@ -201,3 +202,153 @@ def _ring(rank: int, p: int, n: int) -> list[Step]:
     # Rank r now holds block r + 1 fully reduced; pass finished blocks around once more.
     steps += [Step("allgather", right, block(rank + 1 - k), left, block(rank - k), reduce=False) for k in range(p - 1)]
     return steps
+
+
+# ------------------------------------------------------------------------------------------------------------
+# All-gather and reduce-scatter along blocks (the partitioner's batch dimension): rank r owns elements
+# [offsets[r], offsets[r+1]) of a vector of sum(counts) elements, counts[r] = offsets[r+1] - offsets[r].
+#
+# ``recursive_doubling`` all-gather: at step k rank r exchanges everything its aligned group of 2^k ranks holds
+# with ``r XOR 2^k`` (log2 P' messages, (P'-1)/P'·N elements). ``recursive_halving`` reduce-scatter: the mirror
+# image, distance halving, so that every rank ends holding its own block. Non-powers of two use the same fold
+# as the allreduce (the even rank of each folded pair hands its block / vector to the odd one, which answers at
+# the end). ``ring`` for both: P-1 steps to the right neighbour, any P.
+
+GATHER_ALGORITHMS = ("recursive_doubling", "ring")
+SCATTER_ALGORITHMS = ("recursive_halving", "ring")
+
+
+def _offsets(counts: tuple[int, ...]) -> list[int]:
+    out = [0]
+    for c in counts:
+        if c < 0:
+            raise ValueError(f"block sizes must be >= 0, got {list(counts)}")
+        out.append(out[-1] + c)
+    return out
+
+
+def _check_blocks(algorithm: str, allowed: tuple[str, ...], rank: int, counts: tuple[int, ...]) -> list[int]:
+    if algorithm not in allowed:
+        raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(allowed)}")
+    if not 0 <= rank < len(counts):
+        raise ValueError(f"rank {rank} is not in a group of {len(counts)}")
+    return _offsets(counts)
+
+
+def _fold_map(p: int):
+    p2 = largest_power_of_two_at_most(p)
+    extra = p - p2
+
+    def members(new_rank: int) -> tuple[int, int]:
+        """The original ranks [first, last] a new rank stands for (two for a folded pair)."""
+        return (2 * new_rank, 2 * new_rank + 1) if new_rank < extra else (new_rank + extra, new_rank + extra)
+
+    return p2, extra, members
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_allgather(algorithm: str, rank: int, counts: tuple[int, ...]) -> Plan:
+    """Plan rank ``rank``'s part of an all-gather of blocks of sizes ``counts`` (one per rank)."""
+    offsets = _check_blocks(algorithm, GATHER_ALGORITHMS, rank, counts)
+    p, n = len(counts), offsets[-1]
+    steps: list[Step] = []
+    if p > 1 and n > 0:
+        if algorithm == "ring":
+            right, left = (rank + 1) % p, (rank - 1) % p
+
+            def block(i: int) -> Range:
+                i %= p
+                return (offsets[i], offsets[i + 1])
+
+            steps = [Step("allgather", right, block(rank - k), left, block(rank - k - 1), False) for k in range(p - 1)]
+        else:
+            p2, extra, members = _fold_map(p)
+            everything = (0, n)
+            if rank < 2 * extra and rank % 2 == 0:
+                steps = [
+                    Step("fold", rank + 1, (offsets[rank], offsets[rank + 1]), None, None, False),
+                    Step("unfold", None, None, rank + 1, everything, False),
+                ]
+            else:
+                new_rank = rank // 2 if rank < 2 * extra else rank - extra
+                real = lambda r: members(r)[1]  # noqa: E731 - the rank that takes part for new rank r
+
+                def span(first_new: int, last_new: int) -> Range:
+                    return (offsets[members(first_new)[0]], offsets[members(last_new)[1] + 1])
+
+                if rank < 2 * extra:
+                    steps.append(Step("fold", None, None, rank - 1, (offsets[rank - 1], offsets[rank]), False))
+                mask = 1
+                while mask < p2:
+                    mine = new_rank & ~(mask - 1)
+                    theirs = (new_rank ^ mask) & ~(mask - 1)
+                    peer = real(new_rank ^ mask)
+                    steps.append(
+                        Step(
+                            "allgather", peer, span(mine, mine + mask - 1), peer, span(theirs, theirs + mask - 1), False
+                        )
+                    )
+                    mask <<= 1
+                if rank < 2 * extra:
+                    steps.append(Step("unfold", rank - 1, everything, None, None, False))
+    kept = tuple(x for x in (_drop_empty(step) for step in steps) if x is not None)
+    return Plan(algorithm, rank, p, n, kept, collective="allgather")
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_reduce_scatter(algorithm: str, rank: int, counts: tuple[int, ...]) -> Plan:
+    """Plan rank ``rank``'s part of a reduce-scatter: every rank ends with its own block, reduced over all."""
+    offsets = _check_blocks(algorithm, SCATTER_ALGORITHMS, rank, counts)
+    p, n = len(counts), offsets[-1]
+    steps: list[Step] = []
+    if p > 1 and n > 0:
+        if algorithm == "ring":
+            right, left = (rank + 1) % p, (rank - 1) % p
+
+            def block(i: int) -> Range:
+                i %= p
+                return (offsets[i], offsets[i + 1])
+
+            steps = [
+                Step("reduce_scatter", right, block(rank - k - 1), left, block(rank - k - 2), True)
+                for k in range(p - 1)
+            ]
+        else:
+            p2, extra, members = _fold_map(p)
+            everything = (0, n)
+            if rank < 2 * extra and rank % 2 == 0:
+                steps = [
+                    Step("fold", rank + 1, everything, None, None, False),
+                    Step("unfold", None, None, rank + 1, (offsets[rank], offsets[rank + 1]), False),
+                ]
+            else:
+                new_rank = rank // 2 if rank < 2 * extra else rank - extra
+                real = lambda r: members(r)[1]  # noqa: E731
+
+                def span(first_new: int, last_new: int) -> Range:
+                    return (offsets[members(first_new)[0]], offsets[members(last_new)[1] + 1])
+
+                if rank < 2 * extra:
+                    steps.append(Step("fold", None, None, rank - 1, everything, True))
+                lo, hi = 0, p2  # new ranks whose blocks this rank still reduces
+                mask = p2 >> 1
+                while mask >= 1:
+                    mid = (lo + hi) // 2
+                    keep, give = ((mid, hi), (lo, mid)) if new_rank & mask else ((lo, mid), (mid, hi))
+                    peer = real(new_rank ^ mask)
+                    steps.append(
+                        Step(
+                            "reduce_scatter",
+                            peer,
+                            span(give[0], give[1] - 1),
+                            peer,
+                            span(keep[0], keep[1] - 1),
+                            True,
+                        )
+                    )
+                    lo, hi = keep
+                    mask >>= 1
+                if rank < 2 * extra:
+                    steps.append(Step("unfold", rank - 1, (offsets[rank - 1], offsets[rank]), None, None, False))
+    kept = tuple(x for x in (_drop_empty(step) for step in steps) if x is not None)
+    return Plan(algorithm, rank, p, n, kept, collective="reduce_scatter")

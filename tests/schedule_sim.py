@@ -19,11 +19,17 @@ class SimulationError(AssertionError):
     pass
 
 
-def simulate(plans: list[Plan]) -> list[np.ndarray]:
-    """Execute every rank's plan; return each rank's final buffer of contribution bitmasks (object arrays)."""
+def simulate(plans: list[Plan], initial: list[list[int]] | None = None) -> list[np.ndarray]:
+    """Execute every rank's plan; return each rank's final buffer of contribution bitmasks (object arrays).
+
+    By default every element of rank r starts as ``1 << r`` (an allreduce or reduce-scatter input); pass
+    ``initial`` to start otherwise (an all-gather: only a rank's own block is known).
+    """
     p = len(plans)
     n = plans[0].count
-    buffers = [np.array([1 << r] * n, dtype=object) for r in range(p)]
+    if initial is None:
+        initial = [[1 << r] * n for r in range(p)]
+    buffers = [np.array(values, dtype=object) for values in initial]
     queues: dict[tuple[int, int], deque] = defaultdict(deque)
     cursor = [0] * p
     sent = [False] * p  # whether the current step's send was already posted

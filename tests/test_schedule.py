@@ -10,7 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from schedule_sim import SimulationError, simulate
 
-from hybrid_ext.schedule import ALGORITHMS, block_bounds, largest_power_of_two_at_most, plan_allreduce
+from hybrid_ext.schedule import (
+    ALGORITHMS,
+    GATHER_ALGORITHMS,
+    SCATTER_ALGORITHMS,
+    block_bounds,
+    largest_power_of_two_at_most,
+    plan_allgather,
+    plan_allreduce,
+    plan_reduce_scatter,
+)
 
 
 def _check_allreduce(algorithm: str, p: int, n: int) -> None:
@@ -108,3 +117,69 @@ def test_simulator_catches_a_broken_plan():
     broken = [*plans[:3], plan_allreduce("ring", 3, 4, 8)]
     with pytest.raises(SimulationError):
         simulate(broken)
+
+
+# ------------------------------------------------------------------ all-gather and reduce-scatter
+
+
+def _blocks(counts):
+    offsets = [0]
+    for c in counts:
+        offsets.append(offsets[-1] + c)
+    return offsets
+
+
+def _check_allgather(algorithm, counts):
+    p, offsets = len(counts), _blocks(counts)
+    owner = [r for r in range(p) for _ in range(counts[r])]
+    initial = [[(1 << owner[i]) if owner[i] == r else 0 for i in range(offsets[-1])] for r in range(p)]
+    plans = [plan_allgather(algorithm, r, tuple(counts)) for r in range(p)]
+    for rank, buffer in enumerate(simulate(plans, initial)):
+        wrong = [i for i, v in enumerate(buffer) if v != 1 << owner[i]]
+        assert not wrong, f"allgather {algorithm} {counts}: rank {rank} wrong at {wrong[:5]}"
+
+
+def _check_reduce_scatter(algorithm, counts):
+    p, offsets = len(counts), _blocks(counts)
+    plans = [plan_reduce_scatter(algorithm, r, tuple(counts)) for r in range(p)]
+    everyone = (1 << p) - 1
+    for rank, buffer in enumerate(simulate(plans)):
+        own = buffer[offsets[rank] : offsets[rank + 1]]
+        assert all(v == everyone for v in own), f"reduce_scatter {algorithm} {counts}: rank {rank} incomplete"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    algorithm=st.sampled_from(GATHER_ALGORITHMS),
+    counts=st.lists(st.integers(0, 6), min_size=1, max_size=40),
+)
+def test_allgather_plans_property(algorithm, counts):
+    _check_allgather(algorithm, counts)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    algorithm=st.sampled_from(SCATTER_ALGORITHMS),
+    counts=st.lists(st.integers(0, 6), min_size=1, max_size=40),
+)
+def test_reduce_scatter_plans_property(algorithm, counts):
+    _check_reduce_scatter(algorithm, counts)
+
+
+@pytest.mark.parametrize("p", [1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 33, 64])
+def test_allgather_and_reduce_scatter_with_equal_blocks(p):
+    for algorithm in GATHER_ALGORITHMS:
+        _check_allgather(algorithm, [3] * p)
+    for algorithm in SCATTER_ALGORITHMS:
+        _check_reduce_scatter(algorithm, [3] * p)
+
+
+@pytest.mark.parametrize("p", [2, 4, 8, 16])
+def test_butterfly_allgather_and_reduce_scatter_traffic(p):
+    b = 10
+    for rank in range(p):
+        gather = plan_allgather("recursive_doubling", rank, (b,) * p)
+        scatter = plan_reduce_scatter("recursive_halving", rank, (b,) * p)
+        assert gather.messages_sent == scatter.messages_sent == int(math.log2(p))
+        assert gather.elements_sent == scatter.elements_sent == (p - 1) * b
+        assert gather.collective == "allgather" and scatter.collective == "reduce_scatter"
