@@ -7,10 +7,12 @@ Importing hybrid_ext registers the ``butterfly`` torch.distributed backend.
 from hybrid_ext import _checkout, metrics  # _checkout first: finds integrations/ in a source checkout
 from hybrid_ext.collective import (
     Handle,
+    allgather,
     allreduce,
     allreduce_async,
     allreduce_coalesced,
     allreduce_coalesced_async,
+    reduce_scatter,
 )
 from hybrid_ext.consistency import CollectiveMismatchError, set_check
 from hybrid_ext.integrations.torch import register_backend  # importing it registers "butterfly"
@@ -25,10 +27,12 @@ __all__ = [
     "PeerError",
     "Transport",
     "__version__",
+    "allgather",
     "allreduce",
     "allreduce_async",
     "allreduce_coalesced",
     "allreduce_coalesced_async",
     "metrics",
+    "reduce_scatter",
     "set_check",
 ]

@@ -24,6 +24,7 @@ across calls.
 from __future__ import annotations
 
 import concurrent.futures
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 
 from hybrid_ext import consistency, cost_model, metrics
-from hybrid_ext.schedule import Plan, plan_allreduce
+from hybrid_ext.schedule import Plan, plan_allgather, plan_allreduce, plan_reduce_scatter
 from hybrid_ext.transport import LoopbackTransport, PeerError, Transport
 
 OPS = ("sum", "avg", "min", "max")
@@ -223,6 +224,75 @@ class Communicator:
             )
         )
 
+    def block_counts(self, rows: int, device: torch.device) -> tuple[int, ...]:
+        """Every rank's number of rows (one small all-gather of integers)."""
+        table = torch.zeros(self.size, dtype=torch.int64, device=device)
+        table[self.rank] = rows
+        plan = plan_allgather("recursive_doubling", self.rank, (1,) * self.size)
+        execute(plan, table, table[:0], self.transport, "sum")
+        return tuple(int(v) for v in table.tolist())
+
+    def allgather_now(self, tensor: torch.Tensor, counts: tuple[int, ...] | None, algorithm: str) -> torch.Tensor:
+        """Concatenate every rank's ``tensor`` along dim 0 (ranks may hold different numbers of rows)."""
+        start = time.perf_counter()
+        if consistency.check_enabled():
+            self.check_consistency("allgather", "cat", [tensor[:0]])  # same trailing shape and dtype
+        if self.size == 1:
+            return tensor.clone()
+        if counts is None:
+            counts = self.block_counts(tensor.shape[0], tensor.device)
+        if counts[self.rank] != tensor.shape[0]:
+            raise ValueError(f"rank {self.rank} holds {tensor.shape[0]} rows, but counts say {counts[self.rank]}")
+        row = math.prod(tensor.shape[1:])  # elements per row
+        out = torch.empty((sum(counts), *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+        flat = out.view(-1)
+        offset = sum(counts[: self.rank]) * row
+        flat[offset : offset + tensor.numel()].copy_(tensor.reshape(-1))
+        plan = plan_allgather(algorithm, self.rank, tuple(c * row for c in counts))
+        execute(plan, flat, flat[:0], self.transport, "sum")
+        self._record("allgather", plan, out.element_size(), start, str(out.dtype))
+        return out
+
+    def reduce_scatter_now(
+        self, tensor: torch.Tensor, counts: tuple[int, ...], op: str, algorithm: str
+    ) -> torch.Tensor:
+        """Reduce ``tensor`` (all ranks' rows) over the group; return this rank's ``counts[rank]`` rows."""
+        start = time.perf_counter()
+        if consistency.check_enabled():
+            self.check_consistency("reduce_scatter", op, [tensor])
+        if sum(counts) != tensor.shape[0] or len(counts) != self.size:
+            raise ValueError(f"counts {list(counts)} do not split {tensor.shape[0]} rows over {self.size} ranks")
+        first = sum(counts[: self.rank])
+        if self.size == 1:
+            return tensor.clone()
+        wide = WIDENED.get(tensor.dtype, tensor.dtype)
+        buffer = tensor.to(wide).contiguous().clone().view(-1)  # the one working buffer
+        row = math.prod(tensor.shape[1:])
+        plan = plan_reduce_scatter(algorithm, self.rank, tuple(c * row for c in counts))
+        execute(plan, buffer, self.scratch(plan.scratch_elements, wide, tensor.device), self.transport, op)
+        mine = buffer[first * row : (first + counts[self.rank]) * row].view(counts[self.rank], *tensor.shape[1:])
+        if op == "avg":
+            mine.div_(self.size)
+        self._record("reduce_scatter", plan, buffer.element_size(), start, str(wide))
+        return mine.to(tensor.dtype).clone() if wide != tensor.dtype else mine.clone()
+
+    def _record(self, collective_name: str, plan: Plan, element_size: int, start: float, dtype: str) -> None:
+        metrics.record(
+            metrics.CollectiveRecord(
+                collective=collective_name,
+                algorithm=plan.algorithm,
+                transport=self.transport.name,
+                rank=self.rank,
+                world_size=self.size,
+                elements=plan.count,
+                dtype=dtype.removeprefix("torch."),
+                bytes_sent=plan.elements_sent * element_size,
+                bytes_received=plan.elements_received * element_size,
+                messages_sent=plan.messages_sent,
+                seconds=time.perf_counter() - start,
+            )
+        )
+
 
 # -------------------------------------------------------------------------------------------------- registry
 
@@ -325,6 +395,38 @@ def allreduce(tensor: torch.Tensor, op: str = "sum", algorithm: str = "auto", gr
     return tensor
 
 
+def allgather(
+    tensor: torch.Tensor,
+    group: Any = None,
+    counts: tuple[int, ...] | None = None,
+    algorithm: str = "recursive_doubling",
+) -> torch.Tensor:
+    """Concatenate every rank's ``tensor`` along dim 0; ranks may hold different numbers of rows.
+
+    ``counts`` (rows per rank), when the caller knows them, saves one small exchange. ``algorithm``:
+    ``recursive_doubling`` (log2 P messages) or ``ring``.
+    """
+    comm = communicator(group, tensor.device)
+    return comm.run(lambda: comm.allgather_now(tensor, tuple(counts) if counts is not None else None, algorithm))
+
+
+def reduce_scatter(
+    tensor: torch.Tensor,
+    counts: tuple[int, ...],
+    op: str = "sum",
+    group: Any = None,
+    algorithm: str = "recursive_halving",
+) -> torch.Tensor:
+    """Reduce ``tensor`` over the group and return this rank's block of ``counts[rank]`` rows (dim 0).
+
+    The dual of :func:`allgather`: the gradient of an all-gather is a reduce-scatter of the same blocks.
+    ``algorithm``: ``recursive_halving`` (log2 P messages) or ``ring``.
+    """
+    _validate([tensor], op)
+    comm = communicator(group, tensor.device)
+    return comm.run(lambda: comm.reduce_scatter_now(tensor, tuple(counts), op, algorithm))
+
+
 class _MappedHandle(Handle):
     def __init__(self, inner: Handle, fn: Callable[[Any], Any]) -> None:
         super().__init__(inner._future)
@@ -339,10 +441,12 @@ __all__ = [
     "Communicator",
     "Handle",
     "LoopbackTransport",
+    "allgather",
     "allreduce",
     "allreduce_async",
     "allreduce_coalesced",
     "allreduce_coalesced_async",
     "communicator",
     "execute",
+    "reduce_scatter",
 ]
