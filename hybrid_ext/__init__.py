@@ -16,6 +16,13 @@ from hybrid_ext.collective import (
 )
 from hybrid_ext.consistency import CollectiveMismatchError, set_check
 from hybrid_ext.integrations.torch import register_backend  # importing it registers "butterfly"
+from hybrid_ext.parallel import (
+    full_optimizer_state_dict,
+    full_state_dict,
+    load_full_optimizer_state_dict,
+    load_full_state_dict,
+    parallelize,
+)
 from hybrid_ext.transport import PeerError, Transport
 from hybrid_ext.version import __version__
 
@@ -32,7 +39,12 @@ __all__ = [
     "allreduce_async",
     "allreduce_coalesced",
     "allreduce_coalesced_async",
+    "full_optimizer_state_dict",
+    "full_state_dict",
+    "load_full_optimizer_state_dict",
+    "load_full_state_dict",
     "metrics",
+    "parallelize",
     "reduce_scatter",
     "set_check",
 ]

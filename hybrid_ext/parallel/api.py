@@ -1,0 +1,193 @@
+"""``hybrid_ext.parallelize``: one call that switches a model to dp, mp or hybrid parallelism.
+
+    model = hybrid_ext.parallelize(model, strategy="hybrid", reducer="butterfly")
+    loss_fn(model(my_micro_batch), my_targets).backward()   # gradients reduced during backward
+    optimizer.step()
+
+- ``dp``: every layer replicated; gradients averaged over all ranks (data parallelism only).
+- ``mp``: every rank passes the same global batch; Linear layers split by features, Conv2d by output channels;
+  no gradient all-reduce (model parallelism alone).
+- ``hybrid``: conv and other parameter-light layers data-parallel, Linear layers model-parallel over groups of
+  ``mp_size`` ranks (default: all), replicated across world/mp_size such groups.
+
+``reducer`` picks the gradient all-reduce: ``butterfly`` (or ``auto``), ``rabenseifner``,
+``recursive_doubling``, ``ring``, or ``native`` (the host framework's own). The plan is printable before
+anything is sharded: ``print(hybrid_ext.parallel.make_plan(model, "hybrid"))``.
+
+Dropout inside a sharded FC chain draws its own mask on every shard. BatchNorm layers are data-parallel:
+their batch statistics are those of each rank's micro-batch, as under DDP.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hybrid_ext.collective import Communicator
+from hybrid_ext.parallel import plan as plan_module
+from hybrid_ext.parallel.dims import Groups, ParallelDims, torch_groups
+from hybrid_ext.parallel.layers import BatchSplit, ChannelParallelConv2d, ColumnParallelLinear, RowParallelLinear
+from hybrid_ext.parallel.reducer import GradientReducer, ReduceGroup
+
+REDUCERS = ("butterfly", "auto", "rabenseifner", "recursive_doubling", "ring", "native")
+
+
+class ParallelModel(nn.Module):
+    """The model with its layers sharded or replicated per the plan; used like the original."""
+
+    def __init__(self, module: nn.Module, plan: plan_module.Plan, groups: Groups, reducer: GradientReducer) -> None:
+        super().__init__()
+        self.module = module
+        self.plan = plan
+        self.groups = groups
+        self.reducer = reducer
+        self.strategy = plan.strategy
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def sync(self) -> None:
+        """Finish the gradient reduction now (it also finishes by itself at the end of backward)."""
+        self.reducer.finish()
+
+    def extra_repr(self) -> str:
+        dims = self.groups.dims
+        return f"strategy={self.strategy}, world={dims.world}, mp_size={dims.mp}, dp={dims.dp}"
+
+
+def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, new)
+
+
+def _check_devices(model: nn.Module, world: Communicator) -> torch.device:
+    devices = {p.device for p in model.parameters()} | {b.device for b in model.buffers()}
+    if len(devices) > 1:
+        raise ValueError(f"the model's parameters are on several devices {sorted(map(str, devices))}; move it to one")
+    device = devices.pop() if devices else torch.device("cpu")
+    kinds = world.run(lambda: world.block_counts({"cpu": 0, "cuda": 1}.get(device.type, 2), torch.device("cpu")))
+    if len(set(kinds)) > 1:
+        names = {0: "cpu", 1: "cuda", 2: "other"}
+        raise ValueError(f"the model is not on the same device type on every rank: {[names[k] for k in kinds]}")
+    return device
+
+
+def _broadcast_from_first(model: nn.Module, world: Communicator) -> None:
+    """Start every rank from rank 0's weights and buffers (as DDP does): a sum where the others add zeros."""
+    tensors = [t for t in [*model.parameters(), *model.buffers()] if t.dtype.is_floating_point]
+    if world.size == 1 or not tensors:
+        return
+    with torch.no_grad():
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for t in tensors:
+            by_dtype.setdefault(t.dtype, []).append(t)
+        for group in by_dtype.values():
+            work = [t.detach().clone() if world.rank == 0 else torch.zeros_like(t) for t in group]
+            world.run(lambda w=work: world.allreduce_now(w, "sum", "auto"))
+            for t, w in zip(group, work):
+                t.copy_(w)
+
+
+def parallelize(
+    model: nn.Module,
+    strategy: str = "hybrid",
+    reducer: str = "butterfly",
+    mp_size: int | None = None,
+    rules: dict[str, str] | None = None,
+    groups: Groups | None = None,
+    bucket_mb: float = 25.0,
+    sync_initial_weights: bool = True,
+) -> ParallelModel:
+    """Shard or replicate ``model``'s layers across the ranks (see the module docstring) and return it wrapped.
+
+    ``groups`` defaults to torch.distributed's default group (call ``init_process_group`` first); the Horovod
+    and DeepSpeed integrations pass their own.
+    """
+    if reducer not in REDUCERS:
+        raise ValueError(f"unknown reducer {reducer!r}; choose one of {', '.join(REDUCERS)}")
+    plan = plan_module.make_plan(model, strategy, rules)
+    if groups is None:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialized: call init_process_group first, or pass groups")
+        world = dist.get_world_size()
+        dims = ParallelDims(world, world if mp_size is None else mp_size)
+        groups = torch_groups(dims)
+    elif mp_size is not None and mp_size != groups.dims.mp:
+        raise ValueError(f"mp_size={mp_size} disagrees with the groups given (mp={groups.dims.mp})")
+    _check_devices(model, groups.world)
+    if sync_initial_weights:
+        _broadcast_from_first(model, groups.world)
+
+    split = BatchSplit()
+    sharded: set[int] = set()
+    modules = dict(model.named_modules())
+    for path, style in plan.styles.items():
+        module = modules[path]
+        if style in ("column", "column_last"):
+            new = ColumnParallelLinear(module, groups.mp, split, strategy, last=style == "column_last")
+        elif style == "row":
+            new = RowParallelLinear(module, groups.mp, split, strategy)
+        elif style == "channel":
+            new = ChannelParallelConv2d(module, groups.mp)
+        else:
+            continue
+        _set_submodule(model, path, new)
+        sharded.update(
+            id(p) for p in (new.weight, getattr(new, "bias", None)) if p is not None and hasattr(p, "shard_dim")
+        )
+
+    replicated = [p for p in model.parameters() if id(p) not in sharded]
+    shards = [p for p in model.parameters() if id(p) in sharded]
+    algorithm = "butterfly" if reducer in ("butterfly", "auto") else reducer
+    native = _native_allreduce(groups) if reducer == "native" else None
+    world = groups.dims.world
+    if strategy == "mp":
+        reduce_groups: list[ReduceGroup] = []  # every rank computes the same loss: nothing to combine
+    elif strategy == "dp":
+        reduce_groups = [
+            ReduceGroup("replicated", replicated, groups.world, "avg", 1.0, algorithm, native and native("world"))
+        ]
+    else:
+        reduce_groups = [
+            ReduceGroup("replicated", replicated, groups.world, "avg", 1.0, algorithm, native and native("world")),
+            ReduceGroup("fc-shards", shards, groups.dp, "sum", 1.0 / world, algorithm, native and native("dp")),
+        ]
+    grad_reducer = GradientReducer(reduce_groups, bucket_bytes=int(bucket_mb * (1 << 20)))
+    return ParallelModel(model, plan, groups, grad_reducer)
+
+
+def _native_allreduce(groups: Groups):
+    """The host framework's allreduce over one of the groups, as a handle (torch.distributed here)."""
+    import torch.distributed as dist
+
+    from hybrid_ext.collective import Handle
+
+    def for_group(kind: str):
+        group = groups.handles[kind]
+
+        def reduce(tensors: list[torch.Tensor], op: str) -> Handle:
+            import concurrent.futures
+
+            flat = torch.cat([t.reshape(-1) for t in tensors])
+            work = dist.all_reduce(flat, group=group, async_op=True)
+            future: concurrent.futures.Future = concurrent.futures.Future()
+
+            def finish(_):
+                offset = 0
+                for t in tensors:
+                    t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                    offset += t.numel()
+                if op == "avg":
+                    for t in tensors:
+                        t.div_(dist.get_world_size(group))
+                future.set_result(tensors)
+
+            work.get_future().then(finish)
+            return Handle(future)
+
+        return reduce
+
+    return for_group

@@ -1,0 +1,136 @@
+"""Sharded layers: column- and row-parallel Linear, output-channel-parallel Conv2d.
+
+Y = X·Aᵀ + b with A of shape [out, in] (torch's layout).
+
+- :class:`ColumnParallelLinear` holds rows ``out_s`` of A (and of b): Y_s = X·A_sᵀ + b_s, the output features
+  of shard s. In the hybrid strategy its input is this rank's samples, gathered along the batch over the
+  model-parallel group first (Krizhevsky's scheme: the FC layers see the group's whole batch).
+- :class:`RowParallelLinear` holds columns ``in_s`` of A: the partial product X_s·A_sᵀ is summed over the group
+  (reduce-scatter along the batch in the hybrid strategy, all-reduce under model parallelism alone), and
+  only then is b added, once.
+- :class:`ChannelParallelConv2d` (model parallelism alone) holds output channels ``c_s``; outputs are gathered
+  along channels.
+
+Shard sizes differ by at most one (any feature count works, no padding). Every sharded parameter records
+how to rebuild the full one (``shard_dim``, ``shard_sizes``) for checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybrid_ext.collective import Communicator
+from hybrid_ext.parallel import mappings
+
+
+@dataclass
+class BatchSplit:
+    """Samples per rank of the model-parallel group, set by the first gather of each forward pass."""
+
+    counts: tuple[int, ...] = field(default_factory=tuple)
+
+
+def mark_shard(param: nn.Parameter, dim: int, sizes: tuple[int, ...]) -> nn.Parameter:
+    param.shard_dim = dim  # type: ignore[attr-defined]
+    param.shard_sizes = sizes  # type: ignore[attr-defined]
+    return param
+
+
+def _shard(tensor: torch.Tensor, dim: int, sizes: tuple[int, ...], index: int) -> torch.Tensor:
+    start = sum(sizes[:index])
+    return tensor.detach().narrow(dim, start, sizes[index]).clone()
+
+
+class ColumnParallelLinear(nn.Module):
+    """Output features split over the model-parallel group (see the module docstring).
+
+    ``strategy``: ``"hybrid"`` (each rank passes its own samples) or ``"mp"`` (every rank passes the same
+    batch). ``last``: this layer ends a chain, so its output is assembled into all features again — under
+    ``hybrid`` by an all-to-all that hands every rank its own samples, under ``mp`` by an all-gather.
+    """
+
+    def __init__(self, linear: nn.Linear, comm: Communicator, split: BatchSplit, strategy: str, last: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.comm, self.split, self.strategy, self.last = comm, split, strategy, last
+        self.sizes = mappings.shard_sizes(linear.out_features, comm.size)
+        self.weight = mark_shard(nn.Parameter(_shard(linear.weight, 0, self.sizes, comm.rank)), 0, self.sizes)
+        if linear.bias is not None:
+            self.bias = mark_shard(nn.Parameter(_shard(linear.bias, 0, self.sizes, comm.rank)), 0, self.sizes)
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.strategy == "hybrid":
+            self.split.counts = mappings.batch_counts(x, self.comm)
+            x = mappings.gather_batch(x, self.comm, self.split.counts)
+        else:
+            x = mappings.copy_to_group(x, self.comm)
+        y = F.linear(x, self.weight, self.bias)
+        if not self.last:
+            return y
+        if self.strategy == "hybrid":
+            return mappings.exchange_rows_for_features(y, self.comm, self.split.counts, self.sizes)
+        return mappings.gather_dim(y, self.comm, -1, self.sizes)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features} "
+            f"(shard {self.comm.rank}: {self.sizes[self.comm.rank]}), last={self.last}, strategy={self.strategy}"
+        )
+
+
+class RowParallelLinear(nn.Module):
+    """Input features split over the model-parallel group; the bias is added once, after the sum."""
+
+    def __init__(self, linear: nn.Linear, comm: Communicator, split: BatchSplit, strategy: str) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.comm, self.split, self.strategy = comm, split, strategy
+        self.sizes = mappings.shard_sizes(linear.in_features, comm.size)
+        self.weight = mark_shard(nn.Parameter(_shard(linear.weight, 1, self.sizes, comm.rank)), 1, self.sizes)
+        # The bias is whole on every rank: it is added to this rank's own samples (a data-parallel parameter).
+        self.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        partial = F.linear(x, self.weight)
+        if self.strategy == "hybrid":
+            y = mappings.scatter_batch(partial, self.comm, self.split.counts)
+        else:
+            y = mappings.reduce_from_group(partial, self.comm)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features} (shard {self.comm.rank}: {self.sizes[self.comm.rank]}), "
+            f"out_features={self.out_features}, strategy={self.strategy}"
+        )
+
+
+class ChannelParallelConv2d(nn.Module):
+    """Model parallelism alone: output channels split over the group, gathered after the convolution."""
+
+    def __init__(self, conv: nn.Conv2d, comm: Communicator) -> None:
+        super().__init__()
+        if conv.groups != 1:
+            raise ValueError("grouped convolutions cannot be split by output channels here; mark them 'dp'")
+        self.comm = comm
+        self.sizes = mappings.shard_sizes(conv.out_channels, comm.size)
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.padding_mode = conv.padding_mode
+        if self.padding_mode != "zeros":
+            raise ValueError(f"padding_mode={self.padding_mode!r} is not supported for channel-parallel convs")
+        self.weight = mark_shard(nn.Parameter(_shard(conv.weight, 0, self.sizes, comm.rank)), 0, self.sizes)
+        if conv.bias is not None:
+            self.bias = mark_shard(nn.Parameter(_shard(conv.bias, 0, self.sizes, comm.rank)), 0, self.sizes)
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = mappings.copy_to_group(x, self.comm)
+        y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+        return mappings.gather_dim(y, self.comm, 1, self.sizes)

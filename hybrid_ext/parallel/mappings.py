@@ -1,0 +1,189 @@
+"""Autograd functions that move activations between ranks, each named with its forward/backward dual.
+
+Hybrid (data-parallel conv, model-parallel FC), within a model-parallel group of m ranks, rank r holding
+b_r samples:
+
+- :func:`gather_batch`   forward: all-gather along the batch   backward: reduce-scatter along the batch
+- :func:`scatter_batch`  forward: reduce-scatter along the batch   backward: all-gather along the batch
+- :func:`exchange_rows_for_features`  forward: all-to-all — every rank gets its own rows with every
+  feature shard    backward: the transposed all-to-all
+
+Model parallelism alone (every rank holds the same batch and computes the same loss):
+
+- :func:`copy_to_group`      forward: identity    backward: all-reduce (sum)
+- :func:`reduce_from_group`  forward: all-reduce (sum)    backward: identity
+- :func:`gather_dim`         forward: all-gather along a dim    backward: keep this rank's slice
+
+Every helper is the identity for a group of one rank.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from hybrid_ext.collective import Communicator
+from hybrid_ext.schedule import block_bounds
+
+
+def _counts_along(comm: Communicator, rows: int, device: torch.device) -> tuple[int, ...]:
+    return comm.run(lambda: comm.block_counts(rows, device))
+
+
+def _allgather_rows(comm: Communicator, x: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
+    return comm.run(lambda: comm.allgather_now(x.contiguous(), counts, "recursive_doubling"))
+
+
+def _reduce_scatter_rows(comm: Communicator, x: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
+    return comm.run(lambda: comm.reduce_scatter_now(x.contiguous(), counts, "sum", "recursive_halving"))
+
+
+class _GatherBatch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: Communicator, counts: tuple[int, ...]):
+        ctx.comm, ctx.counts = comm, counts
+        return _allgather_rows(comm, x, counts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _reduce_scatter_rows(ctx.comm, grad, ctx.counts), None, None
+
+
+class _ScatterBatch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: Communicator, counts: tuple[int, ...]):
+        ctx.comm, ctx.counts = comm, counts
+        return _reduce_scatter_rows(comm, x, counts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _allgather_rows(ctx.comm, grad, ctx.counts), None, None
+
+
+def batch_counts(x: torch.Tensor, comm: Communicator) -> tuple[int, ...]:
+    """Rows (samples) per rank of the group, exchanged once per forward."""
+    return _counts_along(comm, x.shape[0], x.device) if comm.size > 1 else (x.shape[0],)
+
+
+def gather_batch(x: torch.Tensor, comm: Communicator, counts: tuple[int, ...]) -> torch.Tensor:
+    """forward: all-gather along the batch; backward: reduce-scatter along the batch."""
+    return x if comm.size == 1 else _GatherBatch.apply(x, comm, counts)
+
+
+def scatter_batch(x: torch.Tensor, comm: Communicator, counts: tuple[int, ...]) -> torch.Tensor:
+    """forward: reduce-scatter (sum) along the batch; backward: all-gather along the batch."""
+    return x if comm.size == 1 else _ScatterBatch.apply(x, comm, counts)
+
+
+def _all_to_all(comm: Communicator, send: list[torch.Tensor], recv: list[torch.Tensor]) -> None:
+    """Rank r sends ``send[t]`` to every rank t and receives ``recv[s]`` from every rank s (pairwise shifts)."""
+
+    def job():
+        recv[comm.rank].copy_(send[comm.rank])
+        for shift in range(1, comm.size):
+            to, frm = (comm.rank + shift) % comm.size, (comm.rank - shift) % comm.size
+            out = send[to] if send[to].numel() else None
+            into = recv[frm] if recv[frm].numel() else None
+            if out is not None or into is not None:
+                comm.transport.exchange(out, to if out is not None else None, into, frm if into is not None else None)
+
+    comm.run(job)
+
+
+class _ExchangeRowsForFeatures(torch.autograd.Function):
+    """[all rows, my feature shard] -> [my rows, all features]; the transpose in backward."""
+
+    @staticmethod
+    def forward(ctx, x, comm: Communicator, counts: tuple[int, ...], features: tuple[int, ...]):
+        ctx.comm, ctx.counts, ctx.features = comm, counts, features
+        rows = _split(x, counts, dim=0)
+        recv = [torch.empty(counts[comm.rank], f, dtype=x.dtype, device=x.device) for f in features]
+        _all_to_all(comm, [r.contiguous() for r in rows], recv)
+        return torch.cat(recv, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        comm, counts, features = ctx.comm, ctx.counts, ctx.features
+        cols = [c.contiguous() for c in _split(grad, features, dim=1)]
+        recv = [torch.empty(c, features[comm.rank], dtype=grad.dtype, device=grad.device) for c in counts]
+        _all_to_all(comm, cols, recv)
+        return torch.cat(recv, dim=0), None, None, None
+
+
+def exchange_rows_for_features(
+    x: torch.Tensor, comm: Communicator, counts: tuple[int, ...], features: tuple[int, ...]
+) -> torch.Tensor:
+    """forward: all-to-all from [all rows, my features] to [my rows, all features]; backward: its transpose."""
+    if comm.size == 1:
+        return x
+    return _ExchangeRowsForFeatures.apply(x, comm, counts, features)
+
+
+def _split(x: torch.Tensor, sizes: tuple[int, ...], dim: int) -> list[torch.Tensor]:
+    return list(torch.split(x, list(sizes), dim=dim))
+
+
+# ---------------------------------------------------------------------- model parallelism alone
+
+
+def _allreduce_sum(comm: Communicator, x: torch.Tensor) -> torch.Tensor:
+    out = x.contiguous().clone()
+    comm.run(lambda: comm.allreduce_now([out], "sum", "auto"))
+    return out
+
+
+class _CopyToGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, comm: Communicator):
+        ctx.comm = comm
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _allreduce_sum(ctx.comm, grad), None
+
+
+class _ReduceFromGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, comm: Communicator):
+        return _allreduce_sum(comm, x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _GatherDim(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, comm: Communicator, dim: int, sizes: tuple[int, ...]):
+        ctx.comm, ctx.dim, ctx.sizes = comm, dim, sizes
+        moved = x.movedim(dim, 0).contiguous()
+        gathered = _allgather_rows(comm, moved, sizes)
+        return gathered.movedim(0, dim).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        start = sum(ctx.sizes[: ctx.comm.rank])
+        return grad.narrow(ctx.dim, start, ctx.sizes[ctx.comm.rank]).contiguous(), None, None, None
+
+
+def copy_to_group(x: torch.Tensor, comm: Communicator) -> torch.Tensor:
+    """forward: identity; backward: all-reduce (sum) — the input of a layer split across the group."""
+    return x if comm.size == 1 else _CopyToGroup.apply(x, comm)
+
+
+def reduce_from_group(x: torch.Tensor, comm: Communicator) -> torch.Tensor:
+    """forward: all-reduce (sum) of partial results; backward: identity."""
+    return x if comm.size == 1 else _ReduceFromGroup.apply(x, comm)
+
+
+def gather_dim(x: torch.Tensor, comm: Communicator, dim: int, sizes: tuple[int, ...]) -> torch.Tensor:
+    """forward: all-gather along ``dim`` (shards of ``sizes``); backward: keep this rank's slice."""
+    return x if comm.size == 1 else _GatherDim.apply(x, comm, dim, sizes)
+
+
+def shard_sizes(total: int, parts: int) -> tuple[int, ...]:
+    """Sizes of ``parts`` contiguous shards of ``total`` features, differing by at most one."""
+    bounds = block_bounds(total, parts)
+    return tuple(b - a for a, b in itertools.pairwise(bounds))

@@ -1,0 +1,174 @@
+"""The partition plan: which layer runs how — a dict from module path to style, printable before anything moves.
+
+Styles:
+
+- ``dp``      replicated; its gradients are averaged over every rank (conv layers, normalisation, small layers);
+- ``column``  a Linear split by output features (model-parallel);
+- ``row``     a Linear split by input features, following a ``column`` layer (model-parallel);
+- ``column_last``  a ``column`` layer that ends a chain and assembles all features again;
+- ``channel`` a Conv2d split by output channels (strategy ``mp`` only).
+
+Automatic choice (the paper's split): Linear layers hold most of the parameters and little compute per
+parameter (2 FLOPs per weight per sample, against 2·H·W for a convolution), so they are sharded; everything
+else is data-parallel. Consecutive Linear layers of one ``nn.Sequential``, with only elementwise layers
+between them, form a chain and alternate column / row, so that activations stay sharded between them
+(Krizhevsky 2014); a chain of odd length ends ``column_last``. A Linear outside such a chain is a chain of one.
+Under ``mp`` convolutions are split by output channels too. ``rules`` (glob patterns on module paths →
+``"dp"``, ``"mp"``, ``"column"``, ``"row"``) override the automatic choice.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+from torch import nn
+
+STRATEGIES = ("dp", "mp", "hybrid")
+RULE_STYLES = ("dp", "mp", "column", "row")
+
+# Layers that act on each feature (or sample) on its own: they may sit between sharded Linear layers.
+ELEMENTWISE = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.ELU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Mish,
+    nn.Dropout,
+    nn.Identity,
+)
+
+
+@dataclass
+class Plan:
+    strategy: str
+    styles: dict[str, str] = field(default_factory=dict)  # module path -> style, in module order
+    parameters: dict[str, int] = field(default_factory=dict)  # module path -> parameter count
+
+    def describe(self) -> str:
+        width = max((len(p) for p in self.styles), default=10)
+        lines = [f"hybrid-ext plan (strategy={self.strategy})"]
+        total = {"sharded": 0, "replicated": 0}
+        for path, style in self.styles.items():
+            count = self.parameters.get(path, 0)
+            total["replicated" if style == "dp" else "sharded"] += count
+            lines.append(f"  {path:<{width}}  {style:<12} {count:>12,} params")
+        lines.append(f"  sharded: {total['sharded']:,} params; replicated: {total['replicated']:,} params")
+        return "\n".join(lines)
+
+    __str__ = describe
+
+
+def _own_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters(recurse=False))
+
+
+def _rule_for(path: str, rules: dict[str, str]) -> str | None:
+    for pattern, style in rules.items():
+        if fnmatch.fnmatchcase(path, pattern):
+            return style
+    return None
+
+
+def make_plan(model: nn.Module, strategy: str, rules: dict[str, str] | None = None) -> Plan:
+    """Decide every parameterised layer's style (see the module docstring). Nothing is changed."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    rules = dict(rules or {})
+    for pattern, style in rules.items():
+        if style not in RULE_STYLES:
+            raise ValueError(f"rule {pattern!r}: {style!r} is not one of {', '.join(RULE_STYLES)}")
+    modules = dict(model.named_modules())
+    for pattern, style in rules.items():
+        matched = [p for p in modules if p and fnmatch.fnmatchcase(p, pattern)]
+        if not matched:
+            raise ValueError(f"rule {pattern!r} matches no module; module paths look like {list(modules)[1:4]}")
+        for path in matched:
+            if style in ("column", "row") and not isinstance(modules[path], nn.Linear):
+                raise ValueError(
+                    f"rule {pattern!r} asks for {style!r} on {path} ({type(modules[path]).__name__}); "
+                    "only nn.Linear layers can be split by features"
+                )
+            if style == "mp" and not isinstance(modules[path], (nn.Linear, nn.Conv2d)):
+                raise ValueError(
+                    f"rule {pattern!r} asks for 'mp' on {path} ({type(modules[path]).__name__}); "
+                    "hybrid-ext can shard nn.Linear and nn.Conv2d layers only"
+                )
+
+    plan = Plan(strategy)
+    wants_mp: dict[str, bool] = {}
+    for path, module in modules.items():
+        if not path or _own_params(module) == 0:
+            continue
+        plan.parameters[path] = _own_params(module)
+        rule = _rule_for(path, rules)
+        if strategy == "dp":
+            wants_mp[path] = False
+        elif rule is not None:
+            wants_mp[path] = rule != "dp"
+        elif isinstance(module, nn.Linear):
+            wants_mp[path] = True
+        else:
+            wants_mp[path] = strategy == "mp" and isinstance(module, nn.Conv2d) and module.groups == 1
+        plan.styles[path] = "dp"
+
+    for chain in _linear_chains(model, modules, {p for p, mp in wants_mp.items() if mp}):
+        forced = [_rule_for(p, rules) for p in chain]
+        for index, path in enumerate(chain):
+            style = "column" if index % 2 == 0 else "row"
+            if forced[index] in ("column", "row"):
+                style = forced[index]
+            plan.styles[path] = style
+        if plan.styles[chain[-1]] == "column":
+            plan.styles[chain[-1]] = "column_last"
+        _check_chain(chain, [plan.styles[p] for p in chain])
+    for path, mp in wants_mp.items():
+        if mp and isinstance(modules[path], nn.Conv2d):
+            if strategy != "mp":
+                raise ValueError(f"{path}: convolutions are split by channels under strategy='mp' only")
+            plan.styles[path] = "channel"
+    return plan
+
+
+def _check_chain(chain: list[str], styles: list[str]) -> None:
+    expected = ["column" if i % 2 == 0 else "row" for i in range(len(chain))]
+    if len(chain) % 2:
+        expected[-1] = "column_last"
+    if styles != expected:
+        raise ValueError(
+            f"the Linear chain {chain} must alternate column/row starting with column (got {styles}); "
+            "a row-parallel layer needs the sharded output of a column-parallel one"
+        )
+
+
+def _linear_chains(model: nn.Module, modules: dict[str, nn.Module], sharded: set[str]) -> list[list[str]]:
+    """Runs of sharded Linear layers, consecutive inside one nn.Sequential (elementwise layers may sit between)."""
+    chains: list[list[str]] = []
+    placed: set[str] = set()
+    for path, module in modules.items():
+        if not isinstance(module, nn.Sequential):
+            continue
+        current: list[str] = []
+        for name, child in module.named_children():
+            child_path = f"{path}.{name}" if path else name
+            if isinstance(child, nn.Linear) and child_path in sharded:
+                current.append(child_path)
+            elif isinstance(child, ELEMENTWISE) and current:
+                continue
+            else:
+                if current:
+                    chains.append(current)
+                current = []
+        if current:
+            chains.append(current)
+    for chain in chains:
+        placed.update(chain)
+    # A sharded Linear elsewhere (a custom forward): a chain of one, which takes and returns per-rank samples.
+    chains += [[p] for p in sharded if isinstance(modules[p], nn.Linear) and p not in placed]
+    return chains

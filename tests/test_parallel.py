@@ -1,0 +1,132 @@
+"""The partitioner: one training step under dp / mp / hybrid equals the single-process step on the global batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hybrid_ext
+from hybrid_ext.parallel import full_grads, make_plan
+
+MICRO_BATCH = 4
+
+
+def small_cnn() -> nn.Module:
+    """Conv features, then a 3-layer FC head (column, row, column_last) with elementwise layers between."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 12, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(4),
+        nn.Flatten(),
+        nn.Linear(12 * 16, 100),  # 100 features: not divisible by 3 or 8 on purpose
+        nn.ReLU(),
+        nn.Dropout(0.0),
+        nn.Linear(100, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
+    )
+
+
+MODELS = {"small_cnn": (small_cnn, (3, 16, 16), 10)}
+
+
+def _global_batch(world: int, shape, classes):
+    g = torch.Generator().manual_seed(123)
+    x = torch.randn(world * MICRO_BATCH, *shape, generator=g)
+    y = torch.randint(0, classes, (world * MICRO_BATCH,), generator=g)
+    return x, y
+
+
+def _reference(model_name: str, world: int):
+    build, shape, classes = MODELS[model_name]
+    model = build()
+    x, y = _global_batch(world, shape, classes)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    optimizer.step()
+    return loss.item(), grads, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _step_rank(rank: int, world: int, model_name: str, strategy: str, mp_size: int | None, reducer: str):
+    build, shape, classes = MODELS[model_name]
+    model = hybrid_ext.parallelize(build(), strategy=strategy, reducer=reducer, mp_size=mp_size)
+    x, y = _global_batch(world, shape, classes)
+    if strategy != "mp":  # each rank its own micro-batch
+        x, y = x[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH], y[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with hybrid_ext.metrics.capture() as records:
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+    grads = full_grads(model)
+    optimizer.step()
+    total = loss.detach().clone()
+    if strategy != "mp":
+        hybrid_ext.allreduce(total, op="avg")
+    return {
+        "loss": total.item(),
+        "grads": grads,
+        "state": hybrid_ext.full_state_dict(model),
+        "bytes": sum(r.bytes_sent for r in records),
+        "fc_params": sum(p.numel() for n, p in model.module.named_parameters() if hasattr(p, "shard_dim")),
+    }
+
+
+CASES = [
+    ("dp", 2, None),
+    ("hybrid", 2, None),
+    ("mp", 2, None),
+    ("hybrid", 3, None),
+    ("mp", 3, None),
+    ("dp", 4, None),
+    ("hybrid", 4, None),
+    ("hybrid", 4, 2),
+    ("mp", 4, 2),
+]
+
+
+@pytest.mark.parametrize(("strategy", "world", "mp_size"), CASES)
+def test_one_step_equals_the_single_process_reference(spawn_ranks, strategy, world, mp_size):
+    loss, grads, state = _reference("small_cnn", world)
+    results = spawn_ranks(_step_rank, world, "small_cnn", strategy, mp_size, "butterfly", timeout=180)
+    for rank, result in enumerate(results):
+        assert result["loss"] == pytest.approx(loss, rel=1e-5), f"rank {rank}"
+        for name, expected in grads.items():
+            torch.testing.assert_close(result["grads"][name], expected, rtol=1e-5, atol=1e-6, msg=f"grad {name}")
+        assert set(result["state"]) == set(state)
+        for name, expected in state.items():
+            torch.testing.assert_close(result["state"][name], expected, rtol=1e-5, atol=1e-6, msg=f"weight {name}")
+
+
+def test_plan_is_printable_and_alternates_column_row():
+    plan = make_plan(small_cnn(), "hybrid")
+    assert plan.styles == {
+        "0": "dp",
+        "3": "dp",
+        "7": "column",
+        "10": "row",
+        "12": "column_last",
+    }
+    text = str(plan)
+    assert "column_last" in text and "sharded:" in text
+    assert make_plan(small_cnn(), "mp").styles["0"] == "channel"
+    assert set(make_plan(small_cnn(), "dp").styles.values()) == {"dp"}
+    assert make_plan(small_cnn(), "hybrid", rules={"12": "dp"}).styles["10"] == "row"
+
+
+def test_bad_rules_and_mp_sizes_are_explained():
+    with pytest.raises(ValueError, match=r"only nn\.Linear layers can be split"):
+        make_plan(small_cnn(), "hybrid", rules={"0": "column"})
+    with pytest.raises(ValueError, match="matches no module"):
+        make_plan(small_cnn(), "hybrid", rules={"classifier.*": "dp"})
+    with pytest.raises(ValueError, match="unknown strategy"):
+        make_plan(small_cnn(), "tensor")
+    with pytest.raises(ValueError, match="mp_size=3 does not divide the world size 4"):
+        hybrid_ext.parallel.ParallelDims(4, 3)
