@@ -140,6 +140,20 @@ def format_table(rows: list[BenchRow]) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(rows: list[BenchRow]) -> str:
+    lines = [
+        "| size | algorithm | ran | median ms | busbw GB/s | × native |",
+        "|---:|---|---|---:|---:|---:|",
+    ]
+    for row in rows:
+        ratio = f"{row.ratio_to_native:.2f}" if row.ratio_to_native is not None else "-"
+        lines.append(
+            f"| {format_size(row.size_bytes)} | {row.algorithm} | {row.chosen} | {row.median_ms:.2f} | "
+            f"{row.busbw_gbps:.3f} | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
 def calibrate(rows: list[BenchRow]) -> cost_model.CostModel:
     """Least-squares α, β, γ (clipped at zero) from the butterfly rows of a bench run."""
     import numpy as np
@@ -188,6 +202,9 @@ def main(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
         print(f"wrote {args.json}")
+    if args.markdown:
+        Path(args.markdown).write_text(format_markdown(rows) + "\n")
+        print(f"wrote {args.markdown}")
     if args.calibrate:
         model = calibrate(rows)
         path = cost_model.save_model(transport, model)

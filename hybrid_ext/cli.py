@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--transport", choices=["auto", "shm", "torch"], default="auto", help="hybrid-ext's transport (default: auto)"
     )
     allreduce.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    allreduce.add_argument("--markdown", metavar="FILE", help="also write the table as Markdown")
     allreduce.add_argument("--calibrate", action="store_true", help="fit and save the cost model used by auto")
     allreduce.set_defaults(handler=_cmd_bench_allreduce)
 
