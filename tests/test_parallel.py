@@ -33,7 +33,25 @@ def small_cnn() -> nn.Module:
     )
 
 
-MODELS = {"small_cnn": (small_cnn, (3, 16, 16), 10)}
+def alexnet() -> nn.Module:
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.alexnet(num_classes=10, dropout=0.0)  # 64x64 input: its adaptive pool copes
+
+
+def vgg11() -> nn.Module:
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.vgg11(num_classes=10, dropout=0.0)
+
+
+MODELS = {
+    "small_cnn": (small_cnn, (3, 16, 16), 10),
+    "alexnet": (alexnet, (3, 64, 64), 10),
+    "vgg11": (vgg11, (3, 32, 32), 10),
+}
 
 
 def _global_batch(world: int, shape, classes):
@@ -92,10 +110,29 @@ CASES = [
 ]
 
 
+TORCHVISION_CASES = [
+    ("alexnet", "hybrid", 2, None),
+    ("alexnet", "hybrid", 3, None),
+    ("alexnet", "hybrid", 4, 2),
+    ("alexnet", "dp", 2, None),
+    ("alexnet", "mp", 2, None),
+    ("vgg11", "hybrid", 2, None),
+]
+
+
 @pytest.mark.parametrize(("strategy", "world", "mp_size"), CASES)
 def test_one_step_equals_the_single_process_reference(spawn_ranks, strategy, world, mp_size):
-    loss, grads, state = _reference("small_cnn", world)
-    results = spawn_ranks(_step_rank, world, "small_cnn", strategy, mp_size, "butterfly", timeout=180)
+    _check_step(spawn_ranks, "small_cnn", strategy, world, mp_size)
+
+
+@pytest.mark.parametrize(("model_name", "strategy", "world", "mp_size"), TORCHVISION_CASES)
+def test_torchvision_cnns_step_equals_the_reference(spawn_ranks, model_name, strategy, world, mp_size):
+    _check_step(spawn_ranks, model_name, strategy, world, mp_size)
+
+
+def _check_step(spawn_ranks, model_name, strategy, world, mp_size):
+    loss, grads, state = _reference(model_name, world)
+    results = spawn_ranks(_step_rank, world, model_name, strategy, mp_size, "butterfly", timeout=300)
     for rank, result in enumerate(results):
         assert result["loss"] == pytest.approx(loss, rel=1e-5), f"rank {rank}"
         for name, expected in grads.items():
