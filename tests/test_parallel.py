@@ -167,3 +167,80 @@ def test_bad_rules_and_mp_sizes_are_explained():
         make_plan(small_cnn(), "tensor")
     with pytest.raises(ValueError, match="mp_size=3 does not divide the world size 4"):
         hybrid_ext.parallel.ParallelDims(4, 3)
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def _train(model, optimizer, world, rank, steps, strategy, start_step=0):
+    for step in range(start_step, start_step + steps):
+        g = torch.Generator().manual_seed(1000 + step)
+        x = torch.randn(world * MICRO_BATCH, 3, 16, 16, generator=g)
+        y = torch.randint(0, 10, (world * MICRO_BATCH,), generator=g)
+        if strategy != "mp":
+            x, y = x[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH], y[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH]
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+
+def _checkpoint_rank(rank: int, world: int, first: str, second: str) -> dict:
+    # Uninterrupted: 3 steps under `first`.
+    straight = hybrid_ext.parallelize(small_cnn(), strategy=first)
+    opt = torch.optim.Adam(straight.parameters(), lr=1e-3)
+    _train(straight, opt, world, rank, 3, first)
+    expected = hybrid_ext.full_state_dict(straight)
+    # Interrupted: 1 step under `first`, checkpoint, restore into a fresh model under `second`, 2 more steps.
+    model = hybrid_ext.parallelize(small_cnn(), strategy=first)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    _train(model, opt, world, rank, 1, first)
+    weights, optim_state = hybrid_ext.full_state_dict(model), hybrid_ext.full_optimizer_state_dict(model, opt)
+    torch.manual_seed(99)  # the fresh model starts elsewhere: everything must come from the checkpoint
+    fresh = nn.Sequential(*[m for m in small_cnn()])
+    for p in fresh.parameters():
+        nn.init.normal_(p)
+    resumed = hybrid_ext.parallelize(fresh, strategy=second)
+    hybrid_ext.load_full_state_dict(resumed, weights)
+    opt2 = torch.optim.Adam(resumed.parameters(), lr=1e-3)
+    hybrid_ext.load_full_optimizer_state_dict(resumed, opt2, optim_state)
+    _train(resumed, opt2, world, rank, 2, second, start_step=1)
+    plain = small_cnn()
+    plain.load_state_dict(weights, strict=True)  # loads into the unwrapped model as is
+    return {"expected": expected, "resumed": hybrid_ext.full_state_dict(resumed), "optim_keys": sorted(optim_state)}
+
+
+def test_checkpoint_resume_continues_bit_identically(spawn_ranks):
+    for result in spawn_ranks(_checkpoint_rank, 2, "hybrid", "hybrid", timeout=180):
+        assert result["optim_keys"] == ["param_groups", "state"]
+        for name, expected in result["expected"].items():
+            assert torch.equal(result["resumed"][name], expected), name
+
+
+def test_dp_checkpoint_resumes_under_hybrid(spawn_ranks):
+    # Different reduction orders: equal to float32 rounding, not bit for bit.
+    for result in spawn_ranks(_checkpoint_rank, 2, "dp", "hybrid", timeout=180):
+        for name, expected in result["expected"].items():
+            torch.testing.assert_close(result["resumed"][name], expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _memory_rank(rank: int, world: int, mp_size: int) -> dict:
+    model = hybrid_ext.parallelize(alexnet(), strategy="hybrid", mp_size=mp_size)
+    fc = [
+        m
+        for m in model.module.modules()
+        if isinstance(
+            m,
+            nn.Linear | hybrid_ext.parallel.layers.ColumnParallelLinear | hybrid_ext.parallel.layers.RowParallelLinear,
+        )
+    ]
+    return {"fc_bytes": sum(p.numel() * p.element_size() for m in fc for p in m.parameters())}
+
+
+@pytest.mark.parametrize(("world", "mp_size"), [(2, 2), (4, 2)])
+def test_fc_parameter_memory_is_one_mp_th(spawn_ranks, world, mp_size):
+    full = alexnet().classifier
+    full_bytes = sum(p.numel() * 4 for p in full.parameters())
+    row_biases = 4096 * 4  # the row-parallel bias stays whole on every rank
+    for result in spawn_ranks(_memory_rank, world, mp_size, timeout=180):
+        # One row of imbalance at most per layer, plus the replicated row-parallel bias.
+        assert abs(result["fc_bytes"] - full_bytes / mp_size) <= row_biases + 3 * 9216 * 4
