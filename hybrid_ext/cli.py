@@ -34,6 +34,12 @@ def _cmd_bench_allreduce(args: argparse.Namespace) -> int:
     return bench.main(args)
 
 
+def _cmd_bench_train(args: argparse.Namespace) -> int:
+    from hybrid_ext import bench_train
+
+    return bench_train.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hybrid-ext",
@@ -76,6 +82,26 @@ def build_parser() -> argparse.ArgumentParser:
     allreduce.add_argument("--markdown", metavar="FILE", help="also write the table as Markdown")
     allreduce.add_argument("--calibrate", action="store_true", help="fit and save the cost model used by auto")
     allreduce.set_defaults(handler=_cmd_bench_allreduce)
+
+    train = bench_kinds.add_parser(
+        "train",
+        help="samples/s and bytes per step of dp / mp / hybrid on one model",
+        description="Train a torchvision CNN for a few steps under each run, with compute-only as the limit.",
+    )
+    train.add_argument("--model", default="alexnet", choices=["alexnet", "vgg11"])
+    train.add_argument("--np", type=int, default=4, help="ranks (default: 4)")
+    train.add_argument(
+        "--runs",
+        default="dp-butterfly,hybrid-butterfly,compute-only",
+        help="comma-separated STRATEGY-REDUCER (dp-native, hybrid-butterfly, mp-butterfly...) or compute-only",
+    )
+    train.add_argument("--micro-batch", type=int, default=16, help="samples per rank per step (default: 16)")
+    train.add_argument("--size", type=int, default=64, help="input height and width (default: 64)")
+    train.add_argument("--steps", type=int, default=5, help="timed steps per run (default: 5)")
+    train.add_argument("--mp-size", type=int, default=None, help="model-parallel group size (default: all ranks)")
+    train.add_argument("--json", metavar="FILE")
+    train.add_argument("--markdown", metavar="FILE")
+    train.set_defaults(handler=_cmd_bench_train)
 
     install = commands.add_parser(
         "install-horovod",
