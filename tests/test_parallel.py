@@ -244,3 +244,35 @@ def test_fc_parameter_memory_is_one_mp_th(spawn_ranks, world, mp_size):
     for result in spawn_ranks(_memory_rank, world, mp_size, timeout=180):
         # One row of imbalance at most per layer, plus the replicated row-parallel bias.
         assert abs(result["fc_bytes"] - full_bytes / mp_size) <= row_biases + 3 * 9216 * 4
+
+
+def _overlap_rank(rank: int, world: int) -> dict:
+    model = hybrid_ext.parallelize(small_cnn(), strategy="dp", bucket_mb=0.001)
+    x = torch.randn(MICRO_BATCH, 3, 16, 16)
+    F.cross_entropy(model(x), torch.zeros(MICRO_BATCH, dtype=torch.long)).backward()
+    grads_equal_after_backward = [p.grad.clone() for p in model.parameters()]
+    return {
+        "buckets": len(model.reducer.buckets),
+        "early": model.reducer.launched_during_backward,
+        "grads": grads_equal_after_backward,
+    }
+
+
+def test_gradient_buckets_are_reduced_during_backward(spawn_ranks):
+    results = spawn_ranks(_overlap_rank, 2)
+    for result in results:
+        assert result["buckets"] >= 5
+        assert result["early"] == result["buckets"]  # every bucket started before backward returned
+        for mine, first in zip(result["grads"], results[0]["grads"]):
+            assert torch.equal(mine, first)  # and all of them finished by then, identical on every rank
+
+
+def test_mirror_transport_keeps_shapes_and_moves_nothing():
+    from hybrid_ext.bench_train import MirrorTransport
+
+    t = MirrorTransport(1, 4)
+    recv = torch.full((3,), 7.0)
+    t.exchange(torch.ones(3), 2, recv, 0)
+    assert recv.tolist() == [1.0, 1.0, 1.0]
+    t.exchange(torch.ones(2), 2, recv, 0)
+    assert recv.tolist() == [0.0, 0.0, 0.0]

@@ -60,6 +60,7 @@ class GradientReducer:
         self._bucket_of: dict[int, _Bucket] = {}
         self._armed = False
         self.enabled = True
+        self.launched_during_backward = 0  # buckets started before backward ended (overlap), for inspection
         for group in self.groups:
             if group.comm.size == 1 and group.scale == 1.0:
                 continue  # nothing to combine
@@ -91,6 +92,7 @@ class GradientReducer:
         bucket.ready += 1
         if bucket.ready == len(bucket.params):
             self._launch(bucket)
+            self.launched_during_backward += 1
 
     def _launch(self, bucket: _Bucket) -> None:
         for p in bucket.params:
