@@ -276,3 +276,18 @@ def test_mirror_transport_keeps_shapes_and_moves_nothing():
     assert recv.tolist() == [1.0, 1.0, 1.0]
     t.exchange(torch.ones(2), 2, recv, 0)
     assert recv.tolist() == [0.0, 0.0, 0.0]
+
+
+def _split_device_rank(rank: int, world: int) -> str:
+    model = small_cnn()
+    model[0].to("meta")  # one layer elsewhere
+    try:
+        hybrid_ext.parallelize(model)
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_a_model_on_several_devices_is_refused(spawn_ranks):
+    for message in spawn_ranks(_split_device_rank, 2):
+        assert "on several devices" in message and "meta" in message
