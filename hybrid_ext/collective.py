@@ -109,6 +109,20 @@ class Handle:
     def exception(self) -> BaseException | None:
         return self._future.exception() if self._future.done() else None
 
+    def as_torch_future(self, value: Any) -> torch.futures.Future:
+        """A ``torch.futures.Future`` completed with ``value`` (or this handle's error) when this one is done."""
+        future: torch.futures.Future = torch.futures.Future()
+
+        def finish(done: Handle) -> None:
+            error = done.exception()
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(value)
+
+        self.add_done_callback(finish)
+        return future
+
 
 class Communicator:
     """Runs one group's collectives in issue order over its transport (see the module docstring)."""

@@ -246,6 +246,17 @@ def _fold_map(p: int):
     return p2, extra, members
 
 
+def _ring_neighbours(rank: int, offsets: list[int]):
+    """Right and left neighbours in the ring, and block i's element range (i taken modulo P)."""
+    p = len(offsets) - 1
+
+    def block(i: int) -> Range:
+        i %= p
+        return (offsets[i], offsets[i + 1])
+
+    return (rank + 1) % p, (rank - 1) % p, block
+
+
 @functools.lru_cache(maxsize=4096)
 def plan_allgather(algorithm: str, rank: int, counts: tuple[int, ...]) -> Plan:
     """Plan rank ``rank``'s part of an all-gather of blocks of sizes ``counts`` (one per rank)."""
@@ -254,12 +265,7 @@ def plan_allgather(algorithm: str, rank: int, counts: tuple[int, ...]) -> Plan:
     steps: list[Step] = []
     if p > 1 and n > 0:
         if algorithm == "ring":
-            right, left = (rank + 1) % p, (rank - 1) % p
-
-            def block(i: int) -> Range:
-                i %= p
-                return (offsets[i], offsets[i + 1])
-
+            right, left, block = _ring_neighbours(rank, offsets)
             steps = [Step("allgather", right, block(rank - k), left, block(rank - k - 1), False) for k in range(p - 1)]
         else:
             p2, extra, members = _fold_map(p)
@@ -303,12 +309,7 @@ def plan_reduce_scatter(algorithm: str, rank: int, counts: tuple[int, ...]) -> P
     steps: list[Step] = []
     if p > 1 and n > 0:
         if algorithm == "ring":
-            right, left = (rank + 1) % p, (rank - 1) % p
-
-            def block(i: int) -> Range:
-                i %= p
-                return (offsets[i], offsets[i + 1])
-
+            right, left, block = _ring_neighbours(rank, offsets)
             steps = [
                 Step("reduce_scatter", right, block(rank - k - 1), left, block(rank - k - 2), True)
                 for k in range(p - 1)

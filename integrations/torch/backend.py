@@ -156,18 +156,7 @@ class ButterflyProcessGroup(dist.ProcessGroup):
                 comm.allreduce_now(tensors, op, algorithm)
             return tensors
 
-        handle = comm.submit(job)
-        future: torch.futures.Future = torch.futures.Future()
-
-        def finish(done: collective.Handle) -> None:
-            error = done.exception()
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(tensors)
-
-        handle.add_done_callback(finish)
-        return c10d.work_from_future(future)
+        return c10d.work_from_future(comm.submit(job).as_torch_future(tensors))
 
 
 def create_butterfly_group(store: dist.Store, rank: int, size: int, timeout: timedelta) -> ButterflyProcessGroup:

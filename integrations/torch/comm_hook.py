@@ -42,14 +42,4 @@ def butterfly_hook(state: ButterflyHookState | Any, bucket: dist.GradBucket) -> 
         state = ButterflyHookState(group=state)
     tensor = bucket.buffer()
     handle = collective.allreduce_async(tensor, op="avg", algorithm=state.algorithm, group=state.group)
-    future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-
-    def finish(done: collective.Handle) -> None:
-        error = done.exception()
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(tensor)
-
-    handle.add_done_callback(finish)
-    return future
+    return handle.as_torch_future(tensor)
