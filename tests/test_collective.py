@@ -195,8 +195,9 @@ def test_a_killed_rank_makes_the_others_raise_within_the_timeout(spawn_ranks, tm
         outcome = (tmp_path / f"rank{rank}.txt").read_text()
         assert outcome.startswith("PeerError after"), outcome
         assert float(outcome.split()[2].rstrip("s:")) < 20
-        # Check mode's fingerprint exchange may be the first collective to notice; either way it is named.
-        assert "allreduce of" in outcome and "rank 1" in outcome
+        # Check mode's fingerprint exchange may be the first collective to notice; either way it is named. A rank
+        # may learn of it from a partner that already gave up (the error names that partner): no one hangs.
+        assert "allreduce of" in outcome and ("died" in outcome or "failed to" in outcome)
 
 
 def _bad_arguments_rank(rank: int, p: int) -> list[str]:
