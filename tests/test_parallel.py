@@ -47,8 +47,15 @@ def vgg11() -> nn.Module:
     return torchvision.models.vgg11(num_classes=10, dropout=0.0)
 
 
+def token_mlp() -> nn.Module:
+    """A Linear applied at every position of a sequence (3-D activations), then a classifier."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 13), nn.GELU(), nn.Flatten(), nn.Linear(6 * 13, 10))
+
+
 MODELS = {
     "small_cnn": (small_cnn, (3, 16, 16), 10),
+    "token_mlp": (token_mlp, (6, 8), 10),
     "alexnet": (alexnet, (3, 64, 64), 10),
     "vgg11": (vgg11, (3, 32, 32), 10),
 }
@@ -108,6 +115,20 @@ CASES = [
     ("hybrid", 4, 2),
     ("mp", 4, 2),
 ]
+
+
+@pytest.mark.parametrize(("strategy", "world"), [("hybrid", 2), ("hybrid", 3), ("mp", 2)])
+def test_sharded_linear_on_3d_activations_equals_the_reference(spawn_ranks, strategy, world):
+    _check_step(spawn_ranks, "token_mlp", strategy, world, None)
+
+
+def test_params_per_flop_keeps_a_per_position_linear_data_parallel():
+    example = torch.randn(2, 6, 8)
+    assert make_plan(token_mlp(), "hybrid").styles == {"0": "column_last", "3": "column_last"}
+    measured = make_plan(token_mlp(), "hybrid", example_input=example)
+    assert measured.styles == {"0": "dp", "3": "column_last"}  # used at 6 positions: 1/6 < 0.25
+    cnn = make_plan(small_cnn(), "hybrid", example_input=torch.randn(2, 3, 16, 16))
+    assert cnn.styles["7"] == "column" and cnn.styles["0"] == "dp"
 
 
 TORCHVISION_CASES = [

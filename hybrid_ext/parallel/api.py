@@ -98,15 +98,17 @@ def parallelize(
     groups: Groups | None = None,
     bucket_mb: float = 25.0,
     sync_initial_weights: bool = True,
+    example_input: torch.Tensor | None = None,
 ) -> ParallelModel:
     """Shard or replicate ``model``'s layers across the ranks (see the module docstring) and return it wrapped.
 
     ``groups`` defaults to torch.distributed's default group (call ``init_process_group`` first); the Horovod
-    and DeepSpeed integrations pass their own.
+    and DeepSpeed integrations pass their own. ``example_input`` lets the plan measure parameters per FLOP
+    (see :func:`hybrid_ext.parallel.plan.make_plan`).
     """
     if reducer not in REDUCERS:
         raise ValueError(f"unknown reducer {reducer!r}; choose one of {', '.join(REDUCERS)}")
-    plan = plan_module.make_plan(model, strategy, rules)
+    plan = plan_module.make_plan(model, strategy, rules, example_input)
     if groups is None:
         import torch.distributed as dist
 

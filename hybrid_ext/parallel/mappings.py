@@ -97,16 +97,19 @@ class _ExchangeRowsForFeatures(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, comm: Communicator, counts: tuple[int, ...], features: tuple[int, ...]):
         ctx.comm, ctx.counts, ctx.features = comm, counts, features
+        middle = tuple(x.shape[1:-1])  # e.g. a sequence dimension between samples and features
         rows = _split(x, counts, dim=0)
-        recv = [torch.empty(counts[comm.rank], f, dtype=x.dtype, device=x.device) for f in features]
+        recv = [torch.empty(counts[comm.rank], *middle, f, dtype=x.dtype, device=x.device) for f in features]
         _all_to_all(comm, [r.contiguous() for r in rows], recv)
-        return torch.cat(recv, dim=1)
+        return torch.cat(recv, dim=-1)
 
     @staticmethod
     def backward(ctx, grad):
         comm, counts, features = ctx.comm, ctx.counts, ctx.features
-        cols = [c.contiguous() for c in _split(grad, features, dim=1)]
-        recv = [torch.empty(c, features[comm.rank], dtype=grad.dtype, device=grad.device) for c in counts]
+        middle = tuple(grad.shape[1:-1])
+        cols = [c.contiguous() for c in _split(grad, features, dim=-1)]
+        own = features[comm.rank]
+        recv = [torch.empty(c, *middle, own, dtype=grad.dtype, device=grad.device) for c in counts]
         _all_to_all(comm, cols, recv)
         return torch.cat(recv, dim=0), None, None, None
 

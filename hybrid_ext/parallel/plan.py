@@ -9,8 +9,10 @@ Styles:
 - ``channel`` a Conv2d split by output channels (strategy ``mp`` only).
 
 Automatic choice (the paper's split): Linear layers hold most of the parameters and little compute per
-parameter (2 FLOPs per weight per sample, against 2·H·W for a convolution), so they are sharded; everything
-else is data-parallel. Consecutive Linear layers of one ``nn.Sequential``, with only elementwise layers
+parameter (one multiply-add per weight per sample, against H·W for a convolution), so they are sharded;
+everything else is data-parallel. Given an example input, the choice is measured rather than assumed: a Linear
+that is applied at many positions per sample (parameters per multiply-add < ``MIN_PARAMS_PER_FLOP``) stays
+data-parallel. Consecutive Linear layers of one ``nn.Sequential``, with only elementwise layers
 between them, form a chain and alternate column / row, so that activations stay sharded between them
 (Krizhevsky 2014); a chain of odd length ends ``column_last``. A Linear outside such a chain is a chain of one.
 Under ``mp`` convolutions are split by output channels too. ``rules`` (glob patterns on module paths →
@@ -76,8 +78,44 @@ def _rule_for(path: str, rules: dict[str, str]) -> str | None:
     return None
 
 
-def make_plan(model: nn.Module, strategy: str, rules: dict[str, str] | None = None) -> Plan:
-    """Decide every parameterised layer's style (see the module docstring). Nothing is changed."""
+MIN_PARAMS_PER_FLOP = 0.25  # shard a layer only if it uses each weight at most ~4 times per sample
+
+
+def params_per_flop(model: nn.Module, example_input) -> dict[str, float]:
+    """Parameters / multiply-adds per sample of every Linear and Conv2d, measured on ``example_input``.
+
+    A Linear applied once per sample scores 1; one applied at T positions (a sequence) scores 1/T; a
+    convolution producing an H×W map scores 1/(H·W). Runs one forward pass without gradients.
+    """
+    scores: dict[str, float] = {}
+    hooks = []
+    for path, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+
+            def record(mod, args, out, path=path):
+                positions = out[0].numel() // out.shape[-1 if isinstance(mod, nn.Linear) else 1]
+                macs = mod.weight.numel() * positions
+                scores[path] = mod.weight.numel() / max(macs, 1)
+
+            hooks.append(module.register_forward_hook(record))
+    try:
+        import torch
+
+        with torch.no_grad():
+            model(example_input[:1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return scores
+
+
+def make_plan(model: nn.Module, strategy: str, rules: dict[str, str] | None = None, example_input=None) -> Plan:
+    """Decide every parameterised layer's style (see the module docstring). Nothing is changed.
+
+    With ``example_input`` (a batch the model accepts), a Linear is sharded only if it has at least
+    ``MIN_PARAMS_PER_FLOP`` parameters per multiply-add per sample: a Linear applied at many positions (a
+    sequence, a feature map) is compute-heavy and stays data-parallel, as convolutions do.
+    """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     rules = dict(rules or {})
@@ -102,6 +140,7 @@ def make_plan(model: nn.Module, strategy: str, rules: dict[str, str] | None = No
                 )
 
     plan = Plan(strategy)
+    scores = params_per_flop(model, example_input) if example_input is not None else {}
     wants_mp: dict[str, bool] = {}
     for path, module in modules.items():
         if not path or _own_params(module) == 0:
@@ -113,7 +152,7 @@ def make_plan(model: nn.Module, strategy: str, rules: dict[str, str] | None = No
         elif rule is not None:
             wants_mp[path] = rule != "dp"
         elif isinstance(module, nn.Linear):
-            wants_mp[path] = True
+            wants_mp[path] = scores.get(path, 1.0) >= MIN_PARAMS_PER_FLOP
         else:
             wants_mp[path] = strategy == "mp" and isinstance(module, nn.Conv2d) and module.groups == 1
         plan.styles[path] = "dp"
