@@ -30,7 +30,7 @@ setup(
         # which builds a patched wheel (see README). The extra is for stacks where the release builds.
         "horovod": ["horovod==0.28.1"],
         "deepspeed": ["deepspeed>=0.19"],
-        "vision": ["torchvision", "tensorboard", "matplotlib"],
+        "vision": ["torchvision", "tensorboard", "matplotlib", "scikit-learn"],
         "test": ["pytest>=8", "pytest-timeout", "hypothesis", "ruff"],
     },
     entry_points={"console_scripts": ["hybrid-ext = hybrid_ext.cli:main"]},

@@ -16,10 +16,15 @@ def _cmd_smoke(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    # The training comparison (dp / mp / hybrid x reducers) lands with the demo issue; until then the demo
-    # proves that the stack it will run on works end to end.
-    print("hybrid-ext demo: the strategy comparison is not built yet; running the stack check instead.", flush=True)
-    return _cmd_smoke(args)
+    from hybrid_ext.train import demo
+
+    return demo.main(args)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from hybrid_ext.train import compare
+
+    return compare.main(args)
 
 
 def _cmd_install_horovod(args: argparse.Namespace) -> int:
@@ -48,15 +53,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hybrid-ext {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    demo = commands.add_parser(
+        "demo",
+        help="the main job: compare dp / mp / hybrid x reducers on the embedded digits set",
+        description="Spawn ranks, train an FC-heavy CNN under each strategy and reducer, compare them.",
+    )
+    demo.add_argument("--np", type=int, default=4, help="ranks (default: 4)")
+    demo.add_argument("--epochs", type=int, default=5, help="epochs per run (default: 5)")
+    demo.add_argument("--strategies", help="comma-separated: dp, mp, hybrid")
+    demo.add_argument("--reducers", help="comma-separated: butterfly, ring, native, rabenseifner, recursive_doubling")
+    demo.add_argument("--all", action="store_true", help="every strategy x reducer (butterfly, ring, native)")
+    demo.add_argument("--model", default="digits_alexnet", help="digits_alexnet (default), alexnet, vgg11")
+    demo.add_argument("--data", metavar="PATH", help="an ImageFolder or CIFAR-10 folder instead of the digits")
+    demo.add_argument("--micro-batch", type=int, default=16, help="samples per rank per step (default: 16)")
+    demo.add_argument("--mp-size", type=int, default=None, help="model-parallel group size (default: all ranks)")
+    demo.add_argument("--max-steps", type=int, default=None, help="stop each run after this many steps")
+    demo.add_argument("--timeout", type=float, default=1200, help="seconds per run before it is killed")
+    demo.add_argument("--out", default="demo-out", help="output directory (default: demo-out)")
+    demo.set_defaults(handler=_cmd_demo)
+
+    compare = commands.add_parser(
+        "compare",
+        help="compare runs from their TensorBoard event files",
+        description="Read TensorBoard event files written by hybrid-ext runs; print the table, write plots.",
+    )
+    compare.add_argument("runs", nargs="+", metavar="RUNS_DIR")
+    compare.add_argument("--png", metavar="FILE", help="write plots (FILE-loss.png, FILE-samples_per_sec.png)")
+    compare.add_argument("--markdown", metavar="FILE", help="write the table as Markdown")
+    compare.set_defaults(handler=_cmd_compare)
+
     checks = ["gloo", "horovod", "deepspeed"]
-    for name, handler, summary in (
-        ("demo", _cmd_demo, "run the main job (for now: the stack check)"),
-        ("smoke", _cmd_smoke, "check that gloo, horovodrun and the deepspeed launcher work here"),
-    ):
-        sub = commands.add_parser(name, help=summary, description=summary)
-        sub.add_argument("--np", type=int, default=2, help="ranks per job (default: 2)")
-        sub.add_argument("--checks", nargs="+", choices=checks, default=checks, help="which parts to check")
-        sub.set_defaults(handler=handler)
+    smoke = commands.add_parser("smoke", help="check that gloo, horovodrun and the deepspeed launcher work here")
+    smoke.add_argument("--np", type=int, default=2, help="ranks per job (default: 2)")
+    smoke.add_argument("--checks", nargs="+", choices=checks, default=checks, help="which parts to check")
+    smoke.set_defaults(handler=_cmd_smoke)
 
     bench = commands.add_parser("bench", help="benchmarks", description="Benchmarks measured in one run.")
     bench_kinds = bench.add_subparsers(dest="bench_kind", metavar="KIND", required=True)

@@ -20,9 +20,12 @@ their batch statistics are those of each rank's micro-batch, as under DDP.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
+from hybrid_ext import metrics
 from hybrid_ext.collective import Communicator
 from hybrid_ext.parallel import plan as plan_module
 from hybrid_ext.parallel.dims import Groups, ParallelDims, torch_groups
@@ -174,17 +177,28 @@ def _native_allreduce(groups: Groups):
             import concurrent.futures
 
             flat = torch.cat([t.reshape(-1) for t in tensors])
+            size = dist.get_world_size(group)
+            start = time.perf_counter()
             work = dist.all_reduce(flat, group=group, async_op=True)
             future: concurrent.futures.Future = concurrent.futures.Future()
 
             def finish(_):
+                # Gloo / NCCL do not report traffic: record a ring allreduce's, their algorithm for large buffers.
+                nbytes = int(2 * (size - 1) / size * flat.numel() * flat.element_size())
+                metrics.record(
+                    metrics.CollectiveRecord(
+                        "allreduce", "native", dist.get_backend(group), groups.rank, size, flat.numel(),
+                        str(flat.dtype).removeprefix("torch."), nbytes, nbytes, 2 * (size - 1),
+                        time.perf_counter() - start,
+                    )
+                )  # fmt: skip
                 offset = 0
                 for t in tensors:
                     t.copy_(flat[offset : offset + t.numel()].view_as(t))
                     offset += t.numel()
                 if op == "avg":
                     for t in tensors:
-                        t.div_(dist.get_world_size(group))
+                        t.div_(size)
                 future.set_result(tensors)
 
             work.get_future().then(finish)

@@ -1,0 +1,162 @@
+"""The training loop every recipe shares: parallelize, train, evaluate, log by the contract.
+
+Recipes differ only in how their ranks start and which groups (transport) they pass; this loop sees a
+:class:`~hybrid_ext.parallel.dims.Groups` or builds torch.distributed ones.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from hybrid_ext import metrics
+from hybrid_ext.parallel import parallelize
+from hybrid_ext.train import data as data_module
+from hybrid_ext.train import models
+from hybrid_ext.train.run_log import RunLogger
+
+
+@dataclass
+class TrainConfig:
+    strategy: str = "hybrid"
+    """dp, mp or hybrid."""
+    reducer: str = "butterfly"
+    """butterfly, rabenseifner, recursive_doubling, ring or native."""
+    mp_size: int | None = None
+    """Model-parallel group size (default: all ranks)."""
+    model: str = "digits_alexnet"
+    """digits_alexnet, alexnet or vgg11."""
+    epochs: int = 5
+    micro_batch: int = 16
+    """Samples per rank per step (under mp every rank processes micro_batch × world samples)."""
+    lr: float = 1e-3
+    """Adam's learning rate."""
+    size: int = 32
+    """Input height and width the images are scaled to."""
+    data: str | None = None
+    """An ImageFolder / CIFAR-10 folder; None: the embedded digits set."""
+    logdir: str = "runs"
+    framework: str = "torch"
+    max_steps: int | None = None
+    """Stop after this many steps in all (for quick runs and tests)."""
+    progress: bool = True
+    seed: int = 0
+
+
+def _reduce_sum(comm, values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    comm.run(lambda: comm.allreduce_now([t], "sum", "auto"))
+    return t.tolist()
+
+
+def _reduce_max(comm, value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    comm.run(lambda: comm.allreduce_now([t], "max", "auto"))
+    return t.item()
+
+
+def evaluate(model, dataset, config: TrainConfig, rank: int, world: int) -> float:
+    """Accuracy on the whole test set; every rank of a model-parallel group runs the same number of forwards."""
+    x, y = dataset.test_x, dataset.test_y
+    if config.strategy != "mp":
+        x, y = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
+    chunks = max(1, math.ceil(math.ceil(len(dataset.test_y) / (1 if config.strategy == "mp" else world)) / 256))
+    correct = 0
+    model.eval()
+    with torch.no_grad():
+        for xs, ys in zip(x.tensor_split(chunks), y.tensor_split(chunks)):
+            correct += int((model(xs).argmax(1) == ys).sum())
+    model.train()
+    comm = model.groups.world
+    total_correct, total = _reduce_sum(comm, [correct, len(y)])
+    if config.strategy == "mp":  # every rank saw the whole set
+        total_correct, total = total_correct / world, total / world
+    return total_correct / max(total, 1)
+
+
+def train(config: TrainConfig, groups=None) -> dict:
+    """Train under ``config``; returns the final metrics (the same on every rank)."""
+    dataset = data_module.load(config.data, config.size)
+    net = models.build(config.model, dataset.channels, dataset.classes, config.seed)
+    model = parallelize(net, strategy=config.strategy, reducer=config.reducer, mp_size=config.mp_size, groups=groups)
+    world, rank = model.groups.dims.world, model.groups.rank
+    comm = model.groups.world
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    hparams = {
+        **{k: v for k, v in asdict(config).items() if k in ("strategy", "reducer", "model", "framework")},
+        "world_size": world,
+        "mp_size": model.groups.dims.mp,
+        "batch_size": config.micro_batch * world,
+    }
+    logger = RunLogger(config.logdir, hparams, rank)
+    global_batch = config.micro_batch * world
+    steps_per_epoch = len(dataset.train_y) // global_batch
+    total_steps = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    bar = None
+    if config.progress and rank == 0:
+        from tqdm import tqdm
+
+        # disable=None: no bar when output is not a terminal (CI logs stay readable)
+        bar = tqdm(total=total_steps, desc=logger.path.name, unit="step", leave=False, disable=None)
+    step, history = 0, {"samples_per_sec": [], "step_ms": [], "bytes": [], "own_loss": []}
+    eval_accuracy = 0.0
+    for epoch in range(config.epochs):
+        order = torch.randperm(len(dataset.train_y), generator=torch.Generator().manual_seed(config.seed + epoch))
+        for s in range(steps_per_epoch):
+            if step >= total_steps:
+                break
+            batch = order[s * global_batch : (s + 1) * global_batch]
+            if config.strategy != "mp":
+                batch = batch[rank * config.micro_batch : (rank + 1) * config.micro_batch]
+            x, y = dataset.train_x[batch], dataset.train_y[batch]
+            with metrics.capture() as records:
+                start = time.perf_counter()
+                optimizer.zero_grad()
+                out = model(x)
+                loss = F.cross_entropy(out, y)
+                loss.backward()
+                optimizer.step()
+                elapsed = time.perf_counter() - start
+            correct = int((out.argmax(1) == y).sum())
+            history["own_loss"].append(loss.item())
+            loss_sum, correct_sum, count = _reduce_sum(comm, [loss.item() * len(y), correct, len(y)])
+            slowest = _reduce_max(comm, elapsed)
+            sent = sum(r.bytes_sent for r in records)
+            values = {
+                "train/loss": loss_sum / count,
+                "train/accuracy": correct_sum / count,
+                "perf/samples_per_sec": global_batch / slowest,
+                "perf/step_time_ms": slowest * 1e3,
+                "comm/time_ms": sum(r.seconds for r in records) * 1e3,
+                "comm/bytes_per_step": sent,
+                "comm/messages_per_step": sum(r.messages_sent for r in records),
+            }
+            logger.scalars(step, values)
+            history["samples_per_sec"].append(values["perf/samples_per_sec"])
+            history["step_ms"].append(values["perf/step_time_ms"])
+            history["bytes"].append(sent)
+            step += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{values['train/loss']:.3f}")
+        eval_accuracy = evaluate(model, dataset, config, rank, world)
+        logger.scalars(step, {"eval/accuracy": eval_accuracy})
+        if step >= total_steps:
+            break
+    if bar is not None:
+        bar.close()
+    final = {
+        "final/eval_accuracy": eval_accuracy,
+        "final/samples_per_sec": statistics.median(history["samples_per_sec"][1:] or history["samples_per_sec"]),
+        "final/step_time_ms": statistics.median(history["step_ms"][1:] or history["step_ms"]),
+        "final/comm_bytes_per_step": statistics.median(history["bytes"]),
+    }
+    logger.finish(final)
+    return {**final, "run": logger.path.name, "steps": step, "own_losses": history["own_loss"]}
