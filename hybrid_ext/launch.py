@@ -230,6 +230,14 @@ def run_deepspeed(
     return _run_launcher(launcher + list(command), np, timeout=timeout, env=job_env)
 
 
+def run_torchrun(
+    command: Sequence[str], np: int, *, timeout: float = 240.0, env: dict[str, str] | None = None
+) -> list[Any]:
+    """Run ``torchrun --nproc_per_node N --master_port P <command>``; return each rank's reported result."""
+    launcher = [_tool("torchrun"), "--nproc_per_node", str(np), "--master_port", str(free_port())]
+    return _run_launcher(launcher + list(command), np, timeout=timeout, env=env)
+
+
 def free_port() -> int:
     """A TCP port free right now (for launchers that bind it themselves; a small race is unavoidable)."""
     with socket.socket() as sock:

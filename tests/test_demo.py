@@ -67,3 +67,19 @@ def test_compare_reads_the_runs_back(demo_runs, tmp_path):
     assert (tmp_path / "c-loss.png").stat().st_size > 0 and (tmp_path / "c-samples_per_sec.png").exists()
     final = results[("hybrid", "butterfly")][0]["final/eval_accuracy"]
     assert f"{final * 100:.1f} %" in (tmp_path / "c.md").read_text()
+
+
+def test_torchrun_recipe_logs_by_the_same_contract(tmp_path):
+    from pathlib import Path
+
+    from hybrid_ext.launch import run_torchrun
+
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "torch" / "train_cnn.py"
+    results = run_torchrun(
+        [str(recipe), "--strategy", "hybrid", "--reducer", "butterfly", "--max-steps", "2", "--epochs", "1",
+         "--micro-batch", "8", "--logdir", str(tmp_path)],
+        2,
+    )  # fmt: skip
+    assert [r["run"] for r in results] == ["hybrid-butterfly-np2"] * 2
+    summary = compare.read_run(tmp_path / "hybrid-butterfly-np2")
+    assert summary.hparams["framework"] == "torchrun" and len(summary.loss) == 2
