@@ -280,7 +280,8 @@ class Communicator:
         if self.size == 1:
             return tensor.clone()
         wide = WIDENED.get(tensor.dtype, tensor.dtype)
-        buffer = tensor.to(wide).contiguous().clone().view(-1)  # the one working buffer
+        buffer = torch.empty(tensor.numel(), dtype=wide, device=tensor.device)  # the one working buffer
+        buffer.view(tensor.shape).copy_(tensor)  # one copy, whatever the input's dtype and strides
         row = math.prod(tensor.shape[1:])
         plan = plan_reduce_scatter(algorithm, self.rank, tuple(c * row for c in counts))
         execute(plan, buffer, self.scratch(plan.scratch_elements, wide, tensor.device), self.transport, op)

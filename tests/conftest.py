@@ -21,7 +21,7 @@ LAUNCHER_TIMEOUT = 240.0
 @pytest.fixture
 def spawn_ranks():
     """``spawn_ranks(fn, world_size, *args, **kw)`` -> list of ``fn(rank, world_size, *args)`` results."""
-    return functools.partial(_spawn_with_default_timeout)
+    return _spawn_with_default_timeout
 
 
 def _spawn_with_default_timeout(fn, world_size, *args, **kwargs):

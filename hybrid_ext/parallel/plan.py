@@ -157,7 +157,7 @@ def make_plan(model: nn.Module, strategy: str, rules: dict[str, str] | None = No
             wants_mp[path] = strategy == "mp" and isinstance(module, nn.Conv2d) and module.groups == 1
         plan.styles[path] = "dp"
 
-    for chain in _linear_chains(model, modules, {p for p, mp in wants_mp.items() if mp}):
+    for chain in _linear_chains(modules, {p for p, mp in wants_mp.items() if mp}):
         forced = [_rule_for(p, rules) for p in chain]
         for index, path in enumerate(chain):
             style = "column" if index % 2 == 0 else "row"
@@ -186,7 +186,7 @@ def _check_chain(chain: list[str], styles: list[str]) -> None:
         )
 
 
-def _linear_chains(model: nn.Module, modules: dict[str, nn.Module], sharded: set[str]) -> list[list[str]]:
+def _linear_chains(modules: dict[str, nn.Module], sharded: set[str]) -> list[list[str]]:
     """Runs of sharded Linear layers, consecutive inside one nn.Sequential (elementwise layers may sit between)."""
     chains: list[list[str]] = []
     placed: set[str] = set()
