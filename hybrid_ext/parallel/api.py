@@ -147,7 +147,7 @@ def parallelize(
     replicated = [p for p in model.parameters() if id(p) not in sharded]
     shards = [p for p in model.parameters() if id(p) in sharded]
     algorithm = "butterfly" if reducer in ("butterfly", "auto") else reducer
-    native = _native_allreduce(groups) if reducer == "native" else None
+    native = (groups.native or _torch_native_allreduce(groups)) if reducer == "native" else None
     world = groups.dims.world
     if strategy == "mp":
         reduce_groups: list[ReduceGroup] = []  # every rank computes the same loss: nothing to combine
@@ -164,8 +164,8 @@ def parallelize(
     return ParallelModel(model, plan, groups, grad_reducer)
 
 
-def _native_allreduce(groups: Groups):
-    """The host framework's allreduce over one of the groups, as a handle (torch.distributed here)."""
+def _torch_native_allreduce(groups: Groups):
+    """torch.distributed's allreduce over one of the groups, as a handle (reducer="native")."""
     import torch.distributed as dist
 
     from hybrid_ext.collective import Handle

@@ -8,6 +8,7 @@ the same position ``r % mp`` (the replicas of the same FC shard).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,9 @@ class Groups:
     mp: Communicator
     dp: Communicator
     handles: dict[str, Any] = field(default_factory=dict)  # host-framework group objects, kept alive
+    native: Callable[[str], Callable] | None = None
+    """``native(kind)`` for kind ``world`` / ``mp`` / ``dp``: the host framework's own allreduce over that group,
+    as ``reduce(tensors, op) -> Handle`` (reducer="native"); None: torch.distributed's, over ``handles[kind]``."""
 
     @property
     def mp_rank(self) -> int:

@@ -1,6 +1,7 @@
 """The training loop every recipe shares: parallelize, train, evaluate, log by the contract.
 
-Recipes differ only in how their ranks start and which groups (transport) they pass; this loop sees a
+Recipes differ only in how their ranks start, which groups (transport) they pass, and — for a host framework
+with its own engine, such as DeepSpeed — how one optimisation step is taken (``prepare``); this loop sees a
 :class:`~hybrid_ext.parallel.dims.Groups` or builds torch.distributed ones.
 """
 
@@ -9,13 +10,14 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
 from hybrid_ext import metrics
-from hybrid_ext.parallel import parallelize
+from hybrid_ext.parallel import ParallelModel, parallelize
 from hybrid_ext.train import data as data_module
 from hybrid_ext.train import models
 from hybrid_ext.train.run_log import RunLogger
@@ -79,14 +81,35 @@ def evaluate(model, dataset, config: TrainConfig, rank: int, world: int) -> floa
     return total_correct / max(total, 1)
 
 
-def train(config: TrainConfig, groups=None) -> dict:
+StepFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""One optimisation step on this rank's batch: ``(x, y) -> (outputs, loss)``."""
+Prepare = Callable[[torch.nn.Module, "TrainConfig", object], tuple[ParallelModel, StepFn]]
+"""``(model, config, groups) -> (parallel model, step)``: how a recipe parallelizes and steps."""
+
+
+def prepare_adam(net: torch.nn.Module, config: TrainConfig, groups=None) -> tuple[ParallelModel, StepFn]:
+    """The default: :func:`hybrid_ext.parallelize`, then Adam; gradients are reduced during ``backward``."""
+    model = parallelize(net, strategy=config.strategy, reducer=config.reducer, mp_size=config.mp_size, groups=groups)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        optimizer.zero_grad()
+        out = model(x)
+        loss = F.cross_entropy(out, y)
+        loss.backward()
+        optimizer.step()
+        return out, loss
+
+    return model, step
+
+
+def train(config: TrainConfig, groups=None, prepare: Prepare = prepare_adam) -> dict:
     """Train under ``config``; returns the final metrics (the same on every rank)."""
     dataset = data_module.load(config.data, config.size)
     net = models.build(config.model, dataset.channels, dataset.classes, config.seed)
-    model = parallelize(net, strategy=config.strategy, reducer=config.reducer, mp_size=config.mp_size, groups=groups)
+    model, train_step = prepare(net, config, groups)
     world, rank = model.groups.dims.world, model.groups.rank
     comm = model.groups.world
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     hparams = {
         **{k: v for k, v in asdict(config).items() if k in ("strategy", "reducer", "model", "framework")},
         "world_size": world,
@@ -118,11 +141,7 @@ def train(config: TrainConfig, groups=None) -> dict:
             x, y = dataset.train_x[batch], dataset.train_y[batch]
             with metrics.capture() as records:
                 start = time.perf_counter()
-                optimizer.zero_grad()
-                out = model(x)
-                loss = F.cross_entropy(out, y)
-                loss.backward()
-                optimizer.step()
+                out, loss = train_step(x, y)
                 elapsed = time.perf_counter() - start
             correct = int((out.argmax(1) == y).sum())
             history["own_loss"].append(loss.item())
