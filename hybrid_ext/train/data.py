@@ -72,5 +72,12 @@ def image_folder(path: str | Path, size: int = 32) -> Dataset:
     return Dataset(train_x, train_y, test_x, test_y, classes, path.name)
 
 
-def load(data: str | None, size: int) -> Dataset:
-    return digits(size) if data is None else image_folder(data, size)
+def load(data: str | None, size: int, channels: int | None = None) -> Dataset:
+    """The embedded digits (``data=None``) or a folder; ``channels=3`` turns grayscale into RGB for ImageNet CNNs."""
+    dataset = digits(size) if data is None else image_folder(data, size)
+    if channels is not None and channels != dataset.channels:
+        if dataset.channels != 1:
+            raise ValueError(f"{dataset.name} has {dataset.channels} channels; the model wants {channels}")
+        dataset.train_x = dataset.train_x.expand(-1, channels, -1, -1).contiguous()
+        dataset.test_x = dataset.test_x.expand(-1, channels, -1, -1).contiguous()
+    return dataset

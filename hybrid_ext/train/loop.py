@@ -105,7 +105,10 @@ def prepare_adam(net: torch.nn.Module, config: TrainConfig, groups=None) -> tupl
 
 def train(config: TrainConfig, groups=None, prepare: Prepare = prepare_adam) -> dict:
     """Train under ``config``; returns the final metrics (the same on every rank)."""
-    dataset = data_module.load(config.data, config.size)
+    if config.size < models.MIN_SIZE.get(config.model, 1):
+        smallest = models.MIN_SIZE[config.model]
+        raise ValueError(f"{config.model} needs images of at least {smallest} px a side; got size={config.size}")
+    dataset = data_module.load(config.data, config.size, models.input_channels(config.model))
     net = models.build(config.model, dataset.channels, dataset.classes, config.seed)
     model, train_step = prepare(net, config, groups)
     world, rank = model.groups.dims.world, model.groups.rank

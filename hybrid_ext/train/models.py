@@ -29,6 +29,15 @@ def digits_alexnet(channels: int = 1, classes: int = 10, width: int = 1024) -> n
     )
 
 
+MIN_SIZE = {"digits_alexnet": 8, "alexnet": 63, "vgg11": 32}
+"""Smallest input side each model accepts (AlexNet's stride-4 stem and three 3×3/2 pools need 63)."""
+
+
+def input_channels(name: str) -> int | None:
+    """Channels the model needs (torchvision's ImageNet CNNs: 3), or None for whatever the data has."""
+    return 3 if name in ("alexnet", "vgg11") else None
+
+
 def build(name: str, channels: int, classes: int, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     if name == "digits_alexnet":

@@ -1,0 +1,123 @@
+"""Transports under Horovod, which has no point-to-point send/recv.
+
+- :func:`communicator_for` (the default, used by ``hvd.Butterfly`` and the partitioner): a side channel per
+  Horovod process set. The set's first rank opens a TCPStore and ``hvd.broadcast_object`` tells the others
+  where it is — the only Horovod call — then the ranks exchange through shared memory when they share a host,
+  else through a gloo (CPU) / NCCL (CUDA) group built from that store
+  (:mod:`hybrid_ext.integrations.torch.side_channel`). Set up lazily, on a set's first Butterfly reduction,
+  which every member makes together; nothing to configure under plain ``horovodrun``.
+- :class:`HorovodAlltoallTransport`: each exchange is one ``hvd.alltoall`` with splits that send only to the
+  partner. Every step goes through Horovod's negotiation cycle (milliseconds per step), which is why it is
+  not the default — see the measurements in the README (``python -m hybrid_ext.integrations.horovod.bench``).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+
+from hybrid_ext.collective import Communicator
+from hybrid_ext.integrations.torch.side_channel import SideChannel, open_side_channel
+from hybrid_ext.integrations.torch.transport import DEFAULT_TIMEOUT
+from hybrid_ext.transport import PeerError
+
+_lock = threading.Lock()
+_channels: dict[int, SideChannel] = {}
+_communicators: dict[tuple[int, str], Communicator] = {}
+
+
+def _hvd():
+    import horovod.torch as hvd
+
+    return hvd
+
+
+def set_ranks(process_set: Any) -> list[int]:
+    """Global ranks of a process set (the global set lists none until asked)."""
+    hvd = _hvd()
+    ranks = process_set.ranks
+    return list(range(hvd.size())) if ranks is None else sorted(ranks)
+
+
+def side_channel(process_set: Any = None, timeout: float = DEFAULT_TIMEOUT) -> SideChannel:
+    """The side channel of ``process_set`` (default: all ranks); its members call this together the first time."""
+    hvd = _hvd()
+    if not hvd.is_initialized():
+        raise RuntimeError("Horovod is not initialized: call hvd.init() first")
+    process_set = hvd.global_process_set if process_set is None else process_set
+    key = process_set.process_set_id
+    if key is None:
+        raise ValueError(f"{process_set} is not registered with Horovod (hvd.add_process_set / hvd.init)")
+    with _lock:
+        channel = _channels.get(key)
+        if channel is None:
+            ranks = set_ranks(process_set)
+
+            def share(obj):
+                return hvd.broadcast_object(
+                    obj, root_rank=ranks[0], name=f"hybrid_ext.side_channel.{key}", process_set=process_set
+                )
+
+            channel = open_side_channel(ranks.index(hvd.rank()), len(ranks), share, timeout, name=f"horovod-ps{key}")
+            _channels[key] = channel
+        return channel
+
+
+def communicator_for(process_set: Any, device: torch.device) -> Communicator:
+    """The communicator that runs Butterfly reductions over ``process_set`` for tensors on ``device``."""
+    key = (process_set.process_set_id, "cuda" if device.type == "cuda" else "cpu")
+    with _lock:
+        comm = _communicators.get(key)
+    if comm is not None:
+        return comm
+    channel = side_channel(process_set)
+    with _lock:
+        comm = _communicators.get(key)
+        if comm is None:
+            comm = Communicator(channel.transport(device))
+            _communicators[key] = comm
+        return comm
+
+
+class HorovodAlltoallTransport:
+    """Each exchange is one ``hvd.alltoall`` whose splits send only to the partner.
+
+    An alltoall is collective over the process set, so every member must call :meth:`exchange` at every
+    step of a schedule: true of the power-of-two schedules (no fold steps), which is all this transport
+    accepts. Messages cost Horovod's negotiation cycle each; kept as a measured alternative.
+    """
+
+    def __init__(self, process_set: Any = None, timeout: float = DEFAULT_TIMEOUT) -> None:
+        hvd = _hvd()
+        self.process_set = hvd.global_process_set if process_set is None else process_set
+        ranks = set_ranks(self.process_set)
+        self.rank, self.size = ranks.index(hvd.rank()), len(ranks)
+        if self.size & (self.size - 1):
+            raise ValueError(
+                f"the alltoall transport needs every rank in every step: a power-of-two set, not {self.size} ranks"
+            )
+        self.timeout = float(timeout)
+        self.name = "horovod-alltoall"
+        self._step = 0
+
+    def exchange(self, send, send_to, recv, recv_from) -> None:
+        hvd = _hvd()
+        payload = send if send is not None else torch.empty(0, dtype=recv.dtype, device=recv.device)
+        splits = torch.zeros(self.size, dtype=torch.int32)
+        if send is not None:
+            splits[send_to] = send.numel()
+        self._step += 1
+        try:
+            received, _ = hvd.alltoall(
+                payload, splits=splits, name=f"hybrid_ext.a2a.{self._step}", process_set=self.process_set
+            )
+        except Exception as exc:  # HorovodInternalError: a peer is gone
+            raise PeerError(f"rank {self.rank}: alltoall step with rank {send_to}/{recv_from} failed: {exc}") from exc
+        if recv is not None:
+            if received.numel() != recv.numel():
+                raise PeerError(
+                    f"rank {self.rank}: expected {recv.numel()} elements from rank {recv_from}, got {received.numel()}"
+                )
+            recv.copy_(received)

@@ -1,0 +1,129 @@
+"""A point-to-point side channel for host frameworks that have none (Horovod): a TCPStore, then shm / gloo / NCCL.
+
+The host framework does one thing: tell every rank of a group where the group's store is — ``share(obj)``, a
+broadcast from the group's first rank (Horovod: ``hvd.broadcast_object``). From there the ranks meet in the
+store: ranks on one host exchange through shared memory (:mod:`hybrid_ext.shm_transport`); otherwise over a
+gloo (CPU tensors) or NCCL (CUDA tensors) group built from the same store, outside torch.distributed's group
+registry, so a user's own ``init_process_group`` (or its absence) is untouched.
+
+    channel = open_side_channel(rank, size, share=lambda obj: hvd.broadcast_object(obj, root_rank=0))
+    comm = Communicator(channel.transport(tensor.device))
+    pair = channel.subgroup("mp0", members=[0, 1])  # only the members call this, together
+"""
+
+from __future__ import annotations
+
+import pickle
+import socket
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from hybrid_ext import shm_transport
+from hybrid_ext.integrations.torch.transport import DEFAULT_TIMEOUT, TRANSPORT_ENV, TorchTransport, transport_choice
+from hybrid_ext.transport import Transport
+
+
+class StoreCollectives:
+    """all_gather and barrier through a store, for set-up before any group can communicate."""
+
+    def __init__(self, store: dist.Store, rank: int, size: int) -> None:
+        self.store, self.rank, self.size, self.round = store, rank, size, 0
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        self.round += 1
+        self.store.set(f"gather{self.round}/{self.rank}", pickle.dumps(obj))
+        return [pickle.loads(self.store.get(f"gather{self.round}/{r}")) for r in range(self.size)]
+
+    def barrier(self) -> None:
+        self.round += 1
+        self.store.set(f"barrier{self.round}/{self.rank}", b"1")
+        self.store.wait([f"barrier{self.round}/{r}" for r in range(self.size)])
+
+
+class SideChannel:
+    """One group's meeting point: transports per device type, and subgroups, all from one store."""
+
+    def __init__(self, store: dist.Store, rank: int, size: int, timeout: float, name: str) -> None:
+        self.store, self.rank, self.size, self.timeout, self.name = store, rank, size, float(timeout), name
+        self._transports: dict[str, Transport] = {}
+        self._subgroups: dict[str, int] = {}  # times each key was opened: a reopened subgroup gets fresh keys
+        self.backends: list[Any] = []  # gloo / NCCL groups, kept alive with the channel
+
+    def transport(self, device: torch.device) -> Transport:
+        """This group's transport for tensors on ``device`` (every rank of the group calls this together once)."""
+        kind = "cuda" if device.type == "cuda" else "cpu"
+        if kind not in self._transports:
+            self._transports[kind] = self._make_transport(kind)
+        return self._transports[kind]
+
+    def _make_transport(self, kind: str) -> Transport:
+        choice = transport_choice()
+        prefix = f"{kind}/"
+        if kind == "cpu" and self.size > 1 and choice != "torch" and shm_transport.shm_supported():
+            setup = StoreCollectives(dist.PrefixStore(prefix + "setup", self.store), self.rank, self.size)
+            shm = shm_transport.create(self.rank, self.size, setup.all_gather, setup.barrier, self.timeout)
+            if shm is not None:
+                return shm
+            if choice == "shm":
+                raise RuntimeError(f"{TRANSPORT_ENV}=shm, but the ranks of {self.name} are on several hosts")
+        elif choice == "shm" and kind == "cpu" and self.size > 1:
+            raise RuntimeError(f"{TRANSPORT_ENV}=shm, but shared memory is not supported on this machine")
+        store = dist.PrefixStore(prefix + "p2p", self.store)
+        wait = timedelta(seconds=self.timeout)
+        if kind == "cuda":
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = wait
+            backend = dist.ProcessGroupNCCL(store, self.rank, self.size, options)
+        else:
+            backend = dist.ProcessGroupGloo(store, self.rank, self.size, wait)
+        self.backends.append(backend)
+        return TorchTransport(backend, self.timeout, name=f"{self.name}-{'nccl' if kind == 'cuda' else 'gloo'}")
+
+    def subgroup(self, key: str, members: Sequence[int]) -> SideChannel:
+        """The side channel of ``members`` (ranks of this group); only they call this, together."""
+        members = sorted(members)
+        if self.rank not in members:
+            raise ValueError(f"rank {self.rank} is not one of the members {members} of subgroup {key!r}")
+        self._subgroups[key] = opened = self._subgroups.get(key, 0) + 1
+        store = dist.PrefixStore(f"sub/{key}/{opened}", self.store)
+        return SideChannel(store, members.index(self.rank), len(members), self.timeout, f"{self.name}/{key}")
+
+
+def open_side_channel(
+    rank: int,
+    size: int,
+    share: Callable[[Any], Any],
+    timeout: float = DEFAULT_TIMEOUT,
+    name: str = "side-channel",
+) -> SideChannel:
+    """Every rank of a group calls this together; ``share(obj)`` returns rank 0's ``obj`` on every rank."""
+    address = None
+    server = None
+    if rank == 0:
+        # Port 0: the OS picks a free one, so there is no race with other jobs on the host.
+        server = dist.TCPStore(
+            "0.0.0.0", 0, size, is_master=True, timeout=timedelta(seconds=timeout), wait_for_workers=False
+        )
+        address = (socket.gethostname(), _reachable_address(), server.port)
+    host, ip, port = share(address)
+    if rank == 0:
+        store = server
+    else:
+        # Same host as rank 0: loopback works even where the host name does not resolve.
+        connect_to = "127.0.0.1" if host == socket.gethostname() else ip
+        store = dist.TCPStore(connect_to, port, size, is_master=False, timeout=timedelta(seconds=timeout))
+    return SideChannel(store, rank, size, timeout, name)
+
+
+def _reachable_address() -> str:
+    """An address of this host other hosts can reach (best effort: the one a default route would use)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("10.255.255.255", 1))  # no packet is sent: this only picks an interface
+            return probe.getsockname()[0]
+    except OSError:
+        return socket.gethostbyname(socket.gethostname())
