@@ -106,3 +106,44 @@ def test_registration_relies_only_on_pinned_horovod_names():
     assert "allreduce_async_" in inspect.getsource(optimizer._DistributedOptimizer._allreduce_grad_async)
     assert op.Butterfly == mpi_ops.Average and op.ButterflySum == mpi_ops.Sum
     assert op.Butterfly is not mpi_ops.Average
+
+
+@pytest.mark.timeout(300)
+def test_a_plain_horovod_script_trains_alike_with_only_the_op_changed():
+    from hybrid_ext import launch
+
+    script = str(ROOT / "recipes" / "horovod" / "plain_example.py")
+    common = ["--epochs", "2", "--backward-passes", "2", "--predivide", "2.0"]
+    ours = launch.run_horovodrun([sys.executable, script, "--op", "butterfly", *common], 3, timeout=240)
+    theirs = launch.run_horovodrun([sys.executable, script, "--op", "average", *common], 3, timeout=240)
+    assert ours[0]["accuracy"] > 0.8
+    for mine, first in zip(ours, [ours[0]] * 3):
+        assert all(torch.equal(a, b) for a, b in zip(mine["params"], first["params"]))
+    for a, b in zip(ours[0]["params"], theirs[0]["params"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.timeout(420)
+def test_recipe_runs_every_strategy_and_reducer_and_logs_the_contract(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from hybrid_ext import launch
+    from hybrid_ext.train.compare import read_run
+    from hybrid_ext.train.run_log import HPARAMS, TAGS
+
+    runs = [f"{s}-{r}" for s in ("dp", "mp", "hybrid") for r in ("butterfly", "native")]
+    recipe = str(ROOT / "recipes" / "horovod" / "train_cnn.py")
+    results = launch.run_horovodrun(
+        [sys.executable, recipe, "--runs", ",".join(runs), "--model", "digits_alexnet", "--size", "32",
+         "--max-steps", "2", "--epochs", "1", "--micro-batch", "8", "--logdir", str(tmp_path)],
+        2, timeout=400,
+    )  # fmt: skip
+    assert [r["run"] for r in results[0]] == [f"{run}-np2" for run in runs]
+    for run in runs:
+        path = tmp_path / f"{run}-np2"
+        acc = EventAccumulator(str(path))
+        acc.Reload()
+        assert set(TAGS) <= set(acc.Tags()["scalars"]), run
+        summary = read_run(path)
+        assert set(HPARAMS) <= set(summary.hparams) and summary.hparams["framework"] == "horovod"
+        assert len(summary.loss) == 2 and summary.bytes_per_step > 0, run
