@@ -45,6 +45,19 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
     return bench_train.main(args)
 
 
+def _cmd_bench_horovod(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from hybrid_ext.launch import _tool
+
+    command = [_tool("horovodrun"), "-np", str(args.np), "-H", f"localhost:{args.np}", "--gloo",
+               sys.executable, "-m", "hybrid_ext.integrations.horovod.bench", "--sizes", args.sizes,
+               "--reps", str(args.reps)]  # fmt: skip
+    if args.json:
+        command += ["--json", args.json]
+    return subprocess.run(command).returncode
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hybrid-ext",
@@ -132,6 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--json", metavar="FILE")
     train.add_argument("--markdown", metavar="FILE")
     train.set_defaults(handler=_cmd_bench_train)
+
+    horovod = bench_kinds.add_parser(
+        "horovod",
+        help="butterfly candidates under horovodrun against hvd.allreduce",
+        description="Run horovodrun -np N --gloo on this host and time every way to run a butterfly under Horovod.",
+    )
+    horovod.add_argument("--np", type=int, default=4, help="ranks (default: 4)")
+    horovod.add_argument("--sizes", default="1K,16K,256K,1M,4M,16M,64M", help="message sizes in bytes")
+    horovod.add_argument("--reps", type=int, default=10, help="timed repetitions per size (default: 10)")
+    horovod.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    horovod.set_defaults(handler=_cmd_bench_horovod)
 
     install = commands.add_parser(
         "install-horovod",

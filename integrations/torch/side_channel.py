@@ -49,20 +49,23 @@ class SideChannel:
 
     def __init__(self, store: dist.Store, rank: int, size: int, timeout: float, name: str) -> None:
         self.store, self.rank, self.size, self.timeout, self.name = store, rank, size, float(timeout), name
-        self._transports: dict[str, Transport] = {}
+        self._transports: dict[tuple[str, str], Transport] = {}
         self._subgroups: dict[str, int] = {}  # times each key was opened: a reopened subgroup gets fresh keys
         self.backends: list[Any] = []  # gloo / NCCL groups, kept alive with the channel
 
-    def transport(self, device: torch.device) -> Transport:
-        """This group's transport for tensors on ``device`` (every rank of the group calls this together once)."""
-        kind = "cuda" if device.type == "cuda" else "cpu"
-        if kind not in self._transports:
-            self._transports[kind] = self._make_transport(kind)
-        return self._transports[kind]
+    def transport(self, device: torch.device, choice: str | None = None) -> Transport:
+        """This group's transport for tensors on ``device`` (every rank of the group calls this together once).
 
-    def _make_transport(self, kind: str) -> Transport:
-        choice = transport_choice()
-        prefix = f"{kind}/"
+        ``choice``: ``auto`` / ``shm`` / ``torch`` (gloo or NCCL), as ``HYBRID_EXT_TRANSPORT``, which it overrides.
+        """
+        kind = "cuda" if device.type == "cuda" else "cpu"
+        choice = choice or transport_choice()
+        if (kind, choice) not in self._transports:
+            self._transports[kind, choice] = self._make_transport(kind, choice)
+        return self._transports[kind, choice]
+
+    def _make_transport(self, kind: str, choice: str) -> Transport:
+        prefix = f"{kind}/{choice}/"
         if kind == "cpu" and self.size > 1 and choice != "torch" and shm_transport.shm_supported():
             setup = StoreCollectives(dist.PrefixStore(prefix + "setup", self.store), self.rank, self.size)
             shm = shm_transport.create(self.rank, self.size, setup.all_gather, setup.barrier, self.timeout)
