@@ -98,6 +98,22 @@ def ops() -> dict:
     return out
 
 
+def process_set() -> dict:
+    """hvd.Butterfly over a process set of ranks {0, 2}: its own side channel; the other ranks are refused.
+
+    The native partitioner scenario added {0, 2} already (a dp group): process_set_for finds it."""
+    pset = hxh.process_set_for([0, 2])
+    x = _inputs(1000, torch.float32)
+    if hvd.rank() in (0, 2):
+        ours = hvd.allreduce(x, op=hvd.Butterfly, process_set=pset)
+        return {"error": _rel(ours, hvd.allreduce(x, op=hvd.Average, process_set=pset))}
+    try:
+        hvd.allreduce(x, op=hvd.Butterfly, process_set=pset)
+    except ValueError as exc:
+        return {"refused": str(exc)}
+    return {"refused": None}
+
+
 def _net() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
@@ -166,6 +182,9 @@ def partitioner(strategy: str, mp: str, reducer: str) -> dict:
     }
 
 
+SCENARIOS = {"ops": ops, "optimizer": optimizer, "partitioner": partitioner, "process_set": process_set}
+
+
 def main(scenarios: list[str]) -> None:
     hvd.init()
     hxh.register()
@@ -173,7 +192,7 @@ def main(scenarios: list[str]) -> None:
     result = {}
     for scenario in scenarios:
         name, *args = scenario.split(":")
-        result[scenario] = {"ops": ops, "optimizer": optimizer, "partitioner": partitioner}[name](*args)
+        result[scenario] = SCENARIOS[name](*args)
     report_result(result, hvd.rank())
 
 

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 JOBS = {
     2: ["ops", "optimizer", "partitioner:hybrid:none:butterfly", "partitioner:dp:none:native"],
     3: ["ops", "optimizer", "partitioner:hybrid:none:butterfly", "partitioner:mp:none:butterfly"],
-    4: ["ops", "optimizer", "partitioner:hybrid:2:butterfly", "partitioner:hybrid:2:native"],
+    4: ["ops", "optimizer", "partitioner:hybrid:2:butterfly", "partitioner:hybrid:2:native", "process_set"],
 }
 
 
@@ -88,6 +88,15 @@ def test_partitioner_under_horovodrun_equals_the_reference(job):
                 assert "horovod" in out["transports"], out["transports"]
 
 
+@pytest.mark.timeout(360)
+def test_butterfly_over_a_process_set(job):
+    np, results = job
+    if np != 4:
+        pytest.skip("the 4-rank job adds a process set")
+    assert results[0]["process_set"]["error"] <= 1e-6 and results[2]["process_set"]["error"] <= 1e-6
+    assert "not part of" in results[1]["process_set"]["refused"]
+
+
 def test_registration_relies_only_on_pinned_horovod_names():
     op = importlib.import_module("hybrid_ext.integrations.horovod.op")
     for module_name, names in op.PATCHED.items():
@@ -106,6 +115,11 @@ def test_registration_relies_only_on_pinned_horovod_names():
     assert "allreduce_async_" in inspect.getsource(optimizer._DistributedOptimizer._allreduce_grad_async)
     assert op.Butterfly == mpi_ops.Average and op.ButterflySum == mpi_ops.Sum
     assert op.Butterfly is not mpi_ops.Average
+    # process_set_for's lookup of an existing set (Horovod has no public one).
+    from horovod.common import process_sets
+
+    assert callable(process_sets._temp_process_set_object)
+    assert callable(mpi_ops._basics._get_process_set_ids_and_ranks)
 
 
 @pytest.mark.timeout(300)

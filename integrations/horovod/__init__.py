@@ -13,7 +13,12 @@ model = hybrid_ext.parallelize(model, strategy="hybrid", reducer="butterfly", gr
 
 from hybrid_ext.integrations.horovod.groups import horovod_groups
 from hybrid_ext.integrations.horovod.op import Butterfly, ButterflyHandle, ButterflyOp, ButterflySum, register
-from hybrid_ext.integrations.horovod.transport import HorovodAlltoallTransport, communicator_for, side_channel
+from hybrid_ext.integrations.horovod.transport import (
+    HorovodAlltoallTransport,
+    communicator_for,
+    process_set_for,
+    side_channel,
+)
 
 __all__ = [
     "Butterfly",
@@ -23,6 +28,7 @@ __all__ = [
     "HorovodAlltoallTransport",
     "communicator_for",
     "horovod_groups",
+    "process_set_for",
     "register",
     "side_channel",
 ]

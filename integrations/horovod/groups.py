@@ -17,7 +17,7 @@ import torch
 
 from hybrid_ext import metrics
 from hybrid_ext.collective import Communicator, Handle
-from hybrid_ext.integrations.horovod.transport import _hvd, communicator_for, side_channel
+from hybrid_ext.integrations.horovod.transport import _hvd, communicator_for, process_set_for, side_channel
 from hybrid_ext.parallel.dims import Groups, ParallelDims
 
 _cache: dict[tuple[int, str], Groups] = {}
@@ -83,7 +83,7 @@ def _native_factory(groups: Groups):
         mine = None
         for group in layout:
             try:
-                created = hvd.add_process_set(group)
+                created = process_set_for(group)
             except (ValueError, RuntimeError) as exc:
                 raise RuntimeError(
                     f'reducer="native" with mp_size={dims.mp} of {dims.world} ranks needs a Horovod process set per '

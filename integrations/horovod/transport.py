@@ -41,6 +41,24 @@ def set_ranks(process_set: Any) -> list[int]:
     return list(range(hvd.size())) if ranks is None else sorted(ranks)
 
 
+def process_set_for(ranks: list[int]) -> Any:
+    """The Horovod process set of ``ranks``: added (a collective over all ranks), or the one that exists."""
+    hvd = _hvd()
+    ranks = sorted(ranks)
+    try:
+        return hvd.add_process_set(ranks)
+    except ValueError:
+        # Horovod refuses a second set with the same ranks and offers no public lookup: find it by its ranks.
+        from horovod.common.process_sets import _temp_process_set_object
+
+        for set_id, members in hvd.mpi_ops._basics._get_process_set_ids_and_ranks().items():
+            if sorted(members) == ranks:
+                existing = _temp_process_set_object(set_id)
+                existing.ranks = ranks
+                return existing
+        raise
+
+
 def side_channel(process_set: Any = None, timeout: float = DEFAULT_TIMEOUT) -> SideChannel:
     """The side channel of ``process_set`` (default: all ranks); its members call this together the first time."""
     hvd = _hvd()
