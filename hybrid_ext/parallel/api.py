@@ -14,6 +14,13 @@
 ``recursive_doubling``, ``ring``, or ``native`` (the host framework's own). The plan is printable before
 anything is sharded: ``print(hybrid_ext.parallel.make_plan(model, "hybrid"))``.
 
+With ``host_reduces_data_parallel=True`` a host framework that averages every gradient over its data-parallel
+group itself (DeepSpeed, given the grid's groups as its ``mpu``) does that part: hybrid-ext then averages
+replicated (conv) gradients over the model-parallel group only and scales FC-shard gradients by 1/mp_size, so
+that the host's average over the dp = world/mp_size replicas completes them — avg over mp, then over dp, is the
+average over all ranks; (Σ over the group's ranks / mp_size) averaged over dp is the sum over the shard's
+replicas / world, as below.
+
 Dropout inside a sharded FC chain draws its own mask on every shard. BatchNorm layers are data-parallel:
 their batch statistics are those of each rank's micro-batch, as under DDP.
 """
@@ -38,13 +45,22 @@ REDUCERS = ("butterfly", "auto", "rabenseifner", "recursive_doubling", "ring", "
 class ParallelModel(nn.Module):
     """The model with its layers sharded or replicated per the plan; used like the original."""
 
-    def __init__(self, module: nn.Module, plan: plan_module.Plan, groups: Groups, reducer: GradientReducer) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        plan: plan_module.Plan,
+        groups: Groups,
+        reducer: GradientReducer,
+        host_reduces_data_parallel: bool = False,
+    ) -> None:
         super().__init__()
         self.module = module
         self.plan = plan
         self.groups = groups
         self.reducer = reducer
         self.strategy = plan.strategy
+        self.host_reduces_data_parallel = host_reduces_data_parallel
+        """True: the host framework averages gradients over the data-parallel group (see :func:`parallelize`)."""
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -102,12 +118,19 @@ def parallelize(
     bucket_mb: float = 25.0,
     sync_initial_weights: bool = True,
     example_input: torch.Tensor | None = None,
+    host_reduces_data_parallel: bool = False,
+    blocking_reduction: bool = False,
 ) -> ParallelModel:
     """Shard or replicate ``model``'s layers across the ranks (see the module docstring) and return it wrapped.
 
     ``groups`` defaults to torch.distributed's default group (call ``init_process_group`` first); the Horovod
     and DeepSpeed integrations pass their own. ``example_input`` lets the plan measure parameters per FLOP
     (see :func:`hybrid_ext.parallel.plan.make_plan`).
+
+    ``host_reduces_data_parallel``: leave the reduction over the data-parallel group to the host framework (see
+    the module docstring). ``blocking_reduction``: reduce each parameter's gradient on its own, before it is
+    accumulated into ``.grad`` — for hosts that read gradients in their own per-parameter hooks during backward
+    (DeepSpeed ZeRO-2); see :mod:`hybrid_ext.parallel.reducer`.
     """
     if reducer not in REDUCERS:
         raise ValueError(f"unknown reducer {reducer!r}; choose one of {', '.join(REDUCERS)}")
@@ -151,6 +174,11 @@ def parallelize(
     world = groups.dims.world
     if strategy == "mp":
         reduce_groups: list[ReduceGroup] = []  # every rank computes the same loss: nothing to combine
+    elif host_reduces_data_parallel:  # the host then averages everything over dp = world / mp ranks
+        reduce_groups = [
+            ReduceGroup("replicated", replicated, groups.mp, "avg", 1.0, algorithm, native and native("mp")),
+            ReduceGroup("fc-shards", shards, None, "sum", 1.0 / groups.dims.mp, algorithm),
+        ]
     elif strategy == "dp":
         reduce_groups = [
             ReduceGroup("replicated", replicated, groups.world, "avg", 1.0, algorithm, native and native("world"))
@@ -160,8 +188,8 @@ def parallelize(
             ReduceGroup("replicated", replicated, groups.world, "avg", 1.0, algorithm, native and native("world")),
             ReduceGroup("fc-shards", shards, groups.dp, "sum", 1.0 / world, algorithm, native and native("dp")),
         ]
-    grad_reducer = GradientReducer(reduce_groups, bucket_bytes=int(bucket_mb * (1 << 20)))
-    return ParallelModel(model, plan, groups, grad_reducer)
+    grad_reducer = GradientReducer(reduce_groups, bucket_bytes=int(bucket_mb * (1 << 20)), blocking=blocking_reduction)
+    return ParallelModel(model, plan, groups, grad_reducer, host_reduces_data_parallel)
 
 
 def _torch_native_allreduce(groups: Groups):

@@ -13,10 +13,20 @@ their gradients, as DDP does); a bucket is reduced with one collective as soon a
 accumulated, on the communicator's thread, while autograd goes on. At the end of backward a callback reduces
 any bucket that is still waiting (parameters without a gradient this step count as zeros, so every rank
 issues the same collectives) and waits for all of them, so ``optimizer.step()`` needs no extra call.
+
+Two variants serve host frameworks that reduce over the data-parallel group themselves (DeepSpeed):
+
+- a group without a communicator (``comm=None``) only scales each incoming gradient by ``scale`` (a tensor hook,
+  so it runs before the gradient is accumulated into ``.grad`` and is linear under gradient accumulation);
+- ``blocking=True`` reduces each parameter's incoming gradient on its own, synchronously, in a tensor hook:
+  tensor hooks run before ``AccumulateGrad``, hence before *any* post-accumulate-grad hook on that parameter —
+  where DeepSpeed's ZeRO-2 (and ZeRO-1 with ``overlap_comm``) read the gradient and bucket it for their own
+  reduction. The price is one collective per parameter, without overlap.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -32,7 +42,7 @@ class ReduceGroup:
 
     name: str
     params: list[nn.Parameter]
-    comm: Communicator
+    comm: Communicator | None  # None: nothing to communicate, only ``scale`` each incoming gradient
     op: str  # "avg" or "sum"
     scale: float = 1.0  # applied after the reduction
     algorithm: str = "butterfly"
@@ -54,16 +64,23 @@ def queue_end_of_backward(callback: Callable[[], None]) -> None:
 
 
 class GradientReducer:
-    def __init__(self, groups: list[ReduceGroup], bucket_bytes: int = 25 << 20) -> None:
+    """Reduces the gradients of ``groups`` during backward (bucketed and overlapped, or ``blocking``: see above)."""
+
+    def __init__(self, groups: list[ReduceGroup], bucket_bytes: int = 25 << 20, blocking: bool = False) -> None:
         self.groups = [g for g in groups if g.params]
+        self.blocking = blocking
         self.buckets: list[_Bucket] = []
         self._bucket_of: dict[int, _Bucket] = {}
         self._armed = False
         self.enabled = True
         self.launched_during_backward = 0  # buckets started before backward ended (overlap), for inspection
+        self._hooks = []
         for group in self.groups:
-            if group.comm.size == 1 and group.scale == 1.0:
+            if (group.comm is None or group.comm.size == 1) and group.scale == 1.0:
                 continue  # nothing to combine
+            if group.comm is None or blocking:
+                self._hooks += [p.register_hook(functools.partial(self._on_incoming_grad, group)) for p in group.params]
+                continue
             current: list[nn.Parameter] = []
             size = 0
             for param in reversed(group.params):
@@ -74,13 +91,28 @@ class GradientReducer:
                     current, size = [], 0
             if current:
                 self._add_bucket(group, current)
-        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for b in self.buckets for p in b.params]
+        self._hooks += [p.register_post_accumulate_grad_hook(self._on_grad) for b in self.buckets for p in b.params]
 
     def _add_bucket(self, group: ReduceGroup, params: list[nn.Parameter]) -> None:
         bucket = _Bucket(group, list(params))
         self.buckets.append(bucket)
         for p in params:
             self._bucket_of[id(p)] = bucket
+
+    def _on_incoming_grad(self, group: ReduceGroup, grad: torch.Tensor) -> torch.Tensor | None:
+        """Tensor hook: scale (and, if ``blocking``, reduce) one parameter's gradient before it is accumulated."""
+        if not self.enabled:
+            return None
+        if group.comm is None:
+            return grad * group.scale
+        grad = grad.detach().clone(memory_format=torch.contiguous_format)  # a hook must not change its input
+        if group.native is not None:
+            group.native([grad], group.op).wait()
+        else:
+            allreduce_coalesced_async([grad], group.op, group.algorithm, group.comm).wait()
+        if group.scale != 1.0:
+            grad.mul_(group.scale)
+        return grad
 
     def _on_grad(self, param: torch.Tensor) -> None:
         if not self.enabled:
