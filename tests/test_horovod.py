@@ -21,10 +21,11 @@ WORKER = str(Path(__file__).with_name("horovod_worker.py"))
 ROOT = Path(__file__).resolve().parents[1]
 
 # np=3 is the case Horovod's Adasum refuses; np=4 adds a 2-D grid (mp_size 2) with Horovod process sets.
+COMMON = ["ops", "transports", "optimizer"]
 JOBS = {
-    2: ["ops", "optimizer", "partitioner:hybrid:none:butterfly", "partitioner:dp:none:native"],
-    3: ["ops", "optimizer", "partitioner:hybrid:none:butterfly", "partitioner:mp:none:butterfly"],
-    4: ["ops", "optimizer", "partitioner:hybrid:2:butterfly", "partitioner:hybrid:2:native", "process_set"],
+    2: [*COMMON, "partitioner:hybrid:none:butterfly", "partitioner:dp:none:native"],
+    3: [*COMMON, "partitioner:hybrid:none:butterfly", "partitioner:mp:none:butterfly"],
+    4: [*COMMON, "partitioner:hybrid:2:butterfly", "partitioner:hybrid:2:native", "process_set"],
 }
 
 
@@ -86,6 +87,16 @@ def test_partitioner_under_horovodrun_equals_the_reference(job):
                 torch.testing.assert_close(out["state"][name], expected, rtol=1e-5, atol=1e-6, msg=f"{scenario} {name}")
             if scenario.endswith("native"):
                 assert "horovod" in out["transports"], out["transports"]
+
+
+@pytest.mark.timeout(360)
+def test_side_channel_gloo_and_alltoall_transports(job):
+    np, results = job
+    for result in results:
+        out = result["transports"]
+        assert set(out) == ({"gloo", "alltoall"} if np in (2, 4) else {"gloo"})
+        assert out["gloo"]["transport"].endswith("gloo")
+        assert all(v["error"] <= 1e-6 for v in out.values()), out
 
 
 @pytest.mark.timeout(360)
