@@ -1,0 +1,111 @@
+"""Train a CNN with hybrid-ext inside a DeepSpeed engine; logs by hybrid-ext's logging contract (TensorBoard, rank 0).
+
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 4 recipes/deepspeed/train_cnn.py \
+        --deepspeed_config recipes/deepspeed/hybrid-butterfly.json
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 4 recipes/deepspeed/train_cnn.py \
+        --deepspeed_config recipes/deepspeed/dp-native.json --data ~/cifar10
+    hybrid-ext compare runs/
+
+The ds_config's ``"hybrid_ext"`` section picks the reducer and the strategy (``--strategy``, ``--reducer``,
+``--mp-size`` override it); everything else in it is DeepSpeed's own (ZeRO stage, optimizer, fp16/bf16...).
+The training loop is hybrid-ext's (hybrid_ext.train.loop), shared with the torchrun and Horovod recipes; this
+script only starts DeepSpeed and builds the engine that takes each step.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from hybrid_ext.integrations import deepspeed as hx_deepspeed
+from hybrid_ext.integrations.deepspeed.config import STRATEGIES, HybridSection, split_config
+from hybrid_ext.integrations.deepspeed.engine import zero_stage_of
+from hybrid_ext.launch import report_result
+from hybrid_ext.parallel.api import REDUCERS
+from hybrid_ext.train.loop import TrainConfig, train
+
+
+def parse_args() -> tuple[TrainConfig, dict, HybridSection]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    defaults = TrainConfig()
+    parser.add_argument("--deepspeed_config", required=True, help="ds_config JSON (with a hybrid_ext section)")
+    parser.add_argument("--strategy", choices=STRATEGIES, default=None, help="overrides hybrid_ext.strategy")
+    parser.add_argument("--reducer", choices=REDUCERS, default=None, help="overrides hybrid_ext.reducer")
+    parser.add_argument("--mp-size", type=int, default=None, help="overrides hybrid_ext.mp_size")
+    parser.add_argument("--model", default=defaults.model, help="digits_alexnet, alexnet, vgg11")
+    parser.add_argument("--data", default=None, help="ImageFolder / CIFAR-10 folder (default: embedded digits)")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--micro-batch", type=int, default=None, help="default: train_micro_batch_size_per_gpu")
+    parser.add_argument("--lr", type=float, default=None, help="overrides the config optimizer's lr")
+    parser.add_argument("--size", type=int, default=defaults.size, help="image side after resizing")
+    parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--logdir", default="runs")
+    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    args = parser.parse_args()
+
+    ds_config, section = split_config(args.deepspeed_config)
+    section = section or HybridSection()
+    overrides = {k: v for k, v in (("strategy", args.strategy), ("reducer", args.reducer)) if v is not None}
+    if args.mp_size is not None:
+        overrides["mp_size"] = args.mp_size
+    section = HybridSection.from_dict({**vars(section), **overrides})
+    micro_batch = args.micro_batch or ds_config.get("train_micro_batch_size_per_gpu", defaults.micro_batch)
+    ds_config["train_micro_batch_size_per_gpu"] = micro_batch
+    ds_config.pop("train_batch_size", None)  # follows from the micro-batch and the data-parallel size
+    lr = args.lr if args.lr is not None else defaults.lr
+    if "optimizer" in ds_config and args.lr is not None:
+        ds_config["optimizer"].setdefault("params", {})["lr"] = args.lr
+    config = TrainConfig(
+        strategy=section.strategy, reducer=section.reducer, mp_size=section.mp_size, model=args.model,
+        data=args.data, epochs=args.epochs, micro_batch=micro_batch, lr=lr, size=args.size,
+        max_steps=args.max_steps, logdir=args.logdir, framework="deepspeed",
+    )  # fmt: skip
+    return config, ds_config, section
+
+
+def deepspeed_prepare(ds_config: dict):
+    """The loop's ``prepare``: shard for DeepSpeed, build the engine; a step is forward, backward, step."""
+
+    def prepare(net: torch.nn.Module, config: TrainConfig, groups=None):
+        model, _ = hx_deepspeed.parallelize_for_deepspeed(
+            net, config.strategy, config.reducer, config.mp_size, zero_stage_of(ds_config), groups=groups
+        )
+        # No optimizer in the ds_config: Adam, as the other recipes (DeepSpeed calls this with the parameters).
+        optimizer = None if "optimizer" in ds_config else (lambda params: torch.optim.Adam(params, lr=config.lr))
+        if optimizer is not None:
+            ds_config.setdefault("zero_allow_untested_optimizer", True)
+        engine, *_ = hx_deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            out = engine(x)
+            loss = F.cross_entropy(out, y)
+            engine.backward(loss)
+            engine.step()
+            return out, loss
+
+        return model, step
+
+    return prepare
+
+
+def main() -> None:
+    config, ds_config, section = parse_args()
+    hx_deepspeed.init_distributed(reducer=section.reducer)
+    import torch.distributed as dist
+
+    try:
+        final = train(config, prepare=deepspeed_prepare(ds_config))
+        report_result(final)  # for hybrid-ext's test harness; does nothing otherwise
+        if dist.get_rank() == 0:
+            print(
+                f"{final['run']}: test accuracy {final['final/eval_accuracy'] * 100:.1f} %, "
+                f"{final['final/samples_per_sec']:.1f} samples/s, logs in {config.logdir}/{final['run']}"
+            )
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
