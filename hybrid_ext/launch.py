@@ -11,12 +11,15 @@ In the launcher-based jobs each rank hands back its result with :func:`report_re
 
 Whatever goes wrong — a rank raises, a rank dies, the job hangs — the caller gets a :class:`LaunchError`
 (:class:`LaunchTimeout` for a hang) carrying every rank's traceback and the tail of its output, and no
-process is left behind.
+process is left behind. On a hang, :func:`spawn` also shows where each rank was: every thread's Python stack
+(faulthandler, on ``SIGUSR1``; a thread shown with no Python frame is native code holding a Python thread state,
+e.g. a gloo worker waiting for the GIL).
 """
 
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
 import signal
 import socket
@@ -32,6 +35,8 @@ from typing import Any
 
 RESULT_DIR_ENV = "HYBRID_EXT_RESULT_DIR"
 LOG_TAIL_CHARS = 4000
+STACKS_SIGNAL = getattr(signal, "SIGUSR1", None)  # a hung rank dumps every thread's Python stack on it
+STACKS_WAIT = 2.0  # seconds the ranks get to write their stacks before they are killed
 
 
 class LaunchError(RuntimeError):
@@ -108,6 +113,9 @@ def _rank_main(spec: _RankSpec, rank: int, workdir: str, capture_output: bool) -
         log = open(out / f"rank{rank}.log", "w")  # noqa: SIM115 - lives as long as the process
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
+    if STACKS_SIGNAL is not None:  # on a timeout, spawn asks for every thread's stack (see _dump_stacks)
+        stacks = open(out / f"rank{rank}.stacks", "w")  # noqa: SIM115 - lives as long as the process
+        faulthandler.register(STACKS_SIGNAL, file=stacks, all_threads=True)
     os.environ.update(spec.env)
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(spec.world_size), LOCAL_WORLD_SIZE=str(spec.world_size)
@@ -156,6 +164,7 @@ def _wait_for_ranks(procs, workdir: Path, timeout: float, failure_grace: float) 
             break
         if now > deadline:
             hung = [r for r, p in enumerate(procs) if p.is_alive()]
+            _dump_stacks(procs, workdir)
             raise LaunchTimeout(
                 f"{len(hung)} of {len(procs)} ranks still running after {timeout:.0f}s "
                 f"(ranks {hung}): killed.\n" + _describe_ranks(procs, workdir)
@@ -172,14 +181,35 @@ def _wait_for_ranks(procs, workdir: Path, timeout: float, failure_grace: float) 
         raise LaunchError(summary + "\n" + _describe_ranks(procs, workdir))
 
 
+def _dump_stacks(procs, workdir: Path) -> None:
+    """Ask every rank still running to write each thread's Python stack (``rank<N>.stacks``)."""
+    if STACKS_SIGNAL is None:
+        return
+    asked = []
+    for rank, proc in enumerate(procs):
+        if proc.is_alive() and proc.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, STACKS_SIGNAL)
+                asked.append(workdir / f"rank{rank}.stacks")
+    deadline = time.monotonic() + STACKS_WAIT
+    while time.monotonic() < deadline and not all(p.exists() and p.stat().st_size for p in asked):
+        time.sleep(0.05)
+    time.sleep(0.1)  # let the last thread's frames land
+
+
 def _describe_ranks(procs, workdir: Path) -> str:
     parts = []
     for rank, proc in enumerate(procs):
         state = "running" if proc.is_alive() else f"exit code {proc.exitcode}"
+        if STACKS_SIGNAL is not None and proc.exitcode == -STACKS_SIGNAL:
+            state += ": still starting up at the timeout (no stack-dump handler yet)"
         parts.append(f"--- rank {rank} ({state}) ---")
         error = workdir / f"rank{rank}.error"
         if error.exists():
             parts.append(error.read_text().rstrip())
+        stacks = workdir / f"rank{rank}.stacks"
+        if proc.is_alive() and stacks.exists() and stacks.stat().st_size:
+            parts.append("stacks at the timeout:\n" + stacks.read_text(errors="replace")[: 2 * LOG_TAIL_CHARS].rstrip())
         log = workdir / f"rank{rank}.log"
         if log.exists() and log.stat().st_size:
             parts.append("output (tail):\n" + log.read_text(errors="replace")[-LOG_TAIL_CHARS:].rstrip())

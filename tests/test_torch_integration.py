@@ -128,6 +128,26 @@ def test_the_backend_falls_back_to_gloo_for_everything_else(spawn_ranks):
     assert results[0]["reduce"] == 6.0 and results[1]["recv"] == 42.0
 
 
+def _back_to_back_fallbacks(rank: int, p: int) -> int:
+    # Small gloo collectives in a row on fresh tensors: each is issued while a gloo worker thread may still hold
+    # the previous one. Left to torch's Python-process-group trampoline, that deadlocked (the caller holds the GIL
+    # and waits for gloo's queue mutex; gloo's thread holds the mutex and waits for the GIL to free the previous
+    # collective's tensors; see backend._to_inner) within a few hundred rounds.
+    rounds = 300
+    for i in range(rounds):
+        gathered = [torch.zeros(1) for _ in range(p)]
+        dist.all_gather(gathered, torch.tensor([float(rank)]))
+        b = torch.tensor([float(rank)])
+        dist.broadcast(b, src=i % p)
+        assert [g.item() for g in gathered] == [float(r) for r in range(p)] and b.item() == i % p
+    dist.barrier()
+    return rounds
+
+
+def test_back_to_back_fallback_collectives_do_not_deadlock(spawn_ranks):
+    assert spawn_ranks(_back_to_back_fallbacks, 3, backend="butterfly") == [300] * 3
+
+
 # ------------------------------------------------------------------ pins on torch's private surface
 
 

@@ -64,6 +64,44 @@ class _StoreCollectives:
         self.store.wait([f"barrier{self.round}/{r}" for r in range(self.size)])
 
 
+def _device_of(args: tuple) -> torch.device | None:
+    """The device a collective runs on: its first tensor's, or a device / ``BarrierOptions.device`` argument."""
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            return arg.device
+        if isinstance(arg, torch.device):
+            return arg
+        if isinstance(arg, (list, tuple)):
+            found = _device_of(tuple(arg))
+            if found is not None:
+                return found
+        elif isinstance(arg, dist.BarrierOptions) and arg.device is not None:
+            return torch.device(arg.device)
+    return None
+
+
+def _to_inner(name: str, inner_name: str | None = None, pass_args: bool = True):
+    """A method that runs collective ``name`` on the inner group for its device, through the inner group's binding.
+
+    Why not leave these to ``_register_backend``: torch's trampoline for Python process groups
+    (``PyProcessGroup``) calls the base ``ProcessGroup`` method for a collective the subclass does not define
+    *while holding the GIL*, and that method enqueues on gloo, taking gloo's work-queue mutex. gloo's worker
+    threads drop a finished collective (its tensors: a Python decref, which takes the GIL) while holding that
+    mutex. So the caller holds the GIL and waits for the mutex while a gloo thread holds the mutex and waits for
+    the GIL: a deadlock, whenever a collective is issued before gloo's thread has let go of the previous one
+    (it hung the fallback test about once in ten runs). The inner group's own bindings release the GIL.
+    """
+    target = inner_name or name
+
+    def method(self, *args, **kwargs):  # called by torch's Python API (keywords too) and by the trampoline
+        inner = self.butterfly_inner_group(_device_of((*args, *kwargs.values())) or torch.device("cpu"))
+        return getattr(inner, target)(*args, **kwargs) if pass_args else getattr(inner, target)()
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = f"``{name}`` on the inner gloo / NCCL group (see :func:`_to_inner`)."
+    return method
+
+
 class ButterflyProcessGroup(dist.ProcessGroup):
     """A Python process group: butterfly allreduce, everything else delegated to inner gloo / NCCL groups."""
 
@@ -157,6 +195,27 @@ class ButterflyProcessGroup(dist.ProcessGroup):
             return tensors
 
         return c10d.work_from_future(comm.submit(job).as_torch_future(tensors))
+
+    # ------------------------------------------------------------------ everything else: the inner groups
+    # Every collective torch's PyProcessGroup trampoline can route here (see _to_inner for why each needs a method).
+    broadcast = _to_inner("broadcast")
+    allgather = _to_inner("allgather")
+    all_gather_single = _to_inner("all_gather_single")
+    all_gather_single_coalesced = _to_inner("all_gather_single_coalesced")
+    reduce = _to_inner("reduce")
+    alltoall = _to_inner("alltoall")
+    all_to_all_single = _to_inner("all_to_all_single")
+    barrier = _to_inner("barrier")
+    gather = _to_inner("gather")
+    scatter = _to_inner("scatter")
+    reduce_scatter = _to_inner("reduce_scatter")
+    reduce_scatter_single = _to_inner("reduce_scatter_single")
+    reduce_scatter_single_coalesced = _to_inner("reduce_scatter_single_coalesced")
+    send = _to_inner("send")
+    recv = _to_inner("recv")
+    recvAnysource = _to_inner("recvAnysource", "recv_anysource")
+    start_coalescing = _to_inner("start_coalescing", "_start_coalescing", pass_args=False)
+    end_coalescing = _to_inner("end_coalescing", "_end_coalescing", pass_args=False)
 
 
 def create_butterfly_group(store: dist.Store, rank: int, size: int, timeout: timedelta) -> ButterflyProcessGroup:
