@@ -202,7 +202,7 @@ def _describe_ranks(procs, workdir: Path) -> str:
     for rank, proc in enumerate(procs):
         state = "running" if proc.is_alive() else f"exit code {proc.exitcode}"
         if STACKS_SIGNAL is not None and proc.exitcode == -STACKS_SIGNAL:
-            state += ": still starting up at the timeout (no stack-dump handler yet)"
+            state += ": killed by the stack-dump request, so it had no handler: still starting up or shutting down"
         parts.append(f"--- rank {rank} ({state}) ---")
         error = workdir / f"rank{rank}.error"
         if error.exists():
