@@ -73,10 +73,13 @@ def reference(world: int, steps: int = STEPS) -> dict[str, torch.Tensor]:
 
 
 def ds_config(stage: int, **section) -> dict:
+    """ZeRO-1 and -2 reduce inside their per-parameter gradient hooks here (small buckets; ZeRO-1 with
+    overlap_comm), during backward: the case where hybrid-ext's own pre-reduction must already be done."""
+    zero = {"stage": stage} if stage == 0 else {"stage": stage, "reduce_bucket_size": 200, "overlap_comm": True}
     config = {
         "train_micro_batch_size_per_gpu": MICRO_BATCH,
         "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 unless told otherwise
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # ZeRO with a client optimizer
         "steps_per_print": 10_000,
     }
