@@ -365,6 +365,18 @@ def test_the_section_is_taken_out_and_the_callers_config_left_alone(tmp_path):
         parallelize_for_deepspeed(small_cnn(), "hybrid", zero_stage=3)
 
 
+def test_parameters_of_the_unsharded_model_are_refused():
+    from hybrid_ext.integrations.deepspeed.engine import _check_parameters_belong
+
+    unsharded, sharded = small_cnn(), small_cnn()
+    _check_parameters_belong(sharded, list(sharded.parameters()), None)
+    _check_parameters_belong(sharded, [{"params": list(sharded.parameters())}], lambda params: None)
+    with pytest.raises(ValueError, match="parameters of the unsharded model"):
+        _check_parameters_belong(sharded, list(unsharded.parameters()), None)
+    with pytest.raises(ValueError, match="pass model_parameters=None and an optimizer callable"):
+        _check_parameters_belong(sharded, None, torch.optim.SGD(unsharded.parameters(), lr=LR))
+
+
 @pytest.mark.timeout(LAUNCH_TIMEOUT + 30)
 def test_recipe_logs_every_tag_of_the_contract(tmp_path):
     from hybrid_ext.launch import run_deepspeed

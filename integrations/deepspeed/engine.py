@@ -20,10 +20,12 @@ bucketed reduction (finished by an end-of-backward callback inside ``loss.backwa
 register a post-accumulate-grad hook on every parameter (``create_gradient_handling_hooks`` in
 ``runtime/zero/stage_1_and_2.py``); ZeRO-2 (and ZeRO-1 with ``overlap_comm``) copy the gradient into their own
 buckets right there, during backward, and even at plain ZeRO-1 a direct ``loss.backward()`` runs DeepSpeed's
-reduction from a callback queued by its first hook — possibly before hybrid-ext's. So from ZeRO-1 on the
-pre-reduction is *blocking and per parameter, in a tensor hook* (``blocking_reduction=True``): tensor hooks run
-before ``AccumulateGrad``, hence before any post-accumulate-grad hook of that parameter, whichever was
-registered first.
+reduction from a callback queued by its first hook — possibly before hybrid-ext's. With the bucketed
+reduction the two race (hybrid, W=4, mp=2, ZeRO-1 with ``overlap_comm``: 7.5e-4 relative error against the
+reference in one run, exact in another). So from ZeRO-1 on the pre-reduction is *blocking and per parameter,
+in a tensor hook* (``blocking_reduction=True``): tensor hooks run before ``AccumulateGrad``, hence before any
+post-accumulate-grad hook of that parameter, whichever was registered first — exact at ZeRO-1 and -2 in every
+run (``tests/test_deepspeed.py``).
 """
 
 from __future__ import annotations
@@ -175,6 +177,8 @@ def initialize(
         model, mpu = parallelize_for_deepspeed(
             model, section.strategy, section.reducer, section.mp_size, zero_stage_of(ds_config)
         )
+        if model_parameters is not None:
+            model_parameters = list(model_parameters)  # a generator would be used up by the check
         _check_parameters_belong(model, model_parameters, optimizer)
     if model_parameters is None:
         model_parameters = [p for p in model.parameters() if p.requires_grad]
