@@ -16,7 +16,6 @@ The algorithm follows ``HYBRID_EXT_ALGO`` (default ``auto``). Reductions torch h
 from __future__ import annotations
 
 import os
-import pickle
 from datetime import timedelta
 from typing import Any
 
@@ -25,6 +24,7 @@ import torch.distributed as dist
 
 from hybrid_ext import collective
 from hybrid_ext.integrations.torch import _c10d_private as c10d
+from hybrid_ext.integrations.torch.side_channel import StoreCollectives
 from hybrid_ext.integrations.torch.transport import TorchTransport, transport_for
 
 BACKEND_NAME = "butterfly"
@@ -45,23 +45,6 @@ def _op_name(reduce_op: Any) -> str | None:
         except (TypeError, RuntimeError):  # pre-multiplied sums do not compare
             return None
     return None
-
-
-class _StoreCollectives:
-    """all_gather and barrier through the rendezvous store, for set-up before any group can communicate."""
-
-    def __init__(self, store: dist.Store, rank: int, size: int) -> None:
-        self.store, self.rank, self.size, self.round = store, rank, size, 0
-
-    def all_gather(self, obj: Any) -> list[Any]:
-        self.round += 1
-        self.store.set(f"gather{self.round}/{self.rank}", pickle.dumps(obj))
-        return [pickle.loads(self.store.get(f"gather{self.round}/{r}")) for r in range(self.size)]
-
-    def barrier(self) -> None:
-        self.round += 1
-        self.store.set(f"barrier{self.round}/{self.rank}", b"1")
-        self.store.wait([f"barrier{self.round}/{r}" for r in range(self.size)])
 
 
 def _device_of(args: tuple) -> torch.device | None:
@@ -114,7 +97,7 @@ class ButterflyProcessGroup(dist.ProcessGroup):
         self._inner: dict[str, Any] = {}
         self._comms: dict[str, collective.Communicator] = {}
         gloo = dist.ProcessGroupGloo(dist.PrefixStore("butterfly/gloo", store), rank, size, timeout)
-        setup = _StoreCollectives(dist.PrefixStore("butterfly/setup", store), rank, size)
+        setup = StoreCollectives(dist.PrefixStore("butterfly/setup", store), rank, size)
         cpu_transport = transport_for(gloo, torch.device("cpu"), setup.all_gather, setup.barrier)
         self._add_inner("cpu", c10d.BackendType.GLOO, gloo, cpu_transport)
         if torch.cuda.is_available() and dist.is_nccl_available():
