@@ -48,9 +48,9 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
 def _cmd_bench_horovod(args: argparse.Namespace) -> int:
     import subprocess
 
-    from hybrid_ext.launch import _tool
+    from hybrid_ext.launch import launcher_path
 
-    command = [_tool("horovodrun"), "-np", str(args.np), "-H", f"localhost:{args.np}", "--gloo",
+    command = [launcher_path("horovodrun"), "-np", str(args.np), "-H", f"localhost:{args.np}", "--gloo",
                sys.executable, "-m", "hybrid_ext.integrations.horovod.bench", "--sizes", args.sizes,
                "--reps", str(args.reps)]  # fmt: skip
     if args.json:

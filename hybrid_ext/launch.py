@@ -242,7 +242,7 @@ def run_horovodrun(
     command: Sequence[str], np: int, *, timeout: float = 180.0, env: dict[str, str] | None = None
 ) -> list[Any]:
     """Run ``horovodrun -np N -H localhost:N --gloo <command>``; return each rank's reported result."""
-    launcher = [_tool("horovodrun"), "-np", str(np), "-H", f"localhost:{np}", "--gloo"]
+    launcher = [launcher_path("horovodrun"), "-np", str(np), "-H", f"localhost:{np}", "--gloo"]
     return _run_launcher(launcher + list(command), np, timeout=timeout, env=env)
 
 
@@ -255,7 +255,7 @@ def run_deepspeed(
     ``["--module", "package.module", "--arg"]``. The launcher adds ``--local_rank=N`` to the script's
     arguments.
     """
-    launcher = [_tool("deepspeed"), "--num_gpus", str(np), "--master_port", str(free_port())]
+    launcher = [launcher_path("deepspeed"), "--num_gpus", str(np), "--master_port", str(free_port())]
     job_env = {"DS_ACCELERATOR": "cpu", **(env or {})}
     return _run_launcher(launcher + list(command), np, timeout=timeout, env=job_env)
 
@@ -264,7 +264,7 @@ def run_torchrun(
     command: Sequence[str], np: int, *, timeout: float = 240.0, env: dict[str, str] | None = None
 ) -> list[Any]:
     """Run ``torchrun --nproc_per_node N --master_port P <command>``; return each rank's reported result."""
-    launcher = [_tool("torchrun"), "--nproc_per_node", str(np), "--master_port", str(free_port())]
+    launcher = [launcher_path("torchrun"), "--nproc_per_node", str(np), "--master_port", str(free_port())]
     return _run_launcher(launcher + list(command), np, timeout=timeout, env=env)
 
 
@@ -275,7 +275,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _tool(name: str) -> str:
+def launcher_path(name: str) -> str:
     # Prefer the launcher installed next to this interpreter (a venv's bin/), then PATH.
     beside = Path(sys.executable).parent / name
     return str(beside) if beside.exists() else name
