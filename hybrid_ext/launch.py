@@ -255,9 +255,16 @@ def run_deepspeed(
     ``["--module", "package.module", "--arg"]``. The launcher adds ``--local_rank=N`` to the script's
     arguments.
     """
-    launcher = [launcher_path("deepspeed"), "--num_gpus", str(np), "--master_port", str(free_port())]
+    port = free_port()
+    launcher = [launcher_path("deepspeed"), "--num_gpus", str(np), "--master_port", str(port)]
     job_env = {"DS_ACCELERATOR": "cpu", **(env or {})}
-    return _run_launcher(launcher + list(command), np, timeout=timeout, env=job_env)
+    try:
+        return _run_launcher(launcher + list(command), np, timeout=timeout, env=job_env)
+    finally:
+        # DeepSpeed's CPU accelerator maps a ~70 MB buffer per rank in /dev/shm and never unlinks it, so every
+        # job would leave its buffers behind in RAM; they are named after the job's master port.
+        for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+            leftover.unlink(missing_ok=True)
 
 
 def run_torchrun(
