@@ -13,11 +13,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from hybrid_ext.launch import spawn
+from hybrid_ext.parallel.plan import STRATEGIES
 from hybrid_ext.train.compare import compare
 from hybrid_ext.train.loop import TrainConfig, train
 
 DEFAULT_RUNS = (("dp", "native"), ("dp", "butterfly"), ("mp", "butterfly"), ("hybrid", "butterfly"), ("hybrid", "ring"))
-STRATEGIES = ("dp", "mp", "hybrid")
 REDUCERS = ("butterfly", "ring", "native")
 
 

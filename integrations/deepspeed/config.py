@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from hybrid_ext.parallel.api import REDUCERS
+from hybrid_ext.parallel.plan import STRATEGIES
 
 SECTION = "hybrid_ext"
-STRATEGIES = ("dp", "mp", "hybrid")
 
 
 @dataclass(frozen=True)

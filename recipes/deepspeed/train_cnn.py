@@ -25,6 +25,7 @@ from hybrid_ext.integrations.deepspeed.engine import zero_stage_of
 from hybrid_ext.launch import report_result
 from hybrid_ext.parallel.api import REDUCERS
 from hybrid_ext.train.loop import TrainConfig, train
+from hybrid_ext.train.recipe_cli import summary_line
 
 
 def parse_args() -> tuple[TrainConfig, dict, HybridSection]:
@@ -99,10 +100,7 @@ def main() -> None:
         final = train(config, prepare=deepspeed_prepare(ds_config))
         report_result(final)  # for hybrid-ext's test harness; does nothing otherwise
         if dist.get_rank() == 0:
-            print(
-                f"{final['run']}: test accuracy {final['final/eval_accuracy'] * 100:.1f} %, "
-                f"{final['final/samples_per_sec']:.1f} samples/s, logs in {config.logdir}/{final['run']}"
-            )
+            print(summary_line(final, config))
     finally:
         dist.destroy_process_group()
 

@@ -23,39 +23,25 @@ import horovod.torch as hvd
 
 import hybrid_ext.integrations.horovod as hxh
 from hybrid_ext.launch import report_result
+from hybrid_ext.parallel.plan import STRATEGIES
 from hybrid_ext.train.loop import TrainConfig, train
+from hybrid_ext.train.recipe_cli import add_train_arguments, summary_line, train_config
 
 
 def parse_args() -> list[TrainConfig]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--strategy", choices=["dp", "mp", "hybrid"], default="hybrid")
-    parser.add_argument(
-        "--reducer", choices=["butterfly", "rabenseifner", "recursive_doubling", "ring", "native"], default="butterfly"
-    )
-    parser.add_argument("--mp-size", type=int, default=None, help="model-parallel group size (default: all ranks)")
-    parser.add_argument("--model", default="alexnet", help="alexnet, vgg11, digits_alexnet")
-    parser.add_argument("--data", default=None, help="ImageFolder / CIFAR-10 folder (default: embedded digits)")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--micro-batch", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--size", type=int, default=64, help="image side after resizing (AlexNet needs >= 63)")
-    parser.add_argument("--max-steps", type=int, default=None)
-    parser.add_argument("--logdir", default="runs")
+    add_train_arguments(parser, model="alexnet", epochs=2, lr=1e-4, size=64)
     parser.add_argument(
         "--runs", default=None, help="several runs in one job, e.g. dp-native,hybrid-butterfly (strategy-reducer)"
     )
     args = parser.parse_args()
-    base = TrainConfig(
-        strategy=args.strategy, reducer=args.reducer, mp_size=args.mp_size, model=args.model, data=args.data,
-        epochs=args.epochs, micro_batch=args.micro_batch, lr=args.lr, size=args.size, max_steps=args.max_steps,
-        logdir=args.logdir, framework="horovod",
-    )  # fmt: skip
+    base = train_config(args, framework="horovod")
     if not args.runs:
         return [base]
     configs = []
     for run in args.runs.split(","):
         strategy, _, reducer = run.strip().partition("-")
-        if strategy not in ("dp", "mp", "hybrid") or not reducer:
+        if strategy not in STRATEGIES or not reducer:
             parser.error(f"--runs: {run!r} is not <dp|mp|hybrid>-<reducer>")
         configs.append(dataclasses.replace(base, strategy=strategy, reducer=reducer))
     return configs
@@ -73,10 +59,7 @@ def main() -> None:
         final = train(config, groups=hxh.horovod_groups(config.mp_size))
         results.append(final)
         if hvd.rank() == 0:
-            print(
-                f"{final['run']}: test accuracy {final['final/eval_accuracy'] * 100:.1f} %, "
-                f"{final['final/samples_per_sec']:.1f} samples/s, logs in {config.logdir}/{final['run']}"
-            )
+            print(summary_line(final, config))
     report_result(results, hvd.rank())  # for hybrid-ext's test harness; does nothing otherwise
 
 
