@@ -78,6 +78,18 @@ def record(rec: CollectiveRecord) -> None:
     _recorder.record(rec)
 
 
+def record_native_allreduce(transport: str, rank: int, size: int, flat, seconds: float) -> None:
+    """Record a host framework's allreduce of the flat tensor ``flat``. Gloo, NCCL and Horovod do not report
+    traffic: this records a ring allreduce's, their algorithm for large buffers."""
+    nbytes = int(2 * (size - 1) / size * flat.numel() * flat.element_size())
+    dtype = str(flat.dtype).removeprefix("torch.")
+    record(
+        CollectiveRecord(
+            "allreduce", "native", transport, rank, size, flat.numel(), dtype, nbytes, nbytes, 2 * (size - 1), seconds
+        )
+    )
+
+
 def records() -> list[CollectiveRecord]:
     """The most recent records, oldest first."""
     with _recorder._lock:

@@ -211,15 +211,9 @@ def _torch_native_allreduce(groups: Groups):
             future: concurrent.futures.Future = concurrent.futures.Future()
 
             def finish(_):
-                # Gloo / NCCL do not report traffic: record a ring allreduce's, their algorithm for large buffers.
-                nbytes = int(2 * (size - 1) / size * flat.numel() * flat.element_size())
-                metrics.record(
-                    metrics.CollectiveRecord(
-                        "allreduce", "native", dist.get_backend(group), groups.rank, size, flat.numel(),
-                        str(flat.dtype).removeprefix("torch."), nbytes, nbytes, 2 * (size - 1),
-                        time.perf_counter() - start,
-                    )
-                )  # fmt: skip
+                metrics.record_native_allreduce(
+                    dist.get_backend(group), groups.rank, size, flat, time.perf_counter() - start
+                )
                 offset = 0
                 for t in tensors:
                     t.copy_(flat[offset : offset + t.numel()].view_as(t))

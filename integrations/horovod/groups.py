@@ -129,15 +129,9 @@ class _HorovodHandle(Handle):
             for t in self._tensors:
                 t.copy_(self._flat[offset : offset + t.numel()].view_as(t))
                 offset += t.numel()
-            # Horovod does not report traffic: record a ring allreduce's, Gloo's algorithm for large buffers.
-            n, p = self._flat.numel(), self._size
-            nbytes = int(2 * (p - 1) / p * n * self._flat.element_size())
-            metrics.record(
-                metrics.CollectiveRecord(
-                    "allreduce", "native", "horovod", self._rank, p, n, str(self._flat.dtype).removeprefix("torch."),
-                    nbytes, nbytes, 2 * (p - 1), time.perf_counter() - self._start,
-                )
-            )  # fmt: skip
+            metrics.record_native_allreduce(
+                "horovod", self._rank, self._size, self._flat, time.perf_counter() - self._start
+            )
             self._future.set_result(self._tensors)
         return self._future.result()
 
