@@ -9,6 +9,7 @@ single-process references. Nothing here asserts, so a failure reports every numb
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import horovod.torch as hvd
 import torch
@@ -174,29 +175,13 @@ def optimizer() -> dict:
 
 
 def partitioner(strategy: str, mp: str, reducer: str) -> dict:
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from test_parallel import MICRO_BATCH, MODELS, _global_batch
+    """tests/test_parallel.py's one step on small_cnn, over Horovod's groups."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_parallel import _step_rank
 
-    from hybrid_ext.parallel import full_grads
-
-    build, shape, classes = MODELS["small_cnn"]
-    world, rank = hvd.size(), hvd.rank()
-    groups = hxh.horovod_groups(None if mp == "none" else int(mp))
-    model = hybrid_ext.parallelize(build(), strategy=strategy, reducer=reducer, groups=groups)
-    x, y = _global_batch(world, shape, classes)
-    if strategy != "mp":
-        x, y = x[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH], y[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH]
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    with hybrid_ext.metrics.capture() as records:
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-    grads = full_grads(model)
-    optimizer.step()
-    return {
-        "grads": grads,
-        "state": hybrid_ext.full_state_dict(model),
-        "transports": sorted({r.transport for r in records}),
-    }
+    mp_size = None if mp == "none" else int(mp)
+    groups = hxh.horovod_groups(mp_size)
+    return _step_rank(hvd.rank(), hvd.size(), "small_cnn", strategy, mp_size, reducer, groups=groups)
 
 
 SCENARIOS = {

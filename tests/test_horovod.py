@@ -75,12 +75,13 @@ def test_distributed_optimizer_trains_the_same_with_butterfly(job):
 @pytest.mark.timeout(360)
 def test_partitioner_under_horovodrun_equals_the_reference(job):
     np, results = job
-    _, grads, state = _reference("small_cnn", np)
+    loss, grads, state = _reference("small_cnn", np)
     for scenario in JOBS[np]:
         if not scenario.startswith("partitioner"):
             continue
         for result in results:
             out = result[scenario]
+            assert out["loss"] == pytest.approx(loss, rel=1e-5), scenario
             for name, expected in grads.items():
                 torch.testing.assert_close(out["grads"][name], expected, rtol=1e-5, atol=1e-6, msg=f"{scenario} {name}")
             for name, expected in state.items():

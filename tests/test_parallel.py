@@ -80,9 +80,10 @@ def _reference(model_name: str, world: int):
     return loss.item(), grads, {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def _step_rank(rank: int, world: int, model_name: str, strategy: str, mp_size: int | None, reducer: str):
+def _step_rank(rank: int, world: int, model_name: str, strategy: str, mp_size: int | None, reducer: str, groups=None):
+    """One step on this rank; ``groups``: a host framework's (Horovod's), else torch.distributed's."""
     build, shape, classes = MODELS[model_name]
-    model = hybrid_ext.parallelize(build(), strategy=strategy, reducer=reducer, mp_size=mp_size)
+    model = hybrid_ext.parallelize(build(), strategy=strategy, reducer=reducer, mp_size=mp_size, groups=groups)
     x, y = _global_batch(world, shape, classes)
     if strategy != "mp":  # each rank its own micro-batch
         x, y = x[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH], y[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH]
@@ -94,13 +95,14 @@ def _step_rank(rank: int, world: int, model_name: str, strategy: str, mp_size: i
     optimizer.step()
     total = loss.detach().clone()
     if strategy != "mp":
-        hybrid_ext.allreduce(total, op="avg")
+        hybrid_ext.allreduce(total, op="avg", group=model.groups.world)
     return {
         "loss": total.item(),
         "grads": grads,
         "state": hybrid_ext.full_state_dict(model),
         "bytes": sum(r.bytes_sent for r in records),
         "fc_params": sum(p.numel() for n, p in model.module.named_parameters() if hasattr(p, "shard_dim")),
+        "transports": sorted({r.transport for r in records}),
     }
 
 
