@@ -9,7 +9,7 @@ from hybrid_ext.version import __version__
 
 
 def _cmd_smoke(args: argparse.Namespace) -> int:
-    from hybrid_ext.smoke import run_checks
+    from hybrid_ext.tools.smoke import run_checks
 
     print(f"hybrid-ext {__version__}: checking the stack with {args.np} ranks", flush=True)
     return 0 if run_checks(args.checks, np=args.np) else 1
@@ -34,15 +34,15 @@ def _cmd_install_horovod(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_allreduce(args: argparse.Namespace) -> int:
-    from hybrid_ext import bench
+    from hybrid_ext.bench import allreduce
 
-    return bench.main(args)
+    return allreduce.main(args)
 
 
 def _cmd_bench_train(args: argparse.Namespace) -> int:
-    from hybrid_ext import bench_train
+    from hybrid_ext.bench import train
 
-    return bench_train.main(args)
+    return train.main(args)
 
 
 def _cmd_bench_horovod(args: argparse.Namespace) -> int:

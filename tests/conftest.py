@@ -3,6 +3,10 @@
 Fixtures hand tests the launchers from :mod:`hybrid_ext.launch` with test-sized timeouts, so a hang fails the
 test with every rank's output instead of blocking CI. Functions given to ``spawn_ranks`` must be defined at
 module level (they are pickled into new processes).
+
+Markers: ``multiprocess`` marks every test that starts ranks or launcher jobs (added here for tests that use the
+fixtures below; modules and tests that start them otherwise carry it themselves). ``pytest -m "not multiprocess"``
+runs the fast in-process tests alone (schedules simulated in one process, cost model, plans, parsing).
 """
 
 from __future__ import annotations
@@ -16,6 +20,24 @@ from hybrid_ext import launch
 # Generous for a loaded 2-core machine, far below CI's budget.
 SPAWN_TIMEOUT = 90.0
 LAUNCHER_TIMEOUT = 240.0
+
+
+# The harness fixtures, and the module-scoped job fixtures of test_horovod / test_deepspeed / test_demo.
+MULTIPROCESS_FIXTURES = frozenset(
+    {"spawn_ranks", "horovodrun", "deepspeed_job", "job", "job_np2", "job_np4", "demo_runs"}
+)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "multiprocess: starts ranks or launcher jobs (deselect with -m 'not multiprocess')"
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if MULTIPROCESS_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.multiprocess)
 
 
 @pytest.fixture

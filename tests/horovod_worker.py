@@ -117,7 +117,7 @@ def process_set() -> dict:
 
 def transports() -> dict:
     """The other transports under Horovod: the side channel's gloo pairs, and hvd.alltoall (power-of-two p)."""
-    from hybrid_ext.collective import Communicator
+    from hybrid_ext.comm import Communicator
 
     out = {}
     x = _inputs(1001, torch.float32, 5)
@@ -177,11 +177,11 @@ def optimizer() -> dict:
 def partitioner(strategy: str, mp: str, reducer: str) -> dict:
     """tests/test_parallel.py's one step on small_cnn, over Horovod's groups."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from test_parallel import _step_rank
+    from parallel_reference import step_rank
 
     mp_size = None if mp == "none" else int(mp)
     groups = hxh.horovod_groups(mp_size)
-    return _step_rank(hvd.rank(), hvd.size(), "small_cnn", strategy, mp_size, reducer, groups=groups)
+    return step_rank(hvd.rank(), hvd.size(), "small_cnn", strategy, mp_size, reducer, groups=groups)
 
 
 SCENARIOS = {

@@ -12,7 +12,7 @@ from collections import defaultdict, deque
 
 import numpy as np
 
-from hybrid_ext.schedule import Plan
+from hybrid_ext.comm.schedule import Plan
 
 
 class SimulationError(AssertionError):

@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from hybrid_ext import bench, cost_model
-from hybrid_ext.cost_model import CostModel
+from hybrid_ext.bench import allreduce as bench
+from hybrid_ext.comm import cost_model
+from hybrid_ext.comm.cost_model import CostModel
 
 
 @pytest.fixture(autouse=True)
@@ -87,6 +88,7 @@ def test_bench_sizes_parse(text, nbytes):
     assert bench.parse_size(bench.format_size(nbytes)) == nbytes
 
 
+@pytest.mark.multiprocess
 def test_bench_cli_runs_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(

@@ -69,6 +69,7 @@ def test_compare_reads_the_runs_back(demo_runs, tmp_path):
     assert f"{final * 100:.1f} %" in (tmp_path / "c.md").read_text()
 
 
+@pytest.mark.multiprocess
 def test_torchrun_recipe_logs_by_the_same_contract(tmp_path):
     from pathlib import Path
 

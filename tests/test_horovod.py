@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("horovod.torch")
 
-from test_parallel import _reference
+from parallel_reference import reference
 
 WORKER = str(Path(__file__).with_name("horovod_worker.py"))
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def test_distributed_optimizer_trains_the_same_with_butterfly(job):
 @pytest.mark.timeout(360)
 def test_partitioner_under_horovodrun_equals_the_reference(job):
     np, results = job
-    loss, grads, state = _reference("small_cnn", np)
+    loss, grads, state = reference("small_cnn", np)
     for scenario in JOBS[np]:
         if not scenario.startswith("partitioner"):
             continue
@@ -134,6 +134,7 @@ def test_registration_relies_only_on_pinned_horovod_names():
     assert callable(mpi_ops._basics._get_process_set_ids_and_ranks)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(300)
 def test_a_plain_horovod_script_trains_alike_with_only_the_op_changed():
     from hybrid_ext import launch
@@ -149,6 +150,7 @@ def test_a_plain_horovod_script_trains_alike_with_only_the_op_changed():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.timeout(420)
 def test_recipe_runs_every_strategy_and_reducer_and_logs_the_contract(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from hybrid_ext import metrics
+from hybrid_ext.comm import metrics
 
 
 def _record(algorithm: str = "rabenseifner", sent: int = 100) -> metrics.CollectiveRecord:

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from schedule_sim import SimulationError, simulate
 
-from hybrid_ext.schedule import (
+from hybrid_ext.comm.schedule import (
     ALGORITHMS,
     GATHER_ALGORITHMS,
     SCATTER_ALGORITHMS,

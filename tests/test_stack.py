@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from hybrid_ext.smoke import check_gloo
+from hybrid_ext.tools.smoke import check_gloo
 
 
 def _reference_weight(world_size: int) -> torch.Tensor:
@@ -20,13 +20,14 @@ def _reference_weight(world_size: int) -> torch.Tensor:
         return model.weight - 0.1 * model.weight.grad
 
 
+@pytest.mark.multiprocess
 def test_gloo_smoke():
     assert "= 3" in check_gloo(2)
 
 
 @pytest.mark.parametrize("np", [2, 3])
 def test_horovodrun_job(horovodrun, np):
-    results = horovodrun([sys.executable, "-m", "hybrid_ext.smoke", "horovod-worker"], np)
+    results = horovodrun([sys.executable, "-m", "hybrid_ext.tools.smoke_horovod_worker"], np)
     expected_sum = np * (np + 1) / 2
     reference = _reference_weight(np)
     for rank, result in enumerate(results):
@@ -40,7 +41,7 @@ def test_horovodrun_job(horovodrun, np):
 
 def test_deepspeed_launcher_job(deepspeed_job):
     np = 2
-    results = deepspeed_job(["--module", "hybrid_ext.smoke", "deepspeed-worker"], np)
+    results = deepspeed_job(["--module", "hybrid_ext.tools.smoke_deepspeed_worker"], np)
     reference = _reference_weight(np)
     for rank, result in enumerate(results):
         assert result["rank"] == rank and result["size"] == np

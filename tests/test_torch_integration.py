@@ -8,8 +8,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hybrid_ext
+from hybrid_ext.comm import _c10d_private as c10d
 from hybrid_ext.integrations.torch import ButterflyHookState, ButterflyProcessGroup, butterfly_hook
-from hybrid_ext.integrations.torch import _c10d_private as c10d
 
 
 def _model() -> torch.nn.Module:

@@ -32,8 +32,7 @@ import time
 import torch
 from torch import nn
 
-from hybrid_ext import metrics
-from hybrid_ext.collective import Communicator
+from hybrid_ext.comm import Communicator, metrics
 from hybrid_ext.parallel import plan as plan_module
 from hybrid_ext.parallel.dims import Groups, ParallelDims, torch_groups
 from hybrid_ext.parallel.layers import BatchSplit, ChannelParallelConv2d, ColumnParallelLinear, RowParallelLinear
@@ -196,7 +195,7 @@ def _torch_native_allreduce(groups: Groups):
     """torch.distributed's allreduce over one of the groups, as a handle (reducer="native")."""
     import torch.distributed as dist
 
-    from hybrid_ext.collective import Handle
+    from hybrid_ext.comm import Handle
 
     def for_group(kind: str):
         group = groups.handles[kind]

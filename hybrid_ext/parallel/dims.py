@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from hybrid_ext.collective import Communicator
+from hybrid_ext.comm import Communicator
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def torch_groups(dims: ParallelDims, device=None) -> Groups:
     import torch
     import torch.distributed as dist
 
-    from hybrid_ext.collective import communicator
+    from hybrid_ext.comm import communicator
 
     if not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialized: call init_process_group first")

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybrid_ext.collective import Communicator
+from hybrid_ext.comm import Communicator
 from hybrid_ext.parallel import mappings
 
 

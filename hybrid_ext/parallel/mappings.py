@@ -23,8 +23,8 @@ import itertools
 
 import torch
 
-from hybrid_ext.collective import Communicator
-from hybrid_ext.schedule import block_bounds
+from hybrid_ext.comm import Communicator
+from hybrid_ext.comm.schedule import block_bounds
 
 
 def _counts_along(comm: Communicator, rows: int, device: torch.device) -> tuple[int, ...]:

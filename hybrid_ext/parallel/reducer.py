@@ -5,8 +5,8 @@ Parameters are grouped by how their gradients combine:
 - replicated (data-parallel) parameters: averaged over the ranks that replicate them;
 - FC shards (hybrid): a shard's gradient already holds every model-parallel rank's loss (the gathered batch
   flowed through it), so it is *summed* over the replicas of that shard and divided by the world size —
-  not averaged over the group. The single-process reference on the global batch decides (see
-  ``ALGORITHMS.md`` in the project notes and the exactness tests).
+  not averaged over the group. The single-process reference on the global batch decides (the exactness
+  tests in ``tests/test_parallel.py``).
 
 Within a group, parameters are bucketed in reverse registration order (roughly the order backward produces
 their gradients, as DDP does); a bucket is reduced with one collective as soon as its last gradient is
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from hybrid_ext.collective import Communicator, Handle, allreduce_coalesced_async
+from hybrid_ext.comm import Communicator, Handle, allreduce_coalesced_async
 
 
 @dataclass

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from hybrid_ext import metrics
+from hybrid_ext.comm import metrics
 from hybrid_ext.parallel import ParallelModel, parallelize
 from hybrid_ext.train import data as data_module
 from hybrid_ext.train import models

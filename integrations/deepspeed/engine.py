@@ -4,7 +4,11 @@ The backend (route (a) of the DeepSpeed issue): DeepSpeed 0.19 has no registry o
 ``deepspeed.init_distributed(dist_backend=name)`` builds its ``TorchBackend`` over
 ``torch.distributed.init_process_group(name)``. hybrid-ext registers a torch.distributed backend named
 ``butterfly`` (all_reduce through the butterfly, everything else through an inner gloo / NCCL group), so
-passing that name is all it takes, and every ``deepspeed.comm`` call keeps working — no private DeepSpeed API.
+passing that name is all it takes, and every ``deepspeed.comm`` call keeps working.
+
+One private DeepSpeed name is touched, listed in :data:`DEEPSPEED_PRIVATE` and pinned by
+``tests/test_deepspeed.py``: :func:`initialize` resets the module global ``deepspeed.utils.groups.mpu`` before a
+dp engine (DeepSpeed keeps the last engine's mpu there and its group getters read it).
 
 The partitioner (Megatron-LM's way): DeepSpeed averages every gradient over its ``mpu``'s data-parallel group
 (dp = world / mp ranks), and ZeRO-1/2 partition over it. :func:`parallelize_for_deepspeed` leaves that to
@@ -45,6 +49,9 @@ from hybrid_ext.parallel.dims import Groups, ParallelDims, torch_groups
 
 ALGORITHM_ENV = "HYBRID_EXT_ALGO"
 BUTTERFLY_BACKEND = "butterfly"
+
+# Private DeepSpeed names this module touches (module -> names); tests pin that they still exist and are read.
+DEEPSPEED_PRIVATE = {"deepspeed.utils.groups": ("mpu",)}
 
 
 def backend_for(reducer: str) -> str | None:

@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 
-from hybrid_ext.bench import format_size, parse_size
+from hybrid_ext.bench.allreduce import format_size, parse_size
 
 CANDIDATES = ("hvd.allreduce", "hvd.Butterfly", "side channel, gloo", "hvd.alltoall", "pair process sets")
 
@@ -85,7 +85,7 @@ def main() -> None:
     import horovod.torch as hvd
 
     import hybrid_ext.integrations.horovod as hxh
-    from hybrid_ext.collective import Communicator
+    from hybrid_ext.comm import Communicator
 
     hvd.init()
     hxh.register()

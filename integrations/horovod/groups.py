@@ -15,8 +15,7 @@ from typing import Any
 
 import torch
 
-from hybrid_ext import metrics
-from hybrid_ext.collective import Communicator, Handle
+from hybrid_ext.comm import Communicator, Handle, metrics
 from hybrid_ext.integrations.horovod.transport import _hvd, communicator_for, process_set_for, side_channel
 from hybrid_ext.parallel.dims import Groups, ParallelDims
 

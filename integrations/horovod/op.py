@@ -39,9 +39,9 @@ from typing import Any
 
 import torch
 
-from hybrid_ext.collective import SUPPORTED_DTYPES, Communicator, Handle
+from hybrid_ext.comm import SUPPORTED_DTYPES, Communicator, Handle
+from hybrid_ext.comm.transport import PeerError
 from hybrid_ext.integrations.horovod.transport import communicator_for
-from hybrid_ext.transport import PeerError
 
 # module -> names wrapped there. Pinned by tests: a Horovod upgrade that moves any of them fails loudly.
 PATCHED: dict[str, tuple[str, ...]] = {

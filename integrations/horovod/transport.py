@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from hybrid_ext.collective import Communicator
+from hybrid_ext.comm import Communicator
+from hybrid_ext.comm.torch_transport import DEFAULT_TIMEOUT
+from hybrid_ext.comm.transport import PeerError
 from hybrid_ext.integrations.torch.side_channel import SideChannel, open_side_channel
-from hybrid_ext.integrations.torch.transport import DEFAULT_TIMEOUT
-from hybrid_ext.transport import PeerError
 
 _lock = threading.Lock()
 _channels: dict[int, SideChannel] = {}

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hybrid_ext import collective
-from hybrid_ext.integrations.torch import _c10d_private as c10d
+from hybrid_ext import comm
+from hybrid_ext.comm import _c10d_private as c10d
+from hybrid_ext.comm.torch_transport import TorchTransport, transport_for
 from hybrid_ext.integrations.torch.side_channel import StoreCollectives
-from hybrid_ext.integrations.torch.transport import TorchTransport, transport_for
 
 BACKEND_NAME = "butterfly"
 
@@ -95,7 +95,7 @@ class ButterflyProcessGroup(dist.ProcessGroup):
         self._group_desc = ""
         self._algorithm = "auto"
         self._inner: dict[str, Any] = {}
-        self._comms: dict[str, collective.Communicator] = {}
+        self._comms: dict[str, comm.Communicator] = {}
         gloo = dist.ProcessGroupGloo(dist.PrefixStore("butterfly/gloo", store), rank, size, timeout)
         setup = StoreCollectives(dist.PrefixStore("butterfly/setup", store), rank, size)
         cpu_transport = transport_for(gloo, torch.device("cpu"), setup.all_gather, setup.barrier)
@@ -109,7 +109,7 @@ class ButterflyProcessGroup(dist.ProcessGroup):
 
     def _add_inner(self, device_type: str, backend_type, backend, transport) -> None:
         self._inner[device_type] = backend
-        self._comms[device_type] = collective.Communicator(transport)
+        self._comms[device_type] = comm.Communicator(transport)
         c10d.attach_backend(self, torch.device(device_type), backend_type, backend)
 
     # ------------------------------------------------------------------ identity
@@ -138,7 +138,7 @@ class ButterflyProcessGroup(dist.ProcessGroup):
         """The inner group that carries this group's traffic for ``device`` (hybrid-ext's transports use it)."""
         return self._inner["cuda" if device.type == "cuda" and "cuda" in self._inner else "cpu"]
 
-    def butterfly_communicator(self, device: torch.device) -> collective.Communicator:
+    def butterfly_communicator(self, device: torch.device) -> comm.Communicator:
         return self._comms["cuda" if device.type == "cuda" and "cuda" in self._comms else "cpu"]
 
     # ------------------------------------------------------------------ the butterfly
@@ -158,13 +158,13 @@ class ButterflyProcessGroup(dist.ProcessGroup):
         if not tensors:
             return False
         first = tensors[0]
-        if first.dtype not in collective.SUPPORTED_DTYPES or (op == "avg" and not first.dtype.is_floating_point):
+        if first.dtype not in comm.SUPPORTED_DTYPES or (op == "avg" and not first.dtype.is_floating_point):
             return False
         return all(t.dtype == first.dtype and t.device == first.device and not t.is_sparse for t in tensors)
 
     def _submit(self, tensors, op: str, separate: bool):
         tensors = list(tensors)
-        comm = self.butterfly_communicator(tensors[0].device)
+        group_comm = self.butterfly_communicator(tensors[0].device)
         algorithm = os.environ.get("HYBRID_EXT_ALGO", self._algorithm) or "auto"
         if algorithm not in ("auto", "butterfly", "recursive_doubling", "rabenseifner", "ring"):
             algorithm = "auto"
@@ -172,12 +172,12 @@ class ButterflyProcessGroup(dist.ProcessGroup):
         def job():
             if separate:  # all_reduce of several tensors reduces each on its own, as other backends do
                 for t in tensors:
-                    comm.allreduce_now([t], op, algorithm)
+                    group_comm.allreduce_now([t], op, algorithm)
             else:
-                comm.allreduce_now(tensors, op, algorithm)
+                group_comm.allreduce_now(tensors, op, algorithm)
             return tensors
 
-        return c10d.work_from_future(comm.submit(job).as_torch_future(tensors))
+        return c10d.work_from_future(group_comm.submit(job).as_torch_future(tensors))
 
     # ------------------------------------------------------------------ everything else: the inner groups
     # Every collective torch's PyProcessGroup trampoline can route here (see _to_inner for why each needs a method).

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hybrid_ext import collective
+from hybrid_ext import comm
 
 
 @dataclass
@@ -41,5 +41,5 @@ def butterfly_hook(state: ButterflyHookState | Any, bucket: dist.GradBucket) -> 
     if not isinstance(state, ButterflyHookState):
         state = ButterflyHookState(group=state)
     tensor = bucket.buffer()
-    handle = collective.allreduce_async(tensor, op="avg", algorithm=state.algorithm, group=state.group)
+    handle = comm.allreduce_async(tensor, op="avg", algorithm=state.algorithm, group=state.group)
     return handle.as_torch_future(tensor)

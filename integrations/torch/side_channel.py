@@ -2,7 +2,7 @@
 
 The host framework does one thing: tell every rank of a group where the group's store is — ``share(obj)``, a
 broadcast from the group's first rank (Horovod: ``hvd.broadcast_object``). From there the ranks meet in the
-store: ranks on one host exchange through shared memory (:mod:`hybrid_ext.shm_transport`); otherwise over a
+store: ranks on one host exchange through shared memory (:mod:`hybrid_ext.comm.shm_transport`); otherwise over a
 gloo (CPU tensors) or NCCL (CUDA tensors) group built from the same store, outside torch.distributed's group
 registry, so a user's own ``init_process_group`` (or its absence) is untouched.
 
@@ -22,9 +22,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hybrid_ext import shm_transport
-from hybrid_ext.integrations.torch.transport import DEFAULT_TIMEOUT, TRANSPORT_ENV, TorchTransport, transport_choice
-from hybrid_ext.transport import Transport
+from hybrid_ext.comm import shm_transport
+from hybrid_ext.comm.torch_transport import DEFAULT_TIMEOUT, TRANSPORT_ENV, TorchTransport, transport_choice
+from hybrid_ext.comm.transport import Transport
 
 
 class StoreCollectives:

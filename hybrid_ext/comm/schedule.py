@@ -1,7 +1,7 @@
 """Allreduce schedules: which rank sends which slice to whom, at every step. Pure functions, no processes.
 
 A schedule is planned once per (algorithm, rank, world size, element count) and then executed by
-:mod:`hybrid_ext.collective` over any transport (see :mod:`hybrid_ext.transport`). Plans are cached: a training
+:mod:`hybrid_ext.comm.api` over any transport (see :mod:`hybrid_ext.comm.transport`). Plans are cached: a training
 loop that reduces the same bucket sizes every step plans each of them once.
 
 Notation (as in Gloo's ``docs/algorithms.md``): P ranks, P' the largest power of two <= P, N elements.

@@ -22,12 +22,11 @@ same core): data is written before the counter that publishes it. On other archi
 Waiting. A rank with nothing to do yields its core (``sched_yield``) so that the rank it waits for can run,
 and falls back to short sleeps after a while so an idle wait does not burn a core. Every wait checks the
 transport's deadline and whether the peer process still exists: a dead peer raises
-:class:`~hybrid_ext.transport.PeerError` at once, a stuck one at the timeout.
+:class:`~hybrid_ext.comm.transport.PeerError` at once, a stuck one at the timeout.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import mmap
 import os
@@ -40,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hybrid_ext.transport import PeerError
+from hybrid_ext.comm.transport import PeerError
 
 SHM_DIR = Path("/dev/shm")
 SLOTS = 4
@@ -237,12 +236,6 @@ class ShmTransport:
             raise PeerError(f"rank {self.rank}: peer rank {peer} (pid {self._pids[peer]}) has died") from None
         except PermissionError:
             pass
-
-    def close(self) -> None:
-        for mm in self._maps:
-            with contextlib.suppress(BufferError):  # tensors still view it; the mapping goes with the process
-                mm.close()
-        self._maps = []
 
 
 def host_id() -> str:

@@ -1,6 +1,6 @@
 """The transport contract: the one interface every host framework implements for hybrid-ext.
 
-Schedules (:mod:`hybrid_ext.schedule`) say which rank sends which slice to whom; a transport moves the bytes.
+Schedules (:mod:`hybrid_ext.comm.schedule`) say which rank sends which slice to whom; a transport moves the bytes.
 Everything hybrid-ext communicates — allreduce steps, the partitioner's all-gathers and reduce-scatters —
 is a sequence of :meth:`Transport.exchange` calls, so a framework needs only this to run all of it.
 
@@ -29,10 +29,11 @@ A transport is an object with:
     Short name for metrics and error messages (``"torch-gloo"``, ``"horovod"``...).
 
 A transport is used by one collective at a time, from one thread (the group's executor, see
-:mod:`hybrid_ext.collective`); it need not be thread-safe.
+:mod:`hybrid_ext.comm.ordering`); it need not be thread-safe.
 
-Implementations: :class:`hybrid_ext.integrations.torch.transport.TorchTransport` (any torch.distributed
-process group with point-to-point support: gloo, NCCL, MPI); :class:`LoopbackTransport` below, for one rank.
+Implementations: :class:`~hybrid_ext.comm.torch_transport.TorchTransport` (any torch.distributed process group
+with point-to-point support: gloo, NCCL, MPI), :class:`~hybrid_ext.comm.shm_transport.ShmTransport` (ranks on
+one host), and the Horovod side-channel transports in ``hybrid_ext.integrations.horovod.transport``.
 """
 
 from __future__ import annotations
@@ -60,15 +61,3 @@ class Transport(Protocol):
         recv: torch.Tensor | None,
         recv_from: int | None,
     ) -> None: ...
-
-
-class LoopbackTransport:
-    """The transport of a group of one: nothing ever has to move."""
-
-    name = "loopback"
-
-    def __init__(self, timeout: float = 60.0) -> None:
-        self.rank, self.size, self.timeout = 0, 1, timeout
-
-    def exchange(self, send, send_to, recv, recv_from) -> None:
-        raise PeerError("a group of one rank has no peers to exchange with")

@@ -8,7 +8,7 @@ Reported per size and algorithm: the median time over rounds, algbw = bytes / ti
 (the bandwidth on the busiest link, comparable across P, as in nccl-tests), and the ratio of the median to
 ``native`` (``dist.all_reduce`` on the same gloo group) measured in the same run.
 
-``--calibrate`` fits the cost model's α, β, γ (:mod:`hybrid_ext.cost_model`) to the recursive-doubling and
+``--calibrate`` fits the cost model's α, β, γ (:mod:`hybrid_ext.comm.cost_model`) to the recursive-doubling and
 Rabenseifner timings by least squares and saves them for ``auto``.
 """
 
@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from hybrid_ext import collective, cost_model
+from hybrid_ext import comm
+from hybrid_ext.comm import cost_model
 from hybrid_ext.launch import spawn
 
 ALGORITHM_CHOICES = ("auto", "butterfly", "rabenseifner", "recursive_doubling", "ring", "native")
@@ -75,16 +76,16 @@ def _bench_rank(
                     if algorithm == "native":
                         dist.all_reduce(buf)
                     else:
-                        collective.allreduce(buf, algorithm=algorithm)
+                        comm.allreduce(buf, algorithm=algorithm)
                 elapsed = (time.perf_counter() - start) / inner
                 buf.fill_(1.0)  # keep values bounded
                 if i >= warmup:
                     times.setdefault((size, algorithm), []).append(elapsed)
-        transport = collective.communicator().transport.name
+        transport = comm.communicator().transport.name
         for algorithm in algorithms:
             resolved = "gloo" if algorithm == "native" else cost_model.resolve(algorithm, n * 4, p, transport)
             chosen[(size, algorithm)] = resolved
-    return {"times": times, "chosen": chosen, "transport": collective.communicator().transport.name}
+    return {"times": times, "chosen": chosen, "transport": comm.communicator().transport.name}
 
 
 def run_allreduce_bench(

@@ -3,7 +3,7 @@
 Works with any process group whose backend has ``send``/``recv`` (gloo on CPU, NCCL on CUDA, MPI). Calls go
 straight to the group object (group-local ranks, no per-call lookups in torch's Python layer) with a tag of
 hybrid-ext's own, so they never match the user's point-to-point messages. Every wait has the transport's
-timeout; a peer that dies or stops answering becomes a :class:`~hybrid_ext.transport.PeerError`.
+timeout; a peer that dies or stops answering becomes a :class:`~hybrid_ext.comm.transport.PeerError`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hybrid_ext import shm_transport
-from hybrid_ext.integrations.torch._c10d_private import backend_timeout_seconds
-from hybrid_ext.transport import PeerError, Transport
+from hybrid_ext.comm import shm_transport
+from hybrid_ext.comm._c10d_private import backend_timeout_seconds
+from hybrid_ext.comm.transport import PeerError, Transport
 
 # Tag for hybrid-ext's messages ("HX"), distinct from the default tag 0 of user send/recv.
 TAG = 0x4858
@@ -35,7 +35,7 @@ def transport_choice() -> str:
 def transport_for(group: Any, device: torch.device, all_gather=None, barrier=None) -> Transport:
     """The fastest transport for ``group`` on ``device``; all ranks of the group call this together.
 
-    CPU tensors on ranks that share one host go through shared memory (:mod:`hybrid_ext.shm_transport`), as
+    CPU tensors on ranks that share one host go through shared memory (:mod:`hybrid_ext.comm.shm_transport`), as
     NCCL and MPI do within a node; anything else goes through the group's own send/recv.
     ``HYBRID_EXT_TRANSPORT=torch`` forces the latter, ``shm`` insists on the former.
     """

@@ -17,28 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybrid_ext import metrics
+from hybrid_ext.bench.mirror_transport import MirrorTransport
+from hybrid_ext.comm import metrics
 from hybrid_ext.launch import spawn
-
-
-class MirrorTransport:
-    """A transport that moves nothing: every peer 'answers' with a copy of what this rank sent (or zeros).
-
-    Keeps every shape and every computation of a run while skipping its communication.
-    """
-
-    name = "mirror"
-
-    def __init__(self, rank: int, size: int) -> None:
-        self.rank, self.size, self.timeout = rank, size, 60.0
-
-    def exchange(self, send, send_to, recv, recv_from) -> None:
-        if recv is None:
-            return
-        if send is not None and send.numel() == recv.numel():
-            recv.copy_(send)
-        else:
-            recv.zero_()
 
 
 def build_model(name: str, classes: int = 10) -> nn.Module:
@@ -63,7 +44,7 @@ class TrainRow:
 
 
 def _mirror_groups(world: int, mp_size: int, rank: int):
-    from hybrid_ext.collective import Communicator
+    from hybrid_ext.comm import Communicator
     from hybrid_ext.parallel.dims import Groups, ParallelDims
 
     dims = ParallelDims(world, mp_size)

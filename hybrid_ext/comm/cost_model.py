@@ -1,7 +1,7 @@
 """Which allreduce algorithm to run: an α-β-γ cost model, calibrated on the machine, overridable by environment.
 
 Per rank, with α seconds per message, β seconds per byte sent, γ seconds per byte reduced, n bytes, P ranks,
-P' the largest power of two <= P (see :mod:`hybrid_ext.schedule` for the algorithms):
+P' the largest power of two <= P (see :mod:`hybrid_ext.comm.schedule` for the algorithms):
 
 =====================  ==============  =====================  ====================
 algorithm              messages (× α)  bytes sent (× β)       bytes reduced (× γ)
@@ -33,7 +33,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from hybrid_ext.schedule import ALGORITHMS, largest_power_of_two_at_most
+from hybrid_ext.comm.schedule import ALGORITHMS, largest_power_of_two_at_most
 
 ALGO_ENV = "HYBRID_EXT_ALGO"
 MODEL_ENV = "HYBRID_EXT_COST_MODEL"

@@ -1,19 +1,10 @@
-"""Start several ranks on this machine and collect what each one returns — with a hard timeout.
+"""Run a Python function on N local processes joined in a torch.distributed process group — with a hard timeout.
 
-Three ways to start ranks, used by the CLI (demo, bench) and by the tests:
-
-- :func:`spawn` runs a Python function on N local processes joined in a torch.distributed process group
-  (gloo by default). No launcher needed.
-- :func:`run_horovodrun` runs a real ``horovodrun -np N -H localhost:N --gloo ...`` job.
-- :func:`run_deepspeed` runs a real ``deepspeed --num_gpus N ...`` job (on CPU: ``DS_ACCELERATOR=cpu``, gloo).
-
-In the launcher-based jobs each rank hands back its result with :func:`report_result`.
-
-Whatever goes wrong — a rank raises, a rank dies, the job hangs — the caller gets a :class:`LaunchError`
-(:class:`LaunchTimeout` for a hang) carrying every rank's traceback and the tail of its output, and no
-process is left behind. On a hang, :func:`spawn` also shows where each rank was: every thread's Python stack
-(faulthandler, on ``SIGUSR1``; a thread shown with no Python frame is native code holding a Python thread state,
-e.g. a gloo worker waiting for the GIL).
+Whatever goes wrong — a rank raises, a rank dies, the job hangs — the caller gets a
+:class:`~hybrid_ext.launch.errors.LaunchError` (:class:`~hybrid_ext.launch.errors.LaunchTimeout` for a hang)
+carrying every rank's traceback and the tail of its output, and no process is left behind. On a hang it also
+shows where each rank was: every thread's Python stack (faulthandler, on ``SIGUSR1``; a thread shown with no
+Python frame is native code holding a Python thread state, e.g. a gloo worker waiting for the GIL).
 """
 
 from __future__ import annotations
@@ -22,33 +13,20 @@ import contextlib
 import faulthandler
 import os
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-RESULT_DIR_ENV = "HYBRID_EXT_RESULT_DIR"
-LOG_TAIL_CHARS = 4000
+from hybrid_ext.launch.errors import LOG_TAIL_CHARS, LaunchError, LaunchTimeout
+from hybrid_ext.launch.results import load_result, save_result
+
 STACKS_SIGNAL = getattr(signal, "SIGUSR1", None)  # a hung rank dumps every thread's Python stack on it
 STACKS_WAIT = 2.0  # seconds the ranks get to write their stacks before they are killed
-
-
-class LaunchError(RuntimeError):
-    """A multi-rank job failed; the message holds each failing rank's traceback and output tail."""
-
-
-class LaunchTimeout(LaunchError):
-    """A multi-rank job did not finish within its timeout (a hang); every rank was killed."""
-
-
-# --------------------------------------------------------------------------------------------------
-# spawn: a function on N local processes
 
 
 def spawn(
@@ -98,7 +76,7 @@ def spawn(
                     proc.kill()
                 proc.join(5)
             del store
-        return [_load_result(workdir, rank) for rank in range(world_size)]
+        return [load_result(workdir, rank) for rank in range(world_size)]
 
 
 class _RankSpec:
@@ -137,7 +115,7 @@ def _rank_main(spec: _RankSpec, rank: int, workdir: str, capture_output: bool) -
                 timeout=timedelta(seconds=spec.pg_timeout),
             )
         result = spec.fn(rank, spec.world_size, *spec.args)
-        _save(out / f"rank{rank}.result", result)
+        save_result(out / f"rank{rank}.result", result)
         if spec.backend and dist.is_initialized():
             dist.destroy_process_group()
     except BaseException:
@@ -214,132 +192,3 @@ def _describe_ranks(procs, workdir: Path) -> str:
         if log.exists() and log.stat().st_size:
             parts.append("output (tail):\n" + log.read_text(errors="replace")[-LOG_TAIL_CHARS:].rstrip())
     return "\n".join(parts)
-
-
-# --------------------------------------------------------------------------------------------------
-# launcher jobs: horovodrun and deepspeed
-
-
-def report_result(result: Any, rank: int | None = None) -> None:
-    """Hand this rank's result back to :func:`run_horovodrun` / :func:`run_deepspeed` (no-op outside them)."""
-    directory = os.environ.get(RESULT_DIR_ENV)
-    if not directory:
-        return
-    if rank is None:
-        rank = current_rank()
-    _save(Path(directory) / f"rank{rank}.result", result)
-
-
-def current_rank() -> int:
-    """This process's global rank as set by whichever launcher started it (Horovod, torchrun, DeepSpeed)."""
-    for var in ("HOROVOD_RANK", "RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
-        if var in os.environ:
-            return int(os.environ[var])
-    raise RuntimeError("no launcher rank variable set (HOROVOD_RANK, RANK, OMPI_COMM_WORLD_RANK)")
-
-
-def run_horovodrun(
-    command: Sequence[str], np: int, *, timeout: float = 180.0, env: dict[str, str] | None = None
-) -> list[Any]:
-    """Run ``horovodrun -np N -H localhost:N --gloo <command>``; return each rank's reported result."""
-    launcher = [launcher_path("horovodrun"), "-np", str(np), "-H", f"localhost:{np}", "--gloo"]
-    return _run_launcher(launcher + list(command), np, timeout=timeout, env=env)
-
-
-def run_deepspeed(
-    command: Sequence[str], np: int, *, timeout: float = 240.0, env: dict[str, str] | None = None
-) -> list[Any]:
-    """Run ``deepspeed --num_gpus N <command>`` on CPU (gloo); return each rank's reported result.
-
-    ``command`` is what follows the launcher's own options: ``["script.py", "--arg"]`` or
-    ``["--module", "package.module", "--arg"]``. The launcher adds ``--local_rank=N`` to the script's
-    arguments.
-    """
-    port = free_port()
-    launcher = [launcher_path("deepspeed"), "--num_gpus", str(np), "--master_port", str(port)]
-    job_env = {"DS_ACCELERATOR": "cpu", **(env or {})}
-    try:
-        return _run_launcher(launcher + list(command), np, timeout=timeout, env=job_env)
-    finally:
-        # DeepSpeed's CPU accelerator maps a ~70 MB buffer per rank in /dev/shm and never unlinks it, so every
-        # job would leave its buffers behind in RAM; they are named after the job's master port.
-        for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-            leftover.unlink(missing_ok=True)
-
-
-def run_torchrun(
-    command: Sequence[str], np: int, *, timeout: float = 240.0, env: dict[str, str] | None = None
-) -> list[Any]:
-    """Run ``torchrun --nproc_per_node N --master_port P <command>``; return each rank's reported result."""
-    launcher = [launcher_path("torchrun"), "--nproc_per_node", str(np), "--master_port", str(free_port())]
-    return _run_launcher(launcher + list(command), np, timeout=timeout, env=env)
-
-
-def free_port() -> int:
-    """A TCP port free right now (for launchers that bind it themselves; a small race is unavoidable)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def launcher_path(name: str) -> str:
-    # Prefer the launcher installed next to this interpreter (a venv's bin/), then PATH.
-    beside = Path(sys.executable).parent / name
-    return str(beside) if beside.exists() else name
-
-
-def _run_launcher(command: list[str], np: int, *, timeout: float, env: dict[str, str] | None) -> list[Any]:
-    with tempfile.TemporaryDirectory(prefix="hybrid-ext-job-") as tmp:
-        job_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {}), RESULT_DIR_ENV: tmp}
-        job_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{job_env.get('PATH', '')}"
-        proc = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=job_env, text=True, start_new_session=True
-        )
-        try:
-            output, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _kill_tree(proc)
-            output, _ = proc.communicate()
-            raise LaunchTimeout(
-                f"`{' '.join(command)}` did not finish within {timeout:.0f}s: killed.\n"
-                f"output (tail):\n{output[-LOG_TAIL_CHARS:]}"
-            ) from None
-        finally:
-            _kill_tree(proc)
-        missing = [r for r in range(np) if not (Path(tmp) / f"rank{r}.result").exists()]
-        if proc.returncode != 0 or missing:
-            raise LaunchError(
-                f"`{' '.join(command)}` exited with {proc.returncode}; ranks without a result: {missing}\n"
-                f"output (tail):\n{output[-LOG_TAIL_CHARS:]}"
-            )
-        return [_load_result(Path(tmp), rank) for rank in range(np)]
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """Kill a launcher and everything it started, including ranks in sessions of their own."""
-    import psutil
-
-    with contextlib.suppress(psutil.NoSuchProcess):
-        for child in psutil.Process(proc.pid).children(recursive=True):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.kill()
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
-# --------------------------------------------------------------------------------------------------
-# results on disk (torch.save: tensors and plain Python objects alike)
-
-
-def _save(path: Path, obj: Any) -> None:
-    import torch
-
-    tmp = path.with_suffix(".partial")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _load_result(workdir: Path, rank: int) -> Any:
-    import torch
-
-    return torch.load(workdir / f"rank{rank}.result", weights_only=False)

@@ -1,0 +1,115 @@
+"""The public collectives: ``allreduce`` & co. over any transport — planned once, then executed step by step.
+
+    import hybrid_ext
+    hybrid_ext.allreduce(t)                                  # in place, sum, algorithm chosen by the cost model
+    hybrid_ext.allreduce(t, op="avg", algorithm="rabenseifner", group=pg)
+    handle = hybrid_ext.allreduce_async(t); ...; handle.wait()
+    hybrid_ext.allreduce_coalesced([g1, g2, g3], op="avg")   # one flat buffer, one collective (gradient buckets)
+
+``group`` is a torch.distributed process group (None: the default group), or any object implementing the
+transport contract (:mod:`hybrid_ext.comm.transport`). Each group gets a communicator
+(:mod:`hybrid_ext.comm.communicator`) that runs the group's collectives one at a time in issue order
+(:mod:`hybrid_ext.comm.ordering`).
+
+Semantics and memory: :mod:`hybrid_ext.comm.communicator`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from hybrid_ext.comm import cost_model
+from hybrid_ext.comm.executor import OPS, SUPPORTED_DTYPES
+from hybrid_ext.comm.ordering import Handle, MappedHandle
+from hybrid_ext.comm.registry import communicator
+
+
+def _validate(tensors: Sequence[torch.Tensor], op: str) -> None:
+    if op not in OPS:
+        raise ValueError(f"unsupported op {op!r}; choose one of {', '.join(OPS)}")
+    if not tensors:
+        return
+    first = tensors[0]
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"expected tensors, got {type(t).__name__}")
+        if t.dtype != first.dtype or t.device != first.device:
+            raise TypeError(
+                f"all tensors of one call must share dtype and device; got {first.dtype} on {first.device} "
+                f"and {t.dtype} on {t.device}"
+            )
+    if first.dtype not in SUPPORTED_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
+        raise TypeError(f"unsupported dtype {first.dtype}; supported: {names}")
+    if op == "avg" and not first.dtype.is_floating_point:
+        raise TypeError(f"op 'avg' needs a floating-point tensor, got {first.dtype} (use 'sum' and divide)")
+
+
+def allreduce_coalesced_async(
+    tensors: Sequence[torch.Tensor], op: str = "sum", algorithm: str = "auto", group: Any = None
+) -> Handle:
+    """Start reducing ``tensors`` in place as one flat buffer; ``handle.wait()`` returns the list."""
+    tensors = list(tensors)
+    _validate(tensors, op)
+    cost_model.resolve(algorithm, 0, 1)  # reject a bad algorithm name now, not on the worker thread
+    comm = communicator(group, tensors[0].device if tensors else None)
+    return comm.submit(lambda: (comm.allreduce_now(tensors, op, algorithm), tensors)[1])
+
+
+def allreduce_coalesced(
+    tensors: Sequence[torch.Tensor], op: str = "sum", algorithm: str = "auto", group: Any = None
+) -> list[torch.Tensor]:
+    """Reduce ``tensors`` in place through one flat buffer (one collective for all of them); return them."""
+    tensors = list(tensors)
+    _validate(tensors, op)
+    cost_model.resolve(algorithm, 0, 1)
+    comm = communicator(group, tensors[0].device if tensors else None)
+    comm.run(lambda: comm.allreduce_now(tensors, op, algorithm))
+    return tensors
+
+
+def allreduce_async(tensor: torch.Tensor, op: str = "sum", algorithm: str = "auto", group: Any = None) -> Handle:
+    """Start an in-place allreduce; ``handle.wait()`` returns ``tensor`` once it holds the result."""
+    handle = allreduce_coalesced_async([tensor], op, algorithm, group)
+    return MappedHandle(handle, lambda tensors: tensors[0])
+
+
+def allreduce(tensor: torch.Tensor, op: str = "sum", algorithm: str = "auto", group: Any = None) -> torch.Tensor:
+    """Reduce ``tensor`` in place across the group and return it (see the module docstring)."""
+    allreduce_coalesced([tensor], op, algorithm, group)
+    return tensor
+
+
+def allgather(
+    tensor: torch.Tensor,
+    group: Any = None,
+    counts: tuple[int, ...] | None = None,
+    algorithm: str = "recursive_doubling",
+) -> torch.Tensor:
+    """Concatenate every rank's ``tensor`` along dim 0; ranks may hold different numbers of rows.
+
+    ``counts`` (rows per rank), when the caller knows them, saves one small exchange. ``algorithm``:
+    ``recursive_doubling`` (log2 P messages) or ``ring``.
+    """
+    comm = communicator(group, tensor.device)
+    return comm.run(lambda: comm.allgather_now(tensor, tuple(counts) if counts is not None else None, algorithm))
+
+
+def reduce_scatter(
+    tensor: torch.Tensor,
+    counts: tuple[int, ...],
+    op: str = "sum",
+    group: Any = None,
+    algorithm: str = "recursive_halving",
+) -> torch.Tensor:
+    """Reduce ``tensor`` over the group and return this rank's block of ``counts[rank]`` rows (dim 0).
+
+    The dual of :func:`allgather`: the gradient of an all-gather is a reduce-scatter of the same blocks.
+    ``algorithm``: ``recursive_halving`` (log2 P messages) or ``ring``.
+    """
+    _validate([tensor], op)
+    comm = communicator(group, tensor.device)
+    return comm.run(lambda: comm.reduce_scatter_now(tensor, tuple(counts), op, algorithm))

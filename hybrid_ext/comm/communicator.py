@@ -1,0 +1,179 @@
+"""A group's communicator: its transport, its issue order and its buffers, and the collectives run over them.
+
+Semantics: ops ``sum``, ``avg``, ``min``, ``max``; dtypes float32/float64/float16/bfloat16 and int32/int64 (ints:
+sum, min, max). 16-bit inputs are reduced in a float32 working buffer (partial sums travel as float32, so they
+are exact to float32; the result is rounded once at the end). Every rank ends with bitwise-identical results:
+each element's final value is computed on one rank and copied (see :mod:`hybrid_ext.comm.schedule`), and
+``avg`` divides identical sums. Memory: a contiguous tensor of the reduction dtype is reduced in place;
+otherwise one working buffer holds the flat vector; plus one receive buffer of at most the largest reducing
+step, reused across calls.
+
+The ``*_now`` methods run on the group's ordered thread: call them through :meth:`Communicator.run` /
+:meth:`Communicator.submit` (the public functions in :mod:`hybrid_ext.comm.api` do).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from hybrid_ext.comm import consistency, cost_model, metrics
+from hybrid_ext.comm.buffers import ScratchPool
+from hybrid_ext.comm.executor import WIDENED, execute
+from hybrid_ext.comm.ordering import Handle, IssueOrder
+from hybrid_ext.comm.schedule import Plan, plan_allgather, plan_allreduce, plan_reduce_scatter
+from hybrid_ext.comm.transport import Transport
+
+
+class Communicator:
+    """Runs one group's collectives in issue order over its transport (see the module docstring)."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self.rank, self.size = transport.rank, transport.size
+        self._order = IssueOrder()
+        self._scratch = ScratchPool()
+
+    def run(self, job: Callable[[], Any]) -> Any:
+        """Run ``job`` in issue order, blocking (see :mod:`hybrid_ext.comm.ordering`)."""
+        return self._order.run(job)
+
+    def submit(self, job: Callable[[], Any]) -> Handle:
+        """Queue ``job`` behind every collective issued before it; return its handle."""
+        return self._order.submit(job)
+
+    def scratch(self, elements: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return self._scratch.get(elements, dtype, device)
+
+    # ---------------------------------------------------------------- collectives (run on the ordered thread)
+    def check_consistency(self, collective: str, op: str, tensors: Sequence[torch.Tensor]) -> None:
+        if self.size == 1:
+            return
+        device = tensors[0].device if tensors else torch.device("cpu")
+        row = consistency.fingerprint(collective, op, tensors)
+        table = torch.zeros(self.size, len(row), dtype=torch.int64, device=device)
+        table[self.rank] = torch.tensor(row, dtype=torch.int64)
+        flat = table.view(-1)
+        plan = plan_allreduce("recursive_doubling", self.rank, self.size, flat.numel())
+        execute(plan, flat, torch.empty_like(flat), self.transport, "sum")
+        consistency.verify(table.cpu(), ";".join(str(tuple(t.shape)) for t in tensors))
+
+    def allreduce_now(self, tensors: Sequence[torch.Tensor], op: str, algorithm: str) -> None:
+        """Reduce ``tensors`` in place as one flat vector (call through :meth:`run` / :meth:`submit`)."""
+        start = time.perf_counter()
+        if consistency.check_enabled():
+            self.check_consistency("allreduce", op, tensors)
+        if self.size == 1:
+            return
+        dtype, device = tensors[0].dtype, tensors[0].device
+        wide = WIDENED.get(dtype, dtype)
+        count = sum(t.numel() for t in tensors)
+        in_place = len(tensors) == 1 and tensors[0].is_contiguous() and wide == dtype
+        if in_place:
+            buffer = tensors[0].view(-1)
+        else:
+            buffer = torch.empty(count, dtype=wide, device=device)
+            offset = 0
+            for t in tensors:
+                buffer[offset : offset + t.numel()].copy_(t.reshape(-1))
+                offset += t.numel()
+        element_size = buffer.element_size()
+        chosen = cost_model.resolve(algorithm, count * element_size, self.size, self.transport.name)
+        plan = plan_allreduce(chosen, self.rank, self.size, count)
+        execute(plan, buffer, self.scratch(plan.scratch_elements, wide, device), self.transport, op)
+        if op == "avg":
+            buffer.div_(self.size)
+        if not in_place:
+            offset = 0
+            for t in tensors:
+                t.copy_(buffer[offset : offset + t.numel()].view(t.shape))
+                offset += t.numel()
+        metrics.record(
+            metrics.CollectiveRecord(
+                collective="allreduce",
+                algorithm=chosen,
+                transport=self.transport.name,
+                rank=self.rank,
+                world_size=self.size,
+                elements=count,
+                dtype=str(wide).removeprefix("torch."),
+                bytes_sent=plan.elements_sent * element_size,
+                bytes_received=plan.elements_received * element_size,
+                messages_sent=plan.messages_sent,
+                seconds=time.perf_counter() - start,
+            )
+        )
+
+    def block_counts(self, rows: int, device: torch.device) -> tuple[int, ...]:
+        """Every rank's number of rows (one small all-gather of integers)."""
+        table = torch.zeros(self.size, dtype=torch.int64, device=device)
+        table[self.rank] = rows
+        plan = plan_allgather("recursive_doubling", self.rank, (1,) * self.size)
+        execute(plan, table, table[:0], self.transport, "sum")
+        return tuple(int(v) for v in table.tolist())
+
+    def allgather_now(self, tensor: torch.Tensor, counts: tuple[int, ...] | None, algorithm: str) -> torch.Tensor:
+        """Concatenate every rank's ``tensor`` along dim 0 (ranks may hold different numbers of rows)."""
+        start = time.perf_counter()
+        if consistency.check_enabled():
+            self.check_consistency("allgather", "cat", [tensor[:0]])  # same trailing shape and dtype
+        if self.size == 1:
+            return tensor.clone()
+        if counts is None:
+            counts = self.block_counts(tensor.shape[0], tensor.device)
+        if counts[self.rank] != tensor.shape[0]:
+            raise ValueError(f"rank {self.rank} holds {tensor.shape[0]} rows, but counts say {counts[self.rank]}")
+        row = math.prod(tensor.shape[1:])  # elements per row
+        out = torch.empty((sum(counts), *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+        flat = out.view(-1)
+        offset = sum(counts[: self.rank]) * row
+        flat[offset : offset + tensor.numel()].copy_(tensor.reshape(-1))
+        plan = plan_allgather(algorithm, self.rank, tuple(c * row for c in counts))
+        execute(plan, flat, flat[:0], self.transport, "sum")
+        self._record("allgather", plan, out.element_size(), start, str(out.dtype))
+        return out
+
+    def reduce_scatter_now(
+        self, tensor: torch.Tensor, counts: tuple[int, ...], op: str, algorithm: str
+    ) -> torch.Tensor:
+        """Reduce ``tensor`` (all ranks' rows) over the group; return this rank's ``counts[rank]`` rows."""
+        start = time.perf_counter()
+        if consistency.check_enabled():
+            self.check_consistency("reduce_scatter", op, [tensor])
+        if sum(counts) != tensor.shape[0] or len(counts) != self.size:
+            raise ValueError(f"counts {list(counts)} do not split {tensor.shape[0]} rows over {self.size} ranks")
+        first = sum(counts[: self.rank])
+        if self.size == 1:
+            return tensor.clone()
+        wide = WIDENED.get(tensor.dtype, tensor.dtype)
+        buffer = torch.empty(tensor.numel(), dtype=wide, device=tensor.device)  # the one working buffer
+        buffer.view(tensor.shape).copy_(tensor)  # one copy, whatever the input's dtype and strides
+        row = math.prod(tensor.shape[1:])
+        plan = plan_reduce_scatter(algorithm, self.rank, tuple(c * row for c in counts))
+        execute(plan, buffer, self.scratch(plan.scratch_elements, wide, tensor.device), self.transport, op)
+        mine = buffer[first * row : (first + counts[self.rank]) * row].view(counts[self.rank], *tensor.shape[1:])
+        if op == "avg":
+            mine.div_(self.size)
+        self._record("reduce_scatter", plan, buffer.element_size(), start, str(wide))
+        return mine.to(tensor.dtype).clone() if wide != tensor.dtype else mine.clone()
+
+    def _record(self, collective_name: str, plan: Plan, element_size: int, start: float, dtype: str) -> None:
+        metrics.record(
+            metrics.CollectiveRecord(
+                collective=collective_name,
+                algorithm=plan.algorithm,
+                transport=self.transport.name,
+                rank=self.rank,
+                world_size=self.size,
+                elements=plan.count,
+                dtype=dtype.removeprefix("torch."),
+                bytes_sent=plan.elements_sent * element_size,
+                bytes_received=plan.elements_received * element_size,
+                messages_sent=plan.messages_sent,
+                seconds=time.perf_counter() - start,
+            )
+        )

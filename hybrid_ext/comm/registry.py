@@ -1,0 +1,43 @@
+"""Which communicator serves a group: one per torch process group (or transport object) and device type."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+
+from hybrid_ext.comm.communicator import Communicator
+from hybrid_ext.comm.transport import Transport
+
+_communicators: dict[int, tuple[Any, Communicator]] = {}
+_registry_lock = threading.Lock()
+
+
+def communicator(group: Any = None, device: torch.device | None = None) -> Communicator:
+    """The communicator of a torch process group (None: the default group) or of a transport object."""
+    if isinstance(group, Communicator):
+        return group
+    if group is None or not isinstance(group, Transport):
+        from hybrid_ext.comm.torch_transport import resolve_group
+
+        group = resolve_group(group)
+        # The butterfly backend's own communicator: its dist.all_reduce calls and ours share one order.
+        if hasattr(group, "butterfly_communicator"):
+            return group.butterfly_communicator(device or torch.device("cpu"))
+    device = device or torch.device("cpu")
+    key = (id(group), device.type)
+    with _registry_lock:
+        entry = _communicators.get(key)
+        if entry is None or entry[0] is not group:
+            entry = (group, Communicator(_as_transport(group, device)))
+            _communicators[key] = entry
+        return entry[1]
+
+
+def _as_transport(group: Any, device: torch.device) -> Transport:
+    if isinstance(group, Transport):
+        return group
+    from hybrid_ext.comm.torch_transport import transport_for
+
+    return transport_for(group, device)

@@ -1,0 +1,171 @@
+"""The script every rank of the DeepSpeed tests' launcher jobs runs: ``deepspeed --num_gpus N
+tests/deepspeed_worker.py <job> ...``. Each rank reports what it saw; tests/test_deepspeed.py compares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+from deepspeed_reference import LR, MICRO_BATCH, RECIPES, STEPS, ZERO_STAGES, batch, ds_config, small_cnn
+
+
+def _train(config: dict, rank: int, world: int, strategy: str, steps: int = STEPS) -> dict:
+    import hybrid_ext
+    from hybrid_ext.integrations import deepspeed as hx_deepspeed
+    from hybrid_ext.parallel import ParallelModel
+
+    def sgd(params):
+        return torch.optim.SGD(params, lr=LR, momentum=0.9)
+
+    engine, *_ = hx_deepspeed.initialize(model=small_cnn(), optimizer=sgd, config=config)
+    with hybrid_ext.metrics.capture() as records:
+        for step in range(steps):
+            x, y = batch(step, world)
+            if strategy != "mp":
+                x, y = (
+                    x[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH],
+                    y[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH],
+                )
+            loss = F.cross_entropy(engine(x), y)
+            engine.backward(loss)
+            engine.step()
+    module = engine.module
+    parallel = isinstance(module, ParallelModel)
+    state = hybrid_ext.full_state_dict(module) if parallel else module.state_dict()
+    return {
+        "state": {k: v.detach().clone() for k, v in state.items()},
+        "butterfly_calls": sum(r.collective == "allreduce" for r in records),
+        "module": type(module).__name__,
+        "strategy": module.strategy if parallel else "dp",
+        "mp": module.groups.dims.mp if parallel else 1,
+        "marked": sum(bool(getattr(p, "model_parallel", False)) for p in module.parameters()),
+    }
+
+
+class _GlooDataParallel:
+    """An ``mpu`` whose data-parallel group is a plain gloo group over all ranks (and mp = 1): the engine's every
+    gradient reduction, broadcast and ZeRO collective then runs on gloo, not on the butterfly — the plain-gloo
+    run to compare with, in the same job."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.dp = dist.new_group(backend="gloo")
+        self.mp = [dist.new_group([r], backend="gloo") for r in range(self.world)][self.rank]
+
+    def get_model_parallel_rank(self):
+        return 0
+
+    def get_model_parallel_world_size(self):
+        return 1
+
+    def get_model_parallel_group(self):
+        return self.mp
+
+    def get_data_parallel_rank(self):
+        return self.rank
+
+    def get_data_parallel_world_size(self):
+        return self.world
+
+    def get_data_parallel_group(self):
+        return self.dp
+
+    def get_data_parallel_group_ranks(self):
+        return list(range(self.world))
+
+
+def _train_on_gloo(stage: int, rank: int, world: int, mpu: _GlooDataParallel) -> dict:
+    import deepspeed
+
+    model = small_cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(stage), mpu=mpu)
+    for step in range(STEPS):
+        x, y = batch(step, world)
+        x, y = x[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH], y[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH]
+        engine.backward(F.cross_entropy(engine(x), y))
+        engine.step()
+    return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+
+
+def _config_switches(rank: int, world: int) -> dict:
+    """The shipped recipe configs, each through initialize(): what engine and grid they give."""
+    from hybrid_ext.integrations import deepspeed as hx_deepspeed
+
+    seen = {}
+    for name in ("dp-butterfly", "hybrid-butterfly", "mp-butterfly", "dp-butterfly"):
+        engine, *_ = hx_deepspeed.initialize(model=small_cnn(), config=str(RECIPES / f"{name}.json"))
+        module = engine.module
+        seen[name] = {
+            "module": type(module).__name__,
+            "strategy": getattr(module, "strategy", "dp"),
+            "mp": module.groups.dims.mp if hasattr(module, "groups") else 1,
+            "dp_world_size": engine.dp_world_size,
+            "zero_stage": engine.zero_optimization_stage(),
+        }
+    try:
+        hx_deepspeed.initialize(model=small_cnn(), config=ds_config(0, strategy="hybrid", mp_size=3))
+        seen["mp_size=3"] = "no error"
+    except ValueError as exc:
+        seen["mp_size=3"] = str(exc)
+    return seen
+
+
+def job_collectives_and_training(args) -> None:
+    """all_reduce vs gloo; dp at ZeRO 0/1/2 on the butterfly and on gloo; hybrid / mp at ZeRO 0/1/2."""
+    import time
+
+    import deepspeed.comm as ds_comm
+    import torch.distributed as dist
+
+    import hybrid_ext
+    from hybrid_ext.integrations import deepspeed as hx_deepspeed
+    from hybrid_ext.launch import report_result
+
+    start = time.perf_counter()
+    hx_deepspeed.init_distributed(reducer="butterfly")
+    rank, world = ds_comm.get_rank(), ds_comm.get_world_size()
+    result: dict = {"rank": rank, "world": world, "backend": dist.get_backend()}
+    # deepspeed.comm.all_reduce, and the same on a plain gloo group.
+    t = torch.randn(1000, generator=torch.Generator().manual_seed(rank))
+    with hybrid_ext.metrics.capture() as records:
+        ours = t.clone()
+        ds_comm.all_reduce(ours)
+    gloo_result = t.clone()
+    dist.all_reduce(gloo_result, group=dist.new_group(backend="gloo"))
+    result["allreduce"] = {"ours": ours, "gloo": gloo_result, "records": [r.as_dict() for r in records]}
+    result["dp"] = {stage: _train(ds_config(stage), rank, world, "dp") for stage in ZERO_STAGES}
+    gloo = _GlooDataParallel()
+    result["dp_gloo"] = {stage: _train_on_gloo(stage, rank, world, gloo) for stage in ZERO_STAGES}
+    for mp in args.mp_sizes:
+        for stage in ZERO_STAGES:
+            section = {"strategy": "hybrid", "mp_size": mp}
+            result[f"hybrid-mp{mp}-zero{stage}"] = _train(ds_config(stage, **section), rank, world, "hybrid")
+    if args.more:
+        result["mp-zero1"] = _train(ds_config(1, strategy="mp"), rank, world, "mp")
+        result["configs"] = _config_switches(rank, world)
+    result["seconds"] = time.perf_counter() - start
+    report_result(result)
+
+
+JOBS = {"collectives-and-training": job_collectives_and_training}
+
+
+def worker_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("job", choices=sorted(JOBS))
+    parser.add_argument("--mp-sizes", type=lambda s: [int(v) for v in s.split(",") if v], default=[])
+    parser.add_argument("--more", action="store_true", help="also mp, and the recipe configs")
+    parser.add_argument("--local_rank", type=int, default=-1)  # added by the deepspeed launcher
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    JOBS[args.job](args)
+
+
+if __name__ == "__main__":
+    worker_main(sys.argv[1:])
