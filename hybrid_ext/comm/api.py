@@ -22,12 +22,12 @@ from typing import Any
 import torch
 
 from hybrid_ext.comm import cost_model
-from hybrid_ext.comm.executor import OPS, SUPPORTED_DTYPES
+from hybrid_ext.comm.executor import OPS, SUPPORTED_DTYPES, wire_dtype_for
 from hybrid_ext.comm.ordering import Handle, MappedHandle
 from hybrid_ext.comm.registry import communicator
 
 
-def _validate(tensors: Sequence[torch.Tensor], op: str) -> None:
+def _validate(tensors: Sequence[torch.Tensor], op: str, wire_dtype: torch.dtype | str | None = None) -> None:
     if op not in OPS:
         raise ValueError(f"unsupported op {op!r}; choose one of {', '.join(OPS)}")
     if not tensors:
@@ -46,40 +46,66 @@ def _validate(tensors: Sequence[torch.Tensor], op: str) -> None:
         raise TypeError(f"unsupported dtype {first.dtype}; supported: {names}")
     if op == "avg" and not first.dtype.is_floating_point:
         raise TypeError(f"op 'avg' needs a floating-point tensor, got {first.dtype} (use 'sum' and divide)")
+    wire_dtype_for(first.dtype, wire_dtype)  # a bad wire dtype fails here, not on the worker thread
 
 
 def allreduce_coalesced_async(
-    tensors: Sequence[torch.Tensor], op: str = "sum", algorithm: str = "auto", group: Any = None
+    tensors: Sequence[torch.Tensor],
+    op: str = "sum",
+    algorithm: str = "auto",
+    group: Any = None,
+    wire_dtype: torch.dtype | str | None = None,
 ) -> Handle:
-    """Start reducing ``tensors`` in place as one flat buffer; ``handle.wait()`` returns the list."""
+    """Start reducing ``tensors`` in place as one flat buffer; ``handle.wait()`` returns the list.
+
+    ``wire_dtype``: the dtype messages travel in — default the input's (16-bit gradients travel as 16-bit,
+    accumulated in float32 on every rank); ``torch.float32`` sends full-precision partial sums; a 16-bit dtype
+    compresses float32 inputs. Also ``HYBRID_EXT_WIRE_DTYPE=input|float32|float16|bfloat16``.
+    """
     tensors = list(tensors)
-    _validate(tensors, op)
+    _validate(tensors, op, wire_dtype)
     cost_model.resolve(algorithm, 0, 1)  # reject a bad algorithm name now, not on the worker thread
     comm = communicator(group, tensors[0].device if tensors else None)
-    return comm.submit(lambda: (comm.allreduce_now(tensors, op, algorithm), tensors)[1])
+    return comm.submit(lambda: (comm.allreduce_now(tensors, op, algorithm, wire_dtype), tensors)[1])
 
 
 def allreduce_coalesced(
-    tensors: Sequence[torch.Tensor], op: str = "sum", algorithm: str = "auto", group: Any = None
+    tensors: Sequence[torch.Tensor],
+    op: str = "sum",
+    algorithm: str = "auto",
+    group: Any = None,
+    wire_dtype: torch.dtype | str | None = None,
 ) -> list[torch.Tensor]:
     """Reduce ``tensors`` in place through one flat buffer (one collective for all of them); return them."""
     tensors = list(tensors)
-    _validate(tensors, op)
+    _validate(tensors, op, wire_dtype)
     cost_model.resolve(algorithm, 0, 1)
     comm = communicator(group, tensors[0].device if tensors else None)
-    comm.run(lambda: comm.allreduce_now(tensors, op, algorithm))
+    comm.run(lambda: comm.allreduce_now(tensors, op, algorithm, wire_dtype))
     return tensors
 
 
-def allreduce_async(tensor: torch.Tensor, op: str = "sum", algorithm: str = "auto", group: Any = None) -> Handle:
+def allreduce_async(
+    tensor: torch.Tensor,
+    op: str = "sum",
+    algorithm: str = "auto",
+    group: Any = None,
+    wire_dtype: torch.dtype | str | None = None,
+) -> Handle:
     """Start an in-place allreduce; ``handle.wait()`` returns ``tensor`` once it holds the result."""
-    handle = allreduce_coalesced_async([tensor], op, algorithm, group)
+    handle = allreduce_coalesced_async([tensor], op, algorithm, group, wire_dtype)
     return MappedHandle(handle, lambda tensors: tensors[0])
 
 
-def allreduce(tensor: torch.Tensor, op: str = "sum", algorithm: str = "auto", group: Any = None) -> torch.Tensor:
+def allreduce(
+    tensor: torch.Tensor,
+    op: str = "sum",
+    algorithm: str = "auto",
+    group: Any = None,
+    wire_dtype: torch.dtype | str | None = None,
+) -> torch.Tensor:
     """Reduce ``tensor`` in place across the group and return it (see the module docstring)."""
-    allreduce_coalesced([tensor], op, algorithm, group)
+    allreduce_coalesced([tensor], op, algorithm, group, wire_dtype)
     return tensor
 
 
@@ -104,12 +130,13 @@ def reduce_scatter(
     op: str = "sum",
     group: Any = None,
     algorithm: str = "recursive_halving",
+    wire_dtype: torch.dtype | str | None = None,
 ) -> torch.Tensor:
     """Reduce ``tensor`` over the group and return this rank's block of ``counts[rank]`` rows (dim 0).
 
     The dual of :func:`allgather`: the gradient of an all-gather is a reduce-scatter of the same blocks.
     ``algorithm``: ``recursive_halving`` (log2 P messages) or ``ring``.
     """
-    _validate([tensor], op)
+    _validate([tensor], op, wire_dtype)
     comm = communicator(group, tensor.device)
-    return comm.run(lambda: comm.reduce_scatter_now(tensor, tuple(counts), op, algorithm))
+    return comm.run(lambda: comm.reduce_scatter_now(tensor, tuple(counts), op, algorithm, wire_dtype))

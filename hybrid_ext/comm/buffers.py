@@ -6,13 +6,16 @@ import torch
 
 
 class ScratchPool:
-    """One scratch tensor per (device, dtype), at least as large as the largest request so far."""
+    """One scratch tensor per (device, dtype, role), at least as large as the largest request so far.
+
+    ``role`` keeps apart buffers one collective uses at once (the receive buffer, the wire staging buffers).
+    """
 
     def __init__(self) -> None:
-        self._buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._buffers: dict[tuple[torch.device, torch.dtype, str], torch.Tensor] = {}
 
-    def get(self, elements: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        key = (device, dtype)
+    def get(self, elements: int, dtype: torch.dtype, device: torch.device, role: str = "recv") -> torch.Tensor:
+        key = (device, dtype, role)
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < elements:
             buf = torch.empty(elements, dtype=dtype, device=device)

@@ -23,7 +23,7 @@ import torch
 
 from hybrid_ext.comm import consistency, cost_model, metrics
 from hybrid_ext.comm.buffers import ScratchPool
-from hybrid_ext.comm.executor import WIDENED, execute
+from hybrid_ext.comm.executor import WIDENED, WireStaging, execute, wire_dtype_for
 from hybrid_ext.comm.ordering import Handle, IssueOrder
 from hybrid_ext.comm.schedule import Plan, plan_allgather, plan_allreduce, plan_reduce_scatter
 from hybrid_ext.comm.transport import Transport
@@ -62,8 +62,13 @@ class Communicator:
         execute(plan, flat, torch.empty_like(flat), self.transport, "sum")
         consistency.verify(table.cpu(), ";".join(str(tuple(t.shape)) for t in tensors))
 
-    def allreduce_now(self, tensors: Sequence[torch.Tensor], op: str, algorithm: str) -> None:
-        """Reduce ``tensors`` in place as one flat vector (call through :meth:`run` / :meth:`submit`)."""
+    def allreduce_now(
+        self, tensors: Sequence[torch.Tensor], op: str, algorithm: str, wire_dtype: torch.dtype | str | None = None
+    ) -> None:
+        """Reduce ``tensors`` in place as one flat vector (call through :meth:`run` / :meth:`submit`).
+
+        ``wire_dtype``: the dtype messages travel in (see :func:`~hybrid_ext.comm.executor.wire_dtype_for`).
+        """
         start = time.perf_counter()
         if consistency.check_enabled():
             self.check_consistency("allreduce", op, tensors)
@@ -81,10 +86,11 @@ class Communicator:
             for t in tensors:
                 buffer[offset : offset + t.numel()].copy_(t.reshape(-1))
                 offset += t.numel()
-        element_size = buffer.element_size()
+        wire = wire_dtype_for(dtype, wire_dtype)
+        element_size = wire.itemsize if wire != wide else buffer.element_size()
         chosen = cost_model.resolve(algorithm, count * element_size, self.size, self.transport.name)
         plan = plan_allreduce(chosen, self.rank, self.size, count)
-        execute(plan, buffer, self.scratch(plan.scratch_elements, wide, device), self.transport, op)
+        self._execute(plan, buffer, wire, op)
         if op == "avg":
             buffer.div_(self.size)
         if not in_place:
@@ -100,13 +106,26 @@ class Communicator:
                 rank=self.rank,
                 world_size=self.size,
                 elements=count,
-                dtype=str(wide).removeprefix("torch."),
+                dtype=str(wire).removeprefix("torch."),
                 bytes_sent=plan.elements_sent * element_size,
                 bytes_received=plan.elements_received * element_size,
                 messages_sent=plan.messages_sent,
                 seconds=time.perf_counter() - start,
             )
         )
+
+    def _execute(self, plan: Plan, buffer: torch.Tensor, wire: torch.dtype, op: str) -> None:
+        """Run ``plan`` on ``buffer``; messages travel as ``wire`` (narrower than the buffer: staged)."""
+        device = buffer.device
+        if wire == buffer.dtype:
+            execute(plan, buffer, self.scratch(plan.scratch_elements, buffer.dtype, device), self.transport, op)
+            return
+        elements = plan.largest_step_elements
+        staging = WireStaging(
+            self._scratch.get(elements, wire, device, role="wire-send"),
+            self._scratch.get(elements, wire, device, role="wire-recv"),
+        )
+        execute(plan, buffer, buffer[:0], self.transport, op, wire=staging)
 
     def block_counts(self, rows: int, device: torch.device) -> tuple[int, ...]:
         """Every rank's number of rows (one small all-gather of integers)."""
@@ -138,7 +157,12 @@ class Communicator:
         return out
 
     def reduce_scatter_now(
-        self, tensor: torch.Tensor, counts: tuple[int, ...], op: str, algorithm: str
+        self,
+        tensor: torch.Tensor,
+        counts: tuple[int, ...],
+        op: str,
+        algorithm: str,
+        wire_dtype: torch.dtype | str | None = None,
     ) -> torch.Tensor:
         """Reduce ``tensor`` (all ranks' rows) over the group; return this rank's ``counts[rank]`` rows."""
         start = time.perf_counter()
@@ -154,11 +178,12 @@ class Communicator:
         buffer.view(tensor.shape).copy_(tensor)  # one copy, whatever the input's dtype and strides
         row = math.prod(tensor.shape[1:])
         plan = plan_reduce_scatter(algorithm, self.rank, tuple(c * row for c in counts))
-        execute(plan, buffer, self.scratch(plan.scratch_elements, wide, tensor.device), self.transport, op)
+        wire = wire_dtype_for(tensor.dtype, wire_dtype)
+        self._execute(plan, buffer, wire, op)
         mine = buffer[first * row : (first + counts[self.rank]) * row].view(counts[self.rank], *tensor.shape[1:])
         if op == "avg":
             mine.div_(self.size)
-        self._record("reduce_scatter", plan, buffer.element_size(), start, str(wide))
+        self._record("reduce_scatter", plan, wire.itemsize, start, str(wire))
         return mine.to(tensor.dtype).clone() if wide != tensor.dtype else mine.clone()
 
     def _record(self, collective_name: str, plan: Plan, element_size: int, start: float, dtype: str) -> None:

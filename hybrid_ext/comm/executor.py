@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -12,6 +13,34 @@ from hybrid_ext.comm.transport import PeerError, Transport
 OPS = ("sum", "avg", "min", "max")
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int64)
 WIDENED = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+WIRE_DTYPE_ENV = "HYBRID_EXT_WIRE_DTYPE"  # input (default) | float32 | float16 | bfloat16
+WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def wire_dtype_for(dtype: torch.dtype, requested: torch.dtype | str | None = None) -> torch.dtype:
+    """The dtype messages of a ``dtype`` reduction travel in.
+
+    Default (``None`` / ``"input"``, or ``HYBRID_EXT_WIRE_DTYPE``): the input's own dtype — 16-bit gradients
+    travel as 16-bit, the bytes NCCL and gloo send, while every rank still accumulates in float32. ``float32``
+    sends 16-bit inputs' partial sums in full precision (twice the bytes, exact to float32); a 16-bit wire dtype
+    for float32 inputs compresses them (Horovod's fp16 compression, with float32 accumulation).
+    """
+    if requested is None:
+        requested = os.environ.get(WIRE_DTYPE_ENV, "input").strip().lower() or "input"
+    if isinstance(requested, str):
+        if requested == "input":
+            return dtype
+        if requested not in WIRE_DTYPES:
+            raise ValueError(f"wire dtype {requested!r}: choose input, {', '.join(WIRE_DTYPES)}")
+        requested = WIRE_DTYPES[requested]
+    if requested == dtype:
+        return dtype
+    if not (dtype.is_floating_point and requested.is_floating_point):
+        raise TypeError(f"a {dtype} reduction cannot travel as {requested}: only floating types change wire dtype")
+    if requested not in WIRE_DTYPES.values():
+        names = ", ".join(WIRE_DTYPES)
+        raise TypeError(f"wire dtype {requested} is not supported; choose the input's dtype or one of {names}")
+    return requested
 
 
 def _reduce_sum(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -34,8 +63,24 @@ REDUCERS: dict[str, Callable[[torch.Tensor, torch.Tensor], None]] = {
 }
 
 
-def execute(plan: Plan, buffer: torch.Tensor, scratch: torch.Tensor, transport: Transport, op: str) -> None:
-    """Run one rank's plan on a flat contiguous ``buffer``; ``scratch`` holds >= ``plan.scratch_elements``."""
+def execute(
+    plan: Plan,
+    buffer: torch.Tensor,
+    scratch: torch.Tensor,
+    transport: Transport,
+    op: str,
+    wire: WireStaging | None = None,
+) -> None:
+    """Run one rank's plan on a flat contiguous ``buffer``; ``scratch`` holds >= ``plan.scratch_elements``.
+
+    With ``wire`` (a narrower dtype than the buffer's, e.g. 16-bit gradients reduced in a float32 buffer), every
+    message travels in the wire dtype and is reduced into the buffer in the buffer's precision. Before a slice is
+    sent it is rounded to the wire dtype in place, so sender and receiver hold the same value afterwards: every
+    rank still ends with bitwise-identical results.
+    """
+    if wire is not None:
+        _execute_narrow_wire(plan, buffer, transport, op, wire)
+        return
     reduce = REDUCERS[op]
     for index, step in enumerate(plan.steps):
         send = buffer[step.send[0] : step.send[1]] if step.send is not None else None
@@ -56,9 +101,50 @@ def execute(plan: Plan, buffer: torch.Tensor, scratch: torch.Tensor, transport: 
                 continue
             transport.exchange(send, step.send_to, recv, step.recv_from)
         except PeerError as exc:
-            raise PeerError(
-                f"{plan.algorithm} allreduce of {plan.count} elements, step {index} ({step.phase}) on rank "
-                f"{plan.rank} of {plan.world_size}: {exc}"
-            ) from exc
+            raise _step_error(plan, index, exc) from exc
         if step.reduce:
             reduce(buffer[step.recv[0] : step.recv[1]], recv)
+
+
+class WireStaging:
+    """Send and receive buffers of the wire dtype, at least ``plan.largest_step_elements`` long each."""
+
+    def __init__(self, send: torch.Tensor, recv: torch.Tensor) -> None:
+        if send.dtype != recv.dtype:
+            raise ValueError(f"wire buffers disagree: {send.dtype} and {recv.dtype}")
+        self.dtype = send.dtype
+        self.send, self.recv = send, recv
+
+
+def _execute_narrow_wire(plan: Plan, buffer: torch.Tensor, transport: Transport, op: str, wire: WireStaging) -> None:
+    reduce = REDUCERS[op]
+    for index, step in enumerate(plan.steps):
+        send = recv = None
+        if step.send is not None:
+            own = buffer[step.send[0] : step.send[1]]
+            send = wire.send[: own.numel()]
+            send.copy_(own)  # rounds to the wire dtype
+            own.copy_(send)  # keep what the peer gets: both sides now hold the same value
+        if step.recv is not None:
+            recv = wire.recv[: step.recv_count]
+        try:
+            transport.exchange(send, step.send_to, recv, step.recv_from)
+        except PeerError as exc:
+            raise _step_error(plan, index, exc) from exc
+        if recv is not None:
+            target = buffer[step.recv[0] : step.recv[1]]
+            if step.reduce:
+                reduce(target, recv.to(buffer.dtype))
+            else:
+                target.copy_(recv)
+    # A rank that computed a final value itself (the last reducing step, or a fold partner before the hand-back)
+    # still holds it unrounded, while every copy it sent was rounded: round all, so every rank holds the same.
+    buffer.copy_(buffer.to(wire.dtype))
+
+
+def _step_error(plan: Plan, index: int, exc: PeerError) -> PeerError:
+    step = plan.steps[index]
+    return PeerError(
+        f"{plan.algorithm} {plan.collective} of {plan.count} elements, step {index} ({step.phase}) on rank "
+        f"{plan.rank} of {plan.world_size}: {exc}"
+    )

@@ -94,6 +94,11 @@ class Plan:
         """Size of the receive buffer the reducing steps need (copying steps receive in place)."""
         return max((s.recv_count for s in self.steps if s.reduce), default=0)
 
+    @property
+    def largest_step_elements(self) -> int:
+        """The longest message sent or received in one step (staging size for a narrower wire dtype)."""
+        return max((max(s.send_count, s.recv_count) for s in self.steps), default=0)
+
 
 def largest_power_of_two_at_most(p: int) -> int:
     return 1 << (p.bit_length() - 1)
