@@ -154,6 +154,10 @@ def test_back_to_back_fallback_collectives_do_not_deadlock(spawn_ranks):
 def test_private_c10d_pieces_exist():
     from torch.futures import Future
 
+    # post_grouped brackets NCCL's point-to-point ops with these (no device argument on a Backend).
+    for name in ("_start_coalescing", "_end_coalescing", "supports_coalescing"):
+        assert hasattr(dist.ProcessGroupGloo, name), name
+
     future = Future()
     future.set_result([torch.ones(1)])
     work = c10d.work_from_future(future)
@@ -204,3 +208,38 @@ def test_device_mesh_and_subgroups_on_the_butterfly_backend(spawn_ranks):
     for out in results:
         assert out["backend"] == "butterfly" and out["whole"] == [3.0] * 3
         assert out["part"] == [3.0, 3.0]  # ranks 0, 1: 1 + 2; rank 2 kept its own 3
+
+
+class _CoalescingBackend:
+    """Stands in for NCCL's backend: records what post_grouped does around the posted ops."""
+
+    supports_coalescing = True
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def _start_coalescing(self) -> None:
+        self.calls.append("start")
+
+    def _end_coalescing(self):
+        self.calls.append("end")
+        return "group-work"
+
+    def recv(self, tensors, src, tag):
+        self.calls.append(f"recv {src}")
+        return "recv-work"
+
+    def send(self, tensors, dst, tag):
+        self.calls.append(f"send {dst}")
+        return "send-work"
+
+
+def test_a_receive_and_a_send_are_posted_as_one_group_where_the_backend_needs_it():
+    backend = _CoalescingBackend()
+    works = c10d.post_grouped(backend, torch.device("cpu"), lambda: [backend.recv([], 1, 0), backend.send([], 2, 0)])
+    assert backend.calls == ["start", "recv 1", "send 2", "end"]
+    assert works == ["recv-work", "send-work", "group-work"]
+    backend.supports_coalescing = False  # gloo: posted one by one, no bracket
+    backend.calls.clear()
+    c10d.post_grouped(backend, torch.device("cpu"), lambda: [backend.send([], 0, 0)])
+    assert backend.calls == ["send 0"]

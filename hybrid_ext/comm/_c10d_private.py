@@ -44,3 +44,23 @@ def backend_timeout_seconds(group) -> float | None:
 
 def backend_registered(name: str) -> bool:
     return name.upper() in dist.Backend._plugins
+
+
+def post_grouped(group, device: torch.device, post) -> list:
+    """Post the point-to-point ops ``post()`` starts as one group where the backend needs it; return the works.
+
+    NCCL requires a send and a receive that depend on each other to be posted inside one group (ncclGroupStart /
+    End): posted separately, two ranks exchanging can deadlock. Backends that coalesce (NCCL) get ``post()``
+    bracketed by their private ``_start_coalescing`` / ``_end_coalescing`` (what ``dist.batch_isend_irecv`` does
+    through the Python layer); the others (gloo) post each op as it comes, which they handle concurrently.
+    """
+    backend = group._get_backend(device) if isinstance(group, dist.ProcessGroup) else group
+    if not getattr(backend, "supports_coalescing", False):
+        return list(post())
+    backend._start_coalescing()
+    try:
+        works = list(post())
+    finally:
+        coalesced = backend._end_coalescing()
+    # One work stands for the whole group on NCCL; keep the individual ones too, where the backend returned them.
+    return [w for w in (*works, coalesced) if w is not None]

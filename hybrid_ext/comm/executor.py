@@ -20,12 +20,15 @@ WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": t
 def wire_dtype_for(dtype: torch.dtype, requested: torch.dtype | str | None = None) -> torch.dtype:
     """The dtype messages of a ``dtype`` reduction travel in.
 
-    Default (``None`` / ``"input"``, or ``HYBRID_EXT_WIRE_DTYPE``): the input's own dtype — 16-bit gradients
-    travel as 16-bit, the bytes NCCL and gloo send, while every rank still accumulates in float32. ``float32``
-    sends 16-bit inputs' partial sums in full precision (twice the bytes, exact to float32); a 16-bit wire dtype
-    for float32 inputs compresses them (Horovod's fp16 compression, with float32 accumulation).
+    Default (``None`` / ``"input"``): the input's own dtype — 16-bit gradients travel as 16-bit, the bytes NCCL
+    and gloo send, while every rank still accumulates in float32. ``float32`` sends 16-bit inputs' partial sums
+    in full precision (twice the bytes, exact to float32); a 16-bit wire dtype for float32 inputs compresses them
+    (Horovod's fp16 compression, with float32 accumulation). ``HYBRID_EXT_WIRE_DTYPE`` sets the process-wide
+    default for 16-bit and float32 inputs; float64 and integers travel as themselves unless asked explicitly.
     """
     if requested is None:
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return dtype  # the process-wide default leaves float64 and integer reductions alone
         requested = os.environ.get(WIRE_DTYPE_ENV, "input").strip().lower() or "input"
     if isinstance(requested, str):
         if requested == "input":

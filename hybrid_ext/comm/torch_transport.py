@@ -2,8 +2,10 @@
 
 Works with any process group whose backend has ``send``/``recv`` (gloo on CPU, NCCL on CUDA, MPI). Calls go
 straight to the group object (group-local ranks, no per-call lookups in torch's Python layer) with a tag of
-hybrid-ext's own, so they never match the user's point-to-point messages. Every wait has the transport's
-timeout; a peer that dies or stops answering becomes a :class:`~hybrid_ext.comm.transport.PeerError`.
+hybrid-ext's own, so they never match the user's point-to-point messages. A step's receive and send are posted
+as one group (:func:`~hybrid_ext.comm._c10d_private.post_grouped`): NCCL needs that, gloo takes the same
+call. Every wait has the transport's timeout; a peer that dies or stops answering becomes a
+:class:`~hybrid_ext.comm.transport.PeerError`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from hybrid_ext.comm import shm_transport
-from hybrid_ext.comm._c10d_private import backend_timeout_seconds
+from hybrid_ext.comm._c10d_private import backend_timeout_seconds, post_grouped
 from hybrid_ext.comm.transport import PeerError, Transport
 
 # Tag for hybrid-ext's messages ("HX"), distinct from the default tag 0 of user send/recv.
@@ -89,21 +91,29 @@ class TorchTransport:
         self.name = name or f"torch-{_backend_name(group)}"
 
     def exchange(self, send, send_to, recv, recv_from) -> None:
-        works = []
-        try:
+        device = (send if send is not None else recv).device
+
+        def post():
+            # The receive first: a peer's send can then complete into it at once.
             if recv is not None:
-                works.append((recv_from, "receive from", self.group.recv([recv], recv_from, TAG)))
+                yield self.group.recv([recv], recv_from, TAG)
             if send is not None:
-                works.append((send_to, "send to", self.group.send([send], send_to, TAG)))
+                yield self.group.send([send], send_to, TAG)
+
+        peers = " and ".join(
+            f"{what} rank {peer}"
+            for what, peer, tensor in (("receive from", recv_from, recv), ("send to", send_to, send))
+            if tensor is not None
+        )
+        try:
+            works = post_grouped(self.group, device, post)
         except RuntimeError as exc:
-            raise PeerError(f"rank {self.rank}: could not start an exchange: {exc}") from exc
-        for peer, what, work in works:
+            raise PeerError(f"rank {self.rank}: could not start an exchange ({peers}): {exc}") from exc
+        for work in works:
             try:
                 work.wait(self._wait_timeout)
             except RuntimeError as exc:  # DistBackendError, gloo timeouts, closed connections
-                raise PeerError(
-                    f"rank {self.rank} failed to {what} rank {peer} within {self.timeout:g}s: {exc}"
-                ) from exc
+                raise PeerError(f"rank {self.rank} failed to {peers} within {self.timeout:g}s: {exc}") from exc
 
 
 def _backend_name(group: Any) -> str:
