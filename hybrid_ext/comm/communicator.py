@@ -26,25 +26,45 @@ from hybrid_ext.comm.buffers import ScratchPool
 from hybrid_ext.comm.executor import WIDENED, WireStaging, execute, wire_dtype_for
 from hybrid_ext.comm.ordering import Handle, IssueOrder
 from hybrid_ext.comm.schedule import Plan, plan_allgather, plan_allreduce, plan_reduce_scatter
+from hybrid_ext.comm.streams import stream_order_for
 from hybrid_ext.comm.transport import Transport
 
 
 class Communicator:
     """Runs one group's collectives in issue order over its transport (see the module docstring)."""
 
-    def __init__(self, transport: Transport) -> None:
+    def __init__(self, transport: Transport, device: torch.device | str = "cpu") -> None:
         self.transport = transport
         self.rank, self.size = transport.rank, transport.size
+        self.device = torch.device(device)
+        self.streams = stream_order_for(self.device)
         self._order = IssueOrder()
         self._scratch = ScratchPool()
 
     def run(self, job: Callable[[], Any]) -> Any:
         """Run ``job`` in issue order, blocking (see :mod:`hybrid_ext.comm.ordering`)."""
-        return self._order.run(job)
+        wrapped, done = self._on_stream(job)
+        result = self._order.run(wrapped)
+        self.streams.consume(done[0])
+        return result
 
     def submit(self, job: Callable[[], Any]) -> Handle:
         """Queue ``job`` behind every collective issued before it; return its handle."""
-        return self._order.submit(job)
+        wrapped, done = self._on_stream(job)
+        return self._order.submit(wrapped, self.streams, done)
+
+    def _on_stream(self, job: Callable[[], Any]) -> tuple[Callable[[], Any], list]:
+        """``job`` run after the caller's queued work, on the collective's stream (:mod:`~hybrid_ext.comm.streams`)."""
+        ready = self.streams.capture()  # on the caller's thread, now
+        done: list = [None]
+
+        def ordered() -> Any:
+            with self.streams.run_after(ready) as end:
+                result = job()
+            done[0] = end[0]
+            return result
+
+        return ordered, done
 
     def scratch(self, elements: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return self._scratch.get(elements, dtype, device)
@@ -70,6 +90,7 @@ class Communicator:
         ``wire_dtype``: the dtype messages travel in (see :func:`~hybrid_ext.comm.executor.wire_dtype_for`).
         """
         start = time.perf_counter()
+        self.streams.keep_alive(tensors)
         if consistency.check_enabled():
             self.check_consistency("allreduce", op, tensors)
         if self.size == 1:
@@ -138,6 +159,7 @@ class Communicator:
     def allgather_now(self, tensor: torch.Tensor, counts: tuple[int, ...] | None, algorithm: str) -> torch.Tensor:
         """Concatenate every rank's ``tensor`` along dim 0 (ranks may hold different numbers of rows)."""
         start = time.perf_counter()
+        self.streams.keep_alive([tensor])
         if consistency.check_enabled():
             self.check_consistency("allgather", "cat", [tensor[:0]])  # same trailing shape and dtype
         if self.size == 1:
@@ -166,6 +188,7 @@ class Communicator:
     ) -> torch.Tensor:
         """Reduce ``tensor`` (all ranks' rows) over the group; return this rank's ``counts[rank]`` rows."""
         start = time.perf_counter()
+        self.streams.keep_alive([tensor])
         if consistency.check_enabled():
             self.check_consistency("reduce_scatter", op, [tensor])
         if sum(counts) != tensor.shape[0] or len(counts) != self.size:

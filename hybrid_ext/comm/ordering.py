@@ -15,15 +15,23 @@ from typing import Any
 
 import torch
 
+from hybrid_ext.comm.streams import StreamOrder
+
 
 class Handle:
     """The result of an async collective: ``wait()`` blocks until it is done and returns the reduced tensor(s)."""
 
-    def __init__(self, future: concurrent.futures.Future) -> None:
+    def __init__(
+        self, future: concurrent.futures.Future, streams: StreamOrder | None = None, done: list | None = None
+    ) -> None:
         self._future = future
+        self._streams, self._done = streams, done  # CUDA: the collective's end, for the caller's stream
 
     def wait(self, timeout: float | None = None) -> Any:
-        return self._future.result(timeout)
+        result = self._future.result(timeout)
+        if self._streams is not None:
+            self._streams.consume(self._done[0])
+        return result
 
     def is_completed(self) -> bool:
         return self._future.done()
@@ -42,8 +50,10 @@ class Handle:
             error = done.exception()
             if error is not None:
                 future.set_exception(error)
-            else:
-                future.set_result(value)
+                return
+            if self._streams is not None:  # completed on the worker: the queued GPU work must be done first
+                self._streams.finish_on_host(self._done[0])
+            future.set_result(value)
 
         self.add_done_callback(finish)
         return future
@@ -53,7 +63,7 @@ class MappedHandle(Handle):
     """A handle whose ``wait()`` passes the inner result through ``fn``."""
 
     def __init__(self, inner: Handle, fn: Callable[[Any], Any]) -> None:
-        super().__init__(inner._future)
+        super().__init__(inner._future, inner._streams, inner._done)
         self._fn = fn
 
     def wait(self, timeout: float | None = None) -> Any:
@@ -83,13 +93,13 @@ class IssueOrder:
         finally:
             self._pending_decrement()
 
-    def submit(self, job: Callable[[], Any]) -> Handle:
+    def submit(self, job: Callable[[], Any], streams: StreamOrder | None = None, done: list | None = None) -> Handle:
         """Queue ``job`` behind every job issued before it; return its handle."""
         with self._state_lock:
             self._pending += 1
             if self._executor is None:
                 self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hybrid-ext-comm")
-        return Handle(self._executor.submit(self._run_queued, job))
+        return Handle(self._executor.submit(self._run_queued, job), streams, done)
 
     def _run_queued(self, job: Callable[[], Any]) -> Any:
         try:

@@ -30,7 +30,7 @@ def communicator(group: Any = None, device: torch.device | None = None) -> Commu
     with _registry_lock:
         entry = _communicators.get(key)
         if entry is None or entry[0] is not group:
-            entry = (group, Communicator(_as_transport(group, device)))
+            entry = (group, Communicator(_as_transport(group, device), device))
             _communicators[key] = entry
         return entry[1]
 

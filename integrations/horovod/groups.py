@@ -50,7 +50,7 @@ def _create(dims: ParallelDims, rank: int, device: torch.device) -> Groups:
             comms[kind] = world_comm
         else:
             index = members[0] if kind == "mp" else rank % dims.mp
-            comms[kind] = Communicator(channel.subgroup(f"{kind}{index}", members).transport(device))
+            comms[kind] = Communicator(channel.subgroup(f"{kind}{index}", members).transport(device), device)
     groups = Groups(dims=dims, rank=rank, world=world_comm, mp=comms["mp"], dp=comms["dp"])
     groups.native = _native_factory(groups)
     return groups

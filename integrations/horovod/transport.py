@@ -94,7 +94,7 @@ def communicator_for(process_set: Any, device: torch.device) -> Communicator:
     with _lock:
         comm = _communicators.get(key)
         if comm is None:
-            comm = Communicator(channel.transport(device))
+            comm = Communicator(channel.transport(device), device)
             _communicators[key] = comm
         return comm
 

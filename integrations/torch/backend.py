@@ -109,7 +109,7 @@ class ButterflyProcessGroup(dist.ProcessGroup):
 
     def _add_inner(self, device_type: str, backend_type, backend, transport) -> None:
         self._inner[device_type] = backend
-        self._comms[device_type] = comm.Communicator(transport)
+        self._comms[device_type] = comm.Communicator(transport, device_type)
         c10d.attach_backend(self, torch.device(device_type), backend_type, backend)
 
     # ------------------------------------------------------------------ identity
