@@ -40,6 +40,7 @@ class Communicator:
         self.streams = stream_order_for(self.device)
         self._order = IssueOrder()
         self._scratch = ScratchPool()
+        self._checked = 0  # collectives fingerprinted so far: their sequence number in this group
 
     def run(self, job: Callable[[], Any]) -> Any:
         """Run ``job`` in issue order, blocking (see :mod:`hybrid_ext.comm.ordering`)."""
@@ -74,7 +75,8 @@ class Communicator:
         if self.size == 1:
             return
         device = tensors[0].device if tensors else torch.device("cpu")
-        row = consistency.fingerprint(collective, op, tensors)
+        self._checked += 1
+        row = consistency.fingerprint(collective, op, tensors, self._checked)
         table = torch.zeros(self.size, len(row), dtype=torch.int64, device=device)
         table[self.rank] = torch.tensor(row, dtype=torch.int64)
         flat = table.view(-1)

@@ -3,9 +3,10 @@
 Ranks that disagree on a collective's size would otherwise deadlock or exchange garbage. In check mode
 (``HYBRID_EXT_CHECK=1``, or :func:`set_check` — on in hybrid-ext's own tests) each collective is preceded by a
 cheap fingerprint exchange: every rank contributes one row of a few integers (collective, op, dtype, element
-count, number of tensors, shape hash) to a small table that is summed over the group with recursive doubling
-(log2 P messages of P rows). A disagreement raises :class:`CollectiveMismatchError` on every rank, naming the
-ranks and what each of them passed, instead of hanging.
+count, number of tensors, shape hash, device type, and the collective's number in its group's issue order) to a
+small table that is summed over the group with recursive doubling (log2 P messages of P rows). A disagreement
+raises :class:`CollectiveMismatchError` on every rank, naming the ranks and what each of them passed, instead of
+hanging.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 import torch
 
 CHECK_ENV = "HYBRID_EXT_CHECK"
-FIELDS = ("collective", "op", "dtype", "elements", "tensors", "shape_hash")
+FIELDS = ("collective", "op", "dtype", "elements", "tensors", "shape_hash", "device", "sequence")
 
 _CODES: dict[str, int] = {}
 _NAMES: dict[int, str] = {}
@@ -47,9 +48,11 @@ def _code(name: str) -> int:
     return code
 
 
-def fingerprint(collective: str, op: str, tensors: Sequence[torch.Tensor]) -> list[int]:
+def fingerprint(collective: str, op: str, tensors: Sequence[torch.Tensor], sequence: int = 0) -> list[int]:
+    """One rank's row: what it is about to run. ``sequence``: the collective's number in its group's issue order."""
     shapes = ";".join(f"{tuple(t.shape)}" for t in tensors)
     dtypes = ",".join(sorted({str(t.dtype).removeprefix("torch.") for t in tensors}))
+    devices = ",".join(sorted({t.device.type for t in tensors}))
     return [
         _code(collective),
         _code(op),
@@ -57,6 +60,8 @@ def fingerprint(collective: str, op: str, tensors: Sequence[torch.Tensor]) -> li
         sum(t.numel() for t in tensors),
         len(tensors),
         zlib.crc32(shapes.encode()) & 0x7FFFFFFF,
+        _code(devices),
+        sequence,
     ]
 
 
@@ -65,7 +70,11 @@ def describe(row: Sequence[int]) -> str:
     name = _NAMES.get(fields["collective"], "?")
     dtype = _NAMES.get(fields["dtype"], "a different dtype")
     op = _NAMES.get(fields["op"], "a different op")
-    return f"{name}(op={op}) of {fields['tensors']} tensor(s), {fields['elements']} elements of {dtype}"
+    device = _NAMES.get(fields["device"], "another device")
+    return (
+        f"{name}(op={op}) of {fields['tensors']} tensor(s), {fields['elements']} elements of {dtype} on {device}, "
+        f"collective #{fields['sequence']} of its group"
+    )
 
 
 def verify(table: torch.Tensor, own_shapes: str) -> None:
