@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,28 @@ def test_horovod_wheel_cache_is_keyed_by_what_the_build_depends_on(monkeypatch, 
 def test_horovod_is_installed_in_this_environment():
     # The suite runs on the real stack; a missing Horovod is a set-up failure, not a skip.
     assert horovod_wheel.installed_horovod_works()
+
+
+def test_horovod_gets_nccl_gpu_operations_where_a_gpu_is_asked_for(monkeypatch, tmp_path):
+    import torch
+
+    monkeypatch.setenv("HYBRID_EXT_HOROVOD_GPU", "0")
+    cpu_key = horovod_wheel.build_key()
+    monkeypatch.setenv("HYBRID_EXT_HOROVOD_GPU", "1")
+    platform = sysconfig.get_platform()
+    assert horovod_wheel.build_key() == cpu_key.replace(f"-{platform}", f"-nccl-{platform}")  # cached apart
+    if not torch.version.cuda:
+        pytest.skip("a CPU-only torch builds no GPU operations")
+    nccl = tmp_path / "nccl"
+    (nccl / "include").mkdir(parents=True)
+    (nccl / "include" / "nccl.h").write_text("")
+    (nccl / "lib").mkdir()
+    (nccl / "lib" / "libnccl.so.2").write_text("")
+    monkeypatch.setenv("NCCL_HOME", str(nccl))
+    env = horovod_wheel.build_environment(tmp_path)
+    assert env["HOROVOD_GPU_OPERATIONS"] == "NCCL" and env["HOROVOD_NCCL_LINK"] == "SHARED"
+    assert env["HOROVOD_NCCL_INCLUDE"] == str(nccl / "include")
+    assert (Path(env["HOROVOD_NCCL_LIB"]) / "libnccl.so").resolve() == (nccl / "lib" / "libnccl.so.2").resolve()
+    assert "75" in env["HOROVOD_BUILD_CUDA_CC_LIST"] and "90" in env["HOROVOD_BUILD_CUDA_CC_LIST"]
+    monkeypatch.setenv("HYBRID_EXT_HOROVOD_GPU", "0")
+    assert "HOROVOD_GPU_OPERATIONS" not in horovod_wheel.build_environment(tmp_path)

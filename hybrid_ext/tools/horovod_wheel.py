@@ -3,9 +3,10 @@
 Horovod's last release (0.28.1, June 2023) does not build against torch >= 2.10: torch's headers need C++20
 and Horovod's CMake forces C++14. Upstream fixed this on master (horovod/horovod PR #3998) but never made a
 release. This tool applies the same two-line fix to the released sdist, builds a wheel with PyTorch + Gloo
-support (no MPI, TensorFlow or MXNet) and keeps it in a cache outside the repository, keyed by the Python,
-torch and CUDA versions it was built against, so that later environments install it in seconds instead of
-compiling for ~7.5 minutes.
+support (no MPI, TensorFlow or MXNet) — plus NCCL GPU operations where a GPU is present (``HYBRID_EXT_HOROVOD_GPU``
+forces either way) — and keeps it in a cache outside the repository, keyed by the Python, torch and CUDA
+versions it was built against and whether it has GPU operations, so that later environments install it in
+seconds instead of compiling for several minutes.
 
 Usage::
 
@@ -60,14 +61,31 @@ def cache_root() -> Path:
     return Path(xdg).expanduser() / "hybrid-ext"
 
 
+GPU_ENV = "HYBRID_EXT_HOROVOD_GPU"  # 1: build NCCL GPU operations; 0: never; unset: when a GPU is present
+# Data-centre and workstation GPUs of the last generations that CUDA 12/13 still compiles for (Turing to Hopper);
+# override with HOROVOD_BUILD_CUDA_CC_LIST.
+GPU_ARCHITECTURES = "75,80,86,89,90"
+
+
+def gpu_operations_wanted() -> bool:
+    """Build Horovod's NCCL GPU operations: when asked, else when this torch is a CUDA build and sees a GPU."""
+    import torch
+
+    choice = os.environ.get(GPU_ENV, "").strip()
+    if choice in ("0", "1"):
+        return choice == "1"
+    return bool(torch.version.cuda) and torch.cuda.is_available()
+
+
 def build_key() -> str:
-    """What the built extension depends on: Python ABI, torch version (its C++ ABI) and CUDA version."""
+    """What the built extension depends on: Python ABI, torch version (its C++ ABI), CUDA version, GPU ops."""
     import torch
 
     python_tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
     cuda = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
     torch_version = torch.__version__.split("+")[0]
-    return f"{python_tag}-torch{torch_version}-{cuda}-{sysconfig.get_platform()}"
+    nccl = "-nccl" if gpu_operations_wanted() else ""
+    return f"{python_tag}-torch{torch_version}-{cuda}{nccl}-{sysconfig.get_platform()}"
 
 
 def cached_wheel_dir() -> Path:
@@ -81,9 +99,10 @@ def find_cached_wheel() -> Path | None:
 
 def installed_horovod_works() -> bool:
     """True if a Horovod of the right version with its torch extension imports in this interpreter."""
+    nccl = " and hvd.nccl_built()" if gpu_operations_wanted() else ""
     code = (
         "import horovod, horovod.torch as hvd, sys; "
-        f"sys.exit(0 if horovod.__version__ == '{HOROVOD_VERSION}' and hvd.gloo_built() else 1)"
+        f"sys.exit(0 if horovod.__version__ == '{HOROVOD_VERSION}' and hvd.gloo_built(){nccl} else 1)"
     )
     return subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
 
@@ -102,7 +121,34 @@ def find_cuda_home() -> Path | None:
     return default if (default / "include" / "cuda_runtime.h").exists() else None
 
 
-def build_environment() -> dict[str, str]:
+def find_nccl() -> tuple[Path, Path] | None:
+    """NCCL's include and library directories: ``NCCL_HOME``, else the ``nvidia-nccl`` wheel CUDA torch pulls in."""
+    import importlib.util
+
+    if os.environ.get("NCCL_HOME"):
+        home = Path(os.environ["NCCL_HOME"])
+        return home / "include", home / "lib"
+    spec = importlib.util.find_spec("nvidia.nccl") if importlib.util.find_spec("nvidia") else None
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        home = Path(location)
+        if (home / "include" / "nccl.h").exists() and any((home / "lib").glob("libnccl.so*")):
+            return home / "include", home / "lib"
+    return None
+
+
+def nccl_link_dir(lib: Path, work: Path) -> Path:
+    """A directory with ``libnccl.so`` for the linker (the wheel ships only ``libnccl.so.2``)."""
+    if (lib / "libnccl.so").exists():
+        return lib
+    (versioned,) = sorted(lib.glob("libnccl.so.*"))[:1]
+    links = work / "nccl-lib"
+    links.mkdir(exist_ok=True)
+    (links / "libnccl.so").symlink_to(versioned)
+    (links / versioned.name).symlink_to(versioned)
+    return links
+
+
+def build_environment(work: Path | None = None) -> dict[str, str]:
     import torch
 
     env = dict(os.environ)
@@ -119,8 +165,25 @@ def build_environment() -> dict[str, str]:
         log(f"torch is a CUDA {torch.version.cuda} build; using the CUDA toolkit at {cuda_home}")
         env["CUDA_HOME"] = str(cuda_home)
         env["CUDAToolkit_ROOT"] = str(cuda_home)
-        # One architecture keeps the CUDA kernel build short; override by exporting the variable.
-        env.setdefault("HOROVOD_BUILD_CUDA_CC_LIST", "90")
+        if gpu_operations_wanted():
+            nccl = find_nccl()
+            if nccl is None:
+                raise SystemExit(
+                    "GPU operations need NCCL's headers and library: set NCCL_HOME, or install torch's "
+                    f"nvidia-nccl wheel (or set {GPU_ENV}=0 for a CPU-only Horovod)"
+                )
+            include, lib = nccl
+            log(f"building NCCL GPU operations (NCCL at {include.parent}) for architectures {GPU_ARCHITECTURES}")
+            env.update(
+                HOROVOD_GPU_OPERATIONS="NCCL",
+                HOROVOD_NCCL_INCLUDE=str(include),
+                HOROVOD_NCCL_LIB=str(nccl_link_dir(lib, work or Path(tempfile.mkdtemp()))),
+                HOROVOD_NCCL_LINK="SHARED",
+            )
+            env.setdefault("HOROVOD_BUILD_CUDA_CC_LIST", GPU_ARCHITECTURES)
+        else:
+            # No GPU operations: one architecture keeps the (unused) CUDA kernel build short.
+            env.setdefault("HOROVOD_BUILD_CUDA_CC_LIST", "90")
     return env
 
 
@@ -148,12 +211,13 @@ def build_wheel(into: Path) -> Path:
             archive.extractall(work, filter="data")
         source = work / f"horovod-{HOROVOD_VERSION}"
         patch_cxx_standard(source)
-        log("building the wheel (PyTorch + Gloo; this takes several minutes on 2 cores)")
+        ops = "PyTorch + Gloo + NCCL" if gpu_operations_wanted() else "PyTorch + Gloo"
+        log(f"building the wheel ({ops}; this takes several minutes on 2 cores)")
         out = work / "dist"
         subprocess.run(
             [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(out), str(source)],
             check=True,
-            env=build_environment(),
+            env=build_environment(work),
         )
         (wheel,) = out.glob("horovod-*.whl")
         into.mkdir(parents=True, exist_ok=True)
