@@ -105,6 +105,8 @@ def _rank_main(spec: _RankSpec, rank: int, workdir: str, capture_output: bool) -
 
         if spec.threads:
             torch.set_num_threads(spec.threads)
+        if torch.cuda.is_available():  # one GPU per rank, as torchrun users set it (NCCL refuses shared GPUs)
+            torch.cuda.set_device(rank % torch.cuda.device_count())
         if spec.backend:
             store = dist.TCPStore("127.0.0.1", spec.port, is_master=False, timeout=timedelta(seconds=spec.pg_timeout))
             dist.init_process_group(
