@@ -106,7 +106,9 @@ def _load_models() -> dict[str, CostModel]:
 
 def default_model(transport: str = "") -> CostModel:
     """The model for a transport: its saved calibration, else the built-in constants."""
-    return _load_models().get(transport) or CostModel()
+    models = _load_models()
+    # A routed transport ("shm+torch-gloo") is bounded by its network part.
+    return models.get(transport) or models.get(transport.rsplit("+", 1)[-1]) or CostModel()
 
 
 def save_model(transport: str, model: CostModel, path: Path | None = None) -> Path:

@@ -135,10 +135,18 @@ class ShmTransport:
     name = "shm"
 
     def __init__(
-        self, rank: int, size: int, files: list[Path], pids: list[int], slot_bytes: int, timeout: float
+        self,
+        rank: int,
+        size: int,
+        files: list[Path],
+        pids: list[int],
+        slot_bytes: int,
+        timeout: float,
+        group_ranks: list[int] | None = None,
     ) -> None:
         self.rank, self.size, self.timeout = rank, size, float(timeout)
         self._pids = pids
+        self._label = group_ranks or list(range(size))  # how errors name ranks: their ranks in the whole group
         self._maps: list[mmap.mmap] = []
         self._out: list[_Channel | None] = [None] * size
         self._in: list[_Channel | None] = [None] * size
@@ -227,46 +235,94 @@ class ShmTransport:
                     self._check_alive(peer)
                 if now > deadline:
                     what = "send to" if sent < sent_total else "receive from"
-                    raise PeerError(f"rank {self.rank} failed to {what} rank {peer} within {self.timeout:g}s")
+                    raise PeerError(
+                        f"rank {self._label[self.rank]} failed to {what} rank {self._label[peer]} (same host, "
+                        f"shared memory) within {self.timeout:g}s"
+                    )
 
     def _check_alive(self, peer: int) -> None:
         try:
             os.kill(self._pids[peer], 0)
         except ProcessLookupError:
-            raise PeerError(f"rank {self.rank}: peer rank {peer} (pid {self._pids[peer]}) has died") from None
+            raise PeerError(
+                f"rank {self._label[self.rank]}: peer rank {self._label[peer]} (pid {self._pids[peer]}, same host) "
+                "has died"
+            ) from None
         except PermissionError:
             pass
 
 
-def host_id() -> str:
-    """Identifies this host (and boot): ranks with equal ids can share /dev/shm."""
+def shm_domain() -> str:
+    """Identifies the shared-memory mount this process sees: ranks with equal ids can map each other's files.
+
+    The kernel's boot id and the device number of ``/dev/shm`` itself (each tmpfs mount has its own): two
+    containers with one hostname but separate ``/dev/shm`` differ, as do the emulated hosts of
+    ``hybrid-ext cluster``; processes of one host (or of containers sharing its ``/dev/shm``) agree.
+    """
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
-        boot = ""
-    return f"{socket.gethostname()}/{boot}"
+        boot = socket.gethostname()
+    try:
+        mount = os.stat(SHM_DIR).st_dev
+    except OSError:
+        mount = -1
+    return f"{boot}/{mount}"
 
 
 def create(
     rank: int, size: int, all_gather, barrier, timeout: float, slot_bytes: int = DEFAULT_SLOT_BYTES
-) -> ShmTransport | None:
-    """Set up a :class:`ShmTransport`, or return None if the ranks are not all on this host.
+) -> tuple[ShmTransport, list[int]] | None:
+    """Set up a :class:`ShmTransport` among the ranks of the group that share this host's shared memory.
 
-    Every rank of the group calls this together. ``all_gather(obj) -> list`` and ``barrier()`` are the host
-    framework's, used at set-up only. The files are unlinked as soon as everyone has mapped them, so nothing
-    is left in /dev/shm, even if a process is killed later.
+    Every rank of the group calls this together. Returns the transport (its ranks are indices into the returned
+    list of group ranks, in order) or None where this rank has no peer on its host, or shared memory cannot be
+    allocated on some rank of the host (then every rank of that host gets None, and says why once).
+    ``all_gather(obj) -> list`` and ``barrier()`` are the host framework's, used at set-up only. The files are
+    unlinked as soon as everyone has mapped them, so nothing is left in /dev/shm, even if a process is killed.
     """
+    domains = all_gather((shm_domain(), os.getpid()))
+    local = [r for r, (domain, _) in enumerate(domains) if domain == domains[rank][0]]
     path = SHM_DIR / f"hybrid-ext-{uuid.uuid4().hex}-r{rank}"
-    with open(path, "wb") as f:
-        f.truncate(file_bytes(size, slot_bytes))  # zero-filled: all counters start at 0
+    problem = None
+    if len(local) > 1:
+        problem = _allocate(path, file_bytes(len(local), slot_bytes))
     try:
-        info = all_gather((host_id(), str(path), os.getpid()))
-        if any(host != info[0][0] for host, _, _ in info):
-            barrier()  # everyone has decided before anyone deletes a file
-            return None
-        files = [Path(p) for _, p, _ in info]
-        transport = ShmTransport(rank, size, files, [pid for _, _, pid in info], slot_bytes, timeout)
-        barrier()
+        files = all_gather((str(path), problem))
+        problems = [files[r][1] for r in local if files[r][1]]
+        transport = None
+        if len(local) > 1 and not problems:
+            transport = ShmTransport(
+                local.index(rank),
+                len(local),
+                [Path(files[r][0]) for r in local],
+                [domains[r][1] for r in local],
+                slot_bytes,
+                timeout,
+                group_ranks=local,
+            )
+        elif problems and rank == local[0]:
+            print(f"hybrid-ext: shared memory unavailable ({problems[0]}); ranks on this host use the network")
+        barrier()  # everyone has mapped what it needs before anyone deletes a file
     finally:
         path.unlink(missing_ok=True)
-    return transport
+    return (transport, local) if transport is not None else None
+
+
+def _allocate(path: Path, nbytes: int) -> str | None:
+    """Create ``path`` with ``nbytes`` really reserved; the reason if /dev/shm cannot hold it.
+
+    Reserving now (not a sparse file) turns a full ``/dev/shm`` — 64 MiB in a default container — into an error
+    here, instead of a SIGBUS in the middle of a training step when a page is first touched.
+    """
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    except OSError as exc:
+        return f"cannot create {path}: {exc.strerror}"
+    try:
+        os.posix_fallocate(fd, 0, nbytes)  # zero-filled: all counters start at 0
+    except OSError as exc:
+        return f"{SHM_DIR} cannot hold {nbytes / 2**20:.0f} MiB more: {exc.strerror}"
+    finally:
+        os.close(fd)
+    return None

@@ -11,6 +11,7 @@ call. Every wait has the transport's timeout; a peer that dies or stops answerin
 from __future__ import annotations
 
 import os
+import sys
 from datetime import timedelta
 from typing import Any
 
@@ -37,16 +38,18 @@ def transport_choice() -> str:
 def transport_for(group: Any, device: torch.device, all_gather=None, barrier=None) -> Transport:
     """The fastest transport for ``group`` on ``device``; all ranks of the group call this together.
 
-    CPU tensors on ranks that share one host go through shared memory (:mod:`hybrid_ext.comm.shm_transport`), as
-    NCCL and MPI do within a node; anything else goes through the group's own send/recv.
-    ``HYBRID_EXT_TRANSPORT=torch`` forces the latter, ``shm`` insists on the former.
+    CPU tensors go through shared memory between ranks that share a host's ``/dev/shm``
+    (:mod:`hybrid_ext.comm.shm_transport`), as NCCL and MPI do within a node, and through the group's own
+    send/recv to ranks on other hosts (:class:`~hybrid_ext.comm.routed_transport.RoutedTransport` when both
+    occur); CUDA tensors always take the group's own send/recv (NCCL), never shared memory.
+    ``HYBRID_EXT_TRANSPORT=torch`` forces send/recv everywhere, ``shm`` insists on shared memory everywhere.
     """
     choice = transport_choice()
     base = TorchTransport(group)
     if device.type != "cpu" or base.size == 1 or choice == "torch" or not shm_transport.shm_supported():
         if choice == "shm" and device.type == "cpu" and base.size > 1:
             raise RuntimeError(f"{TRANSPORT_ENV}=shm, but shared memory is not supported on this machine")
-        return base
+        return _announced(base)
     if all_gather is None:
 
         def all_gather(obj):
@@ -59,10 +62,35 @@ def transport_for(group: Any, device: torch.device, all_gather=None, barrier=Non
         def barrier():
             dist.barrier(group=group)
 
-    shm = shm_transport.create(base.rank, base.size, all_gather, barrier, base.timeout)
-    if shm is None and choice == "shm":
+    return _announced(combine(base, shm_transport.create(base.rank, base.size, all_gather, barrier, base.timeout)))
+
+
+def combine(network: Transport, local: tuple[Transport, list[int]] | None) -> Transport:
+    """The transport for a group given its ranks' shared-memory transport on this host (see :func:`transport_for`)."""
+    choice = transport_choice()
+    if local is not None and len(local[1]) == network.size:
+        return local[0]
+    if choice == "shm":
         raise RuntimeError(f"{TRANSPORT_ENV}=shm, but the ranks of this group are on several hosts")
-    return shm or base
+    if local is None:
+        return network
+    from hybrid_ext.comm.routed_transport import RoutedTransport
+
+    return RoutedTransport(local[0], local[1], network)
+
+
+_announced_once = False
+
+
+def _announced(transport: Transport) -> Transport:
+    """Say once per job, on its first rank, which route messages take (one line)."""
+    global _announced_once
+    if not _announced_once and dist.is_available() and dist.is_initialized() and dist.get_rank() == 0:
+        from hybrid_ext.comm.routed_transport import describe_routes
+
+        _announced_once = True
+        print(f"hybrid-ext: transport {describe_routes(transport)}", file=sys.stderr, flush=True)
+    return transport
 
 
 def resolve_group(group: Any) -> Any:
@@ -91,6 +119,10 @@ class TorchTransport:
         self.name = name or f"torch-{_backend_name(group)}"
 
     def exchange(self, send, send_to, recv, recv_from) -> None:
+        self.finish(self.start(send, send_to, recv, recv_from))
+
+    def start(self, send, send_to, recv, recv_from) -> tuple[list, str]:
+        """Post one step's receive and send (as one group); :meth:`finish` waits for them."""
         device = (send if send is not None else recv).device
 
         def post():
@@ -106,9 +138,12 @@ class TorchTransport:
             if tensor is not None
         )
         try:
-            works = post_grouped(self.group, device, post)
+            return post_grouped(self.group, device, post), peers
         except RuntimeError as exc:
             raise PeerError(f"rank {self.rank}: could not start an exchange ({peers}): {exc}") from exc
+
+    def finish(self, pending: tuple[list, str]) -> None:
+        works, peers = pending
         for work in works:
             try:
                 work.wait(self._wait_timeout)

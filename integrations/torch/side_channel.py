@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from hybrid_ext.comm import shm_transport
-from hybrid_ext.comm.torch_transport import DEFAULT_TIMEOUT, TRANSPORT_ENV, TorchTransport, transport_choice
+from hybrid_ext.comm.torch_transport import DEFAULT_TIMEOUT, TRANSPORT_ENV, TorchTransport, combine, transport_choice
 from hybrid_ext.comm.transport import Transport
 
 
@@ -66,11 +66,12 @@ class SideChannel:
 
     def _make_transport(self, kind: str, choice: str) -> Transport:
         prefix = f"{kind}/{choice}/"
+        local = None
         if kind == "cpu" and self.size > 1 and choice != "torch" and shm_transport.shm_supported():
             setup = StoreCollectives(dist.PrefixStore(prefix + "setup", self.store), self.rank, self.size)
-            shm = shm_transport.create(self.rank, self.size, setup.all_gather, setup.barrier, self.timeout)
-            if shm is not None:
-                return shm
+            local = shm_transport.create(self.rank, self.size, setup.all_gather, setup.barrier, self.timeout)
+            if local is not None and len(local[1]) == self.size:
+                return local[0]
             if choice == "shm":
                 raise RuntimeError(f"{TRANSPORT_ENV}=shm, but the ranks of {self.name} are on several hosts")
         elif choice == "shm" and kind == "cpu" and self.size > 1:
@@ -84,7 +85,8 @@ class SideChannel:
         else:
             backend = dist.ProcessGroupGloo(store, self.rank, self.size, wait)
         self.backends.append(backend)
-        return TorchTransport(backend, self.timeout, name=f"{self.name}-{'nccl' if kind == 'cuda' else 'gloo'}")
+        network = TorchTransport(backend, self.timeout, name=f"{self.name}-{'nccl' if kind == 'cuda' else 'gloo'}")
+        return combine(network, local)  # shared memory with the ranks of this host, the network to the others
 
     def subgroup(self, key: str, members: Sequence[int]) -> SideChannel:
         """The side channel of ``members`` (ranks of this group); only they call this, together."""

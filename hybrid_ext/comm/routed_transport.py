@@ -1,0 +1,63 @@
+"""A group that spans hosts: shared memory between the ranks of one host, the network to the others.
+
+A schedule step sends to one peer while receiving from another; each side takes the route its peer needs. When
+the two routes differ, the network side is posted first and completes in the background (gloo's and NCCL's own
+threads move it) while the shared-memory side runs on this thread, so neither waits on the other.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hybrid_ext.comm.shm_transport import ShmTransport
+from hybrid_ext.comm.torch_transport import TorchTransport
+from hybrid_ext.comm.transport import PeerError, Transport
+
+
+class RoutedTransport:
+    """The transport contract over two transports: ``local`` for ``local_ranks``, ``network`` for everyone else."""
+
+    def __init__(self, local: ShmTransport, local_ranks: list[int], network: TorchTransport) -> None:
+        self.local, self.network = local, network
+        self.rank, self.size = network.rank, network.size
+        self.timeout = max(local.timeout, network.timeout)
+        self.name = f"{local.name}+{network.name}"
+        self._local_index = {rank: index for index, rank in enumerate(local_ranks)}
+        self.local_ranks = tuple(local_ranks)
+
+    def is_local(self, peer: int) -> bool:
+        return peer in self._local_index
+
+    def exchange(
+        self, send: torch.Tensor | None, send_to: int | None, recv: torch.Tensor | None, recv_from: int | None
+    ) -> None:
+        send_local = send is not None and self.is_local(send_to)
+        recv_local = recv is not None and self.is_local(recv_from)
+        if (send is None or send_local) and (recv is None or recv_local):
+            self.local.exchange(send, self._local_index.get(send_to), recv, self._local_index.get(recv_from))
+            return
+        if not send_local and not recv_local:
+            self.network.exchange(send, send_to, recv, recv_from)
+            return
+        # One side local, the other across the network: post the network side, run the local one, then wait.
+        # (A local failure propagates at once; the posted network side is abandoned with the broken group.)
+        if send_local:
+            pending = self.network.start(None, None, recv, recv_from)
+            self.local.exchange(send, self._local_index[send_to], None, None)
+        else:
+            pending = self.network.start(send, send_to, None, None)
+            self.local.exchange(None, None, recv, self._local_index[recv_from])
+        self.network.finish(pending)
+
+
+def describe_routes(transport: Transport) -> str:
+    """One line saying which route each kind of peer takes (what the start-up message prints)."""
+    if isinstance(transport, RoutedTransport):
+        return (
+            f"{transport.local.name} with the {len(transport.local_ranks) - 1} other rank(s) on this host, "
+            f"{transport.network.name} to the {transport.size - len(transport.local_ranks)} rank(s) on other hosts"
+        )
+    return transport.name
+
+
+__all__ = ["PeerError", "RoutedTransport", "describe_routes"]

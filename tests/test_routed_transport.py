@@ -1,0 +1,67 @@
+"""Groups that span hosts: shared memory between ranks of one host, the network to the others.
+
+Hosts are told apart by their shared-memory mount (:func:`shm_domain`); here each rank is given the domain of its
+pretend host, so the routing is exercised on one machine (the emulated cluster runs it across real namespaces).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+import hybrid_ext
+from hybrid_ext.comm import shm_transport
+
+
+def _pretend_hosts(rank: int, hosts: list[int]) -> None:
+    shm_transport.shm_domain = lambda: f"pretend-host-{hosts[rank]}"
+
+
+def _routed_rank(rank: int, p: int, hosts: list[int]) -> dict:
+    _pretend_hosts(rank, hosts)
+    hybrid_ext.set_check(True)
+    failures, digest, transports = [], hashlib.sha256(), set()
+    for n in (0, 1, p + 1, 1000, (1 << 18) + 5):
+        inputs = [torch.randn(n, generator=torch.Generator().manual_seed(31 * r + n)) for r in range(p)]
+        expected = torch.stack([t.double() for t in inputs]).sum(0)
+        for algorithm in ("recursive_doubling", "rabenseifner", "ring"):
+            with hybrid_ext.metrics.capture() as records:
+                got = hybrid_ext.allreduce(inputs[rank].clone(), algorithm=algorithm)
+            transports |= {r.transport for r in records}
+            digest.update(got.numpy().tobytes())
+            if not torch.allclose(got.double(), expected, rtol=1e-5, atol=1e-5):
+                failures.append(f"n={n} {algorithm}: max error {(got.double() - expected).abs().max():.3g}")
+    rows = torch.full((rank + 1, 2), float(rank))
+    gathered = hybrid_ext.allgather(rows)
+    if gathered[:, 0].tolist() != [float(r) for r in range(p) for _ in range(r + 1)]:
+        failures.append(f"allgather gave {gathered[:, 0].tolist()}")
+    return {"failures": failures, "digest": digest.hexdigest(), "transports": sorted(transports)}
+
+
+@pytest.mark.parametrize("hosts", [[0, 0, 1, 1], [0, 0, 0, 1, 1], [0, 1, 1], [0, 1, 0, 1]], ids=str)
+def test_ranks_of_one_host_use_shared_memory_and_the_network_between_hosts(spawn_ranks, hosts):
+    p = len(hosts)
+    results = spawn_ranks(_routed_rank, p, hosts, timeout=240)
+    for rank, result in enumerate(results):
+        assert result["failures"] == [], f"rank {rank}: {result['failures'][:10]}"
+        assert result["digest"] == results[0]["digest"], f"rank {rank} is not bitwise equal to rank 0"
+        alone = hosts.count(hosts[rank]) == 1
+        assert result["transports"] == (["torch-gloo"] if alone else ["shm+torch-gloo"]), result["transports"]
+
+
+def _domain_rank(rank: int, p: int) -> dict:
+    return {"domain": shm_transport.shm_domain(), "transport": hybrid_ext.comm.communicator().transport.name}
+
+
+def test_ranks_that_share_dev_shm_are_one_host(spawn_ranks):
+    results = spawn_ranks(_domain_rank, 2)
+    assert results[0]["domain"] == results[1]["domain"]
+    assert [r["transport"] for r in results] == ["shm", "shm"]
+
+
+def test_a_full_dev_shm_is_an_error_at_set_up_not_a_sigbus(tmp_path, monkeypatch):
+    too_big = 1 << 62
+    problem = shm_transport._allocate(tmp_path / "segment", too_big)
+    assert problem is not None and "cannot hold" in problem
