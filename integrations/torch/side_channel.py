@@ -2,8 +2,8 @@
 
 The host framework does one thing: tell every rank of a group where the group's store is — ``share(obj)``, a
 broadcast from the group's first rank (Horovod: ``hvd.broadcast_object``). From there the ranks meet in the
-store: ranks on one host exchange through shared memory (:mod:`hybrid_ext.comm.shm_transport`); otherwise over a
-gloo (CPU tensors) or NCCL (CUDA tensors) group built from the same store, outside torch.distributed's group
+store: ranks on one host exchange through shared memory (:mod:`hybrid_ext.comm.shm_transport`), ranks on
+different hosts over a gloo (CPU tensors) or NCCL (CUDA tensors) group built from the same store, outside torch.distributed's group
 registry, so a user's own ``init_process_group`` (or its absence) is untouched.
 
     channel = open_side_channel(rank, size, share=lambda obj: hvd.broadcast_object(obj, root_rank=0))
@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from hybrid_ext.comm import shm_transport
+from hybrid_ext.comm.network_address import advertised_address
 from hybrid_ext.comm.torch_transport import DEFAULT_TIMEOUT, TRANSPORT_ENV, TorchTransport, combine, transport_choice
 from hybrid_ext.comm.transport import Transport
 
@@ -113,22 +114,17 @@ def open_side_channel(
         server = dist.TCPStore(
             "0.0.0.0", 0, size, is_master=True, timeout=timedelta(seconds=timeout), wait_for_workers=False
         )
-        address = (socket.gethostname(), _reachable_address(), server.port)
+        address = (socket.gethostname(), advertised_address(), server.port)
     host, ip, port = share(address)
     if rank == 0:
         store = server
     else:
-        # Same host as rank 0: loopback works even where the host name does not resolve.
-        connect_to = "127.0.0.1" if host == socket.gethostname() else ip
-        store = dist.TCPStore(connect_to, port, size, is_master=False, timeout=timedelta(seconds=timeout))
+        try:
+            store = dist.TCPStore(ip, port, size, is_master=False, timeout=timedelta(seconds=timeout))
+        except (RuntimeError, OSError) as exc:  # DistNetworkError and friends
+            raise RuntimeError(
+                f"rank {rank} of {name} could not reach the side channel of its first rank at {ip}:{port} (host "
+                f"{host}) within {timeout:g}s: {exc}. If the hosts share another interface, name it with "
+                "GLOO_SOCKET_IFNAME."
+            ) from exc
     return SideChannel(store, rank, size, timeout, name)
-
-
-def _reachable_address() -> str:
-    """An address of this host other hosts can reach (best effort: the one a default route would use)."""
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            probe.connect(("10.255.255.255", 1))  # no packet is sent: this only picks an interface
-            return probe.getsockname()[0]
-    except OSError:
-        return socket.gethostbyname(socket.gethostname())
