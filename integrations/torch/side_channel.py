@@ -3,8 +3,8 @@
 The host framework does one thing: tell every rank of a group where the group's store is — ``share(obj)``, a
 broadcast from the group's first rank (Horovod: ``hvd.broadcast_object``). From there the ranks meet in the
 store: ranks on one host exchange through shared memory (:mod:`hybrid_ext.comm.shm_transport`), ranks on
-different hosts over a gloo (CPU tensors) or NCCL (CUDA tensors) group built from the same store, outside torch.distributed's group
-registry, so a user's own ``init_process_group`` (or its absence) is untouched.
+different hosts over a gloo (CPU tensors) or NCCL (CUDA tensors) group built from the same store, outside
+torch.distributed's group registry, so a user's own ``init_process_group`` (or its absence) is untouched.
 
     channel = open_side_channel(rank, size, share=lambda obj: hvd.broadcast_object(obj, root_rank=0))
     comm = Communicator(channel.transport(tensor.device))
