@@ -1,4 +1,7 @@
-"""Hybrid parallelism: data-parallel conv layers, model-parallel FC layers (see :mod:`hybrid_ext.parallel.api`)."""
+"""Hybrid parallelism: data-parallel conv layers, model-parallel FC layers (see :mod:`hybrid_ext.parallel.api`).
+
+DCP checkpoints: :mod:`hybrid_ext.parallel.dcp` (``save`` / ``load``).
+"""
 
 from hybrid_ext.parallel.api import ParallelModel, parallelize
 from hybrid_ext.parallel.checkpoint import (
