@@ -4,7 +4,7 @@ Every strategy trains the same model on the same global batch (W ranks × micro-
 rank processes the whole global batch). Also measured, as the limit: ``compute-only`` — each rank does
 exactly the per-rank work of ``hybrid`` (its conv micro-batch, its FC shards on the group's batch) with every
 message skipped (:class:`MirrorTransport`). Bytes come from hybrid-ext's metrics (sent per rank per step);
-``native`` reductions are counted from their buffer sizes.
+``native`` reductions are recorded with a ring allreduce's traffic (what gloo and NCCL run for large buffers).
 """
 
 from __future__ import annotations
@@ -23,14 +23,12 @@ from hybrid_ext.launch import spawn
 
 
 def build_model(name: str, classes: int = 10) -> nn.Module:
-    import torchvision
+    """alexnet / vgg11 (torchvision, RGB input), or the demo's small digits_alexnet (3 input channels here)."""
+    from hybrid_ext.train import models
 
-    torch.manual_seed(0)
-    if name == "alexnet":
-        return torchvision.models.alexnet(num_classes=classes)
-    if name == "vgg11":
-        return torchvision.models.vgg11(num_classes=classes)
-    raise ValueError(f"unknown model {name!r}; choose alexnet or vgg11")
+    if name not in ("alexnet", "vgg11", "digits_alexnet"):
+        raise ValueError(f"unknown model {name!r}; choose alexnet, vgg11 or digits_alexnet")
+    return models.build(name, channels=3, classes=classes)
 
 
 @dataclass
@@ -71,7 +69,6 @@ def _train_rank(rank, world, model_name, strategy, reducer, mp_size, steps, warm
     x = torch.randn(batch, 3, size, size, generator=g)
     y = torch.randint(0, 10, (batch,), generator=g)
     times, sent, messages = [], [], []
-    native_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) if reducer == "native" else 0
     for step in range(warmup + steps):
         with metrics.capture() as records:
             start = time.perf_counter()
@@ -81,8 +78,8 @@ def _train_rank(rank, world, model_name, strategy, reducer, mp_size, steps, warm
             elapsed = time.perf_counter() - start
         if step >= warmup:
             times.append(elapsed)
-            ring_bytes = 2 * (world - 1) / world * native_bytes if strategy != "mp" else 0
-            sent.append(sum(r.bytes_sent for r in records) + ring_bytes)
+            # Native reductions are in the records too (metrics.record_native_allreduce): each byte counted once.
+            sent.append(sum(r.bytes_sent for r in records))
             messages.append(sum(r.messages_sent for r in records))
     return {"times": times, "bytes": sent, "messages": messages}
 
