@@ -65,6 +65,8 @@ def test_compare_reads_the_runs_back(demo_runs, tmp_path):
     assert "hybrid-butterfly-np2" in out.stdout and "dp-native-np2" in out.stdout
     assert "1.00×" in out.stdout  # dp + native is the baseline of the speed-up column
     assert (tmp_path / "c-loss.png").stat().st_size > 0 and (tmp_path / "c-samples_per_sec.png").exists()
+    for kind in ("time_to_accuracy", "step_split"):  # MLPerf's measure, and where a step's time goes
+        assert (tmp_path / f"c-{kind}.png").stat().st_size > 0
     final = results[("hybrid", "butterfly")][0]["final/eval_accuracy"]
     assert f"{final * 100:.1f} %" in (tmp_path / "c.md").read_text()
 

@@ -21,6 +21,7 @@ class RunSummary:
     comm_time_ms: float
     bytes_per_step: float
     loss: list[tuple[int, float]]
+    accuracy_by_time: list[tuple[float, float]]  # (seconds since the run's first logged event, test accuracy)
 
 
 def _hparams(accumulator) -> dict:
@@ -54,6 +55,9 @@ def read_run(path: Path) -> RunSummary:
         return statistics.median(values) if values else float("nan")
 
     accuracy = series("eval/accuracy")
+    # Wall-clock time of each evaluation, from the run's first logged event (MLPerf's time-to-accuracy).
+    first = min((e.wall_time for tag in tags for e in acc.Scalars(tag)), default=0.0)
+    by_time = [(e.wall_time - first, e.value) for e in acc.Scalars("eval/accuracy")] if accuracy else []
     return RunSummary(
         name=path.name,
         hparams=_hparams(acc),
@@ -63,6 +67,7 @@ def read_run(path: Path) -> RunSummary:
         comm_time_ms=steady("comm/time_ms"),
         bytes_per_step=statistics.median([v for _, v in series("comm/bytes_per_step")] or [float("nan")]),
         loss=series("train/loss"),
+        accuracy_by_time=by_time,
     )
 
 
@@ -97,7 +102,8 @@ def table_markdown(runs: list[RunSummary]) -> str:
 
 
 def plot(runs: list[RunSummary], png: Path) -> list[Path]:
-    """Two PNGs: training loss vs step per run, and samples/s per run."""
+    """Four PNGs: training loss vs step, samples/s, test accuracy vs wall-clock time, and each run's step split
+    into time in collectives and the rest."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,7 +128,44 @@ def plot(runs: list[RunSummary], png: Path) -> list[Path]:
     fig.tight_layout()
     fig.savefig(speed_png, dpi=110)
     plt.close(fig)
-    return [loss_png, speed_png]
+    return [loss_png, speed_png, _plot_time_to_accuracy(runs, png), _plot_step_split(runs, png)]
+
+
+def _plot_time_to_accuracy(runs: list[RunSummary], png: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    out = png.with_name(png.stem + "-time_to_accuracy.png")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in runs:
+        if r.accuracy_by_time:
+            seconds, accuracy = zip(*r.accuracy_by_time)
+            ax.plot(seconds, [a * 100 for a in accuracy], marker="o", label=r.name)
+    ax.set(xlabel="wall-clock seconds since the run's first step", ylabel="test accuracy (%)",
+           title="Time to accuracy")  # fmt: skip
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _plot_step_split(runs: list[RunSummary], png: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    out = png.with_name(png.stem + "-step_split.png")
+    names = [r.name for r in runs]
+    # Collectives overlap backward, so their time is not all added to the step: show it capped at the step.
+    comm = [min(r.comm_time_ms, r.step_time_ms) for r in runs]
+    rest = [r.step_time_ms - c for r, c in zip(runs, comm)]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.barh(names, rest, color="tab:green", label="rest of the step (compute not hidden behind collectives)")
+    ax.barh(names, comm, left=rest, color="tab:orange", label="in hybrid-ext collectives (overlaps backward)")
+    ax.set(xlabel="ms per step (median)", title="Where a step's time goes")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 def compare(dirs: list[str | Path], png: str | Path | None = None, markdown: str | Path | None = None) -> str:

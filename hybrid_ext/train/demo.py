@@ -59,6 +59,9 @@ def main(args) -> int:
     table = compare([logdir], png=out / "demo.png", markdown=out / "demo.md")
     print()
     print(table)
-    print(f"\nwrote {out / 'demo.md'}, {out / 'demo-loss.png'}, {out / 'demo-samples_per_sec.png'}")
+    pngs = ", ".join(
+        str(out / f"demo-{kind}.png") for kind in ("loss", "samples_per_sec", "time_to_accuracy", "step_split")
+    )
+    print(f"\nwrote {out / 'demo.md'}, {pngs}")
     print(f"TensorBoard: tensorboard --logdir {logdir}    (total {time.perf_counter() - start:.0f} s)")
     return 0
