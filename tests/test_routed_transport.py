@@ -22,14 +22,15 @@ def _pretend_hosts(rank: int, hosts: list[int]) -> None:
 def _routed_rank(rank: int, p: int, hosts: list[int]) -> dict:
     _pretend_hosts(rank, hosts)
     hybrid_ext.set_check(True)
-    failures, digest, transports = [], hashlib.sha256(), set()
+    failures, digest, transports, algorithms = [], hashlib.sha256(), set(), set()
     for n in (0, 1, p + 1, 1000, (1 << 18) + 5):
         inputs = [torch.randn(n, generator=torch.Generator().manual_seed(31 * r + n)) for r in range(p)]
         expected = torch.stack([t.double() for t in inputs]).sum(0)
-        for algorithm in ("recursive_doubling", "rabenseifner", "ring"):
+        for algorithm in ("recursive_doubling", "rabenseifner", "ring", "auto", "hierarchical"):
             with hybrid_ext.metrics.capture() as records:
                 got = hybrid_ext.allreduce(inputs[rank].clone(), algorithm=algorithm)
             transports |= {r.transport for r in records}
+            algorithms |= {(algorithm, n, r.algorithm) for r in records}
             digest.update(got.numpy().tobytes())
             if not torch.allclose(got.double(), expected, rtol=1e-5, atol=1e-5):
                 failures.append(f"n={n} {algorithm}: max error {(got.double() - expected).abs().max():.3g}")
@@ -37,7 +38,12 @@ def _routed_rank(rank: int, p: int, hosts: list[int]) -> dict:
     gathered = hybrid_ext.allgather(rows)
     if gathered[:, 0].tolist() != [float(r) for r in range(p) for _ in range(r + 1)]:
         failures.append(f"allgather gave {gathered[:, 0].tolist()}")
-    return {"failures": failures, "digest": digest.hexdigest(), "transports": sorted(transports)}
+    return {
+        "failures": failures,
+        "digest": digest.hexdigest(),
+        "transports": sorted(transports),
+        "algorithms": sorted(algorithms),
+    }
 
 
 @pytest.mark.parametrize("hosts", [[0, 0, 1, 1], [0, 0, 0, 1, 1], [0, 1, 1], [0, 1, 0, 1]], ids=str)
@@ -49,6 +55,11 @@ def test_ranks_of_one_host_use_shared_memory_and_the_network_between_hosts(spawn
         assert result["digest"] == results[0]["digest"], f"rank {rank} is not bitwise equal to rank 0"
         alone = hosts.count(hosts[rank]) == 1
         assert result["transports"] == (["torch-gloo"] if alone else ["shm+torch-gloo"]), result["transports"]
+    ran = {(asked, n): algorithm for asked, n, algorithm in results[0]["algorithms"]}
+    large = (1 << 18) + 5
+    # Large messages on a group that spans hosts: reduce-scatter in each host, allreduce between, all-gather.
+    assert ran[("auto", large)].startswith("hierarchical/") and ran[("hierarchical", large)].startswith("hierarchical/")
+    assert not ran[("auto", 1000)].startswith("hierarchical")  # small ones: the flat, latency-bound schedules
 
 
 def _domain_rank(rank: int, p: int) -> dict:

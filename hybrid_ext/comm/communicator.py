@@ -24,10 +24,15 @@ import torch
 from hybrid_ext.comm import consistency, cost_model, metrics
 from hybrid_ext.comm.buffers import ScratchPool
 from hybrid_ext.comm.executor import WIDENED, WireStaging, execute, wire_dtype_for
+from hybrid_ext.comm.hierarchy import plan_hierarchical
 from hybrid_ext.comm.ordering import Handle, IssueOrder
 from hybrid_ext.comm.schedule import Plan, plan_allgather, plan_allreduce, plan_reduce_scatter
 from hybrid_ext.comm.streams import stream_order_for
 from hybrid_ext.comm.transport import Transport
+
+# Below this, a group that spans hosts runs the flat schedules: latency-bound messages gain nothing from staging
+# through shared memory first (recursive doubling already crosses hosts in its later, fewer steps).
+HIERARCHY_MIN_BYTES = 64 << 10
 
 
 class Communicator:
@@ -111,8 +116,8 @@ class Communicator:
                 offset += t.numel()
         wire = wire_dtype_for(dtype, wire_dtype)
         element_size = wire.itemsize if wire != wide else buffer.element_size()
-        chosen = cost_model.resolve(algorithm, count * element_size, self.size, self.transport.name)
-        plan = plan_allreduce(chosen, self.rank, self.size, count)
+        plan = self._allreduce_plan(algorithm, count, count * element_size)
+        chosen = plan.algorithm
         self._execute(plan, buffer, wire, op)
         if op == "avg":
             buffer.div_(self.size)
@@ -136,6 +141,24 @@ class Communicator:
                 seconds=time.perf_counter() - start,
             )
         )
+
+    def _allreduce_plan(self, algorithm: str, count: int, nbytes: int) -> Plan:
+        """The plan for ``algorithm`` here: hierarchical where the group spans hosts, else the flat choice."""
+        hosts = getattr(self.transport, "hosts", None)
+        spans_hosts = hosts is not None and len(set(hosts)) > 1
+        if algorithm == "hierarchical" and not spans_hosts:
+            algorithm = "auto"  # one host: the flat schedules are the hierarchy
+        if spans_hosts and (
+            algorithm == "hierarchical"
+            or (algorithm in ("auto", "butterfly") and nbytes >= HIERARCHY_MIN_BYTES and not cost_model.forced())
+        ):
+            lanes = max(hosts.count(h) for h in set(hosts))
+            network = getattr(getattr(self.transport, "network", None), "name", self.transport.name)
+            between = "butterfly" if algorithm == "butterfly" else "auto"
+            inter = cost_model.resolve(between, nbytes // lanes, len(set(hosts)), network)
+            return plan_hierarchical(inter, self.rank, tuple(hosts), count)
+        chosen = cost_model.resolve(algorithm, nbytes, self.size, self.transport.name)
+        return plan_allreduce(chosen, self.rank, self.size, count)
 
     def _execute(self, plan: Plan, buffer: torch.Tensor, wire: torch.dtype, op: str) -> None:
         """Run ``plan`` on ``buffer``; messages travel as ``wire`` (narrower than the buffer: staged)."""

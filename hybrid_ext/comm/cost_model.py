@@ -37,7 +37,7 @@ from hybrid_ext.comm.schedule import ALGORITHMS, largest_power_of_two_at_most
 
 ALGO_ENV = "HYBRID_EXT_ALGO"
 MODEL_ENV = "HYBRID_EXT_COST_MODEL"
-CHOICES = ("auto", "butterfly", *ALGORITHMS)
+CHOICES = ("auto", "butterfly", "hierarchical", *ALGORITHMS)
 BUTTERFLIES = ("recursive_doubling", "rabenseifner")
 
 
@@ -123,10 +123,17 @@ def save_model(transport: str, model: CostModel, path: Path | None = None) -> Pa
     return path
 
 
+def forced() -> bool:
+    """Whether ``HYBRID_EXT_ALGO`` pins one flat schedule for every ``auto`` / ``butterfly`` call."""
+    return os.environ.get(ALGO_ENV, "").strip().lower() not in ("", "auto", "butterfly")
+
+
 def resolve(algorithm: str, nbytes: int, p: int, transport: str = "", model: CostModel | None = None) -> str:
     """The concrete schedule to run for a requested ``algorithm`` name."""
     if algorithm not in CHOICES:
         raise ValueError(f"unknown allreduce algorithm {algorithm!r}; choose one of {', '.join(CHOICES)}")
+    if algorithm == "hierarchical":  # needs the group's host layout: the communicator plans it
+        return algorithm
     if algorithm in ("auto", "butterfly"):
         forced = os.environ.get(ALGO_ENV, "").strip().lower()
         if forced and forced not in ("auto", "butterfly"):

@@ -17,23 +17,32 @@ from hybrid_ext.comm.transport import PeerError, Transport
 class RoutedTransport:
     """The transport contract over two transports: ``local`` for ``local_ranks``, ``network`` for everyone else."""
 
-    def __init__(self, local: ShmTransport, local_ranks: list[int], network: TorchTransport) -> None:
+    def __init__(
+        self,
+        local: ShmTransport | None,
+        local_ranks: list[int],
+        network: TorchTransport,
+        hosts: tuple[int, ...],
+    ) -> None:
         self.local, self.network = local, network
         self.rank, self.size = network.rank, network.size
-        self.timeout = max(local.timeout, network.timeout)
-        self.name = f"{local.name}+{network.name}"
+        self.hosts = hosts  # every group rank's host: what the hierarchical allreduce plans with
+        if local is None:  # no shared memory here (alone on the host, or none could be allocated)
+            local_ranks = [self.rank]
+        self.timeout = max(local.timeout if local else 0.0, network.timeout)
+        self.name = f"{local.name}+{network.name}" if local else network.name
         self._local_index = {rank: index for index, rank in enumerate(local_ranks)}
         self.local_ranks = tuple(local_ranks)
 
     def is_local(self, peer: int) -> bool:
-        return peer in self._local_index
+        return self.local is not None and peer in self._local_index
 
     def exchange(
         self, send: torch.Tensor | None, send_to: int | None, recv: torch.Tensor | None, recv_from: int | None
     ) -> None:
         send_local = send is not None and self.is_local(send_to)
         recv_local = recv is not None and self.is_local(recv_from)
-        if (send is None or send_local) and (recv is None or recv_local):
+        if (send is None or send_local) and (recv is None or recv_local) and self.local is not None:
             self.local.exchange(send, self._local_index.get(send_to), recv, self._local_index.get(recv_from))
             return
         if not send_local and not recv_local:
@@ -52,7 +61,7 @@ class RoutedTransport:
 
 def describe_routes(transport: Transport) -> str:
     """One line saying which route each kind of peer takes (what the start-up message prints)."""
-    if isinstance(transport, RoutedTransport):
+    if isinstance(transport, RoutedTransport) and transport.local is not None:
         return (
             f"{transport.local.name} with the {len(transport.local_ranks) - 1} other rank(s) on this host, "
             f"{transport.network.name} to the {transport.size - len(transport.local_ranks)} rank(s) on other hosts"

@@ -34,6 +34,7 @@ import platform
 import socket
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -270,19 +271,28 @@ def shm_domain() -> str:
     return f"{boot}/{mount}"
 
 
-def create(
-    rank: int, size: int, all_gather, barrier, timeout: float, slot_bytes: int = DEFAULT_SLOT_BYTES
-) -> tuple[ShmTransport, list[int]] | None:
+@dataclass(frozen=True)
+class HostShm:
+    """What :func:`create` found: the shared-memory transport among this host's ranks, and every rank's host."""
+
+    transport: ShmTransport | None  # None: no peer on this host, or shared memory could not be allocated
+    local_ranks: list[int]  # the group ranks on this host, in order (the transport's ranks index this list)
+    hosts: tuple[int, ...]  # host index of every group rank (hosts numbered by their first rank)
+
+
+def create(rank: int, size: int, all_gather, barrier, timeout: float, slot_bytes: int = DEFAULT_SLOT_BYTES) -> HostShm:
     """Set up a :class:`ShmTransport` among the ranks of the group that share this host's shared memory.
 
-    Every rank of the group calls this together. Returns the transport (its ranks are indices into the returned
-    list of group ranks, in order) or None where this rank has no peer on its host, or shared memory cannot be
-    allocated on some rank of the host (then every rank of that host gets None, and says why once).
+    Every rank of the group calls this together. The transport is None where this rank has no peer on its host,
+    or shared memory cannot be allocated on some rank of the host (then every rank of that host gets None, and
+    the host's first rank says why once).
     ``all_gather(obj) -> list`` and ``barrier()`` are the host framework's, used at set-up only. The files are
     unlinked as soon as everyone has mapped them, so nothing is left in /dev/shm, even if a process is killed.
     """
     domains = all_gather((shm_domain(), os.getpid()))
     local = [r for r, (domain, _) in enumerate(domains) if domain == domains[rank][0]]
+    numbering: dict[str, int] = {}
+    hosts = tuple(numbering.setdefault(domain, len(numbering)) for domain, _ in domains)
     path = SHM_DIR / f"hybrid-ext-{uuid.uuid4().hex}-r{rank}"
     problem = None
     if len(local) > 1:
@@ -306,7 +316,7 @@ def create(
         barrier()  # everyone has mapped what it needs before anyone deletes a file
     finally:
         path.unlink(missing_ok=True)
-    return (transport, local) if transport is not None else None
+    return HostShm(transport, local, hosts)
 
 
 def _allocate(path: Path, nbytes: int) -> str | None:

@@ -65,18 +65,18 @@ def transport_for(group: Any, device: torch.device, all_gather=None, barrier=Non
     return _announced(combine(base, shm_transport.create(base.rank, base.size, all_gather, barrier, base.timeout)))
 
 
-def combine(network: Transport, local: tuple[Transport, list[int]] | None) -> Transport:
-    """The transport for a group given its ranks' shared-memory transport on this host (see :func:`transport_for`)."""
+def combine(network: Transport, found: shm_transport.HostShm | None) -> Transport:
+    """The transport for a group given what :func:`shm_transport.create` found (see :func:`transport_for`)."""
     choice = transport_choice()
-    if local is not None and len(local[1]) == network.size:
-        return local[0]
+    if found is not None and found.transport is not None and len(found.local_ranks) == network.size:
+        return found.transport
     if choice == "shm":
         raise RuntimeError(f"{TRANSPORT_ENV}=shm, but the ranks of this group are on several hosts")
-    if local is None:
-        return network
+    if found is None or (found.transport is None and len(set(found.hosts)) == network.size):
+        return network  # one rank per host: nothing to route
     from hybrid_ext.comm.routed_transport import RoutedTransport
 
-    return RoutedTransport(local[0], local[1], network)
+    return RoutedTransport(found.transport, found.local_ranks, network, found.hosts)
 
 
 _announced_once = False

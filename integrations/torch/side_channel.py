@@ -71,8 +71,8 @@ class SideChannel:
         if kind == "cpu" and self.size > 1 and choice != "torch" and shm_transport.shm_supported():
             setup = StoreCollectives(dist.PrefixStore(prefix + "setup", self.store), self.rank, self.size)
             local = shm_transport.create(self.rank, self.size, setup.all_gather, setup.barrier, self.timeout)
-            if local is not None and len(local[1]) == self.size:
-                return local[0]
+            if local.transport is not None and len(local.local_ranks) == self.size:
+                return local.transport
             if choice == "shm":
                 raise RuntimeError(f"{TRANSPORT_ENV}=shm, but the ranks of {self.name} are on several hosts")
         elif choice == "shm" and kind == "cpu" and self.size > 1:

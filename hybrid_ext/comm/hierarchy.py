@@ -1,0 +1,94 @@
+"""The hierarchical allreduce for groups that span hosts: a pure plan, composed from the flat ones.
+
+On a cluster each host's network link is the bottleneck; the ranks of one host share it and reach each other
+through shared memory. So (``hosts[r]`` = the host of group rank r, any layout, hosts of unequal size):
+
+1. **Reduce-scatter inside each host** (shared memory). The vector is cut into ``L`` lanes, L = the largest
+   host's rank count; on a host of ``s`` ranks, lane k belongs to local rank ``k mod s``. Afterwards each lane's
+   owner holds that lane summed over its host. A host with fewer ranks than lanes reduces them in rounds of s.
+2. **Allreduce between hosts**, one lane at a time, among the lane's owners (one per host) with a flat schedule
+   (recursive doubling, Rabenseifner, or the ring — any number of hosts). Every rank of a host carries its own
+   lanes, so all of them drive the host's link at once, and each host sends 2(H-1)/H of the vector in all with
+   Rabenseifner or the ring: the bound for any allreduce across H links.
+3. **All-gather inside each host**: every rank gets every lane.
+
+Each element's value is final on one rank per lane-allreduce (whose schedules already end bitwise identical on
+its participants) and only copied after, so every rank ends bitwise identical. The sub-plans' steps are the
+flat plans' own (:mod:`hybrid_ext.comm.schedule`), renumbered into group ranks and shifted to their lane.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+from hybrid_ext.comm.schedule import (
+    ALGORITHMS,
+    Plan,
+    Range,
+    Step,
+    block_bounds,
+    plan_allgather,
+    plan_allreduce,
+    plan_reduce_scatter,
+)
+
+INTRA_SCATTER = "recursive_halving"
+INTRA_GATHER = "recursive_doubling"
+
+
+def _moved(plan: Plan, members: Sequence[int], offset: int, prefix: str) -> list[Step]:
+    """``plan``'s steps with its ranks renamed to ``members`` and its ranges shifted by ``offset``."""
+
+    def rank(r: int | None) -> int | None:
+        return None if r is None else members[r]
+
+    def shifted(span: Range | None) -> Range | None:
+        return None if span is None else (span[0] + offset, span[1] + offset)
+
+    return [
+        Step(prefix + s.phase, rank(s.send_to), shifted(s.send), rank(s.recv_from), shifted(s.recv), s.reduce)
+        for s in plan.steps
+    ]
+
+
+def host_layout(hosts: Sequence[int]) -> dict[int, list[int]]:
+    """Group ranks per host, in rank order, for hosts in order of their first rank."""
+    members: dict[int, list[int]] = {}
+    for rank, host in enumerate(hosts):
+        members.setdefault(host, []).append(rank)
+    return members
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_hierarchical(inter_algorithm: str, rank: int, hosts: tuple[int, ...], count: int) -> Plan:
+    """Plan rank ``rank``'s part of a hierarchical allreduce of ``count`` elements (see the module docstring)."""
+    if inter_algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm between hosts {inter_algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+    if not 0 <= rank < len(hosts):
+        raise ValueError(f"rank {rank} is not in a group of {len(hosts)}")
+    members = host_layout(hosts)
+    order = list(members)  # host order: by first rank
+    mine = members[hosts[rank]]
+    local, size = mine.index(rank), len(mine)
+    lanes = max(len(m) for m in members.values())
+    bounds = block_bounds(count, lanes)
+    rounds = range(0, lanes, size)
+
+    def round_counts(first: int) -> tuple[int, ...]:
+        own = [bounds[k + 1] - bounds[k] for k in range(first, min(first + size, lanes))]
+        return tuple(own + [0] * (size - len(own)))
+
+    steps: list[Step] = []
+    if count > 0 and len(hosts) > 1:
+        for first in rounds:
+            sub = plan_reduce_scatter(INTRA_SCATTER, local, round_counts(first))
+            steps += _moved(sub, mine, bounds[first], "host ")
+        for lane in range(local, lanes, size):
+            owners = [members[h][lane % len(members[h])] for h in order]
+            sub = plan_allreduce(inter_algorithm, order.index(hosts[rank]), len(order), bounds[lane + 1] - bounds[lane])
+            steps += _moved(sub, owners, bounds[lane], "hosts ")
+        for first in rounds:
+            sub = plan_allgather(INTRA_GATHER, local, round_counts(first))
+            steps += _moved(sub, mine, bounds[first], "host ")
+    return Plan(f"hierarchical/{inter_algorithm}", rank, len(hosts), count, tuple(steps))
