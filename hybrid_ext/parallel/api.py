@@ -79,11 +79,16 @@ def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, name, new)
 
 
-def _check_devices(model: nn.Module, world: Communicator) -> torch.device:
+def _model_device(model: nn.Module) -> torch.device:
+    """The one device the model lives on (its parameters and buffers); a clear error if it spans several."""
     devices = {p.device for p in model.parameters()} | {b.device for b in model.buffers()}
     if len(devices) > 1:
         raise ValueError(f"the model's parameters are on several devices {sorted(map(str, devices))}; move it to one")
-    device = devices.pop() if devices else torch.device("cpu")
+    return devices.pop() if devices else torch.device("cpu")
+
+
+def _check_devices(model: nn.Module, world: Communicator) -> torch.device:
+    device = _model_device(model)
     kinds = world.run(lambda: world.block_counts({"cpu": 0, "cuda": 1}.get(device.type, 2), torch.device("cpu")))
     if len(set(kinds)) > 1:
         names = {0: "cpu", 1: "cuda", 2: "other"}
@@ -141,7 +146,7 @@ def parallelize(
             raise RuntimeError("torch.distributed is not initialized: call init_process_group first, or pass groups")
         world = dist.get_world_size()
         dims = ParallelDims(world, world if mp_size is None else mp_size)
-        groups = torch_groups(dims)
+        groups = torch_groups(dims, _model_device(model))  # communicators follow the parameters' device
     elif mp_size is not None and mp_size != groups.dims.mp:
         raise ValueError(f"mp_size={mp_size} disagrees with the groups given (mp={groups.dims.mp})")
     _check_devices(model, groups.world)
