@@ -16,5 +16,4 @@ def test_native_and_butterfly_dp_send_the_same_bytes_counted_once():
     # Two ranks: every algorithm sends the whole gradient once per step (ring: 2(p-1)/p·n = n).
     assert rows["dp-native"].bytes_per_step == pytest.approx(params, rel=1e-6)
     assert rows["dp-butterfly"].bytes_per_step == pytest.approx(params, rel=1e-6)
-    assert rows["compute-only"].bytes_per_step == 0
     assert all(row.samples_per_sec > 0 for row in rows.values())
