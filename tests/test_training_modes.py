@@ -1,0 +1,159 @@
+"""The partitioner as people train: gradient accumulation and ``no_sync()``, bucket order when gradients arrive in
+different orders, BatchNorm (buffers, ``nn.SyncBatchNorm``), and bad input explained before anything runs.
+
+Each spawned check compares against the unmodified model trained in one process on the whole global batch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from parallel_reference import MICRO_BATCH, small_cnn
+from torch import nn
+
+import hybrid_ext
+from hybrid_ext.parallel import full_grads
+
+TOL = {"rtol": 1e-5, "atol": 1e-6}
+ACCUMULATION_STEPS = 2
+
+
+def _assert_close(actual: dict, expected: dict, what: str) -> None:
+    assert set(actual) == set(expected), what
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name], value, **TOL, msg=f"{what}: {name}")
+
+
+# ------------------------------------------------------------------ gradient accumulation
+
+
+def _micro_batches(world: int, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The global batch of each accumulation step (rank r's micro-batch: rows [r·MICRO_BATCH, (r+1)·MICRO_BATCH))."""
+    g = torch.Generator().manual_seed(7)
+    return [
+        (
+            torch.randn(world * MICRO_BATCH, 3, 16, 16, generator=g),
+            torch.randint(0, 10, (world * MICRO_BATCH,), generator=g),
+        )
+        for _ in range(steps)
+    ]
+
+
+def _accumulation_reference(world: int) -> dict:
+    """One SGD step on all accumulation steps' samples at once: the loss averaged over the whole global batch."""
+    model = small_cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    batches = _micro_batches(world, ACCUMULATION_STEPS)
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    F.cross_entropy(model(x), y).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    optimizer.step()
+    return {"grads": grads, "state": {k: v.clone() for k, v in model.state_dict().items()}}
+
+
+def _accumulate_rank(rank: int, world: int, strategy: str, mp_size: int | None) -> dict:
+    return {mode: _accumulate(rank, world, strategy, mp_size, mode) for mode in ("plain", "no_sync")}
+
+
+def _accumulate(rank: int, world: int, strategy: str, mp_size: int | None, mode: str) -> dict:
+    """ACCUMULATION_STEPS backward passes (each loss divided by their number, as with DDP), then one step.
+
+    ``mode``: ``plain`` (every backward reduces) or ``no_sync`` (all but the last inside ``model.no_sync()``)."""
+    model = hybrid_ext.parallelize(small_cnn(), strategy=strategy, mp_size=mp_size, bucket_mb=0.01)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    inside_no_sync = []
+    for step, (x, y) in enumerate(_micro_batches(world, ACCUMULATION_STEPS)):
+        if strategy != "mp":
+            x, y = x[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH], y[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH]
+        last = step == ACCUMULATION_STEPS - 1
+        if mode == "no_sync" and not last:
+            with hybrid_ext.metrics.capture() as records, model.no_sync():
+                (F.cross_entropy(model(x), y) / ACCUMULATION_STEPS).backward()
+            inside_no_sync += [r for r in records if r.collective == "allreduce"]
+        else:
+            (F.cross_entropy(model(x), y) / ACCUMULATION_STEPS).backward()
+    grads = full_grads(model)
+    optimizer.step()
+    return {"grads": grads, "state": hybrid_ext.full_state_dict(model), "no_sync_allreduces": len(inside_no_sync)}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(("strategy", "world", "mp_size"), [("dp", 2, None), ("mp", 2, None), ("hybrid", 4, 2)])
+def test_gradient_accumulation_equals_one_step_on_the_global_batch(spawn_ranks, strategy, world, mp_size):
+    expected = _accumulation_reference(world)
+    for rank, by_mode in enumerate(spawn_ranks(_accumulate_rank, world, strategy, mp_size, timeout=240)):
+        for mode, result in by_mode.items():
+            _assert_close(result["grads"], expected["grads"], f"{strategy} {mode} rank {rank} grads")
+            _assert_close(result["state"], expected["state"], f"{strategy} {mode} rank {rank} weights")
+            if strategy != "mp":  # (mp's all-reduces are of activations: it reduces no gradients at all)
+                assert result["no_sync_allreduces"] == 0, "no_sync() must not reduce gradients"
+
+
+# ------------------------------------------------------------------ bucket order
+
+
+class RankDependentNet(nn.Module):
+    """Gradients arrive in a different order on each rank (``flip``), and ``extra`` is used on some ranks only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.extra = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 6)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor, flip: bool, use_extra: bool) -> torch.Tensor:
+        h = self.a(torch.relu(self.b(x))) if flip else self.b(torch.relu(self.a(x)))
+        if use_extra:
+            h = h + self.extra(torch.tanh(h))
+        return self.head(torch.relu(h))
+
+
+def _branch_batch(world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(11)
+    return torch.randn(world * MICRO_BATCH, 6, generator=g), torch.randint(0, 4, (world * MICRO_BATCH,), generator=g)
+
+
+def _flags(rank: int) -> tuple[bool, bool]:
+    return rank % 2 == 1, rank == 0  # (flip, use_extra)
+
+
+def _branch_reference(world: int) -> dict:
+    """The loss is the mean over ranks of each rank's loss, every rank's samples through its own branch."""
+    model = RankDependentNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = _branch_batch(world)
+    losses = [
+        F.cross_entropy(
+            model(x[r * MICRO_BATCH : (r + 1) * MICRO_BATCH], *_flags(r)), y[r * MICRO_BATCH : (r + 1) * MICRO_BATCH]
+        )
+        for r in range(world)
+    ]
+    (sum(losses) / world).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    optimizer.step()
+    return {"grads": grads, "state": {k: v.clone() for k, v in model.state_dict().items()}}
+
+
+def _branch_rank(rank: int, world: int, strategy: str) -> dict:
+    rules = {"a": "dp", "b": "dp", "extra": "dp"} if strategy == "hybrid" else None  # head: an FC shard
+    # One bucket per parameter: every arrival order shows.
+    model = hybrid_ext.parallelize(RankDependentNet(), strategy=strategy, rules=rules, bucket_mb=1e-6)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = _branch_batch(world)
+    x, y = x[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH], y[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH]
+    F.cross_entropy(model(x, *_flags(rank)), y).backward()
+    grads = full_grads(model)
+    optimizer.step()
+    return {"grads": grads, "state": hybrid_ext.full_state_dict(model), "buckets": len(model.reducer.buckets)}
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("strategy", ["dp", "hybrid"])
+def test_buckets_are_reduced_in_one_order_whatever_order_gradients_arrive_in(spawn_ranks, strategy):
+    expected = _branch_reference(2)
+    for rank, result in enumerate(spawn_ranks(_branch_rank, 2, strategy, timeout=180)):
+        assert result["buckets"] >= 6
+        # `extra` gets no gradient on rank 1: it takes part as zeros, and rank 0's gradient is averaged with them.
+        _assert_close(result["grads"], expected["grads"], f"{strategy} rank {rank} grads")
+        _assert_close(result["state"], expected["state"], f"{strategy} rank {rank} weights")
