@@ -21,13 +21,19 @@ that the host's average over the dp = world/mp_size replicas completes them — 
 average over all ranks; (Σ over the group's ranks / mp_size) averaged over dp is the sum over the shard's
 replicas / world, as below.
 
+Training modes (DDP's contract; see :mod:`hybrid_ext.parallel.reducer`): gradient accumulation over several
+backward passes (each pass reduces its own contribution) and ``with model.no_sync():`` (no communication; the
+next backward reduces everything accumulated). Buckets are reduced in the same order on every rank.
+
 Dropout inside a sharded FC chain draws its own mask on every shard. BatchNorm layers are data-parallel:
 their batch statistics are those of each rank's micro-batch, as under DDP.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -62,7 +68,16 @@ class ParallelModel(nn.Module):
         """True: the host framework averages gradients over the data-parallel group (see :func:`parallelize`)."""
 
     def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
+        out = self.module(*args, **kwargs)
+        syncing = torch.is_grad_enabled() and self.reducer.sync_enabled
+        return _arm_on_backward(out, self.reducer) if syncing and self.reducer.buckets else out
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """As DDP's: backward passes inside communicate nothing; the first one after it reduces everything
+        accumulated. Run the forward inside too."""
+        with self.reducer.no_sync():
+            yield
 
     def sync(self) -> None:
         """Finish the gradient reduction now (it also finishes by itself at the end of backward)."""
@@ -105,6 +120,31 @@ def _broadcast_from_first(model: nn.Module, world: Communicator) -> None:
             world.run(lambda w=work: world.allreduce_now(w, "sum", "auto"))
             for t, w in zip(group, work):
                 t.copy_(w)
+
+
+class _ArmReducer(torch.autograd.Function):
+    """Identity; its backward makes sure the reducer's end-of-backward work runs even on a rank where no
+    reduced parameter gets a gradient (DDP's ``_DDPSink`` plays this part)."""
+
+    @staticmethod
+    def forward(ctx, reducer: GradientReducer, x: torch.Tensor):
+        ctx.reducer = reducer
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.reducer.arm()
+        return None, grad
+
+
+def _arm_on_backward(out, reducer: GradientReducer):
+    if isinstance(out, torch.Tensor):
+        return _ArmReducer.apply(reducer, out) if out.requires_grad else out
+    if isinstance(out, tuple | list):
+        return type(out)(_arm_on_backward(o, reducer) for o in out)
+    if isinstance(out, dict):
+        return {k: _arm_on_backward(v, reducer) for k, v in out.items()}
+    return out
 
 
 def parallelize(
@@ -187,7 +227,12 @@ def parallelize(
             ReduceGroup("replicated", replicated, groups.world, "avg", 1.0, algorithm, native and native("world")),
             ReduceGroup("fc-shards", shards, groups.dp, "sum", 1.0 / world, algorithm, native and native("dp")),
         ]
-    grad_reducer = GradientReducer(reduce_groups, bucket_bytes=int(bucket_mb * (1 << 20)), blocking=blocking_reduction)
+    grad_reducer = GradientReducer(
+        reduce_groups,
+        bucket_bytes=int(bucket_mb * (1 << 20)),
+        blocking=blocking_reduction,
+        parameter_order=list(model.parameters()),
+    )
     return ParallelModel(model, plan, groups, grad_reducer, host_reduces_data_parallel)
 
 
