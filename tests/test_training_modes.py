@@ -13,7 +13,7 @@ from parallel_reference import MICRO_BATCH, small_cnn
 from torch import nn
 
 import hybrid_ext
-from hybrid_ext.parallel import full_grads
+from hybrid_ext.parallel import full_grads, make_plan
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}
 ACCUMULATION_STEPS = 2
@@ -157,3 +157,115 @@ def test_buckets_are_reduced_in_one_order_whatever_order_gradients_arrive_in(spa
         # `extra` gets no gradient on rank 1: it takes part as zeros, and rank 0's gradient is averaged with them.
         _assert_close(result["grads"], expected["grads"], f"{strategy} rank {rank} grads")
         _assert_close(result["state"], expected["state"], f"{strategy} rank {rank} weights")
+
+
+# ------------------------------------------------------------------ BatchNorm
+
+
+def resnet18() -> nn.Module:
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10)
+
+
+def vgg11_bn() -> nn.Module:
+    """torchvision's vgg11_bn with a small FC head of the same shape (Linear, ReLU, Dropout ×2, Linear)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.vgg11_bn(num_classes=10)
+    model.avgpool = nn.AdaptiveAvgPool2d(1)  # 32×32 inputs end 1×1 anyway
+    model.classifier = nn.Sequential(
+        nn.Linear(512, 64), nn.ReLU(), nn.Dropout(0.0), nn.Linear(64, 48), nn.ReLU(), nn.Dropout(0.0), nn.Linear(48, 10)
+    )
+    return model
+
+
+BN_MODELS = {"resnet18": resnet18, "vgg11_bn": vgg11_bn}
+BN_STEPS = 2
+
+
+def _bn_batches(world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(5)
+    return [
+        (
+            torch.randn(world * MICRO_BATCH, 3, 32, 32, generator=g),
+            torch.randint(0, 10, (world * MICRO_BATCH,), generator=g),
+        )
+        for _ in range(BN_STEPS)
+    ]
+
+
+def _bn_reference(model_name: str, world: int) -> dict[str, torch.Tensor]:
+    """Plain BatchNorm trained in one process on the global batches: what SyncBatchNorm on W ranks must give.
+
+    In float64: BatchNorm over 8 samples of 1×1 maps is ill-conditioned enough that two float32 runs of the
+    same math part by up to 4e-2 (measured: this reference in float32 against float64) — float64 checks the
+    math to 1e-5."""
+    model = BN_MODELS[model_name]().double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for x, y in _bn_batches(world):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x.double()), y).backward()
+        optimizer.step()
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _bn_rank(rank: int, world: int) -> dict:
+    out = {}
+    for model_name, build in BN_MODELS.items():
+        for sync in (False, True):
+            model = build()
+            if sync:  # in float64, as the reference
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model).double()
+            model = hybrid_ext.parallelize(model, strategy="hybrid")
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+            for x, y in _bn_batches(world):
+                x, y = (
+                    x[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH],
+                    y[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH],
+                )
+                optimizer.zero_grad()
+                F.cross_entropy(model(x.double() if sync else x), y).backward()
+                optimizer.step()
+            out[(model_name, sync)] = {
+                "buffers": {n: b.clone() for n, b in model.module.named_buffers()},
+                "state": hybrid_ext.full_state_dict(model),
+            }
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_batchnorm_buffers_agree_on_every_rank_and_syncbatchnorm_equals_the_reference(spawn_ranks):
+    results = spawn_ranks(_bn_rank, 2, timeout=240)
+    for model_name in BN_MODELS:
+        expected = _bn_reference(model_name, 2)
+        for sync in (False, True):
+            what = f"{model_name} {'SyncBatchNorm' if sync else 'BatchNorm'}"
+            first = results[0][(model_name, sync)]
+            assert any("running_var" in n for n in first["buffers"]), what
+            for rank, result in enumerate(results):
+                run = result[(model_name, sync)]
+                for name, buffer in run["buffers"].items():  # the replicas' own buffers, not only the checkpoint
+                    assert torch.equal(buffer, first["buffers"][name]), f"{what}: rank {rank} {name} differs"
+                for name, value in run["state"].items():
+                    assert torch.equal(value, first["state"][name]), f"{what}: rank {rank} checkpoint {name} differs"
+                if sync:  # statistics over all ranks' samples: the single-process step on the global batch
+                    _assert_close(run["state"], expected, f"{what} rank {rank}")
+
+
+def test_make_plan_leaves_batchnorm_statistics_and_the_rng_alone():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Dropout(0.5), nn.Linear(4 * 36, 5)
+    )
+    example = torch.randn(3, 3, 8, 8)
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    torch.manual_seed(3)
+    rng = torch.get_rng_state()
+    plan = make_plan(model, "hybrid", example_input=example)
+    assert plan.styles["5"] == "column_last"
+    assert torch.equal(torch.get_rng_state(), rng), "make_plan consumed random numbers"
+    for name, value in model.named_buffers():
+        assert torch.equal(value, buffers[name]), f"make_plan changed {name}"
+    assert model.training and all(m.training for m in model.modules())  # modes restored
