@@ -24,6 +24,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 STRATEGIES = ("dp", "mp", "hybrid")
@@ -85,7 +86,9 @@ def params_per_flop(model: nn.Module, example_input) -> dict[str, float]:
     """Parameters / multiply-adds per sample of every Linear and Conv2d, measured on ``example_input``.
 
     A Linear applied once per sample scores 1; one applied at T positions (a sequence) scores 1/T; a
-    convolution producing an H×W map scores 1/(H·W). Runs one forward pass without gradients.
+    convolution producing an H×W map scores 1/(H·W). Runs one forward pass without gradients, in eval mode,
+    that leaves no trace: BatchNorm statistics (every buffer), the random number generators and every
+    module's train / eval mode are as before.
     """
     scores: dict[str, float] = {}
     hooks = []
@@ -98,14 +101,21 @@ def params_per_flop(model: nn.Module, example_input) -> dict[str, float]:
                 scores[path] = mod.weight.numel() / max(macs, 1)
 
             hooks.append(module.register_forward_hook(record))
+    modes = {m: m.training for m in model.modules()}
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
     try:
-        import torch
-
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            model.eval()  # no BatchNorm update, no dropout mask
             model(example_input[:1])
     finally:
         for hook in hooks:
             hook.remove()
+        for module, training in modes.items():
+            module.training = training
+        with torch.no_grad():
+            for buffer, saved in buffers:  # a custom module may still have written one
+                buffer.copy_(saved)
     return scores
 
 
