@@ -269,3 +269,47 @@ def test_make_plan_leaves_batchnorm_statistics_and_the_rng_alone():
     for name, value in model.named_buffers():
         assert torch.equal(value, buffers[name]), f"make_plan changed {name}"
     assert model.training and all(m.training for m in model.modules())  # modes restored
+
+
+# ------------------------------------------------------------------ bad input, explained before anything runs
+
+
+def _narrow_head() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 36, 8), nn.ReLU(), nn.Linear(8, 1))
+
+
+def _bad_input_rank(rank: int, world: int) -> dict:
+    out = {}
+    with hybrid_ext.metrics.capture() as records:
+        try:
+            hybrid_ext.parallelize(_narrow_head(), strategy="hybrid")  # 1 output feature over 2 ranks
+            out["narrow"] = "no error"
+        except ValueError as exc:
+            out["narrow"] = str(exc)
+    out["collectives_before_the_error"] = len(records)
+    model = small_cnn()
+    if rank == 1:
+        model.to("meta")  # one device per rank, but not the same kind everywhere
+    try:
+        hybrid_ext.parallelize(model)
+        out["devices"] = "no error"
+    except ValueError as exc:
+        out["devices"] = str(exc)
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_layers_that_cannot_be_sharded_and_mixed_devices_are_explained(spawn_ranks):
+    for result in spawn_ranks(_bad_input_rank, 2):
+        message = result["narrow"]
+        assert "'4'" in message and "Linear" in message and "1 output feature" in message, message
+        assert "mp_size=2" in message and "rules={'4': 'dp'}" in message, message
+        assert result["collectives_before_the_error"] == 0
+        assert "not on the same device type on every rank" in result["devices"], result["devices"]
+
+
+def test_a_non_elementwise_layer_inside_a_forced_fc_chain_is_named():
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4))
+    with pytest.raises(ValueError, match=r"'2' .*follows '1' \(LayerNorm\).*not elementwise"):
+        make_plan(model, "hybrid", rules={"0": "column", "2": "row"})
