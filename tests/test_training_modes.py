@@ -276,7 +276,7 @@ def test_make_plan_leaves_batchnorm_statistics_and_the_rng_alone():
 
 def _narrow_head() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 36, 8), nn.ReLU(), nn.Linear(8, 1))
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 36, 1))  # column_last: split by outputs
 
 
 def _bad_input_rank(rank: int, world: int) -> dict:
@@ -303,8 +303,8 @@ def _bad_input_rank(rank: int, world: int) -> dict:
 def test_layers_that_cannot_be_sharded_and_mixed_devices_are_explained(spawn_ranks):
     for result in spawn_ranks(_bad_input_rank, 2):
         message = result["narrow"]
-        assert "'4'" in message and "Linear" in message and "1 output feature" in message, message
-        assert "mp_size=2" in message and "rules={'4': 'dp'}" in message, message
+        assert "'2'" in message and "Linear" in message and "1 output feature" in message, message
+        assert "mp_size=2" in message and "rules={'2': 'dp'}" in message, message
         assert result["collectives_before_the_error"] == 0
         assert "not on the same device type on every rank" in result["devices"], result["devices"]
 
