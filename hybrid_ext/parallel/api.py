@@ -186,6 +186,7 @@ def parallelize(
         groups = torch_groups(dims)
     elif mp_size is not None and mp_size != groups.dims.mp:
         raise ValueError(f"mp_size={mp_size} disagrees with the groups given (mp={groups.dims.mp})")
+    plan_module.check_shardable(model, plan, groups.dims.mp)  # before any collective
     _check_devices(model, groups.world)
     if sync_initial_weights:
         initial = [t for t in [*model.parameters(), *syncable_buffers(model)] if t.dtype.is_floating_point]
