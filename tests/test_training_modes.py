@@ -9,14 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from parallel_reference import MICRO_BATCH, small_cnn
+from parallel_reference import MICRO_BATCH, accumulate_rank, accumulation_reference, small_cnn
 from torch import nn
 
 import hybrid_ext
 from hybrid_ext.parallel import full_grads, make_plan
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}
-ACCUMULATION_STEPS = 2
 
 
 def _assert_close(actual: dict, expected: dict, what: str) -> None:
@@ -28,60 +27,14 @@ def _assert_close(actual: dict, expected: dict, what: str) -> None:
 # ------------------------------------------------------------------ gradient accumulation
 
 
-def _micro_batches(world: int, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The global batch of each accumulation step (rank r's micro-batch: rows [r·MICRO_BATCH, (r+1)·MICRO_BATCH))."""
-    g = torch.Generator().manual_seed(7)
-    return [
-        (
-            torch.randn(world * MICRO_BATCH, 3, 16, 16, generator=g),
-            torch.randint(0, 10, (world * MICRO_BATCH,), generator=g),
-        )
-        for _ in range(steps)
-    ]
-
-
-def _accumulation_reference(world: int) -> dict:
-    """One SGD step on all accumulation steps' samples at once: the loss averaged over the whole global batch."""
-    model = small_cnn()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    batches = _micro_batches(world, ACCUMULATION_STEPS)
-    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
-    F.cross_entropy(model(x), y).backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    optimizer.step()
-    return {"grads": grads, "state": {k: v.clone() for k, v in model.state_dict().items()}}
-
-
 def _accumulate_rank(rank: int, world: int, strategy: str, mp_size: int | None) -> dict:
-    return {mode: _accumulate(rank, world, strategy, mp_size, mode) for mode in ("plain", "no_sync")}
-
-
-def _accumulate(rank: int, world: int, strategy: str, mp_size: int | None, mode: str) -> dict:
-    """ACCUMULATION_STEPS backward passes (each loss divided by their number, as with DDP), then one step.
-
-    ``mode``: ``plain`` (every backward reduces) or ``no_sync`` (all but the last inside ``model.no_sync()``)."""
-    model = hybrid_ext.parallelize(small_cnn(), strategy=strategy, mp_size=mp_size, bucket_mb=0.01)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    inside_no_sync = []
-    for step, (x, y) in enumerate(_micro_batches(world, ACCUMULATION_STEPS)):
-        if strategy != "mp":
-            x, y = x[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH], y[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH]
-        last = step == ACCUMULATION_STEPS - 1
-        if mode == "no_sync" and not last:
-            with hybrid_ext.metrics.capture() as records, model.no_sync():
-                (F.cross_entropy(model(x), y) / ACCUMULATION_STEPS).backward()
-            inside_no_sync += [r for r in records if r.collective == "allreduce"]
-        else:
-            (F.cross_entropy(model(x), y) / ACCUMULATION_STEPS).backward()
-    grads = full_grads(model)
-    optimizer.step()
-    return {"grads": grads, "state": hybrid_ext.full_state_dict(model), "no_sync_allreduces": len(inside_no_sync)}
+    return {mode: accumulate_rank(rank, world, strategy, mp_size, mode) for mode in ("plain", "no_sync")}
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(("strategy", "world", "mp_size"), [("dp", 2, None), ("mp", 2, None), ("hybrid", 4, 2)])
 def test_gradient_accumulation_equals_one_step_on_the_global_batch(spawn_ranks, strategy, world, mp_size):
-    expected = _accumulation_reference(world)
+    expected = accumulation_reference(world)
     for rank, by_mode in enumerate(spawn_ranks(_accumulate_rank, world, strategy, mp_size, timeout=240)):
         for mode, result in by_mode.items():
             _assert_close(result["grads"], expected["grads"], f"{strategy} {mode} rank {rank} grads")
