@@ -140,10 +140,17 @@ def accumulation_reference(world: int) -> dict:
 def accumulate_rank(rank: int, world: int, strategy: str, mp_size: int | None, mode: str, groups=None) -> dict:
     """ACCUMULATION_STEPS backward passes (each loss divided by their number, as with DDP), then one step.
 
-    ``mode``: ``plain`` (every backward reduces) or ``no_sync`` (all but the last inside ``model.no_sync()``);
+    ``mode``: ``plain`` (every backward reduces), ``no_sync`` (all but the last inside ``model.no_sync()``) or
+    ``discard`` (first a thrown-away pass inside ``no_sync()``, dropped with ``discard_pending()``, then plain);
     ``groups``: a host framework's (Horovod's), else torch.distributed's."""
     model = hybrid_ext.parallelize(small_cnn(), strategy=strategy, mp_size=mp_size, groups=groups, bucket_mb=0.01)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    if mode == "discard":
+        x = torch.randn(MICRO_BATCH, 3, 16, 16, generator=torch.Generator().manual_seed(rank))
+        with model.no_sync():
+            (100 * model(x).square().mean()).backward()
+        model.reducer.discard_pending()
+        optimizer.zero_grad()
     inside_no_sync = []
     for step, (x, y) in enumerate(accumulation_batches(world, ACCUMULATION_STEPS)):
         if strategy != "mp":

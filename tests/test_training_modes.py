@@ -28,7 +28,7 @@ def _assert_close(actual: dict, expected: dict, what: str) -> None:
 
 
 def _accumulate_rank(rank: int, world: int, strategy: str, mp_size: int | None) -> dict:
-    return {mode: accumulate_rank(rank, world, strategy, mp_size, mode) for mode in ("plain", "no_sync")}
+    return {mode: accumulate_rank(rank, world, strategy, mp_size, mode) for mode in ("plain", "no_sync", "discard")}
 
 
 @pytest.mark.timeout(300)

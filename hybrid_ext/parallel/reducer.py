@@ -18,7 +18,8 @@ case); an FC shard's sum-then-scale would count earlier passes again (g1/W² + g
 
 ``no_sync()`` (as DDP's): backward passes inside it communicate nothing; their contributions stay in the
 buckets, and the first backward after it reduces everything accumulated since the last reduction. Until
-then ``.grad`` does not show them.
+then ``.grad`` does not show them, and ``optimizer.zero_grad()`` does not clear them: to drop them unreduced,
+call :meth:`GradientReducer.discard_pending`.
 
 Order (DDP's rule): buckets have fixed indices, the same on every rank (reverse registration order, roughly the
 order backward produces gradients); a bucket is launched when all its gradients have arrived *and* every
@@ -218,6 +219,14 @@ class GradientReducer:
             yield
         finally:
             self.sync_enabled = previous
+
+    def discard_pending(self) -> None:
+        """Forget contributions held since the last reduction (e.g. from ``no_sync()`` passes thrown away)."""
+        if self._armed:
+            raise RuntimeError("discard_pending() during a synchronising backward pass")
+        for bucket in self.buckets:
+            bucket.filled.clear()
+            bucket.arrived.clear()
 
     def remove(self) -> None:
         for hook in self._hooks:
