@@ -9,7 +9,20 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from deepspeed_reference import LR, MICRO_BATCH, RECIPES, STEPS, ZERO_STAGES, batch, ds_config, small_cnn
+from deepspeed_reference import (
+    DATA_GAS,
+    DATA_STEPS,
+    LR,
+    MICRO_BATCH,
+    RECIPES,
+    STEPS,
+    ZERO_STAGES,
+    batch,
+    data_path_config,
+    data_path_dataset,
+    ds_config,
+    small_cnn,
+)
 
 
 def _train(config: dict, rank: int, world: int, strategy: str, steps: int = STEPS) -> dict:
@@ -153,7 +166,57 @@ def job_collectives_and_training(args) -> None:
     report_result(result)
 
 
-JOBS = {"collectives-and-training": job_collectives_and_training}
+def _train_from_deepspeeds_loader(config: dict) -> dict:
+    """A plain DeepSpeed loop: the engine's own loader (training_data=), engine.backward / engine.step."""
+    import hybrid_ext
+    from hybrid_ext.integrations import deepspeed as hx_deepspeed
+    from hybrid_ext.parallel import ParallelModel
+
+    def sgd(params):
+        return torch.optim.SGD(params, lr=LR, momentum=0.9)
+
+    engine, _, loader, scheduler = hx_deepspeed.initialize(
+        model=small_cnn(), optimizer=sgd, config=config, training_data=data_path_dataset()
+    )
+    seen: list[int] = []
+    batches = iter(loader)
+    for _ in range(DATA_STEPS * DATA_GAS):
+        x, y, index = next(batches)
+        seen += index.tolist()
+        engine.backward(F.cross_entropy(engine(x), y))
+        engine.step()
+    module = engine.module
+    state = hybrid_ext.full_state_dict(module) if isinstance(module, ParallelModel) else module.state_dict()
+    return {
+        "state": {k: v.detach().clone() for k, v in state.items()},
+        "samples": seen,
+        "lr": scheduler.get_last_lr(),
+        "accumulation": engine.gradient_accumulation_steps(),
+        "micro_batch": engine.train_micro_batch_size_per_gpu(),
+    }
+
+
+def job_data_path(args) -> None:
+    """DeepSpeed's own data loader, gradient accumulation, clipping and LR scheduler, under dp and hybrid."""
+    import torch.distributed as dist
+
+    from hybrid_ext.integrations import deepspeed as hx_deepspeed
+    from hybrid_ext.launch import report_result
+
+    hx_deepspeed.init_distributed(reducer="butterfly")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    result: dict = {"rank": rank, "world": world}
+    result["dp"] = _train_from_deepspeeds_loader(data_path_config(0, world))
+    for stage in (0, 2):
+        config = data_path_config(stage, world, strategy="hybrid", mp_size=2)
+        try:
+            result[f"hybrid-zero{stage}"] = _train_from_deepspeeds_loader(config)
+        except Exception as exc:  # reported, so that the test shows what DeepSpeed said
+            result[f"hybrid-zero{stage}"] = {"error": f"{type(exc).__name__}: {exc}"}
+    report_result(result)
+
+
+JOBS = {"collectives-and-training": job_collectives_and_training, "data-path": job_data_path}
 
 
 def worker_main(argv: list[str]) -> None:

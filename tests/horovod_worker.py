@@ -184,11 +184,27 @@ def partitioner(strategy: str, mp: str, reducer: str) -> dict:
     return step_rank(hvd.rank(), hvd.size(), "small_cnn", strategy, mp_size, reducer, groups=groups)
 
 
+def accumulation(mp: str) -> dict:
+    """Two backward passes before one step (plain, and the first inside model.no_sync()) over Horovod's groups:
+    the partitioner's answer to backward_passes_per_step (it reduces its own gradients, so no
+    DistributedOptimizer wraps its optimizer)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from parallel_reference import accumulate_rank
+
+    mp_size = None if mp == "none" else int(mp)
+    groups = hxh.horovod_groups(mp_size)
+    return {
+        mode: accumulate_rank(hvd.rank(), hvd.size(), "hybrid", mp_size, mode, groups=groups)
+        for mode in ("plain", "no_sync")
+    }
+
+
 SCENARIOS = {
     "ops": ops,
     "transports": transports,
     "optimizer": optimizer,
     "partitioner": partitioner,
+    "accumulation": accumulation,
     "process_set": process_set,
 }
 

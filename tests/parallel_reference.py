@@ -1,6 +1,7 @@
 """The partitioner's exactness reference: test models, the global batch, the single-process step, one rank's step.
 
-Shared by tests/test_parallel.py (spawned gloo ranks) and tests/horovod_worker.py (ranks under horovodrun).
+Shared by tests/test_parallel.py and tests/test_training_modes.py (spawned gloo ranks) and tests/horovod_worker.py
+(ranks under horovodrun).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hybrid_ext
 from hybrid_ext.parallel import full_grads
 
 MICRO_BATCH = 4
+ACCUMULATION_STEPS = 2
 
 
 def small_cnn() -> nn.Module:
@@ -106,3 +108,60 @@ def step_rank(rank: int, world: int, model_name: str, strategy: str, mp_size: in
         "fc_params": sum(p.numel() for n, p in model.module.named_parameters() if hasattr(p, "shard_dim")),
         "transports": sorted({r.transport for r in records}),
     }
+
+
+# ------------------------------------------------------------------ gradient accumulation
+
+
+def accumulation_batches(world: int, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The global batch of each accumulation step (rank r's micro-batch: rows [r·MICRO_BATCH, (r+1)·MICRO_BATCH))."""
+    g = torch.Generator().manual_seed(7)
+    return [
+        (
+            torch.randn(world * MICRO_BATCH, 3, 16, 16, generator=g),
+            torch.randint(0, 10, (world * MICRO_BATCH,), generator=g),
+        )
+        for _ in range(steps)
+    ]
+
+
+def accumulation_reference(world: int) -> dict:
+    """One SGD step on all accumulation steps' samples at once: the loss averaged over the whole global batch."""
+    model = small_cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    batches = accumulation_batches(world, ACCUMULATION_STEPS)
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    F.cross_entropy(model(x), y).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    optimizer.step()
+    return {"grads": grads, "state": {k: v.clone() for k, v in model.state_dict().items()}}
+
+
+def accumulate_rank(rank: int, world: int, strategy: str, mp_size: int | None, mode: str, groups=None) -> dict:
+    """ACCUMULATION_STEPS backward passes (each loss divided by their number, as with DDP), then one step.
+
+    ``mode``: ``plain`` (every backward reduces), ``no_sync`` (all but the last inside ``model.no_sync()``) or
+    ``discard`` (first a thrown-away pass inside ``no_sync()``, dropped with ``discard_pending()``, then plain);
+    ``groups``: a host framework's (Horovod's), else torch.distributed's."""
+    model = hybrid_ext.parallelize(small_cnn(), strategy=strategy, mp_size=mp_size, groups=groups, bucket_mb=0.01)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    if mode == "discard":
+        x = torch.randn(MICRO_BATCH, 3, 16, 16, generator=torch.Generator().manual_seed(rank))
+        with model.no_sync():
+            (100 * model(x).square().mean()).backward()
+        model.reducer.discard_pending()
+        optimizer.zero_grad()
+    inside_no_sync = []
+    for step, (x, y) in enumerate(accumulation_batches(world, ACCUMULATION_STEPS)):
+        if strategy != "mp":
+            x, y = x[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH], y[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH]
+        last = step == ACCUMULATION_STEPS - 1
+        if mode == "no_sync" and not last:
+            with hybrid_ext.metrics.capture() as records, model.no_sync():
+                (F.cross_entropy(model(x), y) / ACCUMULATION_STEPS).backward()
+            inside_no_sync += [r for r in records if r.collective == "allreduce"]
+        else:
+            (F.cross_entropy(model(x), y) / ACCUMULATION_STEPS).backward()
+    grads = full_grads(model)
+    optimizer.step()
+    return {"grads": grads, "state": hybrid_ext.full_state_dict(model), "no_sync_allreduces": len(inside_no_sync)}

@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("horovod.torch")
 
-from parallel_reference import reference
+from parallel_reference import accumulation_reference, reference
 
 WORKER = str(Path(__file__).with_name("horovod_worker.py"))
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +25,7 @@ COMMON = ["ops", "transports", "optimizer"]
 JOBS = {
     2: [*COMMON, "partitioner:hybrid:none:butterfly", "partitioner:dp:none:native"],
     3: [*COMMON, "partitioner:hybrid:none:butterfly", "partitioner:mp:none:butterfly"],
-    4: [*COMMON, "partitioner:hybrid:2:butterfly", "partitioner:hybrid:2:native", "process_set"],
+    4: [*COMMON, "partitioner:hybrid:2:butterfly", "partitioner:hybrid:2:native", "process_set", "accumulation:2"],
 }
 
 
@@ -88,6 +88,19 @@ def test_partitioner_under_horovodrun_equals_the_reference(job):
                 torch.testing.assert_close(out["state"][name], expected, rtol=1e-5, atol=1e-6, msg=f"{scenario} {name}")
             if scenario.endswith("native"):
                 assert "horovod" in out["transports"], out["transports"]
+
+
+@pytest.mark.timeout(360)
+def test_partitioner_gradient_accumulation_under_horovodrun_equals_the_reference(job):
+    np, results = job
+    if np != 4:
+        pytest.skip("the 4-rank job runs it (hybrid, mp_size 2)")
+    expected = accumulation_reference(np)
+    for rank, result in enumerate(results):
+        for mode, out in result["accumulation:2"].items():
+            assert out["no_sync_allreduces"] == 0, mode
+            for name, value in expected["state"].items():
+                torch.testing.assert_close(out["state"][name], value, rtol=1e-5, atol=1e-6, msg=f"{mode} rank {rank}")
 
 
 @pytest.mark.timeout(360)

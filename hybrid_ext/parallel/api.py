@@ -21,13 +21,22 @@ that the host's average over the dp = world/mp_size replicas completes them — 
 average over all ranks; (Σ over the group's ranks / mp_size) averaged over dp is the sum over the shard's
 replicas / world, as below.
 
-Dropout inside a sharded FC chain draws its own mask on every shard. BatchNorm layers are data-parallel:
-their batch statistics are those of each rank's micro-batch, as under DDP.
+Training modes (DDP's contract; see :mod:`hybrid_ext.parallel.reducer`): gradient accumulation over several
+backward passes (each pass reduces its own contribution) and ``with model.no_sync():`` (no communication; the
+next backward reduces everything accumulated). Buckets are reduced in the same order on every rank.
+
+Dropout inside a sharded FC chain draws its own mask on every shard. BatchNorm layers are data-parallel: their
+batch statistics are those of each rank's micro-batch, as under DDP, and their running statistics are made
+identical on every replica after each training forward (``broadcast_buffers``, see
+:mod:`hybrid_ext.parallel.replicated_buffers`). ``nn.SyncBatchNorm`` layers compute their statistics over the
+ranks that hold different samples (:mod:`hybrid_ext.parallel.sync_batchnorm`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -37,6 +46,12 @@ from hybrid_ext.parallel import plan as plan_module
 from hybrid_ext.parallel.dims import Groups, ParallelDims, torch_groups
 from hybrid_ext.parallel.layers import BatchSplit, ChannelParallelConv2d, ColumnParallelLinear, RowParallelLinear
 from hybrid_ext.parallel.reducer import GradientReducer, ReduceGroup
+from hybrid_ext.parallel.replicated_buffers import (
+    broadcast_from_first,
+    replace_buffers_with_first_ranks,
+    syncable_buffers,
+)
+from hybrid_ext.parallel.sync_batchnorm import convert_sync_batchnorm
 
 REDUCERS = ("butterfly", "auto", "rabenseifner", "recursive_doubling", "ring", "native")
 
@@ -51,6 +66,7 @@ class ParallelModel(nn.Module):
         groups: Groups,
         reducer: GradientReducer,
         host_reduces_data_parallel: bool = False,
+        broadcast_buffers: bool = True,
     ) -> None:
         super().__init__()
         self.module = module
@@ -60,9 +76,23 @@ class ParallelModel(nn.Module):
         self.strategy = plan.strategy
         self.host_reduces_data_parallel = host_reduces_data_parallel
         """True: the host framework averages gradients over the data-parallel group (see :func:`parallelize`)."""
+        # Under mp every rank sees the same batch, so its buffers never differ.
+        self.broadcast_buffers = broadcast_buffers and plan.strategy != "mp"
+        """Make buffers (BatchNorm statistics) identical on every replica after each training forward."""
 
     def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
+        out = self.module(*args, **kwargs)
+        syncing = torch.is_grad_enabled() and self.reducer.sync_enabled
+        if self.broadcast_buffers and self.training and syncing:
+            replace_buffers_with_first_ranks(self.module, self.groups.world)
+        return _arm_on_backward(out, self.reducer) if syncing and self.reducer.buckets else out
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """As DDP's: backward passes inside communicate nothing; the first one after it reduces everything
+        accumulated. Buffers are not broadcast inside either. Run the forward inside too."""
+        with self.reducer.no_sync():
+            yield
 
     def sync(self) -> None:
         """Finish the gradient reduction now (it also finishes by itself at the end of backward)."""
@@ -96,20 +126,29 @@ def _check_devices(model: nn.Module, world: Communicator) -> torch.device:
     return device
 
 
-def _broadcast_from_first(model: nn.Module, world: Communicator) -> None:
-    """Start every rank from rank 0's weights and buffers (as DDP does): a sum where the others add zeros."""
-    tensors = [t for t in [*model.parameters(), *model.buffers()] if t.dtype.is_floating_point]
-    if world.size == 1 or not tensors:
-        return
-    with torch.no_grad():
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for t in tensors:
-            by_dtype.setdefault(t.dtype, []).append(t)
-        for group in by_dtype.values():
-            work = [t.detach().clone() if world.rank == 0 else torch.zeros_like(t) for t in group]
-            world.run(lambda w=work: world.allreduce_now(w, "sum", "auto"))
-            for t, w in zip(group, work):
-                t.copy_(w)
+class _ArmReducer(torch.autograd.Function):
+    """Identity; its backward makes sure the reducer's end-of-backward work runs even on a rank where no
+    reduced parameter gets a gradient (DDP's ``_DDPSink`` plays this part)."""
+
+    @staticmethod
+    def forward(ctx, reducer: GradientReducer, x: torch.Tensor):
+        ctx.reducer = reducer
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.reducer.arm()
+        return None, grad
+
+
+def _arm_on_backward(out, reducer: GradientReducer):
+    if isinstance(out, torch.Tensor):
+        return _ArmReducer.apply(reducer, out) if out.requires_grad else out
+    if isinstance(out, tuple | list):
+        return type(out)(_arm_on_backward(o, reducer) for o in out)
+    if isinstance(out, dict):
+        return {k: _arm_on_backward(v, reducer) for k, v in out.items()}
+    return out
 
 
 def parallelize(
@@ -124,6 +163,7 @@ def parallelize(
     example_input: torch.Tensor | None = None,
     host_reduces_data_parallel: bool = False,
     blocking_reduction: bool = False,
+    broadcast_buffers: bool = True,
 ) -> ParallelModel:
     """Shard or replicate ``model``'s layers across the ranks (see the module docstring) and return it wrapped.
 
@@ -134,7 +174,9 @@ def parallelize(
     ``host_reduces_data_parallel``: leave the reduction over the data-parallel group to the host framework (see
     the module docstring). ``blocking_reduction``: reduce each parameter's gradient on its own, before it is
     accumulated into ``.grad`` — for hosts that read gradients in their own per-parameter hooks during backward
-    (DeepSpeed ZeRO-2); see :mod:`hybrid_ext.parallel.reducer`.
+    (DeepSpeed ZeRO-2); see :mod:`hybrid_ext.parallel.reducer`. ``broadcast_buffers``: make buffers (BatchNorm
+    running statistics) identical on every replica after each training forward, from the first rank (DDP's
+    option of that name; see :mod:`hybrid_ext.parallel.replicated_buffers`).
     """
     if reducer not in REDUCERS:
         raise ValueError(f"unknown reducer {reducer!r}; choose one of {', '.join(REDUCERS)}")
@@ -149,10 +191,14 @@ def parallelize(
         groups = torch_groups(dims, _model_device(model))  # communicators follow the parameters' device
     elif mp_size is not None and mp_size != groups.dims.mp:
         raise ValueError(f"mp_size={mp_size} disagrees with the groups given (mp={groups.dims.mp})")
+    plan_module.check_shardable(model, plan, groups.dims.mp)  # before any collective
     _check_devices(model, groups.world)
     if sync_initial_weights:
-        _broadcast_from_first(model, groups.world)
+        initial = [t for t in [*model.parameters(), *syncable_buffers(model)] if t.dtype.is_floating_point]
+        broadcast_from_first(initial, groups.world)
 
+    # Statistics over the ranks that hold different samples: all of them, except under mp (the same batch).
+    convert_sync_batchnorm(model, None if strategy == "mp" else groups.world)
     split = BatchSplit()
     sharded: set[int] = set()
     modules = dict(model.named_modules())
@@ -192,8 +238,13 @@ def parallelize(
             ReduceGroup("replicated", replicated, groups.world, "avg", 1.0, algorithm, native and native("world")),
             ReduceGroup("fc-shards", shards, groups.dp, "sum", 1.0 / world, algorithm, native and native("dp")),
         ]
-    grad_reducer = GradientReducer(reduce_groups, bucket_bytes=int(bucket_mb * (1 << 20)), blocking=blocking_reduction)
-    return ParallelModel(model, plan, groups, grad_reducer, host_reduces_data_parallel)
+    grad_reducer = GradientReducer(
+        reduce_groups,
+        bucket_bytes=int(bucket_mb * (1 << 20)),
+        blocking=blocking_reduction,
+        parameter_order=list(model.parameters()),
+    )
+    return ParallelModel(model, plan, groups, grad_reducer, host_reduces_data_parallel, broadcast_buffers)
 
 
 def _torch_native_allreduce(groups: Groups):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 STRATEGIES = ("dp", "mp", "hybrid")
@@ -85,7 +86,9 @@ def params_per_flop(model: nn.Module, example_input) -> dict[str, float]:
     """Parameters / multiply-adds per sample of every Linear and Conv2d, measured on ``example_input``.
 
     A Linear applied once per sample scores 1; one applied at T positions (a sequence) scores 1/T; a
-    convolution producing an H×W map scores 1/(H·W). Runs one forward pass without gradients.
+    convolution producing an H×W map scores 1/(H·W). Runs one forward pass without gradients, in eval mode,
+    that leaves no trace: BatchNorm statistics (every buffer), the random number generators and every
+    module's train / eval mode are as before.
     """
     scores: dict[str, float] = {}
     hooks = []
@@ -98,14 +101,21 @@ def params_per_flop(model: nn.Module, example_input) -> dict[str, float]:
                 scores[path] = mod.weight.numel() / max(macs, 1)
 
             hooks.append(module.register_forward_hook(record))
+    modes = {m: m.training for m in model.modules()}
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
     try:
-        import torch
-
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            model.eval()  # no BatchNorm update, no dropout mask
             model(example_input[:1])
     finally:
         for hook in hooks:
             hook.remove()
+        for module, training in modes.items():
+            module.training = training
+        with torch.no_grad():
+            for buffer, saved in buffers:  # a custom module may still have written one
+                buffer.copy_(saved)
     return scores
 
 
@@ -166,7 +176,7 @@ def make_plan(model: nn.Module, strategy: str, rules: dict[str, str] | None = No
             plan.styles[path] = style
         if plan.styles[chain[-1]] == "column":
             plan.styles[chain[-1]] = "column_last"
-        _check_chain(chain, [plan.styles[p] for p in chain])
+        _check_chain(chain, [plan.styles[p] for p in chain], modules)
     for path, mp in wants_mp.items():
         if mp and isinstance(modules[path], nn.Conv2d):
             if strategy != "mp":
@@ -175,15 +185,68 @@ def make_plan(model: nn.Module, strategy: str, rules: dict[str, str] | None = No
     return plan
 
 
-def _check_chain(chain: list[str], styles: list[str]) -> None:
+def _check_chain(chain: list[str], styles: list[str], modules: dict[str, nn.Module]) -> None:
     expected = ["column" if i % 2 == 0 else "row" for i in range(len(chain))]
     if len(chain) % 2:
         expected[-1] = "column_last"
-    if styles != expected:
-        raise ValueError(
-            f"the Linear chain {chain} must alternate column/row starting with column (got {styles}); "
-            "a row-parallel layer needs the sharded output of a column-parallel one"
-        )
+    if styles == expected:
+        return
+    if styles[0] == "row":  # the chain was cut before it: name what cut it
+        before = _preceding_sibling(chain[0], modules)
+        if before is not None and not isinstance(modules[before], nn.Linear):
+            raise ValueError(
+                f"{chain[0]!r} is asked to be 'row' but follows {before!r} ({type(modules[before]).__name__}), which "
+                "is not elementwise: only elementwise layers (ReLU, GELU, Dropout, ...) can sit inside a sharded FC "
+                "chain, between a column-parallel Linear and the row-parallel one after it. Drop the rule, or move "
+                f"{before!r} out of the chain"
+            )
+    raise ValueError(
+        f"the Linear chain {chain} must alternate column/row starting with column (got {styles}); "
+        "a row-parallel layer needs the sharded output of a column-parallel one"
+    )
+
+
+def _preceding_sibling(path: str, modules: dict[str, nn.Module]) -> str | None:
+    """The module just before ``path`` in its parent ``nn.Sequential`` (None if there is none)."""
+    parent_path, _, name = path.rpartition(".")
+    parent = modules.get(parent_path)
+    if not isinstance(parent, nn.Sequential):
+        return None
+    names = [n for n, _ in parent.named_children()]
+    index = names.index(name)
+    if index == 0:
+        return None
+    return f"{parent_path}.{names[index - 1]}" if parent_path else names[index - 1]
+
+
+def check_shardable(model: nn.Module, plan: Plan, mp_size: int) -> None:
+    """Refuse, naming the layer, a plan whose shards would be empty: a split dimension smaller than ``mp_size``.
+
+    Runs before anything is sharded or communicated (every rank reaches the same verdict on its own)."""
+    if mp_size == 1:
+        return
+    modules = dict(model.named_modules())
+    for path, style in plan.styles.items():
+        module = modules[path]
+        if style in ("column", "column_last"):
+            count, what = module.out_features, "output feature"
+        elif style == "row":
+            count, what = module.in_features, "input feature"
+        elif style == "channel":
+            count, what = module.out_channels, "output channel"
+            if module.padding_mode != "zeros":
+                raise ValueError(
+                    f"{path!r} ({module}): padding_mode={module.padding_mode!r} cannot be split by channels; "
+                    f"keep it data-parallel with rules={{{path!r}: 'dp'}}"
+                )
+        else:
+            continue
+        if count < mp_size:
+            raise ValueError(
+                f"{path!r} ({type(module).__name__}, {module.extra_repr()}) has {count} {what}"
+                f"{'s' if count != 1 else ''}, fewer than mp_size={mp_size} ranks to split them over; keep it "
+                f"data-parallel with rules={{{path!r}: 'dp'}}, or use a smaller mp_size"
+            )
 
 
 def _linear_chains(modules: dict[str, nn.Module], sharded: set[str]) -> list[list[str]]:

@@ -1,4 +1,4 @@
-"""Gradient reduction during backward: bucketed, launched as buckets fill, overlapped with the rest of backward.
+"""Gradient reduction during backward: bucketed, launched in a fixed order, overlapped with the rest of backward.
 
 Parameters are grouped by how their gradients combine:
 
@@ -8,11 +8,25 @@ Parameters are grouped by how their gradients combine:
   not averaged over the group. The single-process reference on the global batch decides (the exactness
   tests in ``tests/test_parallel.py``).
 
-Within a group, parameters are bucketed in reverse registration order (roughly the order backward produces
-their gradients, as DDP does); a bucket is reduced with one collective as soon as its last gradient is
-accumulated, on the communicator's thread, while autograd goes on. At the end of backward a callback reduces
-any bucket that is still waiting (parameters without a gradient this step count as zeros, so every rank
-issues the same collectives) and waits for all of them, so ``optimizer.step()`` needs no extra call.
+What is reduced: each backward pass's *own contribution*, never the accumulated ``.grad``. A tensor hook (it
+runs before ``AccumulateGrad``) adds the incoming gradient into the bucket's flat buffer and hands autograd a
+zero to accumulate; once the bucket is reduced, the reduced and scaled contribution is added to ``.grad``. So
+with k backward passes before ``optimizer.step()``, ``.grad`` ends as Σ_k reduce(g_k) = reduce(Σ_k g_k): the
+update of the single-process step on all k micro-batches (divide each micro-loss by k, as with DDP). Reducing
+the accumulated ``.grad`` instead is right only for an average of values already equal on every rank (DDP's
+case); an FC shard's sum-then-scale would count earlier passes again (g1/W² + g2/W).
+
+``no_sync()`` (as DDP's): backward passes inside it communicate nothing; their contributions stay in the
+buckets, and the first backward after it reduces everything accumulated since the last reduction. Until
+then ``.grad`` does not show them, and ``optimizer.zero_grad()`` does not clear them: to drop them unreduced,
+call :meth:`GradientReducer.discard_pending`.
+
+Order (DDP's rule): buckets have fixed indices, the same on every rank (reverse registration order, roughly the
+order backward produces gradients); a bucket is launched when all its gradients have arrived *and* every
+bucket before it has been launched, so ranks issue the same collectives in the same order whatever order
+their gradients arrive in. An end-of-backward callback launches what is left — a parameter that got no
+gradient on this rank in this pass contributes zeros — and waits for every bucket, so ``optimizer.step()``
+needs no extra call. Collectives run on the communicator's thread while autograd goes on.
 
 Two variants serve host frameworks that reduce over the data-parallel group themselves (DeepSpeed):
 
@@ -21,13 +35,15 @@ Two variants serve host frameworks that reduce over the data-parallel group them
 - ``blocking=True`` reduces each parameter's incoming gradient on its own, synchronously, in a tensor hook:
   tensor hooks run before ``AccumulateGrad``, hence before *any* post-accumulate-grad hook on that parameter —
   where DeepSpeed's ZeRO-2 (and ZeRO-1 with ``overlap_comm``) read the gradient and bucket it for their own
-  reduction. The price is one collective per parameter, without overlap.
+  reduction. The price is one collective per parameter, without overlap. It reduces what each pass adds, so
+  it is exact under accumulation too; ``no_sync()`` does not stop it (the host framework owns accumulation).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -51,11 +67,23 @@ class ReduceGroup:
 
 @dataclass
 class _Bucket:
+    """Parameters reduced together: one flat buffer (one dtype and device), one collective."""
+
+    index: int
     group: ReduceGroup
     params: list[nn.Parameter]
-    ready: int = 0
+    offsets: list[int]
+    numel: int
+    flat: torch.Tensor | None = None  # contributions since the last reduction; allocated at first use
+    filled: set[int] = field(default_factory=set)  # slots holding a contribution (else stale: copy, don't add)
+    arrived: set[int] = field(default_factory=set)  # slots whose gradient arrived in this backward pass
     handle: Handle | None = None
-    grads: list[torch.Tensor] = field(default_factory=list)
+
+    def slot(self, index: int) -> torch.Tensor:
+        param = self.params[index]
+        if self.flat is None:
+            self.flat = torch.empty(self.numel, dtype=param.dtype, device=param.device)
+        return self.flat[self.offsets[index] : self.offsets[index] + param.numel()].view(param.shape)
 
 
 def queue_end_of_backward(callback: Callable[[], None]) -> None:
@@ -66,43 +94,47 @@ def queue_end_of_backward(callback: Callable[[], None]) -> None:
 class GradientReducer:
     """Reduces the gradients of ``groups`` during backward (bucketed and overlapped, or ``blocking``: see above)."""
 
-    def __init__(self, groups: list[ReduceGroup], bucket_bytes: int = 25 << 20, blocking: bool = False) -> None:
+    def __init__(
+        self,
+        groups: list[ReduceGroup],
+        bucket_bytes: int = 25 << 20,
+        blocking: bool = False,
+        parameter_order: list[nn.Parameter] | None = None,
+    ) -> None:
+        """``parameter_order``: the model's registration order (default: the groups' parameters, in turn)."""
         self.groups = [g for g in groups if g.params]
         self.blocking = blocking
         self.buckets: list[_Bucket] = []
-        self._bucket_of: dict[int, _Bucket] = {}
+        self.sync_enabled = True  # False inside no_sync()
         self._armed = False
-        self.enabled = True
+        self._next_launch = 0  # buckets [0, _next_launch) are launched in this pass
         self.launched_during_backward = 0  # buckets started before backward ended (overlap), for inspection
         self._hooks = []
+        order = parameter_order if parameter_order is not None else [p for g in self.groups for p in g.params]
+        position = {id(p): i for i, p in enumerate(order)}
+        pending: list[tuple[ReduceGroup, list[nn.Parameter]]] = []
         for group in self.groups:
+            trainable = [p for p in group.params if p.requires_grad]
             if (group.comm is None or group.comm.size == 1) and group.scale == 1.0:
                 continue  # nothing to combine
             if group.comm is None or blocking:
-                self._hooks += [p.register_hook(functools.partial(self._on_incoming_grad, group)) for p in group.params]
+                self._hooks += [p.register_hook(functools.partial(self._on_incoming_grad, group)) for p in trainable]
                 continue
-            current: list[nn.Parameter] = []
-            size = 0
-            for param in reversed(group.params):
-                current.append(param)
-                size += param.numel() * param.element_size()
-                if size >= bucket_bytes:
-                    self._add_bucket(group, current)
-                    current, size = [], 0
-            if current:
-                self._add_bucket(group, current)
-        self._hooks += [p.register_post_accumulate_grad_hook(self._on_grad) for b in self.buckets for p in b.params]
+            pending += _split_into_buckets(group, list(reversed(trainable)), bucket_bytes)
+        # One order for all groups: by when backward is expected to reach each bucket (its latest parameter).
+        pending.sort(key=lambda item: -max(position[id(p)] for p in item[1]))
+        for group, params in pending:
+            offsets = [0]
+            for p in params:
+                offsets.append(offsets[-1] + p.numel())
+            bucket = _Bucket(len(self.buckets), group, params, offsets[:-1], offsets[-1])
+            self.buckets.append(bucket)
+            for slot, p in enumerate(params):
+                self._hooks.append(p.register_hook(functools.partial(self._collect, bucket, slot)))
 
-    def _add_bucket(self, group: ReduceGroup, params: list[nn.Parameter]) -> None:
-        bucket = _Bucket(group, list(params))
-        self.buckets.append(bucket)
-        for p in params:
-            self._bucket_of[id(p)] = bucket
-
+    # ------------------------------------------------------------------ the per-parameter hooks
     def _on_incoming_grad(self, group: ReduceGroup, grad: torch.Tensor) -> torch.Tensor | None:
         """Tensor hook: scale (and, if ``blocking``, reduce) one parameter's gradient before it is accumulated."""
-        if not self.enabled:
-            return None
         if group.comm is None:
             return grad * group.scale
         grad = grad.detach().clone(memory_format=torch.contiguous_format)  # a hook must not change its input
@@ -114,43 +146,110 @@ class GradientReducer:
             grad.mul_(group.scale)
         return grad
 
-    def _on_grad(self, param: torch.Tensor) -> None:
-        if not self.enabled:
-            return
-        if not self._armed:
+    def _collect(self, bucket: _Bucket, slot: int, grad: torch.Tensor) -> torch.Tensor:
+        """Tensor hook: move this pass's gradient into the bucket; autograd accumulates a zero in its place."""
+        if grad.is_sparse:
+            raise TypeError(f"sparse gradients are not supported (parameter of shape {tuple(grad.shape)})")
+        target = bucket.slot(slot)
+        if slot in bucket.filled:
+            target.add_(grad)
+        else:
+            target.copy_(grad)
+            bucket.filled.add(slot)
+        if self.sync_enabled:
+            self.arm()
+            bucket.arrived.add(slot)
+            self._launch_ready()
+        return grad.new_zeros(()).expand_as(grad)  # no allocation; .grad gets the reduced value later
+
+    # ------------------------------------------------------------------ launching in bucket order
+    def arm(self) -> None:
+        """Make sure :meth:`finish` runs at the end of the current backward pass (call during backward)."""
+        if not self._armed and self.sync_enabled and self.buckets:
             self._armed = True
             queue_end_of_backward(self.finish)
-        bucket = self._bucket_of[id(param)]
-        bucket.ready += 1
-        if bucket.ready == len(bucket.params):
+
+    def _launch_ready(self) -> None:
+        while self._next_launch < len(self.buckets):
+            bucket = self.buckets[self._next_launch]
+            if len(bucket.arrived) < len(bucket.params):
+                return  # later buckets wait for this one, even if they are ready: the same order on every rank
             self._launch(bucket)
             self.launched_during_backward += 1
 
     def _launch(self, bucket: _Bucket) -> None:
-        for p in bucket.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        bucket.grads = [p.grad for p in bucket.params]
+        for slot in range(len(bucket.params)):
+            if slot not in bucket.filled:  # no gradient since the last reduction: contributes zeros
+                bucket.slot(slot).zero_()
         group = bucket.group
         if group.native is not None:
-            bucket.handle = group.native(bucket.grads, group.op)
+            bucket.handle = group.native([bucket.flat], group.op)
         else:
-            bucket.handle = allreduce_coalesced_async(bucket.grads, group.op, group.algorithm, group.comm)
+            bucket.handle = allreduce_coalesced_async([bucket.flat], group.op, group.algorithm, group.comm)
+        self._next_launch += 1
 
     def finish(self) -> None:
-        """Reduce what is left, wait for every bucket, scale. Runs at the end of backward (or call it yourself)."""
+        """Launch what is left, wait for every bucket, add the results to ``.grad``. Runs at the end of backward."""
+        if not self._armed:
+            return  # no synchronising backward pass since the last finish: nothing to reduce
         self._armed = False
+        while self._next_launch < len(self.buckets):
+            self._launch(self.buckets[self._next_launch])
+        self._next_launch = 0
+        with torch.no_grad():
+            for bucket in self.buckets:
+                bucket.handle.wait()
+                scale = bucket.group.scale
+                for slot, param in enumerate(bucket.params):
+                    reduced = bucket.slot(slot)
+                    if param.grad is None:
+                        param.grad = reduced * scale if scale != 1.0 else reduced.clone()
+                    else:
+                        param.grad.add_(reduced, alpha=scale)
+                bucket.handle = None
+                bucket.filled.clear()
+                bucket.arrived.clear()
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside communicate nothing; the next one outside reduces everything accumulated."""
+        previous = self.sync_enabled
+        self.sync_enabled = False
+        try:
+            yield
+        finally:
+            self.sync_enabled = previous
+
+    def discard_pending(self) -> None:
+        """Forget contributions held since the last reduction (e.g. from ``no_sync()`` passes thrown away)."""
+        if self._armed:
+            raise RuntimeError("discard_pending() during a synchronising backward pass")
         for bucket in self.buckets:
-            if bucket.handle is None:
-                self._launch(bucket)
-        for bucket in self.buckets:
-            bucket.handle.wait()
-            if bucket.group.scale != 1.0:
-                for grad in bucket.grads:
-                    grad.mul_(bucket.group.scale)
-            bucket.handle, bucket.ready, bucket.grads = None, 0, []
+            bucket.filled.clear()
+            bucket.arrived.clear()
 
     def remove(self) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+
+
+def _split_into_buckets(
+    group: ReduceGroup, params: list[nn.Parameter], bucket_bytes: int
+) -> list[tuple[ReduceGroup, list[nn.Parameter]]]:
+    """Consecutive runs of about ``bucket_bytes``, each of one dtype and device (a bucket is one flat buffer)."""
+    buckets: list[tuple[ReduceGroup, list[nn.Parameter]]] = []
+    current: list[nn.Parameter] = []
+    size = 0
+    for param in params:
+        if current and (param.dtype, param.device) != (current[0].dtype, current[0].device):
+            buckets.append((group, current))
+            current, size = [], 0
+        current.append(param)
+        size += param.numel() * param.element_size()
+        if size >= bucket_bytes:
+            buckets.append((group, current))
+            current, size = [], 0
+    if current:
+        buckets.append((group, current))
+    return buckets

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hybrid_ext.integrations.deepspeed.batch import batch_settings_for_hybrid, sample_loader
 from hybrid_ext.integrations.deepspeed.config import SECTION, HybridSection, split_config
 from hybrid_ext.integrations.deepspeed.mpu import GridMPU, mark_model_parallel
 from hybrid_ext.parallel.api import REDUCERS, ParallelModel, parallelize
@@ -152,6 +153,9 @@ def initialize(
     calls ``deepspeed.initialize(..., mpu=...)``. DeepSpeed's own settings — ZeRO, fp16/bf16,
     ``gradient_predivide_factor``, ``communication_data_type``, ``comms_logger`` — keep their meaning.
 
+    Under hybrid, ``train_batch_size`` and ``training_data=`` keep their DeepSpeed meaning — one global batch over
+    all ranks, every rank its own samples (conv layers are data-parallel over all of them): see :mod:`.batch`.
+
     ``model`` may also be a :class:`ParallelModel` built by :func:`parallelize_for_deepspeed` (the section's
     strategy is then ignored). A client ``optimizer`` must be built on the *sharded* model's parameters: pass a
     callable (``lambda params: torch.optim.Adam(params)``), which DeepSpeed calls with them.
@@ -189,13 +193,18 @@ def initialize(
         _check_parameters_belong(model, model_parameters, optimizer)
     if model_parameters is None:
         model_parameters = [p for p in model.parameters() if p.requires_grad]
+    samples_over_all_ranks = isinstance(model, ParallelModel) and model.strategy == "hybrid"
+    training_data = kwargs.pop("training_data", None) if samples_over_all_ranks else None
+    if samples_over_all_ranks:  # DeepSpeed's batch settings and loader count every rank (see .batch)
+        dims = model.groups.dims
+        ds_config = batch_settings_for_hybrid(ds_config, dims.world, dims.dp)
     if mpu is None:
         # DeepSpeed keeps the last engine's mpu in a module global and reads its groups whenever it gets none:
         # a dp engine built after a hybrid one in the same process would average over the old grid's dp group.
         import deepspeed.utils.groups
 
         deepspeed.utils.groups.mpu = None
-    return deepspeed.initialize(
+    engine, engine_optimizer, loader, scheduler = deepspeed.initialize(
         args=args,
         model=model,
         optimizer=optimizer,
@@ -204,6 +213,10 @@ def initialize(
         mpu=mpu,
         **kwargs,
     )
+    if training_data is not None:
+        loader = sample_loader(engine, training_data, model.groups.dims.world, model.groups.rank)
+        engine.training_dataloader = loader
+    return engine, engine_optimizer, loader, scheduler
 
 
 def _check_parameters_belong(model: nn.Module, model_parameters: Any, optimizer: Any) -> None:

@@ -1,0 +1,67 @@
+"""Buffers of replicated layers (BatchNorm running statistics) kept identical on every data-parallel replica.
+
+Each replica updates its BatchNorm running statistics from its own micro-batch, so replicas drift apart and a
+checkpoint would hold one rank's numbers. DDP broadcasts rank 0's buffers before each forward
+(``broadcast_buffers=True``); hybrid-ext broadcasts them from the first rank right *after* each training-mode
+forward instead, so that they are identical whenever anyone looks (checkpoints, evaluation, the next step)
+and carry the same values DDP's next forward would use. Like DDP, it skips forwards without gradients and
+forwards inside ``no_sync()`` (no communication there); the next synchronising forward catches up.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hybrid_ext.comm import Communicator
+
+
+def broadcast_from_first(tensors: list[torch.Tensor], comm: Communicator) -> None:
+    """Overwrite ``tensors`` with the group's first rank's values: a sum to which the other ranks add zeros
+    (exact: x + 0 = x), one collective per dtype."""
+    if comm.size == 1 or not tensors:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    with torch.no_grad():
+        for group in by_dtype.values():
+            work = [t.detach().clone() if comm.rank == 0 else torch.zeros_like(t) for t in group]
+            comm.run(lambda w=work: comm.allreduce_now(w, "sum", "auto"))
+            for t, w in zip(group, work):
+                t.copy_(w)
+
+
+SYNCABLE = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int64)
+
+
+def syncable_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """The buffers a reduction can carry (floating point and integer; e.g. ``num_batches_tracked``)."""
+    return [b for b in model.buffers() if b.dtype in SYNCABLE]
+
+
+def replace_buffers_with_first_ranks(model: nn.Module, comm: Communicator) -> None:
+    """Give every rank the first rank's buffers, as new tensors on the other ranks (see the module docstring)."""
+    if comm.size == 1:
+        return
+    slots = [(m, name) for m in model.modules() for name, b in m._buffers.items() if b is not None]
+    unique: dict[int, torch.Tensor] = {}
+    for module, name in slots:
+        buffer = module._buffers[name]
+        if buffer.dtype in SYNCABLE:
+            unique.setdefault(id(buffer), buffer)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for buffer in unique.values():
+        by_dtype.setdefault(buffer.dtype, []).append(buffer)
+    fresh: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        for group in by_dtype.values():
+            work = [b.detach().clone() if comm.rank == 0 else torch.zeros_like(b) for b in group]
+            comm.run(lambda w=work: comm.allreduce_now(w, "sum", "auto"))
+            fresh.update((id(b), w) for b, w in zip(group, work))
+    if comm.rank == 0:
+        return  # its own values, unchanged
+    for module, name in slots:
+        new = fresh.get(id(module._buffers[name]))
+        if new is not None:
+            module._buffers[name] = new
