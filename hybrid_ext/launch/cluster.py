@@ -7,8 +7,8 @@ they reach real nodes. Each host is
   bridge ``hxc-br0``. Addresses come from ``10.213.0.0/24``, which exists only on that bridge: the machine's own
   namespace has no address or route in it, so nothing the cluster does reaches any other network;
 - its own UTS namespace (hostname), mount namespace (``/etc/hosts`` naming every host by its bridge address, so
-  gloo binds there as on a real cluster; an ``/etc/ssh/ssh_config`` pointing at the cluster's key and
-  known_hosts; a private ``/dev/shm``) and PID namespace (``pkill`` in a host, as DeepSpeed's launcher does on
+  gloo binds there as on a real cluster; an ``/etc/resolv.conf`` without nameservers, so no lookup leaves the
+  host; an ``/etc/ssh/ssh_config`` pointing at the cluster's key and known_hosts; a private ``/dev/shm``) and PID namespace (``pkill`` in a host, as DeepSpeed's launcher does on
   failure, stays in it; stopping the host stops everything in it);
 - a real OpenSSH server accepting the cluster's own key for root, so ``ssh node1`` works from every host.
   Keys, known_hosts and configs live in the cluster's state directory; the user's ``~/.ssh`` is never read
@@ -320,6 +320,8 @@ def _build(hosts: int, nic: str | None, burst: int | None) -> Cluster:
         "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
         + "".join(f"{a}\t{n}\n" for n, a in zip(names, addresses))
     )
+    # No nameserver: a lookup of a name outside /etc/hosts asks 127.0.0.1 in the host, and fails at once.
+    (directory / "resolv.conf").write_text("options timeout:1 attempts:1\n")
     _ip("link", "add", BRIDGE, "type", "bridge")
     # Bridged frames skip iptables (br_netfilter), so a host firewall's FORWARD policy cannot drop them.
     subprocess.run(["ip", "link", "set", BRIDGE, "type", "bridge", "nf_call_iptables", "0"], capture_output=True)
@@ -389,6 +391,8 @@ try:
     socket.sethostname(name)
     run("mount", "--bind", str(state / "hosts"), "/etc/hosts")
     run("mount", "--bind", str(state / "ssh_config"), "/etc/ssh/ssh_config")
+    if os.path.exists("/etc/resolv.conf"):
+        run("mount", "--bind", str(state / "resolv.conf"), "/etc/resolv.conf")
     run("mount", "-t", "tmpfs", "-o", "mode=1777", "tmpfs", "/dev/shm")
     run("ip", "link", "set", "lo", "up")
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
