@@ -8,11 +8,13 @@ they reach real nodes. Each host is
   namespace has no address or route in it, so nothing the cluster does reaches any other network;
 - its own UTS namespace (hostname), mount namespace (``/etc/hosts`` naming every host by its bridge address, so
   gloo binds there as on a real cluster; an ``/etc/resolv.conf`` without nameservers, so no lookup leaves the
-  host; an ``/etc/ssh/ssh_config`` pointing at the cluster's key and known_hosts; a private ``/dev/shm``) and PID namespace (``pkill`` in a host, as DeepSpeed's launcher does on
-  failure, stays in it; stopping the host stops everything in it);
+  host; an ``/etc/ssh/ssh_config`` pointing at the cluster's key and known_hosts; a private ``/dev/shm``) and
+  PID namespace (``pkill`` in a host, as DeepSpeed's launcher does on failure, stays in it; stopping the host
+  stops everything in it);
 - a real OpenSSH server accepting the cluster's own key for root, so ``ssh node1`` works from every host.
-  Keys, known_hosts and configs live in the cluster's state directory; the user's ``~/.ssh`` is never read
-  or written (ssh inside a host reads the bind-mounted ``/etc/ssh/ssh_config``);
+  Keys, known_hosts and configs live in the cluster's state directory; nothing under ``~/.ssh`` is written,
+  and no ssh file of this machine's own namespace changes (the hosts' ``/etc/ssh/ssh_config`` is a bind mount
+  inside their mount namespaces);
 - with ``--nic RATE``, egress shaped by ``tc qdisc ... tbf rate RATE`` on ``eth0``.
 
 A long-lived keeper process (PID 1 of the host's PID namespace) holds the namespaces; ``cluster run HOST --
@@ -139,6 +141,14 @@ class Cluster:
                 if pid not in keep:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
+
+    def traffic(self, ref: str | int) -> dict[str, int]:
+        """Bytes and packets host ``ref`` has sent (``tx_*``) and received (``rx_*``) on its cluster interface."""
+        stats = {}
+        for key in ("tx_bytes", "rx_bytes", "tx_packets", "rx_packets"):
+            done = self.run(ref, ["cat", f"/sys/class/net/{self.interface}/statistics/{key}"], capture_output=True)
+            stats[key] = int(done.stdout)
+        return stats
 
     def alive(self) -> bool:
         try:
