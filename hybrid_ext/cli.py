@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     allreduce = bench_kinds.add_parser(
         "allreduce",
         help="time allreduce algorithms against torch's gloo all_reduce",
-        description="Spawn N ranks (gloo) and time each algorithm, interleaved, against dist.all_reduce.",
+        description="Spawn N ranks (gloo) and time each algorithm, interleaved, against dist.all_reduce. Under a "
+        "launcher (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set) each launched process is a rank instead.",
     )
     allreduce.add_argument("--np", type=int, default=4, help="ranks (default: 4)")
     allreduce.add_argument("--sizes", default="1K,64K,1M,16M,64M", help="message sizes in bytes (K, M suffixes)")
@@ -130,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     allreduce.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     allreduce.add_argument("--markdown", metavar="FILE", help="also write the table as Markdown")
     allreduce.add_argument("--calibrate", action="store_true", help="fit and save the cost model used by auto")
+    allreduce.add_argument(
+        "--hosts", type=int, help="run under torchrun on this many emulated hosts (hybrid-ext cluster; root)"
+    )
+    allreduce.add_argument("--nic", metavar="RATE", help="with --hosts: each host's egress rate (tc syntax: 1gbit)")
     allreduce.set_defaults(handler=_cmd_bench_allreduce)
 
     train = bench_kinds.add_parser(
