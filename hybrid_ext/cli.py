@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--size", type=int, default=64, help="input height and width (default: 64)")
     train.add_argument("--steps", type=int, default=5, help="timed steps per run (default: 5)")
     train.add_argument("--mp-size", type=int, default=None, help="model-parallel group size (default: all ranks)")
+    train.add_argument("--hosts", type=int, help="run under torchrun on this many emulated hosts (hybrid-ext cluster)")
+    train.add_argument("--nic", metavar="RATE", help="with --hosts: each host's egress rate (tc syntax: 1gbit)")
     train.add_argument("--json", metavar="FILE")
     train.add_argument("--markdown", metavar="FILE")
     train.set_defaults(handler=_cmd_bench_train)
