@@ -122,6 +122,17 @@ def test_horovodrun_across_hosts_butterfly_optimizer_and_partitioner(horovod_job
         _assert_matches_partitioner_reference(result[HOROVOD_SCENARIOS[1]], f"rank {rank} hybrid mp 2", expected)
 
 
+@pytest.mark.timeout(120)
+def test_horovodrun_names_a_host_that_does_not_answer(cluster):
+    pytest.importorskip("horovod.torch")
+    from hybrid_ext.launch import launcher_path
+
+    command = [launcher_path("horovodrun"), "-np", "2", "-H", "node0:1,node9:1", "--gloo",
+               "--network-interface", cluster.interface, "true"]  # fmt: skip
+    done = cluster.run(0, command, capture_output=True, text=True, timeout=90)
+    assert done.returncode != 0 and "ssh not successful for host node9" in done.stdout + done.stderr
+
+
 # ------------------------------------------------------------------ deepspeed
 
 
