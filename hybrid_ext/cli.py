@@ -1,4 +1,4 @@
-"""The ``hybrid-ext`` command line: ``demo``, ``smoke``, ``install-horovod`` (more subcommands join as they land)."""
+"""The ``hybrid-ext`` command line: ``demo``, ``smoke``, ``bench``, ``cluster``, ``install-horovod``, ..."""
 
 from __future__ import annotations
 
@@ -43,6 +43,12 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
     from hybrid_ext.bench import train
 
     return train.main(args)
+
+
+def _cmd_cluster(args: argparse.Namespace) -> int:
+    from hybrid_ext.launch import cluster
+
+    return cluster.main(args)
 
 
 def _cmd_bench_horovod(args: argparse.Namespace) -> int:
@@ -106,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     allreduce = bench_kinds.add_parser(
         "allreduce",
         help="time allreduce algorithms against torch's gloo all_reduce",
-        description="Spawn N ranks (gloo) and time each algorithm, interleaved, against dist.all_reduce.",
+        description="Spawn N ranks (gloo) and time each algorithm, interleaved, against dist.all_reduce. Under a "
+        "launcher (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set) each launched process is a rank instead.",
     )
     allreduce.add_argument("--np", type=int, default=4, help="ranks (default: 4)")
     allreduce.add_argument("--sizes", default="1K,64K,1M,16M,64M", help="message sizes in bytes (K, M suffixes)")
@@ -124,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     allreduce.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     allreduce.add_argument("--markdown", metavar="FILE", help="also write the table as Markdown")
     allreduce.add_argument("--calibrate", action="store_true", help="fit and save the cost model used by auto")
+    allreduce.add_argument(
+        "--hosts", type=int, help="run under torchrun on this many emulated hosts (hybrid-ext cluster; root)"
+    )
+    allreduce.add_argument("--nic", metavar="RATE", help="with --hosts: each host's egress rate (tc syntax: 1gbit)")
     allreduce.set_defaults(handler=_cmd_bench_allreduce)
 
     train = bench_kinds.add_parser(
@@ -142,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--size", type=int, default=64, help="input height and width (default: 64)")
     train.add_argument("--steps", type=int, default=5, help="timed steps per run (default: 5)")
     train.add_argument("--mp-size", type=int, default=None, help="model-parallel group size (default: all ranks)")
+    train.add_argument("--hosts", type=int, help="run under torchrun on this many emulated hosts (hybrid-ext cluster)")
+    train.add_argument("--nic", metavar="RATE", help="with --hosts: each host's egress rate (tc syntax: 1gbit)")
     train.add_argument("--json", metavar="FILE")
     train.add_argument("--markdown", metavar="FILE")
     train.set_defaults(handler=_cmd_bench_train)
@@ -157,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     horovod.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     horovod.set_defaults(handler=_cmd_bench_horovod)
 
+    _add_cluster_parser(commands)
+
     install = commands.add_parser(
         "install-horovod",
         help="build (once, cached) and install Horovod 0.28.1 for the installed torch",
@@ -165,6 +180,24 @@ def build_parser() -> argparse.ArgumentParser:
     install.add_argument("--rebuild", action="store_true", help="build again even if a cached wheel exists")
     install.set_defaults(handler=_cmd_install_horovod)
     return parser
+
+
+def _add_cluster_parser(commands) -> None:
+    cluster = commands.add_parser(
+        "cluster",
+        help="an emulated cluster on this Linux machine: hosts with their own network, hostname and sshd (root)",
+        description="Hosts as network namespaces on a bridge (10.213.0.0/24), each with sshd, for launchers.",
+    )
+    actions = cluster.add_subparsers(dest="cluster_action", metavar="ACTION", required=True)
+    up = actions.add_parser("up", help="start node0..node<H-1> (installs openssh-server and pdsh if missing)")
+    up.add_argument("--hosts", type=int, default=2, help="hosts (default: 2)")
+    up.add_argument("--nic", metavar="RATE", help="shape each host's egress to RATE with tbf (tc syntax: 1gbit)")
+    run = actions.add_parser("run", help="run a command on a host, in this directory: run node1 -- CMD")
+    run.add_argument("host", help="a host's name (node1) or index (1)")
+    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD", help="the command (default: a shell)")
+    actions.add_parser("down", help="stop the cluster and remove everything it made")
+    actions.add_parser("status", help="list the hosts")
+    cluster.set_defaults(handler=_cmd_cluster)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,10 +22,13 @@ SPAWN_TIMEOUT = 90.0
 LAUNCHER_TIMEOUT = 240.0
 
 
-# The harness fixtures, and the module-scoped job fixtures of test_horovod / test_deepspeed / test_demo.
+# The harness fixtures, and the module-scoped job fixtures of test_horovod / test_deepspeed / test_demo; the
+# emulated cluster (its hosts run sshd and keeper processes) and test_multihost's launcher jobs on it.
 MULTIPROCESS_FIXTURES = frozenset(
     {"spawn_ranks", "horovodrun", "deepspeed_job", "job", "job_np2", "job_np4", "demo_runs"}
+    | {"cluster", "cluster_session", "torchrun_jobs", "horovod_job", "deepspeed_cluster_job"}
 )
+CLUSTER_HOSTS = 2
 
 
 def pytest_configure(config):
@@ -61,3 +64,34 @@ def horovodrun():
 def deepspeed_job():
     """``deepspeed_job(command, np)`` -> each rank's ``report_result`` from a real ``deepspeed`` launcher job."""
     return functools.partial(launch.run_deepspeed, timeout=LAUNCHER_TIMEOUT)
+
+
+@pytest.fixture(scope="session")
+def cluster_session():
+    """``(cluster, started_here)``: the emulated cluster of :mod:`hybrid_ext.launch.cluster` with CLUSTER_HOSTS
+    hosts. A live one (started with ``hybrid-ext cluster up``) is used and left up; otherwise one is started for
+    the session and removed at its end. Skips, with the reason, where this machine cannot run one (no root,
+    namespaces or tools)."""
+    from hybrid_ext.launch import cluster as emulated
+
+    reason = emulated.unavailable_reason()
+    if reason:
+        pytest.skip(f"no emulated cluster on this machine: {reason}")
+    live = emulated.current()
+    if live is not None and len(live.hosts) >= CLUSTER_HOSTS:
+        yield live, False
+        return
+    try:
+        handle = emulated.up(CLUSTER_HOSTS)
+    except emulated.ClusterUnavailable as exc:
+        pytest.skip(f"no emulated cluster on this machine: {exc}")
+    try:
+        yield handle, True
+    finally:
+        emulated.down()
+
+
+@pytest.fixture(scope="session")
+def cluster(cluster_session):
+    """The emulated cluster (a :class:`~hybrid_ext.launch.cluster.Cluster`): hosts node0, node1 with sshd."""
+    return cluster_session[0]

@@ -103,3 +103,16 @@ def test_bench_cli_runs_and_writes_json(tmp_path):
     }
     assert all(r["median_ms"] > 0 for r in rows)
     assert all(r["ratio_to_native"] == 1.0 for r in rows if r["algorithm"] == "native")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(300)
+def test_bench_under_a_launcher_runs_on_the_launched_ranks():
+    from hybrid_ext.launch import run_torchrun
+
+    command = ["-m", "hybrid_ext", "bench", "allreduce", "--sizes", "1K", "--algorithms", "butterfly",
+               "--iters", "2", "--inner", "2", "--warmup", "1"]  # fmt: skip
+    results = run_torchrun(command, 2, timeout=240)  # torchrun sets RANK, WORLD_SIZE: no ranks are spawned
+    for result in results:
+        assert result["transport"].startswith("shm")
+        assert {(r["algorithm"], r["ranks"]) for r in result["rows"]} == {("butterfly", 2), ("native", 2)}

@@ -5,58 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
+from ddp_reference import reference_params, train_ddp
 
 import hybrid_ext
 from hybrid_ext.comm import _c10d_private as c10d
-from hybrid_ext.integrations.torch import ButterflyHookState, ButterflyProcessGroup, butterfly_hook
-
-
-def _model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
-
-
-def _train(rank: int, p: int, use_hook: bool) -> dict:
-    hybrid_ext.set_check(True)
-    # Small buckets: several reductions per backward, overlapping it.
-    ddp = DDP(_model(), bucket_cap_mb=0.001)
-    if use_hook:
-        ddp.register_comm_hook(ButterflyHookState(algorithm="auto"), butterfly_hook)
-    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
-    g = torch.Generator().manual_seed(rank)
-    with hybrid_ext.metrics.capture() as records:
-        for _ in range(4):
-            x, y = torch.randn(8, 16, generator=g), torch.randn(8, 4, generator=g)
-            optimizer.zero_grad()
-            torch.nn.functional.mse_loss(ddp(x), y).backward()
-            optimizer.step()
-    return {
-        "params": [p.detach().clone() for p in ddp.module.parameters()],
-        "backend": dist.get_backend(),
-        "butterfly_calls": len(records),
-    }
-
-
-def _reference_params(p: int) -> list[torch.Tensor]:
-    """The same 4 steps in one process on the global batch (DDP averages the ranks' mean losses)."""
-    model = _model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    gens = [torch.Generator().manual_seed(r) for r in range(p)]
-    for _ in range(4):
-        batches = [(torch.randn(8, 16, generator=g), torch.randn(8, 4, generator=g)) for g in gens]
-        optimizer.zero_grad()
-        loss = sum(torch.nn.functional.mse_loss(model(x), y) for x, y in batches) / p
-        loss.backward()
-        optimizer.step()
-    return [p.detach() for p in model.parameters()]
+from hybrid_ext.integrations.torch import ButterflyProcessGroup
 
 
 @pytest.mark.parametrize("p", [2, 3])
 def test_ddp_on_the_butterfly_backend_equals_gloo_and_the_reference(spawn_ranks, p):
-    butterfly = spawn_ranks(_train, p, False, backend="butterfly")
-    gloo = spawn_ranks(_train, p, False, backend="gloo")
-    reference = _reference_params(p)
+    butterfly = spawn_ranks(train_ddp, p, False, backend="butterfly")
+    gloo = spawn_ranks(train_ddp, p, False, backend="gloo")
+    reference = reference_params(p)
     assert butterfly[0]["backend"] == "butterfly" and gloo[0]["backend"] == "gloo"
     assert butterfly[0]["butterfly_calls"] >= 4  # at least one bucket per step
     assert gloo[0]["butterfly_calls"] == 0
@@ -69,9 +29,9 @@ def test_ddp_on_the_butterfly_backend_equals_gloo_and_the_reference(spawn_ranks,
 
 
 def test_ddp_comm_hook_on_gloo_equals_plain_gloo(spawn_ranks):
-    hooked = spawn_ranks(_train, 3, True, backend="gloo")
+    hooked = spawn_ranks(train_ddp, 3, True, backend="gloo")
     assert hooked[0]["butterfly_calls"] >= 4
-    for ours, ref in zip(hooked[0]["params"], _reference_params(3)):
+    for ours, ref in zip(hooked[0]["params"], reference_params(3)):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
     for result in hooked:
         assert all(torch.equal(a, b) for a, b in zip(result["params"], hooked[0]["params"]))

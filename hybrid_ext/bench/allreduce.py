@@ -8,6 +8,11 @@ Reported per size and algorithm: the median time over rounds, algbw = bytes / ti
 (the bandwidth on the busiest link, comparable across P, as in nccl-tests), and the ratio of the median to
 ``native`` (``dist.all_reduce`` on the same gloo group) measured in the same run.
 
+Started by a launcher (``torchrun``, ``deepspeed``, ``mpirun``...: ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and
+``MASTER_PORT`` set), it spawns nothing: every launched process is one rank, and rank 0 prints. With ``--hosts H``
+it runs that way on an emulated cluster (:mod:`hybrid_ext.launch.cluster`, egress shaped to ``--nic``): one
+``torchrun`` per host, ``--np`` ranks spread over the hosts.
+
 ``--calibrate`` fits the cost model's α, β, γ (:mod:`hybrid_ext.comm.cost_model`) to the recursive-doubling and
 Rabenseifner timings by least squares and saves them for ``auto``.
 """
@@ -15,6 +20,7 @@ Rabenseifner timings by least squares and saves them for ``auto``.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -88,6 +94,28 @@ def _bench_rank(
     return {"times": times, "chosen": chosen, "transport": comm.communicator().transport.name}
 
 
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launched() -> bool:
+    """True when a launcher started this process as one rank of a job (torchrun's environment)."""
+    return all(var in os.environ for var in LAUNCHER_VARIABLES)
+
+
+def _bench_launched_rank(sizes, algorithms, rounds, warmup, inner) -> list[dict]:
+    """This process's rank of a launched job: every rank's timings, gathered on every rank."""
+    from datetime import timedelta
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=timedelta(seconds=600))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    mine = _bench_rank(rank, world, sizes, algorithms, rounds, warmup, inner)
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
 def run_allreduce_bench(
     np: int,
     sizes: list[int],
@@ -99,8 +127,19 @@ def run_allreduce_bench(
     timeout: float = 1800,
 ) -> tuple[list[BenchRow], str]:
     """Rows per (size, algorithm), and the name of the transport hybrid-ext used."""
-    env = {"HYBRID_EXT_TRANSPORT": transport}
-    results = spawn(_bench_rank, np, sizes, algorithms, iterations, warmup, inner, timeout=timeout, env=env)
+    if launched():  # the launcher made the ranks: this process is one of them
+        os.environ["HYBRID_EXT_TRANSPORT"] = transport
+        results = _bench_launched_rank(sizes, algorithms, iterations, warmup, inner)
+        np = len(results)
+    else:
+        env = {"HYBRID_EXT_TRANSPORT": transport}
+        results = spawn(_bench_rank, np, sizes, algorithms, iterations, warmup, inner, timeout=timeout, env=env)
+    return rows_from(results, sizes, algorithms), results[0]["transport"]
+
+
+def rows_from(results: list[dict], sizes: list[int], algorithms: list[str]) -> list[BenchRow]:
+    """Rows per (size, algorithm) from every rank's timings (the slowest rank per round, median over rounds)."""
+    np = len(results)
     rows = []
     for size in sizes:
         medians = {}
@@ -123,7 +162,7 @@ def run_allreduce_bench(
                     chosen=results[0]["chosen"][(size, algorithm)],
                 )
             )
-    return rows, results[0]["transport"]
+    return rows
 
 
 def format_table(rows: list[BenchRow]) -> str:
@@ -185,19 +224,26 @@ def main(args) -> int:
         algorithms = list(dict.fromkeys([*algorithms, "recursive_doubling", "rabenseifner"]))
     if "native" not in algorithms:
         algorithms.append("native")
-    print(
-        f"allreduce, {args.np} ranks (1 compute thread each), median of {args.iters} rounds of {args.inner} calls",
-        flush=True,
-    )
-    rows, transport = run_allreduce_bench(
-        args.np,
-        sizes,
-        algorithms,
-        iterations=args.iters,
-        warmup=args.warmup,
-        inner=args.inner,
-        transport=args.transport,
-    )
+    if getattr(args, "hosts", None):
+        rows, transport = _run_on_emulated_cluster(args, sizes, algorithms)
+        where = f"{args.np} ranks on {args.hosts} emulated hosts (egress {args.nic or 'unshaped'})"
+    else:
+        rows, transport = run_allreduce_bench(
+            args.np,
+            sizes,
+            algorithms,
+            iterations=args.iters,
+            warmup=args.warmup,
+            inner=args.inner,
+            transport=args.transport,
+        )
+        if launched() and dist.get_rank() != 0:
+            from hybrid_ext.launch import report_result
+
+            report_result({"rows": [asdict(r) for r in rows], "transport": transport})
+            return 0
+        where = f"{rows[0].ranks} ranks" + (" (launched)" if launched() else "")
+    print(f"allreduce, {where}, 1 compute thread each, median of {args.iters} rounds of {args.inner} calls")
     print(f"hybrid-ext transport: {transport}; native: torch.distributed.all_reduce on gloo")
     print(format_table(rows))
     if args.json:
@@ -211,4 +257,20 @@ def main(args) -> int:
         path = cost_model.save_model(transport, model)
         print(f"calibrated α={model.alpha * 1e6:.1f} µs, β={model.beta * 1e9:.3f} ns/B, γ={model.gamma * 1e9:.3f} ns/B")
         print(f"saved for transport {transport!r} to {path} (used by algorithm='auto')")
+    if launched():
+        from hybrid_ext.launch import report_result
+
+        report_result({"rows": [asdict(r) for r in rows], "transport": transport})
     return 0
+
+
+def _run_on_emulated_cluster(args, sizes: list[int], algorithms: list[str]) -> tuple[list[BenchRow], str]:
+    """This benchmark under torchrun on ``args.hosts`` emulated hosts (``args.np`` ranks spread over them)."""
+    from hybrid_ext.launch import cluster, run_torchrun
+
+    command = ["-m", "hybrid_ext.cli", "bench", "allreduce", "--sizes", ",".join(map(str, sizes)),
+               "--algorithms", ",".join(algorithms), "--iters", str(args.iters), "--inner", str(args.inner),
+               "--warmup", str(args.warmup), "--transport", args.transport]  # fmt: skip
+    with cluster.emulated_cluster(args.hosts, args.nic) as hosts:
+        results = run_torchrun(command, args.np, cluster=hosts, nodes=args.hosts, timeout=1800)
+    return [BenchRow(**row) for row in results[0]["rows"]], results[0]["transport"]

@@ -3,8 +3,11 @@
 Every strategy trains the same model on the same global batch (W ranks × micro-batch; under ``mp`` every
 rank processes the whole global batch). Also measured, as the limit: ``compute-only`` — each rank does
 exactly the per-rank work of ``hybrid`` (its conv micro-batch, its FC shards on the group's batch) with every
-message skipped (:class:`MirrorTransport`). Bytes come from hybrid-ext's metrics (sent per rank per step);
-``native`` reductions are recorded with a ring allreduce's traffic (what gloo and NCCL run for large buffers).
+message skipped (:class:`MirrorTransport`). Bytes come from hybrid-ext's metrics (sent per rank per step;
+``native`` reductions record what a ring allreduce of their buffers sends).
+
+Under a launcher (torchrun's ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) the launched processes
+are the ranks and rank 0 prints; ``--hosts H [--nic RATE]`` runs it so, under torchrun, on an emulated cluster.
 """
 
 from __future__ import annotations
@@ -80,8 +83,7 @@ def _train_rank(rank, world, model_name, strategy, reducer, mp_size, steps, warm
             elapsed = time.perf_counter() - start
         if step >= warmup:
             times.append(elapsed)
-            # Native reductions are in the records too (metrics.record_native_allreduce): each byte counted once.
-            sent.append(sum(r.bytes_sent for r in records))
+            sent.append(sum(r.bytes_sent for r in records))  # native reductions record a ring's traffic too
             messages.append(sum(r.messages_sent for r in records))
     return {"times": times, "bytes": sent, "messages": messages}
 
@@ -89,13 +91,27 @@ def _train_rank(rank, world, model_name, strategy, reducer, mp_size, steps, warm
 def run_train_bench(
     model: str, world: int, runs: list[tuple[str, str, str]], micro_batch: int, size: int, steps: int, mp_size=None
 ) -> list[TrainRow]:
+    from hybrid_ext.bench.allreduce import launched
+
     rows = []
     for label, strategy, reducer in runs:
         mirror = label == "compute-only"
-        results = spawn(
-            _train_rank, world, model, strategy, reducer, mp_size, steps, 2, micro_batch, size, mirror,
-            backend=None if mirror else "gloo", timeout=1800,
-        )  # fmt: skip
+        if launched():  # this process is one rank of the launcher's job
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("gloo")
+            torch.set_num_threads(1)
+            world = dist.get_world_size()
+            mine = _train_rank(dist.get_rank(), world, model, strategy, reducer, mp_size, steps, 2, micro_batch,
+                               size, mirror)  # fmt: skip
+            results: list = [None] * world
+            dist.all_gather_object(results, mine)
+        else:
+            results = spawn(
+                _train_rank, world, model, strategy, reducer, mp_size, steps, 2, micro_batch, size, mirror,
+                backend=None if mirror else "gloo", timeout=1800,
+            )  # fmt: skip
         per_step = [max(ts) for ts in zip(*(r["times"] for r in results))]
         step = statistics.median(per_step)
         global_batch = micro_batch * world
@@ -140,7 +156,21 @@ def main(args) -> int:
         else:
             strategy, _, reducer = label.partition("-")
             runs.append((label, strategy, reducer or "butterfly"))
-    rows = run_train_bench(args.model, args.np, runs, args.micro_batch, args.size, args.steps, args.mp_size)
+    from hybrid_ext.bench.allreduce import launched
+
+    if getattr(args, "hosts", None):
+        rows = _run_on_emulated_cluster(args)
+        print(f"{args.np} ranks on {args.hosts} emulated hosts (egress {args.nic or 'unshaped'})")
+    else:
+        rows = run_train_bench(args.model, args.np, runs, args.micro_batch, args.size, args.steps, args.mp_size)
+        if launched():
+            import torch.distributed as dist
+
+            from hybrid_ext.launch import report_result
+
+            report_result([asdict(r) for r in rows])
+            if dist.get_rank() != 0:
+                return 0
     table = format_markdown(rows)
     print(table)
     if args.markdown:
@@ -153,3 +183,17 @@ def main(args) -> int:
 
         Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
     return 0
+
+
+def _run_on_emulated_cluster(args) -> list[TrainRow]:
+    """This benchmark under torchrun on ``args.hosts`` emulated hosts (``args.np`` ranks spread over them)."""
+    from hybrid_ext.launch import cluster, run_torchrun
+
+    command = ["-m", "hybrid_ext.cli", "bench", "train", "--model", args.model, "--runs", args.runs,
+               "--micro-batch", str(args.micro_batch), "--size", str(args.size),
+               "--steps", str(args.steps)]  # fmt: skip
+    if args.mp_size:
+        command += ["--mp-size", str(args.mp_size)]
+    with cluster.emulated_cluster(args.hosts, args.nic) as hosts:
+        results = run_torchrun(command, args.np, cluster=hosts, nodes=args.hosts, timeout=3600)
+    return [TrainRow(**row) for row in results[0]]

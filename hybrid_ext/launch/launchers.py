@@ -1,4 +1,5 @@
-"""Run real launcher jobs on this host — ``horovodrun``, ``deepspeed``, ``torchrun`` — with a hard timeout.
+"""Run real launcher jobs — ``horovodrun``, ``deepspeed``, ``torchrun`` — on this host or across the hosts of an
+emulated cluster (:mod:`hybrid_ext.launch.cluster`), with a hard timeout.
 
 Each rank hands back its result with :func:`~hybrid_ext.launch.results.report_result`; a failure or hang
 raises :class:`~hybrid_ext.launch.errors.LaunchError` / :class:`~hybrid_ext.launch.errors.LaunchTimeout` with the
@@ -14,49 +15,134 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hybrid_ext.launch.errors import LOG_TAIL_CHARS, LaunchError, LaunchTimeout
 from hybrid_ext.launch.results import RESULT_DIR_ENV, load_result
 
+if TYPE_CHECKING:
+    from hybrid_ext.launch.cluster import Cluster
+
+MASTER_PORT = 29500  # the rendezvous port on an emulated cluster's first host (its namespace has no other use)
+# What a DeepSpeed job forwards to the other hosts besides the job's own variables (DeepSpeed itself forwards
+# PYTHON*, NCCL_* and a few more).
+_FORWARDED = ("PATH", "OMP_NUM_THREADS", RESULT_DIR_ENV, "GLOO_SOCKET_IFNAME", "TP_SOCKET_IFNAME")
+
 
 def run_horovodrun(
-    command: Sequence[str], np: int, *, timeout: float = 180.0, env: dict[str, str] | None = None
+    command: Sequence[str],
+    np: int,
+    *,
+    timeout: float = 180.0,
+    env: dict[str, str] | None = None,
+    cluster: Cluster | None = None,
+    nodes: int | None = None,
 ) -> list[Any]:
-    """Run ``horovodrun -np N -H localhost:N --gloo <command>``; return each rank's reported result."""
-    launcher = [launcher_path("horovodrun"), "-np", str(np), "-H", f"localhost:{np}", "--gloo"]
-    return _run_launcher(launcher + list(command), np, timeout=timeout, env=env)
+    """Run ``horovodrun -np N -H localhost:N --gloo <command>``; return each rank's reported result.
+
+    With ``cluster`` (an emulated cluster, :mod:`hybrid_ext.launch.cluster`): ``horovodrun -np N -H
+    node0:k,node1:k --gloo --network-interface eth0 <command>`` over its first ``nodes`` hosts (default: all),
+    started on node0 as on a real cluster's first node; Horovod reaches the other hosts over ssh.
+    """
+    if cluster is None:
+        launcher = [launcher_path("horovodrun"), "-np", str(np), "-H", f"localhost:{np}", "--gloo"]
+    else:
+        hosts = ",".join(f"{name}:{per_host}" for name, per_host in _spread(np, cluster, nodes))
+        launcher = [launcher_path("horovodrun"), "-np", str(np), "-H", hosts, "--gloo",
+                    "--network-interface", cluster.interface]  # fmt: skip
+    return _run_launcher(lambda workdir, job_env: [launcher + list(command)], np, timeout, env, cluster)
 
 
 def run_deepspeed(
-    command: Sequence[str], np: int, *, timeout: float = 240.0, env: dict[str, str] | None = None
+    command: Sequence[str],
+    np: int,
+    *,
+    timeout: float = 240.0,
+    env: dict[str, str] | None = None,
+    cluster: Cluster | None = None,
+    nodes: int | None = None,
 ) -> list[Any]:
     """Run ``deepspeed --num_gpus N <command>`` on CPU (gloo); return each rank's reported result.
 
     ``command`` is what follows the launcher's own options: ``["script.py", "--arg"]`` or
     ``["--module", "package.module", "--arg"]``. The launcher adds ``--local_rank=N`` to the script's
-    arguments.
+    arguments. With ``cluster``: ``deepspeed --hostfile HOSTFILE --master_addr node0 <command>`` started on node0
+    (DeepSpeed's multi-node launch: pdsh over ssh); the job's environment reaches the other hosts through the
+    file DeepSpeed reads for that (``DS_ENV_FILE``, a ``.deepspeed_env``).
     """
-    port = free_port()
-    launcher = [launcher_path("deepspeed"), "--num_gpus", str(np), "--master_port", str(port)]
+    port = free_port() if cluster is None else MASTER_PORT
     job_env = {"DS_ACCELERATOR": "cpu", **(env or {})}
+
+    def commands(workdir: Path, full_env: dict[str, str]) -> list[list[str]]:
+        if cluster is None:
+            return [[launcher_path("deepspeed"), "--num_gpus", str(np), "--master_port", str(port), *command]]
+        hostfile = workdir / "hostfile"
+        hostfile.write_text("".join(f"{name} slots={n}\n" for name, n in _spread(np, cluster, nodes)))
+        env_file = workdir / "deepspeed_env"
+        forwarded = {
+            k: v for k, v in full_env.items() if k in job_env or k in _FORWARDED or k.startswith("HYBRID_EXT_")
+        }
+        env_file.write_text("".join(f"{k}={v}\n" for k, v in forwarded.items()))
+        full_env["DS_ENV_FILE"] = str(env_file)
+        master = cluster.names[0]
+        return [[launcher_path("deepspeed"), "--hostfile", str(hostfile), "--master_addr", master,
+                 "--master_port", str(port), *command]]  # fmt: skip
+
     try:
-        return _run_launcher(launcher + list(command), np, timeout=timeout, env=job_env)
+        return _run_launcher(commands, np, timeout, job_env, cluster)
     finally:
         # DeepSpeed's CPU accelerator maps a ~70 MB buffer per rank in /dev/shm and never unlinks it, so every
         # job would leave its buffers behind in RAM; they are named after the job's master port.
-        for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-            leftover.unlink(missing_ok=True)
+        pattern = f"deepspeed_allreduce_buffer_*_{port}_*"
+        if cluster is None:
+            for leftover in Path("/dev/shm").glob(pattern):
+                leftover.unlink(missing_ok=True)
+        else:
+            for name in cluster.names:
+                cluster.run(name, ["sh", "-c", f"rm -f /dev/shm/{pattern}"], capture_output=True)
 
 
 def run_torchrun(
-    command: Sequence[str], np: int, *, timeout: float = 240.0, env: dict[str, str] | None = None
+    command: Sequence[str],
+    np: int,
+    *,
+    timeout: float = 240.0,
+    env: dict[str, str] | None = None,
+    cluster: Cluster | None = None,
+    nodes: int | None = None,
+    rendezvous: str = "static",
 ) -> list[Any]:
-    """Run ``torchrun --nproc_per_node N --master_port P <command>``; return each rank's reported result."""
-    launcher = [launcher_path("torchrun"), "--nproc_per_node", str(np), "--master_port", str(free_port())]
-    return _run_launcher(launcher + list(command), np, timeout=timeout, env=env)
+    """Run ``torchrun --nproc_per_node N --master_port P <command>``; return each rank's reported result.
+
+    With ``cluster``: one torchrun per host, as on a real cluster — ``rendezvous="static"``: ``torchrun --nnodes
+    H --nproc-per-node k --node-rank i --master-addr node0 --master-port 29500``; ``"c10d"``: ``torchrun
+    --nnodes H --nproc-per-node k --rdzv-backend c10d --rdzv-endpoint node0:29500 --rdzv-id ID``, the same
+    command on every host.
+    """
+    if cluster is None:
+        launcher = [launcher_path("torchrun"), "--nproc_per_node", str(np), "--master_port", str(free_port())]
+        return _run_launcher(lambda workdir, job_env: [launcher + list(command)], np, timeout, env, None)
+    if rendezvous not in ("static", "c10d"):
+        raise ValueError(f"rendezvous must be 'static' or 'c10d', got {rendezvous!r}")
+    spread = _spread(np, cluster, nodes)
+    master = spread[0][0]
+
+    def commands(workdir: Path, job_env: dict[str, str]) -> list[list[str]]:
+        per_host = []
+        for node_rank, (name, n) in enumerate(spread):
+            launcher = [launcher_path("torchrun"), "--nnodes", str(len(spread)), "--nproc-per-node", str(n)]
+            if rendezvous == "static":
+                launcher += ["--node-rank", str(node_rank), "--master-addr", master, "--master-port", str(MASTER_PORT)]
+            else:
+                launcher += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"{master}:{MASTER_PORT}",
+                             "--rdzv-id", workdir.name]  # fmt: skip
+            per_host.append(cluster.command(name, launcher + list(command)))
+        return per_host
+
+    return _run_launcher(commands, np, timeout, env, cluster, on_host=False)
 
 
 def free_port() -> int:
@@ -72,31 +158,77 @@ def launcher_path(name: str) -> str:
     return str(beside) if beside.exists() else name
 
 
-def _run_launcher(command: list[str], np: int, *, timeout: float, env: dict[str, str] | None) -> list[Any]:
+def _spread(np: int, cluster: Cluster, nodes: int | None) -> list[tuple[str, int]]:
+    """(host, ranks on it) for ``np`` ranks spread evenly over the cluster's first ``nodes`` hosts."""
+    names = cluster.names[: nodes or len(cluster.names)]
+    if nodes is not None and nodes > len(cluster.names):
+        raise ValueError(f"{nodes} nodes asked for, but the cluster has {len(cluster.names)}: {', '.join(names)}")
+    if np % len(names):
+        raise ValueError(f"{np} ranks do not spread evenly over {len(names)} hosts ({', '.join(names)})")
+    return [(name, np // len(names)) for name in names]
+
+
+def _run_launcher(
+    commands: Callable[[Path, dict[str, str]], list[list[str]]],
+    np: int,
+    timeout: float,
+    env: dict[str, str] | None,
+    cluster: Cluster | None,
+    *,
+    on_host: bool = True,
+) -> list[Any]:
+    """Run the launcher command(s) ``commands(workdir, job_env)`` gives, side by side; collect ``np`` results.
+
+    With ``cluster`` and ``on_host``, the (single) command runs on the cluster's first host. Once one command
+    fails, the others get a short grace and are killed.
+    """
     with tempfile.TemporaryDirectory(prefix="hybrid-ext-job-") as tmp:
+        workdir = Path(tmp)
         job_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {}), RESULT_DIR_ENV: tmp}
         job_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{job_env.get('PATH', '')}"
-        proc = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=job_env, text=True, start_new_session=True
-        )
+        argvs = commands(workdir, job_env)
+        if cluster is not None and on_host:
+            argvs = [cluster.command(cluster.names[0], argv) for argv in argvs]
+        described = " & ".join(" ".join(argv) for argv in argvs)
+        logs = [workdir / f"launcher{i}.log" for i in range(len(argvs))]
+        procs = []
         try:
-            output, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _kill_tree(proc)
-            output, _ = proc.communicate()
-            raise LaunchTimeout(
-                f"`{' '.join(command)}` did not finish within {timeout:.0f}s: killed.\n"
-                f"output (tail):\n{output[-LOG_TAIL_CHARS:]}"
-            ) from None
+            for argv, log in zip(argvs, logs):
+                with open(log, "w") as out:
+                    procs.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=job_env,
+                                                  text=True, start_new_session=True))  # fmt: skip
+            timed_out = not _wait_all(procs, time.monotonic() + timeout)
         finally:
-            _kill_tree(proc)
-        missing = [r for r in range(np) if not (Path(tmp) / f"rank{r}.result").exists()]
-        if proc.returncode != 0 or missing:
-            raise LaunchError(
-                f"`{' '.join(command)}` exited with {proc.returncode}; ranks without a result: {missing}\n"
-                f"output (tail):\n{output[-LOG_TAIL_CHARS:]}"
+            for proc in procs:
+                _kill_tree(proc)
+                proc.wait()
+            if cluster is not None:
+                cluster.kill_strays()  # ranks the launcher started over ssh on other hosts
+        output = "\n".join(log.read_text(errors="replace")[-LOG_TAIL_CHARS:] for log in logs)
+        if timed_out:
+            raise LaunchTimeout(
+                f"`{described}` did not finish within {timeout:.0f}s: killed.\noutput (tail):\n{output}"
             )
-        return [load_result(Path(tmp), rank) for rank in range(np)]
+        missing = [r for r in range(np) if not (workdir / f"rank{r}.result").exists()]
+        codes = [proc.returncode for proc in procs]
+        if any(codes) or missing:
+            raise LaunchError(
+                f"`{described}` exited with {codes if len(codes) > 1 else codes[0]}; ranks without a result: "
+                f"{missing}\noutput (tail):\n{output}"
+            )
+        return [load_result(workdir, rank) for rank in range(np)]
+
+
+def _wait_all(procs: list[subprocess.Popen], deadline: float, grace: float = 20.0) -> bool:
+    """Wait for every process; False on the deadline. After a failure the rest get ``grace`` seconds."""
+    while any(p.poll() is None for p in procs):
+        now = time.monotonic()
+        if now > deadline:
+            return False
+        if any(p.returncode not in (None, 0) for p in procs):
+            deadline = min(deadline, now + grace)
+        time.sleep(0.05)
+    return True
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
