@@ -42,6 +42,8 @@ def _train(config: dict, rank: int, world: int, strategy: str, steps: int = STEP
                     x[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH],
                     y[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH],
                 )
+            if config.get("bf16", {}).get("enabled"):
+                x = x.to(torch.bfloat16)  # DeepSpeed casts the model, not the inputs
             loss = F.cross_entropy(engine(x), y)
             engine.backward(loss)
             engine.step()
@@ -49,8 +51,9 @@ def _train(config: dict, rank: int, world: int, strategy: str, steps: int = STEP
     parallel = isinstance(module, ParallelModel)
     state = hybrid_ext.full_state_dict(module) if parallel else module.state_dict()
     return {
-        "state": {k: v.detach().clone() for k, v in state.items()},
+        "state": {k: v.detach().float().clone() for k, v in state.items()},
         "butterfly_calls": sum(r.collective == "allreduce" for r in records),
+        "wires": sorted({(r.collective, r.dtype) for r in records}),
         "module": type(module).__name__,
         "strategy": module.strategy if parallel else "dp",
         "mp": module.groups.dims.mp if parallel else 1,
@@ -161,6 +164,10 @@ def job_collectives_and_training(args) -> None:
             result[f"hybrid-mp{mp}-zero{stage}"] = _train(ds_config(stage, **section), rank, world, "hybrid")
     if args.more:
         result["mp-zero1"] = _train(ds_config(1, strategy="mp"), rank, world, "mp")
+        # DeepSpeed's bf16 (fp16 needs a GPU in DeepSpeed): plain data parallelism and hybrid from the section.
+        for name, section in (("dp", {}), ("hybrid", {"strategy": "hybrid", "mp_size": 2})):
+            config = {**ds_config(0, **section), "bf16": {"enabled": True}}
+            result[f"{name}-bf16"] = _train(config, rank, world, section.get("strategy", "dp"))
         result["configs"] = _config_switches(rank, world)
     result["seconds"] = time.perf_counter() - start
     report_result(result)

@@ -89,6 +89,20 @@ def test_hybrid_in_a_deepspeed_engine_matches_the_single_process_reference(job):
 
 
 @pytest.mark.timeout(2 * LAUNCH_TIMEOUT)
+def test_bf16_with_the_hybrid_section_trains_like_deepspeeds_own_bf16(job_np2):
+    expected = reference(2)
+    for result in job_np2:
+        dp, hybrid = result["dp-bf16"], result["hybrid-bf16"]
+        assert hybrid["strategy"] == "hybrid" and dp["strategy"] == "dp"
+        # bf16 weights after 3 steps: both within bf16's reach of the float32 reference, and of each other.
+        for key, value in expected.items():
+            torch.testing.assert_close(hybrid["state"][key], value, rtol=5e-2, atol=2e-2, msg=key)
+            torch.testing.assert_close(hybrid["state"][key], dp["state"][key], rtol=5e-2, atol=2e-2, msg=key)
+        # 16-bit activations and gradients travel as 16-bit.
+        assert ("allgather", "bfloat16") in hybrid["wires"] and ("reduce_scatter", "bfloat16") in hybrid["wires"]
+
+
+@pytest.mark.timeout(2 * LAUNCH_TIMEOUT)
 def test_the_config_section_switches_strategy(job_np2):
     for result in job_np2:
         configs = result["configs"]
