@@ -20,12 +20,13 @@ from parallel_reference import accumulation_reference, reference
 WORKER = str(Path(__file__).with_name("horovod_worker.py"))
 ROOT = Path(__file__).resolve().parents[1]
 
-# np=3 is the case Horovod's Adasum refuses; np=4 adds a 2-D grid (mp_size 2) with Horovod process sets.
+# np=3 is the case Horovod's Adasum refuses; np=4 adds a 2-D grid (mp_size 2) with Horovod process sets, after a
+# world-only grid in the same job (its one-rank dp subgroups reuse the 2-D grid's subgroup names: it once hung).
 COMMON = ["ops", "transports", "optimizer"]
 JOBS = {
     2: [*COMMON, "partitioner:hybrid:none:butterfly", "partitioner:dp:none:native"],
     3: [*COMMON, "partitioner:hybrid:none:butterfly", "partitioner:mp:none:butterfly"],
-    4: [*COMMON, "partitioner:hybrid:2:butterfly", "partitioner:hybrid:2:native", "process_set", "accumulation:2"],
+    4: [*COMMON, "partitioner:hybrid:none:butterfly", "partitioner:hybrid:2:butterfly", "partitioner:hybrid:2:native", "process_set", "accumulation:2"],
 }
 
 

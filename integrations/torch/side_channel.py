@@ -51,7 +51,10 @@ class SideChannel:
     def __init__(self, store: dist.Store, rank: int, size: int, timeout: float, name: str) -> None:
         self.store, self.rank, self.size, self.timeout, self.name = store, rank, size, float(timeout), name
         self._transports: dict[tuple[str, str], Transport] = {}
-        self._subgroups: dict[str, int] = {}  # times each key was opened: a reopened subgroup gets fresh keys
+        # Times each (key, members) was opened: a reopened subgroup gets fresh store keys. The members are part of
+        # the count's key, so a name reused for other members (a grid of another mp size) cannot make the ranks
+        # of one subgroup count differently and wait on different keys.
+        self._subgroups: dict[tuple[str, tuple[int, ...]], int] = {}
         self.backends: list[Any] = []  # gloo / NCCL groups, kept alive with the channel
 
     def transport(self, device: torch.device, choice: str | None = None) -> Transport:
@@ -94,8 +97,9 @@ class SideChannel:
         members = sorted(members)
         if self.rank not in members:
             raise ValueError(f"rank {self.rank} is not one of the members {members} of subgroup {key!r}")
-        self._subgroups[key] = opened = self._subgroups.get(key, 0) + 1
-        store = dist.PrefixStore(f"sub/{key}/{opened}", self.store)
+        counted = (key, tuple(members))
+        self._subgroups[counted] = opened = self._subgroups.get(counted, 0) + 1
+        store = dist.PrefixStore(f"sub/{key}/{','.join(map(str, members))}/{opened}", self.store)
         return SideChannel(store, members.index(self.rank), len(members), self.timeout, f"{self.name}/{key}")
 
 
