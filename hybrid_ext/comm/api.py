@@ -27,6 +27,11 @@ from hybrid_ext.comm.ordering import Handle, MappedHandle
 from hybrid_ext.comm.registry import communicator
 
 
+def _check_name(name: str | None) -> None:
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"name must be a str or None, got {type(name).__name__}")
+
+
 def _validate(tensors: Sequence[torch.Tensor], op: str, wire_dtype: torch.dtype | str | None = None) -> None:
     if op not in OPS:
         raise ValueError(f"unsupported op {op!r}; choose one of {', '.join(OPS)}")
@@ -55,18 +60,24 @@ def allreduce_coalesced_async(
     algorithm: str = "auto",
     group: Any = None,
     wire_dtype: torch.dtype | str | None = None,
+    name: str | None = None,
 ) -> Handle:
     """Start reducing ``tensors`` in place as one flat buffer; ``handle.wait()`` returns the list.
 
     ``wire_dtype``: the dtype messages travel in — default the input's (16-bit gradients travel as 16-bit,
     accumulated in float32 on every rank); ``torch.float32`` sends full-precision partial sums; a 16-bit dtype
     compresses float32 inputs. Also ``HYBRID_EXT_WIRE_DTYPE=input|float32|float16|bfloat16``.
+
+    ``name``: what this collective is (a gradient bucket's name, say). In check mode ranks compare names too, so
+    two collectives of equal size issued in different orders on different ranks raise
+    :class:`~hybrid_ext.CollectiveMismatchError` naming both, instead of silently mixing their data.
     """
     tensors = list(tensors)
     _validate(tensors, op, wire_dtype)
+    _check_name(name)
     cost_model.resolve(algorithm, 0, 1)  # reject a bad algorithm name now, not on the worker thread
     comm = communicator(group, tensors[0].device if tensors else None)
-    return comm.submit(lambda: (comm.allreduce_now(tensors, op, algorithm, wire_dtype), tensors)[1])
+    return comm.submit(lambda: (comm.allreduce_now(tensors, op, algorithm, wire_dtype, name), tensors)[1])
 
 
 def allreduce_coalesced(
@@ -75,13 +86,15 @@ def allreduce_coalesced(
     algorithm: str = "auto",
     group: Any = None,
     wire_dtype: torch.dtype | str | None = None,
+    name: str | None = None,
 ) -> list[torch.Tensor]:
     """Reduce ``tensors`` in place through one flat buffer (one collective for all of them); return them."""
     tensors = list(tensors)
     _validate(tensors, op, wire_dtype)
+    _check_name(name)
     cost_model.resolve(algorithm, 0, 1)
     comm = communicator(group, tensors[0].device if tensors else None)
-    comm.run(lambda: comm.allreduce_now(tensors, op, algorithm, wire_dtype))
+    comm.run(lambda: comm.allreduce_now(tensors, op, algorithm, wire_dtype, name))
     return tensors
 
 
@@ -91,9 +104,10 @@ def allreduce_async(
     algorithm: str = "auto",
     group: Any = None,
     wire_dtype: torch.dtype | str | None = None,
+    name: str | None = None,
 ) -> Handle:
     """Start an in-place allreduce; ``handle.wait()`` returns ``tensor`` once it holds the result."""
-    handle = allreduce_coalesced_async([tensor], op, algorithm, group, wire_dtype)
+    handle = allreduce_coalesced_async([tensor], op, algorithm, group, wire_dtype, name)
     return MappedHandle(handle, lambda tensors: tensors[0])
 
 
@@ -103,9 +117,13 @@ def allreduce(
     algorithm: str = "auto",
     group: Any = None,
     wire_dtype: torch.dtype | str | None = None,
+    name: str | None = None,
 ) -> torch.Tensor:
-    """Reduce ``tensor`` in place across the group and return it (see the module docstring)."""
-    allreduce_coalesced([tensor], op, algorithm, group, wire_dtype)
+    """Reduce ``tensor`` in place across the group and return it (see the module docstring).
+
+    ``name``: compared across ranks in check mode (see :func:`allreduce_coalesced_async`).
+    """
+    allreduce_coalesced([tensor], op, algorithm, group, wire_dtype, name)
     return tensor
 
 
@@ -114,14 +132,16 @@ def allgather(
     group: Any = None,
     counts: tuple[int, ...] | None = None,
     algorithm: str = "recursive_doubling",
+    name: str | None = None,
 ) -> torch.Tensor:
     """Concatenate every rank's ``tensor`` along dim 0; ranks may hold different numbers of rows.
 
     ``counts`` (rows per rank), when the caller knows them, saves one small exchange. ``algorithm``:
     ``recursive_doubling`` (log2 P messages) or ``ring``.
     """
+    _check_name(name)
     comm = communicator(group, tensor.device)
-    return comm.run(lambda: comm.allgather_now(tensor, tuple(counts) if counts is not None else None, algorithm))
+    return comm.run(lambda: comm.allgather_now(tensor, tuple(counts) if counts is not None else None, algorithm, name))
 
 
 def reduce_scatter(
@@ -131,6 +151,7 @@ def reduce_scatter(
     group: Any = None,
     algorithm: str = "recursive_halving",
     wire_dtype: torch.dtype | str | None = None,
+    name: str | None = None,
 ) -> torch.Tensor:
     """Reduce ``tensor`` over the group and return this rank's block of ``counts[rank]`` rows (dim 0).
 
@@ -138,5 +159,6 @@ def reduce_scatter(
     ``algorithm``: ``recursive_halving`` (log2 P messages) or ``ring``.
     """
     _validate([tensor], op, wire_dtype)
+    _check_name(name)
     comm = communicator(group, tensor.device)
-    return comm.run(lambda: comm.reduce_scatter_now(tensor, tuple(counts), op, algorithm, wire_dtype))
+    return comm.run(lambda: comm.reduce_scatter_now(tensor, tuple(counts), op, algorithm, wire_dtype, name))
