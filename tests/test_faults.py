@@ -167,3 +167,27 @@ def test_orphan_sweep_touches_only_files_of_dead_creators_in_this_pid_namespace(
         path.write_bytes(b"x")
     assert shm_transport.remove_orphans(tmp_path) == [orphan]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (alive, foreign, unrelated))
+
+
+SOAK_ROUNDS = 3  # x 18 cases (9 phases x 2 transports) = 54 killed-rank jobs
+
+
+@pytest.mark.timeout(7200)
+def test_soak_many_killed_ranks_leave_no_hang_and_no_file(spawn_ranks, tmp_path, soak):
+    if not soak:
+        pytest.skip("the long version of the killed-rank tests: pytest --soak (tox -e soak)")
+    jobs, survivors, slowest, pids = 0, 0, 0.0, []
+    for round_ in range(SOAK_ROUNDS):
+        for transport in ("shm", "torch"):
+            for algorithm, victim, phase in KILL_CASES:
+                outdir = tmp_path / f"{round_}-{transport}-{algorithm}-{victim}-{phase}"
+                result = run_kill_case(spawn_ranks, outdir, transport, algorithm, victim, phase)
+                jobs += 1
+                survivors += len(result["outcomes"])
+                slowest = max([slowest, *(o["seconds"] for o in result["outcomes"].values())])
+                pids += [int((outdir / f"rank{r}.pid").read_text()) for r in range(WORLD)]
+    assert our_files(pids) == []
+    print(
+        f"killed-rank soak: {jobs} jobs, {jobs} ranks killed, {survivors} survivors raised PeerError naming the dead "
+        f"rank (slowest {slowest:.1f}s), 0 hangs, {len(our_files(pids))} files left in /dev/shm"
+    )
