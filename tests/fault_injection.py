@@ -23,18 +23,22 @@ class KillBeforeStep:
         self.rank, self.size, self.timeout = inner.rank, inner.size, inner.timeout
         self.name = inner.name
         self.kill_at: int | None = None
+        self.partial = False
         self.calls = 0
 
-    def arm(self, kill_at: int) -> None:
-        self.kill_at, self.calls = kill_at, 0
+    def arm(self, kill_at: int, partial: bool = False) -> None:
+        """Die at the ``kill_at``-th exchange; ``partial``: after sending the first quarter of its message."""
+        self.kill_at, self.partial, self.calls = kill_at, partial, 0
 
-    def _count(self) -> None:
+    def _count(self, send, send_to) -> None:
         if self.kill_at is not None and self.calls == self.kill_at:
+            if self.partial and send is not None:  # the peer receives the start of the message, then nothing
+                self.inner.exchange(send[: max(send.numel() // 4, 1)], send_to, None, None)
             os.kill(os.getpid(), signal.SIGKILL)
         self.calls += 1
 
     def exchange(self, send, send_to, recv, recv_from) -> None:
-        self._count()
+        self._count(send, send_to)
         self.inner.exchange(send, send_to, recv, recv_from)
 
     def __getattr__(self, name: str):
@@ -43,9 +47,9 @@ class KillBeforeStep:
             raise AttributeError(name)
         inner = getattr(self.inner, name)
 
-        def exchange_reduce(*args):
-            self._count()
-            inner(*args)
+        def exchange_reduce(send, send_to, target, recv_from, reduce):
+            self._count(send, send_to)
+            inner(send, send_to, target, recv_from, reduce)
 
         return exchange_reduce
 

@@ -191,3 +191,34 @@ def test_soak_many_killed_ranks_leave_no_hang_and_no_file(spawn_ranks, tmp_path,
         f"killed-rank soak: {jobs} jobs, {jobs} ranks killed, {survivors} survivors raised PeerError naming the dead "
         f"rank (slowest {slowest:.1f}s), 0 hangs, {len(our_files(pids))} files left in /dev/shm"
     )
+
+
+def _first_step_fails_rank(rank: int, p: int, wire_dtype: str | None, outdir: str) -> None:
+    hybrid_ext.allreduce(torch.ones(8))
+    faulty = KillBeforeStep(communicator(None, torch.device("cpu")).transport)
+    n = 1 << 20  # 4 MiB: the first step's message spans several shared-memory slots
+    if rank == 1:
+        faulty.arm(kill_index("rabenseifner", rank, p, n, "reduce_scatter"), partial=True)
+    mine = torch.full((n,), 1.0 + 1e-3)  # not a bfloat16 value: rounding it for the wire would change it
+    before = mine.clone()
+    try:
+        hybrid_ext.allreduce(mine, algorithm="rabenseifner", group=faulty, wire_dtype=wire_dtype)
+        outcome = "no error"
+    except hybrid_ext.PeerError:
+        outcome = "unchanged" if torch.equal(mine, before) else "changed"
+    Path(outdir, f"rank{rank}.txt").write_text(outcome)
+    os._exit(0)
+
+
+@pytest.mark.parametrize("wire_dtype", [None, "bfloat16"], ids=["fused-shm-reduction", "16-bit-wire"])
+def test_a_collective_that_fails_in_its_first_step_leaves_the_callers_tensor_unchanged(
+    spawn_ranks, tmp_path, wire_dtype
+):
+    # The peer dies a quarter into its first message: the shared-memory transport could already have reduced
+    # that quarter into the caller's tensor, and a 16-bit wire could already have rounded it.
+    with pytest.raises(LaunchError, match="rank 1 failed first"):
+        spawn_ranks(
+            _first_step_fails_rank, 2, wire_dtype, str(tmp_path), pg_timeout=GROUP_TIMEOUT, timeout=120,
+            failure_grace=GROUP_TIMEOUT + 30, env={"HYBRID_EXT_TRANSPORT": "shm"},
+        )  # fmt: skip
+    assert (tmp_path / "rank0.txt").read_text() == "unchanged"

@@ -25,6 +25,7 @@ from hybrid_ext.comm import cost_model
 from hybrid_ext.comm.executor import OPS, SUPPORTED_DTYPES, wire_dtype_for
 from hybrid_ext.comm.ordering import Handle, MappedHandle
 from hybrid_ext.comm.registry import communicator
+from hybrid_ext.comm.schedule import GATHER_ALGORITHMS, SCATTER_ALGORITHMS
 
 
 def _check_name(name: str | None) -> None:
@@ -32,15 +33,35 @@ def _check_name(name: str | None) -> None:
         raise TypeError(f"name must be a str or None, got {type(name).__name__}")
 
 
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def _check_tensor(t: Any, what: str = "tensor") -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{what} is {t.layout}: only dense (strided) tensors can be reduced")
+    if t.device.type not in DEVICE_TYPES:
+        raise TypeError(f"{what} is on {t.device}: hybrid-ext's collectives take CPU or CUDA tensors")
+
+
+def _check_blocks(counts: Any, size: int, what: str) -> tuple[int, ...]:
+    """``counts`` as a tuple of one non-negative row count per rank of a group of ``size``."""
+    if isinstance(counts, (str, bytes)) or not hasattr(counts, "__len__"):
+        raise TypeError(f"counts must be a sequence of row counts, one per rank, got {type(counts).__name__}")
+    if len(counts) != size or not all(isinstance(c, int) and c >= 0 for c in counts):
+        raise ValueError(f"counts={list(counts)}: {what} needs {size} non-negative row counts, one per rank")
+    return tuple(counts)
+
+
 def _validate(tensors: Sequence[torch.Tensor], op: str, wire_dtype: torch.dtype | str | None = None) -> None:
-    if op not in OPS:
+    if not isinstance(op, str) or op not in OPS:
         raise ValueError(f"unsupported op {op!r}; choose one of {', '.join(OPS)}")
     if not tensors:
         return
     first = tensors[0]
-    for t in tensors:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"expected tensors, got {type(t).__name__}")
+    for index, t in enumerate(tensors):
+        _check_tensor(t, "tensor" if len(tensors) == 1 else f"tensors[{index}]")
         if t.dtype != first.dtype or t.device != first.device:
             raise TypeError(
                 f"all tensors of one call must share dtype and device; got {first.dtype} on {first.device} "
@@ -140,8 +161,19 @@ def allgather(
     ``recursive_doubling`` (log2 P messages) or ``ring``.
     """
     _check_name(name)
+    _check_tensor(tensor)
+    if tensor.dim() == 0:
+        raise ValueError("allgather concatenates along dim 0: tensor must have at least one dimension")
+    if algorithm not in GATHER_ALGORITHMS:
+        raise ValueError(f"unknown allgather algorithm {algorithm!r}; choose one of {', '.join(GATHER_ALGORITHMS)}")
     comm = communicator(group, tensor.device)
-    return comm.run(lambda: comm.allgather_now(tensor, tuple(counts) if counts is not None else None, algorithm, name))
+    if counts is not None:
+        counts = _check_blocks(counts, comm.size, "allgather")
+        if counts[comm.rank] != tensor.shape[0]:
+            raise ValueError(
+                f"counts={list(counts)} gives rank {comm.rank} {counts[comm.rank]} rows; it holds {tensor.shape[0]}"
+            )
+    return comm.run(lambda: comm.allgather_now(tensor, counts, algorithm, name))
 
 
 def reduce_scatter(
@@ -160,5 +192,14 @@ def reduce_scatter(
     """
     _validate([tensor], op, wire_dtype)
     _check_name(name)
+    if tensor.dim() == 0:
+        raise ValueError("reduce_scatter splits along dim 0: tensor must have at least one dimension")
+    if algorithm not in SCATTER_ALGORITHMS:
+        raise ValueError(
+            f"unknown reduce_scatter algorithm {algorithm!r}; choose one of {', '.join(SCATTER_ALGORITHMS)}"
+        )
     comm = communicator(group, tensor.device)
-    return comm.run(lambda: comm.reduce_scatter_now(tensor, tuple(counts), op, algorithm, wire_dtype, name))
+    counts = _check_blocks(counts, comm.size, "reduce_scatter")
+    if sum(counts) != tensor.shape[0]:
+        raise ValueError(f"counts={list(counts)} add up to {sum(counts)} rows; tensor has {tensor.shape[0]}")
+    return comm.run(lambda: comm.reduce_scatter_now(tensor, counts, op, algorithm, wire_dtype, name))

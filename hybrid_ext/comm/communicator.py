@@ -60,7 +60,9 @@ class Communicator:
         done: list = [None]
 
         def ordered() -> Any:
-            with self.streams.run_after(ready) as end:
+            # no_grad: reducing a tensor that requires grad in place is fine here (as with dist.all_reduce), and
+            # grad mode is per thread: the worker thread's would be on.
+            with torch.no_grad(), self.streams.run_after(ready) as end:
                 result = job()
             done[0] = end[0]
             return result

@@ -37,7 +37,12 @@ class CollectiveMismatchError(RuntimeError):
 def check_enabled() -> bool:
     if _override is not None:
         return _override
-    return os.environ.get(CHECK_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    value = os.environ.get(CHECK_ENV, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{CHECK_ENV}={value!r}: use 1, true, yes, on (check mode) or 0, false, no, off")
 
 
 def set_check(enabled: bool | None) -> None:

@@ -22,6 +22,14 @@ def communicator(group: Any = None, device: torch.device | None = None) -> Commu
     if group is None or not isinstance(group, Transport):
         from hybrid_ext.comm.torch_transport import resolve_group
 
+        if group is not None and not (
+            callable(getattr(group, "rank", None)) and callable(getattr(group, "size", None))
+        ):
+            raise TypeError(
+                f"group must be a torch.distributed process group, a hybrid-ext Transport or None, "
+                f"got {type(group).__name__}"
+            )
+
         group = resolve_group(group)
         # The butterfly backend's own communicator: its dist.all_reduce calls and ours share one order.
         if hasattr(group, "butterfly_communicator"):
