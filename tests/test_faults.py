@@ -196,7 +196,9 @@ def test_soak_many_killed_ranks_leave_no_hang_and_no_file(spawn_ranks, tmp_path,
 def _first_step_fails_rank(rank: int, p: int, wire_dtype: str | None, outdir: str) -> None:
     hybrid_ext.allreduce(torch.ones(8))
     faulty = KillBeforeStep(communicator(None, torch.device("cpu")).transport)
-    n = 1 << 20  # 4 MiB: the first step's message spans several shared-memory slots
+    # 16 MiB: the first step's message spans several 1 MiB shared-memory slots, and its first quarter (what the
+    # victim sends before it dies) is whole slots — a dying sender publishes whole chunks only.
+    n = 1 << 22
     if rank == 1:
         faulty.arm(kill_index("rabenseifner", rank, p, n, "reduce_scatter"), partial=True)
     mine = torch.full((n,), 1.0 + 1e-3)  # not a bfloat16 value: rounding it for the wire would change it
