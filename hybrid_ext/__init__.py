@@ -59,6 +59,7 @@ from hybrid_ext.parallel import (
     load_full_state_dict,
     parallelize,
 )
+from hybrid_ext.parallel.nonfinite import NonFiniteGuard
 from hybrid_ext.version import __version__
 
 del register_backend
@@ -66,6 +67,7 @@ del register_backend
 __all__ = [
     "CollectiveMismatchError",
     "Handle",
+    "NonFiniteGuard",
     "PeerError",
     "Transport",
     "__version__",

@@ -77,15 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="the main job: compare dp / mp / hybrid x reducers on the embedded digits set",
         description="Spawn ranks, train an FC-heavy CNN under each strategy and reducer, compare them.",
     )
-    demo.add_argument("--np", type=int, default=4, help="ranks (default: 4)")
-    demo.add_argument("--epochs", type=int, default=5, help="epochs per run (default: 5)")
+    demo.add_argument("--np", type=positive_int, default=4, help="ranks (default: 4)")
+    demo.add_argument("--epochs", type=positive_int, default=5, help="epochs per run (default: 5)")
     demo.add_argument("--strategies", help="comma-separated: dp, mp, hybrid")
     demo.add_argument("--reducers", help="comma-separated: butterfly, ring, native, rabenseifner, recursive_doubling")
     demo.add_argument("--all", action="store_true", help="every strategy x reducer (butterfly, ring, native)")
     demo.add_argument("--model", default="digits_alexnet", help="digits_alexnet (default), alexnet, vgg11")
     demo.add_argument("--data", metavar="PATH", help="an ImageFolder or CIFAR-10 folder instead of the digits")
-    demo.add_argument("--micro-batch", type=int, default=16, help="samples per rank per step (default: 16)")
-    demo.add_argument("--mp-size", type=int, default=None, help="model-parallel group size (default: all ranks)")
+    demo.add_argument("--micro-batch", type=positive_int, default=16, help="samples per rank per step (default: 16)")
+    demo.add_argument(
+        "--mp-size", type=positive_int, default=None, help="model-parallel group size (default: all ranks)"
+    )
     demo.add_argument("--max-steps", type=int, default=None, help="stop each run after this many steps")
     demo.add_argument("--timeout", type=float, default=1200, help="seconds per run before it is killed")
     demo.add_argument("--out", default="demo-out", help="output directory (default: demo-out)")
@@ -103,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     checks = ["gloo", "horovod", "deepspeed"]
     smoke = commands.add_parser("smoke", help="check that gloo, horovodrun and the deepspeed launcher work here")
-    smoke.add_argument("--np", type=int, default=2, help="ranks per job (default: 2)")
+    smoke.add_argument("--np", type=positive_int, default=2, help="ranks per job (default: 2)")
     smoke.add_argument("--checks", nargs="+", choices=checks, default=checks, help="which parts to check")
     smoke.set_defaults(handler=_cmd_smoke)
 
@@ -115,15 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Spawn N ranks (gloo) and time each algorithm, interleaved, against dist.all_reduce. Under a "
         "launcher (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set) each launched process is a rank instead.",
     )
-    allreduce.add_argument("--np", type=int, default=4, help="ranks (default: 4)")
+    allreduce.add_argument("--np", type=positive_int, default=4, help="ranks (default: 4)")
     allreduce.add_argument("--sizes", default="1K,64K,1M,16M,64M", help="message sizes in bytes (K, M suffixes)")
     allreduce.add_argument(
         "--algorithms",
         default="butterfly,rabenseifner,recursive_doubling,ring,native",
         help="comma-separated: auto, butterfly, rabenseifner, recursive_doubling, ring, native",
     )
-    allreduce.add_argument("--iters", type=int, default=10, help="timed rounds per size (default: 10)")
-    allreduce.add_argument("--inner", type=int, default=5, help="calls per round, back to back (default: 5)")
+    allreduce.add_argument("--iters", type=positive_int, default=10, help="timed rounds per size (default: 10)")
+    allreduce.add_argument("--inner", type=positive_int, default=5, help="calls per round, back to back (default: 5)")
     allreduce.add_argument("--warmup", type=int, default=2, help="untimed rounds per size (default: 2)")
     allreduce.add_argument(
         "--transport", choices=["auto", "shm", "torch"], default="auto", help="hybrid-ext's transport (default: auto)"
@@ -132,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     allreduce.add_argument("--markdown", metavar="FILE", help="also write the table as Markdown")
     allreduce.add_argument("--calibrate", action="store_true", help="fit and save the cost model used by auto")
     allreduce.add_argument(
-        "--hosts", type=int, help="run under torchrun on this many emulated hosts (hybrid-ext cluster; root)"
+        "--hosts", type=positive_int, help="run under torchrun on this many emulated hosts (hybrid-ext cluster; root)"
     )
     allreduce.add_argument("--nic", metavar="RATE", help="with --hosts: each host's egress rate (tc syntax: 1gbit)")
     allreduce.set_defaults(handler=_cmd_bench_allreduce)
@@ -143,17 +145,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a torchvision CNN for a few steps under each run, with compute-only as the limit.",
     )
     train.add_argument("--model", default="alexnet", choices=["alexnet", "vgg11", "digits_alexnet"])
-    train.add_argument("--np", type=int, default=4, help="ranks (default: 4)")
+    train.add_argument("--np", type=positive_int, default=4, help="ranks (default: 4)")
     train.add_argument(
         "--runs",
         default="dp-butterfly,hybrid-butterfly,compute-only",
         help="comma-separated STRATEGY-REDUCER (dp-native, hybrid-butterfly, mp-butterfly...) or compute-only",
     )
-    train.add_argument("--micro-batch", type=int, default=16, help="samples per rank per step (default: 16)")
+    train.add_argument("--micro-batch", type=positive_int, default=16, help="samples per rank per step (default: 16)")
     train.add_argument("--size", type=int, default=64, help="input height and width (default: 64)")
-    train.add_argument("--steps", type=int, default=5, help="timed steps per run (default: 5)")
-    train.add_argument("--mp-size", type=int, default=None, help="model-parallel group size (default: all ranks)")
-    train.add_argument("--hosts", type=int, help="run under torchrun on this many emulated hosts (hybrid-ext cluster)")
+    train.add_argument("--steps", type=positive_int, default=5, help="timed steps per run (default: 5)")
+    train.add_argument(
+        "--mp-size", type=positive_int, default=None, help="model-parallel group size (default: all ranks)"
+    )
+    train.add_argument(
+        "--hosts", type=positive_int, help="run under torchrun on this many emulated hosts (hybrid-ext cluster)"
+    )
     train.add_argument("--nic", metavar="RATE", help="with --hosts: each host's egress rate (tc syntax: 1gbit)")
     train.add_argument("--json", metavar="FILE")
     train.add_argument("--markdown", metavar="FILE")
@@ -164,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="butterfly candidates under horovodrun against hvd.allreduce",
         description="Run horovodrun -np N --gloo on this host and time every way to run a butterfly under Horovod.",
     )
-    horovod.add_argument("--np", type=int, default=4, help="ranks (default: 4)")
+    horovod.add_argument("--np", type=positive_int, default=4, help="ranks (default: 4)")
     horovod.add_argument("--sizes", default="1K,16K,256K,1M,4M,16M,64M", help="message sizes in bytes")
     horovod.add_argument("--reps", type=int, default=10, help="timed repetitions per size (default: 10)")
     horovod.add_argument("--json", metavar="FILE", help="also write the results as JSON")
@@ -190,7 +196,7 @@ def _add_cluster_parser(commands) -> None:
     )
     actions = cluster.add_subparsers(dest="cluster_action", metavar="ACTION", required=True)
     up = actions.add_parser("up", help="start node0..node<H-1> (installs openssh-server and pdsh if missing)")
-    up.add_argument("--hosts", type=int, default=2, help="hosts (default: 2)")
+    up.add_argument("--hosts", type=positive_int, default=2, help="hosts (default: 2)")
     up.add_argument("--nic", metavar="RATE", help="shape each host's egress to RATE with tbf (tc syntax: 1gbit)")
     run = actions.add_parser("run", help="run a command on a host, in this directory: run node1 -- CMD")
     run.add_argument("host", help="a host's name (node1) or index (1)")
@@ -198,6 +204,17 @@ def _add_cluster_parser(commands) -> None:
     actions.add_parser("down", help="stop the cluster and remove everything it made")
     actions.add_parser("status", help="list the hosts")
     cluster.set_defaults(handler=_cmd_cluster)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a count that must be at least 1 (argparse names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

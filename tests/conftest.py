@@ -7,6 +7,7 @@ module level (they are pickled into new processes).
 Markers: ``multiprocess`` marks every test that starts ranks or launcher jobs (added here for tests that use the
 fixtures below; modules and tests that start them otherwise carry it themselves). ``pytest -m "not multiprocess"``
 runs the fast in-process tests alone (schedules simulated in one process, cost model, plans, parsing).
+``--soak`` makes the fault and resource tests run their long versions (``tox -e soak``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,18 @@ MULTIPROCESS_FIXTURES = frozenset(
     | {"cluster", "cluster_session", "torchrun_jobs", "horovod_job", "deepspeed_cluster_job"}
 )
 CLUSTER_HOSTS = 2
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--soak", action="store_true", help="run the long fault and resource soaks (tox -e soak) instead of the short"
+    )
+
+
+@pytest.fixture
+def soak(request) -> bool:
+    """Whether this run is the long soak (``pytest --soak``)."""
+    return request.config.getoption("--soak")
 
 
 def pytest_configure(config):

@@ -26,7 +26,14 @@ COMMON = ["ops", "transports", "optimizer"]
 JOBS = {
     2: [*COMMON, "partitioner:hybrid:none:butterfly", "partitioner:dp:none:native"],
     3: [*COMMON, "partitioner:hybrid:none:butterfly", "partitioner:mp:none:butterfly"],
-    4: [*COMMON, "partitioner:hybrid:none:butterfly", "partitioner:hybrid:2:butterfly", "partitioner:hybrid:2:native", "process_set", "accumulation:2"],
+    4: [
+        *COMMON,
+        "partitioner:hybrid:none:butterfly",
+        "partitioner:hybrid:2:butterfly",
+        "partitioner:hybrid:2:native",
+        "process_set",
+        "accumulation:2",
+    ],
 }
 
 

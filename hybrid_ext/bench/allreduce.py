@@ -215,7 +215,14 @@ def calibrate(rows: list[BenchRow]) -> cost_model.CostModel:
 
 
 def main(args) -> int:
-    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    try:
+        sizes = [parse_size(s) for s in args.sizes.split(",")]
+    except ValueError:
+        raise SystemExit(
+            f"hybrid-ext bench allreduce: --sizes {args.sizes!r}: expected sizes such as 1K,64K,1M"
+        ) from None
+    if any(size < 0 for size in sizes):
+        raise SystemExit(f"hybrid-ext bench allreduce: --sizes {args.sizes!r}: sizes must be >= 0")
     algorithms = [a.strip() for a in args.algorithms.split(",")]
     unknown = [a for a in algorithms if a not in ALGORITHM_CHOICES]
     if unknown:

@@ -25,17 +25,43 @@ from hybrid_ext.comm import cost_model
 from hybrid_ext.comm.executor import OPS, SUPPORTED_DTYPES, wire_dtype_for
 from hybrid_ext.comm.ordering import Handle, MappedHandle
 from hybrid_ext.comm.registry import communicator
+from hybrid_ext.comm.schedule import GATHER_ALGORITHMS, SCATTER_ALGORITHMS
+
+
+def _check_name(name: str | None) -> None:
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"name must be a str or None, got {type(name).__name__}")
+
+
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def _check_tensor(t: Any, what: str = "tensor") -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{what} is {t.layout}: only dense (strided) tensors can be reduced")
+    if t.device.type not in DEVICE_TYPES:
+        raise TypeError(f"{what} is on {t.device}: hybrid-ext's collectives take CPU or CUDA tensors")
+
+
+def _check_blocks(counts: Any, size: int, what: str) -> tuple[int, ...]:
+    """``counts`` as a tuple of one non-negative row count per rank of a group of ``size``."""
+    if isinstance(counts, (str, bytes)) or not hasattr(counts, "__len__"):
+        raise TypeError(f"counts must be a sequence of row counts, one per rank, got {type(counts).__name__}")
+    if len(counts) != size or not all(isinstance(c, int) and c >= 0 for c in counts):
+        raise ValueError(f"counts={list(counts)}: {what} needs {size} non-negative row counts, one per rank")
+    return tuple(counts)
 
 
 def _validate(tensors: Sequence[torch.Tensor], op: str, wire_dtype: torch.dtype | str | None = None) -> None:
-    if op not in OPS:
+    if not isinstance(op, str) or op not in OPS:
         raise ValueError(f"unsupported op {op!r}; choose one of {', '.join(OPS)}")
     if not tensors:
         return
     first = tensors[0]
-    for t in tensors:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"expected tensors, got {type(t).__name__}")
+    for index, t in enumerate(tensors):
+        _check_tensor(t, "tensor" if len(tensors) == 1 else f"tensors[{index}]")
         if t.dtype != first.dtype or t.device != first.device:
             raise TypeError(
                 f"all tensors of one call must share dtype and device; got {first.dtype} on {first.device} "
@@ -55,18 +81,24 @@ def allreduce_coalesced_async(
     algorithm: str = "auto",
     group: Any = None,
     wire_dtype: torch.dtype | str | None = None,
+    name: str | None = None,
 ) -> Handle:
     """Start reducing ``tensors`` in place as one flat buffer; ``handle.wait()`` returns the list.
 
     ``wire_dtype``: the dtype messages travel in — default the input's (16-bit gradients travel as 16-bit,
     accumulated in float32 on every rank); ``torch.float32`` sends full-precision partial sums; a 16-bit dtype
     compresses float32 inputs. Also ``HYBRID_EXT_WIRE_DTYPE=input|float32|float16|bfloat16``.
+
+    ``name``: what this collective is (a gradient bucket's name, say). In check mode ranks compare names too, so
+    two collectives of equal size issued in different orders on different ranks raise
+    :class:`~hybrid_ext.CollectiveMismatchError` naming both, instead of silently mixing their data.
     """
     tensors = list(tensors)
     _validate(tensors, op, wire_dtype)
+    _check_name(name)
     cost_model.resolve(algorithm, 0, 1)  # reject a bad algorithm name now, not on the worker thread
     comm = communicator(group, tensors[0].device if tensors else None)
-    return comm.submit(lambda: (comm.allreduce_now(tensors, op, algorithm, wire_dtype), tensors)[1])
+    return comm.submit(lambda: (comm.allreduce_now(tensors, op, algorithm, wire_dtype, name), tensors)[1])
 
 
 def allreduce_coalesced(
@@ -75,13 +107,15 @@ def allreduce_coalesced(
     algorithm: str = "auto",
     group: Any = None,
     wire_dtype: torch.dtype | str | None = None,
+    name: str | None = None,
 ) -> list[torch.Tensor]:
     """Reduce ``tensors`` in place through one flat buffer (one collective for all of them); return them."""
     tensors = list(tensors)
     _validate(tensors, op, wire_dtype)
+    _check_name(name)
     cost_model.resolve(algorithm, 0, 1)
     comm = communicator(group, tensors[0].device if tensors else None)
-    comm.run(lambda: comm.allreduce_now(tensors, op, algorithm, wire_dtype))
+    comm.run(lambda: comm.allreduce_now(tensors, op, algorithm, wire_dtype, name))
     return tensors
 
 
@@ -91,9 +125,10 @@ def allreduce_async(
     algorithm: str = "auto",
     group: Any = None,
     wire_dtype: torch.dtype | str | None = None,
+    name: str | None = None,
 ) -> Handle:
     """Start an in-place allreduce; ``handle.wait()`` returns ``tensor`` once it holds the result."""
-    handle = allreduce_coalesced_async([tensor], op, algorithm, group, wire_dtype)
+    handle = allreduce_coalesced_async([tensor], op, algorithm, group, wire_dtype, name)
     return MappedHandle(handle, lambda tensors: tensors[0])
 
 
@@ -103,9 +138,13 @@ def allreduce(
     algorithm: str = "auto",
     group: Any = None,
     wire_dtype: torch.dtype | str | None = None,
+    name: str | None = None,
 ) -> torch.Tensor:
-    """Reduce ``tensor`` in place across the group and return it (see the module docstring)."""
-    allreduce_coalesced([tensor], op, algorithm, group, wire_dtype)
+    """Reduce ``tensor`` in place across the group and return it (see the module docstring).
+
+    ``name``: compared across ranks in check mode (see :func:`allreduce_coalesced_async`).
+    """
+    allreduce_coalesced([tensor], op, algorithm, group, wire_dtype, name)
     return tensor
 
 
@@ -114,14 +153,27 @@ def allgather(
     group: Any = None,
     counts: tuple[int, ...] | None = None,
     algorithm: str = "recursive_doubling",
+    name: str | None = None,
 ) -> torch.Tensor:
     """Concatenate every rank's ``tensor`` along dim 0; ranks may hold different numbers of rows.
 
     ``counts`` (rows per rank), when the caller knows them, saves one small exchange. ``algorithm``:
     ``recursive_doubling`` (log2 P messages) or ``ring``.
     """
+    _check_name(name)
+    _check_tensor(tensor)
+    if tensor.dim() == 0:
+        raise ValueError("allgather concatenates along dim 0: tensor must have at least one dimension")
+    if algorithm not in GATHER_ALGORITHMS:
+        raise ValueError(f"unknown allgather algorithm {algorithm!r}; choose one of {', '.join(GATHER_ALGORITHMS)}")
     comm = communicator(group, tensor.device)
-    return comm.run(lambda: comm.allgather_now(tensor, tuple(counts) if counts is not None else None, algorithm))
+    if counts is not None:
+        counts = _check_blocks(counts, comm.size, "allgather")
+        if counts[comm.rank] != tensor.shape[0]:
+            raise ValueError(
+                f"counts={list(counts)} gives rank {comm.rank} {counts[comm.rank]} rows; it holds {tensor.shape[0]}"
+            )
+    return comm.run(lambda: comm.allgather_now(tensor, counts, algorithm, name))
 
 
 def reduce_scatter(
@@ -131,6 +183,7 @@ def reduce_scatter(
     group: Any = None,
     algorithm: str = "recursive_halving",
     wire_dtype: torch.dtype | str | None = None,
+    name: str | None = None,
 ) -> torch.Tensor:
     """Reduce ``tensor`` over the group and return this rank's block of ``counts[rank]`` rows (dim 0).
 
@@ -138,5 +191,15 @@ def reduce_scatter(
     ``algorithm``: ``recursive_halving`` (log2 P messages) or ``ring``.
     """
     _validate([tensor], op, wire_dtype)
+    _check_name(name)
+    if tensor.dim() == 0:
+        raise ValueError("reduce_scatter splits along dim 0: tensor must have at least one dimension")
+    if algorithm not in SCATTER_ALGORITHMS:
+        raise ValueError(
+            f"unknown reduce_scatter algorithm {algorithm!r}; choose one of {', '.join(SCATTER_ALGORITHMS)}"
+        )
     comm = communicator(group, tensor.device)
-    return comm.run(lambda: comm.reduce_scatter_now(tensor, tuple(counts), op, algorithm, wire_dtype))
+    counts = _check_blocks(counts, comm.size, "reduce_scatter")
+    if sum(counts) != tensor.shape[0]:
+        raise ValueError(f"counts={list(counts)} add up to {sum(counts)} rows; tensor has {tensor.shape[0]}")
+    return comm.run(lambda: comm.reduce_scatter_now(tensor, counts, op, algorithm, wire_dtype, name))

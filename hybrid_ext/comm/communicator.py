@@ -65,7 +65,9 @@ class Communicator:
         done: list = [None]
 
         def ordered() -> Any:
-            with self.streams.run_after(ready) as end:
+            # no_grad: reducing a tensor that requires grad in place is fine here (as with dist.all_reduce), and
+            # grad mode is per thread: the worker thread's would be on.
+            with torch.no_grad(), self.streams.run_after(ready) as end:
                 result = job()
             done[0] = end[0]
             return result
@@ -76,30 +78,52 @@ class Communicator:
         return self._scratch.get(elements, dtype, device)
 
     # ---------------------------------------------------------------- collectives (run on the ordered thread)
-    def check_consistency(self, collective: str, op: str, tensors: Sequence[torch.Tensor]) -> None:
+    def check_consistency(
+        self, collective: str, op: str, tensors: Sequence[torch.Tensor], name: str | None = None
+    ) -> None:
         if self.size == 1:
             return
         device = tensors[0].device if tensors else torch.device("cpu")
         self._checked += 1
-        row = consistency.fingerprint(collective, op, tensors, self._checked)
+        row = consistency.fingerprint(collective, op, tensors, self._checked, name)
         table = torch.zeros(self.size, len(row), dtype=torch.int64, device=device)
         table[self.rank] = torch.tensor(row, dtype=torch.int64)
+        self._sum_over_ranks(table)
+        table = table.cpu()
+        labels = None
+        if consistency.disagree(table):
+            # Every rank saw the same table, so all take this extra exchange: each rank's own description of its
+            # call, so that the error names what the others passed (their names, ops, dtypes) in words.
+            own = consistency.encode_label(row)
+            text = torch.zeros(self.size, consistency.LABEL_BYTES, dtype=torch.int64, device=device)
+            text[self.rank, : len(own)] = torch.tensor(own, dtype=torch.int64)
+            self._sum_over_ranks(text)
+            labels = consistency.decode_labels(text.cpu())
+        consistency.verify(table, ";".join(str(tuple(t.shape)) for t in tensors), labels)
+
+    def _sum_over_ranks(self, table: torch.Tensor) -> None:
+        """Sum a small table over the group in place (recursive doubling: log2 P messages)."""
         flat = table.view(-1)
         plan = plan_allreduce("recursive_doubling", self.rank, self.size, flat.numel())
         execute(plan, flat, torch.empty_like(flat), self.transport, "sum")
-        consistency.verify(table.cpu(), ";".join(str(tuple(t.shape)) for t in tensors))
 
     def allreduce_now(
-        self, tensors: Sequence[torch.Tensor], op: str, algorithm: str, wire_dtype: torch.dtype | str | None = None
+        self,
+        tensors: Sequence[torch.Tensor],
+        op: str,
+        algorithm: str,
+        wire_dtype: torch.dtype | str | None = None,
+        name: str | None = None,
     ) -> None:
         """Reduce ``tensors`` in place as one flat vector (call through :meth:`run` / :meth:`submit`).
 
-        ``wire_dtype``: the dtype messages travel in (see :func:`~hybrid_ext.comm.executor.wire_dtype_for`).
+        ``wire_dtype``: the dtype messages travel in (see :func:`~hybrid_ext.comm.executor.wire_dtype_for`);
+        ``name``: the caller's name for this collective, compared across ranks in check mode.
         """
         start = time.perf_counter()
         self.streams.keep_alive(tensors)
         if consistency.check_enabled():
-            self.check_consistency("allreduce", op, tensors)
+            self.check_consistency("allreduce", op, tensors, name)
         if self.size == 1:
             return
         dtype, device = tensors[0].dtype, tensors[0].device
@@ -181,12 +205,14 @@ class Communicator:
         execute(plan, table, table[:0], self.transport, "sum")
         return tuple(int(v) for v in table.tolist())
 
-    def allgather_now(self, tensor: torch.Tensor, counts: tuple[int, ...] | None, algorithm: str) -> torch.Tensor:
+    def allgather_now(
+        self, tensor: torch.Tensor, counts: tuple[int, ...] | None, algorithm: str, name: str | None = None
+    ) -> torch.Tensor:
         """Concatenate every rank's ``tensor`` along dim 0 (ranks may hold different numbers of rows)."""
         start = time.perf_counter()
         self.streams.keep_alive([tensor])
         if consistency.check_enabled():
-            self.check_consistency("allgather", "cat", [tensor[:0]])  # same trailing shape and dtype
+            self.check_consistency("allgather", "cat", [tensor[:0]], name)  # same trailing shape and dtype
         if self.size == 1:
             return tensor.clone()
         if counts is None:
@@ -210,12 +236,13 @@ class Communicator:
         op: str,
         algorithm: str,
         wire_dtype: torch.dtype | str | None = None,
+        name: str | None = None,
     ) -> torch.Tensor:
         """Reduce ``tensor`` (all ranks' rows) over the group; return this rank's ``counts[rank]`` rows."""
         start = time.perf_counter()
         self.streams.keep_alive([tensor])
         if consistency.check_enabled():
-            self.check_consistency("reduce_scatter", op, [tensor])
+            self.check_consistency("reduce_scatter", op, [tensor], name)
         if sum(counts) != tensor.shape[0] or len(counts) != self.size:
             raise ValueError(f"counts {list(counts)} do not split {tensor.shape[0]} rows over {self.size} ranks")
         first = sum(counts[: self.rank])

@@ -97,10 +97,18 @@ def _load_models() -> dict[str, CostModel]:
         _models = dict(BUILTIN)
         path = model_path()
         if path.exists():
-            saved = json.loads(path.read_text())
-            for transport, values in saved.items():
-                if isinstance(values, dict):
-                    _models[transport] = CostModel(**{k: float(values[k]) for k in ("alpha", "beta", "gamma")})
+            try:
+                saved = json.loads(path.read_text())
+                for transport, values in saved.items():
+                    if isinstance(values, dict):
+                        _models[transport] = CostModel(**{k: float(values[k]) for k in ("alpha", "beta", "gamma")})
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                _models = None
+                source = f"{MODEL_ENV}={str(path)!r}" if os.environ.get(MODEL_ENV) else f"the cost model {str(path)!r}"
+                raise ValueError(
+                    f"{source} is not a saved calibration ({{transport: {{alpha, beta, gamma}}}}): {exc!r}; "
+                    "recreate it with `hybrid-ext bench allreduce --calibrate`"
+                ) from None
     return _models
 
 

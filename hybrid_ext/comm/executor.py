@@ -26,6 +26,9 @@ def wire_dtype_for(dtype: torch.dtype, requested: torch.dtype | str | None = Non
     (Horovod's fp16 compression, with float32 accumulation). ``HYBRID_EXT_WIRE_DTYPE`` sets the process-wide
     default for 16-bit and float32 inputs; float64 and integers travel as themselves unless asked explicitly.
     """
+    explicit = requested is not None
+    if not (requested is None or isinstance(requested, (str, torch.dtype))):
+        raise TypeError(f"wire_dtype must be a torch.dtype, a dtype name or None, got {type(requested).__name__}")
     if requested is None:
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return dtype  # the process-wide default leaves float64 and integer reductions alone
@@ -34,7 +37,8 @@ def wire_dtype_for(dtype: torch.dtype, requested: torch.dtype | str | None = Non
         if requested == "input":
             return dtype
         if requested not in WIRE_DTYPES:
-            raise ValueError(f"wire dtype {requested!r}: choose input, {', '.join(WIRE_DTYPES)}")
+            source = "wire_dtype" if explicit else WIRE_DTYPE_ENV
+            raise ValueError(f"{source}={requested!r}: choose input, {', '.join(WIRE_DTYPES)}")
         requested = WIRE_DTYPES[requested]
     if requested == dtype:
         return dtype
@@ -80,6 +84,10 @@ def execute(
     message travels in the wire dtype and is reduced into the buffer in the buffer's precision. Before a slice is
     sent it is rounded to the wire dtype in place, so sender and receiver hold the same value afterwards: every
     rank still ends with bitwise-identical results.
+
+    Failure: a step that raises leaves the buffer as the steps before it left it; the first step never changes it
+    before it has completed (its receive lands in ``scratch``, its rounding waits for the exchange), so a collective
+    that fails in its first step leaves the caller's tensor as it was.
     """
     if wire is not None:
         _execute_narrow_wire(plan, buffer, transport, op, wire)
@@ -89,9 +97,11 @@ def execute(
         send = buffer[step.send[0] : step.send[1]] if step.send is not None else None
         recv = None
         # Reduce straight out of the transport's buffers when it can and the send does not read what is being
-        # reduced (recursive doubling sends and reduces the same range: it needs the receive copy).
+        # reduced (recursive doubling sends and reduces the same range: it needs the receive copy). Not in the
+        # first step: a peer that fails half-way through its message would leave the caller's tensor half-reduced.
         fused = (
             step.reduce
+            and index > 0
             and hasattr(transport, "exchange_reduce")
             and (step.send is None or step.send[1] <= step.recv[0] or step.recv[1] <= step.send[0])
         )
@@ -123,17 +133,19 @@ def _execute_narrow_wire(plan: Plan, buffer: torch.Tensor, transport: Transport,
     reduce = REDUCERS[op]
     for index, step in enumerate(plan.steps):
         send = recv = None
+        own = None
         if step.send is not None:
             own = buffer[step.send[0] : step.send[1]]
             send = wire.send[: own.numel()]
             send.copy_(own)  # rounds to the wire dtype
-            own.copy_(send)  # keep what the peer gets: both sides now hold the same value
         if step.recv is not None:
             recv = wire.recv[: step.recv_count]
         try:
             transport.exchange(send, step.send_to, recv, step.recv_from)
         except PeerError as exc:
             raise _step_error(plan, index, exc) from exc
+        if own is not None:
+            own.copy_(send)  # keep what the peer got: both sides now hold the same value
         if recv is not None:
             target = buffer[step.recv[0] : step.recv[1]]
             if step.reduce:

@@ -10,8 +10,9 @@ import torch
 from hybrid_ext.comm.communicator import Communicator
 from hybrid_ext.comm.transport import Transport
 
-_communicators: dict[int, tuple[Any, Communicator]] = {}
-_registry_lock = threading.Lock()
+_communicators: dict[tuple[int, str], tuple[Any, Communicator]] = {}
+_registry_lock = threading.Lock()  # guards the two dicts; never held across a set-up
+_setup_locks: dict[tuple[int, str], threading.Lock] = {}  # one per key: a group is set up once
 
 
 def communicator(group: Any = None, device: torch.device | None = None) -> Communicator:
@@ -21,6 +22,14 @@ def communicator(group: Any = None, device: torch.device | None = None) -> Commu
     if group is None or not isinstance(group, Transport):
         from hybrid_ext.comm.torch_transport import resolve_group
 
+        if group is not None and not (
+            callable(getattr(group, "rank", None)) and callable(getattr(group, "size", None))
+        ):
+            raise TypeError(
+                f"group must be a torch.distributed process group, a hybrid-ext Transport or None, "
+                f"got {type(group).__name__}"
+            )
+
         group = resolve_group(group)
         # The butterfly backend's own communicator: its dist.all_reduce calls and ours share one order.
         if hasattr(group, "butterfly_communicator"):
@@ -29,9 +38,19 @@ def communicator(group: Any = None, device: torch.device | None = None) -> Commu
     key = (id(group), device.type)
     with _registry_lock:
         entry = _communicators.get(key)
+        if entry is not None and entry[0] is group:
+            return entry[1]
+        setup_lock = _setup_locks.setdefault(key, threading.Lock())
+    # Setting a transport up is a collective over the group. Threads that set up different groups at once
+    # (one group per thread) must not wait on each other: with one lock for all, rank 0's thread could hold it
+    # for group A while rank 1's holds it for group B, each waiting for the other rank — a deadlock.
+    with setup_lock:
+        with _registry_lock:
+            entry = _communicators.get(key)
         if entry is None or entry[0] is not group:
             entry = (group, Communicator(_as_transport(group, device), device))
-            _communicators[key] = entry
+            with _registry_lock:
+                _communicators[key] = entry
         return entry[1]
 
 

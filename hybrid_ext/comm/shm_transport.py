@@ -21,8 +21,14 @@ same core): data is written before the counter that publishes it. On other archi
 
 Waiting. A rank with nothing to do yields its core (``sched_yield``) so that the rank it waits for can run,
 and falls back to short sleeps after a while so an idle wait does not burn a core. Every wait checks the
-transport's deadline and whether the peer process still exists: a dead peer raises
-:class:`~hybrid_ext.comm.transport.PeerError` at once, a stuck one at the timeout.
+transport's deadline and whether every process of the group still exists: a dead rank raises
+:class:`~hybrid_ext.comm.transport.PeerError` naming it within ``PEER_CHECK_SECONDS`` — on every waiting rank,
+also on those whose own partner is alive but gave up — and a stuck one at the timeout.
+
+Files. Each file is named ``hybrid-ext-<pid namespace>-<pid>-<random>-r<rank>`` and unlinked as soon as every
+rank has mapped it (the mappings keep the memory until the processes exit). A rank killed during set-up, before
+the unlink, would leave its file behind: every later set-up on the host removes files whose creator, in this
+pid namespace, no longer runs (:func:`remove_orphans`).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import ctypes
 import mmap
 import os
 import platform
+import re
 import socket
 import time
 import uuid
@@ -242,15 +249,69 @@ class ShmTransport:
                     )
 
     def _check_alive(self, peer: int) -> None:
+        """Raise if any rank of the group has died, naming each (and the ``peer`` this rank waited for).
+
+        Checking every rank, not only the partner, names the rank that died on every waiting rank, also on one
+        whose partner is alive but stopped when it saw the death (the partner would otherwise take the blame).
+        """
+        dead = [r for r in range(self.size) if r != self.rank and not process_running(self._pids[r])]
+        if dead:
+            gone = "; ".join(f"rank {self._label[r]} (pid {self._pids[r]}, same host) has died" for r in dead)
+            raise PeerError(f"rank {self._label[self.rank]}, waiting for rank {self._label[peer]}: peer {gone}")
+
+
+def process_running(pid: int) -> bool:
+    """Whether a process with this pid runs (in this pid namespace): not gone, and not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    try:
+        # A killed process its parent has not reaped yet still answers kill(pid, 0): read its state.
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc to tell: trust kill()
+    return stat[stat.rfind(")") + 2 :][:1] not in ("Z", "X")
+
+
+FILE_PREFIX = "hybrid-ext-"
+_FILE_NAME = re.compile(r"hybrid-ext-(\d+)-(\d+)-[0-9a-f]+-r\d+")
+
+
+def _pid_namespace() -> int | None:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def remove_orphans(directory: Path = SHM_DIR) -> list[Path]:
+    """Delete set-up files whose creator (a process of this pid namespace) no longer runs; return them.
+
+    Only files named by this module in this pid namespace are touched: a pid seen from another namespace (a
+    container sharing ``/dev/shm``) means nothing here, and a live creator keeps its file.
+    """
+    namespace = _pid_namespace()
+    removed: list[Path] = []
+    if namespace is None:
+        return removed
+    try:
+        names = [entry.name for entry in os.scandir(directory) if entry.name.startswith(FILE_PREFIX)]
+    except OSError:
+        return removed
+    for name in names:
+        match = _FILE_NAME.fullmatch(name)
+        if match is None or int(match[1]) != namespace or process_running(int(match[2])):
+            continue
+        path = directory / name
         try:
-            os.kill(self._pids[peer], 0)
-        except ProcessLookupError:
-            raise PeerError(
-                f"rank {self._label[self.rank]}: peer rank {self._label[peer]} (pid {self._pids[peer]}, same host) "
-                "has died"
-            ) from None
-        except PermissionError:
-            pass
+            path.unlink()
+            removed.append(path)
+        except OSError:
+            pass  # removed by another rank in the meantime
+    return removed
 
 
 def shm_domain() -> str:
@@ -293,9 +354,11 @@ def create(rank: int, size: int, all_gather, barrier, timeout: float, slot_bytes
     local = [r for r, (domain, _) in enumerate(domains) if domain == domains[rank][0]]
     numbering: dict[str, int] = {}
     hosts = tuple(numbering.setdefault(domain, len(numbering)) for domain, _ in domains)
-    path = SHM_DIR / f"hybrid-ext-{uuid.uuid4().hex}-r{rank}"
+    path = SHM_DIR / f"{FILE_PREFIX}{_pid_namespace() or 0}-{os.getpid()}-{uuid.uuid4().hex}-r{rank}"
     problem = None
+    files: list = []
     if len(local) > 1:
+        remove_orphans()
         problem = _allocate(path, file_bytes(len(local), slot_bytes))
     try:
         files = all_gather((str(path), problem))
@@ -315,7 +378,9 @@ def create(rank: int, size: int, all_gather, barrier, timeout: float, slot_bytes
             print(f"hybrid-ext: shared memory unavailable ({problems[0]}); ranks on this host use the network")
         barrier()  # everyone has mapped what it needs before anyone deletes a file
     finally:
-        path.unlink(missing_ok=True)
+        # Every rank removes every local file it knows of: a rank that dies here leaves nothing behind.
+        for other in [str(path)] + [files[r][0] for r in local if files]:
+            Path(other).unlink(missing_ok=True)
     return HostShm(transport, local, hosts)
 
 

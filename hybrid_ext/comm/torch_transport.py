@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -26,6 +27,8 @@ from hybrid_ext.comm.transport import PeerError, Transport
 TAG = 0x4858
 DEFAULT_TIMEOUT = 300.0
 TRANSPORT_ENV = "HYBRID_EXT_TRANSPORT"  # auto (default) | shm | torch
+DEATH_CHECKS, DEATH_CHECK_SECONDS = 4, 0.05  # on a failed wait: how long to look for a local rank that died
+_running = shm_transport.process_running
 
 
 def transport_choice() -> str:
@@ -46,16 +49,21 @@ def transport_for(group: Any, device: torch.device, all_gather=None, barrier=Non
     """
     choice = transport_choice()
     base = TorchTransport(group)
-    if device.type != "cpu" or base.size == 1 or choice == "torch" or not shm_transport.shm_supported():
-        if choice == "shm" and device.type == "cpu" and base.size > 1:
-            raise RuntimeError(f"{TRANSPORT_ENV}=shm, but shared memory is not supported on this machine")
-        return _announced(base)
     if all_gather is None:
 
         def all_gather(obj):
             out = [None] * base.size
             dist.all_gather_object(out, obj, group=group)
             return out
+
+    if base.size > 1 and device.type == "cpu":
+        # Which ranks share this host, and their pids: a failed wait then names a rank that died here.
+        peers = all_gather((shm_transport.shm_domain(), os.getpid()))
+        base.local_pids = {r: pid for r, (domain, pid) in enumerate(peers) if domain == peers[base.rank][0]}
+    if device.type != "cpu" or base.size == 1 or choice == "torch" or not shm_transport.shm_supported():
+        if choice == "shm" and device.type == "cpu" and base.size > 1:
+            raise RuntimeError(f"{TRANSPORT_ENV}=shm, but shared memory is not supported on this machine")
+        return _announced(base)
 
     if barrier is None:
 
@@ -117,6 +125,17 @@ class TorchTransport:
         self.timeout = float(timeout)
         self._wait_timeout = timedelta(seconds=self.timeout)
         self.name = name or f"torch-{_backend_name(group)}"
+        self.local_pids: dict[int, int] = {}  # group rank -> pid, for the ranks on this host (see transport_for)
+
+    def _dead_ranks(self) -> str:
+        """``"; rank 3 (pid 123, this host) has died"`` for each local rank that no longer runs, else ``""``."""
+        dead: list[tuple[int, int]] = []
+        for _ in range(DEATH_CHECKS):  # a peer's socket closes an instant before its process is gone
+            dead = [(r, p) for r, p in sorted(self.local_pids.items()) if r != self.rank and not _running(p)]
+            if dead or not self.local_pids:
+                break
+            time.sleep(DEATH_CHECK_SECONDS)
+        return "".join(f"; rank {r} (pid {pid}, this host) has died" for r, pid in dead)
 
     def exchange(self, send, send_to, recv, recv_from) -> None:
         self.finish(self.start(send, send_to, recv, recv_from))
@@ -140,7 +159,9 @@ class TorchTransport:
         try:
             return post_grouped(self.group, device, post), peers
         except RuntimeError as exc:
-            raise PeerError(f"rank {self.rank}: could not start an exchange ({peers}): {exc}") from exc
+            raise PeerError(
+                f"rank {self.rank}: could not start an exchange ({peers}){self._dead_ranks()}: {exc}"
+            ) from exc
 
     def finish(self, pending: tuple[list, str]) -> None:
         works, peers = pending
@@ -148,7 +169,9 @@ class TorchTransport:
             try:
                 work.wait(self._wait_timeout)
             except RuntimeError as exc:  # DistBackendError, gloo timeouts, closed connections
-                raise PeerError(f"rank {self.rank} failed to {peers} within {self.timeout:g}s: {exc}") from exc
+                raise PeerError(
+                    f"rank {self.rank} failed to {peers} within {self.timeout:g}s{self._dead_ranks()}: {exc}"
+                ) from exc
 
 
 def _backend_name(group: Any) -> str:

@@ -1,0 +1,77 @@
+"""Check mode and ``name=``: equal-size collectives issued in different orders on different ranks are caught."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hybrid_ext
+from hybrid_ext import launch
+
+
+def _swapped(rank: int, named: bool) -> dict:
+    first, second = ("bucket.a", "bucket.b") if rank == 0 else ("bucket.b", "bucket.a")
+    values = {"bucket.a": 1.0, "bucket.b": 100.0}
+    out = {}
+    try:
+        for name in (first, second):
+            t = torch.full((64,), values[name] * (rank + 1))
+            hybrid_ext.allreduce(t, name=name if named else None)
+            out[name] = t[0].item()
+    except hybrid_ext.CollectiveMismatchError as exc:
+        out["error"] = str(exc)
+    return out
+
+
+def _job_rank(rank: int, p: int) -> dict:
+    """Every scenario of this module on one job (a mismatch is found by all ranks at once: they stay in step)."""
+    hybrid_ext.set_check(True)
+    return {"named": _swapped(rank, True), "unnamed": _swapped(rank, False), "forms": _named_forms(rank, p)}
+
+
+@pytest.fixture(scope="module")
+def job():
+    return launch.spawn(_job_rank, 2, timeout=120)
+
+
+def test_swapped_named_collectives_raise_naming_the_ranks_and_the_names(job):
+    for result in (r["named"] for r in job):
+        message = result["error"]
+        assert "ranks [0]: allreduce(op=sum, name='bucket.a') of 1 tensor(s), 64 elements" in message
+        assert "ranks [1]: allreduce(op=sum, name='bucket.b') of 1 tensor(s), 64 elements" in message
+        assert "bucket.a" not in result and "bucket.b" not in result  # nothing was reduced
+
+
+def test_without_names_a_swap_of_equal_sizes_goes_unnoticed(job):
+    # Why name= exists: the fingerprint (shapes, dtype, op, sequence number) is the same for both calls.
+    for result in (r["unnamed"] for r in job):
+        assert "error" not in result
+        assert result["bucket.a"] != 1.0 * 3  # each rank's "a" was summed with the other's "b"
+
+
+def _named_forms(rank: int, p: int) -> dict:
+    out = {}
+    handle = hybrid_ext.allreduce_async(torch.ones(4), name="same")
+    out["async"] = handle.wait(timeout=60).tolist()
+    out["coalesced"] = [t.tolist() for t in hybrid_ext.allreduce_coalesced([torch.ones(2), torch.ones(3)], name="c")]
+    out["gather"] = hybrid_ext.allgather(torch.full((1, 2), float(rank)), name="g").tolist()
+    out["scatter"] = hybrid_ext.reduce_scatter(torch.ones(p, 2), (1,) * p, name="s").tolist()
+    try:
+        hybrid_ext.allgather(torch.ones(1, 2), name=f"gather-{rank}")
+    except hybrid_ext.CollectiveMismatchError as exc:
+        out["gather_error"] = str(exc)
+    return out
+
+
+def test_names_on_every_collective_form(job):
+    for result in (r["forms"] for r in job):
+        assert result["async"] == [2.0] * 4
+        assert result["coalesced"] == [[2.0] * 2, [2.0] * 3]
+        assert result["gather"] == [[0.0, 0.0], [1.0, 1.0]]
+        assert result["scatter"] == [[2.0, 2.0]]
+        assert "name='gather-0'" in result["gather_error"] and "name='gather-1'" in result["gather_error"]
+
+
+def test_a_name_that_is_not_a_string_is_refused_before_any_communication():
+    with pytest.raises(TypeError, match="name must be a str or None, got int"):
+        hybrid_ext.allreduce(torch.ones(2), name=3)
