@@ -185,18 +185,28 @@ def partitioner(strategy: str, mp: str, reducer: str) -> dict:
 
 
 def accumulation(mp: str) -> dict:
-    """Two backward passes before one step (plain, and the first inside model.no_sync()) over Horovod's groups:
-    the partitioner's answer to backward_passes_per_step (it reduces its own gradients, so no
-    DistributedOptimizer wraps its optimizer)."""
+    """Two backward passes before one step over Horovod's groups: plain, the first inside model.no_sync(), and
+    with hvd.DistributedOptimizer(backward_passes_per_step=2) around the optimizer (the partitioner reduces its own
+    gradients: Horovod's optimizer hands the optimizer back instead of reducing them again)."""
     sys.path.insert(0, str(Path(__file__).parent))
     from parallel_reference import accumulate_rank
 
     mp_size = None if mp == "none" else int(mp)
     groups = hxh.horovod_groups(mp_size)
-    return {
+    results = {
         mode: accumulate_rank(hvd.rank(), hvd.size(), "hybrid", mp_size, mode, groups=groups)
         for mode in ("plain", "no_sync")
     }
+
+    def horovod_optimizer(optimizer, model):  # what a Horovod script does, backward_passes_per_step included
+        return hvd.DistributedOptimizer(
+            optimizer, named_parameters=model.named_parameters(), backward_passes_per_step=2, op=hvd.Butterfly
+        )
+
+    results["hvd.DistributedOptimizer"] = accumulate_rank(
+        hvd.rank(), hvd.size(), "hybrid", mp_size, "plain", groups=groups, wrap_optimizer=horovod_optimizer
+    )
+    return results
 
 
 SCENARIOS = {

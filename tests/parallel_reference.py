@@ -137,14 +137,19 @@ def accumulation_reference(world: int) -> dict:
     return {"grads": grads, "state": {k: v.clone() for k, v in model.state_dict().items()}}
 
 
-def accumulate_rank(rank: int, world: int, strategy: str, mp_size: int | None, mode: str, groups=None) -> dict:
+def accumulate_rank(
+    rank: int, world: int, strategy: str, mp_size: int | None, mode: str, groups=None, wrap_optimizer=None
+) -> dict:
     """ACCUMULATION_STEPS backward passes (each loss divided by their number, as with DDP), then one step.
 
     ``mode``: ``plain`` (every backward reduces), ``no_sync`` (all but the last inside ``model.no_sync()``) or
     ``discard`` (first a thrown-away pass inside ``no_sync()``, dropped with ``discard_pending()``, then plain);
-    ``groups``: a host framework's (Horovod's), else torch.distributed's."""
+    ``groups``: a host framework's (Horovod's), else torch.distributed's; ``wrap_optimizer(optimizer, model)``:
+    the host framework's optimizer wrapper (Horovod's DistributedOptimizer)."""
     model = hybrid_ext.parallelize(small_cnn(), strategy=strategy, mp_size=mp_size, groups=groups, bucket_mb=0.01)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    if wrap_optimizer is not None:
+        optimizer = wrap_optimizer(optimizer, model)
     if mode == "discard":
         x = torch.randn(MICRO_BATCH, 3, 16, 16, generator=torch.Generator().manual_seed(rank))
         with model.no_sync():

@@ -244,6 +244,8 @@ def parallelize(
         blocking=blocking_reduction,
         parameter_order=list(model.parameters()),
     )
+    for param in model.parameters():  # host frameworks' optimizers must not reduce these again (see Horovod's)
+        param.reduced_by_hybrid_ext = True
     return ParallelModel(model, plan, groups, grad_reducer, host_reduces_data_parallel, broadcast_buffers)
 
 

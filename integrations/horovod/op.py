@@ -32,6 +32,7 @@ Horovod's engine: Horovod has no point-to-point send/recv.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import threading
 from collections.abc import Callable, Sequence
@@ -46,7 +47,7 @@ from hybrid_ext.integrations.horovod.transport import communicator_for
 # module -> names wrapped there. Pinned by tests: a Horovod upgrade that moves any of them fails loudly.
 PATCHED: dict[str, tuple[str, ...]] = {
     "horovod.torch.mpi_ops": ("_allreduce_async", "_grouped_allreduce_async", "synchronize", "poll"),
-    "horovod.torch": ("synchronize", "poll"),
+    "horovod.torch": ("synchronize", "poll", "DistributedOptimizer"),
     "horovod.torch.optimizer": ("synchronize",),
 }
 _lock = threading.Lock()
@@ -179,11 +180,36 @@ def poll(handle) -> bool:
     return _originals["horovod.torch.mpi_ops.poll"](handle)
 
 
+def distributed_optimizer(optimizer, *args, **kwargs):
+    """``hvd.DistributedOptimizer``, except around a ``hybrid_ext.parallelize``'d model's parameters.
+
+    The partitioner reduces those gradients itself, during every backward pass; Horovod's optimizer would reduce
+    them again — averaging different FC shards across ranks. So the optimizer comes back as it was, with
+    Horovod's ``synchronize()`` / ``skip_synchronize()`` as no-ops for scripts that call them. Any
+    ``backward_passes_per_step`` is exact: each pass's gradient is reduced and accumulated into ``.grad`` (use
+    ``model.no_sync()`` on all but the last pass to send once). Mixing such parameters with others is refused.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    ours = [p for p in params if getattr(p, "reduced_by_hybrid_ext", False)]
+    if not ours:
+        return _originals["horovod.torch.DistributedOptimizer"](optimizer, *args, **kwargs)
+    if len(ours) != len(params):
+        raise ValueError(
+            f"hvd.DistributedOptimizer got {len(ours)} parameters of a hybrid_ext.parallelize'd model, which reduces "
+            f"their gradients itself, and {len(params) - len(ours)} others: give the parallel model's parameters "
+            "to a plain optimizer and the others to their own hvd.DistributedOptimizer"
+        )
+    optimizer.synchronize = lambda: None
+    optimizer.skip_synchronize = contextlib.nullcontext
+    return optimizer
+
+
 _WRAPPERS = {
     "_allreduce_async": _allreduce_async,
     "_grouped_allreduce_async": _grouped_allreduce_async,
     "synchronize": synchronize,
     "poll": poll,
+    "DistributedOptimizer": distributed_optimizer,
 }
 
 
