@@ -71,6 +71,7 @@ CASES = [
     ("parallelize-strategy", _parallelize(strategy="diagonal"), {}, ValueError, "unknown strategy 'diagonal'"),
     ("parallelize-reducer", _parallelize(reducer="abacus"), {}, ValueError, "unknown reducer 'abacus'"),
     ("parallelize-mp-size", _parallelize(strategy="hybrid", mp_size=3), {}, ValueError, "mp_size=3 does not divide"),
+    ("parallelize-mp-size-type", _parallelize(mp_size="2"), {}, ValueError, "mp_size must be a positive integer"),
     ("parallelize-rule-style", _parallelize(rules={"0": "sideways"}), {}, ValueError, "'sideways' is not one of"),
     ("parallelize-rule-match", _parallelize(rules={"fc9": "mp"}), {}, ValueError, "matches no module"),
 ]

@@ -180,6 +180,8 @@ def parallelize(
     """
     if reducer not in REDUCERS:
         raise ValueError(f"unknown reducer {reducer!r}; choose one of {', '.join(REDUCERS)}")
+    if mp_size is not None and (isinstance(mp_size, bool) or not isinstance(mp_size, int) or mp_size < 1):
+        raise ValueError(f"mp_size must be a positive integer (or None: all ranks), got {mp_size!r}")
     plan = plan_module.make_plan(model, strategy, rules, example_input)
     if groups is None:
         import torch.distributed as dist
