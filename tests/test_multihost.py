@@ -3,9 +3,9 @@ references as the one-host tests are: ``torchrun --nnodes 2`` (static master add
 ``horovodrun -np 4 -H node0:2,node1:2 --gloo``, and ``deepspeed --hostfile`` (pdsh over ssh).
 
 One job per launcher (per rendezvous for torchrun), each checking several things; the ranks run the one-host
-tests' workers (tests/torchrun_worker.py, tests/horovod_worker.py, tests/deepspeed_worker.py). Ranks on
-different hosts cannot share memory, so every reduction that crosses hosts goes over the bridge: the tests
-check that it did (transports, bytes counted on the hosts' interfaces).
+tests' workers (tests/torchrun_worker.py, tests/horovod_worker.py, tests/deepspeed_worker.py). Ranks of one
+host exchange through shared memory, ranks on different hosts over the bridge: the tests check both (the
+transports in the metrics, bytes counted on the hosts' interfaces).
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ def _assert_matches_partitioner_reference(out: dict, what: str, transports: set[
         torch.testing.assert_close(out["grads"][name], expected, **TOL, msg=f"{what}: grad {name}")
     for name, expected in state.items():
         torch.testing.assert_close(out["state"][name], expected, **TOL, msg=f"{what}: {name}")
-    if transports is None:  # every group spans both hosts: no shared memory anywhere
-        assert out["transports"] and not any(t.startswith("shm") for t in out["transports"]), out["transports"]
+    if transports is None:  # every group spans both hosts: shared memory within each host, gloo between them
+        assert set(out["transports"]) == {"shm+torch-gloo"}, out["transports"]
     else:
         assert set(out["transports"]) == transports, what
 
@@ -83,7 +83,7 @@ def test_torchrun_across_hosts_ddp_and_hybrid_match_the_reference(torchrun_jobs,
     for rank, result in enumerate(results):
         ddp = result["ddp"]
         assert ddp["backend"] == ("butterfly" if rendezvous == "static" else "gloo")
-        assert ddp["butterfly_calls"] >= 4 and ddp["transports"] == ["torch-gloo"], ddp["transports"]
+        assert ddp["butterfly_calls"] >= 4 and ddp["transports"] == ["shm+torch-gloo"], ddp["transports"]
         for mine, first, ref in zip(ddp["params"], results[0]["ddp"]["params"], expected):
             assert torch.equal(mine, first), f"rank {rank}: DDP parameters differ from rank 0's"
             torch.testing.assert_close(mine, ref, **TOL)
@@ -116,9 +116,9 @@ def test_horovodrun_across_hosts_butterfly_optimizer_and_partitioner(horovod_job
             for ours, theirs, first in zip(run["butterfly"], run["average"], first_rank):
                 assert torch.equal(ours, first), f"rank {rank} {variant}: ranks disagree"
                 torch.testing.assert_close(ours, theirs, rtol=tolerance, atol=tolerance * 1e-1)
-        # The world and this rank's data-parallel pair (across hosts) over gloo; its model-parallel pair (one host)
-        # over shared memory.
-        expected = {"horovod-ps0-gloo", f"horovod-ps0/dp{rank % 2}-gloo", "shm"}
+        # The world: shared memory within each host, gloo between; this rank's data-parallel pair (one rank on
+        # each host) over gloo; its model-parallel pair (one host) over shared memory.
+        expected = {"shm+horovod-ps0-gloo", f"horovod-ps0/dp{rank % 2}-gloo", "shm"}
         _assert_matches_partitioner_reference(result[HOROVOD_SCENARIOS[1]], f"rank {rank} hybrid mp 2", expected)
 
 
@@ -159,7 +159,7 @@ def test_deepspeed_hostfile_across_hosts_zero_and_hybrid_match_the_reference(dee
         assert result["rank"] == rank and result["world"] == NP and result["backend"] == "butterfly"
         records = result["allreduce"]["records"]
         assert [r["collective"] for r in records] == ["allreduce"] and records[0]["world_size"] == NP
-        assert not records[0]["transport"].startswith("shm"), records[0]["transport"]
+        assert records[0]["transport"] == "shm+torch-gloo", records[0]["transport"]  # shm in a host, gloo between
         torch.testing.assert_close(result["allreduce"]["ours"], result["allreduce"]["gloo"], rtol=1e-6, atol=1e-6)
         for stage in ZERO_STAGES:
             assert result["dp"][stage]["butterfly_calls"] > 0, f"ZeRO-{stage}: no butterfly reduction"

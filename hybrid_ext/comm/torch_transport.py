@@ -93,6 +93,8 @@ _announced_once = False
 def _announced(transport: Transport) -> Transport:
     """Say once per job, on its first rank, which route messages take (one line)."""
     global _announced_once
+    if transport.size == 1:  # a group of one has no route to speak of
+        return transport
     if not _announced_once and dist.is_available() and dist.is_initialized() and dist.get_rank() == 0:
         from hybrid_ext.comm.routed_transport import describe_routes
 

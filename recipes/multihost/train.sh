@@ -43,18 +43,26 @@ deepspeed)
     exit $status
     ;;
 torchrun)
-    # The same command on every host; they meet at the c10d rendezvous on the first one.
-    command=(env "PATH=$PATH" "PYTHONPATH=${PYTHONPATH:-}" "GLOO_SOCKET_IFNAME=$iface"
-        torchrun --nnodes "${#hosts[@]}" --nproc-per-node "$slots" --rdzv-backend c10d
-        --rdzv-endpoint "${hosts[0]}:$port" --rdzv-id "hybrid-ext-$$"
-        "$root/recipes/torch/train_cnn.py" --backend butterfly --strategy hybrid --reducer butterfly "$@")
+    # One torchrun per host, with a static master on the first host (--node-rank, --master-addr). hybrid-ext's own
+    # settings (HYBRID_EXT_*: check mode, transport, algorithm...) go to every host: ranks that disagree on them
+    # (check mode on one host only) would not run the same collectives.
+    forwarded=()
+    for var in $(compgen -e | grep '^HYBRID_EXT_' || true); do forwarded+=("$var=${!var}"); done
+    torchrun_command() {  # $1: this host's node rank; sets the array cmd
+        cmd=(env "PATH=$PATH" "PYTHONPATH=${PYTHONPATH:-}" "GLOO_SOCKET_IFNAME=$iface" "${forwarded[@]}"
+            torchrun --nnodes "${#hosts[@]}" --nproc-per-node "$slots" --node-rank "$1"
+            --master-addr "${hosts[0]}" --master-port "$port"
+            "$root/recipes/torch/train_cnn.py" --backend butterfly --strategy hybrid --reducer butterfly)
+    }
     pids=()
-    for host in "${hosts[@]:1}"; do
-        ssh "$host" "cd $(printf %q "$PWD") && $(printf '%q ' "${command[@]}")" &
+    for rank in $(seq 1 $((${#hosts[@]} - 1))); do
+        torchrun_command "$rank"
+        ssh "${hosts[$rank]}" "cd $(printf %q "$PWD") && $(printf '%q ' "${cmd[@]}" "$@")" &
         pids+=($!)
     done
     status=0
-    "${command[@]}" || status=$?
+    torchrun_command 0
+    "${cmd[@]}" "$@" || status=$?
     for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
     exit $status
     ;;
