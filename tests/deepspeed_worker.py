@@ -167,7 +167,7 @@ def job_collectives_and_training(args) -> None:
         # DeepSpeed's bf16 (fp16 needs a GPU in DeepSpeed): plain data parallelism and hybrid from the section.
         for name, section in (("dp", {}), ("hybrid", {"strategy": "hybrid", "mp_size": 2})):
             config = {**ds_config(0, **section), "bf16": {"enabled": True}}
-            result[f"{name}-bf16"] = _train(config, rank, world, section.get("strategy", "dp"))
+            result[f"bf16/{name}"] = _train(config, rank, world, section.get("strategy", "dp"))
         result["configs"] = _config_switches(rank, world)
     result["seconds"] = time.perf_counter() - start
     report_result(result)

@@ -92,7 +92,7 @@ def test_hybrid_in_a_deepspeed_engine_matches_the_single_process_reference(job):
 def test_bf16_with_the_hybrid_section_trains_like_deepspeeds_own_bf16(job_np2):
     expected = reference(2)
     for result in job_np2:
-        dp, hybrid = result["dp-bf16"], result["hybrid-bf16"]
+        dp, hybrid = result["bf16/dp"], result["bf16/hybrid"]
         assert hybrid["strategy"] == "hybrid" and dp["strategy"] == "dp"
         # bf16 weights after 3 steps: both within bf16's reach of the float32 reference, and of each other.
         for key, value in expected.items():

@@ -188,13 +188,20 @@ def parallelize(
 
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialized: call init_process_group first, or pass groups")
+        from hybrid_ext.comm import communicator
+
         world = dist.get_world_size()
         dims = ParallelDims(world, world if mp_size is None else mp_size)
-        groups = torch_groups(dims, _model_device(model))  # communicators follow the parameters' device
-    elif mp_size is not None and mp_size != groups.dims.mp:
-        raise ValueError(f"mp_size={mp_size} disagrees with the groups given (mp={groups.dims.mp})")
-    plan_module.check_shardable(model, plan, groups.dims.mp)  # before any collective
-    _check_devices(model, groups.world)
+        plan_module.check_shardable(model, plan, dims.mp)  # before any collective
+        # Ranks compare device kinds over the default group's CPU communicator: communicators of different devices
+        # (what the groups below would give ranks that disagree) could not meet.
+        device = _check_devices(model, communicator(None, torch.device("cpu")))
+        groups = torch_groups(dims, device)  # communicators follow the parameters' device
+    else:
+        if mp_size is not None and mp_size != groups.dims.mp:
+            raise ValueError(f"mp_size={mp_size} disagrees with the groups given (mp={groups.dims.mp})")
+        plan_module.check_shardable(model, plan, groups.dims.mp)  # before any collective
+        _check_devices(model, groups.world)
     if sync_initial_weights:
         initial = [t for t in [*model.parameters(), *syncable_buffers(model)] if t.dtype.is_floating_point]
         broadcast_from_first(initial, groups.world)
