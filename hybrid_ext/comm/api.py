@@ -75,6 +75,17 @@ def _validate(tensors: Sequence[torch.Tensor], op: str, wire_dtype: torch.dtype 
     wire_dtype_for(first.dtype, wire_dtype)  # a bad wire dtype fails here, not on the worker thread
 
 
+def _allreduce_job(tensors, op, algorithm, group, wire_dtype, name):
+    """Check every argument on the caller's thread (not on the worker), then the list, its group's communicator,
+    and the job that reduces the list in place (shared by the blocking and async forms)."""
+    tensors = list(tensors)
+    _validate(tensors, op, wire_dtype)
+    _check_name(name)
+    cost_model.resolve(algorithm, 0, 1)  # a bad algorithm name fails here
+    comm = communicator(group, tensors[0].device if tensors else None)
+    return tensors, comm, lambda: comm.allreduce_now(tensors, op, algorithm, wire_dtype, name)
+
+
 def allreduce_coalesced_async(
     tensors: Sequence[torch.Tensor],
     op: str = "sum",
@@ -93,12 +104,8 @@ def allreduce_coalesced_async(
     two collectives of equal size issued in different orders on different ranks raise
     :class:`~hybrid_ext.CollectiveMismatchError` naming both, instead of silently mixing their data.
     """
-    tensors = list(tensors)
-    _validate(tensors, op, wire_dtype)
-    _check_name(name)
-    cost_model.resolve(algorithm, 0, 1)  # reject a bad algorithm name now, not on the worker thread
-    comm = communicator(group, tensors[0].device if tensors else None)
-    return comm.submit(lambda: (comm.allreduce_now(tensors, op, algorithm, wire_dtype, name), tensors)[1])
+    tensors, comm, reduce = _allreduce_job(tensors, op, algorithm, group, wire_dtype, name)
+    return comm.submit(lambda: (reduce(), tensors)[1])
 
 
 def allreduce_coalesced(
@@ -110,12 +117,8 @@ def allreduce_coalesced(
     name: str | None = None,
 ) -> list[torch.Tensor]:
     """Reduce ``tensors`` in place through one flat buffer (one collective for all of them); return them."""
-    tensors = list(tensors)
-    _validate(tensors, op, wire_dtype)
-    _check_name(name)
-    cost_model.resolve(algorithm, 0, 1)
-    comm = communicator(group, tensors[0].device if tensors else None)
-    comm.run(lambda: comm.allreduce_now(tensors, op, algorithm, wire_dtype, name))
+    tensors, comm, reduce = _allreduce_job(tensors, op, algorithm, group, wire_dtype, name)
+    comm.run(reduce)
     return tensors
 
 
