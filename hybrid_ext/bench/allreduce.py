@@ -33,6 +33,7 @@ from hybrid_ext import comm
 from hybrid_ext.comm import cost_model
 from hybrid_ext.launch import spawn
 
+TUNING_CALLS_CAP = 64  # more than any candidate list's trials
 ALGORITHM_CHOICES = ("auto", "butterfly", "rabenseifner", "recursive_doubling", "ring", "native")
 
 
@@ -67,11 +68,19 @@ def format_size(nbytes: int) -> str:
 def _bench_rank(
     rank: int, p: int, sizes: list[int], algorithms: list[str], rounds: int, warmup: int, inner: int
 ) -> dict:
+    from hybrid_ext.comm import metrics
+
     times: dict[tuple[int, str], list[float]] = {}
     chosen: dict[tuple[int, str], str] = {}
     for size in sizes:
         n = max(size // 4, 1)
         buffers = {a: torch.ones(n) for a in algorithms}
+        for algorithm in algorithms:  # auto / butterfly: past the tuner's trials first (it decides once per run)
+            for _ in range(TUNING_CALLS_CAP):
+                if algorithm == "native" or not comm.communicator().tuning(algorithm, n * 4):
+                    break
+                comm.allreduce(buffers[algorithm], algorithm=algorithm)
+                buffers[algorithm].fill_(1.0)
         for i in range(warmup + rounds):
             shift = i % len(algorithms)
             for algorithm in algorithms[shift:] + algorithms[:shift]:
@@ -84,13 +93,13 @@ def _bench_rank(
                     else:
                         comm.allreduce(buf, algorithm=algorithm)
                 elapsed = (time.perf_counter() - start) / inner
+                if algorithm != "native":
+                    chosen[(size, algorithm)] = metrics.last().algorithm  # what ran, not what a model would pick
                 buf.fill_(1.0)  # keep values bounded
                 if i >= warmup:
                     times.setdefault((size, algorithm), []).append(elapsed)
-        transport = comm.communicator().transport.name
         for algorithm in algorithms:
-            resolved = "gloo" if algorithm == "native" else cost_model.resolve(algorithm, n * 4, p, transport)
-            chosen[(size, algorithm)] = resolved
+            chosen.setdefault((size, algorithm), "gloo")
     return {"times": times, "chosen": chosen, "transport": comm.communicator().transport.name}
 
 
@@ -167,14 +176,14 @@ def rows_from(results: list[dict], sizes: list[int], algorithms: list[str]) -> l
 
 def format_table(rows: list[BenchRow]) -> str:
     header = (
-        f"{'size':>6}  {'algorithm':<19} {'ran':<19} {'median ms':>10} {'algbw GB/s':>11} {'busbw GB/s':>11} "
+        f"{'size':>6}  {'algorithm':<19} {'ran':<31} {'median ms':>10} {'algbw GB/s':>11} {'busbw GB/s':>11} "
         f"{'/native':>8}"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
         ratio = f"{row.ratio_to_native:.2f}" if row.ratio_to_native is not None else "-"
         lines.append(
-            f"{format_size(row.size_bytes):>6}  {row.algorithm:<19} {row.chosen:<19} {row.median_ms:>10.3f} "
+            f"{format_size(row.size_bytes):>6}  {row.algorithm:<19} {row.chosen:<31} {row.median_ms:>10.3f} "
             f"{row.algbw_gbps:>11.3f} {row.busbw_gbps:>11.3f} {ratio:>8}"
         )
     return "\n".join(lines)

@@ -15,6 +15,7 @@ The ``*_now`` methods run on the group's ordered thread: call them through :meth
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,13 +27,15 @@ from hybrid_ext.comm.buffers import ScratchPool
 from hybrid_ext.comm.executor import WIDENED, WireStaging, execute, wire_dtype_for
 from hybrid_ext.comm.hierarchy import plan_hierarchical
 from hybrid_ext.comm.ordering import Handle, IssueOrder
-from hybrid_ext.comm.schedule import Plan, plan_allgather, plan_allreduce, plan_reduce_scatter
+from hybrid_ext.comm.schedule import ALGORITHMS, Plan, plan_allgather, plan_allreduce, plan_reduce_scatter
 from hybrid_ext.comm.streams import stream_order_for
 from hybrid_ext.comm.transport import Transport
+from hybrid_ext.comm.tuner import Tuner, tune_mode
 
 # Below this, a group that spans hosts runs the flat schedules: latency-bound messages gain nothing from staging
 # through shared memory first (recursive doubling already crosses hosts in its later, fewer steps).
 HIERARCHY_MIN_BYTES = 64 << 10
+HIERARCHICAL_PREFIX = "hierarchical/"  # hierarchical/<schedule between hosts>: the plan's own name
 
 
 class Communicator:
@@ -46,6 +49,7 @@ class Communicator:
         self._order = IssueOrder()
         self._scratch = ScratchPool()
         self._checked = 0  # collectives fingerprinted so far: their sequence number in this group
+        self._tuner: Tuner | None = None  # made on the first tuned call (see _allreduce_plan)
 
     def run(self, job: Callable[[], Any]) -> Any:
         """Run ``job`` in issue order, blocking (see :mod:`hybrid_ext.comm.ordering`)."""
@@ -140,9 +144,13 @@ class Communicator:
                 offset += t.numel()
         wire = wire_dtype_for(dtype, wire_dtype)
         element_size = wire.itemsize if wire != wide else buffer.element_size()
-        plan = self._allreduce_plan(algorithm, count, count * element_size)
+        nbytes = count * element_size
+        plan, trial_of = self._allreduce_plan(algorithm, count, nbytes)
         chosen = plan.algorithm
+        began = time.perf_counter()
         self._execute(plan, buffer, wire, op)
+        if trial_of is not None:
+            self._tuner.record(trial_of, nbytes, time.perf_counter() - began)
         if op == "avg":
             buffer.div_(self.size)
         if not in_place:
@@ -166,12 +174,24 @@ class Communicator:
             )
         )
 
-    def _allreduce_plan(self, algorithm: str, count: int, nbytes: int) -> Plan:
-        """The plan for ``algorithm`` here: hierarchical where the group spans hosts, else the flat choice."""
+    def _allreduce_plan(self, algorithm: str, count: int, nbytes: int) -> tuple[Plan, str | None]:
+        """(the plan for ``algorithm`` here, the tuner's request name when this call is one of its timed trials).
+
+        ``auto`` / ``butterfly`` / ``hierarchical``: chosen by the tuner (:mod:`hybrid_ext.comm.tuner`) among the
+        flat schedules and, where the group spans hosts, the hierarchical ones; with ``HYBRID_EXT_TUNE=off`` by
+        the cost model alone (hierarchical from 64 KiB where the group spans hosts).
+        """
         hosts = getattr(self.transport, "hosts", None)
         spans_hosts = hosts is not None and len(set(hosts)) > 1
         if algorithm == "hierarchical" and not spans_hosts:
             algorithm = "auto"  # one host: the flat schedules are the hierarchy
+        if algorithm in ("auto", "butterfly", "hierarchical") and not cost_model.forced() and tune_mode() != "off":
+            if self._tuner is None:
+                layout = ",".join(map(str, hosts)) if spans_hosts else "one-host"
+                signature = f"{self.transport.name}|{self.device.type}|P{self.size}|hosts {layout}"
+                self._tuner = Tuner(signature, self._max_over_ranks)
+            name, trial = self._tuner.pick(algorithm, nbytes, self._candidates(algorithm, spans_hosts))
+            return self._plan_named(name, count), (algorithm if trial else None)
         if spans_hosts and (
             algorithm == "hierarchical"
             or (algorithm in ("auto", "butterfly") and nbytes >= HIERARCHY_MIN_BYTES and not cost_model.forced())
@@ -180,9 +200,38 @@ class Communicator:
             network = getattr(getattr(self.transport, "network", None), "name", self.transport.name)
             between = "butterfly" if algorithm == "butterfly" else "auto"
             inter = cost_model.resolve(between, nbytes // lanes, len(set(hosts)), network)
-            return plan_hierarchical(inter, self.rank, tuple(hosts), count)
+            return plan_hierarchical(inter, self.rank, tuple(hosts), count), None
         chosen = cost_model.resolve(algorithm, nbytes, self.size, self.transport.name)
-        return plan_allreduce(chosen, self.rank, self.size, count)
+        return plan_allreduce(chosen, self.rank, self.size, count), None
+
+    def tuning(self, algorithm: str, nbytes: int) -> bool:
+        """Whether the tuner is still trying candidates for ``algorithm`` at ``nbytes`` (benchmarks warm past it)."""
+        if self._tuner is None:
+            tuned = algorithm in ("auto", "butterfly", "hierarchical")
+            return tuned and tune_mode() != "off" and not cost_model.forced()
+        return self._tuner.tuning(algorithm, nbytes)
+
+    @staticmethod
+    def _candidates(algorithm: str, spans_hosts: bool) -> tuple[str, ...]:
+        """What the tuner tries for a request: flat schedules, and hierarchical ones across hosts."""
+        if os.environ.get(cost_model.ALGO_ENV, "").strip().lower() == "butterfly":
+            algorithm = "butterfly" if algorithm == "auto" else algorithm
+        flat = cost_model.BUTTERFLIES if algorithm == "butterfly" else ALGORITHMS
+        stacked = tuple(f"{HIERARCHICAL_PREFIX}{name}" for name in flat) if spans_hosts else ()
+        return stacked if algorithm == "hierarchical" else flat + stacked
+
+    def _plan_named(self, name: str, count: int) -> Plan:
+        if name.startswith(HIERARCHICAL_PREFIX):
+            hosts = tuple(self.transport.hosts)
+            return plan_hierarchical(name.removeprefix(HIERARCHICAL_PREFIX), self.rank, hosts, count)
+        return plan_allreduce(name, self.rank, self.size, count)
+
+    def _max_over_ranks(self, values: list[float]) -> list[float]:
+        """Element-wise maximum of ``values`` over the group (the tuner's one small agreement message)."""
+        table = torch.tensor(values, dtype=torch.float64, device=self.device)
+        plan = plan_allreduce("recursive_doubling", self.rank, self.size, table.numel())
+        execute(plan, table, torch.empty_like(table), self.transport, "max")
+        return table.cpu().tolist()
 
     def _execute(self, plan: Plan, buffer: torch.Tensor, wire: torch.dtype, op: str) -> None:
         """Run ``plan`` on ``buffer``; messages travel as ``wire`` (narrower than the buffer: staged)."""

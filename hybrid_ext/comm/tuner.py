@@ -1,0 +1,166 @@
+"""Online refinement of ``auto``: the first calls of each size class try every candidate schedule, and every rank
+keeps the one that was fastest on the slowest rank.
+
+Why: the α-β-γ model (:mod:`hybrid_ext.comm.cost_model`) cannot see what decides the winner on a real machine —
+ranks sharing cores, a NIC's true rate, how the ranks of a host share it, where reductions stall. NCCL's tuner
+plugins and AutoCCL measure instead; so does this.
+
+How the ranks stay in agreement (a split decision would run different schedules on different ranks: a hang):
+
+- Collectives reach a communicator in the same order on every rank, so every rank sees the same sequence of
+  (request, size class) keys; the k-th call of a key runs candidate ``k % len(candidates)`` for the first
+  ``TRIALS · len(candidates)`` calls — the same candidate on every rank, with no message.
+- After the last trial each rank contributes its own timings to one small max-allreduce: every rank then holds the
+  same table (the slowest rank's time of each trial) and takes the same argmin (ties: candidate order).
+- A choice saved by an earlier run (``~/.cache/hybrid-ext/tuned.json``, see :func:`choices_path`) is used only
+  when every rank of the group read the same one (one tiny allreduce of its index and its negation); otherwise the
+  key is tuned again.
+
+``HYBRID_EXT_TUNE``: ``on`` (default), ``off`` (the model alone: the same schedule for the same size on every run,
+what bitwise-reproducible runs need), ``fresh`` (tune again, ignoring saved choices; the new ones are saved).
+An explicit algorithm or ``HYBRID_EXT_ALGO`` bypasses the tuner.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TUNE_ENV = "HYBRID_EXT_TUNE"
+TUNE_CHOICES = ("on", "off", "fresh")
+CHOICES_ENV = "HYBRID_EXT_TUNED"  # where saved choices live (default: the cache directory's tuned.json)
+TRIALS = 3  # timed calls per candidate; the best of them counts (the first call of a schedule pays its warm-up)
+
+
+def tune_mode() -> str:
+    mode = os.environ.get(TUNE_ENV, "on").strip().lower() or "on"
+    if mode in ("1", "true", "yes"):
+        return "on"
+    if mode in ("0", "false", "no"):
+        return "off"
+    if mode not in TUNE_CHOICES:
+        raise ValueError(f"{TUNE_ENV}={mode!r}: choose {', '.join(TUNE_CHOICES)}")
+    return mode
+
+
+def size_class(nbytes: int) -> int:
+    """Power-of-two size classes: 1 KiB and 1.9 KiB share one, 2 KiB starts the next."""
+    return max(int(nbytes), 0).bit_length()
+
+
+def choices_path() -> Path:
+    if os.environ.get(CHOICES_ENV):
+        return Path(os.environ[CHOICES_ENV]).expanduser()
+    cache = os.environ.get("HYBRID_EXT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "hybrid-ext"
+    return Path(cache).expanduser() / "tuned.json"
+
+
+class ChoiceStore:
+    """Saved choices, one JSON object ``{key: algorithm}``; written under a lock, merged with other writers'."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path or choices_path()
+
+    def load(self) -> dict[str, str]:
+        try:
+            saved = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}  # none yet, or unreadable: tune again (the choice is only ever a speed matter)
+        if not isinstance(saved, dict):
+            return {}
+        return {k: v for k, v in saved.items() if isinstance(k, str) and isinstance(v, str)}
+
+    def save(self, key: str, algorithm: str) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path.with_suffix(".lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # the ranks of one host save at once
+                saved = self.load()
+                saved[key] = algorithm
+                tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(saved, indent=1, sort_keys=True) + "\n")
+                os.replace(tmp, self.path)
+        except OSError:
+            pass  # a read-only cache costs the next run its trials, nothing else
+
+
+@dataclass
+class _Key:
+    candidates: tuple[str, ...]
+    times: list[float] = field(default_factory=list)  # this rank's time of each trial call, in order
+    choice: str | None = None
+
+
+class Tuner:
+    """One group's tuning state (see the module docstring); used from the group's ordered thread only.
+
+    ``agree_max(values)`` returns the element-wise maximum of ``values`` over the group's ranks (a collective
+    every rank calls at the same point). ``signature`` names the group's setting in saved choices (transport,
+    size, host layout, this host).
+    """
+
+    def __init__(
+        self,
+        signature: str,
+        agree_max: Callable[[list[float]], list[float]],
+        store: ChoiceStore | None = None,
+        mode: str | None = None,
+    ) -> None:
+        self.signature = f"{socket.gethostname()}|{signature}"
+        self.agree_max = agree_max
+        self.mode = mode or tune_mode()
+        self.store = store if store is not None else ChoiceStore()
+        self._saved = self.store.load() if self.mode == "on" else {}
+        self._keys: dict[tuple[str, int], _Key] = {}
+
+    def _saved_key(self, request: str, cls: int) -> str:
+        return f"{self.signature}|{request}|class{cls}"
+
+    def pick(self, request: str, nbytes: int, candidates: Sequence[str]) -> tuple[str, bool]:
+        """(schedule to run, whether this call is a timed trial) for a ``request`` of ``nbytes``."""
+        candidates = tuple(candidates)
+        if len(candidates) == 1:
+            return candidates[0], False
+        cls = size_class(nbytes)
+        state = self._keys.get((request, cls))
+        if state is None:
+            state = self._keys[(request, cls)] = _Key(candidates)
+            saved = self._saved.get(self._saved_key(request, cls))
+            index = candidates.index(saved) + 1 if saved in candidates else 0
+            highest, negated_lowest = self.agree_max([float(index), float(-index)])
+            if index and highest == -negated_lowest:  # every rank saved the same choice
+                state.choice = saved
+        if state.choice is not None:
+            return state.choice, False
+        return state.candidates[len(state.times) % len(state.candidates)], True
+
+    def record(self, request: str, nbytes: int, seconds: float) -> str | None:
+        """This rank's time of a trial call; after the last trial, the choice every rank makes (else None)."""
+        cls = size_class(nbytes)
+        state = self._keys[(request, cls)]
+        state.times.append(float(seconds))
+        if len(state.times) < TRIALS * len(state.candidates):
+            return None
+        slowest = self.agree_max(state.times)  # the same table on every rank
+        best = {}
+        for index, seconds in enumerate(slowest):
+            name = state.candidates[index % len(state.candidates)]
+            best[name] = min(best.get(name, float("inf")), seconds)
+        state.choice = min(state.candidates, key=lambda name: (best[name], state.candidates.index(name)))
+        if self.mode in ("on", "fresh"):
+            self.store.save(self._saved_key(request, cls), state.choice)
+        return state.choice
+
+    def tuning(self, request: str, nbytes: int) -> bool:
+        """Whether calls of ``request`` at ``nbytes`` are still trials (or have not started)."""
+        state = self._keys.get((request, size_class(nbytes)))
+        return state is None or state.choice is None
+
+    def decided(self) -> dict[tuple[str, int], str]:
+        """The choices made so far: {(request, size class): schedule}."""
+        return {key: state.choice for key, state in self._keys.items() if state.choice is not None}

@@ -1,0 +1,177 @@
+"""The online tuner behind ``auto``: every rank tries the same candidates in the same order and keeps the same
+winner (the fastest on the slowest rank), saved choices are used only when every rank read the same one, and
+real ranks reduce correctly throughout (trials included)."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+
+from hybrid_ext.comm import tuner as tuning
+from hybrid_ext.comm.tuner import TRIALS, ChoiceStore, Tuner
+
+CANDIDATES = ("recursive_doubling", "rabenseifner", "ring")
+
+
+class LockstepGroup:
+    """``agree_max`` for P threads standing in for P ranks: each call is a collective over all of them."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._barrier = threading.Barrier(size, timeout=10)
+        self._values: list[list[float] | None] = [None] * size
+        self.calls = 0
+
+    def agree_max(self, rank: int):
+        def collective(values: list[float]) -> list[float]:
+            self._values[rank] = list(values)
+            self._barrier.wait()
+            result = [max(column) for column in zip(*self._values)]
+            if rank == 0:
+                self.calls += 1
+            self._barrier.wait()  # nobody overwrites its row before everyone has read the table
+            return result
+
+        return collective
+
+
+def _run_ranks(size: int, body) -> list:
+    group = LockstepGroup(size)
+    results: list = [None] * size
+    errors: list = []
+
+    def run(rank: int) -> None:
+        try:
+            results[rank] = body(rank, group.agree_max(rank))
+        except BaseException as exc:
+            errors.append(exc)
+            group._barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert not errors, errors
+    return results
+
+
+def _tune(rank, agree, seconds_of, store, mode="on", nbytes=1 << 20):
+    """Drive one rank's tuner as the communicator does; return (schedules run, choice)."""
+    tuner = Tuner("test", agree, store=store, mode=mode)
+    ran = []
+    for _ in range(TRIALS * len(CANDIDATES) + 3):
+        name, trial = tuner.pick("auto", nbytes, CANDIDATES)
+        ran.append(name)
+        if trial:
+            tuner.record("auto", nbytes, seconds_of(rank, name))
+    return ran, tuner.decided()[("auto", tuning.size_class(nbytes))]
+
+
+def test_every_rank_runs_the_same_trials_and_keeps_the_fastest_on_the_slowest_rank(tmp_path):
+    # Rank 0 alone would keep recursive doubling; rank 2 is slow with it, so the group's fastest is the ring.
+    times = {
+        0: {"recursive_doubling": 1.0, "rabenseifner": 3.0, "ring": 2.0},
+        1: {"recursive_doubling": 1.5, "rabenseifner": 3.0, "ring": 2.0},
+        2: {"recursive_doubling": 9.0, "rabenseifner": 3.0, "ring": 2.5},
+    }
+    store = ChoiceStore(tmp_path / "tuned.json")
+    results = _run_ranks(3, lambda rank, agree: _tune(rank, agree, lambda r, n: times[r][n], store))
+    runs = {tuple(ran) for ran, _ in results}
+    assert len(runs) == 1, "ranks ran different schedules"
+    ran = results[0][0]
+    assert ran[: TRIALS * 3] == list(CANDIDATES) * TRIALS
+    assert set(ran[TRIALS * 3 :]) == {"ring"}
+    assert {choice for _, choice in results} == {"ring"}
+
+
+def test_the_best_trial_counts_so_one_slow_first_call_does_not_decide(tmp_path):
+    calls: dict[str, int] = {}
+
+    def seconds(rank, name):
+        calls[(rank, name)] = calls.get((rank, name), 0) + 1
+        first = calls[(rank, name)] == 1
+        return {"recursive_doubling": 5.0 if first else 1.0, "rabenseifner": 2.0, "ring": 3.0}[name]
+
+    results = _run_ranks(2, lambda r, a: _tune(r, a, seconds, ChoiceStore(tmp_path / "t.json")))
+    assert {choice for _, choice in results} == {"recursive_doubling"}
+
+
+def test_a_saved_choice_is_used_only_when_every_rank_saved_the_same(tmp_path):
+    times = {"recursive_doubling": 3.0, "rabenseifner": 1.0, "ring": 2.0}
+    store = ChoiceStore(tmp_path / "tuned.json")
+    first = _run_ranks(2, lambda r, a: _tune(r, a, lambda _r, n: times[n], store))
+    assert {choice for _, choice in first} == {"rabenseifner"}
+    assert list(json.loads(store.path.read_text()).values()) == ["rabenseifner"]
+
+    # Next run: the saved choice runs from the first call, no trials.
+    again = _run_ranks(2, lambda r, a: _tune(r, a, lambda _r, n: 99.0, store))
+    assert all(set(ran) == {"rabenseifner"} for ran, _ in again)
+
+    # One rank's file says something else (another host's cache): every rank tunes again, together.
+    other = ChoiceStore(tmp_path / "other.json")
+    other.path.write_text(json.dumps({k: "ring" for k in json.loads(store.path.read_text())}))
+    stores = [store, other]
+    mixed = _run_ranks(2, lambda r, a: _tune(r, a, lambda _r, n: times[n], stores[r]))
+    assert all(ran[: TRIALS * 3] == list(CANDIDATES) * TRIALS for ran, _ in mixed)
+    assert {choice for _, choice in mixed} == {"rabenseifner"}
+
+
+def test_fresh_ignores_saved_choices_and_an_unreadable_file_means_tuning(tmp_path):
+    path = tmp_path / "tuned.json"
+    path.write_text("{not json")
+    store = ChoiceStore(path)
+    assert store.load() == {}
+    times = {"recursive_doubling": 1.0, "rabenseifner": 2.0, "ring": 3.0}
+    results = _run_ranks(2, lambda r, a: _tune(r, a, lambda _r, n: times[n], store, mode="fresh"))
+    assert all(ran[: TRIALS * 3] == list(CANDIDATES) * TRIALS for ran, _ in results)
+    assert list(json.loads(path.read_text()).values()) == ["recursive_doubling"]
+
+
+def test_size_classes_are_tuned_apart():
+    assert tuning.size_class(1024) == tuning.size_class(2047) != tuning.size_class(2048)
+
+
+def test_bad_tune_setting_is_named(monkeypatch):
+    monkeypatch.setenv("HYBRID_EXT_TUNE", "sometimes")
+    with pytest.raises(ValueError, match="HYBRID_EXT_TUNE='sometimes'"):
+        tuning.tune_mode()
+
+
+# ------------------------------------------------------------------ real ranks
+
+
+def _tuned_rank(rank: int, world: int, calls: int, count: int) -> dict:
+    import hybrid_ext
+    from hybrid_ext.comm import metrics
+
+    ran, exact = [], True
+    for i in range(calls):
+        x = torch.arange(count, dtype=torch.float32) * (rank + 1) + i
+        expected = torch.arange(count, dtype=torch.float32) * sum(range(1, world + 1)) + i * world
+        with metrics.capture() as records:
+            hybrid_ext.allreduce(x)
+        ran.append(records[-1].algorithm)
+        exact = exact and torch.equal(x, expected)
+    return {"ran": ran, "exact": exact}
+
+
+@pytest.mark.timeout(180)
+def test_real_ranks_tune_together_save_and_reuse_their_choice(spawn_ranks, tmp_path):
+    env = {"HYBRID_EXT_TUNE": "on", "HYBRID_EXT_TUNED": str(tmp_path / "tuned.json")}
+    calls = TRIALS * len(CANDIDATES) + 4
+    first = spawn_ranks(_tuned_rank, 3, calls, 5000, env=env)
+    assert all(r["exact"] for r in first)
+    assert len({tuple(r["ran"]) for r in first}) == 1, [r["ran"] for r in first]
+    ran = first[0]["ran"]
+    trials = TRIALS * len(CANDIDATES)
+    assert sorted(set(ran[:trials])) == sorted(CANDIDATES)
+    assert len(set(ran[trials:])) == 1
+    choice = ran[-1]
+    assert set(json.loads((tmp_path / "tuned.json").read_text()).values()) == {choice}
+
+    second = spawn_ranks(_tuned_rank, 3, 3, 5000, env=env)
+    assert all(r["exact"] and r["ran"] == [choice] * 3 for r in second)
