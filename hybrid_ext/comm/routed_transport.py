@@ -40,23 +40,37 @@ class RoutedTransport:
     def exchange(
         self, send: torch.Tensor | None, send_to: int | None, recv: torch.Tensor | None, recv_from: int | None
     ) -> None:
+        self._route(send, send_to, recv, recv_from, None)
+
+    def exchange_reduce(self, send, send_to, target, recv_from, reduce) -> None:
+        """Like :meth:`exchange`, reducing what arrives into ``target`` on the way (each route's fused path)."""
+        self._route(send, send_to, target, recv_from, reduce)
+
+    def _route(self, send, send_to, recv, recv_from, reduce) -> None:
         send_local = send is not None and self.is_local(send_to)
         recv_local = recv is not None and self.is_local(recv_from)
         if (send is None or send_local) and (recv is None or recv_local) and self.local is not None:
-            self.local.exchange(send, self._local_index.get(send_to), recv, self._local_index.get(recv_from))
+            self._local(send, send_to, recv, recv_from, reduce)
             return
         if not send_local and not recv_local:
-            self.network.exchange(send, send_to, recv, recv_from)
+            self.network.finish(self.network.start(send, send_to, recv, recv_from, reduce))
             return
         # One side local, the other across the network: post the network side, run the local one, then wait.
         # (A local failure propagates at once; the posted network side is abandoned with the broken group.)
         if send_local:
-            pending = self.network.start(None, None, recv, recv_from)
-            self.local.exchange(send, self._local_index[send_to], None, None)
+            pending = self.network.start(None, None, recv, recv_from, reduce)
+            self._local(send, send_to, None, None, None)
         else:
             pending = self.network.start(send, send_to, None, None)
-            self.local.exchange(None, None, recv, self._local_index[recv_from])
+            self._local(None, None, recv, recv_from, reduce)
         self.network.finish(pending)
+
+    def _local(self, send, send_to, recv, recv_from, reduce) -> None:
+        send_to, recv_from = self._local_index.get(send_to), self._local_index.get(recv_from)
+        if reduce is None:
+            self.local.exchange(send, send_to, recv, recv_from)
+        else:
+            self.local.exchange_reduce(send, send_to, recv, recv_from, reduce)
 
 
 def describe_routes(transport: Transport) -> str:

@@ -128,6 +128,7 @@ class TorchTransport:
         self._wait_timeout = timedelta(seconds=self.timeout)
         self.name = name or f"torch-{_backend_name(group)}"
         self.local_pids: dict[int, int] = {}  # group rank -> pid, for the ranks on this host (see transport_for)
+        self._landing_buffer: torch.Tensor | None = None
 
     def _dead_ranks(self) -> str:
         """``"; rank 3 (pid 123, this host) has died"`` for each local rank that no longer runs, else ``""``."""
@@ -142,16 +143,32 @@ class TorchTransport:
     def exchange(self, send, send_to, recv, recv_from) -> None:
         self.finish(self.start(send, send_to, recv, recv_from))
 
-    def start(self, send, send_to, recv, recv_from) -> tuple[list, str]:
-        """Post one step's receive and send (as one group); :meth:`finish` waits for them."""
+    def exchange_reduce(self, send, send_to, target, recv_from, reduce) -> None:
+        """Like :meth:`exchange`, but ``reduce(dst, src)`` each received chunk into ``target`` as it arrives, while
+        the rest of the message is still on the wire (the executor's fused path; see :meth:`start`)."""
+        self.finish(self.start(send, send_to, target, recv_from, reduce))
+
+    def start(self, send, send_to, recv, recv_from, reduce=None) -> _Pending:
+        """Post one step's receive and send (as one group); :meth:`finish` waits for them.
+
+        Messages of at least two chunks (:data:`PIPELINE_CHUNK_BYTES`) travel as several, on backends that post
+        each op as it comes (gloo): the receiver can reduce the first chunks while later ones arrive, and the
+        sender's later chunks queue behind the first. Both ends split by the message's size alone, so any send
+        matches its receive. With ``reduce``, ``recv`` is the target: chunks land in a buffer of this transport's
+        and are reduced into it in :meth:`finish`.
+        """
         device = (send if send is not None else recv).device
+        pipelined = self._pipelined(device)
+        landing = self._landing(recv) if reduce is not None and recv is not None else recv
+        recv_chunks = _chunks(landing, pipelined)
+        send_chunks = _chunks(send, pipelined)
 
         def post():
-            # The receive first: a peer's send can then complete into it at once.
-            if recv is not None:
-                yield self.group.recv([recv], recv_from, TAG)
-            if send is not None:
-                yield self.group.send([send], send_to, TAG)
+            # The receives first: a peer's send can then complete into them at once.
+            for chunk in recv_chunks:
+                yield self.group.recv([chunk], recv_from, TAG)
+            for chunk in send_chunks:
+                yield self.group.send([chunk], send_to, TAG)
 
         peers = " and ".join(
             f"{what} rank {peer}"
@@ -159,21 +176,67 @@ class TorchTransport:
             if tensor is not None
         )
         try:
-            return post_grouped(self.group, device, post), peers
+            works = post_grouped(self.group, device, post)
         except RuntimeError as exc:
             raise PeerError(
                 f"rank {self.rank}: could not start an exchange ({peers}){self._dead_ranks()}: {exc}"
             ) from exc
+        reductions = []
+        if reduce is not None and recv is not None:
+            reductions = list(zip(_chunks(recv, pipelined), recv_chunks))
+        # Per-chunk receive works come first where the backend returned one per op (gloo); otherwise wait for all.
+        per_op = pipelined and len(works) == len(recv_chunks) + len(send_chunks)
+        return _Pending(works, peers, reductions if per_op else [], reduce, reductions if not per_op else [])
 
-    def finish(self, pending: tuple[list, str]) -> None:
-        works, peers = pending
-        for work in works:
+    def finish(self, pending: _Pending) -> None:
+        for index, work in enumerate(pending.works):
             try:
                 work.wait(self._wait_timeout)
             except RuntimeError as exc:  # DistBackendError, gloo timeouts, closed connections
                 raise PeerError(
-                    f"rank {self.rank} failed to {peers} within {self.timeout:g}s{self._dead_ranks()}: {exc}"
+                    f"rank {self.rank} failed to {pending.peers} within {self.timeout:g}s{self._dead_ranks()}: {exc}"
                 ) from exc
+            if index < len(pending.chunk_reductions):  # this receive chunk has landed: reduce it now
+                dst, src = pending.chunk_reductions[index]
+                pending.reduce(dst, src)
+        for dst, src in pending.after_all:
+            pending.reduce(dst, src)
+
+    def _pipelined(self, device: torch.device) -> bool:
+        backend = self.group._get_backend(device) if isinstance(self.group, dist.ProcessGroup) else self.group
+        return not getattr(backend, "supports_coalescing", False)  # NCCL pipelines inside its own kernels
+
+    def _landing(self, like: torch.Tensor) -> torch.Tensor:
+        """A receive buffer shaped like ``like`` (reused: one step at a time uses it)."""
+        held = self._landing_buffer
+        if held is None or held.dtype != like.dtype or held.device != like.device or held.numel() < like.numel():
+            held = self._landing_buffer = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
+        return held[: like.numel()].view(like.shape)
+
+
+# Messages of at least two chunks are pipelined (gloo): big enough that a chunk's overhead (one gloo op, tens of
+# microseconds) is small beside its time on a 1-10 Gbit/s link, small enough that the first reduction starts early.
+PIPELINE_CHUNK_BYTES = 1 << 20
+
+
+def _chunks(tensor: torch.Tensor | None, pipelined: bool) -> list[torch.Tensor]:
+    if tensor is None:
+        return []
+    flat = tensor.view(-1)
+    step = max(PIPELINE_CHUNK_BYTES // max(flat.element_size(), 1), 1)
+    if not pipelined or flat.numel() < 2 * step:
+        return [flat]
+    return [flat[i : i + step] for i in range(0, flat.numel(), step)]
+
+
+class _Pending:
+    """A posted step: its works, and the reductions to run as receive chunks land (or after all of them)."""
+
+    __slots__ = ("after_all", "chunk_reductions", "peers", "reduce", "works")
+
+    def __init__(self, works, peers, chunk_reductions, reduce, after_all) -> None:
+        self.works, self.peers, self.reduce = works, peers, reduce
+        self.chunk_reductions, self.after_all = chunk_reductions, after_all
 
 
 def _backend_name(group: Any) -> str:
