@@ -11,6 +11,7 @@ call. Every wait has the transport's timeout; a peer that dies or stops answerin
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 from datetime import timedelta
@@ -58,8 +59,9 @@ def transport_for(group: Any, device: torch.device, all_gather=None, barrier=Non
 
     if base.size > 1 and device.type == "cpu":
         # Which ranks share this host, and their pids: a failed wait then names a rank that died here.
-        peers = all_gather((shm_transport.shm_domain(), os.getpid()))
-        base.local_pids = {r: pid for r, (domain, pid) in enumerate(peers) if domain == peers[base.rank][0]}
+        peers = all_gather((shm_transport.shm_domain(), os.getpid(), *_this_host()))
+        base.local_pids = {r: pid for r, (domain, pid, *_) in enumerate(peers) if domain == peers[base.rank][0]}
+        base.remote_hosts = {r: (h, a) for r, (domain, _, h, a) in enumerate(peers) if domain != peers[base.rank][0]}
     if device.type != "cpu" or base.size == 1 or choice == "torch" or not shm_transport.shm_supported():
         if choice == "shm" and device.type == "cpu" and base.size > 1:
             raise RuntimeError(f"{TRANSPORT_ENV}=shm, but shared memory is not supported on this machine")
@@ -128,6 +130,7 @@ class TorchTransport:
         self._wait_timeout = timedelta(seconds=self.timeout)
         self.name = name or f"torch-{_backend_name(group)}"
         self.local_pids: dict[int, int] = {}  # group rank -> pid, for the ranks on this host (see transport_for)
+        self.remote_hosts: dict[int, tuple[str, str]] = {}  # group rank -> (host name, address), other hosts
 
     def _dead_ranks(self) -> str:
         """``"; rank 3 (pid 123, this host) has died"`` for each local rank that no longer runs, else ``""``."""
@@ -138,6 +141,11 @@ class TorchTransport:
                 break
             time.sleep(DEATH_CHECK_SECONDS)
         return "".join(f"; rank {r} (pid {pid}, this host) has died" for r, pid in dead)
+
+    def _where(self, *peers: int | None) -> str:
+        """``" (rank 2 on host node1, 10.0.0.2)"`` for the peers on other hosts, else ``""``."""
+        remote = [(p, *self.remote_hosts[p]) for p in dict.fromkeys(peers) if p in self.remote_hosts]
+        return "".join(f" (rank {p} on host {host}, {address})" for p, host, address in remote)
 
     def exchange(self, send, send_to, recv, recv_from) -> None:
         self.finish(self.start(send, send_to, recv, recv_from))
@@ -157,7 +165,7 @@ class TorchTransport:
             f"{what} rank {peer}"
             for what, peer, tensor in (("receive from", recv_from, recv), ("send to", send_to, send))
             if tensor is not None
-        )
+        ) + self._where(recv_from if recv is not None else None, send_to if send is not None else None)
         try:
             return post_grouped(self.group, device, post), peers
         except RuntimeError as exc:
@@ -174,6 +182,17 @@ class TorchTransport:
                 raise PeerError(
                     f"rank {self.rank} failed to {peers} within {self.timeout:g}s{self._dead_ranks()}: {exc}"
                 ) from exc
+
+
+def _this_host() -> tuple[str, str]:
+    """(host name, address other hosts reach it at): how errors name a rank's host."""
+    from hybrid_ext.comm.network_address import advertised_address
+
+    try:
+        address = advertised_address()
+    except Exception:  # a bad GLOO_SOCKET_IFNAME fails where gloo itself reads it; errors need no address
+        address = "address unknown"
+    return socket.gethostname(), address
 
 
 def _backend_name(group: Any) -> str:
