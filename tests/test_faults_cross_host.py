@@ -20,7 +20,10 @@ job never touches the processes of other hosts).
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -28,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from hybrid_ext.comm import shm_transport
-from hybrid_ext.launch import LaunchError, run_torchrun
+from hybrid_ext.launch import LaunchError, launcher_path, run_torchrun
 from hybrid_ext.launch.cluster import Cluster
 
 pytestmark = pytest.mark.multiprocess
@@ -167,3 +170,39 @@ def test_a_cut_link_is_named_on_both_sides_and_the_cluster_works_again(two_hosts
     # The cluster works again: as it was, and both ways.
     assert _host_network(cluster, cut) == before
     assert _answers(cluster, "node0", cut) and _answers(cluster, cut, "node0")
+
+
+def _small_shm_job(tmp_path: Path, transport: str) -> subprocess.CompletedProcess:
+    """Two ranks under torchrun in a mount namespace whose /dev/shm is a 1 MiB tmpfs."""
+    out = tmp_path / transport
+    out.mkdir()
+    torchrun = [launcher_path("torchrun"), "--standalone", "--nproc-per-node", "2"]
+    script = 'mount -t tmpfs -o size=1m,mode=1777 tmpfs /dev/shm && exec "$@"'
+    argv = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh",
+            *torchrun, WORKER, "small-shm", str(out)]  # fmt: skip
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path, "OMP_NUM_THREADS": "1", "HYBRID_EXT_TRANSPORT": transport}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS.parent), os.environ.get("PYTHONPATH")) if p)
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT)
+
+
+@pytest.mark.timeout(2 * JOB_TIMEOUT + 30)
+def test_a_dev_shm_too_small_falls_back_to_the_network_or_fails_at_set_up_never_sigbus(tmp_path):
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare to mount a small /dev/shm in a namespace of its own")
+    if not shm_transport.shm_supported():
+        pytest.skip("no shared-memory transport on this machine")
+    done = _small_shm_job(tmp_path, "auto")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    outcomes = [json.loads((tmp_path / "auto" / f"rank{r}.json").read_text()) for r in range(2)]
+    for outcome in outcomes:
+        assert outcome["error"] is None and outcome["exact"], outcome
+        assert outcome["transport"] == "torch-gloo", outcome
+    assert "shared memory unavailable" in done.stdout + done.stderr and "cannot hold" in done.stdout + done.stderr
+
+    forced = _small_shm_job(tmp_path, "shm")  # shared memory insisted on: a clear error at set-up
+    outcomes = [json.loads((tmp_path / "shm" / f"rank{r}.json").read_text()) for r in range(2)]
+    for outcome in outcomes:
+        assert outcome["error"] == "RuntimeError", outcome
+        assert "HYBRID_EXT_TRANSPORT=shm" in outcome["message"] and "cannot hold" in outcome["message"], outcome
+    assert "SIGBUS" not in forced.stdout + forced.stderr

@@ -373,6 +373,7 @@ class HostShm:
     transport: ShmTransport | None  # None: no peer on this host, or shared memory could not be allocated
     local_ranks: list[int]  # the group ranks on this host, in order (the transport's ranks index this list)
     hosts: tuple[int, ...]  # host index of every group rank (hosts numbered by their first rank)
+    problem: str | None = None  # why shared memory could not be allocated on this host, if it could not
 
 
 def create(rank: int, size: int, all_gather, barrier, timeout: float, slot_bytes: int = DEFAULT_SLOT_BYTES) -> HostShm:
@@ -391,6 +392,7 @@ def create(rank: int, size: int, all_gather, barrier, timeout: float, slot_bytes
     path = SHM_DIR / f"{FILE_PREFIX}{_pid_namespace() or 0}-{os.getpid()}-{uuid.uuid4().hex}-r{rank}"
     problem = None
     files: list = []
+    problems: list[str] = []
     if len(local) > 1:
         remove_orphans()
         problem = _allocate(path, file_bytes(len(local), slot_bytes))
@@ -415,7 +417,7 @@ def create(rank: int, size: int, all_gather, barrier, timeout: float, slot_bytes
         # Every rank removes every local file it knows of: a rank that dies here leaves nothing behind.
         for other in [str(path)] + [files[r][0] for r in local if files]:
             Path(other).unlink(missing_ok=True)
-    return HostShm(transport, local, hosts)
+    return HostShm(transport, local, hosts, problems[0] if problems else None)
 
 
 def _allocate(path: Path, nbytes: int) -> str | None:

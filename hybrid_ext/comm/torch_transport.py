@@ -81,12 +81,19 @@ def combine(network: Transport, found: shm_transport.HostShm | None) -> Transpor
     if found is not None and found.transport is not None and len(found.local_ranks) == network.size:
         return found.transport
     if choice == "shm":
-        raise RuntimeError(f"{TRANSPORT_ENV}=shm, but the ranks of this group are on several hosts")
+        raise RuntimeError(_no_shm_reason(found))
     if found is None or (found.transport is None and len(set(found.hosts)) == network.size):
         return network  # one rank per host: nothing to route
     from hybrid_ext.comm.routed_transport import RoutedTransport
 
     return RoutedTransport(found.transport, found.local_ranks, network, found.hosts)
+
+
+def _no_shm_reason(found: shm_transport.HostShm | None) -> str:
+    """Why ``HYBRID_EXT_TRANSPORT=shm`` cannot be had for this group."""
+    if found is not None and found.problem:
+        return f"{TRANSPORT_ENV}=shm, but shared memory could not be set up: {found.problem}"
+    return f"{TRANSPORT_ENV}=shm, but the ranks of this group are on several hosts"
 
 
 _announced_once = False
