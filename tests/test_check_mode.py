@@ -75,3 +75,38 @@ def test_names_on_every_collective_form(job):
 def test_a_name_that_is_not_a_string_is_refused_before_any_communication():
     with pytest.raises(TypeError, match="name must be a str or None, got int"):
         hybrid_ext.allreduce(torch.ones(2), name=3)
+
+
+def _reducer_groups_swapped_rank(rank: int, p: int) -> dict:
+    """Two reduce groups with equal-size buckets, their parameters swapped on rank 1 (a plan the ranks disagree on)."""
+    from torch import nn
+
+    from hybrid_ext.comm.registry import communicator
+    from hybrid_ext.parallel.reducer import GradientReducer, ReduceGroup
+
+    hybrid_ext.set_check(True)
+    torch.manual_seed(0)
+    first, second = nn.Linear(8, 8), nn.Linear(8, 8)  # equal sizes: without names the swap goes unnoticed
+    mine = [first, second] if rank == 0 else [second, first]
+    comm = communicator(None, torch.device("cpu"))
+    groups = [ReduceGroup("conv", list(mine[0].parameters()), comm, "avg"),
+              ReduceGroup("fc", list(mine[1].parameters()), comm, "avg")]  # fmt: skip
+    order = [*first.parameters(), *second.parameters()]
+    reducer = GradientReducer(groups, parameter_order=order)
+    try:
+        (first(torch.ones(2, 8)).sum() + second(torch.ones(2, 8)).sum()).backward()
+        return {"error": None}
+    except hybrid_ext.CollectiveMismatchError as exc:
+        return {"error": str(exc)}
+    finally:
+        reducer.remove()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(150)
+def test_the_gradient_reducer_names_its_buckets_so_a_swap_between_groups_is_caught():
+    results = launch.spawn(_reducer_groups_swapped_rank, 2, timeout=120)
+    for result in results:
+        message = result["error"]
+        assert message is not None, "the swapped buckets were reduced together"
+        assert "name='conv.bucket0'" in message and "name='fc.bucket0'" in message, message

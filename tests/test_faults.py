@@ -2,7 +2,8 @@
 
 Every other rank must raise :class:`hybrid_ext.PeerError` naming the dead rank within the group's timeout (no
 hang), and no shared-memory file of ours may be left in ``/dev/shm``. ``--soak`` repeats the matrix (50 jobs or
-more). Faults across hosts (cut links, removed hosts) need the emulated cluster and are not here.
+more). Faults across hosts (a rank killed on another host, a cut link) run on the emulated cluster:
+tests/test_faults_cross_host.py.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ threads move it) while the shared-memory side runs on this thread, so neither wa
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from hybrid_ext.comm.shm_transport import ShmTransport
@@ -53,17 +56,40 @@ class RoutedTransport:
             self._local(send, send_to, recv, recv_from, reduce)
             return
         if not send_local and not recv_local:
-            self.network.finish(self.network.start(send, send_to, recv, recv_from, reduce))
+            with self._network_failures():
+                self.network.finish(self.network.start(send, send_to, recv, recv_from, reduce))
             return
         # One side local, the other across the network: post the network side, run the local one, then wait.
         # (A local failure propagates at once; the posted network side is abandoned with the broken group.)
+        network_side = (None, None, recv, recv_from, reduce) if send_local else (send, send_to, None, None)
+        with self._network_failures():
+            pending = self.network.start(*network_side)
         if send_local:
-            pending = self.network.start(None, None, recv, recv_from, reduce)
             self._local(send, send_to, None, None, None)
         else:
-            pending = self.network.start(send, send_to, None, None)
             self._local(None, None, recv, recv_from, reduce)
-        self.network.finish(pending)
+        with self._network_failures():
+            self.network.finish(pending)
+
+    @contextlib.contextmanager
+    def _network_failures(self) -> Iterator[None]:
+        """A network failure is left as a note for this host's ranks, and their own notes join its message.
+
+        A host-mate waiting on this rank over shared memory then raises with the reason (a rank on another host
+        died, a link was cut) instead of waiting out its timeout and blaming this rank; and a rank whose own
+        network peer merely gave up names what a host-mate saw (say, the rank that died).
+        """
+        try:
+            yield
+        except PeerError as exc:
+            if self.local is None:
+                raise
+            others = self.local.notes()
+            self.local.note(str(exc))
+            if not others:
+                raise
+            seen = "; ".join(f"rank {self.local_ranks[r]} (same host) gave up: {n}" for r, n in others.items())
+            raise PeerError(f"{exc}; {seen}") from exc
 
     def _local(self, send, send_to, recv, recv_from, reduce) -> None:
         send_to, recv_from = self._local_index.get(send_to), self._local_index.get(recv_from)

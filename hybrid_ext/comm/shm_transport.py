@@ -23,7 +23,9 @@ Waiting. A rank with nothing to do yields its core (``sched_yield``) so that the
 and falls back to short sleeps after a while so an idle wait does not burn a core. Every wait checks the
 transport's deadline and whether every process of the group still exists: a dead rank raises
 :class:`~hybrid_ext.comm.transport.PeerError` naming it within ``PEER_CHECK_SECONDS`` — on every waiting rank,
-also on those whose own partner is alive but gave up — and a stuck one at the timeout.
+also on those whose own partner is alive but gave up — and a stuck one at the timeout. A rank that gives up on
+the network (a group spanning hosts: a rank on another host died, a link was cut) leaves a note saying why in
+its file (:meth:`ShmTransport.note`); host-mates waiting on it raise with that reason at their next check.
 
 Files. Each file is named ``hybrid-ext-<pid namespace>-<pid>-<random>-r<rank>`` and unlinked as soon as every
 rank has mapped it (the mappings keep the memory until the processes exit). A rank killed during set-up, before
@@ -103,6 +105,8 @@ def channel_bytes(slot_bytes: int) -> int:
 
 
 DOORBELL_BYTES = 64  # each rank's file starts with its doorbell: a 32-bit futex word on its own cache line
+NOTE_BYTES = 1024  # then its note: why it gave up on the network (length, then UTF-8), for its host-mates
+HEAD_BYTES = DOORBELL_BYTES + NOTE_BYTES  # the channels follow
 
 
 class _Futex:
@@ -130,7 +134,7 @@ class _Futex:
 
 
 def file_bytes(size: int, slot_bytes: int) -> int:
-    return DOORBELL_BYTES + size * channel_bytes(slot_bytes)
+    return HEAD_BYTES + size * channel_bytes(slot_bytes)
 
 
 class ShmTransport:
@@ -171,11 +175,10 @@ class ShmTransport:
             self._doorbell_addresses.append(bell.ctypes.data)
             if owner == rank:
                 self._out = [
-                    _Channel(mm, DOORBELL_BYTES + dst * stride, slot_bytes) if dst != rank else None
-                    for dst in range(size)
+                    _Channel(mm, HEAD_BYTES + dst * stride, slot_bytes) if dst != rank else None for dst in range(size)
                 ]
             else:
-                self._in[owner] = _Channel(mm, DOORBELL_BYTES + rank * stride, slot_bytes)
+                self._in[owner] = _Channel(mm, HEAD_BYTES + rank * stride, slot_bytes)
 
     def _ring(self, peer: int) -> None:
         """Tell ``peer`` that something it may wait for changed (a chunk arrived, or a slot was freed)."""
@@ -256,8 +259,39 @@ class ShmTransport:
         """
         dead = [r for r in range(self.size) if r != self.rank and not process_running(self._pids[r])]
         if dead:
-            gone = "; ".join(f"rank {self._label[r]} (pid {self._pids[r]}, same host) has died" for r in dead)
+            host = socket.gethostname()
+            gone = "; ".join(f"rank {self._label[r]} (pid {self._pids[r]}, same host {host}) has died" for r in dead)
             raise PeerError(f"rank {self._label[self.rank]}, waiting for rank {self._label[peer]}: peer {gone}")
+        notes = self.notes()
+        if notes:  # a host-mate gave up on the network (a dead rank or a cut link on another host): say why
+            why = "; ".join(f"rank {self._label[r]} (same host) gave up: {note}" for r, note in notes.items())
+            raise PeerError(f"rank {self._label[self.rank]}, waiting for rank {self._label[peer]}: {why}")
+
+    def note(self, text: str) -> None:
+        """Leave ``text`` (why this rank gave up on the group) where its host-mates look while they wait.
+
+        A rank that waits on a host-mate over shared memory cannot see the network failure that host-mate ran
+        into; without the note it would wait out its own timeout and then blame the host-mate.
+        """
+        data = text.encode(errors="replace")[: NOTE_BYTES - 8]
+        area = np.frombuffer(self._maps[self.rank], dtype=np.uint8, count=NOTE_BYTES, offset=DOORBELL_BYTES)
+        area[8 : 8 + len(data)] = np.frombuffer(data, dtype=np.uint8)
+        area[:8].view(np.int64)[0] = len(data)  # after the text (total store order)
+        for peer in range(self.size):
+            if peer != self.rank:
+                self._ring(peer)
+
+    def notes(self) -> dict[int, str]:
+        """The notes host-mates left (:meth:`note`), by local rank."""
+        found = {}
+        for r in range(self.size):
+            if r == self.rank:
+                continue
+            area = np.frombuffer(self._maps[r], dtype=np.uint8, count=NOTE_BYTES, offset=DOORBELL_BYTES)
+            length = int(area[:8].view(np.int64)[0])
+            if 0 < length <= NOTE_BYTES - 8:
+                found[r] = bytes(area[8 : 8 + length]).decode(errors="replace")
+        return found
 
 
 def process_running(pid: int) -> bool:
@@ -339,6 +373,7 @@ class HostShm:
     transport: ShmTransport | None  # None: no peer on this host, or shared memory could not be allocated
     local_ranks: list[int]  # the group ranks on this host, in order (the transport's ranks index this list)
     hosts: tuple[int, ...]  # host index of every group rank (hosts numbered by their first rank)
+    problem: str | None = None  # why shared memory could not be allocated on this host, if it could not
 
 
 def create(rank: int, size: int, all_gather, barrier, timeout: float, slot_bytes: int = DEFAULT_SLOT_BYTES) -> HostShm:
@@ -357,6 +392,7 @@ def create(rank: int, size: int, all_gather, barrier, timeout: float, slot_bytes
     path = SHM_DIR / f"{FILE_PREFIX}{_pid_namespace() or 0}-{os.getpid()}-{uuid.uuid4().hex}-r{rank}"
     problem = None
     files: list = []
+    problems: list[str] = []
     if len(local) > 1:
         remove_orphans()
         problem = _allocate(path, file_bytes(len(local), slot_bytes))
@@ -381,7 +417,7 @@ def create(rank: int, size: int, all_gather, barrier, timeout: float, slot_bytes
         # Every rank removes every local file it knows of: a rank that dies here leaves nothing behind.
         for other in [str(path)] + [files[r][0] for r in local if files]:
             Path(other).unlink(missing_ok=True)
-    return HostShm(transport, local, hosts)
+    return HostShm(transport, local, hosts, problems[0] if problems else None)
 
 
 def _allocate(path: Path, nbytes: int) -> str | None:

@@ -11,6 +11,7 @@ call. Every wait has the transport's timeout; a peer that dies or stops answerin
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 from datetime import timedelta
@@ -58,8 +59,9 @@ def transport_for(group: Any, device: torch.device, all_gather=None, barrier=Non
 
     if base.size > 1 and device.type == "cpu":
         # Which ranks share this host, and their pids: a failed wait then names a rank that died here.
-        peers = all_gather((shm_transport.shm_domain(), os.getpid()))
-        base.local_pids = {r: pid for r, (domain, pid) in enumerate(peers) if domain == peers[base.rank][0]}
+        peers = all_gather((shm_transport.shm_domain(), os.getpid(), *_this_host()))
+        base.local_pids = {r: pid for r, (domain, pid, *_) in enumerate(peers) if domain == peers[base.rank][0]}
+        base.remote_hosts = {r: (h, a) for r, (domain, _, h, a) in enumerate(peers) if domain != peers[base.rank][0]}
     if device.type != "cpu" or base.size == 1 or choice == "torch" or not shm_transport.shm_supported():
         if choice == "shm" and device.type == "cpu" and base.size > 1:
             raise RuntimeError(f"{TRANSPORT_ENV}=shm, but shared memory is not supported on this machine")
@@ -79,12 +81,19 @@ def combine(network: Transport, found: shm_transport.HostShm | None) -> Transpor
     if found is not None and found.transport is not None and len(found.local_ranks) == network.size:
         return found.transport
     if choice == "shm":
-        raise RuntimeError(f"{TRANSPORT_ENV}=shm, but the ranks of this group are on several hosts")
+        raise RuntimeError(_no_shm_reason(found))
     if found is None or (found.transport is None and len(set(found.hosts)) == network.size):
         return network  # one rank per host: nothing to route
     from hybrid_ext.comm.routed_transport import RoutedTransport
 
     return RoutedTransport(found.transport, found.local_ranks, network, found.hosts)
+
+
+def _no_shm_reason(found: shm_transport.HostShm | None) -> str:
+    """Why ``HYBRID_EXT_TRANSPORT=shm`` cannot be had for this group."""
+    if found is not None and found.problem:
+        return f"{TRANSPORT_ENV}=shm, but shared memory could not be set up: {found.problem}"
+    return f"{TRANSPORT_ENV}=shm, but the ranks of this group are on several hosts"
 
 
 _announced_once = False
@@ -129,6 +138,7 @@ class TorchTransport:
         self.name = name or f"torch-{_backend_name(group)}"
         self.local_pids: dict[int, int] = {}  # group rank -> pid, for the ranks on this host (see transport_for)
         self._landing_buffer: torch.Tensor | None = None
+        self.remote_hosts: dict[int, tuple[str, str]] = {}  # group rank -> (host name, address), other hosts
 
     def _dead_ranks(self) -> str:
         """``"; rank 3 (pid 123, this host) has died"`` for each local rank that no longer runs, else ``""``."""
@@ -139,6 +149,11 @@ class TorchTransport:
                 break
             time.sleep(DEATH_CHECK_SECONDS)
         return "".join(f"; rank {r} (pid {pid}, this host) has died" for r, pid in dead)
+
+    def _where(self, *peers: int | None) -> str:
+        """``" (rank 2 on host node1, 10.0.0.2)"`` for the peers on other hosts, else ``""``."""
+        remote = [(p, *self.remote_hosts[p]) for p in dict.fromkeys(peers) if p in self.remote_hosts]
+        return "".join(f" (rank {p} on host {host}, {address})" for p, host, address in remote)
 
     def exchange(self, send, send_to, recv, recv_from) -> None:
         self.finish(self.start(send, send_to, recv, recv_from))
@@ -174,7 +189,7 @@ class TorchTransport:
             f"{what} rank {peer}"
             for what, peer, tensor in (("receive from", recv_from, recv), ("send to", send_to, send))
             if tensor is not None
-        )
+        ) + self._where(recv_from if recv is not None else None, send_to if send is not None else None)
         try:
             works = post_grouped(self.group, device, post)
         except RuntimeError as exc:
@@ -237,6 +252,17 @@ class _Pending:
     def __init__(self, works, peers, chunk_reductions, reduce, after_all) -> None:
         self.works, self.peers, self.reduce = works, peers, reduce
         self.chunk_reductions, self.after_all = chunk_reductions, after_all
+
+
+def _this_host() -> tuple[str, str]:
+    """(host name, address other hosts reach it at): how errors name a rank's host."""
+    from hybrid_ext.comm.network_address import advertised_address
+
+    try:
+        address = advertised_address()
+    except Exception:  # a bad GLOO_SOCKET_IFNAME fails where gloo itself reads it; errors need no address
+        address = "address unknown"
+    return socket.gethostname(), address
 
 
 def _backend_name(group: Any) -> str:

@@ -221,7 +221,9 @@ def _run_launcher(
 
 def _wait_all(procs: list[subprocess.Popen], deadline: float, grace: float = 20.0) -> bool:
     """Wait for every process; False on the deadline. After a failure the rest get ``grace`` seconds."""
-    while any(p.poll() is None for p in procs):
+    # Poll every process on each round (``any`` over a generator would stop at the first still running, and a
+    # later one's failure would go unseen until the deadline).
+    while [p.poll() for p in procs].count(None):
         now = time.monotonic()
         if now > deadline:
             return False

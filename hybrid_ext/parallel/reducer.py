@@ -26,7 +26,9 @@ order backward produces gradients); a bucket is launched when all its gradients 
 bucket before it has been launched, so ranks issue the same collectives in the same order whatever order
 their gradients arrive in. An end-of-backward callback launches what is left — a parameter that got no
 gradient on this rank in this pass contributes zeros — and waits for every bucket, so ``optimizer.step()``
-needs no extra call. Collectives run on the communicator's thread while autograd goes on.
+needs no extra call. Collectives run on the communicator's thread while autograd goes on. Each is named
+(``name=``: ``<group>.bucket<i>``, ``<group>.param<i>`` when blocking), so check mode (``HYBRID_EXT_CHECK=1``)
+names the bucket when ranks disagree on what they reduce.
 
 Two variants serve host frameworks that reduce over the data-parallel group themselves (DeepSpeed):
 
@@ -79,6 +81,11 @@ class _Bucket:
     arrived: set[int] = field(default_factory=set)  # slots whose gradient arrived in this backward pass
     handle: Handle | None = None
 
+    @property
+    def name(self) -> str:
+        """What its collective is called (``name=``): check mode names a bucket the ranks disagree on."""
+        return f"{self.group.name}.bucket{self.index}"
+
     def slot(self, index: int) -> torch.Tensor:
         param = self.params[index]
         if self.flat is None:
@@ -118,7 +125,10 @@ class GradientReducer:
             if (group.comm is None or group.comm.size == 1) and group.scale == 1.0:
                 continue  # nothing to combine
             if group.comm is None or blocking:
-                self._hooks += [p.register_hook(functools.partial(self._on_incoming_grad, group)) for p in trainable]
+                self._hooks += [
+                    p.register_hook(functools.partial(self._on_incoming_grad, group, f"{group.name}.param{i}"))
+                    for i, p in enumerate(trainable)
+                ]
                 continue
             pending += _split_into_buckets(group, list(reversed(trainable)), bucket_bytes)
         # One order for all groups: by when backward is expected to reach each bucket (its latest parameter).
@@ -133,7 +143,7 @@ class GradientReducer:
                 self._hooks.append(p.register_hook(functools.partial(self._collect, bucket, slot)))
 
     # ------------------------------------------------------------------ the per-parameter hooks
-    def _on_incoming_grad(self, group: ReduceGroup, grad: torch.Tensor) -> torch.Tensor | None:
+    def _on_incoming_grad(self, group: ReduceGroup, name: str, grad: torch.Tensor) -> torch.Tensor | None:
         """Tensor hook: scale (and, if ``blocking``, reduce) one parameter's gradient before it is accumulated."""
         if group.comm is None:
             return grad * group.scale
@@ -141,7 +151,7 @@ class GradientReducer:
         if group.native is not None:
             group.native([grad], group.op).wait()
         else:
-            allreduce_coalesced_async([grad], group.op, group.algorithm, group.comm).wait()
+            allreduce_coalesced_async([grad], group.op, group.algorithm, group.comm, name=name).wait()
         if group.scale != 1.0:
             grad.mul_(group.scale)
         return grad
@@ -185,7 +195,9 @@ class GradientReducer:
         if group.native is not None:
             bucket.handle = group.native([bucket.flat], group.op)
         else:
-            bucket.handle = allreduce_coalesced_async([bucket.flat], group.op, group.algorithm, group.comm)
+            bucket.handle = allreduce_coalesced_async(
+                [bucket.flat], group.op, group.algorithm, group.comm, name=bucket.name
+            )
         self._next_launch += 1
 
     def finish(self) -> None:
