@@ -16,6 +16,8 @@ from hybrid_ext.comm.shm_transport import ShmTransport
 from hybrid_ext.comm.torch_transport import TorchTransport
 from hybrid_ext.comm.transport import PeerError, Transport
 
+LOCAL_GRACE_SECONDS = 5.0
+
 
 class RoutedTransport:
     """The transport contract over two transports: ``local`` for ``local_ranks``, ``network`` for everyone else."""
@@ -32,6 +34,11 @@ class RoutedTransport:
         self.hosts = hosts  # every group rank's host: what the hierarchical allreduce plans with
         if local is None:  # no shared memory here (alone on the host, or none could be allocated)
             local_ranks = [self.rank]
+        if local is not None:
+            # A host-mate may wait on the network for up to its timeout before it leaves its note (see
+            # _network_failures): a rank waiting on it over shared memory must outlast that, or it would time out
+            # first and blame the host-mate instead of the far host.
+            local.timeout = max(local.timeout, network.timeout + max(LOCAL_GRACE_SECONDS, 0.25 * network.timeout))
         self.timeout = max(local.timeout if local else 0.0, network.timeout)
         self.name = f"{local.name}+{network.name}" if local else network.name
         self._local_index = {rank: index for index, rank in enumerate(local_ranks)}
