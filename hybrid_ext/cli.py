@@ -137,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--hosts", type=positive_int, help="run under torchrun on this many emulated hosts (hybrid-ext cluster; root)"
     )
     allreduce.add_argument("--nic", metavar="RATE", help="with --hosts: each host's egress rate (tc syntax: 1gbit)")
+    allreduce.add_argument(
+        "--count-bytes-on",
+        metavar="IFACE",
+        help="count the bytes leaving each host on this interface, from its counters (--hosts sets it)",
+    )
     allreduce.set_defaults(handler=_cmd_bench_allreduce)
 
     train = bench_kinds.add_parser(

@@ -116,3 +116,48 @@ def test_bench_under_a_launcher_runs_on_the_launched_ranks():
     for result in results:
         assert result["transport"].startswith("shm")
         assert {(r["algorithm"], r["ranks"]) for r in result["rows"]} == {("butterfly", 2), ("native", 2)}
+
+
+def _host_result(host: str, times: list[float], sent: list[int] | None, plan: int) -> dict:
+    key = (1 << 20, "auto")
+    native = (1 << 20, "native")
+    return {
+        "times": {key: times, native: [t * 2 for t in times]},
+        "chosen": {key: "hierarchical/rabenseifner", native: "gloo"},
+        "transport": "shm+torch-gloo",
+        "host": host,
+        "sent": {key: sent, native: sent} if sent else {},
+        "plan_sent": {key: plan},
+        "inner": 2,
+    }
+
+
+def test_bench_rows_report_the_busiest_hosts_counted_bytes_beside_the_plans():
+    n = 1 << 20
+    results = [
+        _host_result("node0", [0.010, 0.012, 0.011], [2 * n + 100, 2 * n + 300, 2 * n + 200], n // 2),
+        _host_result("node0", [0.011, 0.013, 0.012], [2 * n + 100, 2 * n + 300, 2 * n + 200], n // 2),
+        _host_result("node1", [0.010, 0.010, 0.010], [int(2.2 * n)] * 3, n // 2),
+        _host_result("node1", [0.009, 0.009, 0.009], [int(2.2 * n)] * 3, n // 2),
+    ]
+    rows = {row.algorithm: row for row in bench.rows_from(results, [n], ["auto", "native"])}
+    auto = rows["auto"]
+    assert auto.hosts == 2
+    assert auto.nic_bytes == pytest.approx(1.1 * n, rel=1e-6)  # node1's median per call (2 calls per round)
+    assert auto.plan_nic_bytes == n  # both ranks of a host: n/2 each
+    assert auto.median_ms == pytest.approx(12.0)  # the slowest rank per round, median over rounds
+    assert rows["native"].plan_nic_bytes is None
+    table = bench.format_table(list(rows.values()))
+    assert "host NIC/n" in table and "1.10" in table and "1.00" in table
+
+
+def test_bench_rows_on_one_host_have_no_host_columns():
+    results = [_host_result("node0", [0.01] * 3, None, 0) for _ in range(2)]
+    rows = bench.rows_from(results, [1 << 20], ["auto", "native"])
+    assert all(row.hosts is None and row.nic_bytes is None for row in rows)
+    assert "host NIC/n" not in bench.format_table(rows)
+
+
+def test_the_link_bound_is_two_h_minus_one_over_h_bytes_per_host():
+    assert bench.link_bound_seconds(64 << 20, 2, 125e6) == pytest.approx((64 << 20) / 125e6)
+    assert bench.link_bound_seconds(64 << 20, 4, 125e6) == pytest.approx(1.5 * (64 << 20) / 125e6)

@@ -11,7 +11,10 @@ Reported per size and algorithm: the median time over rounds, algbw = bytes / ti
 Started by a launcher (``torchrun``, ``deepspeed``, ``mpirun``...: ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and
 ``MASTER_PORT`` set), it spawns nothing: every launched process is one rank, and rank 0 prints. With ``--hosts H``
 it runs that way on an emulated cluster (:mod:`hybrid_ext.launch.cluster`, egress shaped to ``--nic``): one
-``torchrun`` per host, ``--np`` ranks spread over the hosts.
+``torchrun`` per host, ``--np`` ranks spread over the hosts. Across hosts each row adds the bytes per call that left
+the busiest host's interface (its kernel counter, headers included) and what the plan sends from that host, both
+per message byte n (any allreduce needs 2(H-1)/H), and the time as a multiple of the link bound
+2(H-1)/H·n / rate. ``auto`` and ``butterfly`` are timed after the tuner's trials (:mod:`hybrid_ext.comm.tuner`).
 
 ``--calibrate`` fits the cost model's α, β, γ (:mod:`hybrid_ext.comm.cost_model`) to the recursive-doubling and
 Rabenseifner timings by least squares and saves them for ``auto``.
@@ -47,6 +50,12 @@ class BenchRow:
     busbw_gbps: float
     ratio_to_native: float | None
     chosen: str  # the schedule that actually ran (auto / butterfly resolve to one)
+    # On several hosts (--hosts): bytes per call out of the busiest host's interface, read from its counters
+    # (headers included), and what the plan sends from that host to others; time as a multiple of the link bound.
+    hosts: int | None = None
+    nic_bytes: float | None = None
+    plan_nic_bytes: float | None = None
+    link_bound_ratio: float | None = None
 
 
 def parse_size(text: str) -> int:
@@ -66,12 +75,24 @@ def format_size(nbytes: int) -> str:
 
 
 def _bench_rank(
-    rank: int, p: int, sizes: list[int], algorithms: list[str], rounds: int, warmup: int, inner: int
+    rank: int,
+    p: int,
+    sizes: list[int],
+    algorithms: list[str],
+    rounds: int,
+    warmup: int,
+    inner: int,
+    interface: str | None = None,
 ) -> dict:
+    """This rank's timings; with ``interface``, also its host's interface byte counts per timed round."""
+    import socket
+
     from hybrid_ext.comm import metrics
 
     times: dict[tuple[int, str], list[float]] = {}
     chosen: dict[tuple[int, str], str] = {}
+    sent: dict[tuple[int, str], list[int]] = {}  # bytes out of this host's interface per round
+    plan_sent: dict[tuple[int, str], int] = {}  # bytes this rank's plan sends to other hosts per call
     for size in sizes:
         n = max(size // 4, 1)
         buffers = {a: torch.ones(n) for a in algorithms}
@@ -86,6 +107,7 @@ def _bench_rank(
             for algorithm in algorithms[shift:] + algorithms[:shift]:
                 buf = buffers[algorithm]
                 dist.barrier()
+                before = _tx_bytes(interface)
                 start = time.perf_counter()
                 for _ in range(inner):  # back to back, as training issues them: skew is paid once per round
                     if algorithm == "native":
@@ -93,14 +115,51 @@ def _bench_rank(
                     else:
                         comm.allreduce(buf, algorithm=algorithm)
                 elapsed = (time.perf_counter() - start) / inner
+                after = _tx_bytes(interface)
                 if algorithm != "native":
                     chosen[(size, algorithm)] = metrics.last().algorithm  # what ran, not what a model would pick
                 buf.fill_(1.0)  # keep values bounded
                 if i >= warmup:
                     times.setdefault((size, algorithm), []).append(elapsed)
+                    if before is not None and after is not None:
+                        sent.setdefault((size, algorithm), []).append(after - before)
         for algorithm in algorithms:
             chosen.setdefault((size, algorithm), "gloo")
-    return {"times": times, "chosen": chosen, "transport": comm.communicator().transport.name}
+            if interface and algorithm != "native":
+                plan_sent[(size, algorithm)] = _bytes_to_other_hosts(chosen[(size, algorithm)], n) * 4
+    return {
+        "times": times,
+        "chosen": chosen,
+        "transport": comm.communicator().transport.name,
+        "host": socket.gethostname(),
+        "sent": sent,
+        "plan_sent": plan_sent,
+        "inner": inner,
+    }
+
+
+def _tx_bytes(interface: str | None) -> int | None:
+    """Bytes this host has sent on ``interface`` (its kernel counter), or None."""
+    if not interface:
+        return None
+    try:
+        return int(Path(f"/sys/class/net/{interface}/statistics/tx_bytes").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _bytes_to_other_hosts(schedule: str, count: int) -> int:
+    """Elements this rank's plan for ``schedule`` sends to ranks on other hosts (one call)."""
+    communicator = comm.communicator()
+    hosts = getattr(communicator.transport, "hosts", None)
+    if hosts is None:
+        return 0
+    plan = communicator._plan_named(schedule, count)
+    return sum(
+        step.send[1] - step.send[0]
+        for step in plan.steps
+        if step.send is not None and hosts[step.send_to] != hosts[communicator.rank]
+    )
 
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -111,7 +170,7 @@ def launched() -> bool:
     return all(var in os.environ for var in LAUNCHER_VARIABLES)
 
 
-def _bench_launched_rank(sizes, algorithms, rounds, warmup, inner) -> list[dict]:
+def _bench_launched_rank(sizes, algorithms, rounds, warmup, inner, interface=None) -> list[dict]:
     """This process's rank of a launched job: every rank's timings, gathered on every rank."""
     from datetime import timedelta
 
@@ -119,7 +178,7 @@ def _bench_launched_rank(sizes, algorithms, rounds, warmup, inner) -> list[dict]
         dist.init_process_group("gloo", timeout=timedelta(seconds=600))
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
-    mine = _bench_rank(rank, world, sizes, algorithms, rounds, warmup, inner)
+    mine = _bench_rank(rank, world, sizes, algorithms, rounds, warmup, inner, interface)
     everyone: list = [None] * world
     dist.all_gather_object(everyone, mine)
     return everyone
@@ -134,11 +193,15 @@ def run_allreduce_bench(
     inner: int = 5,
     transport: str = "auto",
     timeout: float = 1800,
+    interface: str | None = None,
 ) -> tuple[list[BenchRow], str]:
-    """Rows per (size, algorithm), and the name of the transport hybrid-ext used."""
+    """Rows per (size, algorithm), and the name of the transport hybrid-ext used.
+
+    ``interface``: count the bytes leaving each host on it (launched across hosts; see :class:`BenchRow`).
+    """
     if launched():  # the launcher made the ranks: this process is one of them
         os.environ["HYBRID_EXT_TRANSPORT"] = transport
-        results = _bench_launched_rank(sizes, algorithms, iterations, warmup, inner)
+        results = _bench_launched_rank(sizes, algorithms, iterations, warmup, inner, interface)
         np = len(results)
     else:
         env = {"HYBRID_EXT_TRANSPORT": transport}
@@ -149,6 +212,11 @@ def run_allreduce_bench(
 def rows_from(results: list[dict], sizes: list[int], algorithms: list[str]) -> list[BenchRow]:
     """Rows per (size, algorithm) from every rank's timings (the slowest rank per round, median over rounds)."""
     np = len(results)
+    first_of_host: dict[str, dict] = {}  # one rank per host reads that host's counter
+    ranks_of_host: dict[str, list[dict]] = {}
+    for r in results:
+        first_of_host.setdefault(r.get("host", ""), r)
+        ranks_of_host.setdefault(r.get("host", ""), []).append(r)
     rows = []
     for size in sizes:
         medians = {}
@@ -169,37 +237,75 @@ def rows_from(results: list[dict], sizes: list[int], algorithms: list[str]) -> l
                     busbw_gbps=algbw * 2 * (np - 1) / np,
                     ratio_to_native=seconds / medians["native"] if "native" in medians else None,
                     chosen=results[0]["chosen"][(size, algorithm)],
+                    **_host_traffic(first_of_host, ranks_of_host, (size, algorithm)),
                 )
             )
     return rows
 
 
+def _host_traffic(first_of_host: dict[str, dict], ranks_of_host: dict[str, list[dict]], key) -> dict:
+    """BenchRow's per-host fields for one (size, algorithm): the busiest host's bytes per call."""
+    counted = {host: r["sent"][key] for host, r in first_of_host.items() if r.get("sent", {}).get(key)}
+    if len(first_of_host) < 2 or not counted:
+        return {}
+    inner = next(iter(first_of_host.values()))["inner"]
+    measured = max(statistics.median(rounds) / inner for rounds in counted.values())
+    planned = None
+    if key[1] != "native":
+        planned = max(sum(r["plan_sent"].get(key, 0) for r in ranks) for ranks in ranks_of_host.values())
+    return {"hosts": len(first_of_host), "nic_bytes": measured, "plan_nic_bytes": planned}
+
+
+def link_bound_seconds(nbytes: int, hosts: int, bytes_per_second: float) -> float:
+    """The least time any allreduce of ``nbytes`` over ``hosts`` hosts needs: 2(H-1)/H·n out of each host link."""
+    return 2 * (hosts - 1) / hosts * nbytes / bytes_per_second
+
+
 def format_table(rows: list[BenchRow]) -> str:
+    hosts = any(row.hosts for row in rows)
     header = (
         f"{'size':>6}  {'algorithm':<19} {'ran':<31} {'median ms':>10} {'algbw GB/s':>11} {'busbw GB/s':>11} "
         f"{'/native':>8}"
     )
+    if hosts:
+        header += f" {'host NIC/n':>10} {'plan/n':>7} {'/bound':>7}"
     lines = [header, "-" * len(header)]
     for row in rows:
         ratio = f"{row.ratio_to_native:.2f}" if row.ratio_to_native is not None else "-"
-        lines.append(
+        line = (
             f"{format_size(row.size_bytes):>6}  {row.algorithm:<19} {row.chosen:<31} {row.median_ms:>10.3f} "
             f"{row.algbw_gbps:>11.3f} {row.busbw_gbps:>11.3f} {ratio:>8}"
         )
+        if hosts:
+            line += f" {_per_n(row.nic_bytes, row):>10} {_per_n(row.plan_nic_bytes, row):>7} {_ratio(row):>7}"
+        lines.append(line)
     return "\n".join(lines)
 
 
+def _per_n(nbytes: float | None, row: BenchRow) -> str:
+    return f"{nbytes / row.size_bytes:.2f}" if nbytes is not None and row.size_bytes else "-"
+
+
+def _ratio(row: BenchRow) -> str:
+    return f"{row.link_bound_ratio:.2f}" if row.link_bound_ratio is not None else "-"
+
+
 def format_markdown(rows: list[BenchRow]) -> str:
+    hosts = any(row.hosts for row in rows)
+    extra = " bytes out of busiest host / n (counters) | plan / n | × link bound |" if hosts else ""
     lines = [
-        "| size | algorithm | ran | median ms | busbw GB/s | × native |",
-        "|---:|---|---|---:|---:|---:|",
+        "| size | algorithm | ran | median ms | busbw GB/s | × native |" + extra,
+        "|---:|---|---|---:|---:|---:|" + ("---:|---:|---:|" if hosts else ""),
     ]
     for row in rows:
         ratio = f"{row.ratio_to_native:.2f}" if row.ratio_to_native is not None else "-"
-        lines.append(
+        line = (
             f"| {format_size(row.size_bytes)} | {row.algorithm} | {row.chosen} | {row.median_ms:.2f} | "
             f"{row.busbw_gbps:.3f} | {ratio} |"
         )
+        if hosts:
+            line += f" {_per_n(row.nic_bytes, row)} | {_per_n(row.plan_nic_bytes, row)} | {_ratio(row)} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -252,6 +358,7 @@ def main(args) -> int:
             warmup=args.warmup,
             inner=args.inner,
             transport=args.transport,
+            interface=getattr(args, "count_bytes_on", None),
         )
         if launched() and dist.get_rank() != 0:
             from hybrid_ext.launch import report_result
@@ -281,12 +388,20 @@ def main(args) -> int:
 
 
 def _run_on_emulated_cluster(args, sizes: list[int], algorithms: list[str]) -> tuple[list[BenchRow], str]:
-    """This benchmark under torchrun on ``args.hosts`` emulated hosts (``args.np`` ranks spread over them)."""
+    """This benchmark under torchrun on ``args.hosts`` emulated hosts (``args.np`` ranks spread over them), with
+    the bytes out of each host's interface counted and, with ``--nic``, times against the link bound."""
     from hybrid_ext.launch import cluster, run_torchrun
 
     command = ["-m", "hybrid_ext.cli", "bench", "allreduce", "--sizes", ",".join(map(str, sizes)),
                "--algorithms", ",".join(algorithms), "--iters", str(args.iters), "--inner", str(args.inner),
-               "--warmup", str(args.warmup), "--transport", args.transport]  # fmt: skip
+               "--warmup", str(args.warmup), "--transport", args.transport,
+               "--count-bytes-on", cluster.INTERFACE]  # fmt: skip
     with cluster.emulated_cluster(args.hosts, args.nic) as hosts:
         results = run_torchrun(command, args.np, cluster=hosts, nodes=args.hosts, timeout=1800)
-    return [BenchRow(**row) for row in results[0]["rows"]], results[0]["transport"]
+    rows = [BenchRow(**row) for row in results[0]["rows"]]
+    if args.nic:
+        rate = cluster.rate_bytes_per_second(args.nic)
+        for row in rows:
+            if row.hosts:
+                row.link_bound_ratio = row.median_ms / 1e3 / link_bound_seconds(row.size_bytes, row.hosts, rate)
+    return rows, results[0]["transport"]

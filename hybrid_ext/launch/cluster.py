@@ -534,15 +534,18 @@ _RATE = re.compile(r"^(\d+(?:\.\d+)?)([kmgt]?)(bit|bps)$", re.IGNORECASE)
 _SCALE = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 
 
-def _tbf_burst(rate: str) -> int:
-    """Bytes of burst for tbf at ``rate`` (tc's syntax: 1gbit, 100mbit, 125mbps): 10 ms worth, at least 64 KiB,
-    which is above rate/HZ for any kernel tick."""
+def rate_bytes_per_second(rate: str) -> float:
+    """Bytes per second of a rate in tc's syntax (1gbit, 100mbit, 125mbps)."""
     match = _RATE.match(rate.strip())
     if not match:
         raise ValueError(f"--nic {rate!r}: give a rate as tc writes it, e.g. 1gbit, 100mbit, 10gbit")
     value, scale, unit = float(match[1]), _SCALE[match[2].lower()], match[3].lower()
-    bytes_per_second = value * scale / (8 if unit == "bit" else 1)
-    return max(int(bytes_per_second / 100), 65536)
+    return value * scale / (8 if unit == "bit" else 1)
+
+
+def _tbf_burst(rate: str) -> int:
+    """Bytes of burst for tbf at ``rate``: 10 ms worth, at least 64 KiB, which is above rate/HZ for any tick."""
+    return max(int(rate_bytes_per_second(rate) / 100), 65536)
 
 
 # ------------------------------------------------------------------ the command line
