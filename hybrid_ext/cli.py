@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-steps", type=int, default=None, help="stop each run after this many steps")
     demo.add_argument("--timeout", type=float, default=1200, help="seconds per run before it is killed")
     demo.add_argument("--out", default="demo-out", help="output directory (default: demo-out)")
+    demo.add_argument(
+        "--hosts",
+        type=positive_int,
+        help="run each job under torchrun on this many emulated hosts (hybrid-ext cluster)",
+    )
+    demo.add_argument("--nic", metavar="RATE", help="with --hosts: each host's egress rate (tc syntax: 1gbit)")
     demo.set_defaults(handler=_cmd_demo)
 
     compare = commands.add_parser(

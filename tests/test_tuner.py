@@ -131,6 +131,29 @@ def test_fresh_ignores_saved_choices_and_an_unreadable_file_means_tuning(tmp_pat
     assert list(json.loads(path.read_text()).values()) == ["recursive_doubling"]
 
 
+def test_trials_cover_only_what_every_rank_finds_plausible(tmp_path):
+    plausible = {0: (True, True, False), 1: (False, True, True), 2: (True, True, True)}
+    times = {"recursive_doubling": 1.0, "rabenseifner": 2.0, "ring": 0.5}
+
+    def body(rank, agree):
+        tuner = Tuner("test", agree, store=ChoiceStore(tmp_path / f"{rank}.json"), mode="fresh")
+        ran = []
+        for _ in range(TRIALS + 2):
+            name, trial = tuner.pick("auto", 4096, CANDIDATES, plausible[rank])
+            ran.append(name)
+            if trial:
+                tuner.record("auto", 4096, times[name])
+        return ran
+
+    results = _run_ranks(3, body)
+    assert all(ran == ["rabenseifner"] * (TRIALS + 2) for ran in results)  # the one all three keep: no trials
+
+    # Nothing in common (models that disagree completely): every candidate is tried.
+    plausible = {0: (True, False, False), 1: (False, True, False), 2: (False, False, True)}
+    results = _run_ranks(3, body)
+    assert all(ran[:3] == list(CANDIDATES) for ran in results)
+
+
 def test_size_classes_are_tuned_apart():
     assert tuning.size_class(1024) == tuning.size_class(2047) != tuning.size_class(2048)
 
@@ -161,7 +184,12 @@ def _tuned_rank(rank: int, world: int, calls: int, count: int) -> dict:
 
 @pytest.mark.timeout(180)
 def test_real_ranks_tune_together_save_and_reuse_their_choice(spawn_ranks, tmp_path):
-    env = {"HYBRID_EXT_TUNE": "on", "HYBRID_EXT_TUNED": str(tmp_path / "tuned.json")}
+    # The built-in cost model (no saved calibration) finds all three plausible for 20 KB at 3 ranks.
+    env = {
+        "HYBRID_EXT_TUNE": "on",
+        "HYBRID_EXT_TUNED": str(tmp_path / "tuned.json"),
+        "HYBRID_EXT_COST_MODEL": str(tmp_path / "no-calibration.json"),
+    }
     calls = TRIALS * len(CANDIDATES) + 4
     first = spawn_ranks(_tuned_rank, 3, calls, 5000, env=env)
     assert all(r["exact"] for r in first)

@@ -36,6 +36,9 @@ from hybrid_ext.comm.tuner import Tuner, tune_mode
 # through shared memory first (recursive doubling already crosses hosts in its later, fewer steps).
 HIERARCHY_MIN_BYTES = 64 << 10
 HIERARCHICAL_PREFIX = "hierarchical/"  # hierarchical/<schedule between hosts>: the plan's own name
+# The tuner tries only candidates the cost model puts within this factor of its best: the model misjudges close
+# calls (what trials settle), not a ring's 2(P-1) messages for 1 KiB or recursive doubling's log2 P copies of 1 GiB.
+TRIAL_WITHIN = 2.5
 
 
 class Communicator:
@@ -190,7 +193,10 @@ class Communicator:
                 layout = ",".join(map(str, hosts)) if spans_hosts else "one-host"
                 signature = f"{self.transport.name}|{self.device.type}|P{self.size}|hosts {layout}"
                 self._tuner = Tuner(signature, self._max_over_ranks)
-            name, trial = self._tuner.pick(algorithm, nbytes, self._candidates(algorithm, spans_hosts))
+            candidates = self._candidates(algorithm, spans_hosts)
+            predicted = [self._predicted(name, nbytes) for name in candidates]
+            plausible = [p <= TRIAL_WITHIN * min(predicted) for p in predicted]
+            name, trial = self._tuner.pick(algorithm, nbytes, candidates, plausible)
             return self._plan_named(name, count), (algorithm if trial else None)
         if spans_hosts and (
             algorithm == "hierarchical"
@@ -219,6 +225,20 @@ class Communicator:
         flat = cost_model.BUTTERFLIES if algorithm == "butterfly" else ALGORITHMS
         stacked = tuple(f"{HIERARCHICAL_PREFIX}{name}" for name in flat) if spans_hosts else ()
         return stacked if algorithm == "hierarchical" else flat + stacked
+
+    def _predicted(self, name: str, nbytes: int) -> float:
+        """The cost model's seconds for a candidate (flat: as if every link were the group's slowest)."""
+        network = getattr(getattr(self.transport, "network", None), "name", self.transport.name)
+        if not name.startswith(HIERARCHICAL_PREFIX):
+            return cost_model.default_model(self.transport.name).predict(name, nbytes, self.size)
+        hosts = self.transport.hosts
+        lanes = max(hosts.count(h) for h in set(hosts))
+        local = getattr(getattr(self.transport, "local", None), "name", "shm")
+        within = cost_model.default_model(local).predict("ring", nbytes, lanes)  # reduce-scatter + all-gather
+        between = cost_model.default_model(network).predict(
+            name.removeprefix(HIERARCHICAL_PREFIX), nbytes // lanes, len(set(hosts))
+        )
+        return within + between
 
     def _plan_named(self, name: str, count: int) -> Plan:
         if name.startswith(HIERARCHICAL_PREFIX):

@@ -34,6 +34,7 @@ from pathlib import Path
 TUNE_ENV = "HYBRID_EXT_TUNE"
 TUNE_CHOICES = ("on", "off", "fresh")
 CHOICES_ENV = "HYBRID_EXT_TUNED"  # where saved choices live (default: the cache directory's tuned.json)
+MAX_CANDIDATES = 6  # three flat schedules, and as many hierarchical ones across hosts
 TRIALS = 3  # timed calls per candidate; the best of them counts (the first call of a schedule pays its warm-up)
 
 
@@ -121,19 +122,31 @@ class Tuner:
     def _saved_key(self, request: str, cls: int) -> str:
         return f"{self.signature}|{request}|class{cls}"
 
-    def pick(self, request: str, nbytes: int, candidates: Sequence[str]) -> tuple[str, bool]:
-        """(schedule to run, whether this call is a timed trial) for a ``request`` of ``nbytes``."""
+    def pick(
+        self, request: str, nbytes: int, candidates: Sequence[str], plausible: Sequence[bool] | None = None
+    ) -> tuple[str, bool]:
+        """(schedule to run, whether this call is a timed trial) for a ``request`` of ``nbytes``.
+
+        ``plausible`` (one flag per candidate, e.g. from the cost model) narrows the trials to the candidates every
+        rank finds plausible — agreed in the first call's message, so ranks whose models differ still try the same.
+        """
         candidates = tuple(candidates)
         if len(candidates) == 1:
             return candidates[0], False
         cls = size_class(nbytes)
         state = self._keys.get((request, cls))
         if state is None:
-            state = self._keys[(request, cls)] = _Key(candidates)
             saved = self._saved.get(self._saved_key(request, cls))
             index = candidates.index(saved) + 1 if saved in candidates else 0
-            highest, negated_lowest = self.agree_max([float(index), float(-index)])
-            if index and highest == -negated_lowest:  # every rank saved the same choice
+            flags = [1.0 if p else 0.0 for p in plausible] if plausible is not None else [1.0] * len(candidates)
+            # One message: the max of (index, -index) says whether all saved the same; the max of -flag is minus
+            # the lowest flag: a candidate stays only if every rank finds it plausible.
+            agreed = self.agree_max([float(index), float(-index), *(-f for f in flags)])
+            kept = tuple(c for c, negated in zip(candidates, agreed[2:]) if negated == -1.0) or candidates
+            state = self._keys[(request, cls)] = _Key(kept)
+            if len(kept) == 1:
+                state.choice = kept[0]  # nothing to try
+            if index and agreed[0] == -agreed[1]:  # every rank saved the same choice
                 state.choice = saved
         if state.choice is not None:
             return state.choice, False

@@ -2,14 +2,20 @@
 
 Spawns its own ranks (default 4, gloo; no launcher), trains the FC-heavy ``digits_alexnet`` on the embedded
 digits set under each run, then prints and writes the comparison (Markdown table, PNG plots) read back from
-the TensorBoard event files under ``<out>/runs/<strategy>-<reducer>-np<N>/``.
+the TensorBoard event files under ``<out>/runs/<strategy>-<reducer>-np<N>/``. With ``--hosts H [--nic RATE]``
+each run is a torchrun job on an emulated cluster (:mod:`hybrid_ext.launch.cluster`): one torchrun per host,
+the ranks spread over the hosts, each host's egress shaped to RATE (``python -m hybrid_ext.train.demo CONFIG``
+is what every rank runs there).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import shutil
+import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from hybrid_ext.launch import spawn
@@ -36,7 +42,9 @@ def runs_from_args(args) -> list[tuple[str, str]]:
 
 
 def main(args) -> int:
-    out = Path(args.out)
+    if getattr(args, "nic", None) and not getattr(args, "hosts", None):
+        raise SystemExit("hybrid-ext demo: --nic shapes the emulated hosts' links: give --hosts too")
+    out = Path(args.out).resolve()  # the hosts of an emulated cluster see this machine's files at the same paths
     logdir = out / "runs"
     if logdir.exists():
         shutil.rmtree(logdir)  # a fresh comparison: old runs of other settings would mix in
@@ -45,17 +53,17 @@ def main(args) -> int:
         max_steps=args.max_steps, mp_size=args.mp_size,
     )  # fmt: skip
     runs = runs_from_args(args)
-    print(f"hybrid-ext demo: {len(runs)} runs × {args.np} ranks, {args.epochs} epochs of {args.data or 'digits'}")
+    where = f" on {args.hosts} emulated hosts (egress {args.nic or 'unshaped'})" if getattr(args, "hosts", None) else ""
+    print(
+        f"hybrid-ext demo: {len(runs)} runs × {args.np} ranks{where}, {args.epochs} epochs of {args.data or 'digits'}"
+    )
     start = time.perf_counter()
-    for strategy, reducer in runs:
-        config = replace(base, strategy=strategy, reducer=reducer)
-        t0 = time.perf_counter()
-        final = spawn(_demo_rank, args.np, config, timeout=args.timeout, capture_output=False)[0]
-        print(
-            f"  {final['run']:<24} test accuracy {final['final/eval_accuracy'] * 100:5.1f} %   "
-            f"{final['final/samples_per_sec']:7.1f} samples/s   ({time.perf_counter() - t0:.0f} s)",
-            flush=True,
-        )
+    with _ranks(args) as run_job:
+        for strategy, reducer in runs:
+            config = replace(base, strategy=strategy, reducer=reducer)
+            t0 = time.perf_counter()
+            final = run_job(config)
+            _print_run(final, t0)
     table = compare([logdir], png=out / "demo.png", markdown=out / "demo.md")
     print()
     print(table)
@@ -65,3 +73,45 @@ def main(args) -> int:
     print(f"\nwrote {out / 'demo.md'}, {pngs}")
     print(f"TensorBoard: tensorboard --logdir {logdir}    (total {time.perf_counter() - start:.0f} s)")
     return 0
+
+
+@contextlib.contextmanager
+def _ranks(args):
+    """``run_job(config) -> final metrics``: spawned ranks here, or torchrun jobs on an emulated cluster."""
+    if not getattr(args, "hosts", None):
+        yield lambda config: spawn(_demo_rank, args.np, config, timeout=args.timeout, capture_output=False)[0]
+        return
+    from hybrid_ext.launch import cluster, run_torchrun
+
+    with cluster.emulated_cluster(args.hosts, args.nic) as hosts:
+
+        def run_job(config: TrainConfig) -> dict:
+            command = ["-m", "hybrid_ext.train.demo", json.dumps(asdict(config))]
+            return run_torchrun(command, args.np, cluster=hosts, nodes=args.hosts, timeout=args.timeout)[0]
+
+        yield run_job
+
+
+def _print_run(final: dict, t0: float) -> None:
+    print(
+        f"  {final['run']:<24} test accuracy {final['final/eval_accuracy'] * 100:5.1f} %   "
+        f"{final['final/samples_per_sec']:7.1f} samples/s   ({time.perf_counter() - t0:.0f} s)",
+        flush=True,
+    )
+
+
+def _launched_rank(config_json: str) -> None:
+    """One rank of a demo run under torchrun (``--hosts``): train, hand the final metrics back."""
+    import torch.distributed as dist
+
+    from hybrid_ext.launch import report_result
+
+    dist.init_process_group("gloo")
+    try:
+        report_result(train(TrainConfig(**json.loads(config_json))))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _launched_rank(sys.argv[1])

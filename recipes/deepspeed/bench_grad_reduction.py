@@ -11,7 +11,8 @@ Every rank holds two DeepSpeed engines (ZeRO-0, fp32) on the same model — torc
 - ``gloo``: the engine gets an ``mpu`` whose data-parallel group is a plain gloo group over the same ranks, so
   every gradient reduction of that engine runs on gloo's own allreduce.
 
-Per step, ``backward`` runs inside ``engine.no_sync()``; then, after a barrier, each rank times DeepSpeed's
+``auto`` and ``butterfly`` are timed after the online tuner's trials (:mod:`hybrid_ext.comm.tuner`). Per step,
+``backward`` runs inside ``engine.no_sync()``; then, after a barrier, each rank times DeepSpeed's
 own reduction, ``engine.allreduce_gradients()`` (one flat buffer here), ``--repeats`` times. The table reports
 the median over the steps (the first one is warm-up) of the slowest rank's time, the bytes reduced, and the
 ratio to gloo; for the butterfly rows also the allreduce alone (rank 0, from hybrid-ext's metrics) — the rest
@@ -128,6 +129,16 @@ def main() -> None:
     times: dict[str, list[float]] = {row: [] for row in rows}
     ran: dict[str, set[str]] = {row: set() for row in rows}
     collective: dict[str, list[float]] = {row: [] for row in rows}  # the butterfly allreduce alone (rank 0)
+    x = torch.randn(2, 3, args.size, args.size, generator=g)
+    y = torch.randint(0, 10, (2,), generator=g)
+    from hybrid_ext.comm import tuner
+
+    for algorithm in algorithms:  # auto / butterfly: past the tuner's trials before timing (it decides once)
+        if algorithm in ("auto", "butterfly") and tuner.tune_mode() != "off":
+            os.environ["HYBRID_EXT_ALGO"] = algorithm
+            calls = tuner.TRIALS * tuner.MAX_CANDIDATES + 1  # + the first call's agreement
+            for _ in range(-(-calls // args.repeats)):
+                timed_step(butterfly_engine, x, y, bookkeeping, args.repeats)
     for _ in range(args.steps):
         x = torch.randn(2, 3, args.size, args.size, generator=g)
         y = torch.randint(0, 10, (2,), generator=g)
