@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,20 @@ def test_torchrun_restart_resumes_from_the_checkpoint_and_ends_with_the_uninterr
     pids = {int(p.read_text()) for run in runs.values() for p in run[1].glob("attempt*.pid")}
     assert len(pids) == 6
     assert _our_shm_files(pids) == []
+
+
+# ------------------------------------------------------------------ Horovod: a reset drops the side channels
+
+
+@pytest.mark.timeout(200)
+def test_a_horovod_reset_makes_new_side_channels_for_the_new_ranks(horovodrun):
+    """What ``hvd.elastic.run`` does between attempts — ``hvd.shutdown(); hvd.init()`` — must not leave
+    ``hvd.Butterfly`` on the side channel of the ranks before: after a host is lost, that channel leads to dead
+    peers (and to a world of the old size)."""
+    pytest.importorskip("horovod.torch")
+    results = horovodrun([sys.executable, str(TESTS / "horovod_elastic_worker.py"), "reset"], 2, timeout=150)
+    for rank, result in enumerate(results):
+        for how, after in result.items():
+            assert after["new_channel"] and after["new_communicator"] and after["new_groups"], (rank, how, after)
+            assert after["old_channel_closed"], (rank, how)
+            assert after["error"] <= 1e-6, (rank, how, after["error"])
