@@ -1,17 +1,17 @@
 """Ranks of the Horovod restart tests (tests/test_restarts.py).
 
     horovodrun -np 2 -H localhost:2 --gloo python tests/horovod_elastic_worker.py reset
-    horovodrun -np 4 --min-np 2 --host-discovery-script D --gloo python tests/horovod_elastic_worker.py elastic DIR
+    horovodrun -np 4 --min-np 2 --host-discovery-script D --gloo python tests/horovod_elastic_worker.py elastic DIR 12 4
 
 ``reset``: hvd.Butterfly, then Horovod reset twice — ``hvd.shutdown(); hvd.init()``, and the reset
 ``hvd.elastic.run`` makes between attempts — each followed by hvd.Butterfly again; reports whether the side
 channel, communicator and partitioner grid were made anew, whether the old channel was closed, and the results.
 
-``elastic``: ``hvd.elastic.run`` training of the small CNN with ``DistributedOptimizer(op=hvd.Butterfly)`` and
-a ``TorchState`` committed every step. At step ``REMOVE_AT`` the ranks on node1 take their host out of the
-discovery script's output (``DIR/removed``) and SIGKILL themselves; the ranks left restore the last commit and
-go on. Every step, the loss on the whole sample pool (each rank's share, averaged with hvd.Butterfly). Nothing
-here asserts: the test checks what the surviving ranks report.
+``elastic DIR STEPS REMOVE_AT``: ``hvd.elastic.run`` training of the small CNN with
+``DistributedOptimizer(op=hvd.Butterfly)`` and a ``TorchState`` committed every step. At step ``REMOVE_AT`` the
+ranks on node1 take their host out of the discovery script's output (``DIR/removed``) and SIGKILL themselves;
+the ranks left restore the last commit and go on. Every step, the loss on the whole sample pool (each rank's
+share, averaged with hvd.Butterfly). Nothing here asserts: the test checks what the surviving ranks report.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pathlib import Path
 import horovod.torch as hvd
 import torch
 import torch.nn.functional as F
+from horovod.common.exceptions import HorovodInternalError, HostsUpdatedInterrupt
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -33,8 +34,6 @@ import hybrid_ext
 import hybrid_ext.integrations.horovod as hxh
 from hybrid_ext.launch import report_result
 
-STEPS = 12
-REMOVE_AT = 4
 POOL = 32  # samples; each step every rank takes its contiguous share of all of them
 
 
@@ -76,7 +75,7 @@ def _pool() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(POOL, 3, 16, 16, generator=g), torch.randint(0, 10, (POOL,), generator=g)
 
 
-def elastic(workdir: Path) -> dict | None:
+def elastic(workdir: Path, steps: int, remove_at: int) -> dict | None:
     from parallel_reference import small_cnn
 
     host = socket.gethostname()
@@ -92,10 +91,20 @@ def elastic(workdir: Path) -> dict | None:
     state = hvd.elastic.TorchState(model=model, optimizer=optimizer, step=0)
     state.register_reset_callbacks([lambda: resets.append(hvd.size())])
 
+    interruptions: list[tuple[str, int, float]] = []  # (exception, step, seconds since the start)
+    start = time.monotonic()
+
     @hvd.elastic.run
     def train(state):
-        while state.step < STEPS:
-            if state.step == REMOVE_AT and host == "node1":
+        try:
+            _train(state)
+        except (HorovodInternalError, HostsUpdatedInterrupt) as exc:  # hvd.elastic.run restores / resets
+            interruptions.append((f"{type(exc).__name__}: {exc}"[:300], state.step, time.monotonic() - start))
+            raise
+
+    def _train(state):
+        while state.step < steps:
+            if state.step == remove_at and host == "node1":
                 if hvd.local_rank() == 0:
                     (workdir / "removed").write_text(f"node1 removed at step {state.step}")
                 while not (workdir / "removed").exists():
@@ -119,6 +128,8 @@ def elastic(workdir: Path) -> dict | None:
         "size": hvd.size(),
         "losses": losses,
         "resets": resets,
+        "interruptions": interruptions,
+        "seconds": time.monotonic() - start,
         "params": [p.detach().clone() for p in model.parameters()],
         "channel_size": hxh.side_channel().size,
         # (world size, transport) of every Butterfly reduction: 4 ranks over shm + gloo, then 2 over shm
@@ -128,5 +139,5 @@ def elastic(workdir: Path) -> dict | None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    result = reset() if sys.argv[1] == "reset" else elastic(Path(sys.argv[2]))
+    result = reset() if sys.argv[1] == "reset" else elastic(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
     report_result(result, hvd.rank())

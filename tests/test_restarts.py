@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 from pathlib import Path
@@ -112,3 +113,104 @@ def test_a_horovod_reset_makes_new_side_channels_for_the_new_ranks(horovodrun):
             assert after["new_channel"] and after["new_communicator"] and after["new_groups"], (rank, how, after)
             assert after["old_channel_closed"], (rank, how)
             assert after["error"] <= 1e-6, (rank, how, after["error"])
+
+
+# ------------------------------------------------------------------ Horovod elastic on the emulated cluster
+
+ELASTIC_TIMEOUT = 240.0
+STEPS, REMOVE_AT = 12, 4
+DISCOVERY = """#!/bin/sh
+echo node0:2
+[ -e {removed} ] || echo node1:2
+"""
+
+
+def _kill_ours(cluster, hosts, marker: str) -> None:
+    """SIGKILL what is left of this job on ``hosts``: processes there whose command line names ``marker`` (the
+    job's own directory) — not the hosts' other tenants."""
+    import os
+    import signal
+
+    from hybrid_ext.launch import cluster as emulated
+
+    for host in hosts:
+        for pid in emulated._netns_pids(emulated._netns(host)):
+            if marker in emulated._cmdline(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(ELASTIC_TIMEOUT + 60)
+def test_horovod_elastic_loses_a_host_and_finishes_with_butterfly_on_the_rest(cluster, tmp_path):
+    """``horovodrun`` elastic on node0 + node1 (2 ranks each): at step 4 node1 leaves the discovery script's output
+    and its ranks die; node0's ranks restore the last commit, Horovod re-initializes them as a world of 2, and
+    ``hvd.Butterfly`` goes on over a side channel opened for the two of them."""
+    pytest.importorskip("horovod.torch")
+    import os
+    import subprocess
+
+    import psutil
+
+    from hybrid_ext.launch import launcher_path
+    from hybrid_ext.launch.results import RESULT_DIR_ENV, load_result
+
+    hosts = cluster.names[:2]
+    discover = tmp_path / "discover.sh"
+    discover.write_text(DISCOVERY.format(removed=tmp_path / "removed"))
+    discover.chmod(0o755)
+    command = [launcher_path("horovodrun"), "-np", "4", "--min-np", "2", "--max-np", "4",
+               "--host-discovery-script", str(discover), "--gloo", "--network-interface", cluster.interface,
+               sys.executable, str(TESTS / "horovod_elastic_worker.py"), "elastic", str(tmp_path),
+               str(STEPS), str(REMOVE_AT)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", RESULT_DIR_ENV: str(tmp_path)}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS.parent), os.environ.get("PYTHONPATH")) if p)
+    log = tmp_path / "horovodrun.log"
+    with open(log, "w") as out:
+        proc = cluster.popen(hosts[0], command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        code = proc.wait(timeout=ELASTIC_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        code = None
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.kill()
+        proc.kill()
+        proc.wait()
+        _kill_ours(cluster, hosts, str(tmp_path))
+    output = log.read_text(errors="replace")
+    assert code == 0, (
+        f"horovodrun exited with {code} (None: still running after {ELASTIC_TIMEOUT:.0f}s)\n{output[-6000:]}"
+    )
+
+    # node1 was taken out and its ranks died; node0's two ranks finished as ranks 0 and 1 of 2.
+    assert (tmp_path / "removed").read_text() == f"node1 removed at step {REMOVE_AT}"
+    assert sorted(p.name for p in tmp_path.glob("*.result")) == ["rank0.result", "rank1.result"]
+    results = [load_result(tmp_path, rank) for rank in range(2)]
+    for rank, result in enumerate(results):
+        assert (result["host"], result["rank"], result["size"]) == ("node0", rank, 2)
+        assert result["resets"] and set(result["resets"]) == {2}, result["resets"]
+        assert result["interruptions"] and all(s == REMOVE_AT for _, s, _ in result["interruptions"]), result
+        assert result["channel_size"] == 2  # the side channel was opened anew for the two ranks left
+        worlds = {world for world, _ in result["reductions"]}
+        assert worlds == {4, 2}, result["reductions"]  # hvd.Butterfly before (4 ranks) and after (2)
+        assert all(transport == "shm" for world, transport in result["reductions"] if world == 2)
+        steps = result["losses"]
+        assert sorted(steps) == list(range(STEPS)), sorted(steps)
+        assert [steps[s][0] for s in range(STEPS)] == [4] * REMOVE_AT + [2] * (STEPS - REMOVE_AT)
+        losses = [steps[s][1] for s in range(STEPS)]
+        assert all(torch.isfinite(torch.tensor(losses))), losses
+        # the pool's loss before each step: lower after the host is lost than before, and lowest at the end
+        assert losses[-1] < losses[REMOVE_AT] < losses[0] and losses[-1] == min(losses), losses
+    for mine, first in zip(results[1]["params"], results[0]["params"]):
+        assert torch.equal(mine, first), "the two remaining ranks ended with different weights"
+    print(f"elastic: {results[0]['seconds']:.1f}s of training; interruptions: {results[0]['interruptions']}")
+
+    # Nothing of ours left in either host's /dev/shm (each host has its own).
+    for pid_file in tmp_path.glob("pid-*"):
+        host, pid = pid_file.name.split("-")[1], int(pid_file.read_text())
+        listing = cluster.run(host, ["ls", "/dev/shm"], capture_output=True, text=True).stdout.split()
+        ours = [name for name in listing if re.match(rf"hybrid-ext-[^-]+-{pid}-", name)]
+        assert ours == [], (host, ours)
