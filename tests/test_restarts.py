@@ -192,7 +192,9 @@ def test_horovod_elastic_loses_a_host_and_finishes_with_butterfly_on_the_rest(cl
     for rank, result in enumerate(results):
         assert (result["host"], result["rank"], result["size"]) == ("node0", rank, 2)
         assert result["resets"] and set(result["resets"]) == {2}, result["resets"]
-        assert result["interruptions"] and all(s == REMOVE_AT for _, s, _ in result["interruptions"]), result
+        # interrupted at the step node1 left (HorovodInternalError from hvd.Butterfly, or Horovod's notice that
+        # the hosts changed, whichever came first), then back at it with the state of the last commit
+        assert result["interruptions"] and result["interruptions"][0][1] == REMOVE_AT, result["interruptions"]
         assert result["channel_size"] == 2  # the side channel was opened anew for the two ranks left
         worlds = {world for world, _ in result["reductions"]}
         assert worlds == {4, 2}, result["reductions"]  # hvd.Butterfly before (4 ranks) and after (2)
