@@ -114,8 +114,13 @@ def run_torchrun(
     cluster: Cluster | None = None,
     nodes: int | None = None,
     rendezvous: str = "static",
+    launcher_args: Sequence[str] = (),
+    log: str | os.PathLike | None = None,
 ) -> list[Any]:
     """Run ``torchrun --nproc_per_node N --master_port P <command>``; return each rank's reported result.
+
+    ``launcher_args`` go to torchrun before the command (``["--max-restarts", "1"]``); ``log``: a file that gets
+    the launcher's whole output (torchrun's own lines included), kept after the job.
 
     With ``cluster``: one torchrun per host, as on a real cluster — ``rendezvous="static"``: ``torchrun --nnodes
     H --nproc-per-node k --node-rank i --master-addr node0 --master-port 29500``; ``"c10d"``: ``torchrun
@@ -124,7 +129,8 @@ def run_torchrun(
     """
     if cluster is None:
         launcher = [launcher_path("torchrun"), "--nproc_per_node", str(np), "--master_port", str(free_port())]
-        return _run_launcher(lambda workdir, job_env: [launcher + list(command)], np, timeout, env, None)
+        launcher += list(launcher_args)
+        return _run_launcher(lambda workdir, job_env: [launcher + list(command)], np, timeout, env, None, log=log)
     if rendezvous not in ("static", "c10d"):
         raise ValueError(f"rendezvous must be 'static' or 'c10d', got {rendezvous!r}")
     spread = _spread(np, cluster, nodes)
@@ -139,10 +145,10 @@ def run_torchrun(
             else:
                 launcher += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"{master}:{MASTER_PORT}",
                              "--rdzv-id", workdir.name]  # fmt: skip
-            per_host.append(cluster.command(name, launcher + list(command)))
+            per_host.append(cluster.command(name, launcher + list(launcher_args) + list(command)))
         return per_host
 
-    return _run_launcher(commands, np, timeout, env, cluster, on_host=False)
+    return _run_launcher(commands, np, timeout, env, cluster, on_host=False, log=log)
 
 
 def free_port() -> int:
@@ -176,11 +182,12 @@ def _run_launcher(
     cluster: Cluster | None,
     *,
     on_host: bool = True,
+    log: str | os.PathLike | None = None,
 ) -> list[Any]:
     """Run the launcher command(s) ``commands(workdir, job_env)`` gives, side by side; collect ``np`` results.
 
     With ``cluster`` and ``on_host``, the (single) command runs on the cluster's first host. Once one command
-    fails, the others get a short grace and are killed.
+    fails, the others get a short grace and are killed. ``log``: where to copy the commands' whole output.
     """
     with tempfile.TemporaryDirectory(prefix="hybrid-ext-job-") as tmp:
         workdir = Path(tmp)
@@ -193,8 +200,8 @@ def _run_launcher(
         logs = [workdir / f"launcher{i}.log" for i in range(len(argvs))]
         procs = []
         try:
-            for argv, log in zip(argvs, logs):
-                with open(log, "w") as out:
+            for argv, path in zip(argvs, logs):
+                with open(path, "w") as out:
                     procs.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=job_env,
                                                   text=True, start_new_session=True))  # fmt: skip
             timed_out = not _wait_all(procs, time.monotonic() + timeout)
@@ -204,7 +211,9 @@ def _run_launcher(
                 proc.wait()
             if cluster is not None:
                 cluster.kill_strays()  # ranks the launcher started over ssh on other hosts
-        output = "\n".join(log.read_text(errors="replace")[-LOG_TAIL_CHARS:] for log in logs)
+        if log is not None:
+            Path(log).write_text("\n".join(path.read_text(errors="replace") for path in logs))
+        output = "\n".join(path.read_text(errors="replace")[-LOG_TAIL_CHARS:] for path in logs)
         if timed_out:
             raise LaunchTimeout(
                 f"`{described}` did not finish within {timeout:.0f}s: killed.\noutput (tail):\n{output}"

@@ -17,6 +17,7 @@ from hybrid_ext.integrations.horovod.transport import (
     HorovodAlltoallTransport,
     communicator_for,
     process_set_for,
+    reset,
     side_channel,
 )
 
@@ -30,5 +31,6 @@ __all__ = [
     "horovod_groups",
     "process_set_for",
     "register",
+    "reset",
     "side_channel",
 ]

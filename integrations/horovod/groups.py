@@ -39,6 +39,11 @@ def horovod_groups(mp_size: int | None = None, device: torch.device | None = Non
     return _cache[key]
 
 
+def forget() -> None:
+    """Drop the cached grids (a Horovod reset: :func:`~hybrid_ext.integrations.horovod.transport.reset`)."""
+    _cache.clear()
+
+
 def _create(dims: ParallelDims, rank: int, device: torch.device) -> Groups:
     hvd = _hvd()
     world = dims.world

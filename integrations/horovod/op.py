@@ -18,6 +18,8 @@ How it hooks in (Horovod 0.28.1 has no registry for ops; its algorithms are C++ 
   grouped variants, the optimizer's gradient hooks) ends in one of two private dispatch functions of
   ``horovod.torch.mpi_ops`` — ``_allreduce_async`` and ``_grouped_allreduce_async`` — looked up at call time.
   :func:`register` wraps those two: a Butterfly op goes to hybrid-ext, anything else to Horovod untouched.
+- Resets: ``shutdown`` is wrapped too (where ``horovod.torch``, its ``mpi_ops`` and ``elastic`` bind it) to drop
+  the side channels first, so after ``hvd.elastic.run`` re-initializes Horovod the butterfly meets the new ranks.
 - Handles: a Butterfly reduction returns a :class:`ButterflyHandle`; ``synchronize`` and ``poll`` are wrapped
   (in ``horovod.torch.mpi_ops``, ``horovod.torch`` and ``horovod.torch.optimizer``, the modules that bind them)
   to wait on it, and pass Horovod's own integer handles through.
@@ -42,13 +44,15 @@ import torch
 
 from hybrid_ext.comm import SUPPORTED_DTYPES, Communicator, Handle
 from hybrid_ext.comm.transport import PeerError
-from hybrid_ext.integrations.horovod.transport import communicator_for
+from hybrid_ext.integrations.horovod.transport import communicator_for, reset
 
 # module -> names wrapped there. Pinned by tests: a Horovod upgrade that moves any of them fails loudly.
+# shutdown: in each module that binds it (horovod.torch.elastic's _reset calls its own binding between attempts).
 PATCHED: dict[str, tuple[str, ...]] = {
-    "horovod.torch.mpi_ops": ("_allreduce_async", "_grouped_allreduce_async", "synchronize", "poll"),
-    "horovod.torch": ("synchronize", "poll", "DistributedOptimizer"),
+    "horovod.torch.mpi_ops": ("_allreduce_async", "_grouped_allreduce_async", "synchronize", "poll", "shutdown"),
+    "horovod.torch": ("synchronize", "poll", "DistributedOptimizer", "shutdown"),
     "horovod.torch.optimizer": ("synchronize",),
+    "horovod.torch.elastic": ("shutdown",),
 }
 _lock = threading.Lock()
 _originals: dict[str, Callable] = {}
@@ -180,6 +184,16 @@ def poll(handle) -> bool:
     return _originals["horovod.torch.mpi_ops.poll"](handle)
 
 
+def shutdown(*args, **kwargs):
+    """``hvd.shutdown``, after forgetting the side channels of this Horovod session (see :func:`.transport.reset`).
+
+    ``hvd.elastic.run`` shuts Horovod down and initializes it again whenever ranks are lost or added: the next
+    Butterfly reduction must meet the ranks there are then, not the channel to the ones before.
+    """
+    reset()
+    return _originals["horovod.torch.mpi_ops.shutdown"](*args, **kwargs)
+
+
 def distributed_optimizer(optimizer, *args, **kwargs):
     """``hvd.DistributedOptimizer``, except around a ``hybrid_ext.parallelize``'d model's parameters.
 
@@ -210,6 +224,7 @@ _WRAPPERS = {
     "synchronize": synchronize,
     "poll": poll,
     "DistributedOptimizer": distributed_optimizer,
+    "shutdown": shutdown,
 }
 
 

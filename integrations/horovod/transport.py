@@ -9,6 +9,12 @@
 - :class:`HorovodAlltoallTransport`: each exchange is one ``hvd.alltoall`` with splits that send only to the
   partner. Every step goes through Horovod's negotiation cycle (milliseconds per step), which is why it is
   not the default — see the measurements in the README (``python -m hybrid_ext.integrations.horovod.bench``).
+
+Side channels, communicators and the partitioner's grids belong to one Horovod session: :func:`reset` forgets
+them, and ``hvd.shutdown`` (wrapped by :func:`~hybrid_ext.integrations.horovod.register`) calls it — which is
+what ``hvd.elastic.run`` does before it re-initializes Horovod for the ranks left after a host is lost (or
+joined). The next Butterfly reduction then opens a side channel among the new ranks. A cached channel whose
+rank or size no longer matches Horovod's is replaced as well (Horovod re-initialized without the wrapper).
 """
 
 from __future__ import annotations
@@ -68,10 +74,17 @@ def side_channel(process_set: Any = None, timeout: float = DEFAULT_TIMEOUT) -> S
     key = process_set.process_set_id
     if key is None:
         raise ValueError(f"{process_set} is not registered with Horovod (hvd.add_process_set / hvd.init)")
+    ranks = set_ranks(process_set)
     with _lock:
         channel = _channels.get(key)
+        if channel is not None and not _matches(channel, ranks, hvd.rank()):
+            # Made before Horovod was re-initialized with other ranks: its peers are not these.
+            stale = _channels.pop(key)
+            for comm_key in [k for k in _communicators if k[0] == key]:
+                del _communicators[comm_key]
+            stale.close()
+            channel = None
         if channel is None:
-            ranks = set_ranks(process_set)
 
             def share(obj):
                 return hvd.broadcast_object(
@@ -83,12 +96,16 @@ def side_channel(process_set: Any = None, timeout: float = DEFAULT_TIMEOUT) -> S
         return channel
 
 
+def _matches(channel: SideChannel | Communicator, ranks: list[int], rank: int) -> bool:
+    return channel.size == len(ranks) and rank in ranks and channel.rank == ranks.index(rank)
+
+
 def communicator_for(process_set: Any, device: torch.device) -> Communicator:
     """The communicator that runs Butterfly reductions over ``process_set`` for tensors on ``device``."""
     key = (process_set.process_set_id, "cuda" if device.type == "cuda" else "cpu")
     with _lock:
         comm = _communicators.get(key)
-    if comm is not None:
+    if comm is not None and _matches(comm, set_ranks(process_set), _hvd().rank()):
         return comm
     channel = side_channel(process_set)
     with _lock:
@@ -97,6 +114,25 @@ def communicator_for(process_set: Any, device: torch.device) -> Communicator:
             comm = Communicator(channel.transport(device), device)
             _communicators[key] = comm
         return comm
+
+
+def reset() -> None:
+    """Forget every side channel, communicator and partitioner grid made so far, and close the channels.
+
+    ``hvd.shutdown`` calls this once :func:`~hybrid_ext.integrations.horovod.register` has run (so does
+    ``hvd.elastic.run`` between attempts); call it yourself after re-initializing Horovod without
+    ``register()``. Models parallelized over an old grid (``horovod_groups()``) still hold its communicators:
+    parallelize them anew after a reset.
+    """
+    from hybrid_ext.integrations.horovod import groups
+
+    with _lock:
+        channels = list(_channels.values())
+        _channels.clear()
+        _communicators.clear()
+        groups.forget()
+    for channel in channels:
+        channel.close()
 
 
 class HorovodAlltoallTransport:

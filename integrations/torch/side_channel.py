@@ -56,12 +56,18 @@ class SideChannel:
         # of one subgroup count differently and wait on different keys.
         self._subgroups: dict[tuple[str, tuple[int, ...]], int] = {}
         self.backends: list[Any] = []  # gloo / NCCL groups, kept alive with the channel
+        self.closed = False
 
     def transport(self, device: torch.device, choice: str | None = None) -> Transport:
         """This group's transport for tensors on ``device`` (every rank of the group calls this together once).
 
         ``choice``: ``auto`` / ``shm`` / ``torch`` (gloo or NCCL), as ``HYBRID_EXT_TRANSPORT``, which it overrides.
         """
+        if self.closed:
+            raise RuntimeError(
+                f"the side channel {self.name} was closed (its host framework was reset, e.g. by elastic Horovod): "
+                "open a new one among the ranks there are now"
+            )
         kind = "cuda" if device.type == "cuda" else "cpu"
         choice = choice or transport_choice()
         if (kind, choice) not in self._transports:
@@ -91,6 +97,16 @@ class SideChannel:
         self.backends.append(backend)
         network = TorchTransport(backend, self.timeout, name=f"{self.name}-{'nccl' if kind == 'cuda' else 'gloo'}")
         return combine(network, local)  # shared memory with the ranks of this host, the network to the others
+
+    def close(self) -> None:
+        """Let go of this channel's transports and gloo / NCCL groups; it makes no new ones after this.
+
+        For a group whose ranks are gone (an elastic reset): nothing is sent, so no peer has to answer, and
+        collectives already running on its transports fail or finish by themselves.
+        """
+        self.closed = True
+        self._transports.clear()
+        self.backends.clear()
 
     def subgroup(self, key: str, members: Sequence[int]) -> SideChannel:
         """The side channel of ``members`` (ranks of this group); only they call this, together."""
