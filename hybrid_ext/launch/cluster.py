@@ -130,10 +130,12 @@ class Cluster:
         """A DeepSpeed hostfile: one ``name slots=N`` line per host."""
         return "".join(f"{name} slots={per_host}\n" for name in self.names)
 
-    def kill_strays(self) -> None:
-        """Kill every process in the hosts but their keepers and sshd listeners (e.g. ranks a timed-out launcher
-        left behind on other hosts)."""
+    def kill_strays(self, names: Sequence[str] | None = None) -> None:
+        """Kill every process in the hosts (those ``names``; default all) but their keepers and sshd listeners
+        (e.g. ranks a timed-out launcher left behind on other hosts)."""
         for host in self.hosts:
+            if names is not None and host.name not in names:
+                continue
             keep = {host.pid, *_children(host.pid, "sshd")}
             with contextlib.suppress(OSError):
                 keep.add(int(Path(f"/proc/{host.pid}/stat").read_text().rsplit(")", 1)[1].split()[1]))  # unshare

@@ -53,7 +53,8 @@ def run_horovodrun(
         hosts = ",".join(f"{name}:{per_host}" for name, per_host in _spread(np, cluster, nodes))
         launcher = [launcher_path("horovodrun"), "-np", str(np), "-H", hosts, "--gloo",
                     "--network-interface", cluster.interface]  # fmt: skip
-    return _run_launcher(lambda workdir, job_env: [launcher + list(command)], np, timeout, env, cluster)
+    used = [name for name, _ in _spread(np, cluster, nodes)] if cluster is not None else None
+    return _run_launcher(lambda workdir, job_env: [launcher + list(command)], np, timeout, env, cluster, hosts=used)
 
 
 def run_deepspeed(
@@ -92,7 +93,8 @@ def run_deepspeed(
                  "--master_port", str(port), *command]]  # fmt: skip
 
     try:
-        return _run_launcher(commands, np, timeout, job_env, cluster)
+        used = [name for name, _ in _spread(np, cluster, nodes)] if cluster is not None else None
+        return _run_launcher(commands, np, timeout, job_env, cluster, hosts=used)
     finally:
         # DeepSpeed's CPU accelerator maps a ~70 MB buffer per rank in /dev/shm and never unlinks it, so every
         # job would leave its buffers behind in RAM; they are named after the job's master port.
@@ -148,7 +150,8 @@ def run_torchrun(
             per_host.append(cluster.command(name, launcher + list(launcher_args) + list(command)))
         return per_host
 
-    return _run_launcher(commands, np, timeout, env, cluster, on_host=False, log=log)
+    used = [name for name, _ in spread]
+    return _run_launcher(commands, np, timeout, env, cluster, on_host=False, log=log, hosts=used)
 
 
 def free_port() -> int:
@@ -183,11 +186,14 @@ def _run_launcher(
     *,
     on_host: bool = True,
     log: str | os.PathLike | None = None,
+    hosts: Sequence[str] | None = None,
 ) -> list[Any]:
     """Run the launcher command(s) ``commands(workdir, job_env)`` gives, side by side; collect ``np`` results.
 
     With ``cluster`` and ``on_host``, the (single) command runs on the cluster's first host. Once one command
     fails, the others get a short grace and are killed. ``log``: where to copy the commands' whole output.
+    ``hosts``: the cluster hosts the job runs on; what it leaves running there is killed afterwards (only there:
+    other jobs may use the other hosts).
     """
     with tempfile.TemporaryDirectory(prefix="hybrid-ext-job-") as tmp:
         workdir = Path(tmp)
@@ -210,7 +216,7 @@ def _run_launcher(
                 _kill_tree(proc)
                 proc.wait()
             if cluster is not None:
-                cluster.kill_strays()  # ranks the launcher started over ssh on other hosts
+                cluster.kill_strays(hosts)  # ranks the launcher started over ssh on other hosts
         if log is not None:
             Path(log).write_text("\n".join(path.read_text(errors="replace") for path in logs))
         output = "\n".join(path.read_text(errors="replace")[-LOG_TAIL_CHARS:] for path in logs)
