@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hybrid_ext.comm import tuner as tuning
-from hybrid_ext.comm.tuner import TRIALS, ChoiceStore, Tuner
+from hybrid_ext.comm.tuner import ChoiceStore, Tuner, trials_for
 
 CANDIDATES = ("recursive_doubling", "rabenseifner", "ring")
 
@@ -63,7 +63,7 @@ def _tune(rank, agree, seconds_of, store, mode="on", nbytes=1 << 20):
     """Drive one rank's tuner as the communicator does; return (schedules run, choice)."""
     tuner = Tuner("test", agree, store=store, mode=mode)
     ran = []
-    for _ in range(TRIALS * len(CANDIDATES) + 3):
+    for _ in range(trials_for(nbytes) * len(CANDIDATES) + 3):
         name, trial = tuner.pick("auto", nbytes, CANDIDATES)
         ran.append(name)
         if trial:
@@ -83,8 +83,9 @@ def test_every_rank_runs_the_same_trials_and_keeps_the_fastest_on_the_slowest_ra
     runs = {tuple(ran) for ran, _ in results}
     assert len(runs) == 1, "ranks ran different schedules"
     ran = results[0][0]
-    assert ran[: TRIALS * 3] == list(CANDIDATES) * TRIALS
-    assert set(ran[TRIALS * 3 :]) == {"ring"}
+    trials = trials_for(1 << 20)
+    assert ran[: trials * 3] == list(CANDIDATES) * trials
+    assert set(ran[trials * 3 :]) == {"ring"}
     assert {choice for _, choice in results} == {"ring"}
 
 
@@ -116,7 +117,8 @@ def test_a_saved_choice_is_used_only_when_every_rank_saved_the_same(tmp_path):
     other.path.write_text(json.dumps({k: "ring" for k in json.loads(store.path.read_text())}))
     stores = [store, other]
     mixed = _run_ranks(2, lambda r, a: _tune(r, a, lambda _r, n: times[n], stores[r]))
-    assert all(ran[: TRIALS * 3] == list(CANDIDATES) * TRIALS for ran, _ in mixed)
+    trials = trials_for(1 << 20)
+    assert all(ran[: trials * 3] == list(CANDIDATES) * trials for ran, _ in mixed)
     assert {choice for _, choice in mixed} == {"rabenseifner"}
 
 
@@ -127,7 +129,8 @@ def test_fresh_ignores_saved_choices_and_an_unreadable_file_means_tuning(tmp_pat
     assert store.load() == {}
     times = {"recursive_doubling": 1.0, "rabenseifner": 2.0, "ring": 3.0}
     results = _run_ranks(2, lambda r, a: _tune(r, a, lambda _r, n: times[n], store, mode="fresh"))
-    assert all(ran[: TRIALS * 3] == list(CANDIDATES) * TRIALS for ran, _ in results)
+    trials = trials_for(1 << 20)
+    assert all(ran[: trials * 3] == list(CANDIDATES) * trials for ran, _ in results)
     assert list(json.loads(path.read_text()).values()) == ["recursive_doubling"]
 
 
@@ -138,7 +141,7 @@ def test_trials_cover_only_what_every_rank_finds_plausible(tmp_path):
     def body(rank, agree):
         tuner = Tuner("test", agree, store=ChoiceStore(tmp_path / f"{rank}.json"), mode="fresh")
         ran = []
-        for _ in range(TRIALS + 2):
+        for _ in range(trials_for(4096) + 2):
             name, trial = tuner.pick("auto", 4096, CANDIDATES, plausible[rank])
             ran.append(name)
             if trial:
@@ -146,12 +149,26 @@ def test_trials_cover_only_what_every_rank_finds_plausible(tmp_path):
         return ran
 
     results = _run_ranks(3, body)
-    assert all(ran == ["rabenseifner"] * (TRIALS + 2) for ran in results)  # the one all three keep: no trials
+    assert all(ran == ["rabenseifner"] * (trials_for(4096) + 2) for ran in results)  # the one all three keep: no trials
 
     # Nothing in common (models that disagree completely): every candidate is tried.
     plausible = {0: (True, False, False), 1: (False, True, False), 2: (False, False, True)}
     results = _run_ranks(3, body)
     assert all(ran[:3] == list(CANDIDATES) for ran in results)
+
+
+def test_cheap_calls_get_more_trials_and_their_median_decides(tmp_path):
+    assert trials_for(1024) > trials_for(4 << 20) > trials_for(64 << 20) >= 3
+    calls: dict = {}
+
+    def seconds(rank, name):  # recursive doubling is fast once, slow after: the median sees through it
+        calls[(rank, name)] = calls.get((rank, name), 0) + 1
+        if name == "recursive_doubling":
+            return 0.1 if calls[(rank, name)] == 2 else 5.0
+        return {"rabenseifner": 2.0, "ring": 3.0}[name]
+
+    results = _run_ranks(2, lambda r, a: _tune(r, a, seconds, ChoiceStore(tmp_path / "t.json"), nbytes=4096))
+    assert {choice for _, choice in results} == {"rabenseifner"}
 
 
 def test_size_classes_are_tuned_apart():
@@ -190,12 +207,12 @@ def test_real_ranks_tune_together_save_and_reuse_their_choice(spawn_ranks, tmp_p
         "HYBRID_EXT_TUNED": str(tmp_path / "tuned.json"),
         "HYBRID_EXT_COST_MODEL": str(tmp_path / "no-calibration.json"),
     }
-    calls = TRIALS * len(CANDIDATES) + 4
+    calls = trials_for(20_000) * len(CANDIDATES) + 4
     first = spawn_ranks(_tuned_rank, 3, calls, 5000, env=env)
     assert all(r["exact"] for r in first)
     assert len({tuple(r["ran"]) for r in first}) == 1, [r["ran"] for r in first]
     ran = first[0]["ran"]
-    trials = TRIALS * len(CANDIDATES)
+    trials = trials_for(20_000) * len(CANDIDATES)
     assert sorted(set(ran[:trials])) == sorted(CANDIDATES)
     assert len(set(ran[trials:])) == 1
     choice = ran[-1]

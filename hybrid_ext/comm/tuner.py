@@ -9,7 +9,7 @@ How the ranks stay in agreement (a split decision would run different schedules 
 
 - Collectives reach a communicator in the same order on every rank, so every rank sees the same sequence of
   (request, size class) keys; the k-th call of a key runs candidate ``k % len(candidates)`` for the first
-  ``TRIALS · len(candidates)`` calls — the same candidate on every rank, with no message.
+  ``trials_for(nbytes) · len(candidates)`` calls — the same candidate on every rank, with no message.
 - After the last trial each rank contributes its own timings to one small max-allreduce: every rank then holds the
   same table (the slowest rank's time of each trial) and takes the same argmin (ties: candidate order).
 - A choice saved by an earlier run (``~/.cache/hybrid-ext/tuned.json``, see :func:`choices_path`) is used only
@@ -27,6 +27,7 @@ import fcntl
 import json
 import os
 import socket
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,17 @@ TUNE_ENV = "HYBRID_EXT_TUNE"
 TUNE_CHOICES = ("on", "off", "fresh")
 CHOICES_ENV = "HYBRID_EXT_TUNED"  # where saved choices live (default: the cache directory's tuned.json)
 MAX_CANDIDATES = 6  # three flat schedules, and as many hierarchical ones across hosts
-TRIALS = 3  # timed calls per candidate; the best of them counts (the first call of a schedule pays its warm-up)
+
+
+def trials_for(nbytes: int) -> int:
+    """Timed calls per candidate: more where calls are cheap and noise is large beside them (the same on every rank).
+
+    With 5 or more, a candidate's score is the median of its trials (the slowest rank's time of each); with 3, the
+    best (the first call of a schedule pays its warm-up: buffers, pages).
+    """
+    if nbytes < 1 << 20:
+        return 9
+    return 5 if nbytes < 16 << 20 else 3
 
 
 def tune_mode() -> str:
@@ -93,6 +104,7 @@ class ChoiceStore:
 @dataclass
 class _Key:
     candidates: tuple[str, ...]
+    trials: int
     times: list[float] = field(default_factory=list)  # this rank's time of each trial call, in order
     choice: str | None = None
 
@@ -143,7 +155,7 @@ class Tuner:
             # the lowest flag: a candidate stays only if every rank finds it plausible.
             agreed = self.agree_max([float(index), float(-index), *(-f for f in flags)])
             kept = tuple(c for c, negated in zip(candidates, agreed[2:]) if negated == -1.0) or candidates
-            state = self._keys[(request, cls)] = _Key(kept)
+            state = self._keys[(request, cls)] = _Key(kept, trials_for(nbytes))
             if len(kept) == 1:
                 state.choice = kept[0]  # nothing to try
             if index and agreed[0] == -agreed[1]:  # every rank saved the same choice
@@ -157,13 +169,14 @@ class Tuner:
         cls = size_class(nbytes)
         state = self._keys[(request, cls)]
         state.times.append(float(seconds))
-        if len(state.times) < TRIALS * len(state.candidates):
+        if len(state.times) < state.trials * len(state.candidates):
             return None
         slowest = self.agree_max(state.times)  # the same table on every rank
-        best = {}
+        per_candidate: dict[str, list[float]] = {}
         for index, seconds in enumerate(slowest):
-            name = state.candidates[index % len(state.candidates)]
-            best[name] = min(best.get(name, float("inf")), seconds)
+            per_candidate.setdefault(state.candidates[index % len(state.candidates)], []).append(seconds)
+        score = min if state.trials < 5 else statistics.median
+        best = {name: score(times) for name, times in per_candidate.items()}
         state.choice = min(state.candidates, key=lambda name: (best[name], state.candidates.index(name)))
         if self.mode in ("on", "fresh"):
             self.store.save(self._saved_key(request, cls), state.choice)

@@ -136,7 +136,7 @@ def main() -> None:
     for algorithm in algorithms:  # auto / butterfly: past the tuner's trials before timing (it decides once)
         if algorithm in ("auto", "butterfly") and tuner.tune_mode() != "off":
             os.environ["HYBRID_EXT_ALGO"] = algorithm
-            calls = tuner.TRIALS * tuner.MAX_CANDIDATES + 1  # + the first call's agreement
+            calls = tuner.trials_for(params * 4) * tuner.MAX_CANDIDATES + 1  # + the first call's agreement
             for _ in range(-(-calls // args.repeats)):
                 timed_step(butterfly_engine, x, y, bookkeeping, args.repeats)
     for _ in range(args.steps):
