@@ -115,6 +115,8 @@ def _bench_rank(
                     else:
                         comm.allreduce(buf, algorithm=algorithm)
                 elapsed = (time.perf_counter() - start) / inner
+                if interface:
+                    dist.barrier()  # every rank of the host has sent all it will before the counter is read
                 after = _tx_bytes(interface)
                 if algorithm != "native":
                     chosen[(size, algorithm)] = metrics.last().algorithm  # what ran, not what a model would pick

@@ -258,14 +258,19 @@ class ShmTransport:
         whose partner is alive but stopped when it saw the death (the partner would otherwise take the blame).
         """
         dead = [r for r in range(self.size) if r != self.rank and not process_running(self._pids[r])]
+        notes = self.notes()  # read after the pid check: a rank that gave up wrote its note before it exited
+        problems = []
         if dead:
             host = socket.gethostname()
             gone = "; ".join(f"rank {self._label[r]} (pid {self._pids[r]}, same host {host}) has died" for r in dead)
-            raise PeerError(f"rank {self._label[self.rank]}, waiting for rank {self._label[peer]}: peer {gone}")
-        notes = self.notes()
-        if notes:  # a host-mate gave up on the network (a dead rank or a cut link on another host): say why
-            why = "; ".join(f"rank {self._label[r]} (same host) gave up: {note}" for r, note in notes.items())
-            raise PeerError(f"rank {self._label[self.rank]}, waiting for rank {self._label[peer]}: {why}")
+            problems.append(f"peer {gone}")
+        # A host-mate that gave up on the network (a dead rank or a cut link on another host) says why; it may
+        # have exited since, so its note goes with the news of its death.
+        problems += [f"rank {self._label[r]} (same host) gave up: {note}" for r, note in notes.items()]
+        if problems:
+            raise PeerError(
+                f"rank {self._label[self.rank]}, waiting for rank {self._label[peer]}: {'; '.join(problems)}"
+            )
 
     def note(self, text: str) -> None:
         """Leave ``text`` (why this rank gave up on the group) where its host-mates look while they wait.
