@@ -4,7 +4,8 @@ Every strategy trains the same model on the same global batch (W ranks × micro-
 rank processes the whole global batch). Also measured, as the limit: ``compute-only`` — each rank does
 exactly the per-rank work of ``hybrid`` (its conv micro-batch, its FC shards on the group's batch) with every
 message skipped (:class:`MirrorTransport`). Bytes come from hybrid-ext's metrics (sent per rank per step;
-``native`` reductions record what a ring allreduce of their buffers sends).
+``native`` reductions record what a ring allreduce of their buffers sends). The timed steps follow at least 2
+warm-up steps and the online tuner's trials (:mod:`hybrid_ext.comm.tuner`): they run what training runs.
 
 Under a launcher (torchrun's ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) the launched processes
 are the ranks and rank 0 prints; ``--hosts H [--nic RATE]`` runs it so, under torchrun, on an emulated cluster.
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybrid_ext.bench.mirror_transport import MirrorTransport
-from hybrid_ext.comm import metrics
+from hybrid_ext.comm import metrics, tuner
 from hybrid_ext.launch import spawn
 
 
@@ -58,6 +59,9 @@ def _mirror_groups(world: int, mp_size: int, rank: int):
     )
 
 
+MAX_WARMUP_STEPS = 100  # a bound on the tuner's warm-up (a model with many bucket sizes tunes each)
+
+
 def _train_rank(rank, world, model_name, strategy, reducer, mp_size, steps, warmup, micro_batch, size, mirror):
     import hybrid_ext
 
@@ -74,17 +78,28 @@ def _train_rank(rank, world, model_name, strategy, reducer, mp_size, steps, warm
     x = torch.randn(batch, 3, size, size, generator=g)
     y = torch.randint(0, 10, (batch,), generator=g)
     times, sent, messages = [], [], []
-    for step in range(warmup + steps):
+
+    def one_step():
         with metrics.capture() as records:
             start = time.perf_counter()
             optimizer.zero_grad()
             F.cross_entropy(model(x), y).backward()
             optimizer.step()
             elapsed = time.perf_counter() - start
-        if step >= warmup:
-            times.append(elapsed)
-            sent.append(sum(r.bytes_sent for r in records))  # native reductions record a ring's traffic too
-            messages.append(sum(r.messages_sent for r in records))
+        return elapsed, records
+
+    # Warm-up: at least `warmup` steps, and on until the online tuner has stopped trying schedules (a step with no
+    # trial call: the same step on every rank, as trials are), so the timed steps run what training will run.
+    for step in range(MAX_WARMUP_STEPS):
+        trials = tuner.trial_calls()
+        one_step()
+        if step + 1 >= warmup and tuner.trial_calls() == trials:
+            break
+    for _ in range(steps):
+        elapsed, records = one_step()
+        times.append(elapsed)
+        sent.append(sum(r.bytes_sent for r in records))  # native reductions record a ring's traffic too
+        messages.append(sum(r.messages_sent for r in records))
     return {"times": times, "bytes": sent, "messages": messages}
 
 

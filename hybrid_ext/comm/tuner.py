@@ -49,6 +49,13 @@ def trials_for(nbytes: int) -> int:
     return 5 if nbytes < 16 << 20 else 3
 
 
+_trial_calls = 0  # timed trial calls this process has made, all groups: benchmarks warm up until it stops growing
+
+
+def trial_calls() -> int:
+    return _trial_calls
+
+
 def tune_mode() -> str:
     mode = os.environ.get(TUNE_ENV, "on").strip().lower() or "on"
     if mode in ("1", "true", "yes"):
@@ -166,6 +173,8 @@ class Tuner:
 
     def record(self, request: str, nbytes: int, seconds: float) -> str | None:
         """This rank's time of a trial call; after the last trial, the choice every rank makes (else None)."""
+        global _trial_calls
+        _trial_calls += 1
         cls = size_class(nbytes)
         state = self._keys[(request, cls)]
         state.times.append(float(seconds))
