@@ -142,7 +142,7 @@ def test_trials_cover_only_what_every_rank_finds_plausible(tmp_path):
         tuner = Tuner("test", agree, store=ChoiceStore(tmp_path / f"{rank}.json"), mode="fresh")
         ran = []
         for _ in range(trials_for(4096) + 2):
-            name, trial = tuner.pick("auto", 4096, CANDIDATES, plausible[rank])
+            name, trial = tuner.pick("auto", 4096, CANDIDATES, lambda: plausible[rank])
             ran.append(name)
             if trial:
                 tuner.record("auto", 4096, times[name])

@@ -108,11 +108,11 @@ class Communicator:
             labels = consistency.decode_labels(text.cpu())
         consistency.verify(table, ";".join(str(tuple(t.shape)) for t in tensors), labels)
 
-    def _sum_over_ranks(self, table: torch.Tensor) -> None:
-        """Sum a small table over the group in place (recursive doubling: log2 P messages)."""
+    def _sum_over_ranks(self, table: torch.Tensor, op: str = "sum") -> None:
+        """Reduce a small table over the group in place (recursive doubling: log2 P messages)."""
         flat = table.view(-1)
         plan = plan_allreduce("recursive_doubling", self.rank, self.size, flat.numel())
-        execute(plan, flat, torch.empty_like(flat), self.transport, "sum")
+        execute(plan, flat, torch.empty_like(flat), self.transport, op)
 
     def allreduce_now(
         self,
@@ -188,14 +188,17 @@ class Communicator:
         spans_hosts = hosts is not None and len(set(hosts)) > 1
         if algorithm == "hierarchical" and not spans_hosts:
             algorithm = "auto"  # one host: the flat schedules are the hierarchy
-        if algorithm in ("auto", "butterfly", "hierarchical") and not cost_model.forced() and tune_mode() != "off":
+        if self._tuned(algorithm):
             if self._tuner is None:
                 layout = ",".join(map(str, hosts)) if spans_hosts else "one-host"
                 signature = f"{self.transport.name}|{self.device.type}|P{self.size}|hosts {layout}"
                 self._tuner = Tuner(signature, self._max_over_ranks)
             candidates = self._candidates(algorithm, spans_hosts)
-            predicted = [self._predicted(name, nbytes) for name in candidates]
-            plausible = [p <= TRIAL_WITHIN * min(predicted) for p in predicted]
+
+            def plausible() -> list[bool]:  # asked on a size class's first call only, not on every call
+                predicted = [self._predicted(name, nbytes) for name in candidates]
+                return [p <= TRIAL_WITHIN * min(predicted) for p in predicted]
+
             name, trial = self._tuner.pick(algorithm, nbytes, candidates, plausible)
             return self._plan_named(name, count), (algorithm if trial else None)
         if spans_hosts and (
@@ -213,9 +216,13 @@ class Communicator:
     def tuning(self, algorithm: str, nbytes: int) -> bool:
         """Whether the tuner is still trying candidates for ``algorithm`` at ``nbytes`` (benchmarks warm past it)."""
         if self._tuner is None:
-            tuned = algorithm in ("auto", "butterfly", "hierarchical")
-            return tuned and tune_mode() != "off" and not cost_model.forced()
+            return self._tuned(algorithm)
         return self._tuner.tuning(algorithm, nbytes)
+
+    @staticmethod
+    def _tuned(algorithm: str) -> bool:
+        """Whether the tuner picks the schedule for a request of ``algorithm``."""
+        return algorithm in ("auto", "butterfly", "hierarchical") and not cost_model.forced() and tune_mode() != "off"
 
     @staticmethod
     def _candidates(algorithm: str, spans_hosts: bool) -> tuple[str, ...]:
@@ -249,8 +256,7 @@ class Communicator:
     def _max_over_ranks(self, values: list[float]) -> list[float]:
         """Element-wise maximum of ``values`` over the group (the tuner's one small agreement message)."""
         table = torch.tensor(values, dtype=torch.float64, device=self.device)
-        plan = plan_allreduce("recursive_doubling", self.rank, self.size, table.numel())
-        execute(plan, table, torch.empty_like(table), self.transport, "max")
+        self._sum_over_ranks(table, "max")
         return table.cpu().tolist()
 
     def _execute(self, plan: Plan, buffer: torch.Tensor, wire: torch.dtype, op: str) -> None:

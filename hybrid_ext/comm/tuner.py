@@ -142,12 +142,17 @@ class Tuner:
         return f"{self.signature}|{request}|class{cls}"
 
     def pick(
-        self, request: str, nbytes: int, candidates: Sequence[str], plausible: Sequence[bool] | None = None
+        self,
+        request: str,
+        nbytes: int,
+        candidates: Sequence[str],
+        plausible: Callable[[], Sequence[bool]] | None = None,
     ) -> tuple[str, bool]:
         """(schedule to run, whether this call is a timed trial) for a ``request`` of ``nbytes``.
 
-        ``plausible`` (one flag per candidate, e.g. from the cost model) narrows the trials to the candidates every
-        rank finds plausible — agreed in the first call's message, so ranks whose models differ still try the same.
+        ``plausible()`` (one flag per candidate, e.g. from the cost model; asked on a key's first call only) narrows
+        the trials to the candidates every rank finds plausible — agreed in the first call's message, so ranks
+        whose models differ still try the same.
         """
         candidates = tuple(candidates)
         if len(candidates) == 1:
@@ -157,7 +162,7 @@ class Tuner:
         if state is None:
             saved = self._saved.get(self._saved_key(request, cls))
             index = candidates.index(saved) + 1 if saved in candidates else 0
-            flags = [1.0 if p else 0.0 for p in plausible] if plausible is not None else [1.0] * len(candidates)
+            flags = [1.0 if p else 0.0 for p in plausible()] if plausible is not None else [1.0] * len(candidates)
             # One message: the max of (index, -index) says whether all saved the same; the max of -flag is minus
             # the lowest flag: a candidate stays only if every rank finds it plausible.
             agreed = self.agree_max([float(index), float(-index), *(-f for f in flags)])
