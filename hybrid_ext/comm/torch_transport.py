@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from hybrid_ext.comm import shm_transport
 from hybrid_ext.comm._c10d_private import backend_timeout_seconds, post_grouped
+from hybrid_ext.comm.buffers import ScratchPool
 from hybrid_ext.comm.transport import PeerError, Transport
 
 # Tag for hybrid-ext's messages ("HX"), distinct from the default tag 0 of user send/recv.
@@ -137,7 +138,7 @@ class TorchTransport:
         self._wait_timeout = timedelta(seconds=self.timeout)
         self.name = name or f"torch-{_backend_name(group)}"
         self.local_pids: dict[int, int] = {}  # group rank -> pid, for the ranks on this host (see transport_for)
-        self._landing_buffer: torch.Tensor | None = None
+        self._scratch = ScratchPool()  # where pipelined receives land before they are reduced
         self.remote_hosts: dict[int, tuple[str, str]] = {}  # group rank -> (host name, address), other hosts
 
     def _dead_ranks(self) -> str:
@@ -223,9 +224,7 @@ class TorchTransport:
 
     def _landing(self, like: torch.Tensor) -> torch.Tensor:
         """A receive buffer shaped like ``like`` (reused: one step at a time uses it)."""
-        held = self._landing_buffer
-        if held is None or held.dtype != like.dtype or held.device != like.device or held.numel() < like.numel():
-            held = self._landing_buffer = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
+        held = self._scratch.get(like.numel(), like.dtype, like.device, role="landing")
         return held[: like.numel()].view(like.shape)
 
 
