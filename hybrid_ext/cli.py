@@ -36,13 +36,15 @@ def _cmd_install_horovod(args: argparse.Namespace) -> int:
 def _cmd_bench_allreduce(args: argparse.Namespace) -> int:
     from hybrid_ext.bench import allreduce
 
-    return allreduce.main(args)
+    with allreduce.leaving_a_launched_job():
+        return allreduce.main(args)
 
 
 def _cmd_bench_train(args: argparse.Namespace) -> int:
-    from hybrid_ext.bench import train
+    from hybrid_ext.bench import allreduce, train
 
-    return train.main(args)
+    with allreduce.leaving_a_launched_job():
+        return train.main(args)
 
 
 def _cmd_cluster(args: argparse.Namespace) -> int:

@@ -22,10 +22,12 @@ Rabenseifner timings by least squares and saves them for ``auto``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -170,6 +172,21 @@ LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 def launched() -> bool:
     """True when a launcher started this process as one rank of a job (torchrun's environment)."""
     return all(var in os.environ for var in LAUNCHER_VARIABLES)
+
+
+@contextlib.contextmanager
+def leaving_a_launched_job() -> Iterator[None]:
+    """Around a benchmark: a rank a launcher started leaves its process group before the process exits.
+
+    Left to interpreter exit, gloo's process group was torn down with the interpreter, and now and then a rank
+    aborted there ("terminate called without an active exception", SIGABRT) after its results were in: torchrun
+    then failed the whole job.
+    """
+    try:
+        yield
+    finally:
+        if launched() and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _bench_launched_rank(sizes, algorithms, rounds, warmup, inner, interface=None) -> list[dict]:
