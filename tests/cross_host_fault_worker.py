@@ -1,8 +1,11 @@
-"""One rank of the cross-host fault jobs (tests/test_faults_cross_host.py): ``torchrun ... WORKER MODE OUTDIR``.
+"""One rank of the cross-host fault jobs (tests/test_faults_cross_host.py): ``torchrun ... WORKER MODE OUTDIR [ARGS]``.
 
 ``kill``: rank ``VICTIM`` SIGKILLs itself entering the first exchange of a recursive-doubling allreduce (the
-fault injector of tests/fault_injection.py); ``cut``: every rank runs allreduces until one fails (the test takes
-a host's link down meanwhile); ``small-shm``: one allreduce larger than ``/dev/shm`` (the test mounts a tiny one).
+fault injector of tests/fault_injection.py); ``phase ALGORITHM VICTIM PHASE MEMBERS``: the group of the world
+ranks MEMBERS (comma-separated) runs ALGORITHM (a flat schedule or ``hierarchical/<inter>``) and its group rank
+VICTIM SIGKILLs itself entering PHASE (ranks outside the group only set up and leave); ``cut``: every rank runs
+allreduces until one fails (the test takes a host's link down meanwhile); ``small-shm``: one allreduce larger
+than ``/dev/shm`` (the test mounts a tiny one).
 
 Each rank writes ``rank<r>.info`` (host, pid) once set up and ``rank<r>.json`` (what it saw) at the end, into
 OUTDIR, then leaves at once (``os._exit``, status 1 after an error) as a crashed training script would: its
@@ -63,6 +66,29 @@ def _kill(rank: int, world: int, outdir: Path) -> dict:
     return {"error": None, "seconds": time.monotonic() - start}
 
 
+def _kill_in_phase(
+    rank: int, world: int, timeout: float, algorithm: str, victim: int, phase: str, members: list[int]
+) -> dict:
+    whole = members == list(range(world))
+    group = None if whole else dist.new_group(members, timeout=timedelta(seconds=timeout))  # every rank calls it
+    if rank not in members:
+        return {"error": None, "member": False}
+    inner = communicator(group, torch.device("cpu")).transport
+    faulty = KillBeforeStep(inner)
+    hybrid_ext.allreduce(torch.ones(8), group=faulty)
+    me = members.index(rank)
+    if me == victim:
+        hosts = getattr(inner, "hosts", None)
+        faulty.arm(kill_index(algorithm, me, len(members), COUNT, phase, None if hosts is None else tuple(hosts)))
+    start = time.monotonic()
+    for attempt in ("faulted", "next"):  # as in _kill: a rank done before it needs the victim fails next time
+        try:
+            hybrid_ext.allreduce(torch.ones(COUNT), algorithm=algorithm, group=faulty)
+        except Exception as exc:
+            return _failure(exc, start, attempt=attempt, group_rank=me, transport=inner.name)
+    return {"error": None, "seconds": time.monotonic() - start, "group_rank": me}
+
+
 def _cut(rank: int, world: int, outdir: Path, timeout: float) -> dict:
     done = 0
     start = time.monotonic()
@@ -93,7 +119,7 @@ def _small_shm(rank: int, world: int) -> dict:
     return {"error": None, "exact": torch.equal(t, expected), "transport": communicator(None).transport.name}
 
 
-def main(mode: str, outdir: str) -> None:
+def main(mode: str, outdir: str, *args: str) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(1)
     timeout = float(os.environ.get(GROUP_TIMEOUT_ENV, "20"))
@@ -111,6 +137,11 @@ def main(mode: str, outdir: str) -> None:
         os._exit(1)
     if mode == "kill":
         outcome = _kill(rank, world, out)
+    elif mode == "phase":
+        algorithm, victim, phase, members = args
+        outcome = _kill_in_phase(
+            rank, world, timeout, algorithm, int(victim), phase, [int(m) for m in members.split(",")]
+        )
     elif mode == "cut":
         outcome = _cut(rank, world, out, timeout)
     else:
@@ -123,4 +154,4 @@ def main(mode: str, outdir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

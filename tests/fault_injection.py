@@ -12,7 +12,12 @@ import os
 import signal
 
 from hybrid_ext.comm import consistency
-from hybrid_ext.comm.schedule import plan_allreduce
+from hybrid_ext.comm.cost_model import HIERARCHICAL_PREFIX
+from hybrid_ext.comm.hierarchy import plan_hierarchical
+from hybrid_ext.comm.schedule import Plan, plan_allreduce
+
+# What the communicator reads off a group's transport to plan for hosts (a group that spans them has these).
+_LAYOUT_ATTRIBUTES = ("hosts", "local", "network", "local_ranks")
 
 
 class KillBeforeStep:
@@ -42,7 +47,10 @@ class KillBeforeStep:
         self.inner.exchange(send, send_to, recv, recv_from)
 
     def __getattr__(self, name: str):
-        # Offer the inner transport's fused receive-and-reduce only where it has one (the executor asks hasattr).
+        # The inner transport's host layout (so hierarchical plans are made as for the real group) and its fused
+        # receive-and-reduce, only where it has them (the communicator and the executor ask hasattr).
+        if name in _LAYOUT_ATTRIBUTES:
+            return getattr(self.inner, name)
         if name != "exchange_reduce":
             raise AttributeError(name)
         inner = getattr(self.inner, name)
@@ -54,23 +62,36 @@ class KillBeforeStep:
         return exchange_reduce
 
 
-def kill_index(algorithm: str, rank: int, size: int, count: int, phase: str) -> int:
+def plan_for(algorithm: str, rank: int, size: int, count: int, hosts: tuple[int, ...] | None = None) -> Plan:
+    """The plan ``rank`` runs for ``algorithm`` (``hierarchical/<inter>`` needs every group rank's host)."""
+    if algorithm.startswith(HIERARCHICAL_PREFIX):
+        if hosts is None or len(hosts) != size:
+            raise ValueError(f"{algorithm} needs the host of each of the {size} ranks, got {hosts}")
+        return plan_hierarchical(algorithm.removeprefix(HIERARCHICAL_PREFIX), rank, tuple(hosts), count)
+    return plan_allreduce(algorithm, rank, size, count)
+
+
+def kill_index(
+    algorithm: str, rank: int, size: int, count: int, phase: str, hosts: tuple[int, ...] | None = None
+) -> int:
     """The exchange call at which to kill ``rank`` so that it dies on entering ``phase`` of this allreduce.
 
     The first step of ``phase`` in which the rank sends (its peers then wait for something it never sends);
     check mode's fingerprint exchange runs first over the same transport, so its steps are counted in.
+    ``hosts``: every group rank's host, for the hierarchical plans (whose phases read ``host <phase>`` within a
+    host and ``hosts <phase>`` between hosts).
     """
-    steps = plan_allreduce(algorithm, rank, size, count).steps
+    steps = plan_for(algorithm, rank, size, count, hosts).steps
     index = next(i for i, s in enumerate(steps) if s.phase == phase and s.send is not None)
     if consistency.check_enabled():
         index += len(plan_allreduce("recursive_doubling", rank, size, size * len(consistency.FIELDS)).steps)
     return index
 
 
-def phases(algorithm: str, rank: int, size: int, count: int) -> list[str]:
+def phases(algorithm: str, rank: int, size: int, count: int, hosts: tuple[int, ...] | None = None) -> list[str]:
     """The phases in which ``rank`` sends something, in plan order (what :func:`kill_index` can target)."""
     seen: list[str] = []
-    for step in plan_allreduce(algorithm, rank, size, count).steps:
+    for step in plan_for(algorithm, rank, size, count, hosts).steps:
         if step.send is not None and step.phase not in seen:
             seen.append(step.phase)
     return seen

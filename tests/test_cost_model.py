@@ -57,6 +57,32 @@ def test_environment_overrides_auto_and_butterfly_but_not_an_explicit_choice(mon
         cost_model.resolve("auto", 1024, 8)
 
 
+class _Layout:
+    """A stand-in transport: only what the communicator reads to plan (no exchanges happen here)."""
+
+    name = "shm+torch-gloo"
+
+    def __init__(self, rank: int, hosts: tuple[int, ...] | None) -> None:
+        self.rank, self.size, self.timeout = rank, 4, 10.0
+        if hosts is not None:
+            self.hosts = hosts
+
+
+@pytest.mark.parametrize("inter", ["recursive_doubling", "rabenseifner", "ring"])
+def test_a_named_schedule_between_hosts_is_planned_as_named_and_flat_on_one_host(inter):
+    from hybrid_ext.comm.communicator import Communicator
+
+    name = f"hierarchical/{inter}"
+    assert cost_model.resolve(name, 1024, 4) == name
+    for count in (1, 1000, 1 << 20):  # below and above the size from which auto goes hierarchical
+        across = Communicator(_Layout(2, (0, 0, 1, 1)))._allreduce_plan(name, count, 4 * count)[0]
+        assert across.algorithm == name
+        assert count < 4 or {s.phase.split()[0] for s in across.steps} == {"host", "hosts"}
+        assert Communicator(_Layout(2, None))._allreduce_plan(name, count, 4 * count)[0].algorithm == inter
+    with pytest.raises(ValueError, match="unknown allreduce algorithm 'hierarchical/tree'"):
+        cost_model.resolve("hierarchical/tree", 1024, 4)
+
+
 def test_calibration_is_saved_per_transport_and_used(tmp_path):
     cost_model.save_model("shm", CostModel(alpha=1.0, beta=0.0, gamma=0.0))
     cost_model.save_model("torch-gloo", CostModel(alpha=1e-9, beta=1.0, gamma=1.0))

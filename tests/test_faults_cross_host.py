@@ -5,6 +5,12 @@ within each host, gloo between them), and a ``/dev/shm`` too small for the share
   Every other rank — its host-mate, the rank on node0 that exchanges with it, and the one that never does —
   raises :class:`hybrid_ext.PeerError` naming it and its host within the group timeout; no shared-memory file
   of ours is left on either host.
+- **Dead rank in each phase across hosts**: a rank SIGKILLed entering each phase of the hierarchical allreduce
+  (reduce-scatter within a host, the exchanges between hosts, all-gather within a host) and of the flat schedules
+  whose steps cross hosts (the non-power-of-two fold and unfold, the ring), on the world (2 + 2 ranks) and on a
+  3-rank group split 1 + 2 over the hosts (so the fold's whole-vector exchange crosses them): every other rank of
+  the group raises ``PeerError`` naming the dead rank and its host within the group timeout, even a rank that
+  only ever waits on a survivor; no shared-memory file of ours left. ``--soak`` repeats the matrix (54 jobs).
 - **Cut link**: node1's ``eth0`` is taken down while every rank runs allreduces. The ranks on both hosts raise
   ``PeerError`` naming the other host within the group timeout (plus the time a host-mate takes to notice). The
   link is always brought back up (and a watchdog inside node1 brings it up should this process die), and the
@@ -29,6 +35,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fault_injection import phases
 
 from hybrid_ext.comm import shm_transport
 from hybrid_ext.launch import LaunchError, launcher_path, run_torchrun
@@ -40,6 +47,7 @@ TESTS = Path(__file__).resolve().parent
 WORKER = str(TESTS / "cross_host_fault_worker.py")
 NP = 4
 VICTIM = 2  # as in the worker: node1's first rank
+COUNT = 1 << 16  # as in the worker
 GROUP_TIMEOUT = 20.0
 JOB_TIMEOUT = 150.0
 ENV = {"HX_FAULT_GROUP_TIMEOUT": str(GROUP_TIMEOUT)}
@@ -96,6 +104,93 @@ def test_a_rank_killed_on_another_host_is_named_with_its_host_by_every_other_ran
         assert f"rank {VICTIM} " in message and "node1" in message, f"rank {rank}: {message}"
         assert outcome["seconds"] < GROUP_TIMEOUT, f"rank {rank}: {outcome}"
     assert _our_files_on(two_hosts, infos) == [], "shared-memory files left behind"
+
+
+HOSTS = ("node0", "node0", "node1", "node1")  # the world rank's host: torchrun gives node0 the first ranks
+WORLD = (0, 1, 2, 3)
+SPLIT = (0, 2, 3)  # one rank on node0, two on node1: unequal hosts, and the fold pairs group ranks 0 and 1 across
+# (members, algorithm, victim's group rank, phase it dies entering): every phase of the hierarchical schedules,
+# and the flat phases whose messages cross hosts, with victims on both hosts.
+PHASE_CASES = [
+    (WORLD, "hierarchical/rabenseifner", 1, "host reduce_scatter"),
+    (WORLD, "hierarchical/rabenseifner", 2, "hosts reduce_scatter"),
+    (WORLD, "hierarchical/rabenseifner", 3, "hosts allgather"),
+    (WORLD, "hierarchical/ring", 0, "host allgather"),
+    (WORLD, "hierarchical/recursive_doubling", 1, "hosts exchange"),
+    (SPLIT, "hierarchical/ring", 0, "hosts allgather"),
+    (SPLIT, "rabenseifner", 0, "fold"),
+    (SPLIT, "rabenseifner", 1, "unfold"),
+    (SPLIT, "ring", 2, "reduce_scatter"),
+]
+SOAK_ROUNDS = 6  # x 9 cases = 54 jobs
+
+
+def _case_id(case) -> str:
+    members, algorithm, victim, phase = case
+    return f"{'world' if members == WORLD else 'split'}-{algorithm}-r{victim}-{phase}".replace(" ", "_").replace(
+        "/", "-"
+    )
+
+
+def test_the_cross_host_kill_cases_cover_every_phase_of_the_hierarchical_schedules():
+    hosts = tuple(int(h[-1]) for h in HOSTS)
+    every = {
+        p for inter in ("recursive_doubling", "rabenseifner", "ring") for r in WORLD
+        for p in phases(f"hierarchical/{inter}", r, len(WORLD), COUNT, hosts)
+    }  # fmt: skip
+    assert every == {"host reduce_scatter", "hosts exchange", "hosts reduce_scatter", "hosts allgather",
+                     "host allgather"}  # fmt: skip
+    assert every <= {p for members, _, _, p in PHASE_CASES if members == WORLD}
+    for members, algorithm, victim, phase in PHASE_CASES:
+        layout = tuple(int(HOSTS[m][-1]) for m in members)
+        assert phase in phases(algorithm, victim, len(members), COUNT, layout), (algorithm, victim, phase)
+    assert HOSTS[SPLIT[0]] != HOSTS[SPLIT[1]]  # the fold's and unfold's partners are on different hosts
+
+
+def run_phase_case(cluster: Cluster, outdir: Path, case) -> dict:
+    """One job: the case's victim dies entering its phase; check every other group rank's outcome."""
+    members, algorithm, victim, phase = case
+    outdir.mkdir(parents=True, exist_ok=True)
+    argv = [WORKER, "phase", str(outdir), algorithm, str(victim), phase, ",".join(map(str, members))]
+    with pytest.raises(LaunchError, match="exited with"):  # the victim's host failed
+        run_torchrun(argv, NP, cluster=cluster, env=ENV, timeout=JOB_TIMEOUT)
+    infos, outcomes = _read(outdir, ".info"), _read(outdir, ".json")
+    assert tuple(infos[r]["host"] for r in range(NP)) == HOSTS, infos
+    dead = members[victim]
+    assert dead not in outcomes, f"the victim was not killed: {outcomes.get(dead)}"
+    survivors = {}
+    for rank in (r for r in members if r != dead):
+        outcome = outcomes[rank]
+        assert outcome["error"] == "PeerError", f"rank {rank}: {outcome}"
+        message = outcome["message"]
+        assert f"rank {victim} " in message and HOSTS[dead] in message, f"rank {rank} ({_case_id(case)}): {message}"
+        assert outcome["seconds"] < GROUP_TIMEOUT, f"rank {rank}: {outcome}"
+        survivors[rank] = outcome
+    assert _our_files_on(cluster, infos) == [], "shared-memory files left behind"
+    return survivors
+
+
+@pytest.mark.timeout(JOB_TIMEOUT + 60)
+@pytest.mark.parametrize("case", PHASE_CASES, ids=_case_id)
+def test_a_rank_killed_in_any_phase_across_hosts_is_named_with_its_host(two_hosts, tmp_path, case):
+    run_phase_case(two_hosts, tmp_path, case)
+
+
+@pytest.mark.timeout(7200)
+def test_soak_killed_ranks_across_hosts_leave_no_hang_and_no_file(two_hosts, tmp_path, soak):
+    if not soak:
+        pytest.skip("the long version of the cross-host killed-rank tests: pytest --soak (tox -e soak)")
+    jobs, survivors, slowest = 0, 0, 0.0
+    for round_ in range(SOAK_ROUNDS):
+        for case in PHASE_CASES:
+            outcomes = run_phase_case(two_hosts, tmp_path / f"{round_}-{_case_id(case)}", case)
+            jobs += 1
+            survivors += len(outcomes)
+            slowest = max([slowest, *(o["seconds"] for o in outcomes.values())])
+    print(
+        f"cross-host killed-rank soak: {jobs} jobs on 2 hosts, {jobs} ranks killed, {survivors} survivors raised "
+        f"PeerError naming the dead rank and its host (slowest {slowest:.1f}s), 0 hangs, 0 files left in /dev/shm"
+    )
 
 
 def _host_network(cluster: Cluster, host: str) -> str:

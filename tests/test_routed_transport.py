@@ -26,7 +26,7 @@ def _routed_rank(rank: int, p: int, hosts: list[int]) -> dict:
     for n in (0, 1, p + 1, 1000, (1 << 18) + 5):
         inputs = [torch.randn(n, generator=torch.Generator().manual_seed(31 * r + n)) for r in range(p)]
         expected = torch.stack([t.double() for t in inputs]).sum(0)
-        for algorithm in ("recursive_doubling", "rabenseifner", "ring", "auto", "hierarchical"):
+        for algorithm in ("recursive_doubling", "rabenseifner", "ring", "auto", "hierarchical", "hierarchical/ring"):
             with hybrid_ext.metrics.capture() as records:
                 got = hybrid_ext.allreduce(inputs[rank].clone(), algorithm=algorithm)
             transports |= {r.transport for r in records}
@@ -60,6 +60,8 @@ def test_ranks_of_one_host_use_shared_memory_and_the_network_between_hosts(spawn
     # Large messages on a group that spans hosts: reduce-scatter in each host, allreduce between, all-gather.
     assert ran[("auto", large)].startswith("hierarchical/") and ran[("hierarchical", large)].startswith("hierarchical/")
     assert not ran[("auto", 1000)].startswith("hierarchical")  # small ones: the flat, latency-bound schedules
+    # A named schedule between hosts runs as named, at every size.
+    assert {ran[("hierarchical/ring", n)] for n in (1, p + 1, 1000, large)} == {"hierarchical/ring"}
 
 
 def _domain_rank(rank: int, p: int) -> dict:

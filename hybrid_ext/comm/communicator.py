@@ -24,6 +24,7 @@ import torch
 
 from hybrid_ext.comm import consistency, cost_model, metrics
 from hybrid_ext.comm.buffers import ScratchPool
+from hybrid_ext.comm.cost_model import HIERARCHICAL_PREFIX
 from hybrid_ext.comm.executor import WIDENED, WireStaging, execute, wire_dtype_for
 from hybrid_ext.comm.hierarchy import plan_hierarchical
 from hybrid_ext.comm.ordering import Handle, IssueOrder
@@ -35,7 +36,6 @@ from hybrid_ext.comm.tuner import Tuner, tune_mode
 # Below this, a group that spans hosts runs the flat schedules: latency-bound messages gain nothing from staging
 # through shared memory first (recursive doubling already crosses hosts in its later, fewer steps).
 HIERARCHY_MIN_BYTES = 64 << 10
-HIERARCHICAL_PREFIX = "hierarchical/"  # hierarchical/<schedule between hosts>: the plan's own name
 # The tuner tries only candidates the cost model puts within this factor of its best: the model misjudges close
 # calls (what trials settle), not a ring's 2(P-1) messages for 1 KiB or recursive doubling's log2 P copies of 1 GiB.
 TRIAL_WITHIN = 2.5
@@ -186,6 +186,9 @@ class Communicator:
         """
         hosts = getattr(self.transport, "hosts", None)
         spans_hosts = hosts is not None and len(set(hosts)) > 1
+        if algorithm.startswith(HIERARCHICAL_PREFIX):  # named: the caller's schedule between hosts
+            name = algorithm if spans_hosts else algorithm.removeprefix(HIERARCHICAL_PREFIX)
+            return self._plan_named(name, count), None
         if algorithm == "hierarchical" and not spans_hosts:
             algorithm = "auto"  # one host: the flat schedules are the hierarchy
         if self._tuned(algorithm):

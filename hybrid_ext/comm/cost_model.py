@@ -16,6 +16,9 @@ Names a user may pass as ``algorithm``:
 
 - ``"auto"``: the cheapest of all three by the model;
 - ``"butterfly"``: the cheaper of the two butterflies (recursive doubling, Rabenseifner);
+- ``"hierarchical"`` / ``"hierarchical/<algorithm>"``: on a group that spans hosts, the hierarchical allreduce
+  (:mod:`hybrid_ext.comm.hierarchy`) with the schedule between hosts chosen by the model or named; on one host
+  the flat schedule (there the flat schedules are the hierarchy);
 - an algorithm's own name.
 
 ``HYBRID_EXT_ALGO=<name>`` overrides ``auto`` and ``butterfly`` everywhere (like ``NCCL_ALGO``); an explicit
@@ -37,7 +40,8 @@ from hybrid_ext.comm.schedule import ALGORITHMS, largest_power_of_two_at_most
 
 ALGO_ENV = "HYBRID_EXT_ALGO"
 MODEL_ENV = "HYBRID_EXT_COST_MODEL"
-CHOICES = ("auto", "butterfly", "hierarchical", *ALGORITHMS)
+HIERARCHICAL_PREFIX = "hierarchical/"  # hierarchical/<schedule between hosts>: the plan's own name
+CHOICES = ("auto", "butterfly", "hierarchical", *ALGORITHMS, *(HIERARCHICAL_PREFIX + a for a in ALGORITHMS))
 BUTTERFLIES = ("recursive_doubling", "rabenseifner")
 
 
@@ -140,7 +144,7 @@ def resolve(algorithm: str, nbytes: int, p: int, transport: str = "", model: Cos
     """The concrete schedule to run for a requested ``algorithm`` name."""
     if algorithm not in CHOICES:
         raise ValueError(f"unknown allreduce algorithm {algorithm!r}; choose one of {', '.join(CHOICES)}")
-    if algorithm == "hierarchical":  # needs the group's host layout: the communicator plans it
+    if algorithm.startswith("hierarchical"):  # needs the group's host layout: the communicator plans it
         return algorithm
     if algorithm in ("auto", "butterfly"):
         forced = os.environ.get(ALGO_ENV, "").strip().lower()

@@ -96,14 +96,20 @@ class RoutedTransport:
             if not others:
                 raise
             seen = "; ".join(f"rank {self.local_ranks[r]} (same host) gave up: {n}" for r, n in others.items())
-            raise PeerError(f"{exc}; {seen}") from exc
+            combined = PeerError(f"{exc}; {seen}")
+            self.network.leave_note(str(combined))
+            raise combined from exc
 
     def _local(self, send, send_to, recv, recv_from, reduce) -> None:
         send_to, recv_from = self._local_index.get(send_to), self._local_index.get(recv_from)
-        if reduce is None:
-            self.local.exchange(send, send_to, recv, recv_from)
-        else:
-            self.local.exchange_reduce(send, send_to, recv, recv_from, reduce)
+        try:
+            if reduce is None:
+                self.local.exchange(send, send_to, recv, recv_from)
+            else:
+                self.local.exchange_reduce(send, send_to, recv, recv_from, reduce)
+        except PeerError as exc:  # a host-mate died: ranks on other hosts waiting on this one learn it from the note
+            self.network.leave_note(str(exc))
+            raise
 
 
 def describe_routes(transport: Transport) -> str:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from hybrid_ext.comm import shm_transport
 from hybrid_ext.comm._c10d_private import backend_timeout_seconds, post_grouped
 from hybrid_ext.comm.buffers import ScratchPool
+from hybrid_ext.comm.fault_notes import FaultNotes
 from hybrid_ext.comm.transport import PeerError, Transport
 
 # Tag for hybrid-ext's messages ("HX"), distinct from the default tag 0 of user send/recv.
@@ -63,6 +64,8 @@ def transport_for(group: Any, device: torch.device, all_gather=None, barrier=Non
         peers = all_gather((shm_transport.shm_domain(), os.getpid(), *_this_host()))
         base.local_pids = {r: pid for r, (domain, pid, *_) in enumerate(peers) if domain == peers[base.rank][0]}
         base.remote_hosts = {r: (h, a) for r, (domain, _, h, a) in enumerate(peers) if domain != peers[base.rank][0]}
+        if base.remote_hosts:  # the group spans hosts, as every rank of it sees: all take this exchange
+            base.notes = _fault_notes(base, peers[base.rank][3], all_gather)
     if device.type != "cpu" or base.size == 1 or choice == "torch" or not shm_transport.shm_supported():
         if choice == "shm" and device.type == "cpu" and base.size > 1:
             raise RuntimeError(f"{TRANSPORT_ENV}=shm, but shared memory is not supported on this machine")
@@ -74,6 +77,18 @@ def transport_for(group: Any, device: torch.device, all_gather=None, barrier=Non
             dist.barrier(group=group)
 
     return _announced(combine(base, shm_transport.create(base.rank, base.size, all_gather, barrier, base.timeout)))
+
+
+def _fault_notes(base: TorchTransport, address: str, all_gather) -> FaultNotes | None:
+    """Open this rank's mailbox for notes from other hosts and learn theirs (:mod:`~hybrid_ext.comm.fault_notes`)."""
+    try:
+        notes = FaultNotes(base.rank, address)
+    except OSError:  # no address to listen on: errors then name only what this rank saw itself
+        notes = None
+    mailboxes = all_gather(None if notes is None else (notes.address, notes.port))
+    if notes is not None:
+        notes.connect({r: tuple(m) for r, m in enumerate(mailboxes) if m is not None and r in base.remote_hosts})
+    return notes
 
 
 def combine(network: Transport, found: shm_transport.HostShm | None) -> Transport:
@@ -140,16 +155,33 @@ class TorchTransport:
         self.local_pids: dict[int, int] = {}  # group rank -> pid, for the ranks on this host (see transport_for)
         self._scratch = ScratchPool()  # where pipelined receives land before they are reduced
         self.remote_hosts: dict[int, tuple[str, str]] = {}  # group rank -> (host name, address), other hosts
+        # Why ranks on other hosts gave up: a peer there that closed on this rank says why (see transport_for).
+        self.notes: FaultNotes | None = None
 
     def _dead_ranks(self) -> str:
-        """``"; rank 3 (pid 123, this host) has died"`` for each local rank that no longer runs, else ``""``."""
+        """``"; rank 3 (pid 123, same host node1) has died"`` for each local rank that no longer runs, else ``""``."""
         dead: list[tuple[int, int]] = []
         for _ in range(DEATH_CHECKS):  # a peer's socket closes an instant before its process is gone
             dead = [(r, p) for r, p in sorted(self.local_pids.items()) if r != self.rank and not _running(p)]
             if dead or not self.local_pids:
                 break
             time.sleep(DEATH_CHECK_SECONDS)
-        return "".join(f"; rank {r} (pid {pid}, this host) has died" for r, pid in dead)
+        host = socket.gethostname()  # named as the shared-memory transport names it: the message may travel
+        return "".join(f"; rank {r} (pid {pid}, same host {host}) has died" for r, pid in dead)
+
+    def _failure(self, message: str, remote: list[int]) -> PeerError:
+        """The error for a failed step, with what its peers on other hosts said when they gave up (a peer that
+        closed on this rank may have done so because a third rank died); left as this rank's own note too."""
+        if self.notes is not None:
+            heard = self.notes.read(remote) if remote else {}
+            message += "".join(f"; rank {p} (host {self.remote_hosts[p][0]}) gave up: {n}" for p, n in heard.items())
+            self.notes.leave(message)
+        return PeerError(message)
+
+    def leave_note(self, text: str) -> None:
+        """Say, for the ranks on other hosts, why this rank gave up (a failure on another route)."""
+        if self.notes is not None:
+            self.notes.leave(text)
 
     def _where(self, *peers: int | None) -> str:
         """``" (rank 2 on host node1, 10.0.0.2)"`` for the peers on other hosts, else ``""``."""
@@ -191,26 +223,28 @@ class TorchTransport:
             for what, peer, tensor in (("receive from", recv_from, recv), ("send to", send_to, send))
             if tensor is not None
         ) + self._where(recv_from if recv is not None else None, send_to if send is not None else None)
+        remote = [p for p, t in ((recv_from, recv), (send_to, send)) if t is not None and p in self.remote_hosts]
         try:
             works = post_grouped(self.group, device, post)
         except RuntimeError as exc:
-            raise PeerError(
-                f"rank {self.rank}: could not start an exchange ({peers}){self._dead_ranks()}: {exc}"
+            raise self._failure(
+                f"rank {self.rank}: could not start an exchange ({peers}){self._dead_ranks()}: {exc}", remote
             ) from exc
         reductions = []
         if reduce is not None and recv is not None:
             reductions = list(zip(_chunks(recv, pipelined), recv_chunks))
         # Per-chunk receive works come first where the backend returned one per op (gloo); otherwise wait for all.
         per_op = pipelined and len(works) == len(recv_chunks) + len(send_chunks)
-        return _Pending(works, peers, reductions if per_op else [], reduce, reductions if not per_op else [])
+        return _Pending(works, peers, remote, reductions if per_op else [], reduce, reductions if not per_op else [])
 
     def finish(self, pending: _Pending) -> None:
         for index, work in enumerate(pending.works):
             try:
                 work.wait(self._wait_timeout)
             except RuntimeError as exc:  # DistBackendError, gloo timeouts, closed connections
-                raise PeerError(
-                    f"rank {self.rank} failed to {pending.peers} within {self.timeout:g}s{self._dead_ranks()}: {exc}"
+                raise self._failure(
+                    f"rank {self.rank} failed to {pending.peers} within {self.timeout:g}s{self._dead_ranks()}: {exc}",
+                    pending.remote,
                 ) from exc
             if index < len(pending.chunk_reductions):  # this receive chunk has landed: reduce it now
                 dst, src = pending.chunk_reductions[index]
@@ -246,10 +280,10 @@ def _chunks(tensor: torch.Tensor | None, pipelined: bool) -> list[torch.Tensor]:
 class _Pending:
     """A posted step: its works, and the reductions to run as receive chunks land (or after all of them)."""
 
-    __slots__ = ("after_all", "chunk_reductions", "peers", "reduce", "works")
+    __slots__ = ("after_all", "chunk_reductions", "peers", "reduce", "remote", "works")
 
-    def __init__(self, works, peers, chunk_reductions, reduce, after_all) -> None:
-        self.works, self.peers, self.reduce = works, peers, reduce
+    def __init__(self, works, peers, remote, chunk_reductions, reduce, after_all) -> None:
+        self.works, self.peers, self.remote, self.reduce = works, peers, remote, reduce
         self.chunk_reductions, self.after_all = chunk_reductions, after_all
 
 

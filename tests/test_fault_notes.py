@@ -1,0 +1,73 @@
+"""The mailboxes through which a rank that gives up tells other hosts' ranks why (hybrid_ext.comm.fault_notes),
+in one process on loopback: delivered before ``leave`` returns, bounded when a peer is dead, refused from an
+address the sender did not advertise."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from hybrid_ext.comm import fault_notes
+from hybrid_ext.comm.fault_notes import FaultNotes
+
+
+def _pair() -> tuple[FaultNotes, FaultNotes]:
+    a, b = FaultNotes(0, "127.0.0.1"), FaultNotes(1, "127.0.0.1")
+    a.connect({1: (b.address, b.port)})
+    b.connect({0: (a.address, a.port)})
+    return a, b
+
+
+def test_a_note_is_in_the_peers_inbox_when_leave_returns():
+    a, b = _pair()
+    try:
+        a.leave("rank 0 gave up: rank 3 died")
+        assert b.read([0], wait=0) == {0: "rank 0 gave up: rank 3 died"}
+        a.leave("rank 0 gave up: rank 3 died; rank 1 (same host) saw it too")  # the latest note counts
+        assert b.read([0], wait=0)[0].endswith("saw it too")
+        assert a.read([1], wait=0) == {}  # nothing from b
+    finally:
+        a.close()
+        b.close()
+
+
+def test_reading_waits_for_a_note_on_its_way_and_no_longer_than_asked():
+    a, b = _pair()
+    try:
+        start = time.monotonic()
+        assert b.read([0], wait=0.3) == {}
+        assert 0.25 < time.monotonic() - start < 2.0
+        assert b.read([5], wait=5.0) == {}  # not a peer on another host: no wait at all
+        assert time.monotonic() - start < 2.0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_leaving_a_note_for_dead_or_unreachable_peers_is_bounded_and_silent():
+    a = FaultNotes(0, "127.0.0.1")
+    with socket.socket() as unused:  # a port nobody listens on: refused at once
+        unused.bind(("127.0.0.1", 0))
+        dead = unused.getsockname()
+    # A listener that never accepts: the push waits for an acknowledgement that never comes.
+    silent = socket.create_server(("127.0.0.1", 0), backlog=1)
+    try:
+        a.connect({1: dead, 2: silent.getsockname()[:2]})
+        start = time.monotonic()
+        a.leave("gave up")
+        assert time.monotonic() - start < fault_notes.PUSH_SECONDS + 1.0
+    finally:
+        silent.close()
+        a.close()
+
+
+def test_a_note_from_an_address_its_rank_did_not_advertise_is_ignored():
+    a, b = FaultNotes(0, "127.0.0.1"), FaultNotes(1, "127.0.0.1")
+    try:
+        b.connect({0: ("127.0.0.2", a.port)})  # rank 0 said it would be elsewhere
+        a.connect({1: (b.address, b.port)})
+        a.leave("forged")
+        assert b.read([0], wait=0.2) == {}
+    finally:
+        a.close()
+        b.close()
