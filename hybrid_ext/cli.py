@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     allreduce.add_argument(
         "--algorithms",
         default="butterfly,rabenseifner,recursive_doubling,ring,native",
-        help="comma-separated: auto, butterfly, rabenseifner, recursive_doubling, ring, native",
+        help="comma-separated: auto, butterfly, rabenseifner, recursive_doubling, ring, hierarchical/<one of those 3> "
+        "(across hosts), native",
     )
     allreduce.add_argument("--iters", type=positive_int, default=10, help="timed rounds per size (default: 10)")
     allreduce.add_argument("--inner", type=positive_int, default=5, help="calls per round, back to back (default: 5)")

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 from schedule_sim import simulate
 
-from hybrid_ext.comm.hierarchy import host_layout, plan_hierarchical
+from hybrid_ext.comm.hierarchy import host_layout, plan_hierarchical, plan_hierarchical_segments
+from hybrid_ext.comm.schedule import Plan
 
 LAYOUTS = [
     (0, 0, 1, 1),
@@ -61,3 +62,48 @@ def test_shared_memory_carries_the_rest_and_plans_are_checked():
         plan_hierarchical("bogus", 0, (0, 1), 10)
     with pytest.raises(ValueError, match="not in a group"):
         plan_hierarchical("ring", 5, (0, 1), 10)
+
+
+def _serialized(segments, pipelined: bool) -> Plan:
+    """One rank's segments as one plan: stage after stage, or in the order the two threads of
+    hybrid_ext.comm.pipelined can take them (W(t+1) before X(t) before G(t))."""
+    order = []
+    for t, segment in enumerate(segments):
+        if not pipelined:
+            order += [segment.within, segment.between, segment.gather]
+            continue
+        order.append(segment.within)
+        if t > 0:
+            order += [segments[t - 1].between, segments[t - 1].gather]
+    if pipelined:
+        order += [segments[-1].between, segments[-1].gather]
+    first = segments[0].within
+    return Plan(first.algorithm, first.rank, first.world_size, first.count, tuple(s for p in order for s in p.steps))
+
+
+@pytest.mark.parametrize("hosts", LAYOUTS, ids=str)
+@pytest.mark.parametrize("inter", ["recursive_doubling", "rabenseifner", "ring"])
+@pytest.mark.parametrize(("count", "segments"), [(0, 2), (5, 3), (37, 4), (1000, 7), (64, 16)])
+@pytest.mark.parametrize("pipelined", [False, True], ids=["in-turn", "overlapped"])
+def test_segments_reduce_every_contribution_exactly_once_in_either_order(hosts, inter, count, segments, pipelined):
+    p = len(hosts)
+    plans = [_serialized(plan_hierarchical_segments(inter, r, hosts, count, segments), pipelined) for r in range(p)]
+    everyone = (1 << p) - 1
+    for rank, buffer in enumerate(simulate(plans)):
+        assert all(v == everyone for v in buffer), f"rank {rank}: {[bin(v) for v in buffer[:8]]}"
+
+
+def test_segments_send_what_the_whole_plan_sends_and_keep_their_stages_apart():
+    hosts, n = (0, 0, 1, 1), 1 << 16
+    for rank in range(len(hosts)):
+        segments = plan_hierarchical_segments("rabenseifner", rank, hosts, n, 8)
+        whole = plan_hierarchical("rabenseifner", rank, hosts, n)
+        assert sum(s.within.elements_sent + s.between.elements_sent + s.gather.elements_sent for s in segments) == (
+            whole.elements_sent
+        )
+        for segment in segments:  # the network stage crosses hosts only, the others stay inside the host
+            assert all(hosts[s.send_to] != hosts[rank] for s in segment.between.steps if s.send is not None)
+            for stage in (segment.within, segment.gather):
+                assert all(hosts[s.send_to] == hosts[rank] for s in stage.steps if s.send is not None)
+    with pytest.raises(ValueError, match="segments must be at least 1"):
+        plan_hierarchical_segments("ring", 0, hosts, 10, 0)

@@ -78,3 +78,34 @@ def test_a_full_dev_shm_is_an_error_at_set_up_not_a_sigbus(tmp_path, monkeypatch
     too_big = 1 << 62
     problem = shm_transport._allocate(tmp_path / "segment", too_big)
     assert problem is not None and "cannot hold" in problem
+
+
+def _segmented_rank(rank: int, p: int, hosts: list[int]) -> dict:
+    import threading
+
+    _pretend_hosts(rank, hosts)
+    failures, digest = [], hashlib.sha256()
+    for n in (4096, 40_000, 100_003):  # 16 KiB segments (set by the test): 1, 2 and 6+ segments of float32
+        for dtype, op in ((torch.int64, "sum"), (torch.float32, "sum"), (torch.float64, "max"), (torch.float32, "avg")):
+            inputs = [(torch.arange(n) * (r + 1) % 1009 - 500).to(dtype) for r in range(p)]
+            reduce = {"sum": torch.sum, "avg": torch.sum, "max": lambda t, dim: t.max(dim).values}[op]
+            expected = reduce(torch.stack([t.double() for t in inputs]), dim=0) / (p if op == "avg" else 1)
+            for inter in ("rabenseifner", "ring", "recursive_doubling"):
+                got = inputs[rank].clone()
+                hybrid_ext.allreduce(got, op=op, algorithm=f"hierarchical/{inter}")
+                digest.update(got.numpy().tobytes())
+                if not torch.allclose(got.double(), expected, rtol=1e-6, atol=1e-6):
+                    failures.append(f"n={n} {dtype} {op} {inter}: max error {(got.double() - expected).abs().max()}")
+    network_threads = [t.name for t in threading.enumerate() if t.name.startswith("hybrid-ext-network")]
+    return {"failures": failures, "digest": digest.hexdigest(), "network_threads": network_threads}
+
+
+@pytest.mark.parametrize("hosts", [[0, 0, 1, 1], [0, 0, 0, 1, 1], [0, 1, 0, 1]], ids=str)
+def test_segmented_hierarchical_allreduce_overlaps_stages_and_stays_exact_and_identical(spawn_ranks, hosts):
+    results = spawn_ranks(_segmented_rank, len(hosts), hosts, env={"HYBRID_EXT_SEGMENT_BYTES": "16384"}, timeout=240)
+    for rank, result in enumerate(results):
+        assert result["failures"] == [], f"rank {rank}: {result['failures'][:10]}"
+        assert result["digest"] == results[0]["digest"], f"rank {rank} is not bitwise equal to rank 0"
+        alone = hosts.count(hosts[rank]) == 1
+        # The network stages ran on the helper thread wherever there was a shared-memory stage to overlap.
+        assert bool(result["network_threads"]) is not alone, result["network_threads"]

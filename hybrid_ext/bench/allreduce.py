@@ -39,7 +39,15 @@ from hybrid_ext.comm import cost_model
 from hybrid_ext.launch import spawn
 
 TUNING_CALLS_CAP = 64  # more than any candidate list's trials
-ALGORITHM_CHOICES = ("auto", "butterfly", "rabenseifner", "recursive_doubling", "ring", "native")
+ALGORITHM_CHOICES = (
+    "auto",
+    "butterfly",
+    "rabenseifner",
+    "recursive_doubling",
+    "ring",
+    *(f"hierarchical/{a}" for a in ("rabenseifner", "recursive_doubling", "ring")),
+    "native",
+)
 
 
 @dataclass

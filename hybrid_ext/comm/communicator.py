@@ -26,8 +26,9 @@ from hybrid_ext.comm import consistency, cost_model, metrics
 from hybrid_ext.comm.buffers import ScratchPool
 from hybrid_ext.comm.cost_model import HIERARCHICAL_PREFIX
 from hybrid_ext.comm.executor import WIDENED, WireStaging, execute, wire_dtype_for
-from hybrid_ext.comm.hierarchy import plan_hierarchical
+from hybrid_ext.comm.hierarchy import plan_hierarchical, plan_hierarchical_segments
 from hybrid_ext.comm.ordering import Handle, IssueOrder
+from hybrid_ext.comm.pipelined import NetworkStages, execute_segments, segment_count
 from hybrid_ext.comm.schedule import ALGORITHMS, Plan, plan_allgather, plan_allreduce, plan_reduce_scatter
 from hybrid_ext.comm.streams import stream_order_for
 from hybrid_ext.comm.transport import Transport
@@ -53,6 +54,7 @@ class Communicator:
         self._scratch = ScratchPool()
         self._checked = 0  # collectives fingerprinted so far: their sequence number in this group
         self._tuner: Tuner | None = None  # made on the first tuned call (see _allreduce_plan)
+        self._network_stages = NetworkStages()  # the helper thread of segmented hierarchical allreduces
 
     def run(self, job: Callable[[], Any]) -> Any:
         """Run ``job`` in issue order, blocking (see :mod:`hybrid_ext.comm.ordering`)."""
@@ -266,6 +268,14 @@ class Communicator:
         """Run ``plan`` on ``buffer``; messages travel as ``wire`` (narrower than the buffer: staged)."""
         device = buffer.device
         if wire == buffer.dtype:
+            segments = self._segments(plan, buffer)
+            if segments is not None:
+
+                def scratch(elements: int, role: str) -> torch.Tensor:
+                    return self._scratch.get(elements, buffer.dtype, device, role=f"segments-{role}")
+
+                execute_segments(segments, buffer, self.transport, op, scratch, self._network_stages)
+                return
             execute(plan, buffer, self.scratch(plan.scratch_elements, buffer.dtype, device), self.transport, op)
             return
         elements = plan.largest_step_elements
@@ -274,6 +284,19 @@ class Communicator:
             self._scratch.get(elements, wire, device, role="wire-recv"),
         )
         execute(plan, buffer, buffer[:0], self.transport, op, wire=staging)
+
+    def _segments(self, plan: Plan, buffer: torch.Tensor):
+        """A large hierarchical allreduce cut into segments whose network and shared-memory stages overlap
+        (:mod:`hybrid_ext.comm.pipelined`), or None where there is no shared-memory stage to hide."""
+        if plan.collective != "allreduce" or not plan.algorithm.startswith(HIERARCHICAL_PREFIX):
+            return None
+        if getattr(self.transport, "local", None) is None or buffer.device.type != "cpu":
+            return None
+        count = segment_count(plan.count * buffer.element_size())
+        if count < 2:
+            return None
+        inter = plan.algorithm.removeprefix(HIERARCHICAL_PREFIX)
+        return plan_hierarchical_segments(inter, self.rank, tuple(self.transport.hosts), plan.count, count)
 
     def block_counts(self, rows: int, device: torch.device) -> tuple[int, ...]:
         """Every rank's number of rows (one small all-gather of integers)."""

@@ -15,12 +15,18 @@ through shared memory. So (``hosts[r]`` = the host of group rank r, any layout, 
 Each element's value is final on one rank per lane-allreduce (whose schedules already end bitwise identical on
 its participants) and only copied after, so every rank ends bitwise identical. The sub-plans' steps are the
 flat plans' own (:mod:`hybrid_ext.comm.schedule`), renumbered into group ranks and shifted to their lane.
+
+**Segments** (:func:`plan_hierarchical_segments`): the vector cut into consecutive segments, each reduced by its
+own hierarchical plan and kept as its three stages, so that an executor can run one segment's exchange between
+hosts while the host's ranks reduce-scatter the next segment and all-gather the previous one through shared
+memory (:mod:`hybrid_ext.comm.pipelined`): the network, the bottleneck, then rarely waits on the host.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from hybrid_ext.comm.schedule import (
     ALGORITHMS,
@@ -60,9 +66,8 @@ def host_layout(hosts: Sequence[int]) -> dict[int, list[int]]:
     return members
 
 
-@functools.lru_cache(maxsize=4096)
-def plan_hierarchical(inter_algorithm: str, rank: int, hosts: tuple[int, ...], count: int) -> Plan:
-    """Plan rank ``rank``'s part of a hierarchical allreduce of ``count`` elements (see the module docstring)."""
+def _stages(inter_algorithm: str, rank: int, hosts: tuple[int, ...], count: int) -> tuple[list[Step], ...]:
+    """(reduce-scatter within the host, allreduce between hosts, all-gather within the host): rank's steps."""
     if inter_algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm between hosts {inter_algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
     if not 0 <= rank < len(hosts):
@@ -79,16 +84,60 @@ def plan_hierarchical(inter_algorithm: str, rank: int, hosts: tuple[int, ...], c
         own = [bounds[k + 1] - bounds[k] for k in range(first, min(first + size, lanes))]
         return tuple(own + [0] * (size - len(own)))
 
-    steps: list[Step] = []
+    within: list[Step] = []
+    between: list[Step] = []
+    gather: list[Step] = []
     if count > 0 and len(hosts) > 1:
         for first in rounds:
             sub = plan_reduce_scatter(INTRA_SCATTER, local, round_counts(first))
-            steps += _moved(sub, mine, bounds[first], "host ")
+            within += _moved(sub, mine, bounds[first], "host ")
         for lane in range(local, lanes, size):
             owners = [members[h][lane % len(members[h])] for h in order]
             sub = plan_allreduce(inter_algorithm, order.index(hosts[rank]), len(order), bounds[lane + 1] - bounds[lane])
-            steps += _moved(sub, owners, bounds[lane], "hosts ")
+            between += _moved(sub, owners, bounds[lane], "hosts ")
         for first in rounds:
             sub = plan_allgather(INTRA_GATHER, local, round_counts(first))
-            steps += _moved(sub, mine, bounds[first], "host ")
-    return Plan(f"hierarchical/{inter_algorithm}", rank, len(hosts), count, tuple(steps))
+            gather += _moved(sub, mine, bounds[first], "host ")
+    return within, between, gather
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_hierarchical(inter_algorithm: str, rank: int, hosts: tuple[int, ...], count: int) -> Plan:
+    """Plan rank ``rank``'s part of a hierarchical allreduce of ``count`` elements (see the module docstring)."""
+    within, between, gather = _stages(inter_algorithm, rank, hosts, count)
+    return Plan(f"hierarchical/{inter_algorithm}", rank, len(hosts), count, tuple(within + between + gather))
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One segment of a segmented hierarchical allreduce: its three stages, each a plan over the whole vector."""
+
+    within: Plan  # reduce-scatter inside the host (shared memory)
+    between: Plan  # allreduce of this rank's lanes between hosts (the network)
+    gather: Plan  # all-gather inside the host (shared memory)
+
+
+@functools.lru_cache(maxsize=1024)
+def plan_hierarchical_segments(
+    inter_algorithm: str, rank: int, hosts: tuple[int, ...], count: int, segments: int
+) -> tuple[Segment, ...]:
+    """The hierarchical allreduce of ``count`` elements as ``segments`` consecutive segments, each planned as a
+    whole hierarchical allreduce of its own elements (see the module docstring); ranges index the whole vector."""
+    if segments < 1:
+        raise ValueError(f"segments must be at least 1, got {segments}")
+    name = f"hierarchical/{inter_algorithm}"
+    bounds = block_bounds(count, segments)
+    out = []
+    for index in range(segments):
+        offset, length = bounds[index], bounds[index + 1] - bounds[index]
+        stages = _stages(inter_algorithm, rank, hosts, length)
+        plans = [Plan(name, rank, len(hosts), count, tuple(_shifted(steps, offset))) for steps in stages]
+        out.append(Segment(*plans))
+    return tuple(out)
+
+
+def _shifted(steps: list[Step], offset: int) -> list[Step]:
+    def shift(span: Range | None) -> Range | None:
+        return None if span is None else (span[0] + offset, span[1] + offset)
+
+    return [Step(s.phase, s.send_to, shift(s.send), s.recv_from, shift(s.recv), s.reduce) for s in steps]

@@ -1,0 +1,108 @@
+"""Run a segmented hierarchical allreduce with the network and shared memory busy at once.
+
+The plan (:func:`~hybrid_ext.comm.hierarchy.plan_hierarchical_segments`) cuts the vector into segments, each with
+three stages: reduce-scatter inside the host (W), allreduce between hosts (X), all-gather inside the host (G).
+Run one after another, the host's link idles while its ranks copy through shared memory. Here two threads share
+the work:
+
+- this thread runs the shared-memory stages in the order W0, W1, G0, W2, G1, ..., G(S-1), waiting before G(t)
+  for X(t);
+- a helper thread runs X0, X1, ..., each once W(t) is done, over the network.
+
+Every rank of a host runs the same W/G order and every lane owner the same X order, so messages still pair up
+in order on each route. X(t) needs only W(t) of every host, which never waits on the network, so no wait can
+close a cycle. A failure on either thread fails the collective at once; the other thread stops at its next
+stage (its current message fails or times out on its own, the group being broken).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from hybrid_ext.comm.executor import execute
+from hybrid_ext.comm.hierarchy import Segment
+from hybrid_ext.comm.transport import Transport
+
+SEGMENT_BYTES_ENV = "HYBRID_EXT_SEGMENT_BYTES"  # bytes per segment; 0 runs the stages one after another
+SEGMENT_BYTES = 2 << 20
+MAX_SEGMENTS = 16  # more adds messages (each X stage's latency) and saves little
+
+
+def segment_count(nbytes: int) -> int:
+    """How many segments an allreduce of ``nbytes`` is cut into (1: not segmented)."""
+    text = os.environ.get(SEGMENT_BYTES_ENV, "").strip()
+    try:
+        per_segment = int(text) if text else SEGMENT_BYTES
+        if per_segment < 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"{SEGMENT_BYTES_ENV}={text!r}: give the bytes per segment (an integer >= 0)") from None
+    if per_segment == 0:
+        return 1
+    return max(1, min(MAX_SEGMENTS, nbytes // per_segment))
+
+
+class _Aborted(Exception):
+    """The collective failed on the other thread: this stage does not run."""
+
+
+class NetworkStages:
+    """The helper thread a communicator keeps for the network stages of its segmented allreduces."""
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+
+    def submit(self, job: Callable[[], None]) -> Future:
+        if self._pool is None:  # made on first use: most groups never span hosts
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybrid-ext-network")
+        return self._pool.submit(job)
+
+
+def execute_segments(
+    segments: Sequence[Segment],
+    buffer: torch.Tensor,
+    transport: Transport,
+    op: str,
+    scratch: Callable[[int, str], torch.Tensor],
+    network: NetworkStages,
+) -> None:
+    """Run ``segments`` on ``buffer`` (see the module docstring); ``scratch(elements, role)`` gives receive buffers.
+
+    Both threads use ``transport``: the shared-memory steps and the network steps take different routes of it
+    (a :class:`~hybrid_ext.comm.routed_transport.RoutedTransport`), each used from one thread only.
+    """
+    local_scratch = scratch(max(max(s.within.scratch_elements, s.gather.scratch_elements) for s in segments), "local")
+    network_scratch = scratch(max(s.between.scratch_elements for s in segments), "network")
+    reduced = [threading.Event() for _ in segments]  # W(t) done
+    failed = threading.Event()
+
+    def between(index: int) -> None:
+        while not reduced[index].wait(0.05):
+            if failed.is_set():
+                raise _Aborted
+        if failed.is_set():
+            raise _Aborted
+        execute(segments[index].between, buffer, network_scratch, transport, op)
+
+    exchanged: list[Future] = []
+    try:
+        for index, segment in enumerate(segments):
+            exchanged.append(network.submit(lambda index=index: between(index)))
+            execute(segment.within, buffer, local_scratch, transport, op)
+            reduced[index].set()
+            if index > 0:
+                _gather(segments[index - 1], exchanged[index - 1], buffer, local_scratch, transport, op)
+        _gather(segments[-1], exchanged[-1], buffer, local_scratch, transport, op)
+    except BaseException:
+        failed.set()
+        raise
+
+
+def _gather(segment: Segment, exchanged: Future, buffer, scratch, transport, op) -> None:
+    exchanged.result()  # the network stage's error, if it failed, is this collective's
+    execute(segment.gather, buffer, scratch, transport, op)
