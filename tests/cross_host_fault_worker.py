@@ -3,7 +3,8 @@
 ``kill``: rank ``VICTIM`` SIGKILLs itself entering the first exchange of a recursive-doubling allreduce (the
 fault injector of tests/fault_injection.py); ``phase ALGORITHM VICTIM PHASE MEMBERS``: the group of the world
 ranks MEMBERS (comma-separated) runs ALGORITHM (a flat schedule or ``hierarchical/<inter>``) and its group rank
-VICTIM SIGKILLs itself entering PHASE (ranks outside the group only set up and leave); ``cut``: every rank runs
+VICTIM SIGKILLs itself entering PHASE, or at its N-th exchange for ``call:N`` (ranks outside the group only set
+up and leave); ``cut``: every rank runs
 allreduces until one fails (the test takes a host's link down meanwhile); ``small-shm``: one allreduce larger
 than ``/dev/shm`` (the test mounts a tiny one).
 
@@ -77,7 +78,9 @@ def _kill_in_phase(
     faulty = KillBeforeStep(inner)
     hybrid_ext.allreduce(torch.ones(8), group=faulty)
     me = members.index(rank)
-    if me == victim:
+    if me == victim and phase.startswith("call:"):  # at its N-th exchange, whichever thread makes it
+        faulty.arm(int(phase.removeprefix("call:")))
+    elif me == victim:
         hosts = getattr(inner, "hosts", None)
         faulty.arm(kill_index(algorithm, me, len(members), COUNT, phase, None if hosts is None else tuple(hosts)))
     start = time.monotonic()

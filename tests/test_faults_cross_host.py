@@ -10,7 +10,9 @@ within each host, gloo between them), and a ``/dev/shm`` too small for the share
   whose steps cross hosts (the non-power-of-two fold and unfold, the ring), on the world (2 + 2 ranks) and on a
   3-rank group split 1 + 2 over the hosts (so the fold's whole-vector exchange crosses them): every other rank of
   the group raises ``PeerError`` naming the dead rank and its host within the group timeout, even a rank that
-  only ever waits on a survivor; no shared-memory file of ours left. ``--soak`` repeats the matrix (54 jobs).
+  only ever waits on a survivor; no shared-memory file of ours left. The same for a rank killed mid-way through
+  a segmented hierarchical allreduce (network and shared-memory stages on two threads). ``--soak`` repeats the
+  matrix (54 jobs).
 - **Cut link**: node1's ``eth0`` is taken down while every rank runs allreduces. The ranks on both hosts raise
   ``PeerError`` naming the other host within the group timeout (plus the time a host-mate takes to notice). The
   link is always brought back up (and a watchdog inside node1 brings it up should this process die), and the
@@ -147,13 +149,13 @@ def test_the_cross_host_kill_cases_cover_every_phase_of_the_hierarchical_schedul
     assert HOSTS[SPLIT[0]] != HOSTS[SPLIT[1]]  # the fold's and unfold's partners are on different hosts
 
 
-def run_phase_case(cluster: Cluster, outdir: Path, case) -> dict:
+def run_phase_case(cluster: Cluster, outdir: Path, case, env: dict[str, str] | None = None) -> dict:
     """One job: the case's victim dies entering its phase; check every other group rank's outcome."""
     members, algorithm, victim, phase = case
     outdir.mkdir(parents=True, exist_ok=True)
     argv = [WORKER, "phase", str(outdir), algorithm, str(victim), phase, ",".join(map(str, members))]
     with pytest.raises(LaunchError, match="exited with"):  # the victim's host failed
-        run_torchrun(argv, NP, cluster=cluster, env=ENV, timeout=JOB_TIMEOUT)
+        run_torchrun(argv, NP, cluster=cluster, env={**ENV, **(env or {})}, timeout=JOB_TIMEOUT)
     infos, outcomes = _read(outdir, ".info"), _read(outdir, ".json")
     assert tuple(infos[r]["host"] for r in range(NP)) == HOSTS, infos
     dead = members[victim]
@@ -174,6 +176,15 @@ def run_phase_case(cluster: Cluster, outdir: Path, case) -> dict:
 @pytest.mark.parametrize("case", PHASE_CASES, ids=_case_id)
 def test_a_rank_killed_in_any_phase_across_hosts_is_named_with_its_host(two_hosts, tmp_path, case):
     run_phase_case(two_hosts, tmp_path, case)
+
+
+@pytest.mark.timeout(JOB_TIMEOUT + 60)
+@pytest.mark.parametrize("victim, call", [(1, 20), (2, 7)], ids=["node0-late", "node1-early"])
+def test_a_rank_killed_mid_segmented_allreduce_is_named_on_both_threads(two_hosts, tmp_path, victim, call):
+    # 16 KiB segments: the 256 KiB allreduce runs as 16 segments, its network stages on a helper thread while the
+    # shared-memory stages run on the caller's; the victim dies at its call-th exchange, on either thread.
+    case = (WORLD, "hierarchical/rabenseifner", victim, f"call:{call}")
+    run_phase_case(two_hosts, tmp_path, case, env={"HYBRID_EXT_SEGMENT_BYTES": "16384"})
 
 
 @pytest.mark.timeout(7200)

@@ -26,7 +26,7 @@ import torch
 
 from hybrid_ext.comm.executor import execute
 from hybrid_ext.comm.hierarchy import Segment
-from hybrid_ext.comm.transport import Transport
+from hybrid_ext.comm.transport import PeerError, Transport
 
 SEGMENT_BYTES_ENV = "HYBRID_EXT_SEGMENT_BYTES"  # bytes per segment; 0 runs the stages one after another
 SEGMENT_BYTES = 2 << 20
@@ -87,22 +87,27 @@ def execute_segments(
                 raise _Aborted
         if failed.is_set():
             raise _Aborted
-        execute(segments[index].between, buffer, network_scratch, transport, op)
+        stage(index, "between", network_scratch)
+
+    def stage(index: int, name: str, scratch: torch.Tensor) -> None:
+        try:
+            execute(getattr(segments[index], name), buffer, scratch, transport, op)
+        except PeerError as exc:  # the step's message says which step of the stage: say which segment too
+            raise PeerError(f"segment {index + 1} of {len(segments)}: {exc}") from exc
+
+    def gather(index: int) -> None:
+        exchanged[index].result()  # the network stage's error, if it failed, is this collective's
+        stage(index, "gather", local_scratch)
 
     exchanged: list[Future] = []
     try:
-        for index, segment in enumerate(segments):
+        for index in range(len(segments)):
             exchanged.append(network.submit(lambda index=index: between(index)))
-            execute(segment.within, buffer, local_scratch, transport, op)
+            stage(index, "within", local_scratch)
             reduced[index].set()
             if index > 0:
-                _gather(segments[index - 1], exchanged[index - 1], buffer, local_scratch, transport, op)
-        _gather(segments[-1], exchanged[-1], buffer, local_scratch, transport, op)
+                gather(index - 1)
+        gather(len(segments) - 1)
     except BaseException:
         failed.set()
         raise
-
-
-def _gather(segment: Segment, exchanged: Future, buffer, scratch, transport, op) -> None:
-    exchanged.result()  # the network stage's error, if it failed, is this collective's
-    execute(segment.gather, buffer, scratch, transport, op)
