@@ -292,11 +292,13 @@ class Communicator:
             return None
         if getattr(self.transport, "local", None) is None or buffer.device.type != "cpu":
             return None
-        count = segment_count(plan.count * buffer.element_size())
+        hosts = tuple(self.transport.hosts)
+        lanes = max(hosts.count(h) for h in set(hosts))
+        count = segment_count(plan.count * buffer.element_size(), lanes, len(set(hosts)))
         if count < 2:
             return None
         inter = plan.algorithm.removeprefix(HIERARCHICAL_PREFIX)
-        return plan_hierarchical_segments(inter, self.rank, tuple(self.transport.hosts), plan.count, count)
+        return plan_hierarchical_segments(inter, self.rank, hosts, plan.count, count)
 
     def block_counts(self, rows: int, device: torch.device) -> tuple[int, ...]:
         """Every rank's number of rows (one small all-gather of integers)."""

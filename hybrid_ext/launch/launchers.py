@@ -168,13 +168,15 @@ def launcher_path(name: str) -> str:
 
 
 def _spread(np: int, cluster: Cluster, nodes: int | None) -> list[tuple[str, int]]:
-    """(host, ranks on it) for ``np`` ranks spread evenly over the cluster's first ``nodes`` hosts."""
+    """(host, ranks on it) for ``np`` ranks spread over the cluster's first ``nodes`` hosts: evenly, or with one
+    more rank on each of the first hosts where ``np`` does not divide (5 over 2: 3 + 2, as unequal nodes are)."""
     names = cluster.names[: nodes or len(cluster.names)]
     if nodes is not None and nodes > len(cluster.names):
         raise ValueError(f"{nodes} nodes asked for, but the cluster has {len(cluster.names)}: {', '.join(names)}")
-    if np % len(names):
-        raise ValueError(f"{np} ranks do not spread evenly over {len(names)} hosts ({', '.join(names)})")
-    return [(name, np // len(names)) for name in names]
+    if np < len(names):
+        raise ValueError(f"{np} ranks cannot fill {len(names)} hosts ({', '.join(names)}): give each at least one")
+    base, extra = divmod(np, len(names))
+    return [(name, base + (index < extra)) for index, name in enumerate(names)]
 
 
 def _run_launcher(
