@@ -107,3 +107,21 @@ def test_segments_send_what_the_whole_plan_sends_and_keep_their_stages_apart():
                 assert all(hosts[s.send_to] == hosts[rank] for s in stage.steps if s.send is not None)
     with pytest.raises(ValueError, match="segments must be at least 1"):
         plan_hierarchical_segments("ring", 0, hosts, 10, 0)
+
+
+def test_segment_count_keeps_network_messages_long_and_names_a_bad_setting(monkeypatch):
+    from hybrid_ext.comm import pipelined
+
+    monkeypatch.delenv(pipelined.SEGMENT_BYTES_ENV, raising=False)
+    assert pipelined.segment_count(16 << 20, lanes=2, hosts=2) == 8  # 2 MiB segments: 512 KiB messages
+    assert pipelined.segment_count(16 << 20, lanes=2, hosts=4) == 4
+    assert pipelined.segment_count(1 << 20, lanes=2, hosts=2) == 1  # too small to cut
+    assert pipelined.segment_count(1 << 30, lanes=2, hosts=2) == pipelined.MAX_SEGMENTS
+    monkeypatch.setenv(pipelined.SEGMENT_BYTES_ENV, "0")
+    assert pipelined.segment_count(1 << 30, lanes=2, hosts=2) == 1  # off
+    monkeypatch.setenv(pipelined.SEGMENT_BYTES_ENV, "16384")
+    assert pipelined.segment_count(65536, lanes=2, hosts=2) == 4
+    for bad in ("-1", "2M", "lots"):
+        monkeypatch.setenv(pipelined.SEGMENT_BYTES_ENV, bad)
+        with pytest.raises(ValueError, match=f"HYBRID_EXT_SEGMENT_BYTES='{bad}'"):
+            pipelined.segment_count(1 << 20, lanes=2, hosts=2)
