@@ -14,6 +14,7 @@ import os
 import socket
 import sys
 import time
+import weakref
 from datetime import timedelta
 from typing import Any
 
@@ -88,6 +89,7 @@ def _fault_notes(base: TorchTransport, address: str, all_gather) -> FaultNotes |
     mailboxes = all_gather(None if notes is None else (notes.address, notes.port))
     if notes is not None:
         notes.connect({r: tuple(m) for r, m in enumerate(mailboxes) if m is not None and r in base.remote_hosts})
+        weakref.finalize(base, notes.close)  # the mailbox lives as long as the transport: no socket left behind
     return notes
 
 
