@@ -194,6 +194,14 @@ def leaving_a_launched_job() -> Iterator[None]:
         yield
     finally:
         if launched() and dist.is_available() and dist.is_initialized():
+            # hybrid-ext's communicators hold the group too: without forgetting them, destroying it freed nothing
+            # and gloo still went down with the interpreter.
+            import gc
+
+            from hybrid_ext.comm import registry
+
+            registry.forget_all()
+            gc.collect()
             dist.destroy_process_group()
 
 

@@ -20,13 +20,16 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import torch
 
 from hybrid_ext.comm.executor import execute
 from hybrid_ext.comm.hierarchy import Segment
 from hybrid_ext.comm.transport import PeerError, Transport
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future, ThreadPoolExecutor
 
 SEGMENT_BYTES_ENV = "HYBRID_EXT_SEGMENT_BYTES"  # bytes per segment; 0 runs the stages one after another
 # By default a segment is as large as keeps each message between hosts at least this long: a segment's network
@@ -61,7 +64,9 @@ class NetworkStages:
         self._pool: ThreadPoolExecutor | None = None
 
     def submit(self, job: Callable[[], None]) -> Future:
-        if self._pool is None:  # made on first use: most groups never span hosts
+        if self._pool is None:  # made (and concurrent.futures imported) on first use: most groups never span hosts
+            from concurrent.futures import ThreadPoolExecutor
+
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybrid-ext-network")
         return self._pool.submit(job)
 

@@ -60,3 +60,11 @@ def _as_transport(group: Any, device: torch.device) -> Transport:
     from hybrid_ext.comm.torch_transport import transport_for
 
     return transport_for(group, device)
+
+
+def forget_all() -> None:
+    """Drop every communicator kept so far (their transports hold their process groups): a process that destroys
+    its groups then frees them there and then, not in the interpreter's teardown."""
+    with _registry_lock:
+        _communicators.clear()
+        _setup_locks.clear()
