@@ -66,8 +66,11 @@ def host_layout(hosts: Sequence[int]) -> dict[int, list[int]]:
     return members
 
 
-def _stages(inter_algorithm: str, rank: int, hosts: tuple[int, ...], count: int) -> tuple[list[Step], ...]:
-    """(reduce-scatter within the host, allreduce between hosts, all-gather within the host): rank's steps."""
+def _stages(
+    inter_algorithm: str, rank: int, hosts: tuple[int, ...], count: int, offset: int = 0
+) -> tuple[list[Step], ...]:
+    """(reduce-scatter within the host, allreduce between hosts, all-gather within the host): rank's steps for
+    the ``count`` elements from ``offset`` on."""
     if inter_algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm between hosts {inter_algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
     if not 0 <= rank < len(hosts):
@@ -90,14 +93,14 @@ def _stages(inter_algorithm: str, rank: int, hosts: tuple[int, ...], count: int)
     if count > 0 and len(hosts) > 1:
         for first in rounds:
             sub = plan_reduce_scatter(INTRA_SCATTER, local, round_counts(first))
-            within += _moved(sub, mine, bounds[first], "host ")
+            within += _moved(sub, mine, offset + bounds[first], "host ")
         for lane in range(local, lanes, size):
             owners = [members[h][lane % len(members[h])] for h in order]
             sub = plan_allreduce(inter_algorithm, order.index(hosts[rank]), len(order), bounds[lane + 1] - bounds[lane])
-            between += _moved(sub, owners, bounds[lane], "hosts ")
+            between += _moved(sub, owners, offset + bounds[lane], "hosts ")
         for first in rounds:
             sub = plan_allgather(INTRA_GATHER, local, round_counts(first))
-            gather += _moved(sub, mine, bounds[first], "host ")
+            gather += _moved(sub, mine, offset + bounds[first], "host ")
     return within, between, gather
 
 
@@ -130,14 +133,7 @@ def plan_hierarchical_segments(
     out = []
     for index in range(segments):
         offset, length = bounds[index], bounds[index + 1] - bounds[index]
-        stages = _stages(inter_algorithm, rank, hosts, length)
-        plans = [Plan(name, rank, len(hosts), count, tuple(_shifted(steps, offset))) for steps in stages]
+        stages = _stages(inter_algorithm, rank, hosts, length, offset)
+        plans = [Plan(name, rank, len(hosts), count, tuple(steps)) for steps in stages]
         out.append(Segment(*plans))
     return tuple(out)
-
-
-def _shifted(steps: list[Step], offset: int) -> list[Step]:
-    def shift(span: Range | None) -> Range | None:
-        return None if span is None else (span[0] + offset, span[1] + offset)
-
-    return [Step(s.phase, s.send_to, shift(s.send), s.recv_from, shift(s.recv), s.reduce) for s in steps]
