@@ -132,6 +132,59 @@ def _config_switches(rank: int, world: int) -> dict:
     return seen
 
 
+def _bucket_reduction(rank: int, world: int) -> dict:
+    """DeepSpeed's gradient bucket reduced by hybrid-ext (HYBRID_EXT_DEEPSPEED_REDUCTION=hybrid-ext) against
+    DeepSpeed's own method on the same engine and gradients, under each of DeepSpeed's scaling settings.
+
+    Gradients are small integers, so every sum is exact in any order and the two must agree bit for bit; a spy
+    on ``allreduce_bucket`` (which only DeepSpeed's own method calls) tells which one ran."""
+    import os
+
+    import deepspeed
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    calls = {"deepspeed": 0}
+    own_bucket = DeepSpeedEngine.allreduce_bucket
+
+    def spy(self, *args, **kwargs):
+        calls["deepspeed"] += 1
+        return own_bucket(self, *args, **kwargs)
+
+    DeepSpeedEngine.allreduce_bucket = spy
+    seen: dict = {}
+    try:
+        settings = {
+            "default": {},
+            "predivide": {"gradient_predivide_factor": 2.0},
+            "prescale": {"prescale_gradients": True},
+            "sum": {"gradient_average": False},  # hypothetical: not a ds_config key; set on the engine below
+        }
+        for label, extra in settings.items():
+            config = {**ds_config(0), **{k: v for k, v in extra.items() if k != "gradient_average"}}
+            model = small_cnn()
+            engine, *_ = deepspeed.initialize(
+                model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), config=config
+            )
+            if "gradient_average" in extra:
+                engine.gradient_average = extra["gradient_average"]
+            results = {}
+            for reduction in ("hybrid-ext", "deepspeed"):
+                for index, p in enumerate(engine.module.parameters()):
+                    p.grad = (torch.arange(p.numel()) * (rank + 1 + index) % 17 - 8).float().reshape(p.shape)
+                os.environ["HYBRID_EXT_DEEPSPEED_REDUCTION"] = reduction
+                before = calls["deepspeed"]
+                engine.allreduce_gradients()
+                results[reduction] = {
+                    "grads": [p.grad.clone() for p in engine.module.parameters()],
+                    "deepspeed_calls": calls["deepspeed"] - before,
+                }
+            seen[label] = results
+    finally:
+        DeepSpeedEngine.allreduce_bucket = own_bucket
+        os.environ.pop("HYBRID_EXT_DEEPSPEED_REDUCTION", None)
+    return seen
+
+
 def job_collectives_and_training(args) -> None:
     """all_reduce vs gloo; dp at ZeRO 0/1/2 on the butterfly and on gloo; hybrid / mp at ZeRO 0/1/2."""
     import time
@@ -155,6 +208,7 @@ def job_collectives_and_training(args) -> None:
     gloo_result = t.clone()
     dist.all_reduce(gloo_result, group=dist.new_group(backend="gloo"))
     result["allreduce"] = {"ours": ours, "gloo": gloo_result, "records": [r.as_dict() for r in records]}
+    result["bucket_reduction"] = _bucket_reduction(rank, world)
     result["dp"] = {stage: _train(ds_config(stage), rank, world, "dp") for stage in ZERO_STAGES}
     gloo = _GlooDataParallel()
     result["dp_gloo"] = {stage: _train_on_gloo(stage, rank, world, gloo) for stage in ZERO_STAGES}

@@ -76,6 +76,43 @@ def test_zero_training_on_the_butterfly_ends_where_plain_gloo_does(job):
 
 
 @pytest.mark.timeout(2 * LAUNCH_TIMEOUT)
+def test_hybrid_ext_reduces_deepspeeds_gradient_buckets_with_deepspeeds_arithmetic(job):
+    world = len(job)
+    for rank, result in enumerate(job):
+        for label, runs in result["bucket_reduction"].items():
+            ours, theirs = runs["hybrid-ext"], runs["deepspeed"]
+            assert ours["deepspeed_calls"] == 0, f"{label}: DeepSpeed's own allreduce_bucket ran"
+            assert theirs["deepspeed_calls"] > 0, f"{label}: HYBRID_EXT_DEEPSPEED_REDUCTION=deepspeed was ignored"
+            for index, (mine, own) in enumerate(zip(ours["grads"], theirs["grads"])):
+                assert torch.equal(mine, own), f"rank {rank} {label}: gradient {index} differs"
+            assert torch.equal(ours["grads"][0], job[0]["bucket_reduction"][label]["hybrid-ext"]["grads"][0])
+        # the scaling really differed between settings (a test that ignores them would pass the above)
+        default = result["bucket_reduction"]["default"]["hybrid-ext"]["grads"][0]
+        summed = result["bucket_reduction"]["sum"]["hybrid-ext"]["grads"][0]
+        assert torch.equal(summed / world, default) and not torch.equal(summed, default)
+
+
+def test_the_deepspeed_method_hybrid_ext_replaces_is_still_deepspeeds_reduction_path(monkeypatch):
+    import inspect
+
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from hybrid_ext.integrations.deepspeed import grad_reduction
+
+    path, name = grad_reduction.PATCHED
+    assert path == f"{DeepSpeedEngine.__module__}.{DeepSpeedEngine.__qualname__}"
+    assert callable(getattr(DeepSpeedEngine, name))
+    assert f"self.{name}(" in inspect.getsource(DeepSpeedEngine.allreduce_no_retain)  # still the bucket's way
+    parameters = list(inspect.signature(grad_reduction._ORIGINAL.get(name, getattr(DeepSpeedEngine, name))).parameters)
+    assert parameters[:3] == ["self", "small_bucket", "dp_group"], parameters
+    for attribute in ("gradient_average", "postscale_gradients", "gradient_predivide_factor"):
+        assert attribute in inspect.getsource(DeepSpeedEngine.allreduce_bucket), attribute
+    monkeypatch.setenv("HYBRID_EXT_DEEPSPEED_REDUCTION", "bogus")
+    with pytest.raises(ValueError, match="HYBRID_EXT_DEEPSPEED_REDUCTION='bogus'"):
+        grad_reduction.reduction()
+
+
+@pytest.mark.timeout(2 * LAUNCH_TIMEOUT)
 def test_hybrid_in_a_deepspeed_engine_matches_the_single_process_reference(job):
     expected = reference(len(job))
     runs = [key for key in job[0] if key.startswith(("hybrid-", "mp-"))]

@@ -7,7 +7,7 @@ import pytest
 from schedule_sim import simulate
 
 from hybrid_ext.comm.hierarchy import host_layout, plan_hierarchical, plan_hierarchical_segments
-from hybrid_ext.comm.schedule import Plan
+from hybrid_ext.comm.schedule import Plan, block_bounds
 
 LAYOUTS = [
     (0, 0, 1, 1),
@@ -107,6 +107,22 @@ def test_segments_send_what_the_whole_plan_sends_and_keep_their_stages_apart():
                 assert all(hosts[s.send_to] == hosts[rank] for s in stage.steps if s.send is not None)
     with pytest.raises(ValueError, match="segments must be at least 1"):
         plan_hierarchical_segments("ring", 0, hosts, 10, 0)
+
+
+@pytest.mark.parametrize("hosts", LAYOUTS, ids=str)
+@pytest.mark.parametrize("inter", ["recursive_doubling", "rabenseifner", "ring"])
+def test_each_segment_touches_only_its_own_block_so_copies_can_run_per_segment(hosts, inter):
+    # The communicator fills segment t's block of the working buffer just before W(t) and copies it out just after
+    # G(t), while other segments are on the wire: right only if no stage of t reads or writes outside its block.
+    count, segments = 1003, 5
+    bounds = block_bounds(count, segments)
+    for rank in range(len(hosts)):
+        for t, segment in enumerate(plan_hierarchical_segments(inter, rank, hosts, count, segments)):
+            for stage in (segment.within, segment.between, segment.gather):
+                for step in stage.steps:
+                    for span in (step.send, step.recv):
+                        if span is not None:
+                            assert bounds[t] <= span[0] <= span[1] <= bounds[t + 1], (rank, t, step)
 
 
 def test_segment_count_keeps_network_messages_long_and_names_a_bad_setting(monkeypatch):

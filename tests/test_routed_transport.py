@@ -7,6 +7,7 @@ pretend host, so the routing is exercised on one machine (the emulated cluster r
 from __future__ import annotations
 
 import hashlib
+import math
 
 import pytest
 import torch
@@ -96,8 +97,40 @@ def _segmented_rank(rank: int, p: int, hosts: list[int]) -> dict:
                 digest.update(got.numpy().tobytes())
                 if not torch.allclose(got.double(), expected, rtol=1e-6, atol=1e-6):
                     failures.append(f"n={n} {dtype} {op} {inter}: max error {(got.double() - expected).abs().max()}")
+    failures += _coalesced_and_scaled(rank, p, digest)
     network_threads = [t.name for t in threading.enumerate() if t.name.startswith("hybrid-ext-network")]
     return {"failures": failures, "digest": digest.hexdigest(), "network_threads": network_threads}
+
+
+def _coalesced_and_scaled(rank: int, p: int, digest) -> list[str]:
+    """Several tensors in one segmented allreduce: each segment is gathered from them and copied back on its own,
+    across tensor edges (a strided one, an empty one, 16-bit ones reduced in float32), scaled before and after."""
+    from hybrid_ext.comm.registry import communicator
+
+    failures = []
+    shapes = [(3,), (70, 71), (0,), (1,), (9000,), (40, 333), (5,)]  # ~27 K elements: 7 segments of 16 KiB (fp32)
+    comm = communicator(None)
+    for dtype in (torch.float32, torch.bfloat16):
+        for prescale, postscale in ((None, None), (0.5, 0.25)):
+            inputs = [
+                [(torch.arange(math.prod(s)) * (r + 3) % 61 - 30).to(dtype).reshape(s) for s in shapes]
+                for r in range(p)
+            ]
+            expected = [sum(t[i].double() for t in inputs) for i in range(len(shapes))]
+            scale = (prescale or 1.0) * (postscale or 1.0)
+            mine = [t.clone() for t in inputs[rank]]
+            mine[1] = mine[1].t()  # strided: reduced through the working buffer and copied back whole
+            expected[1] = expected[1].t()
+            comm.run(
+                lambda mine=mine, prescale=prescale, postscale=postscale: comm.allreduce_now(
+                    mine, "sum", "hierarchical/ring", prescale=prescale, postscale=postscale
+                )
+            )
+            for index, (got, want) in enumerate(zip(mine, expected)):
+                digest.update(got.float().numpy().tobytes())
+                if got.shape != want.shape or not torch.equal(got.double(), want * scale):
+                    failures.append(f"coalesced {dtype} scale {scale}: tensor {index} differs")
+    return failures
 
 
 @pytest.mark.parametrize("hosts", [[0, 0, 1, 1], [0, 0, 0, 1, 1], [0, 1, 0, 1]], ids=str)

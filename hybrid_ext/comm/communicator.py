@@ -14,6 +14,7 @@ The ``*_now`` methods run on the group's ordered thread: call them through :meth
 
 from __future__ import annotations
 
+import bisect
 import math
 import os
 import time
@@ -29,7 +30,7 @@ from hybrid_ext.comm.executor import WIDENED, WireStaging, execute, wire_dtype_f
 from hybrid_ext.comm.hierarchy import plan_hierarchical, plan_hierarchical_segments
 from hybrid_ext.comm.ordering import Handle, IssueOrder
 from hybrid_ext.comm.pipelined import NetworkStages, execute_segments, segment_count
-from hybrid_ext.comm.schedule import ALGORITHMS, Plan, plan_allgather, plan_allreduce, plan_reduce_scatter
+from hybrid_ext.comm.schedule import ALGORITHMS, Plan, block_bounds, plan_allgather, plan_allreduce, plan_reduce_scatter
 from hybrid_ext.comm.streams import stream_order_for
 from hybrid_ext.comm.transport import Transport
 from hybrid_ext.comm.tuner import Tuner, tune_mode
@@ -123,11 +124,18 @@ class Communicator:
         algorithm: str,
         wire_dtype: torch.dtype | str | None = None,
         name: str | None = None,
+        prescale: float | None = None,
+        postscale: float | None = None,
     ) -> None:
         """Reduce ``tensors`` in place as one flat vector (call through :meth:`run` / :meth:`submit`).
 
         ``wire_dtype``: the dtype messages travel in (see :func:`~hybrid_ext.comm.executor.wire_dtype_for`);
-        ``name``: the caller's name for this collective, compared across ranks in check mode.
+        ``name``: the caller's name for this collective, compared across ranks in check mode. ``prescale`` /
+        ``postscale``: factors each element of the flat vector is multiplied by before / after the reduction
+        (integrations that must keep a host framework's arithmetic, such as DeepSpeed's gradient scaling).
+
+        Several tensors are gathered into one working buffer and copied back; where the allreduce runs in
+        segments (:mod:`~hybrid_ext.comm.pipelined`), each segment's copies happen while others are on the wire.
         """
         start = time.perf_counter()
         self.streams.keep_alive(tensors)
@@ -139,30 +147,50 @@ class Communicator:
         wide = WIDENED.get(dtype, dtype)
         count = sum(t.numel() for t in tensors)
         in_place = len(tensors) == 1 and tensors[0].is_contiguous() and wide == dtype
-        if in_place:
-            buffer = tensors[0].view(-1)
-        else:
-            buffer = torch.empty(count, dtype=wide, device=device)
-            offset = 0
-            for t in tensors:
-                buffer[offset : offset + t.numel()].copy_(t.reshape(-1))
-                offset += t.numel()
+        # Kept between calls (like DDP's buckets): a fresh one would fault in every page again, on the copy path.
+        buffer = tensors[0].view(-1) if in_place else self._scratch.get(count, wide, device, role="coalesced")[:count]
+        flats = [t.reshape(-1) for t in tensors]  # views, or copies of strided tensors (copied back whole)
+        starts = [0]
+        for t in tensors:
+            starts.append(starts[-1] + t.numel())
+
+        def pieces(lo: int, hi: int):  # (tensor index, its range, the buffer's range) covering [lo, hi)
+            index = max(0, bisect.bisect_right(starts, lo) - 1)
+            while index < len(tensors) and starts[index] < hi:
+                first, last = max(lo, starts[index]), min(hi, starts[index + 1])
+                if last > first:
+                    yield index, slice(first - starts[index], last - starts[index]), slice(first, last)
+                index += 1
+
+        def prepare(lo: int, hi: int) -> None:
+            if not in_place:
+                for index, own, flat in pieces(lo, hi):
+                    buffer[flat].copy_(flats[index][own])
+            if prescale is not None:
+                buffer[lo:hi].mul_(prescale)
+
+        def finish(lo: int, hi: int) -> None:
+            if op == "avg":
+                buffer[lo:hi].div_(self.size)
+            if postscale is not None:
+                buffer[lo:hi].mul_(postscale)
+            if not in_place:
+                for index, own, flat in pieces(lo, hi):
+                    if tensors[index].is_contiguous():
+                        flats[index][own].copy_(buffer[flat])
+                    elif own.stop == tensors[index].numel():  # strided: copied back whole, by its last piece
+                        whole = buffer[starts[index] : starts[index + 1]]
+                        tensors[index].copy_(whole.view(tensors[index].shape))
+
         wire = wire_dtype_for(dtype, wire_dtype)
         element_size = wire.itemsize if wire != wide else buffer.element_size()
         nbytes = count * element_size
         plan, trial_of = self._allreduce_plan(algorithm, count, nbytes)
         chosen = plan.algorithm
         began = time.perf_counter()
-        self._execute(plan, buffer, wire, op)
+        self._execute(plan, buffer, wire, op, prepare, finish)
         if trial_of is not None:
             self._tuner.record(trial_of, nbytes, time.perf_counter() - began)
-        if op == "avg":
-            buffer.div_(self.size)
-        if not in_place:
-            offset = 0
-            for t in tensors:
-                t.copy_(buffer[offset : offset + t.numel()].view(t.shape))
-                offset += t.numel()
         metrics.record(
             metrics.CollectiveRecord(
                 collective="allreduce",
@@ -264,26 +292,49 @@ class Communicator:
         self._sum_over_ranks(table, "max")
         return table.cpu().tolist()
 
-    def _execute(self, plan: Plan, buffer: torch.Tensor, wire: torch.dtype, op: str) -> None:
-        """Run ``plan`` on ``buffer``; messages travel as ``wire`` (narrower than the buffer: staged)."""
+    def _execute(
+        self,
+        plan: Plan,
+        buffer: torch.Tensor,
+        wire: torch.dtype,
+        op: str,
+        prepare: Callable[[int, int], None] | None = None,
+        finish: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """Run ``plan`` on ``buffer``; messages travel as ``wire`` (narrower than the buffer: staged).
+
+        ``prepare(lo, hi)`` fills ``buffer[lo:hi]`` before its reduction starts, ``finish(lo, hi)`` takes the result
+        out after: once for the whole vector, or per segment where the allreduce runs in segments."""
         device = buffer.device
+        whole = plan.count
         if wire == buffer.dtype:
             segments = self._segments(plan, buffer)
             if segments is not None:
+                bounds = block_bounds(whole, len(segments))
 
                 def scratch(elements: int, role: str) -> torch.Tensor:
                     return self._scratch.get(elements, buffer.dtype, device, role=f"segments-{role}")
 
-                execute_segments(segments, buffer, self.transport, op, scratch, self._network_stages)
+                def ranged(hook: Callable[[int, int], None] | None) -> Callable[[int], None] | None:
+                    return None if hook is None else (lambda index: hook(bounds[index], bounds[index + 1]))
+
+                execute_segments(
+                    segments, buffer, self.transport, op, scratch, self._network_stages, ranged(prepare), ranged(finish)
+                )
                 return
+        if prepare is not None:
+            prepare(0, whole)
+        if wire == buffer.dtype:
             execute(plan, buffer, self.scratch(plan.scratch_elements, buffer.dtype, device), self.transport, op)
-            return
-        elements = plan.largest_step_elements
-        staging = WireStaging(
-            self._scratch.get(elements, wire, device, role="wire-send"),
-            self._scratch.get(elements, wire, device, role="wire-recv"),
-        )
-        execute(plan, buffer, buffer[:0], self.transport, op, wire=staging)
+        else:
+            elements = plan.largest_step_elements
+            staging = WireStaging(
+                self._scratch.get(elements, wire, device, role="wire-send"),
+                self._scratch.get(elements, wire, device, role="wire-recv"),
+            )
+            execute(plan, buffer, buffer[:0], self.transport, op, wire=staging)
+        if finish is not None:
+            finish(0, whole)
 
     def _segments(self, plan: Plan, buffer: torch.Tensor):
         """A large hierarchical allreduce cut into segments whose network and shared-memory stages overlap

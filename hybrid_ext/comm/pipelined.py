@@ -78,11 +78,15 @@ def execute_segments(
     op: str,
     scratch: Callable[[int, str], torch.Tensor],
     network: NetworkStages,
+    prepare: Callable[[int], None] | None = None,
+    finish: Callable[[int], None] | None = None,
 ) -> None:
     """Run ``segments`` on ``buffer`` (see the module docstring); ``scratch(elements, role)`` gives receive buffers.
 
     Both threads use ``transport``: the shared-memory steps and the network steps take different routes of it
     (a :class:`~hybrid_ext.comm.routed_transport.RoutedTransport`), each used from one thread only.
+    ``prepare(t)`` runs on this thread just before segment t's first stage (to fill its part of ``buffer``),
+    ``finish(t)`` just after its last (to copy its result out), so that copies too overlap the network.
     """
     local_scratch = scratch(max(max(s.within.scratch_elements, s.gather.scratch_elements) for s in segments), "local")
     network_scratch = scratch(max(s.between.scratch_elements for s in segments), "network")
@@ -106,11 +110,15 @@ def execute_segments(
     def gather(index: int) -> None:
         exchanged[index].result()  # the network stage's error, if it failed, is this collective's
         stage(index, "gather", local_scratch)
+        if finish is not None:
+            finish(index)
 
     exchanged: list[Future] = []
     try:
         for index in range(len(segments)):
             exchanged.append(network.submit(lambda index=index: between(index)))
+            if prepare is not None:
+                prepare(index)
             stage(index, "within", local_scratch)
             reduced[index].set()
             if index > 0:

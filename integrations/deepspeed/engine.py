@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hybrid_ext.integrations.deepspeed import grad_reduction
 from hybrid_ext.integrations.deepspeed.batch import batch_settings_for_hybrid, sample_loader
 from hybrid_ext.integrations.deepspeed.config import SECTION, HybridSection, split_config
 from hybrid_ext.integrations.deepspeed.mpu import GridMPU, mark_model_parallel
@@ -81,6 +82,7 @@ def init_distributed(reducer: str = "butterfly", **kwargs: Any) -> None:
 
         if reducer != "auto":
             os.environ[ALGORITHM_ENV] = reducer
+        grad_reduction.install()  # the engine's gradient buckets: chunked, copies overlapping the wire
     deepspeed.init_distributed(dist_backend=backend, **kwargs)
 
 
@@ -174,8 +176,10 @@ def initialize(
         args.deepspeed_config = None  # the config now travels as a dict
     if not dist.is_initialized():
         init_distributed(section.reducer)
-    elif given is not None:
-        _warn_if_backend_differs(section.reducer)
+    else:
+        if given is not None:
+            _warn_if_backend_differs(section.reducer)
+        grad_reduction.install()  # acts only on groups that run the butterfly backend
     mpu = None
     if isinstance(model, ParallelModel):
         if not model.host_reduces_data_parallel:

@@ -7,7 +7,11 @@ Every rank holds two DeepSpeed engines (ZeRO-0, fp32) on the same model — torc
 
 - ``butterfly-<algorithm>``: DeepSpeed's data-parallel group is the default group of a job started with
   ``hybrid_ext.integrations.deepspeed.init_distributed(reducer="auto")``; its gradient allreduce goes
-  through the butterfly (``HYBRID_EXT_ALGO`` switched per step for each algorithm asked for);
+  through the butterfly (``HYBRID_EXT_ALGO`` switched per step for each algorithm asked for), hybrid-ext
+  gathering, scaling and copying back the bucket segment by segment while other segments are on the wire
+  (:mod:`hybrid_ext.integrations.deepspeed.grad_reduction`);
+- ``butterfly-<algorithm>/deepspeed-copies`` (with ``--deepspeed-copies``): the same backend under DeepSpeed's
+  own flatten, scale and copy-back of the whole bucket (``HYBRID_EXT_DEEPSPEED_REDUCTION=deepspeed``);
 - ``gloo``: the engine gets an ``mpu`` whose data-parallel group is a plain gloo group over the same ranks, so
   every gradient reduction of that engine runs on gloo's own allreduce.
 
@@ -15,8 +19,8 @@ Every rank holds two DeepSpeed engines (ZeRO-0, fp32) on the same model — torc
 ``backward`` runs inside ``engine.no_sync()``; then, after a barrier, each rank times DeepSpeed's
 own reduction, ``engine.allreduce_gradients()`` (one flat buffer here), ``--repeats`` times. The table reports
 the median over the steps (the first one is warm-up) of the slowest rank's time, the bytes reduced, and the
-ratio to gloo; for the butterfly rows also the allreduce alone (rank 0, from hybrid-ext's metrics) — the rest
-is DeepSpeed's own flatten, scale and copy-back of the bucket, the same for both backends.
+ratio to gloo; for the butterfly rows also the allreduce alone (rank 0, from hybrid-ext's metrics; with
+DeepSpeed's copies, the rest is its flatten, scale and copy-back of the bucket, the same as gloo's).
 """
 
 from __future__ import annotations
@@ -59,6 +63,10 @@ class GlooDataParallel:
 
     def get_data_parallel_group_ranks(self) -> list[int]:
         return list(range(self.world))
+
+
+OWN_COPIES = "/deepspeed-copies"
+REDUCTION_ENV = "HYBRID_EXT_DEEPSPEED_REDUCTION"
 
 
 def build_model(name: str) -> torch.nn.Module:
@@ -110,6 +118,9 @@ def main() -> None:
     parser.add_argument("--algorithms", default="auto", help="butterfly algorithms, e.g. auto,rabenseifner,ring")
     parser.add_argument("--repeats", type=int, default=3, help="timed reductions per step")
     parser.add_argument("--size", type=int, default=32, help="input image side")
+    parser.add_argument(
+        "--deepspeed-copies", action="store_true", help="also time DeepSpeed's own flatten / scale / copy-back"
+    )
     parser.add_argument("--local_rank", type=int, default=-1)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -123,7 +134,8 @@ def main() -> None:
     algorithms = [a for a in args.algorithms.split(",") if a]
     engines = {"gloo": make_engine(args.model, GlooDataParallel())}
     butterfly_engine = make_engine(args.model)
-    rows = [f"butterfly-{a}" for a in algorithms] + ["gloo"]
+    own = [f"butterfly-{a}{OWN_COPIES}" for a in algorithms] if args.deepspeed_copies else []
+    rows = [f"butterfly-{a}" for a in algorithms] + own + ["gloo"]
     params = sum(p.numel() for p in butterfly_engine.module.parameters())
     g = torch.Generator().manual_seed(rank)
     times: dict[str, list[float]] = {row: [] for row in rows}
@@ -146,7 +158,8 @@ def main() -> None:
             if row == "gloo":
                 times[row] += timed_step(engines["gloo"], x, y, bookkeeping, args.repeats)
                 continue
-            os.environ["HYBRID_EXT_ALGO"] = row.removeprefix("butterfly-")
+            os.environ["HYBRID_EXT_ALGO"] = row.removeprefix("butterfly-").removesuffix(OWN_COPIES)
+            os.environ[REDUCTION_ENV] = "deepspeed" if row.endswith(OWN_COPIES) else "hybrid-ext"
             with hybrid_ext.metrics.capture() as records:
                 times[row] += timed_step(butterfly_engine, x, y, bookkeeping, args.repeats)
             big = [r for r in records if r.collective == "allreduce" and r.elements >= params]
