@@ -4,7 +4,8 @@ The backend (route (a) of the DeepSpeed issue): DeepSpeed 0.19 has no registry o
 ``deepspeed.init_distributed(dist_backend=name)`` builds its ``TorchBackend`` over
 ``torch.distributed.init_process_group(name)``. hybrid-ext registers a torch.distributed backend named
 ``butterfly`` (all_reduce through the butterfly, everything else through an inner gloo / NCCL group), so
-passing that name is all it takes, and every ``deepspeed.comm`` call keeps working.
+passing that name is all it takes, and every ``deepspeed.comm`` call keeps working. On such a group the
+engine's gradient buckets are reduced by hybrid-ext itself, copies included (:mod:`.grad_reduction`).
 
 One private DeepSpeed name is touched, listed in :data:`DEEPSPEED_PRIVATE` and pinned by
 ``tests/test_deepspeed.py``: :func:`initialize` resets the module global ``deepspeed.utils.groups.mpu`` before a
