@@ -5,8 +5,8 @@ sum, min, max). 16-bit inputs are reduced in a float32 working buffer (partial s
 are exact to float32; the result is rounded once at the end). Every rank ends with bitwise-identical results:
 each element's final value is computed on one rank and copied (see :mod:`hybrid_ext.comm.schedule`), and
 ``avg`` divides identical sums. Memory: a contiguous tensor of the reduction dtype is reduced in place;
-otherwise one working buffer holds the flat vector; plus one receive buffer of at most the largest reducing
-step, reused across calls.
+otherwise one working buffer holds the flat vector (kept for the next call, as DDP keeps its buckets: the
+largest so far); plus one receive buffer of at most the largest reducing step, reused across calls.
 
 The ``*_now`` methods run on the group's ordered thread: call them through :meth:`Communicator.run` /
 :meth:`Communicator.submit` (the public functions in :mod:`hybrid_ext.comm.api` do).
