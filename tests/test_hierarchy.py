@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 from schedule_sim import simulate
 
-from hybrid_ext.comm.hierarchy import host_layout, plan_hierarchical, plan_hierarchical_segments
+from hybrid_ext.comm.hierarchy import (
+    equal_hosts,
+    host_layout,
+    plan_hierarchical,
+    plan_hierarchical_allgather,
+    plan_hierarchical_reduce_scatter,
+    plan_hierarchical_segments,
+)
 from hybrid_ext.comm.schedule import Plan, block_bounds
 
 LAYOUTS = [
@@ -141,3 +148,60 @@ def test_segment_count_keeps_network_messages_long_and_names_a_bad_setting(monke
         monkeypatch.setenv(pipelined.SEGMENT_BYTES_ENV, bad)
         with pytest.raises(ValueError, match=f"HYBRID_EXT_SEGMENT_BYTES='{bad}'"):
             pipelined.segment_count(1 << 20, lanes=2, hosts=2)
+
+
+def _sent_out_of(host: int, hosts, plans) -> int:
+    """Elements the ranks of ``host`` send to other hosts."""
+    return sum(
+        s.send_count
+        for r, plan in enumerate(plans)
+        if hosts[r] == host
+        for s in plan.steps
+        if s.send is not None and hosts[s.send_to] != host
+    )
+
+
+EQUAL_LAYOUTS = [(0, 0, 1, 1), (0, 1, 0, 1), (0, 0, 1, 1, 2, 2), (0, 0, 0, 1, 1, 1), (0, 1, 2, 3), (1, 0, 0, 1)]
+BLOCKS = [lambda p: (3,) * p, lambda p: tuple(r % 3 for r in range(p)), lambda p: (0,) * (p - 1) + (5,)]
+
+
+@pytest.mark.parametrize("hosts", EQUAL_LAYOUTS, ids=str)
+@pytest.mark.parametrize("blocks", BLOCKS, ids=["equal", "uneven-with-empty", "one-block"])
+def test_hierarchical_allgather_gives_every_rank_every_block_and_sends_each_block_out_of_its_host_once(hosts, blocks):
+    p, counts = len(hosts), blocks(len(hosts))
+    offsets = [sum(counts[:r]) for r in range(p + 1)]
+    plans = [plan_hierarchical_allgather(r, hosts, counts) for r in range(p)]
+    assert all(s.recv is not None or not s.reduce for plan in plans for s in plan.steps)
+    initial = [[1 << r if offsets[r] <= k < offsets[r + 1] else 0 for k in range(offsets[-1])] for r in range(p)]
+    owner = [r for r in range(p) for _ in range(counts[r])]
+    for rank, buffer in enumerate(simulate(plans, initial)):
+        assert list(buffer) == [1 << o for o in owner], f"rank {rank}"
+    host_count = len(set(hosts))
+    for host in set(hosts):  # out of each host: its own blocks, once to each other host
+        out = _sent_out_of(host, hosts, plans)
+        assert out == (host_count - 1) * sum(counts[r] for r in range(p) if hosts[r] == host)
+
+
+@pytest.mark.parametrize("hosts", EQUAL_LAYOUTS, ids=str)
+@pytest.mark.parametrize("blocks", BLOCKS, ids=["equal", "uneven-with-empty", "one-block"])
+def test_hierarchical_reduce_scatter_leaves_each_rank_its_block_summed_once_over_all(hosts, blocks):
+    p, counts = len(hosts), blocks(len(hosts))
+    offsets = [sum(counts[:r]) for r in range(p + 1)]
+    plans = [plan_hierarchical_reduce_scatter(r, hosts, counts) for r in range(p)]
+    assert all(s.recv is not None or not s.reduce for plan in plans for s in plan.steps)  # executor's contract
+    everyone = (1 << p) - 1
+    for rank, buffer in enumerate(simulate(plans)):
+        assert all(v == everyone for v in buffer[offsets[rank] : offsets[rank + 1]]), f"rank {rank}"
+    host_count = len(set(hosts))
+    for host in set(hosts):
+        out = _sent_out_of(host, hosts, plans)
+        assert out == sum(counts[r] for r in range(p) if hosts[r] != host)  # each other rank's block once
+    assert host_count > 1
+
+
+def test_hierarchical_block_plans_refuse_unequal_hosts_and_bad_blocks():
+    assert equal_hosts((0, 0, 1, 1)) and not equal_hosts((0, 0, 0, 1, 1)) and not equal_hosts((0, 0))
+    with pytest.raises(ValueError, match="needs equal hosts"):
+        plan_hierarchical_allgather(0, (0, 0, 0, 1, 1), (1,) * 5)
+    with pytest.raises(ValueError, match="3 block sizes for a group of 4"):
+        plan_hierarchical_reduce_scatter(0, (0, 0, 1, 1), (1, 1, 1))

@@ -142,3 +142,44 @@ def test_segmented_hierarchical_allreduce_overlaps_stages_and_stays_exact_and_id
         alone = hosts.count(hosts[rank]) == 1
         # The network stages ran on the helper thread wherever there was a shared-memory stage to overlap.
         assert bool(result["network_threads"]) is not alone, result["network_threads"]
+
+
+def _block_collectives_rank(rank: int, p: int, hosts: list[int]) -> dict:
+    """All-gather and reduce-scatter of uneven row blocks (one empty), small and large, by every name."""
+    _pretend_hosts(rank, hosts)
+    failures, ran = [], set()
+    for rows_per_rank in ((0, 3, 1, 2, 5)[:p], (0, 300, 700, 50, 900)[:p]):  # 16 floats a row: ~0.1 / 30+ KiB
+        for algorithm in ("auto", "hierarchical", "recursive_doubling", "ring"):
+            mine = torch.full((rows_per_rank[rank], 64), float(rank + 1))
+            with hybrid_ext.metrics.capture() as records:
+                gathered = hybrid_ext.allgather(mine, counts=rows_per_rank, algorithm=algorithm)
+            expected = torch.cat([torch.full((c, 64), float(r + 1)) for r, c in enumerate(rows_per_rank)])
+            if not torch.equal(gathered, expected):
+                failures.append(f"allgather {algorithm} rows {rows_per_rank}")
+            ran |= {("allgather", algorithm, sum(rows_per_rank), r.algorithm) for r in records}
+        for algorithm in ("auto", "hierarchical", "recursive_halving", "ring"):
+            total = sum(rows_per_rank)
+            full = (torch.arange(total * 64).reshape(total, 64) % 97 + rank).float()
+            with hybrid_ext.metrics.capture() as records:
+                got = hybrid_ext.reduce_scatter(full, rows_per_rank, algorithm=algorithm)
+            first = sum(rows_per_rank[:rank])
+            expected = sum((torch.arange(total * 64).reshape(total, 64) % 97 + r).float() for r in range(p))
+            if not torch.equal(got, expected[first : first + rows_per_rank[rank]]):
+                failures.append(f"reduce_scatter {algorithm} rows {rows_per_rank}")
+            ran |= {("reduce_scatter", algorithm, total, r.algorithm) for r in records}
+    return {"failures": failures, "ran": sorted(ran)}
+
+
+@pytest.mark.parametrize("hosts", [[0, 0, 1, 1], [0, 1, 0, 1], [0, 0, 0, 1, 1]], ids=str)
+def test_allgather_and_reduce_scatter_send_each_block_out_of_its_host_once_on_equal_hosts(spawn_ranks, hosts):
+    results = spawn_ranks(_block_collectives_rank, len(hosts), hosts, timeout=240)
+    for rank, result in enumerate(results):
+        assert result["failures"] == [], f"rank {rank}: {result['failures']}"
+    ran = {(kind, asked, total): algorithm for kind, asked, total, algorithm in results[0]["ran"]}
+    equal = len(hosts) == 4
+    for kind in ("allgather", "reduce_scatter"):
+        flat = "recursive_doubling" if kind == "allgather" else "recursive_halving"
+        small, large = sorted({total for k, _, total in ran if k == kind})
+        assert ran[(kind, "auto", small)] == flat  # latency-bound: the flat butterfly
+        assert ran[(kind, "auto", large)] == ("hierarchical" if equal else flat)
+        assert ran[(kind, "hierarchical", small)] == ("hierarchical" if equal else flat)  # unequal hosts: flat

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 
 from hybrid_ext.comm import cost_model
+from hybrid_ext.comm.communicator import GATHER_CHOICES, SCATTER_CHOICES
 from hybrid_ext.comm.executor import OPS, SUPPORTED_DTYPES, wire_dtype_for
 from hybrid_ext.comm.ordering import Handle, MappedHandle
 from hybrid_ext.comm.registry import communicator
-from hybrid_ext.comm.schedule import GATHER_ALGORITHMS, SCATTER_ALGORITHMS
 
 
 def _check_name(name: str | None) -> None:
@@ -155,20 +155,22 @@ def allgather(
     tensor: torch.Tensor,
     group: Any = None,
     counts: tuple[int, ...] | None = None,
-    algorithm: str = "recursive_doubling",
+    algorithm: str = "auto",
     name: str | None = None,
 ) -> torch.Tensor:
     """Concatenate every rank's ``tensor`` along dim 0; ranks may hold different numbers of rows.
 
     ``counts`` (rows per rank), when the caller knows them, saves one small exchange. ``algorithm``:
-    ``recursive_doubling`` (log2 P messages) or ``ring``.
+    ``recursive_doubling`` (log2 P messages), ``ring``, ``hierarchical`` (on a group spanning hosts with equal
+    rank counts: each block leaves its host once — lane peers across hosts, then within each host) or ``auto``
+    (hierarchical there from 64 KiB, else recursive doubling).
     """
     _check_name(name)
     _check_tensor(tensor)
     if tensor.dim() == 0:
         raise ValueError("allgather concatenates along dim 0: tensor must have at least one dimension")
-    if algorithm not in GATHER_ALGORITHMS:
-        raise ValueError(f"unknown allgather algorithm {algorithm!r}; choose one of {', '.join(GATHER_ALGORITHMS)}")
+    if algorithm not in GATHER_CHOICES:
+        raise ValueError(f"unknown allgather algorithm {algorithm!r}; choose one of {', '.join(GATHER_CHOICES)}")
     comm = communicator(group, tensor.device)
     if counts is not None:
         counts = _check_blocks(counts, comm.size, "allgather")
@@ -184,23 +186,22 @@ def reduce_scatter(
     counts: tuple[int, ...],
     op: str = "sum",
     group: Any = None,
-    algorithm: str = "recursive_halving",
+    algorithm: str = "auto",
     wire_dtype: torch.dtype | str | None = None,
     name: str | None = None,
 ) -> torch.Tensor:
     """Reduce ``tensor`` over the group and return this rank's block of ``counts[rank]`` rows (dim 0).
 
     The dual of :func:`allgather`: the gradient of an all-gather is a reduce-scatter of the same blocks.
-    ``algorithm``: ``recursive_halving`` (log2 P messages) or ``ring``.
+    ``algorithm``: ``recursive_halving`` (log2 P messages), ``ring``, ``hierarchical`` or ``auto`` (as for
+    :func:`allgather`).
     """
     _validate([tensor], op, wire_dtype)
     _check_name(name)
     if tensor.dim() == 0:
         raise ValueError("reduce_scatter splits along dim 0: tensor must have at least one dimension")
-    if algorithm not in SCATTER_ALGORITHMS:
-        raise ValueError(
-            f"unknown reduce_scatter algorithm {algorithm!r}; choose one of {', '.join(SCATTER_ALGORITHMS)}"
-        )
+    if algorithm not in SCATTER_CHOICES:
+        raise ValueError(f"unknown reduce_scatter algorithm {algorithm!r}; choose one of {', '.join(SCATTER_CHOICES)}")
     comm = communicator(group, tensor.device)
     counts = _check_blocks(counts, comm.size, "reduce_scatter")
     if sum(counts) != tensor.shape[0]:

@@ -27,14 +27,32 @@ from hybrid_ext.comm import consistency, cost_model, metrics
 from hybrid_ext.comm.buffers import ScratchPool
 from hybrid_ext.comm.cost_model import HIERARCHICAL_PREFIX
 from hybrid_ext.comm.executor import WIDENED, WireStaging, execute, wire_dtype_for
-from hybrid_ext.comm.hierarchy import plan_hierarchical, plan_hierarchical_segments
+from hybrid_ext.comm.hierarchy import (
+    equal_hosts,
+    plan_hierarchical,
+    plan_hierarchical_allgather,
+    plan_hierarchical_reduce_scatter,
+    plan_hierarchical_segments,
+)
 from hybrid_ext.comm.ordering import Handle, IssueOrder
 from hybrid_ext.comm.pipelined import NetworkStages, execute_segments, segment_count
-from hybrid_ext.comm.schedule import ALGORITHMS, Plan, block_bounds, plan_allgather, plan_allreduce, plan_reduce_scatter
+from hybrid_ext.comm.schedule import (
+    ALGORITHMS,
+    GATHER_ALGORITHMS,
+    SCATTER_ALGORITHMS,
+    Plan,
+    block_bounds,
+    plan_allgather,
+    plan_allreduce,
+    plan_reduce_scatter,
+)
 from hybrid_ext.comm.streams import stream_order_for
 from hybrid_ext.comm.transport import Transport
 from hybrid_ext.comm.tuner import Tuner, tune_mode
 
+# The all-gather / reduce-scatter names a caller may pass: the flat plans' own, and the two resolved here.
+GATHER_CHOICES = ("auto", "hierarchical", *GATHER_ALGORITHMS)
+SCATTER_CHOICES = ("auto", "hierarchical", *SCATTER_ALGORITHMS)
 # Below this, a group that spans hosts runs the flat schedules: latency-bound messages gain nothing from staging
 # through shared memory first (recursive doubling already crosses hosts in its later, fewer steps).
 HIERARCHY_MIN_BYTES = 64 << 10
@@ -351,6 +369,25 @@ class Communicator:
         inter = plan.algorithm.removeprefix(HIERARCHICAL_PREFIX)
         return plan_hierarchical_segments(inter, self.rank, hosts, plan.count, count)
 
+    def _block_plan(self, collective: str, algorithm: str, blocks: tuple[int, ...], element_size: int) -> Plan:
+        """The all-gather / reduce-scatter plan for ``algorithm``: ``auto`` (and ``hierarchical``) send each
+        block out of its host once on a group of equal hosts — from 64 KiB, where bytes matter more than the
+        extra message — and run the flat butterfly otherwise."""
+        flat = "recursive_doubling" if collective == "allgather" else "recursive_halving"
+        if algorithm in ("auto", "hierarchical"):
+            hosts = getattr(self.transport, "hosts", None)
+            layered = hosts is not None and equal_hosts(hosts)
+            large = algorithm == "hierarchical" or sum(blocks) * element_size >= HIERARCHY_MIN_BYTES
+            if not (layered and large):
+                algorithm = flat
+            elif collective == "allgather":
+                return plan_hierarchical_allgather(self.rank, tuple(hosts), blocks)
+            else:
+                return plan_hierarchical_reduce_scatter(self.rank, tuple(hosts), blocks)
+        if collective == "allgather":
+            return plan_allgather(algorithm, self.rank, blocks)
+        return plan_reduce_scatter(algorithm, self.rank, blocks)
+
     def block_counts(self, rows: int, device: torch.device) -> tuple[int, ...]:
         """Every rank's number of rows (one small all-gather of integers)."""
         table = torch.zeros(self.size, dtype=torch.int64, device=device)
@@ -378,7 +415,7 @@ class Communicator:
         flat = out.view(-1)
         offset = sum(counts[: self.rank]) * row
         flat[offset : offset + tensor.numel()].copy_(tensor.reshape(-1))
-        plan = plan_allgather(algorithm, self.rank, tuple(c * row for c in counts))
+        plan = self._block_plan("allgather", algorithm, tuple(c * row for c in counts), out.element_size())
         execute(plan, flat, flat[:0], self.transport, "sum")
         self._record("allgather", plan, out.element_size(), start, str(out.dtype))
         return out
@@ -406,8 +443,8 @@ class Communicator:
         buffer = torch.empty(tensor.numel(), dtype=wide, device=tensor.device)  # the one working buffer
         buffer.view(tensor.shape).copy_(tensor)  # one copy, whatever the input's dtype and strides
         row = math.prod(tensor.shape[1:])
-        plan = plan_reduce_scatter(algorithm, self.rank, tuple(c * row for c in counts))
         wire = wire_dtype_for(tensor.dtype, wire_dtype)
+        plan = self._block_plan("reduce_scatter", algorithm, tuple(c * row for c in counts), wire.itemsize)
         self._execute(plan, buffer, wire, op)
         mine = buffer[first * row : (first + counts[self.rank]) * row].view(counts[self.rank], *tensor.shape[1:])
         if op == "avg":

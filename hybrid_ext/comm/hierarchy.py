@@ -20,6 +20,12 @@ flat plans' own (:mod:`hybrid_ext.comm.schedule`), renumbered into group ranks a
 own hierarchical plan and kept as its three stages, so that an executor can run one segment's exchange between
 hosts while the host's ranks reduce-scatter the next segment and all-gather the previous one through shared
 memory (:mod:`hybrid_ext.comm.pipelined`): the network, the bottleneck, then rarely waits on the host.
+
+**All-gather and reduce-scatter** of per-rank blocks (the hybrid FC layers' activations and their gradients) on
+hosts with equal rank counts (:func:`plan_hierarchical_allgather`, :func:`plan_hierarchical_reduce_scatter`):
+lane peers — local rank i of every host — exchange blocks between hosts, and ranks of one host exchange what
+they hold, so each block leaves its host once, (H-1)/H of the vector per host; the flat recursive doubling
+sends a host's blocks across once per partner that needs them (twice the bound at 2 x 2).
 """
 
 from __future__ import annotations
@@ -137,3 +143,81 @@ def plan_hierarchical_segments(
         plans = [Plan(name, rank, len(hosts), count, tuple(steps)) for steps in stages]
         out.append(Segment(*plans))
     return tuple(out)
+
+
+def equal_hosts(hosts: Sequence[int]) -> bool:
+    """Whether the group spans several hosts, each with the same number of its ranks (what the hierarchical
+    all-gather and reduce-scatter below need: a lane peer on every host)."""
+    sizes = {len(m) for m in host_layout(hosts).values()}
+    return len(set(hosts)) > 1 and len(sizes) == 1
+
+
+def _lanes(rank: int, hosts: tuple[int, ...], counts: tuple[int, ...]):
+    """(host order, members per host, this rank's host index and lane, block range of a rank) for a block plan."""
+    if len(counts) != len(hosts):
+        raise ValueError(f"{len(counts)} block sizes for a group of {len(hosts)}")
+    if not 0 <= rank < len(hosts):
+        raise ValueError(f"rank {rank} is not in a group of {len(hosts)}")
+    if not equal_hosts(hosts):
+        raise ValueError(f"hosts {list(hosts)}: the hierarchical all-gather / reduce-scatter needs equal hosts")
+    if any(c < 0 for c in counts):
+        raise ValueError(f"block sizes must be >= 0, got {list(counts)}")
+    members = host_layout(hosts)
+    order = list(members)
+    offsets = [0]
+    for c in counts:
+        offsets.append(offsets[-1] + c)
+    mine = members[hosts[rank]]
+    return order, members, order.index(hosts[rank]), mine.index(rank), lambda r: (offsets[r], offsets[r + 1])
+
+
+def _step(phase: str, to: int, send: Range, frm: int, recv: Range, reduce: bool) -> list[Step]:
+    """One step, with an empty half dropped on both sides alike (both sides know every block's size)."""
+    send_to, send = (to, send) if send[1] > send[0] else (None, None)
+    recv_from, recv = (frm, recv) if recv[1] > recv[0] else (None, None)
+    if send is None and recv is None:
+        return []
+    return [Step(phase, send_to, send, recv_from, recv, reduce and recv is not None)]
+
+
+@functools.lru_cache(maxsize=1024)
+def plan_hierarchical_allgather(rank: int, hosts: tuple[int, ...], counts: tuple[int, ...]) -> Plan:
+    """All-gather of blocks of sizes ``counts`` (one per rank) on a group of equal hosts, each host's blocks
+    sent out of it once: every rank hands its own block to its lane peer on each other host (local rank i of
+    every host), then ranks of one host hand each other what they hold. Each host sends (H-1)/H of the vector
+    (its own blocks, once to each other host) — the least any all-gather can; recursive doubling sends each
+    block across hosts once per rank of the receiving host that needs it through a partner on another host."""
+    order, members, h, i, block = _lanes(rank, hosts, counts)
+    size, lanes = len(order), len(members[order[0]])
+    steps: list[Step] = []
+    for t in range(1, size):
+        to, frm = members[order[(h + t) % size]][i], members[order[(h - t) % size]][i]
+        steps += _step("hosts allgather", to, block(rank), frm, block(frm), False)
+    mine = members[order[h]]
+    for s in range(1, lanes):
+        to, frm = mine[(i + s) % lanes], mine[(i - s) % lanes]
+        for g in order:
+            steps += _step("host allgather", to, block(members[g][i]), frm, block(members[g][(i - s) % lanes]), False)
+    return Plan("hierarchical", rank, len(hosts), sum(counts), tuple(steps), collective="allgather")
+
+
+@functools.lru_cache(maxsize=1024)
+def plan_hierarchical_reduce_scatter(rank: int, hosts: tuple[int, ...], counts: tuple[int, ...]) -> Plan:
+    """Reduce-scatter of blocks of sizes ``counts`` on a group of equal hosts, the dual of
+    :func:`plan_hierarchical_allgather`: ranks of one host first sum, for each lane, the blocks of that lane's
+    ranks on every host (each rank sends its own contributions to each host-mate), then each rank sends its
+    host's partial sum of a lane peer's block to that peer — (H-1)/H of the vector out of each host."""
+    order, members, h, i, block = _lanes(rank, hosts, counts)
+    size, lanes = len(order), len(members[order[0]])
+    mine = members[order[h]]
+    steps: list[Step] = []
+    for s in range(1, lanes):
+        to, frm = mine[(i + s) % lanes], mine[(i - s) % lanes]
+        for g in order:
+            steps += _step(
+                "host reduce-scatter", to, block(members[g][(i + s) % lanes]), frm, block(members[g][i]), True
+            )
+    for t in range(1, size):
+        to, frm = members[order[(h + t) % size]][i], members[order[(h - t) % size]][i]
+        steps += _step("hosts reduce-scatter", to, block(to), frm, block(rank), True)
+    return Plan("hierarchical", rank, len(hosts), sum(counts), tuple(steps), collective="reduce_scatter")

@@ -22,7 +22,7 @@ def _gather(model: ParallelModel, shard: torch.Tensor, dim: int, sizes: tuple[in
     if comm.size == 1:
         return shard.detach().clone()
     moved = shard.detach().movedim(dim, 0).contiguous()
-    full = comm.run(lambda: comm.allgather_now(moved, sizes, "recursive_doubling"))
+    full = comm.run(lambda: comm.allgather_now(moved, sizes, "auto"))
     return full.movedim(0, dim).contiguous()
 
 

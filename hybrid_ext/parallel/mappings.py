@@ -32,11 +32,11 @@ def _counts_along(comm: Communicator, rows: int, device: torch.device) -> tuple[
 
 
 def _allgather_rows(comm: Communicator, x: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
-    return comm.run(lambda: comm.allgather_now(x.contiguous(), counts, "recursive_doubling"))
+    return comm.run(lambda: comm.allgather_now(x.contiguous(), counts, "auto"))
 
 
 def _reduce_scatter_rows(comm: Communicator, x: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
-    return comm.run(lambda: comm.reduce_scatter_now(x.contiguous(), counts, "sum", "recursive_halving"))
+    return comm.run(lambda: comm.reduce_scatter_now(x.contiguous(), counts, "sum", "auto"))
 
 
 class _GatherBatch(torch.autograd.Function):
