@@ -161,6 +161,15 @@ def _sent_out_of(host: int, hosts, plans) -> int:
     )
 
 
+def _block_plans(planner, hosts, blocks):
+    """(ranks, block sizes, block offsets, every rank's plan) — plans that keep the executor's contract (a
+    reducing step receives something)."""
+    p, counts = len(hosts), blocks(len(hosts))
+    plans = [planner(r, hosts, counts) for r in range(p)]
+    assert all(s.recv is not None or not s.reduce for plan in plans for s in plan.steps)
+    return p, counts, [sum(counts[:r]) for r in range(p + 1)], plans
+
+
 EQUAL_LAYOUTS = [(0, 0, 1, 1), (0, 1, 0, 1), (0, 0, 1, 1, 2, 2), (0, 0, 0, 1, 1, 1), (0, 1, 2, 3), (1, 0, 0, 1)]
 BLOCKS = [lambda p: (3,) * p, lambda p: tuple(r % 3 for r in range(p)), lambda p: (0,) * (p - 1) + (5,)]
 
@@ -168,10 +177,7 @@ BLOCKS = [lambda p: (3,) * p, lambda p: tuple(r % 3 for r in range(p)), lambda p
 @pytest.mark.parametrize("hosts", EQUAL_LAYOUTS, ids=str)
 @pytest.mark.parametrize("blocks", BLOCKS, ids=["equal", "uneven-with-empty", "one-block"])
 def test_hierarchical_allgather_gives_every_rank_every_block_and_sends_each_block_out_of_its_host_once(hosts, blocks):
-    p, counts = len(hosts), blocks(len(hosts))
-    offsets = [sum(counts[:r]) for r in range(p + 1)]
-    plans = [plan_hierarchical_allgather(r, hosts, counts) for r in range(p)]
-    assert all(s.recv is not None or not s.reduce for plan in plans for s in plan.steps)
+    p, counts, offsets, plans = _block_plans(plan_hierarchical_allgather, hosts, blocks)
     initial = [[1 << r if offsets[r] <= k < offsets[r + 1] else 0 for k in range(offsets[-1])] for r in range(p)]
     owner = [r for r in range(p) for _ in range(counts[r])]
     for rank, buffer in enumerate(simulate(plans, initial)):
@@ -185,10 +191,7 @@ def test_hierarchical_allgather_gives_every_rank_every_block_and_sends_each_bloc
 @pytest.mark.parametrize("hosts", EQUAL_LAYOUTS, ids=str)
 @pytest.mark.parametrize("blocks", BLOCKS, ids=["equal", "uneven-with-empty", "one-block"])
 def test_hierarchical_reduce_scatter_leaves_each_rank_its_block_summed_once_over_all(hosts, blocks):
-    p, counts = len(hosts), blocks(len(hosts))
-    offsets = [sum(counts[:r]) for r in range(p + 1)]
-    plans = [plan_hierarchical_reduce_scatter(r, hosts, counts) for r in range(p)]
-    assert all(s.recv is not None or not s.reduce for plan in plans for s in plan.steps)  # executor's contract
+    p, counts, offsets, plans = _block_plans(plan_hierarchical_reduce_scatter, hosts, blocks)
     everyone = (1 << p) - 1
     for rank, buffer in enumerate(simulate(plans)):
         assert all(v == everyone for v in buffer[offsets[rank] : offsets[rank + 1]]), f"rank {rank}"
