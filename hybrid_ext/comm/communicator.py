@@ -373,20 +373,15 @@ class Communicator:
         """The all-gather / reduce-scatter plan for ``algorithm``: ``auto`` (and ``hierarchical``) send each
         block out of its host once on a group of equal hosts — from 64 KiB, where bytes matter more than the
         extra message — and run the flat butterfly otherwise."""
-        flat = "recursive_doubling" if collective == "allgather" else "recursive_halving"
+        gather = collective == "allgather"
         if algorithm in ("auto", "hierarchical"):
             hosts = getattr(self.transport, "hosts", None)
-            layered = hosts is not None and equal_hosts(hosts)
             large = algorithm == "hierarchical" or sum(blocks) * element_size >= HIERARCHY_MIN_BYTES
-            if not (layered and large):
-                algorithm = flat
-            elif collective == "allgather":
-                return plan_hierarchical_allgather(self.rank, tuple(hosts), blocks)
-            else:
-                return plan_hierarchical_reduce_scatter(self.rank, tuple(hosts), blocks)
-        if collective == "allgather":
-            return plan_allgather(algorithm, self.rank, blocks)
-        return plan_reduce_scatter(algorithm, self.rank, blocks)
+            if hosts is not None and equal_hosts(hosts) and large:
+                layered = plan_hierarchical_allgather if gather else plan_hierarchical_reduce_scatter
+                return layered(self.rank, tuple(hosts), blocks)
+            algorithm = "recursive_doubling" if gather else "recursive_halving"
+        return (plan_allgather if gather else plan_reduce_scatter)(algorithm, self.rank, blocks)
 
     def block_counts(self, rows: int, device: torch.device) -> tuple[int, ...]:
         """Every rank's number of rows (one small all-gather of integers)."""

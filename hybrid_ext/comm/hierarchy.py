@@ -39,6 +39,7 @@ from hybrid_ext.comm.schedule import (
     Plan,
     Range,
     Step,
+    _offsets,
     block_bounds,
     plan_allgather,
     plan_allreduce,
@@ -153,22 +154,19 @@ def equal_hosts(hosts: Sequence[int]) -> bool:
 
 
 def _lanes(rank: int, hosts: tuple[int, ...], counts: tuple[int, ...]):
-    """(host order, members per host, this rank's host index and lane, block range of a rank) for a block plan."""
+    """(host order, members per host, this rank's host's ranks, its host index and lane, block range of a rank)
+    for a block plan."""
     if len(counts) != len(hosts):
         raise ValueError(f"{len(counts)} block sizes for a group of {len(hosts)}")
     if not 0 <= rank < len(hosts):
         raise ValueError(f"rank {rank} is not in a group of {len(hosts)}")
     if not equal_hosts(hosts):
         raise ValueError(f"hosts {list(hosts)}: the hierarchical all-gather / reduce-scatter needs equal hosts")
-    if any(c < 0 for c in counts):
-        raise ValueError(f"block sizes must be >= 0, got {list(counts)}")
+    offsets = _offsets(counts)  # refuses negative sizes
     members = host_layout(hosts)
     order = list(members)
-    offsets = [0]
-    for c in counts:
-        offsets.append(offsets[-1] + c)
     mine = members[hosts[rank]]
-    return order, members, order.index(hosts[rank]), mine.index(rank), lambda r: (offsets[r], offsets[r + 1])
+    return order, members, mine, order.index(hosts[rank]), mine.index(rank), lambda r: (offsets[r], offsets[r + 1])
 
 
 def _step(phase: str, to: int, send: Range, frm: int, recv: Range, reduce: bool) -> list[Step]:
@@ -187,13 +185,12 @@ def plan_hierarchical_allgather(rank: int, hosts: tuple[int, ...], counts: tuple
     every host), then ranks of one host hand each other what they hold. Each host sends (H-1)/H of the vector
     (its own blocks, once to each other host) — the least any all-gather can; recursive doubling sends each
     block across hosts once per rank of the receiving host that needs it through a partner on another host."""
-    order, members, h, i, block = _lanes(rank, hosts, counts)
-    size, lanes = len(order), len(members[order[0]])
+    order, members, mine, h, i, block = _lanes(rank, hosts, counts)
+    size, lanes = len(order), len(mine)
     steps: list[Step] = []
     for t in range(1, size):
         to, frm = members[order[(h + t) % size]][i], members[order[(h - t) % size]][i]
         steps += _step("hosts allgather", to, block(rank), frm, block(frm), False)
-    mine = members[order[h]]
     for s in range(1, lanes):
         to, frm = mine[(i + s) % lanes], mine[(i - s) % lanes]
         for g in order:
@@ -207,9 +204,8 @@ def plan_hierarchical_reduce_scatter(rank: int, hosts: tuple[int, ...], counts: 
     :func:`plan_hierarchical_allgather`: ranks of one host first sum, for each lane, the blocks of that lane's
     ranks on every host (each rank sends its own contributions to each host-mate), then each rank sends its
     host's partial sum of a lane peer's block to that peer — (H-1)/H of the vector out of each host."""
-    order, members, h, i, block = _lanes(rank, hosts, counts)
-    size, lanes = len(order), len(members[order[0]])
-    mine = members[order[h]]
+    order, members, mine, h, i, block = _lanes(rank, hosts, counts)
+    size, lanes = len(order), len(mine)
     steps: list[Step] = []
     for s in range(1, lanes):
         to, frm = mine[(i + s) % lanes], mine[(i - s) % lanes]

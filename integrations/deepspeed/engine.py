@@ -83,7 +83,7 @@ def init_distributed(reducer: str = "butterfly", **kwargs: Any) -> None:
 
         if reducer != "auto":
             os.environ[ALGORITHM_ENV] = reducer
-        grad_reduction.install()  # the engine's gradient buckets: chunked, copies overlapping the wire
+        grad_reduction.install()  # the engine's gradient buckets reduced by hybrid-ext, copies included
     deepspeed.init_distributed(dist_backend=backend, **kwargs)
 
 

@@ -80,14 +80,6 @@ def _supported(engine: Any, bucket: Sequence[torch.Tensor]) -> bool:
     )
 
 
-def _algorithm() -> str:
-    """What the ``butterfly`` backend would run for this call (``HYBRID_EXT_ALGO``, else ``auto``)."""
-    from hybrid_ext.comm.cost_model import ALGO_ENV, CHOICES
-
-    name = os.environ.get(ALGO_ENV, "").strip().lower() or "auto"
-    return name if name in CHOICES else "auto"
-
-
 def allreduce_and_copy(engine: Any, small_bucket: list, dp_group: Any, dp_world_size: Any = None) -> None:
     """``DeepSpeedEngine.allreduce_and_copy`` on the butterfly: one allreduce of the bucket's tensors as they are,
     DeepSpeed's scaling inside it (see the module docstring); anything else, DeepSpeed's own."""
@@ -100,12 +92,12 @@ def allreduce_and_copy(engine: Any, small_bucket: list, dp_group: Any, dp_world_
         return _original(engine, small_bucket, dp_group, dp_world_size)
     if dp_world_size is None:
         dp_world_size = dist.get_world_size(group=dp_group)
+    from hybrid_ext.integrations.torch.backend import requested_algorithm
+
     before, after = scaling(engine, dp_world_size)
-    bucket = list(small_bucket)
+    bucket, algorithm = list(small_bucket), requested_algorithm()  # what the backend runs for DeepSpeed's own
     comm.run(
-        lambda: comm.allreduce_now(
-            bucket, "sum", _algorithm(), name="deepspeed.bucket", prescale=before, postscale=after
-        )
+        lambda: comm.allreduce_now(bucket, "sum", algorithm, name="deepspeed.bucket", prescale=before, postscale=after)
     )
 
 

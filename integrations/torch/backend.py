@@ -165,9 +165,7 @@ class ButterflyProcessGroup(dist.ProcessGroup):
     def _submit(self, tensors, op: str, separate: bool):
         tensors = list(tensors)
         group_comm = self.butterfly_communicator(tensors[0].device)
-        algorithm = os.environ.get("HYBRID_EXT_ALGO", self._algorithm) or "auto"
-        if algorithm not in ("auto", "butterfly", "recursive_doubling", "rabenseifner", "ring"):
-            algorithm = "auto"
+        algorithm = requested_algorithm(self._algorithm)
 
         def job():
             if separate:  # all_reduce of several tensors reduces each on its own, as other backends do
@@ -199,6 +197,13 @@ class ButterflyProcessGroup(dist.ProcessGroup):
     recvAnysource = _to_inner("recvAnysource", "recv_anysource")
     start_coalescing = _to_inner("start_coalescing", "_start_coalescing", pass_args=False)
     end_coalescing = _to_inner("end_coalescing", "_end_coalescing", pass_args=False)
+
+
+def requested_algorithm(default: str = "auto") -> str:
+    """The allreduce schedule the ``butterfly`` backend runs: ``HYBRID_EXT_ALGO`` where it names one the backend
+    takes, else ``default`` (read at every call, so a job may switch it between calls)."""
+    algorithm = os.environ.get("HYBRID_EXT_ALGO", default) or "auto"
+    return algorithm if algorithm in ("auto", "butterfly", "recursive_doubling", "rabenseifner", "ring") else "auto"
 
 
 def create_butterfly_group(store: dist.Store, rank: int, size: int, timeout: timedelta) -> ButterflyProcessGroup:

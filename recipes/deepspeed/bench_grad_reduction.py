@@ -66,7 +66,6 @@ class GlooDataParallel:
 
 
 OWN_COPIES = "/deepspeed-copies"
-REDUCTION_ENV = "HYBRID_EXT_DEEPSPEED_REDUCTION"
 
 
 def build_model(name: str) -> torch.nn.Module:
@@ -127,6 +126,7 @@ def main() -> None:
 
     import hybrid_ext
     from hybrid_ext.integrations import deepspeed as hx_deepspeed
+    from hybrid_ext.integrations.deepspeed import grad_reduction
 
     hx_deepspeed.init_distributed(reducer="auto")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -159,7 +159,7 @@ def main() -> None:
                 times[row] += timed_step(engines["gloo"], x, y, bookkeeping, args.repeats)
                 continue
             os.environ["HYBRID_EXT_ALGO"] = row.removeprefix("butterfly-").removesuffix(OWN_COPIES)
-            os.environ[REDUCTION_ENV] = "deepspeed" if row.endswith(OWN_COPIES) else "hybrid-ext"
+            os.environ[grad_reduction.REDUCTION_ENV] = "deepspeed" if row.endswith(OWN_COPIES) else "hybrid-ext"
             with hybrid_ext.metrics.capture() as records:
                 times[row] += timed_step(butterfly_engine, x, y, bookkeeping, args.repeats)
             big = [r for r in records if r.collective == "allreduce" and r.elements >= params]
