@@ -187,3 +187,38 @@ def test_bench_rows_on_one_host_have_no_host_columns():
 def test_the_link_bound_is_two_h_minus_one_over_h_bytes_per_host():
     assert bench.link_bound_seconds(64 << 20, 2, 125e6) == pytest.approx((64 << 20) / 125e6)
     assert bench.link_bound_seconds(64 << 20, 4, 125e6) == pytest.approx(1.5 * (64 << 20) / 125e6)
+
+
+# ------------------------------------------------------------------ the group's native allreduce
+
+
+@pytest.mark.timeout(30)
+def test_native_is_modelled_as_the_backends_ring_with_constants_of_its_own():
+    assert CostModel().terms("native", 800, 5) == CostModel().terms("ring", 800, 5)
+    assert "native" in cost_model.CHOICES
+    assert cost_model.native_model("torch-gloo") is None  # no built-in constants: the backend's algorithm is its own
+    cost_model.save_model("native/torch-gloo", CostModel(alpha=1.0, beta=0.0, gamma=0.0))
+    assert cost_model.native_model("torch-gloo") == CostModel(alpha=1.0, beta=0.0, gamma=0.0)
+    assert cost_model.default_model("torch-gloo") == cost_model.BUILTIN["torch-gloo"]  # kept apart
+
+
+@pytest.mark.timeout(30)
+def test_auto_weighs_the_native_allreduce_where_the_group_has_one():
+    cost_model.save_model("shm", CostModel(alpha=1e-3, beta=1e-9, gamma=1e-9))
+    assert cost_model.resolve("auto", 1 << 20, 4, "shm", native="torch-gloo") != "native"  # not calibrated yet
+    cost_model.save_model("native/torch-gloo", CostModel(alpha=1e-6, beta=1e-9, gamma=1e-9))
+    assert cost_model.resolve("auto", 1 << 20, 4, "shm", native="torch-gloo") == "native"
+    assert cost_model.resolve("auto", 1 << 20, 4, "shm") != "native"  # no native on this group
+    assert cost_model.resolve("butterfly", 1 << 20, 4, "shm", native="torch-gloo") in cost_model.BUTTERFLIES
+    assert cost_model.resolve("ring", 1 << 20, 4, "shm", native="torch-gloo") == "ring"  # named: kept
+    cost_model.save_model("native/torch-gloo", CostModel(alpha=1.0, beta=1e-9, gamma=1e-9))
+    assert cost_model.resolve("auto", 1 << 20, 4, "shm", native="torch-gloo") != "native"  # dearer: a schedule
+
+
+@pytest.mark.timeout(30)
+def test_the_environment_pins_native_where_the_group_has_one(monkeypatch):
+    monkeypatch.setenv("HYBRID_EXT_ALGO", "native")
+    assert cost_model.forced()
+    assert cost_model.resolve("auto", 1024, 4, "shm", native="torch-gloo") == "native"
+    assert cost_model.resolve("auto", 1024, 4, "shm") in cost_model.ALGORITHMS  # none here: the model's schedule
+    assert cost_model.resolve("rabenseifner", 1024, 4, "shm", native="torch-gloo") == "rabenseifner"

@@ -201,22 +201,180 @@ def _tuned_rank(rank: int, world: int, calls: int, count: int) -> dict:
 
 @pytest.mark.timeout(180)
 def test_real_ranks_tune_together_save_and_reuse_their_choice(spawn_ranks, tmp_path):
-    # The built-in cost model (no saved calibration) finds all three plausible for 20 KB at 3 ranks.
+    # The built-in cost model (no saved calibration) finds all three plausible for 20 KB at 3 ranks; the group's
+    # native allreduce is always tried.
     env = {
         "HYBRID_EXT_TUNE": "on",
         "HYBRID_EXT_TUNED": str(tmp_path / "tuned.json"),
         "HYBRID_EXT_COST_MODEL": str(tmp_path / "no-calibration.json"),
     }
-    calls = trials_for(20_000) * len(CANDIDATES) + 4
+    candidates = (*CANDIDATES, "native")
+    calls = trials_for(20_000) * len(candidates) + 4
     first = spawn_ranks(_tuned_rank, 3, calls, 5000, env=env)
     assert all(r["exact"] for r in first)
     assert len({tuple(r["ran"]) for r in first}) == 1, [r["ran"] for r in first]
     ran = first[0]["ran"]
-    trials = trials_for(20_000) * len(CANDIDATES)
-    assert sorted(set(ran[:trials])) == sorted(CANDIDATES)
+    trials = trials_for(20_000) * len(candidates)
+    assert sorted(set(ran[:trials])) == sorted(candidates)
     assert len(set(ran[trials:])) == 1
     choice = ran[-1]
     assert set(json.loads((tmp_path / "tuned.json").read_text()).values()) == {choice}
 
     second = spawn_ranks(_tuned_rank, 3, 3, 5000, env=env)
     assert all(r["exact"] and r["ran"] == [choice] * 3 for r in second)
+
+
+# ------------------------------------------------------------------ the group's native allreduce as a candidate
+
+
+class _OneHost:
+    """A stand-in transport: only what the communicator reads to choose (no exchanges happen here)."""
+
+    name, rank, size, timeout = "shm", 0, 4, 10.0
+
+
+class _StandInNative:
+    name = "torch-gloo"
+
+    def allreduce(self, tensor, op):  # never called: these tests only choose
+        raise AssertionError("chosen, not run")
+
+
+def _choose_repeatedly(comm, times: dict[str, float], nbytes: int, calls: int, **kwargs) -> list[str]:
+    """Drive a one-rank communicator's choice as allreduce_now does, with made-up trial times."""
+    ran = []
+    for _ in range(calls):
+        name, trial_of = comm._allreduce_choice("auto", nbytes // 4, nbytes, **kwargs)
+        ran.append(name)
+        if trial_of is not None:
+            comm._tuner.record(trial_of, nbytes, times[name])
+    return ran
+
+
+@pytest.fixture
+def tuned(monkeypatch):
+    monkeypatch.setenv("HYBRID_EXT_TUNE", "fresh")  # the suite's default is off
+    monkeypatch.delenv("HYBRID_EXT_ALGO", raising=False)
+
+
+def _one_rank_communicator(tmp_path, native=None):
+    from hybrid_ext.comm.communicator import Communicator
+
+    comm = Communicator(_OneHost(), native=native)
+    comm._tuner = Tuner("test", lambda values: values, store=ChoiceStore(tmp_path / "tuned.json"), mode="fresh")
+    return comm
+
+
+@pytest.mark.timeout(30)
+def test_auto_tries_the_native_allreduce_even_where_the_model_calls_it_slow_and_keeps_it_when_fastest(
+    tmp_path, monkeypatch, tuned
+):
+    from hybrid_ext.comm import cost_model
+
+    monkeypatch.setenv("HYBRID_EXT_COST_MODEL", str(tmp_path / "cost_model.json"))
+    cost_model._models = None
+    cost_model.save_model("native/torch-gloo", cost_model.CostModel(alpha=10.0, beta=1e-3, gamma=1e-3))
+    try:
+        comm = _one_rank_communicator(tmp_path, _StandInNative())
+        times = {"recursive_doubling": 3.0, "rabenseifner": 2.0, "ring": 2.5, "native": 1.0}
+        nbytes = 64 << 10
+        ran = _choose_repeatedly(comm, times, nbytes, 60)
+        assert "native" in ran[: 4 * trials_for(nbytes)]
+        assert set(ran[-5:]) == {"native"}
+
+        # The native allreduce slower than a schedule: tried, not kept.
+        comm = _one_rank_communicator(tmp_path, _StandInNative())
+        times["native"] = 5.0
+        ran = _choose_repeatedly(comm, times, nbytes, 60)
+        assert "native" in ran and set(ran[-5:]) == {"rabenseifner"}
+    finally:
+        cost_model._models = None
+
+
+@pytest.mark.timeout(30)
+def test_native_is_no_candidate_where_it_may_not_run_or_the_group_has_none(tmp_path, tuned):
+    times = {"recursive_doubling": 3.0, "rabenseifner": 2.0, "ring": 2.5, "native": 1.0}
+    comm = _one_rank_communicator(tmp_path, _StandInNative())
+    # A compressed wire dtype: tuned apart, among the schedules alone.
+    assert "native" not in _choose_repeatedly(comm, times, 4096, 40, native_allowed=False)
+    assert comm._candidates("butterfly", False, True) == ("recursive_doubling", "rabenseifner")
+    assert comm._candidates("hierarchical", True, True) == tuple(f"hierarchical/{a}" for a in CANDIDATES)
+    assert "native" not in _choose_repeatedly(_one_rank_communicator(tmp_path), times, 4096, 40)
+
+
+# ------------------------------------------------------------------ real ranks: native against the schedules
+
+
+class _DelayedTransport:
+    """Every exchange of the wrapped transport takes ``delay`` seconds longer: the schedules made slow."""
+
+    def __init__(self, inner, delay: float) -> None:
+        self.inner, self.delay = inner, delay
+        self.rank, self.size, self.timeout, self.name = inner.rank, inner.size, inner.timeout, inner.name
+
+    def exchange(self, send, send_to, recv, recv_from) -> None:
+        import time
+
+        time.sleep(self.delay)
+        self.inner.exchange(send, send_to, recv, recv_from)
+
+
+class _DelayedNative:
+    """The wrapped native allreduce, ``delay`` seconds slower."""
+
+    def __init__(self, inner, delay: float) -> None:
+        self.inner, self.delay, self.name = inner, delay, inner.name
+
+    def allreduce(self, tensor, op) -> None:
+        import time
+
+        time.sleep(self.delay)
+        self.inner.allreduce(tensor, op)
+
+
+def _native_against_schedules_rank(rank: int, world: int, slowed: str, calls: int, count: int) -> dict:
+    import hybrid_ext
+    from hybrid_ext.comm import communicator, metrics
+
+    comm = communicator()
+    if slowed == "schedules":
+        comm.transport = _DelayedTransport(comm.transport, 0.02)
+    else:
+        comm.native = _DelayedNative(comm.native, 0.05)
+    ran, transports, exact = [], set(), True
+    for i in range(calls):
+        x = torch.arange(count, dtype=torch.float32) * (rank + 1) + i
+        expected = torch.arange(count, dtype=torch.float32) * sum(range(1, world + 1)) + i * world
+        with metrics.capture() as records:
+            hybrid_ext.allreduce(x)
+        ran.append(records[-1].algorithm)
+        transports.add((records[-1].algorithm, records[-1].transport))
+        exact = exact and torch.equal(x, expected)
+    avg = torch.full((count,), float(rank))
+    hybrid_ext.allreduce(avg, op="avg")
+    exact = exact and torch.equal(avg, torch.full((count,), sum(range(world)) / world))
+    return {"ran": ran, "exact": exact, "transports": sorted(transports), "result": x.tolist()}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("slowed", ["schedules", "native"])
+def test_real_ranks_keep_native_when_it_is_fastest_and_a_schedule_when_it_is_not(spawn_ranks, tmp_path, slowed):
+    env = {
+        "HYBRID_EXT_TUNE": "fresh",
+        "HYBRID_EXT_TUNED": str(tmp_path / "tuned.json"),
+        "HYBRID_EXT_COST_MODEL": str(tmp_path / "no-calibration.json"),
+    }
+    count = 1000
+    calls = trials_for(4 * count) * (len(CANDIDATES) + 1) + 4
+    results = spawn_ranks(_native_against_schedules_rank, 2, slowed, calls, count, env=env)
+    assert all(r["exact"] for r in results)
+    assert len({tuple(r["ran"]) for r in results}) == 1, [r["ran"] for r in results]
+    assert results[0]["result"] == results[1]["result"]
+    ran = results[0]["ran"]
+    assert "native" in ran[: calls - 4]  # tried in the trials
+    assert ("native", "torch-gloo") in results[0]["transports"]  # metrics say what ran, and over what
+    if slowed == "schedules":
+        assert ran[-4:] == ["native"] * 4
+    else:
+        assert "native" not in ran[-4:] and len(set(ran[-4:])) == 1

@@ -8,6 +8,11 @@ each element's final value is computed on one rank and copied (see :mod:`hybrid_
 otherwise one working buffer holds the flat vector (kept for the next call, as DDP keeps its buckets: the
 largest so far); plus one receive buffer of at most the largest reducing step, reused across calls.
 
+Where the group has an allreduce of its own (``native``: gloo's, NCCL's, Horovod's; see
+:class:`~hybrid_ext.comm.transport.NativeCollectives`), ``auto`` counts it among its candidates, so it never runs
+slower than the backend alone; it reduces the same working buffer (16-bit inputs in float32, ``avg`` as a sum
+divided here), and is left out where the caller asked for a narrower wire dtype than the input's.
+
 The ``*_now`` methods run on the group's ordered thread: call them through :meth:`Communicator.run` /
 :meth:`Communicator.submit` (the public functions in :mod:`hybrid_ext.comm.api` do).
 """
@@ -25,7 +30,7 @@ import torch
 
 from hybrid_ext.comm import consistency, cost_model, metrics
 from hybrid_ext.comm.buffers import ScratchPool
-from hybrid_ext.comm.cost_model import HIERARCHICAL_PREFIX
+from hybrid_ext.comm.cost_model import HIERARCHICAL_PREFIX, NATIVE
 from hybrid_ext.comm.executor import WIDENED, WireStaging, execute, wire_dtype_for
 from hybrid_ext.comm.hierarchy import (
     equal_hosts,
@@ -47,7 +52,7 @@ from hybrid_ext.comm.schedule import (
     plan_reduce_scatter,
 )
 from hybrid_ext.comm.streams import stream_order_for
-from hybrid_ext.comm.transport import Transport
+from hybrid_ext.comm.transport import NativeCollectives, Transport
 from hybrid_ext.comm.tuner import Tuner, tune_mode
 
 # The all-gather / reduce-scatter names a caller may pass: the flat plans' own, and the two resolved here.
@@ -64,8 +69,12 @@ TRIAL_WITHIN = 2.5
 class Communicator:
     """Runs one group's collectives in issue order over its transport (see the module docstring)."""
 
-    def __init__(self, transport: Transport, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, transport: Transport, device: torch.device | str = "cpu", native: NativeCollectives | None = None
+    ) -> None:
         self.transport = transport
+        # The group's own allreduce: passed where the transport has no group of its own (shared memory).
+        self.native: NativeCollectives | None = native if native is not None else getattr(transport, "native", None)
         self.rank, self.size = transport.rank, transport.size
         self.device = torch.device(device)
         self.streams = stream_order_for(self.device)
@@ -203,16 +212,26 @@ class Communicator:
         wire = wire_dtype_for(dtype, wire_dtype)
         element_size = wire.itemsize if wire != wide else buffer.element_size()
         nbytes = count * element_size
-        plan, trial_of = self._allreduce_plan(algorithm, count, nbytes)
-        chosen = plan.algorithm
+        # Native reduces the working buffer as it is: not where the caller asked to compress the messages.
+        native_allowed = wire.itemsize >= dtype.itemsize
+        name, trial_of = self._allreduce_choice(algorithm, count, nbytes, native_allowed)
         began = time.perf_counter()
-        self._execute(plan, buffer, wire, op, prepare, finish)
+        if name == NATIVE:
+            self._native_allreduce(buffer[:count], op, prepare, finish)
+        else:
+            plan = self._plan_named(name, count)
+            self._execute(plan, buffer, wire, op, prepare, finish)
         if trial_of is not None:
             self._tuner.record(trial_of, nbytes, time.perf_counter() - began)
+        if name == NATIVE:
+            metrics.record_native_allreduce(
+                self.native.name, self.rank, self.size, buffer[:count], time.perf_counter() - start
+            )
+            return
         metrics.record(
             metrics.CollectiveRecord(
                 collective="allreduce",
-                algorithm=chosen,
+                algorithm=plan.algorithm,
                 transport=self.transport.name,
                 rank=self.rank,
                 world_size=self.size,
@@ -226,32 +245,55 @@ class Communicator:
         )
 
     def _allreduce_plan(self, algorithm: str, count: int, nbytes: int) -> tuple[Plan, str | None]:
-        """(the plan for ``algorithm`` here, the tuner's request name when this call is one of its timed trials).
+        """(the plan for ``algorithm`` among hybrid-ext's schedules, the tuner's request when this call is a trial)."""
+        name, trial_of = self._allreduce_choice(algorithm, count, nbytes, native_allowed=False)
+        return self._plan_named(name, count), trial_of
+
+    def _allreduce_choice(
+        self, algorithm: str, count: int, nbytes: int, native_allowed: bool = True
+    ) -> tuple[str, str | None]:
+        """(what runs for ``algorithm`` here: a schedule's name or ``native``, the tuner's request name when this
+        call is one of its timed trials).
 
         ``auto`` / ``butterfly`` / ``hierarchical``: chosen by the tuner (:mod:`hybrid_ext.comm.tuner`) among the
-        flat schedules and, where the group spans hosts, the hierarchical ones; with ``HYBRID_EXT_TUNE=off`` by
-        the cost model alone (hierarchical from 64 KiB where the group spans hosts).
+        flat schedules, where the group spans hosts the hierarchical ones, and for ``auto`` the group's native
+        allreduce (``native_allowed`` and the group has one); with ``HYBRID_EXT_TUNE=off`` by the cost model alone
+        (hierarchical from 64 KiB where the group spans hosts).
         """
+        native = self.native.name if (self.native is not None and native_allowed and count > 0) else None
+        if algorithm == NATIVE:
+            if self.native is None:
+                raise ValueError(
+                    f"algorithm='native': the group of transport {self.transport.name!r} has no allreduce of its own"
+                )
+            return NATIVE, None
         hosts = getattr(self.transport, "hosts", None)
         spans_hosts = hosts is not None and len(set(hosts)) > 1
         if algorithm.startswith(HIERARCHICAL_PREFIX):  # named: the caller's schedule between hosts
-            name = algorithm if spans_hosts else algorithm.removeprefix(HIERARCHICAL_PREFIX)
-            return self._plan_named(name, count), None
+            return (algorithm if spans_hosts else algorithm.removeprefix(HIERARCHICAL_PREFIX)), None
         if algorithm == "hierarchical" and not spans_hosts:
             algorithm = "auto"  # one host: the flat schedules are the hierarchy
         if self._tuned(algorithm):
             if self._tuner is None:
                 layout = ",".join(map(str, hosts)) if spans_hosts else "one-host"
                 signature = f"{self.transport.name}|{self.device.type}|P{self.size}|hosts {layout}"
+                if self.native is not None:  # saved choices made without the native candidate are not reused
+                    signature += f"|native {self.native.name}"
                 self._tuner = Tuner(signature, self._max_over_ranks)
-            candidates = self._candidates(algorithm, spans_hosts)
+            candidates = self._candidates(algorithm, spans_hosts, native is not None)
+            # Tuned apart from calls that may not run native (a compressed wire): their candidates differ.
+            request = algorithm if native is not None or self.native is None else f"{algorithm}|schedules"
 
             def plausible() -> list[bool]:  # asked on a size class's first call only, not on every call
-                predicted = [self._predicted(name, nbytes) for name in candidates]
-                return [p <= TRIAL_WITHIN * min(predicted) for p in predicted]
+                predicted = [self._predicted(name, nbytes) for name in candidates if name != NATIVE]
+                # The backend's own algorithm is opaque to the model: native is always tried.
+                return [
+                    name == NATIVE or self._predicted(name, nbytes) <= TRIAL_WITHIN * min(predicted)
+                    for name in candidates
+                ]
 
-            name, trial = self._tuner.pick(algorithm, nbytes, candidates, plausible)
-            return self._plan_named(name, count), (algorithm if trial else None)
+            name, trial = self._tuner.pick(request, nbytes, candidates, plausible)
+            return name, (request if trial else None)
         if spans_hosts and (
             algorithm == "hierarchical"
             or (algorithm in ("auto", "butterfly") and nbytes >= HIERARCHY_MIN_BYTES and not cost_model.forced())
@@ -260,9 +302,21 @@ class Communicator:
             network = getattr(getattr(self.transport, "network", None), "name", self.transport.name)
             between = "butterfly" if algorithm == "butterfly" else "auto"
             inter = cost_model.resolve(between, nbytes // lanes, len(set(hosts)), network)
-            return plan_hierarchical(inter, self.rank, tuple(hosts), count), None
-        chosen = cost_model.resolve(algorithm, nbytes, self.size, self.transport.name)
-        return plan_allreduce(chosen, self.rank, self.size, count), None
+            return f"{HIERARCHICAL_PREFIX}{inter}", None
+        return cost_model.resolve(algorithm, nbytes, self.size, self.transport.name, native=native), None
+
+    def _native_allreduce(
+        self,
+        buffer: torch.Tensor,
+        op: str,
+        prepare: Callable[[int, int], None],
+        finish: Callable[[int, int], None],
+    ) -> None:
+        """The group's own allreduce of the working buffer (``avg``: a sum here, divided in ``finish``)."""
+        prepare(0, buffer.numel())
+        if buffer.numel():
+            self.native.allreduce(buffer, "sum" if op == "avg" else op)
+        finish(0, buffer.numel())
 
     def tuning(self, algorithm: str, nbytes: int) -> bool:
         """Whether the tuner is still trying candidates for ``algorithm`` at ``nbytes`` (benchmarks warm past it)."""
@@ -276,13 +330,16 @@ class Communicator:
         return algorithm in ("auto", "butterfly", "hierarchical") and not cost_model.forced() and tune_mode() != "off"
 
     @staticmethod
-    def _candidates(algorithm: str, spans_hosts: bool) -> tuple[str, ...]:
-        """What the tuner tries for a request: flat schedules, and hierarchical ones across hosts."""
+    def _candidates(algorithm: str, spans_hosts: bool, native: bool = False) -> tuple[str, ...]:
+        """What the tuner tries for a request: flat schedules, hierarchical ones across hosts, and for ``auto`` the
+        group's native allreduce where it may run."""
         if os.environ.get(cost_model.ALGO_ENV, "").strip().lower() == "butterfly":
             algorithm = "butterfly" if algorithm == "auto" else algorithm
         flat = cost_model.BUTTERFLIES if algorithm == "butterfly" else ALGORITHMS
         stacked = tuple(f"{HIERARCHICAL_PREFIX}{name}" for name in flat) if spans_hosts else ()
-        return stacked if algorithm == "hierarchical" else flat + stacked
+        if algorithm == "hierarchical":
+            return stacked
+        return flat + stacked + ((NATIVE,) if native and algorithm == "auto" else ())
 
     def _predicted(self, name: str, nbytes: int) -> float:
         """The cost model's seconds for a candidate (flat: as if every link were the group's slowest)."""

@@ -10,22 +10,30 @@ recursive_doubling     log2 P'         n·log2 P'              n·log2 P'
 rabenseifner           2·log2 P'       2·(P'-1)/P'·n          (P'-1)/P'·n
 ring                   2·(P-1)         2·(P-1)/P·n            (P-1)/P·n
 fold (P != P')         +2              +2n                    +n
+native                 2·(P-1)         2·(P-1)/P·n            (P-1)/P·n
 =====================  ==============  =====================  ====================
+
+``native`` is the group's own allreduce (gloo's, NCCL's, Horovod's; :class:`~hybrid_ext.comm.transport.
+NativeCollectives`), modelled as the ring those backends run for large messages, with constants of its own
+(``native/<its name>``): it runs as one call in the backend's C++ threads, not as steps through a transport. It has
+no built-in constants — the backend's algorithm is its own — so the model weighs it only once ``--calibrate`` has
+measured it on this machine; the online tuner (:mod:`hybrid_ext.comm.tuner`) always tries it.
 
 Names a user may pass as ``algorithm``:
 
-- ``"auto"``: the cheapest of all three by the model;
+- ``"auto"``: the cheapest of all three by the model, and of the group's native allreduce where it has one;
 - ``"butterfly"``: the cheaper of the two butterflies (recursive doubling, Rabenseifner);
 - ``"hierarchical"`` / ``"hierarchical/<algorithm>"``: on a group that spans hosts, the hierarchical allreduce
   (:mod:`hybrid_ext.comm.hierarchy`) with the schedule between hosts chosen by the model or named; on one host
   the flat schedule (there the flat schedules are the hierarchy);
-- an algorithm's own name.
+- an algorithm's own name, or ``"native"`` (the group's own allreduce).
 
 ``HYBRID_EXT_ALGO=<name>`` overrides ``auto`` and ``butterfly`` everywhere (like ``NCCL_ALGO``); an explicit
-algorithm name passed by the caller is kept. ``hybrid-ext bench allreduce --calibrate`` measures α, β, γ and
-saves them, per transport, where :func:`default_model` finds them (``~/.cache/hybrid-ext/cost_model.json``, or the
-file named by ``HYBRID_EXT_COST_MODEL``). Message costs differ by an order of magnitude between transports
-(shared memory vs TCP), so each transport has its own constants.
+algorithm name passed by the caller is kept. ``HYBRID_EXT_ALGO=native`` runs the group's own allreduce wherever
+the group has one (elsewhere the model chooses among the schedules). ``hybrid-ext bench allreduce --calibrate``
+measures α, β, γ and saves them, per transport, where :func:`default_model` finds them
+(``~/.cache/hybrid-ext/cost_model.json``, or the file named by ``HYBRID_EXT_COST_MODEL``). Message costs differ by an
+order of magnitude between transports (shared memory vs TCP), so each transport has its own constants.
 """
 
 from __future__ import annotations
@@ -41,7 +49,10 @@ from hybrid_ext.comm.schedule import ALGORITHMS, largest_power_of_two_at_most
 ALGO_ENV = "HYBRID_EXT_ALGO"
 MODEL_ENV = "HYBRID_EXT_COST_MODEL"
 HIERARCHICAL_PREFIX = "hierarchical/"  # hierarchical/<schedule between hosts>: the plan's own name
-CHOICES = ("auto", "butterfly", "hierarchical", *ALGORITHMS, *(HIERARCHICAL_PREFIX + a for a in ALGORITHMS))
+NATIVE = "native"  # the group's own allreduce (see NativeCollectives in hybrid_ext.comm.transport)
+CHOICES = (
+    "auto", "butterfly", "hierarchical", *ALGORITHMS, *(HIERARCHICAL_PREFIX + a for a in ALGORITHMS), NATIVE,
+)  # fmt: skip
 BUTTERFLIES = ("recursive_doubling", "rabenseifner")
 
 
@@ -57,7 +68,7 @@ class CostModel:
         """(messages, bytes sent, bytes reduced) per rank on the critical path."""
         if p <= 1 or nbytes == 0:
             return (0.0, 0.0, 0.0)
-        if algorithm == "ring":
+        if algorithm in ("ring", NATIVE):
             return (2.0 * (p - 1), 2.0 * (p - 1) / p * nbytes, (p - 1) / p * nbytes)
         p2 = largest_power_of_two_at_most(p)
         steps = math.log2(p2)
@@ -76,6 +87,11 @@ class CostModel:
 
     def choose(self, nbytes: int, p: int, candidates: tuple[str, ...] = ALGORITHMS) -> str:
         return min(candidates, key=lambda a: (self.predict(a, nbytes, p), candidates.index(a)))
+
+
+def native_model_key(native: str) -> str:
+    """The name a native allreduce's constants are kept under (beside the transports')."""
+    return f"{NATIVE}/{native}"
 
 
 def model_path() -> Path:
@@ -135,13 +151,29 @@ def save_model(transport: str, model: CostModel, path: Path | None = None) -> Pa
     return path
 
 
+def native_model(native: str) -> CostModel | None:
+    """The calibrated constants of a native allreduce (see the module docstring), or None if none were saved."""
+    return _load_models().get(native_model_key(native))
+
+
 def forced() -> bool:
     """Whether ``HYBRID_EXT_ALGO`` pins one flat schedule for every ``auto`` / ``butterfly`` call."""
     return os.environ.get(ALGO_ENV, "").strip().lower() not in ("", "auto", "butterfly")
 
 
-def resolve(algorithm: str, nbytes: int, p: int, transport: str = "", model: CostModel | None = None) -> str:
-    """The concrete schedule to run for a requested ``algorithm`` name."""
+def resolve(
+    algorithm: str,
+    nbytes: int,
+    p: int,
+    transport: str = "",
+    model: CostModel | None = None,
+    native: str | None = None,
+) -> str:
+    """The concrete schedule to run for a requested ``algorithm`` name (or ``"native"``).
+
+    ``native``: the name of the group's own allreduce where it has one (and may run this call): then ``auto`` weighs
+    it against the schedules by its calibrated constants, if any, and ``HYBRID_EXT_ALGO=native`` picks it.
+    """
     if algorithm not in CHOICES:
         raise ValueError(f"unknown allreduce algorithm {algorithm!r}; choose one of {', '.join(CHOICES)}")
     if algorithm.startswith("hierarchical"):  # needs the group's host layout: the communicator plans it
@@ -149,9 +181,19 @@ def resolve(algorithm: str, nbytes: int, p: int, transport: str = "", model: Cos
     if algorithm in ("auto", "butterfly"):
         forced = os.environ.get(ALGO_ENV, "").strip().lower()
         if forced and forced not in ("auto", "butterfly"):
-            if forced not in ALGORITHMS:
-                raise ValueError(f"{ALGO_ENV}={forced!r} is not one of {', '.join(ALGORITHMS)}")
-            return forced
-        candidates = BUTTERFLIES if (algorithm == "butterfly" or forced == "butterfly") else ALGORITHMS
-        return (model or default_model(transport)).choose(nbytes, p, candidates)
+            if forced not in (*ALGORITHMS, NATIVE):
+                raise ValueError(f"{ALGO_ENV}={forced!r} is not one of {', '.join((*ALGORITHMS, NATIVE))}")
+            if forced != NATIVE:
+                return forced
+            if native is not None:
+                return NATIVE
+            forced = ""  # no native allreduce on this group: the model chooses among the schedules
+        butterflies_only = algorithm == "butterfly" or forced == "butterfly"
+        candidates = BUTTERFLIES if butterflies_only else ALGORITHMS
+        model = model or default_model(transport)
+        chosen = model.choose(nbytes, p, candidates)
+        measured = native_model(native) if native is not None and not butterflies_only else None
+        if measured is not None and measured.predict(NATIVE, nbytes, p) < model.predict(chosen, nbytes, p):
+            return NATIVE
+        return chosen
     return algorithm

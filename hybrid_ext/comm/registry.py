@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from hybrid_ext.comm.communicator import Communicator
-from hybrid_ext.comm.transport import Transport
+from hybrid_ext.comm.transport import NativeCollectives, Transport
 
 _communicators: dict[tuple[int, str], tuple[Any, Communicator]] = {}
 _registry_lock = threading.Lock()  # guards the two dicts; never held across a set-up
@@ -48,7 +48,7 @@ def communicator(group: Any = None, device: torch.device | None = None) -> Commu
         with _registry_lock:
             entry = _communicators.get(key)
         if entry is None or entry[0] is not group:
-            entry = (group, Communicator(_as_transport(group, device), device))
+            entry = (group, Communicator(_as_transport(group, device), device, _native(group, device)))
             with _registry_lock:
                 _communicators[key] = entry
         return entry[1]
@@ -60,6 +60,15 @@ def _as_transport(group: Any, device: torch.device) -> Transport:
     from hybrid_ext.comm.torch_transport import transport_for
 
     return transport_for(group, device)
+
+
+def _native(group: Any, device: torch.device) -> NativeCollectives | None:
+    """A torch process group's own allreduce (what ``dist.all_reduce`` runs), for ``auto`` to weigh."""
+    if isinstance(group, Transport):
+        return None  # a transport object brings its own, if any (its ``native``)
+    from hybrid_ext.comm.native import native_for_group
+
+    return native_for_group(group, device)
 
 
 def forget_all() -> None:

@@ -28,6 +28,12 @@ A transport is an object with:
 ``name: str``
     Short name for metrics and error messages (``"torch-gloo"``, ``"horovod"``...).
 
+``native: NativeCollectives | None`` (optional)
+    The collectives of the group the transport runs over, where it has its own (gloo's, NCCL's, Horovod's
+    allreduce): the communicator makes them a candidate of ``auto`` beside its schedules, so ``auto`` never
+    runs slower than the backend would alone. A transport without a group of its own (shared memory) leaves
+    it out; whoever builds that transport's communicator may pass the group's (``Communicator(native=...)``).
+
 A transport is used by one collective at a time, from one thread (the group's executor, see
 :mod:`hybrid_ext.comm.ordering`); it need not be thread-safe.
 
@@ -61,3 +67,23 @@ class Transport(Protocol):
         recv: torch.Tensor | None,
         recv_from: int | None,
     ) -> None: ...
+
+
+NATIVE_OPS = ("sum", "min", "max")  # what every backend's allreduce takes (avg: a sum, divided by the caller)
+
+
+@runtime_checkable
+class NativeCollectives(Protocol):
+    """A group's own collectives, run as one call each (the backend chooses its algorithm).
+
+    ``allreduce(tensor, op)`` reduces the contiguous ``tensor`` in place over the group with ``op`` (one of
+    :data:`NATIVE_OPS`), every rank calling it at the same point of its collective sequence, and returns when the
+    result is in place; a peer that fails or stays away for longer than the group's timeout raises
+    :class:`PeerError`. Every rank must end with bitwise-identical values (gloo's and NCCL's rings do: each
+    element is reduced on one rank, then copied). ``name`` says what ran, in metrics (``"torch-gloo"``,
+    ``"horovod"``...).
+    """
+
+    name: str
+
+    def allreduce(self, tensor: torch.Tensor, op: str) -> None: ...

@@ -1,5 +1,5 @@
-"""Online refinement of ``auto``: the first calls of each size class try every candidate schedule, and every rank
-keeps the one that was fastest on the slowest rank.
+"""Online refinement of ``auto``: the first calls of each size class try every candidate schedule (and the group's
+native allreduce, where it has one), and every rank keeps the one that was fastest on the slowest rank.
 
 Why: the α-β-γ model (:mod:`hybrid_ext.comm.cost_model`) cannot see what decides the winner on a real machine —
 ranks sharing cores, a NIC's true rate, how the ranks of a host share it, where reductions stall. NCCL's tuner
@@ -35,7 +35,7 @@ from pathlib import Path
 TUNE_ENV = "HYBRID_EXT_TUNE"
 TUNE_CHOICES = ("on", "off", "fresh")
 CHOICES_ENV = "HYBRID_EXT_TUNED"  # where saved choices live (default: the cache directory's tuned.json)
-MAX_CANDIDATES = 6  # three flat schedules, and as many hierarchical ones across hosts
+MAX_CANDIDATES = 7  # three flat schedules, as many hierarchical ones across hosts, and the group's native allreduce
 
 
 def trials_for(nbytes: int) -> int:

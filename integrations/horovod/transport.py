@@ -10,6 +10,9 @@
   partner. Every step goes through Horovod's negotiation cycle (milliseconds per step), which is why it is
   not the default — see the measurements in the README (``python -m hybrid_ext.integrations.horovod.bench``).
 
+Horovod's own allreduce (:class:`HorovodNativeCollectives`) is a candidate of ``auto`` on every such communicator:
+it runs through Horovod's engine (matched by name, so it keeps out of the way of the job's own Horovod ops).
+
 Side channels, communicators and the partitioner's grids belong to one Horovod session: :func:`reset` forgets
 them, and ``hvd.shutdown`` (wrapped by :func:`~hybrid_ext.integrations.horovod.register`) calls it — which is
 what ``hvd.elastic.run`` does before it re-initializes Horovod for the ranks left after a host is lost (or
@@ -111,7 +114,7 @@ def communicator_for(process_set: Any, device: torch.device) -> Communicator:
     with _lock:
         comm = _communicators.get(key)
         if comm is None:
-            comm = Communicator(channel.transport(device), device)
+            comm = Communicator(channel.transport(device), device, HorovodNativeCollectives(process_set))
             _communicators[key] = comm
         return comm
 
@@ -135,6 +138,30 @@ def reset() -> None:
         channel.close()
 
 
+class HorovodNativeCollectives:
+    """Horovod's allreduce over a process set, as the communicator's native candidate.
+
+    Each call gets a name of its own from a counter that advances alike on every member (the communicator issues
+    in the same order everywhere): Horovod matches operations across ranks by name.
+    """
+
+    name = "horovod"
+
+    def __init__(self, process_set: Any) -> None:
+        self.process_set = process_set
+        self._calls = 0
+
+    def allreduce(self, tensor: torch.Tensor, op: str) -> None:
+        hvd = _hvd()
+        reduce_op = {"sum": hvd.Sum, "min": hvd.Min, "max": hvd.Max}[op]
+        self._calls += 1
+        name = f"hybrid_ext.native.{self.process_set.process_set_id}.{self._calls}"
+        try:
+            hvd.allreduce_(tensor, op=reduce_op, name=name, process_set=self.process_set)
+        except Exception as exc:  # HorovodInternalError: a peer is gone
+            raise PeerError(f"Horovod's allreduce {name} failed: {exc}") from exc
+
+
 class HorovodAlltoallTransport:
     """Each exchange is one ``hvd.alltoall`` whose splits send only to the partner.
 
@@ -154,6 +181,7 @@ class HorovodAlltoallTransport:
             )
         self.timeout = float(timeout)
         self.name = "horovod-alltoall"
+        self.native = HorovodNativeCollectives(self.process_set)
         self._step = 0
 
     def exchange(self, send, send_to, recv, recv_from) -> None:

@@ -9,8 +9,9 @@ DDP, DeviceMesh and DeepSpeed (``deepspeed.init_distributed(dist_backend="butter
     dist.init_process_group("butterfly")
     dist.all_reduce(t)  # butterfly
 
-The algorithm follows ``HYBRID_EXT_ALGO`` (default ``auto``). Reductions torch has but the butterfly does not
-(product, bitwise ops, pre-multiplied sums) and dtypes it does not support go to the inner group.
+The algorithm follows ``HYBRID_EXT_ALGO`` (default ``auto``; among its candidates, gloo's or NCCL's own
+allreduce). Reductions torch has but the butterfly does not (product, bitwise ops, pre-multiplied sums) and dtypes
+it does not support go to the inner group.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.distributed as dist
 
 from hybrid_ext import comm
 from hybrid_ext.comm import _c10d_private as c10d
+from hybrid_ext.comm.native import TorchNativeCollectives
 from hybrid_ext.comm.torch_transport import TorchTransport, transport_for
 from hybrid_ext.integrations.torch.side_channel import StoreCollectives
 
@@ -99,17 +101,23 @@ class ButterflyProcessGroup(dist.ProcessGroup):
         gloo = dist.ProcessGroupGloo(dist.PrefixStore("butterfly/gloo", store), rank, size, timeout)
         setup = StoreCollectives(dist.PrefixStore("butterfly/setup", store), rank, size)
         cpu_transport = transport_for(gloo, torch.device("cpu"), setup.all_gather, setup.barrier)
-        self._add_inner("cpu", c10d.BackendType.GLOO, gloo, cpu_transport)
+        # auto's native candidate on a gloo of its own: the inner gloo takes the caller's other collectives from
+        # the caller's thread, and gloo pairs collectives by the order they were issued.
+        native_gloo = dist.ProcessGroupGloo(dist.PrefixStore("butterfly/native", store), rank, size, timeout)
+        cpu_native = TorchNativeCollectives(native_gloo, torch.device("cpu"), timeout.total_seconds())
+        self._add_inner("cpu", c10d.BackendType.GLOO, gloo, cpu_transport, cpu_native)
         if torch.cuda.is_available() and dist.is_nccl_available():
             options = dist.ProcessGroupNCCL.Options()
             options._timeout = timeout
             nccl = dist.ProcessGroupNCCL(dist.PrefixStore("butterfly/nccl", store), rank, size, options)
-            self._add_inner("cuda", c10d.BackendType.NCCL, nccl, TorchTransport(nccl, timeout.total_seconds()))
+            seconds = timeout.total_seconds()
+            nccl_native = TorchNativeCollectives(nccl, torch.device("cuda"), seconds)
+            self._add_inner("cuda", c10d.BackendType.NCCL, nccl, TorchTransport(nccl, seconds), nccl_native)
         c10d.set_default_backend(self, c10d.BackendType.GLOO)
 
-    def _add_inner(self, device_type: str, backend_type, backend, transport) -> None:
+    def _add_inner(self, device_type: str, backend_type, backend, transport, native) -> None:
         self._inner[device_type] = backend
-        self._comms[device_type] = comm.Communicator(transport, device_type)
+        self._comms[device_type] = comm.Communicator(transport, device_type, native)
         c10d.attach_backend(self, torch.device(device_type), backend_type, backend)
 
     # ------------------------------------------------------------------ identity
