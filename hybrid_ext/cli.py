@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hybrid_ext.train.device import add_device_argument
 from hybrid_ext.version import __version__
 
 
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run each job under torchrun on this many emulated hosts (hybrid-ext cluster)",
     )
     demo.add_argument("--nic", metavar="RATE", help="with --hosts: each host's egress rate (tc syntax: 1gbit)")
+    add_device_argument(demo)
     demo.set_defaults(handler=_cmd_demo)
 
     compare = commands.add_parser(
@@ -121,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_kinds = bench.add_subparsers(dest="bench_kind", metavar="KIND", required=True)
     allreduce = bench_kinds.add_parser(
         "allreduce",
-        help="time allreduce algorithms against torch's gloo all_reduce",
-        description="Spawn N ranks (gloo) and time each algorithm, interleaved, against dist.all_reduce. Under a "
+        help="time allreduce algorithms against torch's own all_reduce (gloo; NCCL for CUDA tensors)",
+        description="Spawn N ranks and time each algorithm, interleaved, against dist.all_reduce. Under a "
         "launcher (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set) each launched process is a rank instead.",
     )
     allreduce.add_argument("--np", type=positive_int, default=4, help="ranks (default: 4)")
@@ -151,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="IFACE",
         help="count the bytes leaving each host on this interface, from its counters (--hosts sets it)",
     )
+    add_device_argument(allreduce)
     allreduce.set_defaults(handler=_cmd_bench_allreduce)
 
     train = bench_kinds.add_parser(
@@ -177,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--nic", metavar="RATE", help="with --hosts: each host's egress rate (tc syntax: 1gbit)")
     train.add_argument("--json", metavar="FILE")
     train.add_argument("--markdown", metavar="FILE")
+    add_device_argument(train)
     train.set_defaults(handler=_cmd_bench_train)
 
     horovod = bench_kinds.add_parser(

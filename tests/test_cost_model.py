@@ -222,3 +222,28 @@ def test_the_environment_pins_native_where_the_group_has_one(monkeypatch):
     assert cost_model.resolve("auto", 1024, 4, "shm", native="torch-gloo") == "native"
     assert cost_model.resolve("auto", 1024, 4, "shm") in cost_model.ALGORITHMS  # none here: the model's schedule
     assert cost_model.resolve("rabenseifner", 1024, 4, "shm", native="torch-gloo") == "rabenseifner"
+
+
+@pytest.mark.timeout(30)
+def test_calibration_fits_the_native_allreduce_from_its_own_rows():
+    truth = CostModel(alpha=80e-6, beta=0.5e-9, gamma=0.25e-9)
+    rows = [
+        bench.BenchRow(size, "native", 4, truth.predict("native", size, 4) * 1e3, 0, 0, 1.0, "gloo")
+        for size in (1 << 10, 1 << 16, 1 << 20, 1 << 24)
+    ]
+    fitted = bench.calibrate_native(rows)
+    for size in (1 << 12, 1 << 22):
+        assert fitted.predict("native", size, 4) == pytest.approx(truth.predict("native", size, 4), rel=1e-6)
+    assert bench.calibrate_native(rows[:2]) is None  # too few sizes to fit three constants
+
+
+@pytest.mark.timeout(30)
+def test_bench_rows_say_when_auto_ran_the_native_allreduce():
+    from hybrid_ext.comm.metrics import CollectiveRecord
+
+    def record(algorithm, transport):
+        return CollectiveRecord("allreduce", algorithm, transport, 0, 2, 256, "float32", 1024, 1024, 2, 1e-4)
+
+    assert bench._ran(record("native", "torch-gloo")) == "native/gloo"
+    assert bench._ran(record("native", "horovod")) == "native/horovod"
+    assert bench._ran(record("ring", "shm")) == "ring"

@@ -7,6 +7,7 @@ import sys
 from dataclasses import replace
 
 import pytest
+import torch
 
 from hybrid_ext.train import compare
 from hybrid_ext.train.loop import TrainConfig, train
@@ -43,6 +44,7 @@ def test_every_tag_and_the_hparams_are_written(demo_runs):
         summary = compare.read_run(path)
         assert set(HPARAMS) <= set(summary.hparams)
         assert summary.hparams["world_size"] == 2 and summary.hparams["framework"] == "torch"
+        assert summary.hparams["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # --device auto
 
 
 def test_logged_loss_is_the_average_over_all_ranks(demo_runs):
@@ -68,7 +70,10 @@ def test_compare_reads_the_runs_back(demo_runs, tmp_path):
     for kind in ("time_to_accuracy", "step_split"):  # MLPerf's measure, and where a step's time goes
         assert (tmp_path / f"c-{kind}.png").stat().st_size > 0
     final = results[("hybrid", "butterfly")][0]["final/eval_accuracy"]
-    assert f"{final * 100:.1f} %" in (tmp_path / "c.md").read_text()
+    table = (tmp_path / "c.md").read_text()
+    assert f"{final * 100:.1f} %" in table
+    device = results[("hybrid", "butterfly")][0]["device"]  # "cpu" or "cuda:<rank 0's GPU>"
+    assert "| device |" in table and f"| {device.split(':')[0]} |" in table  # which device each run used
 
 
 @pytest.mark.multiprocess

@@ -6,7 +6,10 @@ busier or quieter during the run shifts all of them alike. A round is a barrier,
 back (as a training step issues them); a call's time is the round's time / ``inner`` on the slowest rank.
 Reported per size and algorithm: the median time over rounds, algbw = bytes / time, busbw = algbw · 2(P-1)/P
 (the bandwidth on the busiest link, comparable across P, as in nccl-tests), and the ratio of the median to
-``native`` (``dist.all_reduce`` on the same gloo group) measured in the same run.
+``native`` (``dist.all_reduce`` on the same group: gloo, or NCCL for CUDA tensors where each rank has a GPU of its
+own) measured in the same run. The ``ran`` column says what each call ran: a schedule, or ``native/<backend>``
+where ``auto`` chose the group's own allreduce. ``--device cuda`` (or ``auto`` on a GPU machine) times CUDA
+tensors, one GPU per rank where there are enough (:mod:`hybrid_ext.train.device`).
 
 Started by a launcher (``torchrun``, ``deepspeed``, ``mpirun``...: ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and
 ``MASTER_PORT`` set), it spawns nothing: every launched process is one rank, and rank 0 prints. With ``--hosts H``
@@ -17,7 +20,7 @@ per message byte n (any allreduce needs 2(H-1)/H), and the time as a multiple of
 2(H-1)/H·n / rate. ``auto`` and ``butterfly`` are timed after the tuner's trials (:mod:`hybrid_ext.comm.tuner`).
 
 ``--calibrate`` fits the cost model's α, β, γ (:mod:`hybrid_ext.comm.cost_model`) to the recursive-doubling and
-Rabenseifner timings by least squares and saves them for ``auto``.
+Rabenseifner timings by least squares and saves them for ``auto``, and the native allreduce's own from its rows.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ class BenchRow:
     algbw_gbps: float
     busbw_gbps: float
     ratio_to_native: float | None
-    chosen: str  # the schedule that actually ran (auto / butterfly resolve to one)
+    chosen: str  # what actually ran: a schedule (auto / butterfly resolve to one), native/<backend>, or the backend
     # On several hosts (--hosts): bytes per call out of the busiest host's interface, read from its counters
     # (headers included), and what the plan sends from that host to others; time as a multiple of the link bound.
     hosts: int | None = None
@@ -93,11 +96,18 @@ def _bench_rank(
     warmup: int,
     inner: int,
     interface: str | None = None,
+    device: str = "cpu",
 ) -> dict:
     """This rank's timings; with ``interface``, also its host's interface byte counts per timed round."""
     import socket
 
     from hybrid_ext.comm import metrics
+    from hybrid_ext.comm.native import backend_name
+    from hybrid_ext.train.device import this_rank_device
+
+    where = this_rank_device(device)
+    communicator = comm.communicator(None, where)
+    backend = backend_name(dist.group.WORLD, where)
 
     times: dict[tuple[int, str], list[float]] = {}
     chosen: dict[tuple[int, str], str] = {}
@@ -105,10 +115,10 @@ def _bench_rank(
     plan_sent: dict[tuple[int, str], int] = {}  # bytes this rank's plan sends to other hosts per call
     for size in sizes:
         n = max(size // 4, 1)
-        buffers = {a: torch.ones(n) for a in algorithms}
+        buffers = {a: torch.ones(n, device=where) for a in algorithms}
         for algorithm in algorithms:  # auto / butterfly: past the tuner's trials first (it decides once per run)
             for _ in range(TUNING_CALLS_CAP):
-                if algorithm == "native" or not comm.communicator().tuning(algorithm, n * 4):
+                if algorithm == "native" or not communicator.tuning(algorithm, n * 4):
                     break
                 comm.allreduce(buffers[algorithm], algorithm=algorithm)
                 buffers[algorithm].fill_(1.0)
@@ -124,30 +134,39 @@ def _bench_rank(
                         dist.all_reduce(buf)
                     else:
                         comm.allreduce(buf, algorithm=algorithm)
+                if where.type == "cuda":
+                    torch.cuda.synchronize(where)  # NCCL returns once the work is queued
                 elapsed = (time.perf_counter() - start) / inner
                 if interface:
                     dist.barrier()  # every rank of the host has sent all it will before the counter is read
                 after = _tx_bytes(interface)
-                if algorithm != "native":
-                    chosen[(size, algorithm)] = metrics.last().algorithm  # what ran, not what a model would pick
+                if algorithm != "native":  # what ran, not what a model would pick
+                    chosen[(size, algorithm)] = _ran(metrics.last())
                 buf.fill_(1.0)  # keep values bounded
                 if i >= warmup:
                     times.setdefault((size, algorithm), []).append(elapsed)
                     if before is not None and after is not None:
                         sent.setdefault((size, algorithm), []).append(after - before)
         for algorithm in algorithms:
-            chosen.setdefault((size, algorithm), "gloo")
-            if interface and algorithm != "native":
+            chosen.setdefault((size, algorithm), backend)
+            if interface and not chosen[(size, algorithm)].startswith(("native", backend)):  # a plan of ours ran
                 plan_sent[(size, algorithm)] = _bytes_to_other_hosts(chosen[(size, algorithm)], n) * 4
     return {
         "times": times,
         "chosen": chosen,
-        "transport": comm.communicator().transport.name,
+        "transport": communicator.transport.name,
         "host": socket.gethostname(),
         "sent": sent,
         "plan_sent": plan_sent,
         "inner": inner,
     }
+
+
+def _ran(record) -> str:
+    """What a hybrid-ext call ran, for a row: its schedule, or native/<backend> where auto chose the group's own."""
+    if record.algorithm == cost_model.NATIVE:
+        return f"native/{record.transport.removeprefix('torch-')}"
+    return record.algorithm
 
 
 def _tx_bytes(interface: str | None) -> int | None:
@@ -205,15 +224,18 @@ def leaving_a_launched_job() -> Iterator[None]:
             dist.destroy_process_group()
 
 
-def _bench_launched_rank(sizes, algorithms, rounds, warmup, inner, interface=None) -> list[dict]:
+def _bench_launched_rank(sizes, algorithms, rounds, warmup, inner, interface=None, device="cpu") -> list[dict]:
     """This process's rank of a launched job: every rank's timings, gathered on every rank."""
     from datetime import timedelta
 
+    from hybrid_ext.train.device import local_rank_and_size, this_job_backend
+
     if not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=timedelta(seconds=600))
+        backend = this_job_backend(device, local_rank_and_size()[1])
+        dist.init_process_group(backend, timeout=timedelta(seconds=600))
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
-    mine = _bench_rank(rank, world, sizes, algorithms, rounds, warmup, inner, interface)
+    mine = _bench_rank(rank, world, sizes, algorithms, rounds, warmup, inner, interface, device)
     everyone: list = [None] * world
     dist.all_gather_object(everyone, mine)
     return everyone
@@ -229,18 +251,25 @@ def run_allreduce_bench(
     transport: str = "auto",
     timeout: float = 1800,
     interface: str | None = None,
+    device: str = "cpu",
 ) -> tuple[list[BenchRow], str]:
     """Rows per (size, algorithm), and the name of the transport hybrid-ext used.
 
     ``interface``: count the bytes leaving each host on it (launched across hosts; see :class:`BenchRow`).
+    ``device``: cpu, cuda or auto (:mod:`hybrid_ext.train.device`).
     """
     if launched():  # the launcher made the ranks: this process is one of them
         os.environ["HYBRID_EXT_TRANSPORT"] = transport
-        results = _bench_launched_rank(sizes, algorithms, iterations, warmup, inner, interface)
+        results = _bench_launched_rank(sizes, algorithms, iterations, warmup, inner, interface, device)
         np = len(results)
     else:
+        from hybrid_ext.train.device import this_job_backend
+
         env = {"HYBRID_EXT_TRANSPORT": transport}
-        results = spawn(_bench_rank, np, sizes, algorithms, iterations, warmup, inner, timeout=timeout, env=env)
+        results = spawn(
+            _bench_rank, np, sizes, algorithms, iterations, warmup, inner, None, device,
+            timeout=timeout, env=env, backend=this_job_backend(device, np),
+        )  # fmt: skip
     return rows_from(results, sizes, algorithms), results[0]["transport"]
 
 
@@ -286,7 +315,7 @@ def _host_traffic(first_of_host: dict[str, dict], ranks_of_host: dict[str, list[
     inner = next(iter(first_of_host.values()))["inner"]
     measured = max(statistics.median(rounds) / inner for rounds in counted.values())
     planned = None
-    if key[1] != "native":
+    if any(key in r.get("plan_sent", {}) for ranks in ranks_of_host.values() for r in ranks):  # not native's
         planned = max(sum(r["plan_sent"].get(key, 0) for r in ranks) for ranks in ranks_of_host.values())
     return {"hosts": len(first_of_host), "nic_bytes": measured, "plan_nic_bytes": planned}
 
@@ -346,16 +375,25 @@ def format_markdown(rows: list[BenchRow]) -> str:
 
 def calibrate(rows: list[BenchRow]) -> cost_model.CostModel:
     """Least-squares α, β, γ (clipped at zero) from the butterfly rows of a bench run."""
+    schedules = [(r.chosen, r) for r in rows if r.chosen in ("recursive_doubling", "rabenseifner", "ring")]
+    return _fit([(name, row) for name, row in schedules if row.algorithm != "native"], "(algorithm, size) pairs")
+
+
+def calibrate_native(rows: list[BenchRow]) -> cost_model.CostModel | None:
+    """The native allreduce's α, β, γ from its rows (its cost formula: the ring's), or None with fewer than 3 sizes."""
+    native = [(cost_model.NATIVE, row) for row in rows if row.algorithm == "native"]
+    return _fit(native, "sizes") if len({row.size_bytes for _, row in native}) >= 3 else None
+
+
+def _fit(timed: list[tuple[str, BenchRow]], what: str) -> cost_model.CostModel:
     import numpy as np
 
     a, b = [], []
-    for row in rows:
-        if row.chosen not in ("recursive_doubling", "rabenseifner", "ring") or row.algorithm == "native":
-            continue
-        a.append(cost_model.CostModel().terms(row.chosen, row.size_bytes, row.ranks))
+    for name, row in timed:
+        a.append(cost_model.CostModel().terms(name, row.size_bytes, row.ranks))
         b.append(row.median_ms / 1e3)
     if len(a) < 3:
-        raise ValueError("calibration needs timings of at least 3 (algorithm, size) pairs")
+        raise ValueError(f"calibration needs timings of at least 3 {what}")
     matrix, target = np.array(a), np.array(b)
     # Relative error matters at every size: weight each equation by 1/t.
     weights = 1.0 / target
@@ -394,6 +432,7 @@ def main(args) -> int:
             inner=args.inner,
             transport=args.transport,
             interface=getattr(args, "count_bytes_on", None),
+            device=getattr(args, "device", "cpu"),
         )
         if launched() and dist.get_rank() != 0:
             from hybrid_ext.launch import report_result
@@ -401,8 +440,13 @@ def main(args) -> int:
             report_result({"rows": [asdict(r) for r in rows], "transport": transport})
             return 0
         where = f"{rows[0].ranks} ranks" + (" (launched)" if launched() else "")
-    print(f"allreduce, {where}, 1 compute thread each, median of {args.iters} rounds of {args.inner} calls")
-    print(f"hybrid-ext transport: {transport}; native: torch.distributed.all_reduce on gloo")
+    from hybrid_ext.train.device import cuda_facts, resolve_device
+
+    device = resolve_device(getattr(args, "device", "cpu"), *cuda_facts(), 0).type
+    rounds = f"median of {args.iters} rounds of {args.inner} calls"
+    print(f"allreduce, {where}, {device} tensors, 1 compute thread each, {rounds}")
+    native_backend = next(row.chosen for row in rows if row.algorithm == "native")
+    print(f"hybrid-ext transport: {transport}; native: torch.distributed.all_reduce on {native_backend}")
     print(format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
@@ -415,6 +459,11 @@ def main(args) -> int:
         path = cost_model.save_model(transport, model)
         print(f"calibrated α={model.alpha * 1e6:.1f} µs, β={model.beta * 1e9:.3f} ns/B, γ={model.gamma * 1e9:.3f} ns/B")
         print(f"saved for transport {transport!r} to {path} (used by algorithm='auto')")
+        native = calibrate_native(rows)
+        if native is not None:
+            key = cost_model.native_model_key(f"torch-{native_backend}")
+            cost_model.save_model(key, native)
+            print(f"native: α={native.alpha * 1e6:.1f} µs, β={native.beta * 1e9:.3f} ns/B, saved as {key!r}")
     if launched():
         from hybrid_ext.launch import report_result
 
@@ -430,6 +479,7 @@ def _run_on_emulated_cluster(args, sizes: list[int], algorithms: list[str]) -> t
     command = ["-m", "hybrid_ext.cli", "bench", "allreduce", "--sizes", ",".join(map(str, sizes)),
                "--algorithms", ",".join(algorithms), "--iters", str(args.iters), "--inner", str(args.inner),
                "--warmup", str(args.warmup), "--transport", args.transport,
+               "--device", getattr(args, "device", "cpu"),
                "--count-bytes-on", cluster.INTERFACE]  # fmt: skip
     with cluster.emulated_cluster(args.hosts, args.nic) as hosts:
         results = run_torchrun(command, args.np, cluster=hosts, nodes=args.hosts, timeout=1800)

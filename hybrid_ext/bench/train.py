@@ -7,6 +7,8 @@ message skipped (:class:`MirrorTransport`). Bytes come from hybrid-ext's metrics
 ``native`` reductions record what a ring allreduce of their buffers sends). The timed steps follow at least 2
 warm-up steps and the online tuner's trials (:mod:`hybrid_ext.comm.tuner`): they run what training runs.
 
+``--device`` (cpu, cuda, auto: :mod:`hybrid_ext.train.device`) says where the model and its batches live.
+
 Under a launcher (torchrun's ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) the launched processes
 are the ranks and rank 0 prints; ``--hosts H [--nic RATE]`` runs it so, under torchrun, on an emulated cluster.
 """
@@ -45,7 +47,7 @@ class TrainRow:
     messages_per_step: float
 
 
-def _mirror_groups(world: int, mp_size: int, rank: int):
+def _mirror_groups(world: int, mp_size: int, rank: int, device: torch.device):
     from hybrid_ext.comm import Communicator
     from hybrid_ext.parallel.dims import Groups, ParallelDims
 
@@ -53,30 +55,34 @@ def _mirror_groups(world: int, mp_size: int, rank: int):
     return Groups(
         dims=dims,
         rank=rank,
-        world=Communicator(MirrorTransport(rank, world)),
-        mp=Communicator(MirrorTransport(rank % mp_size, mp_size)),
-        dp=Communicator(MirrorTransport(rank // mp_size, dims.dp)),
+        world=Communicator(MirrorTransport(rank, world), device),
+        mp=Communicator(MirrorTransport(rank % mp_size, mp_size), device),
+        dp=Communicator(MirrorTransport(rank // mp_size, dims.dp), device),
     )
 
 
 MAX_WARMUP_STEPS = 100  # a bound on the tuner's warm-up (a model with many bucket sizes tunes each)
 
 
-def _train_rank(rank, world, model_name, strategy, reducer, mp_size, steps, warmup, micro_batch, size, mirror):
+def _train_rank(
+    rank, world, model_name, strategy, reducer, mp_size, steps, warmup, micro_batch, size, mirror, device="cpu"
+):
     import hybrid_ext
+    from hybrid_ext.train.device import this_rank_device
 
-    groups = _mirror_groups(world, mp_size or world, rank) if mirror else None
+    where = this_rank_device(device)
+    groups = _mirror_groups(world, mp_size or world, rank, where) if mirror else None
     if mirror:  # no messages move, so ranks cannot compare fingerprints either
         hybrid_ext.set_check(False)
     model = hybrid_ext.parallelize(
-        build_model(model_name), strategy=strategy, reducer=reducer, mp_size=None if mirror else mp_size,
+        build_model(model_name).to(where), strategy=strategy, reducer=reducer, mp_size=None if mirror else mp_size,
         groups=groups, sync_initial_weights=not mirror,
     )  # fmt: skip
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     batch = micro_batch * world if strategy == "mp" else micro_batch
     g = torch.Generator().manual_seed(rank)
-    x = torch.randn(batch, 3, size, size, generator=g)
-    y = torch.randint(0, 10, (batch,), generator=g)
+    x = torch.randn(batch, 3, size, size, generator=g).to(where)
+    y = torch.randint(0, 10, (batch,), generator=g).to(where)
     times, sent, messages = [], [], []
 
     def one_step():
@@ -85,6 +91,8 @@ def _train_rank(rank, world, model_name, strategy, reducer, mp_size, steps, warm
             optimizer.zero_grad()
             F.cross_entropy(model(x), y).backward()
             optimizer.step()
+            if where.type == "cuda":
+                torch.cuda.synchronize(where)  # the step's kernels are queued, not done, when step() returns
             elapsed = time.perf_counter() - start
         return elapsed, records
 
@@ -104,9 +112,17 @@ def _train_rank(rank, world, model_name, strategy, reducer, mp_size, steps, warm
 
 
 def run_train_bench(
-    model: str, world: int, runs: list[tuple[str, str, str]], micro_batch: int, size: int, steps: int, mp_size=None
+    model: str,
+    world: int,
+    runs: list[tuple[str, str, str]],
+    micro_batch: int,
+    size: int,
+    steps: int,
+    mp_size=None,
+    device: str = "cpu",
 ) -> list[TrainRow]:
     from hybrid_ext.bench.allreduce import launched
+    from hybrid_ext.train.device import local_rank_and_size, this_job_backend
 
     rows = []
     for label, strategy, reducer in runs:
@@ -115,17 +131,17 @@ def run_train_bench(
             import torch.distributed as dist
 
             if not dist.is_initialized():
-                dist.init_process_group("gloo")
+                dist.init_process_group(this_job_backend(device, local_rank_and_size()[1]))
             torch.set_num_threads(1)
             world = dist.get_world_size()
             mine = _train_rank(dist.get_rank(), world, model, strategy, reducer, mp_size, steps, 2, micro_batch,
-                               size, mirror)  # fmt: skip
+                               size, mirror, device)  # fmt: skip
             results: list = [None] * world
             dist.all_gather_object(results, mine)
         else:
             results = spawn(
-                _train_rank, world, model, strategy, reducer, mp_size, steps, 2, micro_batch, size, mirror,
-                backend=None if mirror else "gloo", timeout=1800,
+                _train_rank, world, model, strategy, reducer, mp_size, steps, 2, micro_batch, size, mirror, device,
+                backend=None if mirror else this_job_backend(device, world), timeout=1800,
             )  # fmt: skip
         per_step = [max(ts) for ts in zip(*(r["times"] for r in results))]
         step = statistics.median(per_step)
@@ -177,7 +193,8 @@ def main(args) -> int:
         rows = _run_on_emulated_cluster(args)
         print(f"{args.np} ranks on {args.hosts} emulated hosts (egress {args.nic or 'unshaped'})")
     else:
-        rows = run_train_bench(args.model, args.np, runs, args.micro_batch, args.size, args.steps, args.mp_size)
+        device = getattr(args, "device", "cpu")
+        rows = run_train_bench(args.model, args.np, runs, args.micro_batch, args.size, args.steps, args.mp_size, device)
         if launched():
             import torch.distributed as dist
 
@@ -186,7 +203,10 @@ def main(args) -> int:
             report_result([asdict(r) for r in rows])
             if dist.get_rank() != 0:
                 return 0
+    from hybrid_ext.train.device import cuda_facts, resolve_device
+
     table = format_markdown(rows)
+    print(f"device: {resolve_device(getattr(args, 'device', 'cpu'), *cuda_facts(), 0).type}")
     print(table)
     if args.markdown:
         from pathlib import Path
@@ -206,7 +226,7 @@ def _run_on_emulated_cluster(args) -> list[TrainRow]:
 
     command = ["-m", "hybrid_ext.cli", "bench", "train", "--model", args.model, "--runs", args.runs,
                "--micro-batch", str(args.micro_batch), "--size", str(args.size),
-               "--steps", str(args.steps)]  # fmt: skip
+               "--steps", str(args.steps), "--device", getattr(args, "device", "cpu")]  # fmt: skip
     if args.mp_size:
         command += ["--mp-size", str(args.mp_size)]
     with cluster.emulated_cluster(args.hosts, args.nic) as hosts:

@@ -89,14 +89,15 @@ def _baseline(runs: list[RunSummary]) -> RunSummary | None:
 def table_markdown(runs: list[RunSummary]) -> str:
     base = _baseline(runs)
     lines = [
-        "| run | test accuracy | samples/s | step ms | comm ms/step | MB sent/rank/step | speed-up vs dp+native |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| run | device | test accuracy | samples/s | step ms | comm ms/step | MB sent/rank/step "
+        "| speed-up vs dp+native |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
         speedup = f"{r.samples_per_sec / base.samples_per_sec:.2f}×" if base else "-"
         lines.append(
-            f"| {r.name} | {r.eval_accuracy * 100:.1f} % | {r.samples_per_sec:.1f} | {r.step_time_ms:.1f} | "
-            f"{r.comm_time_ms:.1f} | {r.bytes_per_step / 1e6:.2f} | {speedup} |"
+            f"| {r.name} | {r.hparams.get('device', '-')} | {r.eval_accuracy * 100:.1f} % | {r.samples_per_sec:.1f} | "
+            f"{r.step_time_ms:.1f} | {r.comm_time_ms:.1f} | {r.bytes_per_step / 1e6:.2f} | {speedup} |"
         )
     return "\n".join(lines)
 

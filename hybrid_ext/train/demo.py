@@ -21,6 +21,7 @@ from pathlib import Path
 from hybrid_ext.launch import spawn
 from hybrid_ext.parallel.plan import STRATEGIES
 from hybrid_ext.train.compare import compare
+from hybrid_ext.train.device import this_job_backend
 from hybrid_ext.train.loop import TrainConfig, train
 
 DEFAULT_RUNS = (("dp", "native"), ("dp", "butterfly"), ("mp", "butterfly"), ("hybrid", "butterfly"), ("hybrid", "ring"))
@@ -50,12 +51,13 @@ def main(args) -> int:
         shutil.rmtree(logdir)  # a fresh comparison: old runs of other settings would mix in
     base = TrainConfig(
         model=args.model, epochs=args.epochs, data=args.data, logdir=str(logdir), micro_batch=args.micro_batch,
-        max_steps=args.max_steps, mp_size=args.mp_size,
+        max_steps=args.max_steps, mp_size=args.mp_size, device=getattr(args, "device", "auto"),
     )  # fmt: skip
     runs = runs_from_args(args)
     where = f" on {args.hosts} emulated hosts (egress {args.nic or 'unshaped'})" if getattr(args, "hosts", None) else ""
     print(
         f"hybrid-ext demo: {len(runs)} runs × {args.np} ranks{where}, {args.epochs} epochs of {args.data or 'digits'}"
+        f", device {base.device}"
     )
     start = time.perf_counter()
     with _ranks(args) as run_job:
@@ -79,7 +81,10 @@ def main(args) -> int:
 def _ranks(args):
     """``run_job(config) -> final metrics``: spawned ranks here, or torchrun jobs on an emulated cluster."""
     if not getattr(args, "hosts", None):
-        yield lambda config: spawn(_demo_rank, args.np, config, timeout=args.timeout, capture_output=False)[0]
+        backend = this_job_backend(getattr(args, "device", "auto"), args.np)
+        yield lambda config: spawn(
+            _demo_rank, args.np, config, timeout=args.timeout, capture_output=False, backend=backend
+        )[0]
         return
     from hybrid_ext.launch import cluster, run_torchrun
 
@@ -94,7 +99,7 @@ def _ranks(args):
 
 def _print_run(final: dict, t0: float) -> None:
     print(
-        f"  {final['run']:<24} test accuracy {final['final/eval_accuracy'] * 100:5.1f} %   "
+        f"  {final['run']:<24} {final['device']:<7} test accuracy {final['final/eval_accuracy'] * 100:5.1f} %   "
         f"{final['final/samples_per_sec']:7.1f} samples/s   ({time.perf_counter() - t0:.0f} s)",
         flush=True,
     )
@@ -105,10 +110,12 @@ def _launched_rank(config_json: str) -> None:
     import torch.distributed as dist
 
     from hybrid_ext.launch import report_result
+    from hybrid_ext.train.device import local_rank_and_size
 
-    dist.init_process_group("gloo")
+    config = TrainConfig(**json.loads(config_json))
+    dist.init_process_group(this_job_backend(config.device, local_rank_and_size()[1]))
     try:
-        report_result(train(TrainConfig(**json.loads(config_json))))
+        report_result(train(config))
     finally:
         dist.destroy_process_group()
 

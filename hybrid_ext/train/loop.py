@@ -20,6 +20,7 @@ from hybrid_ext.comm import metrics
 from hybrid_ext.parallel import ParallelModel, parallelize
 from hybrid_ext.train import data as data_module
 from hybrid_ext.train import models
+from hybrid_ext.train.device import this_rank_device
 from hybrid_ext.train.run_log import RunLogger
 
 
@@ -48,21 +49,23 @@ class TrainConfig:
     """Stop after this many steps in all (for quick runs and tests)."""
     progress: bool = True
     seed: int = 0
+    device: str = "auto"
+    """auto (CUDA where there is a GPU), cpu or cuda; each rank takes GPU local rank % GPU count."""
 
 
 def _reduce_sum(comm, values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=comm.device)  # where the group's transport carries
     comm.run(lambda: comm.allreduce_now([t], "sum", "auto"))
     return t.tolist()
 
 
 def _reduce_max(comm, value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=comm.device)
     comm.run(lambda: comm.allreduce_now([t], "max", "auto"))
     return t.item()
 
 
-def evaluate(model, dataset, config: TrainConfig, rank: int, world: int) -> float:
+def evaluate(model, dataset, config: TrainConfig, rank: int, world: int, device: torch.device) -> float:
     """Accuracy on the whole test set; every rank of a model-parallel group runs the same number of forwards."""
     x, y = dataset.test_x, dataset.test_y
     if config.strategy != "mp":
@@ -72,7 +75,7 @@ def evaluate(model, dataset, config: TrainConfig, rank: int, world: int) -> floa
     model.eval()
     with torch.no_grad():
         for xs, ys in zip(x.tensor_split(chunks), y.tensor_split(chunks)):
-            correct += int((model(xs).argmax(1) == ys).sum())
+            correct += int((model(xs.to(device)).argmax(1) == ys.to(device)).sum())
     model.train()
     comm = model.groups.world
     total_correct, total = _reduce_sum(comm, [correct, len(y)])
@@ -108,8 +111,9 @@ def train(config: TrainConfig, groups=None, prepare: Prepare = prepare_adam) -> 
     if config.size < models.MIN_SIZE.get(config.model, 1):
         smallest = models.MIN_SIZE[config.model]
         raise ValueError(f"{config.model} needs images of at least {smallest} px a side; got size={config.size}")
+    device = this_rank_device(config.device)
     dataset = data_module.load(config.data, config.size, models.input_channels(config.model))
-    net = models.build(config.model, dataset.channels, dataset.classes, config.seed)
+    net = models.build(config.model, dataset.channels, dataset.classes, config.seed).to(device)
     model, train_step = prepare(net, config, groups)
     world, rank = model.groups.dims.world, model.groups.rank
     comm = model.groups.world
@@ -118,6 +122,7 @@ def train(config: TrainConfig, groups=None, prepare: Prepare = prepare_adam) -> 
         "world_size": world,
         "mp_size": model.groups.dims.mp,
         "batch_size": config.micro_batch * world,
+        "device": device.type,
     }
     logger = RunLogger(config.logdir, hparams, rank)
     global_batch = config.micro_batch * world
@@ -141,7 +146,7 @@ def train(config: TrainConfig, groups=None, prepare: Prepare = prepare_adam) -> 
             batch = order[s * global_batch : (s + 1) * global_batch]
             if config.strategy != "mp":
                 batch = batch[rank * config.micro_batch : (rank + 1) * config.micro_batch]
-            x, y = dataset.train_x[batch], dataset.train_y[batch]
+            x, y = dataset.train_x[batch].to(device), dataset.train_y[batch].to(device)
             with metrics.capture() as records:
                 start = time.perf_counter()
                 out, loss = train_step(x, y)
@@ -168,7 +173,7 @@ def train(config: TrainConfig, groups=None, prepare: Prepare = prepare_adam) -> 
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{values['train/loss']:.3f}")
-        eval_accuracy = evaluate(model, dataset, config, rank, world)
+        eval_accuracy = evaluate(model, dataset, config, rank, world, device)
         logger.scalars(step, {"eval/accuracy": eval_accuracy})
         if step >= total_steps:
             break
@@ -181,4 +186,4 @@ def train(config: TrainConfig, groups=None, prepare: Prepare = prepare_adam) -> 
         "final/comm_bytes_per_step": statistics.median(history["bytes"]),
     }
     logger.finish(final)
-    return {**final, "run": logger.path.name, "steps": step, "own_losses": history["own_loss"]}
+    return {**final, "run": logger.path.name, "steps": step, "own_losses": history["own_loss"], "device": str(device)}

@@ -15,9 +15,22 @@ from typing import Any
 
 from hybrid_ext.parallel.api import REDUCERS
 from hybrid_ext.parallel.plan import STRATEGIES
+from hybrid_ext.train.device import add_device_argument
 from hybrid_ext.train.loop import TrainConfig
 
-_OPTIONS = ("strategy", "reducer", "mp_size", "model", "data", "epochs", "micro_batch", "lr", "size", "max_steps")
+_OPTIONS = (
+    "strategy",
+    "reducer",
+    "mp_size",
+    "model",
+    "data",
+    "epochs",
+    "micro_batch",
+    "lr",
+    "size",
+    "max_steps",
+    "device",
+)
 RECIPE_REDUCERS = tuple(r for r in REDUCERS if r != "auto")  # a recipe names the reduction it runs
 
 
@@ -37,6 +50,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, **defaults: Any) -> Non
     parser.add_argument("--size", type=int, default=base["size"], help="image side after resizing")
     parser.add_argument("--max-steps", type=int, default=base["max_steps"])
     parser.add_argument("--logdir", default=base["logdir"])
+    add_device_argument(parser)
 
 
 def train_config(args: argparse.Namespace, framework: str, **overrides: Any) -> TrainConfig:

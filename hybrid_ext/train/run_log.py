@@ -14,7 +14,7 @@ deepspeed, the demo):
 ``comm/messages_per_step`` messages rank 0 sent in the step
 =========================  ==========================================================================
 
-plus a TensorBoard HParams entry (strategy, reducer, world size, mp_size, model, batch size, framework) with
+plus a TensorBoard HParams entry (strategy, reducer, world size, mp_size, model, batch size, framework, device) with
 the final metrics, so TensorBoard's HParams table lists the runs side by side.
 """
 
@@ -32,7 +32,7 @@ TAGS = (
     "comm/bytes_per_step",
     "comm/messages_per_step",
 )
-HPARAMS = ("strategy", "reducer", "world_size", "mp_size", "model", "batch_size", "framework")
+HPARAMS = ("strategy", "reducer", "world_size", "mp_size", "model", "batch_size", "framework", "device")
 FINAL_METRICS = ("final/eval_accuracy", "final/samples_per_sec", "final/step_time_ms", "final/comm_bytes_per_step")
 
 

@@ -15,6 +15,7 @@ script only starts DeepSpeed and builds the engine that takes each step.
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ from hybrid_ext.integrations.deepspeed.config import STRATEGIES, HybridSection, 
 from hybrid_ext.integrations.deepspeed.engine import zero_stage_of
 from hybrid_ext.launch import report_result
 from hybrid_ext.parallel.api import REDUCERS
+from hybrid_ext.train.device import add_device_argument, cuda_facts, resolve_device
 from hybrid_ext.train.loop import TrainConfig, train
 from hybrid_ext.train.recipe_cli import summary_line
 
@@ -44,7 +46,14 @@ def parse_args() -> tuple[TrainConfig, dict, HybridSection]:
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--logdir", default="runs")
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    add_device_argument(parser)
     args = parser.parse_args()
+    # DeepSpeed picks its accelerator by itself: it must be the one the ranks train on.
+    on_cuda = resolve_device(args.device, *cuda_facts(), 0).type == "cuda"
+    if not on_cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    elif os.environ.get("DS_ACCELERATOR", "cuda") != "cuda":
+        parser.error(f"--device {args.device} trains on CUDA, but DS_ACCELERATOR={os.environ['DS_ACCELERATOR']}")
 
     ds_config, section = split_config(args.deepspeed_config)
     section = section or HybridSection()
@@ -61,7 +70,7 @@ def parse_args() -> tuple[TrainConfig, dict, HybridSection]:
     config = TrainConfig(
         strategy=section.strategy, reducer=section.reducer, mp_size=section.mp_size, model=args.model,
         data=args.data, epochs=args.epochs, micro_batch=micro_batch, lr=lr, size=args.size,
-        max_steps=args.max_steps, logdir=args.logdir, framework="deepspeed",
+        max_steps=args.max_steps, logdir=args.logdir, framework="deepspeed", device=args.device,
     )  # fmt: skip
     return config, ds_config, section
 

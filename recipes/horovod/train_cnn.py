@@ -4,6 +4,7 @@
     horovodrun -np 4 -H localhost:4 --gloo python recipes/horovod/train_cnn.py --strategy dp --reducer native
     horovodrun -np 4 -H localhost:4 --gloo python recipes/horovod/train_cnn.py --data ~/cifar10 --size 64
     horovodrun -np 4 -H localhost:4 --gloo python recipes/horovod/train_cnn.py --runs dp-native,hybrid-butterfly
+    horovodrun -np 2 -H localhost:2 python recipes/horovod/train_cnn.py --device cuda   # a GPU per rank
     hybrid-ext compare runs/
 
 AlexNet (torchvision) by default, on the digits that ship with scikit-learn (grayscale made RGB, 64×64), or
