@@ -215,6 +215,9 @@ class Communicator:
         # Native reduces the working buffer as it is: not where the caller asked to compress the messages.
         native_allowed = wire.itemsize >= dtype.itemsize
         name, trial_of = self._allreduce_choice(algorithm, count, nbytes, native_allowed)
+        timed_on_gpu = trial_of is not None and buffer.device.type == "cuda"
+        if timed_on_gpu:  # a trial times its own GPU work, not what was queued before it
+            torch.cuda.current_stream(buffer.device).synchronize()
         began = time.perf_counter()
         if name == NATIVE:
             self._native_allreduce(buffer[:count], op, prepare, finish)
@@ -222,6 +225,8 @@ class Communicator:
             plan = self._plan_named(name, count)
             self._execute(plan, buffer, wire, op, prepare, finish)
         if trial_of is not None:
+            if timed_on_gpu:  # NCCL returns once its work is queued: time the work itself
+                torch.cuda.current_stream(buffer.device).synchronize()
             self._tuner.record(trial_of, nbytes, time.perf_counter() - began)
         if name == NATIVE:
             metrics.record_native_allreduce(
