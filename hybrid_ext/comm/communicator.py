@@ -84,6 +84,15 @@ class Communicator:
         self._tuner: Tuner | None = None  # made on the first tuned call (see _allreduce_plan)
         self._network_stages = NetworkStages()  # the helper thread of segmented hierarchical allreduces
 
+    def __deepcopy__(self, memo: dict) -> Communicator:
+        return self  # a deep copy of a model (an EMA's) talks over the same group
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(
+            f"a hybrid-ext communicator (rank {self.rank} of {self.size}) holds live connections and cannot be "
+            "pickled: save the model's state_dict(), not the model object"
+        )
+
     def run(self, job: Callable[[], Any]) -> Any:
         """Run ``job`` in issue order, blocking (see :mod:`hybrid_ext.comm.ordering`)."""
         wrapped, done = self._on_stream(job)

@@ -35,6 +35,7 @@ ranks that hold different samples (:mod:`hybrid_ext.parallel.sync_batchnorm`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from collections.abc import Iterator
 
@@ -42,6 +43,7 @@ import torch
 from torch import nn
 
 from hybrid_ext.comm import Communicator, metrics
+from hybrid_ext.parallel import clip_grad, optimizers, replicas, shards
 from hybrid_ext.parallel import plan as plan_module
 from hybrid_ext.parallel.dims import Groups, ParallelDims, torch_groups
 from hybrid_ext.parallel.layers import BatchSplit, ChannelParallelConv2d, ColumnParallelLinear, RowParallelLinear
@@ -97,6 +99,39 @@ class ParallelModel(nn.Module):
     def sync(self) -> None:
         """Finish the gradient reduction now (it also finishes by itself at the end of backward)."""
         self.reducer.finish()
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False):
+        """Clip every gradient by the norm of the whole model's gradient, shards included (FSDP's method; see
+        :mod:`hybrid_ext.parallel.clip_grad`). Returns that norm, the same on every rank. Every rank calls it."""
+        return clip_grad.clip_grad_norm_(self.parameters(), max_norm, norm_type, error_if_nonfinite)
+
+    def check_replicas(self) -> None:
+        """Raise :class:`~hybrid_ext.parallel.replicas.ReplicaDivergenceError` naming the first parameter whose
+        replicas differ: whole parameters over all ranks, shards over their data-parallel group. Every rank calls
+        it (check mode does, after optimizer steps)."""
+        whole, sharded = replicas.split_parameters(self.module)
+        replicas.check(whole, self.groups.world, "world")
+        replicas.check(sharded, self.groups.dp, "data-parallel")
+
+    def sharded_state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's state dict with its own shards, no communication (see
+        :func:`~hybrid_ext.parallel.shards.sharded_state_dicts`); load it with :meth:`load_sharded_state_dict`."""
+        with shards.sharded_state_dicts():
+            return self.state_dict()
+
+    def load_sharded_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True):
+        with shards.sharded_state_dicts():
+            return self.load_state_dict(state, strict=strict)
+
+    def __deepcopy__(self, memo: dict) -> ParallelModel:
+        # A copy (an EMA's, say) computes with the same groups; gradients reduce through the original only.
+        memo[id(self.groups)] = self.groups
+        memo[id(self.reducer)] = GradientReducer([])
+        clone = self.__class__.__new__(self.__class__)
+        memo[id(self)] = clone
+        for key, value in self.__dict__.items():
+            clone.__dict__[key] = copy.deepcopy(value, memo)
+        return clone
 
     def extra_repr(self) -> str:
         dims = self.groups.dims
@@ -207,6 +242,7 @@ def parallelize(
         broadcast_from_first(initial, groups.world)
 
     # Statistics over the ranks that hold different samples: all of them, except under mp (the same batch).
+    before = dict(model.named_parameters())
     convert_sync_batchnorm(model, None if strategy == "mp" else groups.world)
     split = BatchSplit()
     sharded: set[int] = set()
@@ -226,8 +262,9 @@ def parallelize(
             id(p) for p in (new.weight, getattr(new, "bias", None)) if p is not None and hasattr(p, "shard_dim")
         )
 
+    _retire_dropped(before, model)
     replicated = [p for p in model.parameters() if id(p) not in sharded]
-    shards = [p for p in model.parameters() if id(p) in sharded]
+    shard_params = [p for p in model.parameters() if id(p) in sharded]
     algorithm = "butterfly" if reducer in ("butterfly", "auto") else reducer
     native = (groups.native or _torch_native_allreduce(groups)) if reducer == "native" else None
     world = groups.dims.world
@@ -236,7 +273,7 @@ def parallelize(
     elif host_reduces_data_parallel:  # the host then averages everything over dp = world / mp ranks
         reduce_groups = [
             ReduceGroup("replicated", replicated, groups.mp, "avg", 1.0, algorithm, native and native("mp")),
-            ReduceGroup("fc-shards", shards, None, "sum", 1.0 / groups.dims.mp, algorithm),
+            ReduceGroup("fc-shards", shard_params, None, "sum", 1.0 / groups.dims.mp, algorithm),
         ]
     elif strategy == "dp":
         reduce_groups = [
@@ -245,7 +282,7 @@ def parallelize(
     else:
         reduce_groups = [
             ReduceGroup("replicated", replicated, groups.world, "avg", 1.0, algorithm, native and native("world")),
-            ReduceGroup("fc-shards", shards, groups.dp, "sum", 1.0 / world, algorithm, native and native("dp")),
+            ReduceGroup("fc-shards", shard_params, groups.dp, "sum", 1.0 / world, algorithm, native and native("dp")),
         ]
     grad_reducer = GradientReducer(
         reduce_groups,
@@ -255,7 +292,21 @@ def parallelize(
     )
     for param in model.parameters():  # host frameworks' optimizers must not reduce these again (see Horovod's)
         param.reduced_by_hybrid_ext = True
-    return ParallelModel(model, plan, groups, grad_reducer, host_reduces_data_parallel, broadcast_buffers)
+    optimizers.install()
+    if shard_params:
+        clip_grad.route_torch_clip_grad_norm()
+        model.register_state_dict_pre_hook(replicas.check_before_state_dict)
+    parallel = ParallelModel(model, plan, groups, grad_reducer, host_reduces_data_parallel, broadcast_buffers)
+    optimizers.watch(parallel)
+    return parallel
+
+
+def _retire_dropped(before: dict[str, nn.Parameter], model: nn.Module) -> None:
+    """Mark parameters the model no longer holds, so an optimizer built before the wrap that steps them fails."""
+    kept = {id(p) for p in model.parameters()}
+    for name, param in before.items():
+        if id(param) not in kept:
+            param.retired_by_hybrid_ext = name
 
 
 def _torch_native_allreduce(groups: Groups):

@@ -11,8 +11,9 @@ Y = X·Aᵀ + b with A of shape [out, in] (torch's layout).
 - :class:`ChannelParallelConv2d` (model parallelism alone) holds output channels ``c_s``; outputs are gathered
   along channels.
 
-Shard sizes differ by at most one (any feature count works, no padding). Every sharded parameter records
-how to rebuild the full one (``shard_dim``, ``shard_sizes``) for checkpoints.
+Shard sizes differ by at most one (any feature count works, no padding). The layers keep the original layer's
+parameter objects, now holding their shards (:mod:`hybrid_ext.parallel.shards`: optimizers built before the wrap
+keep working), and their state dicts hold full tensors.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import nn
 
 from hybrid_ext.comm import Communicator
 from hybrid_ext.parallel import mappings
+from hybrid_ext.parallel.shards import ShardedStateDictMixin, shard_in_place
 
 
 @dataclass
@@ -34,18 +36,7 @@ class BatchSplit:
     counts: tuple[int, ...] = field(default_factory=tuple)
 
 
-def mark_shard(param: nn.Parameter, dim: int, sizes: tuple[int, ...]) -> nn.Parameter:
-    param.shard_dim = dim  # type: ignore[attr-defined]
-    param.shard_sizes = sizes  # type: ignore[attr-defined]
-    return param
-
-
-def _shard(tensor: torch.Tensor, dim: int, sizes: tuple[int, ...], index: int) -> torch.Tensor:
-    start = sum(sizes[:index])
-    return tensor.detach().narrow(dim, start, sizes[index]).clone()
-
-
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(ShardedStateDictMixin, nn.Module):
     """Output features split over the model-parallel group (see the module docstring).
 
     ``strategy``: ``"hybrid"`` (each rank passes its own samples) or ``"mp"`` (every rank passes the same
@@ -58,11 +49,12 @@ class ColumnParallelLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.comm, self.split, self.strategy, self.last = comm, split, strategy, last
         self.sizes = mappings.shard_sizes(linear.out_features, comm.size)
-        self.weight = mark_shard(nn.Parameter(_shard(linear.weight, 0, self.sizes, comm.rank)), 0, self.sizes)
+        self.weight = shard_in_place(linear.weight, 0, comm)
         if linear.bias is not None:
-            self.bias = mark_shard(nn.Parameter(_shard(linear.bias, 0, self.sizes, comm.rank)), 0, self.sizes)
+            self.bias = shard_in_place(linear.bias, 0, comm)
         else:
             self.register_parameter("bias", None)
+        self.sharded_params = {"weight": 0} if linear.bias is None else {"weight": 0, "bias": 0}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.strategy == "hybrid":
@@ -84,7 +76,7 @@ class ColumnParallelLinear(nn.Module):
         )
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(ShardedStateDictMixin, nn.Module):
     """Input features split over the model-parallel group; the bias is added once, after the sum."""
 
     def __init__(self, linear: nn.Linear, comm: Communicator, split: BatchSplit, strategy: str) -> None:
@@ -92,9 +84,10 @@ class RowParallelLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.comm, self.split, self.strategy = comm, split, strategy
         self.sizes = mappings.shard_sizes(linear.in_features, comm.size)
-        self.weight = mark_shard(nn.Parameter(_shard(linear.weight, 1, self.sizes, comm.rank)), 1, self.sizes)
+        self.weight = shard_in_place(linear.weight, 1, comm)
         # The bias is whole on every rank: it is added to this rank's own samples (a data-parallel parameter).
-        self.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
+        self.bias = linear.bias
+        self.sharded_params = {"weight": 1}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         partial = F.linear(x, self.weight)
@@ -111,7 +104,7 @@ class RowParallelLinear(nn.Module):
         )
 
 
-class ChannelParallelConv2d(nn.Module):
+class ChannelParallelConv2d(ShardedStateDictMixin, nn.Module):
     """Model parallelism alone: output channels split over the group, gathered after the convolution."""
 
     def __init__(self, conv: nn.Conv2d, comm: Communicator) -> None:
@@ -124,11 +117,12 @@ class ChannelParallelConv2d(nn.Module):
         self.padding_mode = conv.padding_mode
         if self.padding_mode != "zeros":
             raise ValueError(f"padding_mode={self.padding_mode!r} is not supported for channel-parallel convs")
-        self.weight = mark_shard(nn.Parameter(_shard(conv.weight, 0, self.sizes, comm.rank)), 0, self.sizes)
+        self.weight = shard_in_place(conv.weight, 0, comm)
         if conv.bias is not None:
-            self.bias = mark_shard(nn.Parameter(_shard(conv.bias, 0, self.sizes, comm.rank)), 0, self.sizes)
+            self.bias = shard_in_place(conv.bias, 0, comm)
         else:
             self.register_parameter("bias", None)
+        self.sharded_params = {"weight": 0} if conv.bias is None else {"weight": 0, "bias": 0}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = mappings.copy_to_group(x, self.comm)
