@@ -69,6 +69,8 @@ class TorchNativeCollectives:
             raise ValueError(f"the native allreduce takes {', '.join(NATIVE_OPS)}, not {op!r}")
         options = dist.AllreduceOptions()
         options.reduceOp = _REDUCE_OPS[op]
+        if hasattr(options, "asyncOp"):  # waited on at once, as dist.all_reduce(async_op=False) says to gloo
+            options.asyncOp = False
         try:
             self.group.allreduce([tensor], options).wait(timedelta(seconds=self.timeout))
         except RuntimeError as exc:  # DistBackendError, gloo timeouts, closed connections
