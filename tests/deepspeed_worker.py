@@ -5,6 +5,7 @@ tests/deepspeed_worker.py <job> ...``. Each rank reports what it saw; tests/test
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -58,6 +59,39 @@ def _train(config: dict, rank: int, world: int, strategy: str, steps: int = STEP
         "strategy": module.strategy if parallel else "dp",
         "mp": module.groups.dims.mp if parallel else 1,
         "marked": sum(bool(getattr(p, "model_parallel", False)) for p in module.parameters()),
+    }
+
+
+def _checkpoint_round_trip(config: dict, rank: int, world: int, directory: str) -> dict:
+    """DeepSpeed's own save_checkpoint / load_checkpoint under the hybrid_ext section: a fresh engine loads what
+    one saved after two steps, and both take a third step alike."""
+    import hybrid_ext
+    from hybrid_ext.integrations import deepspeed as hx_deepspeed
+
+    def sgd(params):
+        return torch.optim.SGD(params, lr=LR, momentum=0.9)
+
+    def step(engine, index):
+        x, y = batch(index, world)
+        x, y = x[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH], y[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH]
+        engine.backward(F.cross_entropy(engine(x), y))
+        engine.step()
+
+    saved, *_ = hx_deepspeed.initialize(model=small_cnn(), optimizer=sgd, config=config)
+    for index in range(2):
+        step(saved, index)
+    saved.save_checkpoint(directory, tag="two")
+    loaded, *_ = hx_deepspeed.initialize(model=small_cnn(), optimizer=sgd, config=config)
+    loaded.load_checkpoint(directory, tag="two")
+    at_load = hybrid_ext.full_state_dict(loaded.module)
+    at_save = hybrid_ext.full_state_dict(saved.module)
+    step(saved, 2)
+    step(loaded, 2)
+    return {
+        "at_save": at_save,
+        "at_load": at_load,
+        "saved_then": hybrid_ext.full_state_dict(saved.module),
+        "loaded_then": hybrid_ext.full_state_dict(loaded.module),
     }
 
 
@@ -223,6 +257,10 @@ def job_collectives_and_training(args) -> None:
             config = {**ds_config(0, **section), "bf16": {"enabled": True}}
             result[f"bf16/{name}"] = _train(config, rank, world, section.get("strategy", "dp"))
         result["configs"] = _config_switches(rank, world)
+        for stage in (0, 1):
+            directory = os.path.join(os.environ["HYBRID_EXT_RESULT_DIR"], f"checkpoint-zero{stage}")
+            config = ds_config(stage, strategy="hybrid", mp_size=2)
+            result[f"checkpoint-zero{stage}"] = _checkpoint_round_trip(config, rank, world, directory)
     result["seconds"] = time.perf_counter() - start
     report_result(result)
 

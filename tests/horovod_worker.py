@@ -209,12 +209,45 @@ def accumulation(mp: str) -> dict:
     return results
 
 
+def usual_lines(mp: str) -> dict:
+    """A Horovod script's usual lines around the one-line swap: optimizer before the wrap, hvd.broadcast_parameters
+    of the model's state dict, hvd.broadcast_optimizer_state (before training and after some), DistributedOptimizer."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from parallel_reference import MICRO_BATCH, global_batch, small_cnn
+
+    plain = small_cnn()
+    optimizer = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
+    mp_size = None if mp == "none" else int(mp)
+    model = hybrid_ext.parallelize(plain, strategy="hybrid", groups=hxh.horovod_groups(mp_size))
+    initial = {k: v.clone() for k, v in model.module.state_dict().items()}
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    after_broadcast = {k: v.clone() for k, v in model.module.state_dict().items()}
+    hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+    optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(), op=hvd.Butterfly)
+    x, y = global_batch(hvd.size(), (3, 16, 16), 10)
+    rank = hvd.rank()
+    x, y = x[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH], y[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH]
+    for step in range(2):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        if step == 0:
+            hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+    return {
+        "initial": initial,
+        "after_broadcast": after_broadcast,
+        "state": model.module.state_dict(),
+        "optimizer": optimizer.state_dict(),
+    }
+
+
 SCENARIOS = {
     "ops": ops,
     "transports": transports,
     "optimizer": optimizer,
     "partitioner": partitioner,
     "accumulation": accumulation,
+    "usual_lines": usual_lines,
     "process_set": process_set,
 }
 

@@ -126,6 +126,15 @@ def test_hybrid_in_a_deepspeed_engine_matches_the_single_process_reference(job):
 
 
 @pytest.mark.timeout(2 * LAUNCH_TIMEOUT)
+@pytest.mark.parametrize("stage", [0, 1])
+def test_deepspeeds_own_checkpoints_round_trip_under_the_hybrid_section(job_np2, stage):
+    for rank, result in enumerate(job_np2):
+        run = result[f"checkpoint-zero{stage}"]
+        _assert_state_close(run["at_load"], run["at_save"], f"rank {rank} loaded")
+        _assert_state_close(run["loaded_then"], run["saved_then"], f"rank {rank} a step after loading")
+
+
+@pytest.mark.timeout(2 * LAUNCH_TIMEOUT)
 def test_bf16_with_the_hybrid_section_trains_like_deepspeeds_own_bf16(job_np2):
     expected = reference(2)
     for result in job_np2:

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # world-only grid in the same job (its one-rank dp subgroups reuse the 2-D grid's subgroup names: it once hung).
 COMMON = ["ops", "transports", "optimizer"]
 JOBS = {
-    2: [*COMMON, "partitioner:hybrid:none:butterfly", "partitioner:dp:none:native"],
+    2: [*COMMON, "partitioner:hybrid:none:butterfly", "partitioner:dp:none:native", "usual_lines:none"],
     3: [*COMMON, "partitioner:hybrid:none:butterfly", "partitioner:mp:none:butterfly"],
     4: [
         *COMMON,
@@ -33,6 +33,7 @@ JOBS = {
         "partitioner:hybrid:2:native",
         "process_set",
         "accumulation:2",
+        "usual_lines:2",
     ],
 }
 
@@ -109,6 +110,40 @@ def test_partitioner_gradient_accumulation_under_horovodrun_equals_the_reference
             assert out["no_sync_allreduces"] == 0, mode
             for name, value in expected["state"].items():
                 torch.testing.assert_close(out["state"][name], value, rtol=1e-5, atol=1e-6, msg=f"{mode} rank {rank}")
+
+
+def _two_steps_reference(world: int) -> tuple[dict, dict, dict]:
+    from parallel_reference import global_batch, small_cnn
+
+    model = small_cnn()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = global_batch(world, (3, 16, 16), 10)
+    for _ in range(2):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return initial, model.state_dict(), optimizer.state_dict()
+
+
+@pytest.mark.timeout(360)
+def test_horovods_usual_broadcasts_leave_every_shard_right(job):
+    np, results = job
+    scenario = {2: "usual_lines:none", 4: "usual_lines:2"}.get(np)
+    if scenario is None:
+        pytest.skip("the 2- and 4-rank jobs run it")
+    initial, state, optimizer = _two_steps_reference(np)
+    for rank, result in enumerate(results):
+        out = result[scenario]
+        for name, value in initial.items():
+            torch.testing.assert_close(out["initial"][name], value, msg=f"rank {rank} {name} before broadcast")
+            torch.testing.assert_close(out["after_broadcast"][name], value, msg=f"rank {rank} {name} broadcast")
+        for name, value in state.items():
+            torch.testing.assert_close(out["state"][name], value, rtol=1e-5, atol=1e-6, msg=f"rank {rank} {name}")
+        for index, entries in optimizer["state"].items():
+            torch.testing.assert_close(
+                out["optimizer"]["state"][index]["momentum_buffer"], entries["momentum_buffer"], rtol=1e-5, atol=1e-6
+            )
 
 
 @pytest.mark.timeout(360)
