@@ -11,14 +11,19 @@ from hybrid_ext.parallel.checkpoint import (
     load_full_optimizer_state_dict,
     load_full_state_dict,
 )
+from hybrid_ext.parallel.clip_grad import clip_grad_norm_
 from hybrid_ext.parallel.dims import Groups, ParallelDims, torch_groups
 from hybrid_ext.parallel.plan import Plan, make_plan
+from hybrid_ext.parallel.replicas import ReplicaDivergenceError
+from hybrid_ext.parallel.shards import sharded_state_dicts
 
 __all__ = [
     "Groups",
     "ParallelDims",
     "ParallelModel",
     "Plan",
+    "ReplicaDivergenceError",
+    "clip_grad_norm_",
     "full_grads",
     "full_optimizer_state_dict",
     "full_state_dict",
@@ -26,5 +31,6 @@ __all__ = [
     "load_full_state_dict",
     "make_plan",
     "parallelize",
+    "sharded_state_dicts",
     "torch_groups",
 ]
