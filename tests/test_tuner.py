@@ -59,6 +59,21 @@ def _run_ranks(size: int, body) -> list:
     return results
 
 
+def _trial_order(nbytes: int, candidates=CANDIDATES) -> list[str]:
+    """The candidates of a key's trial calls, in order (the same on every rank)."""
+    trials = trials_for(nbytes)
+    return [candidates[tuning.trial_candidate(k, trials, len(candidates))] for k in range(trials * len(candidates))]
+
+
+def test_candidates_take_turns_in_bursts_so_each_is_timed_warm():
+    rd, rab, ring = CANDIDATES
+    assert _trial_order(1024) == ([rd] * 3 + [rab] * 3 + [ring] * 3) * 3  # 9 trials: three rounds of three
+    assert _trial_order(4 << 20) == [rd] * 5 + [rab] * 5 + [ring] * 5  # 5 trials: one round
+    assert _trial_order(64 << 20) == [rd] * 3 + [rab] * 3 + [ring] * 3
+    for nbytes in (1024, 4 << 20, 64 << 20):  # every candidate gets all its trials
+        assert all(_trial_order(nbytes).count(name) == trials_for(nbytes) for name in CANDIDATES)
+
+
 def _tune(rank, agree, seconds_of, store, mode="on", nbytes=1 << 20):
     """Drive one rank's tuner as the communicator does; return (schedules run, choice)."""
     tuner = Tuner("test", agree, store=store, mode=mode)
@@ -84,7 +99,7 @@ def test_every_rank_runs_the_same_trials_and_keeps_the_fastest_on_the_slowest_ra
     assert len(runs) == 1, "ranks ran different schedules"
     ran = results[0][0]
     trials = trials_for(1 << 20)
-    assert ran[: trials * 3] == list(CANDIDATES) * trials
+    assert ran[: trials * 3] == _trial_order(1 << 20)
     assert set(ran[trials * 3 :]) == {"ring"}
     assert {choice for _, choice in results} == {"ring"}
 
@@ -118,7 +133,7 @@ def test_a_saved_choice_is_used_only_when_every_rank_saved_the_same(tmp_path):
     stores = [store, other]
     mixed = _run_ranks(2, lambda r, a: _tune(r, a, lambda _r, n: times[n], stores[r]))
     trials = trials_for(1 << 20)
-    assert all(ran[: trials * 3] == list(CANDIDATES) * trials for ran, _ in mixed)
+    assert all(ran[: trials * 3] == _trial_order(1 << 20) for ran, _ in mixed)
     assert {choice for _, choice in mixed} == {"rabenseifner"}
 
 
@@ -130,7 +145,7 @@ def test_fresh_ignores_saved_choices_and_an_unreadable_file_means_tuning(tmp_pat
     times = {"recursive_doubling": 1.0, "rabenseifner": 2.0, "ring": 3.0}
     results = _run_ranks(2, lambda r, a: _tune(r, a, lambda _r, n: times[n], store, mode="fresh"))
     trials = trials_for(1 << 20)
-    assert all(ran[: trials * 3] == list(CANDIDATES) * trials for ran, _ in results)
+    assert all(ran[: trials * 3] == _trial_order(1 << 20) for ran, _ in results)
     assert list(json.loads(path.read_text()).values()) == ["recursive_doubling"]
 
 
@@ -154,7 +169,7 @@ def test_trials_cover_only_what_every_rank_finds_plausible(tmp_path):
     # Nothing in common (models that disagree completely): every candidate is tried.
     plausible = {0: (True, False, False), 1: (False, True, False), 2: (False, False, True)}
     results = _run_ranks(3, body)
-    assert all(ran[:3] == list(CANDIDATES) for ran in results)
+    assert all(ran[:9] == _trial_order(4096)[:9] for ran in results)
 
 
 def test_cheap_calls_get_more_trials_and_their_median_decides(tmp_path):

@@ -8,8 +8,11 @@ plugins and AutoCCL measure instead; so does this.
 How the ranks stay in agreement (a split decision would run different schedules on different ranks: a hang):
 
 - Collectives reach a communicator in the same order on every rank, so every rank sees the same sequence of
-  (request, size class) keys; the k-th call of a key runs candidate ``k % len(candidates)`` for the first
-  ``trials_for(nbytes) · len(candidates)`` calls — the same candidate on every rank, with no message.
+  (request, size class) keys; the k-th call of a key runs the candidate :func:`trial_candidate` names for the first
+  ``trials_for(nbytes) · len(candidates)`` calls — the same candidate on every rank, with no message. Candidates
+  take turns in bursts of consecutive calls (three rounds of three for cheap calls): the first call after a switch
+  pays for waking the other route (another gloo context's threads, say), which the calls that follow — as training
+  repeats one size — do not.
 - After the last trial each rank contributes its own timings to one small max-allreduce: every rank then holds the
   same table (the slowest rank's time of each trial) and takes the same argmin (ties: candidate order).
 - A choice saved by an earlier run (``~/.cache/hybrid-ext/tuned.json``, see :func:`choices_path`) is used only
@@ -54,6 +57,17 @@ _trial_calls = 0  # timed trial calls this process has made, all groups: benchma
 
 def trial_calls() -> int:
     return _trial_calls
+
+
+def trial_burst(trials: int) -> int:
+    """Consecutive calls a candidate gets per turn: three rounds where there are 9 trials, else one round."""
+    return trials // 3 if trials >= 9 else trials
+
+
+def trial_candidate(call: int, trials: int, candidates: int) -> int:
+    """Which candidate the ``call``-th trial call (from 0) of a key runs (see the module docstring)."""
+    burst = trial_burst(trials)
+    return (call % (burst * candidates)) // burst
 
 
 def tune_mode() -> str:
@@ -174,7 +188,7 @@ class Tuner:
                 state.choice = saved
         if state.choice is not None:
             return state.choice, False
-        return state.candidates[len(state.times) % len(state.candidates)], True
+        return state.candidates[trial_candidate(len(state.times), state.trials, len(state.candidates))], True
 
     def record(self, request: str, nbytes: int, seconds: float) -> str | None:
         """This rank's time of a trial call; after the last trial, the choice every rank makes (else None)."""
@@ -188,7 +202,8 @@ class Tuner:
         slowest = self.agree_max(state.times)  # the same table on every rank
         per_candidate: dict[str, list[float]] = {}
         for index, seconds in enumerate(slowest):
-            per_candidate.setdefault(state.candidates[index % len(state.candidates)], []).append(seconds)
+            name = state.candidates[trial_candidate(index, state.trials, len(state.candidates))]
+            per_candidate.setdefault(name, []).append(seconds)
         score = min if state.trials < 5 else statistics.median
         best = {name: score(times) for name, times in per_candidate.items()}
         state.choice = min(state.candidates, key=lambda name: (best[name], state.candidates.index(name)))
