@@ -12,6 +12,9 @@ as they are: hybrid-ext's point-to-point steps already share their order.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import weakref
 from datetime import timedelta
 from typing import Any
 
@@ -35,6 +38,7 @@ def backend_name(group: Any, device: torch.device) -> str:
 
 
 _opened: dict[str, int] = {}  # private gloo backends made per group name: fresh store keys each time
+_owned: weakref.WeakSet[TorchNativeCollectives] = weakref.WeakSet()  # those holding a backend made here
 
 
 def native_for_group(group: Any, device: torch.device) -> TorchNativeCollectives | None:
@@ -52,7 +56,18 @@ def native_for_group(group: Any, device: torch.device) -> TorchNativeCollectives
     _opened[key] = opened = _opened.get(key, 0) + 1
     prefixed = dist.PrefixStore(f"hybrid_ext/native/{opened}", store)
     own = dist.ProcessGroupGloo(prefixed, group.rank(), group.size(), timedelta(seconds=timeout))
-    return TorchNativeCollectives(own, device, timeout)
+    native = TorchNativeCollectives(own, device, timeout)
+    _owned.add(native)
+    return native
+
+
+@atexit.register
+def _shut_down_owned() -> None:
+    """Stop the gloo backends made here before the interpreter tears down: one destroyed there, its threads still
+    running, aborts the process ("terminate called without an active exception") after its work is done."""
+    for native in list(_owned):
+        with contextlib.suppress(Exception):  # already gone, or a torch without shutdown(): nothing more to do
+            native.group.shutdown()
 
 
 class TorchNativeCollectives:
