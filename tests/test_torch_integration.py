@@ -203,3 +203,15 @@ def test_a_receive_and_a_send_are_posted_as_one_group_where_the_backend_needs_it
     backend.calls.clear()
     c10d.post_grouped(backend, torch.device("cpu"), lambda: [backend.send([], 0, 0)])
     assert backend.calls == ["send 0"]
+
+
+def test_the_backend_for_a_device_is_named_by_the_group_that_carries_it():
+    from datetime import timedelta
+
+    store = dist.HashStore()
+    gloo = dist.ProcessGroupGloo(store, 0, 1, timedelta(seconds=10))
+    assert c10d.backend_name(gloo, torch.device("cuda")) == "gloo"  # a backend object answers for itself
+    group = dist.ProcessGroup(store, 0, 1)
+    c10d.attach_backend(group, torch.device("cpu"), c10d.BackendType.GLOO, gloo)
+    assert c10d.backend_name(group, torch.device("cpu")) == "gloo"
+    assert c10d.backend_name(group, torch.device("cuda")) == group.name().lower()  # none registered: the group's

@@ -42,6 +42,24 @@ def backend_timeout_seconds(group) -> float | None:
         return None
 
 
+def backend_name(group, device: torch.device) -> str:
+    """The name of the backend that carries ``group``'s traffic for tensors on ``device`` ("gloo", "nccl"...).
+
+    A process group made with one backend name answers for every device that backend registered (gloo: cpu and
+    cuda); one made with ``"cpu:gloo,cuda:nccl"`` answers per device; a device nothing is registered for gets the
+    group's own name. Backend objects (``ProcessGroupGloo``) and stand-ins answer with their ``name()``.
+    """
+    if isinstance(group, dist.ProcessGroup):
+        try:
+            return str(group._get_backend(device).name()).lower()
+        except RuntimeError:  # "No backend type associated with device type ..."
+            pass
+    try:
+        return str(group.name()).lower()
+    except Exception:  # an object without a name
+        return type(group).__name__.lower()
+
+
 def backend_registered(name: str) -> bool:
     return name.upper() in dist.Backend._plugins
 

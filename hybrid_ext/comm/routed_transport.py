@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import torch
 
 from hybrid_ext.comm.shm_transport import ShmTransport
+from hybrid_ext.comm.staged_transport import StagedTransport
 from hybrid_ext.comm.torch_transport import TorchTransport
 from hybrid_ext.comm.transport import PeerError, Transport
 
@@ -114,6 +115,8 @@ class RoutedTransport:
 
 def describe_routes(transport: Transport) -> str:
     """One line saying which route each kind of peer takes (what the start-up message prints)."""
+    if isinstance(transport, StagedTransport):
+        return f"{transport.device.type} tensors staged through host memory, then {describe_routes(transport.host)}"
     if isinstance(transport, RoutedTransport) and transport.local is not None:
         return (
             f"{transport.local.name} with the {len(transport.local_ranks) - 1} other rank(s) on this host, "

@@ -21,10 +21,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hybrid_ext.comm import shm_transport
-from hybrid_ext.comm._c10d_private import backend_timeout_seconds, post_grouped
+from hybrid_ext.comm import device_route, shm_transport
+from hybrid_ext.comm._c10d_private import backend_name, backend_timeout_seconds, post_grouped
 from hybrid_ext.comm.buffers import ScratchPool
 from hybrid_ext.comm.fault_notes import FaultNotes
+from hybrid_ext.comm.staged_transport import StagedTransport
 from hybrid_ext.comm.transport import PeerError, Transport
 
 # Tag for hybrid-ext's messages ("HX"), distinct from the default tag 0 of user send/recv.
@@ -48,10 +49,26 @@ def transport_for(group: Any, device: torch.device, all_gather=None, barrier=Non
     CPU tensors go through shared memory between ranks that share a host's ``/dev/shm``
     (:mod:`hybrid_ext.comm.shm_transport`), as NCCL and MPI do within a node, and through the group's own
     send/recv to ranks on other hosts (:class:`~hybrid_ext.comm.routed_transport.RoutedTransport` when both
-    occur); CUDA tensors always take the group's own send/recv (NCCL), never shared memory.
-    ``HYBRID_EXT_TRANSPORT=torch`` forces send/recv everywhere, ``shm`` insists on shared memory everywhere.
+    occur). Device tensors take the group's own send/recv where its backend sends them (CUDA on NCCL); where it
+    sends host tensors only (CUDA on gloo) they are staged through host buffers
+    (:class:`~hybrid_ext.comm.staged_transport.StagedTransport`) over the transport CPU tensors of the group
+    take, shared memory included; where they cannot travel at all this raises, before anything is sent
+    (:mod:`~hybrid_ext.comm.device_route`). ``HYBRID_EXT_TRANSPORT=torch`` forces send/recv everywhere,
+    ``shm`` insists on shared memory everywhere.
     """
+    device = torch.device(device)
+    if device.type != "cpu" and group.size() > 1:
+        how = device_route.route(device.type, backend_name(group, device), rank=group.rank())
+        if how == device_route.STAGE:
+            host = _direct_transport(group, torch.device("cpu"), all_gather, barrier)
+            return _announced(StagedTransport(host, device))
+    return _announced(_direct_transport(group, device, all_gather, barrier))
+
+
+def _direct_transport(group: Any, device: torch.device, all_gather, barrier) -> Transport:
+    """The transport for tensors on ``device`` as they are, no staging (see :func:`transport_for`)."""
     choice = transport_choice()
+    backend = backend_name(group, device)
     base = TorchTransport(group)
     if all_gather is None:
 
@@ -67,17 +84,20 @@ def transport_for(group: Any, device: torch.device, all_gather=None, barrier=Non
         base.remote_hosts = {r: (h, a) for r, (domain, _, h, a) in enumerate(peers) if domain != peers[base.rank][0]}
         if base.remote_hosts:  # the group spans hosts, as every rank of it sees: all take this exchange
             base.notes = _fault_notes(base, peers[base.rank][3], all_gather)
-    if device.type != "cpu" or base.size == 1 or choice == "torch" or not shm_transport.shm_supported():
+    shm = device.type == "cpu" and base.size > 1 and choice != "torch" and shm_transport.shm_supported()
+    if base.size > 1:  # host tensors on an NCCL group travel only where shared memory carries every message
+        device_route.route(device.type, backend, one_host=shm and not base.remote_hosts, rank=base.rank)
+    if not shm:
         if choice == "shm" and device.type == "cpu" and base.size > 1:
             raise RuntimeError(f"{TRANSPORT_ENV}=shm, but shared memory is not supported on this machine")
-        return _announced(base)
+        return base
 
     if barrier is None:
 
         def barrier():
             dist.barrier(group=group)
 
-    return _announced(combine(base, shm_transport.create(base.rank, base.size, all_gather, barrier, base.timeout)))
+    return combine(base, shm_transport.create(base.rank, base.size, all_gather, barrier, base.timeout))
 
 
 def _fault_notes(base: TorchTransport, address: str, all_gather) -> FaultNotes | None:
@@ -159,6 +179,7 @@ class TorchTransport:
         self.remote_hosts: dict[int, tuple[str, str]] = {}  # group rank -> (host name, address), other hosts
         # Why ranks on other hosts gave up: a peer there that closed on this rank says why (see transport_for).
         self.notes: FaultNotes | None = None
+        self._refusals: dict[str, str | None] = {}  # device type -> why the backend cannot take it (None: it can)
 
     def _dead_ranks(self) -> str:
         """``"; rank 3 (pid 123, same host node1) has died"`` for each local rank that no longer runs, else ``""``."""
@@ -208,6 +229,7 @@ class TorchTransport:
         and are reduced into it in :meth:`finish`.
         """
         device = (send if send is not None else recv).device
+        self._check_devices(send, send_to, recv, recv_from)
         pipelined = self._pipelined(device)
         landing = self._landing(recv) if reduce is not None and recv is not None else recv
         recv_chunks = _chunks(landing, pipelined)
@@ -253,6 +275,34 @@ class TorchTransport:
                 pending.reduce(dst, src)
         for dst, src in pending.after_all:
             pending.reduce(dst, src)
+
+    def _check_devices(self, send, send_to, recv, recv_from) -> None:
+        """Raise before anything is posted if the backend cannot take these tensors as they are: gloo handed a
+        CUDA tensor would write its device pointer to a socket and abort the process."""
+        for tensor, what, peer in ((send, "send to", send_to), (recv, "receive from", recv_from)):
+            if tensor is None:
+                continue
+            kind = tensor.device.type
+            if kind not in self._refusals:
+                self._refusals[kind] = self._refusal(tensor.device)
+            if self._refusals[kind] is not None:
+                raise device_route.DeviceRouteError(
+                    f"rank {self.rank}: refusing to {what} rank {peer} a {tuple(tensor.shape)} {tensor.dtype} tensor "
+                    f"on {tensor.device} over {self.name}: {self._refusals[kind]}"
+                )
+
+    def _refusal(self, device: torch.device) -> str | None:
+        backend = backend_name(self.group, device)
+        try:
+            how = device_route.route(device.type, backend)
+        except device_route.DeviceRouteError as exc:
+            return str(exc)
+        if how == device_route.STAGE:
+            return (
+                f"{backend} sends host tensors only, so {device.type} tensors must be staged through host memory "
+                "first (transport_for stages them)"
+            )
+        return None
 
     def _pipelined(self, device: torch.device) -> bool:
         backend = self.group._get_backend(device) if isinstance(self.group, dist.ProcessGroup) else self.group
