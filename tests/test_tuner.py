@@ -317,6 +317,17 @@ def test_native_is_no_candidate_where_it_may_not_run_or_the_group_has_none(tmp_p
     assert "native" not in _choose_repeatedly(_one_rank_communicator(tmp_path), times, 4096, 40)
 
 
+@pytest.mark.timeout(30)
+def test_native_can_be_switched_off(tmp_path, tuned, monkeypatch):
+    times = {"recursive_doubling": 3.0, "rabenseifner": 2.0, "ring": 2.5, "native": 1.0}
+    monkeypatch.setenv("HYBRID_EXT_NATIVE", "off")
+    comm = _one_rank_communicator(tmp_path, _StandInNative())
+    assert comm.native is None and "native" not in _choose_repeatedly(comm, times, 4096, 40)
+    monkeypatch.setenv("HYBRID_EXT_NATIVE", "sometimes")
+    with pytest.raises(ValueError, match="HYBRID_EXT_NATIVE='sometimes'"):
+        _one_rank_communicator(tmp_path, _StandInNative())
+
+
 # ------------------------------------------------------------------ real ranks: native against the schedules
 
 

@@ -102,7 +102,7 @@ def _bench_rank(
     import socket
 
     from hybrid_ext.comm import metrics
-    from hybrid_ext.comm.native import backend_name
+    from hybrid_ext.comm._c10d_private import backend_name
     from hybrid_ext.train.device import this_rank_device
 
     where = this_rank_device(device)

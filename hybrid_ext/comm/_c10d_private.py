@@ -82,13 +82,3 @@ def post_grouped(group, device: torch.device, post) -> list:
         coalesced = backend._end_coalescing()
     # One work stands for the whole group on NCCL; keep the individual ones too, where the backend returned them.
     return [w for w in (*works, coalesced) if w is not None]
-
-
-def group_store(group) -> dist.Store | None:
-    """The store a torch.distributed group was made with (prefixed for that group), or None where torch's group
-    registry does not hold the group (a backend object made by hand)."""
-    try:
-        entry = dist.distributed_c10d._world.pg_map.get(group)
-    except (AttributeError, TypeError):
-        return None
-    return None if entry is None else entry[1]

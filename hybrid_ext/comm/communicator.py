@@ -74,7 +74,8 @@ class Communicator:
     ) -> None:
         self.transport = transport
         # The group's own allreduce: passed where the transport has no group of its own (shared memory).
-        self.native: NativeCollectives | None = native if native is not None else getattr(transport, "native", None)
+        native = native if native is not None else getattr(transport, "native", None)
+        self.native: NativeCollectives | None = native if cost_model.native_enabled() else None
         self.rank, self.size = transport.rank, transport.size
         self.device = torch.device(device)
         self.streams = stream_order_for(self.device)

@@ -50,6 +50,7 @@ ALGO_ENV = "HYBRID_EXT_ALGO"
 MODEL_ENV = "HYBRID_EXT_COST_MODEL"
 HIERARCHICAL_PREFIX = "hierarchical/"  # hierarchical/<schedule between hosts>: the plan's own name
 NATIVE = "native"  # the group's own allreduce (see NativeCollectives in hybrid_ext.comm.transport)
+NATIVE_ENV = "HYBRID_EXT_NATIVE"  # on (default) | off: whether auto may run the group's own allreduce
 CHOICES = (
     "auto", "butterfly", "hierarchical", *ALGORITHMS, *(HIERARCHICAL_PREFIX + a for a in ALGORITHMS), NATIVE,
 )  # fmt: skip
@@ -154,6 +155,14 @@ def save_model(transport: str, model: CostModel, path: Path | None = None) -> Pa
 def native_model(native: str) -> CostModel | None:
     """The calibrated constants of a native allreduce (see the module docstring), or None if none were saved."""
     return _load_models().get(native_model_key(native))
+
+
+def native_enabled() -> bool:
+    """Whether the group's own allreduce may run (``HYBRID_EXT_NATIVE=off`` keeps hybrid-ext to its schedules)."""
+    setting = os.environ.get(NATIVE_ENV, "on").strip().lower() or "on"
+    if setting not in ("on", "off", "1", "0", "true", "false", "yes", "no"):
+        raise ValueError(f"{NATIVE_ENV}={setting!r}: choose on or off")
+    return setting in ("on", "1", "true", "yes")
 
 
 def forced() -> bool:

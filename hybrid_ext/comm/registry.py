@@ -66,9 +66,9 @@ def _native(group: Any, device: torch.device) -> NativeCollectives | None:
     """A torch process group's own allreduce (what ``dist.all_reduce`` runs), for ``auto`` to weigh."""
     if isinstance(group, Transport):
         return None  # a transport object brings its own, if any (its ``native``)
-    from hybrid_ext.comm.native import native_for_group
+    from hybrid_ext.comm.native import TorchNativeCollectives
 
-    return native_for_group(group, device)
+    return TorchNativeCollectives(group, device)
 
 
 def forget_all() -> None:

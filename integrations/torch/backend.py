@@ -101,10 +101,7 @@ class ButterflyProcessGroup(dist.ProcessGroup):
         gloo = dist.ProcessGroupGloo(dist.PrefixStore("butterfly/gloo", store), rank, size, timeout)
         setup = StoreCollectives(dist.PrefixStore("butterfly/setup", store), rank, size)
         cpu_transport = transport_for(gloo, torch.device("cpu"), setup.all_gather, setup.barrier)
-        # auto's native candidate on a gloo of its own: the inner gloo takes the caller's other collectives from
-        # the caller's thread, and gloo pairs collectives by the order they were issued.
-        native_gloo = dist.ProcessGroupGloo(dist.PrefixStore("butterfly/native", store), rank, size, timeout)
-        cpu_native = TorchNativeCollectives(native_gloo, torch.device("cpu"), timeout.total_seconds())
+        cpu_native = TorchNativeCollectives(gloo, torch.device("cpu"), timeout.total_seconds())
         self._add_inner("cpu", c10d.BackendType.GLOO, gloo, cpu_transport, cpu_native)
         if torch.cuda.is_available() and dist.is_nccl_available():
             options = dist.ProcessGroupNCCL.Options()
