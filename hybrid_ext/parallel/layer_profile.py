@@ -1,0 +1,275 @@
+"""Per-layer shapes and compute times of one training step, measured on this process's device or loaded from a file.
+
+A *layer table* holds, for every module that is a leaf or owns parameters, the shapes of its input and output per
+sample (the batch dimension left out), their element size, whether its input needs a gradient in training (then
+its backward also computes the input's gradient, and a sharded layer sends that gradient), and — for leaves — its
+forward and backward seconds at the micro-batch ``b`` it was profiled with.
+
+Measurement: one training-mode forward pass of the whole model records every layer's input; each leaf is then
+timed on its own, on that input (``steps`` timed repeats after one warm-up, the median kept): forward, then
+backward of ``ones`` from its output. Timing each layer alone, rather than hooking the whole step, keeps in-place
+layers (``ReLU(inplace=True)``) and autograd untouched; it leaves out what the step shares between layers (the
+loss, the optimizer, fused kernels). Nothing is left behind: gradients, buffers (BatchNorm statistics), random
+number generators and train/eval modes are as before.
+
+A calibration file (:func:`save_calibration`) carries the table to another machine, e.g. per-layer times
+measured on a GPU to plan a GPU cluster; :func:`load_calibration` refuses a file whose layers (paths, kinds,
+shapes) differ from the model's, naming the first difference.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+CALIBRATION_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """One layer: shapes per sample, and (leaves only) seconds at the table's micro-batch."""
+
+    path: str
+    kind: str  # the module's class name
+    input_shape: tuple[int, ...]  # per sample
+    output_shape: tuple[int, ...]  # per sample
+    itemsize: int  # bytes per element of the output (activations and their gradients travel at this size)
+    input_requires_grad: bool  # backward computes (and a sharded layer sends) the input's gradient
+    leaf: bool
+    forward_s: float = 0.0
+    backward_s: float = 0.0
+
+    def shape_key(self) -> tuple:
+        """What must agree between a calibration file and the model it is used for."""
+        return (self.path, self.kind, self.input_shape, self.output_shape, self.itemsize, self.input_requires_grad)
+
+
+@dataclass
+class LayerTable:
+    """Every layer of a model at micro-batch ``micro_batch``, in the order the forward pass reaches them."""
+
+    micro_batch: int
+    device: str
+    layers: dict[str, LayerRecord] = field(default_factory=dict)
+
+    def compute_s(self, path: str) -> float:
+        record = self.layers[path]
+        return record.forward_s + record.backward_s
+
+
+def _recorded_modules(model: nn.Module) -> dict[str, nn.Module]:
+    return {
+        path: module
+        for path, module in model.named_modules()
+        if path and (not list(module.children()) or any(True for _ in module.parameters(recurse=False)))
+    }
+
+
+def _is_tensor(value) -> bool:
+    return isinstance(value, torch.Tensor)
+
+
+def _capture_inputs(model: nn.Module, example_input: torch.Tensor) -> tuple[dict, dict]:
+    """(path -> the module's first call's (copied args, output shape per sample, output element size), the
+    recorded modules); one training forward that leaves no trace."""
+    calls: dict[str, tuple] = {}
+    hooks = []
+    for path, module in _recorded_modules(model).items():
+
+        def record(mod, args, out, path=path):
+            output = _first_tensor(out)
+            if path not in calls and _first_tensor(args) is not None and output is not None:
+                # Copies: a later in-place layer would rewrite these tensors.
+                kept = tuple(a.detach().clone().requires_grad_(a.requires_grad) if _is_tensor(a) else a for a in args)
+                calls[path] = (kept, tuple(output.shape[1:]), output.element_size())
+
+        hooks.append(module.register_forward_hook(record))
+    try:
+        with _no_trace(model):
+            model(example_input)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return calls, _recorded_modules(model)
+
+
+class _no_trace:
+    """Restore gradients, buffers, random number generators and modes after profiling."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self):
+        model = self.model
+        self.modes = {m: m.training for m in model.modules()}
+        self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        self.grads = [(p, p.grad) for p in model.parameters()]
+        for p in model.parameters():
+            p.grad = None
+        devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
+        self.rng = torch.random.fork_rng(devices=devices)
+        self.rng.__enter__()
+        model.train()
+        return self
+
+    def __exit__(self, *exc):
+        self.rng.__exit__(*exc)
+        for module, training in self.modes.items():
+            module.training = training
+        with torch.no_grad():
+            for buffer, saved in self.buffers:
+                buffer.copy_(saved)
+        for param, grad in self.grads:
+            param.grad = grad
+        return False
+
+
+def _first_tensor(value) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)):
+        return next((t for t in (_first_tensor(v) for v in value) if t is not None), None)
+    return None
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_leaf(module: nn.Module, args: tuple, steps: int) -> tuple[float, float]:
+    """(forward seconds, backward seconds), medians of ``steps`` runs after one warm-up, on copies of ``args``."""
+    forwards, backwards = [], []
+    for run in range(steps + 1):
+        # A fresh non-leaf copy per run: an in-place layer may write its input, and a leaf that needs a gradient may
+        # not be written in place.
+        fresh = []
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                copy = a.detach().clone().requires_grad_(a.requires_grad)
+                fresh.append(copy.clone() if a.requires_grad else copy)
+            else:
+                fresh.append(a)
+        device = next((a.device for a in fresh if isinstance(a, torch.Tensor)), torch.device("cpu"))
+        _synchronize(device)
+        began = time.perf_counter()
+        out = _first_tensor(module(*fresh))
+        _synchronize(device)
+        forwarded = time.perf_counter()
+        if out is not None and out.requires_grad:
+            out.backward(torch.ones_like(out))
+        _synchronize(device)
+        ended = time.perf_counter()
+        if run:
+            forwards.append(forwarded - began)
+            backwards.append(ended - forwarded)
+    return statistics.median(forwards), statistics.median(backwards)
+
+
+def profile_layers(model: nn.Module, example_input: torch.Tensor, steps: int = 3) -> LayerTable:
+    """Shapes of every layer and the compute seconds of every leaf at micro-batch ``len(example_input)``."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    calls, modules = _capture_inputs(model, example_input)
+    table = LayerTable(int(example_input.shape[0]), str(example_input.device))
+    with _no_trace(model):
+        for path, module in modules.items():
+            if path not in calls:
+                continue  # not called in this forward pass
+            args, output_shape, itemsize = calls[path]
+            first = _first_tensor(args)
+            leaf = not list(module.children())
+            forward_s, backward_s = _time_leaf(module, args, steps) if leaf else (0.0, 0.0)
+            table.layers[path] = LayerRecord(
+                path=path,
+                kind=type(module).__name__,
+                input_shape=tuple(first.shape[1:]),
+                output_shape=output_shape,
+                itemsize=itemsize,
+                input_requires_grad=bool(first.requires_grad),
+                leaf=leaf,
+                forward_s=forward_s,
+                backward_s=backward_s,
+            )
+    return table
+
+
+def layer_shapes(model: nn.Module, example_input: torch.Tensor) -> LayerTable:
+    """The table's shapes only (no timing): what the traffic of a plan depends on."""
+    calls, modules = _capture_inputs(model, example_input)
+    table = LayerTable(int(example_input.shape[0]), str(example_input.device))
+    for path, module in modules.items():
+        if path not in calls:
+            continue
+        args, output_shape, itemsize = calls[path]
+        first = _first_tensor(args)
+        table.layers[path] = LayerRecord(
+            path,
+            type(module).__name__,
+            tuple(first.shape[1:]),
+            output_shape,
+            itemsize,
+            bool(first.requires_grad),
+            not list(module.children()),
+        )
+    return table
+
+
+def save_calibration(table: LayerTable, path: str | Path) -> Path:
+    path = Path(path)
+    payload = {
+        "format": CALIBRATION_FORMAT,
+        "micro_batch": table.micro_batch,
+        "device": table.device,
+        "layers": [asdict(record) for record in table.layers.values()],
+    }
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    return path
+
+
+def load_calibration(path: str | Path, model: nn.Module, example_input: torch.Tensor) -> LayerTable:
+    """The table saved in ``path``, checked against ``model`` on ``example_input`` (same layers and shapes)."""
+    path = Path(path)
+    try:
+        payload = json.loads(path.read_text())
+        if payload.get("format") != CALIBRATION_FORMAT:
+            raise ValueError(f"format {payload.get('format')!r}, expected {CALIBRATION_FORMAT}")
+        records = [
+            LayerRecord(**{**r, "input_shape": tuple(r["input_shape"]), "output_shape": tuple(r["output_shape"])})
+            for r in payload["layers"]
+        ]
+        table = LayerTable(int(payload["micro_batch"]), str(payload["device"]), {r.path: r for r in records})
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(
+            f"{str(path)!r} is not a hybrid-ext layer calibration: {exc}; write one with "
+            "hybrid_ext.parallel.layer_profile.save_calibration"
+        ) from None
+    expected = layer_shapes(model, example_input[:1])
+    _check_same_layers(path, table, expected)
+    return table
+
+
+def _check_same_layers(path: Path, table: LayerTable, expected: LayerTable) -> None:
+    """Raise naming the first layer where the file and the model differ."""
+    names = ("path", "kind", "input shape", "output shape", "element size", "input needs a gradient")
+    for saved, own in zip(table.layers.values(), expected.layers.values()):
+        for name, a, b in zip(names, saved.shape_key(), own.shape_key()):
+            if a != b:
+                raise ValueError(
+                    f"calibration {str(path)!r} is for another model: layer {own.path!r} has {name} {b!r} here, "
+                    f"{a!r} in the file (layer {saved.path!r}); profile this model again"
+                )
+    if len(table.layers) != len(expected.layers):
+        longer, shorter = (table, expected) if len(table.layers) > len(expected.layers) else (expected, table)
+        extra = list(longer.layers)[len(shorter.layers)]
+        where = "only in the file" if longer is table else "only in the model"
+        raise ValueError(
+            f"calibration {str(path)!r} is for another model: {len(table.layers)} layers in the file, "
+            f"{len(expected.layers)} in the model (first {where}: {extra!r}); profile this model again"
+        )
