@@ -1,0 +1,242 @@
+"""A predicted training step per layer: compute from a layer table, communication from the plan's transfers.
+
+Notation as in :mod:`hybrid_ext.parallel.step_traffic` (P ranks, m per model-parallel group, b samples per rank);
+t_f(ℓ), t_b(ℓ) are layer ℓ's forward and backward seconds measured at micro-batch b₀
+(:mod:`hybrid_ext.parallel.layer_profile`).
+
+Compute: a layer's time grows with the rows it processes and, sharded, shrinks with the fraction of its features
+it holds: t(ℓ) · (R/b₀) · φ, with R = b for a replicated layer under dp and hybrid, R = m·b for a sharded layer
+under hybrid (it sees the group's gathered batch), R = P·b for every layer under mp (the global batch on every
+rank), and φ = f_q/F (a column or channel shard's output features, a row shard's input features; 1 replicated).
+Only leaves are timed (a module that owns parameters and has children counts through its children).
+
+Communication: each transfer costs α·k + β·n + γ·u, with k messages sent, n bytes sent and u bytes received and
+reduced by this rank (:class:`hybrid_ext.comm.cost_model.CostModel`; a transport's calibrated constants, else its
+built-in ones); a native all-reduce costs its calibrated constants' ring formula.
+
+Step, per rank:
+
+- forward T_f = Σ forward compute + Σ forward transfers; backward T_b likewise (activation exchanges block:
+  the layer waits for them);
+- gradient buckets (:mod:`hybrid_ext.parallel.reducer`) overlap the rest of backward: bucket k is ready when
+  backward has finished the last (in backward order) of its layers, at r_k; it starts at s_k = max(r_k, e_{k−1})
+  — buckets launch in a fixed order, one after another on the communicator's thread — and ends at
+  e_k = s_k + c_k; what reaches past backward is exposed: E = max(0, e_last − T_b);
+- step = T_f + T_b + E; exposed communication = the forward and backward transfers + E.
+
+Left out: the loss and the optimizer step, contention between communication and compute for cores or links, the
+online tuner's choice of schedule. :func:`predict_step` reports the slowest rank (shard sizes differ by one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from hybrid_ext.comm import cost_model
+from hybrid_ext.comm.cost_model import CostModel
+from hybrid_ext.parallel.layer_profile import LayerTable
+from hybrid_ext.parallel.mappings import shard_sizes
+from hybrid_ext.parallel.step_traffic import Links, Transfer, step_transfers
+
+
+@dataclass(frozen=True)
+class LayerPrediction:
+    path: str
+    style: str
+    forward_s: float
+    backward_s: float
+    communication_s: float  # its activation transfers (forward and backward)
+    bytes_sent: int
+
+
+@dataclass(frozen=True)
+class BucketPrediction:
+    transfer: Transfer
+    seconds: float
+    ready_s: float  # from the start of backward
+    start_s: float
+    end_s: float
+
+
+@dataclass
+class StepPrediction:
+    strategy: str
+    world: int
+    mp_size: int
+    micro_batch: int
+    rank: int
+    layers: list[LayerPrediction] = field(default_factory=list)
+    buckets: list[BucketPrediction] = field(default_factory=list)
+    forward_s: float = 0.0  # T_f
+    backward_s: float = 0.0  # T_b
+    exposed_gradient_s: float = 0.0  # E
+
+    @property
+    def compute_s(self) -> float:
+        return sum(layer.forward_s + layer.backward_s for layer in self.layers)
+
+    @property
+    def step_s(self) -> float:
+        return self.forward_s + self.backward_s + self.exposed_gradient_s
+
+    @property
+    def exposed_communication_s(self) -> float:
+        return self.step_s - self.compute_s
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(layer.bytes_sent for layer in self.layers) + sum(b.transfer.bytes_sent for b in self.buckets)
+
+    @property
+    def samples_per_s(self) -> float:
+        """The global batch P·b over the step."""
+        return self.world * self.micro_batch / self.step_s if self.step_s > 0 else float("inf")
+
+    def describe(self) -> str:
+        width = max((len(layer.path) for layer in self.layers), default=10)
+        lines = [
+            f"predicted step (strategy={self.strategy}, world={self.world}, mp_size={self.mp_size}, "
+            f"micro-batch {self.micro_batch}, rank {self.rank})",
+            f"  {'layer':<{width}}  {'style':<12} {'fwd ms':>8} {'bwd ms':>8} {'comm ms':>8} {'bytes':>12}",
+        ]
+        for layer in self.layers:
+            lines.append(
+                f"  {layer.path:<{width}}  {layer.style:<12} {layer.forward_s * 1e3:8.3f} {layer.backward_s * 1e3:8.3f}"
+                f" {layer.communication_s * 1e3:8.3f} {layer.bytes_sent:12,}"
+            )
+        for bucket in self.buckets:
+            lines.append(
+                f"  {bucket.transfer.name:<{width}}  {'gradients':<12} {'':>8} {'':>8} {bucket.seconds * 1e3:8.3f}"
+                f" {bucket.transfer.bytes_sent:12,}"
+            )
+        lines.append(
+            f"  step {self.step_s * 1e3:.3f} ms = compute {self.compute_s * 1e3:.3f} ms + exposed communication "
+            f"{self.exposed_communication_s * 1e3:.3f} ms; {self.bytes_sent:,} bytes sent; "
+            f"{self.samples_per_s:,.1f} samples/s"
+        )
+        return "\n".join(lines)
+
+    __str__ = describe
+
+
+def transfer_seconds(transfer: Transfer, links: Links, constants: CostModel | None = None) -> float:
+    """α·k + β·n + γ·u (see the module docstring)."""
+    if transfer.algorithm == cost_model.NATIVE:
+        measured = cost_model.native_model(links.native) if links.native else None
+        model = measured or constants or cost_model.default_model(links.transport)
+        return model.predict(cost_model.NATIVE, _native_bytes(transfer), transfer.group_size)
+    model = constants or cost_model.default_model(links.transport)
+    return model.alpha * transfer.messages + model.beta * transfer.bytes_sent + model.gamma * transfer.bytes_reduced
+
+
+def _native_bytes(transfer: Transfer) -> int:
+    """The whole vector's bytes of a native all-reduce (its transfer records the ring's bytes sent)."""
+    p = transfer.group_size
+    return round(transfer.bytes_sent * p / (2 * (p - 1)))
+
+
+def compute_fraction(style: str, path: str, model_modules: dict[str, nn.Module], mp_size: int, mp_rank: int) -> float:
+    """φ: the fraction of a layer's work this rank does (its shard of the split features)."""
+    if style == "dp":
+        return 1.0
+    module = model_modules[path]
+    if style in ("column", "column_last"):
+        total = module.out_features
+    elif style == "row":
+        total = module.in_features
+    elif style == "channel":
+        total = module.out_channels
+    else:
+        raise ValueError(f"unknown style {style!r} for {path!r}")
+    return shard_sizes(total, mp_size)[mp_rank] / total
+
+
+def _predict_rank(
+    model: nn.Module,
+    table: LayerTable,
+    styles: dict[str, str],
+    strategy: str,
+    world: int,
+    mp_size: int,
+    rank: int,
+    micro_batch: int,
+    reducer: str,
+    bucket_bytes: int,
+    links: Links,
+    constants: CostModel | None,
+) -> StepPrediction:
+    m = mp_size if strategy in ("hybrid", "mp") else 1
+    modules = dict(model.named_modules())
+    transfers = step_transfers(
+        model, table, styles, strategy, world, mp_size, rank, micro_batch, reducer, bucket_bytes, links
+    )
+    seconds = {id(t): transfer_seconds(t, links, constants) for t in transfers}
+    prediction = StepPrediction(strategy, world, mp_size, micro_batch, rank)
+    finished_at: dict[str, float] = {}  # layer -> when its backward ends, from the start of backward
+    rows: dict[str, tuple[float, float, float, int]] = {}
+    for path, record in table.layers.items():
+        style = styles.get(path, "dp") if strategy != "dp" else "dp"
+        if strategy == "mp":
+            samples = world * micro_batch
+        elif style != "dp":
+            samples = m * micro_batch
+        else:
+            samples = micro_batch
+        scale = samples / table.micro_batch * compute_fraction(style, path, modules, m, rank % m)
+        own = [t for t in transfers if t.name == path]
+        comm = sum(seconds[id(t)] for t in own)
+        forward = record.forward_s * scale if record.leaf else 0.0
+        backward = record.backward_s * scale if record.leaf else 0.0
+        rows[path] = (forward, backward, comm, sum(t.bytes_sent for t in own))
+        prediction.layers.append(LayerPrediction(path, style, forward, backward, comm, sum(t.bytes_sent for t in own)))
+        prediction.forward_s += forward + sum(seconds[id(t)] for t in own if t.phase == "forward")
+    clock = 0.0
+    for path in reversed(table.layers):
+        backward = rows[path][1]
+        clock += backward + sum(seconds[id(t)] for t in transfers if t.name == path and t.phase == "backward")
+        finished_at[path] = clock
+    prediction.backward_s = clock
+    previous_end = 0.0
+    for transfer in (t for t in transfers if t.phase == "gradients"):
+        # A bucket's gradients are all in once backward has passed the earliest (in forward order) of its layers.
+        ready = max((finished_at.get(layer, clock) for layer in transfer.layers), default=clock)
+        start = max(ready, previous_end)
+        previous_end = start + seconds[id(transfer)]
+        prediction.buckets.append(BucketPrediction(transfer, seconds[id(transfer)], ready, start, previous_end))
+    prediction.exposed_gradient_s = max(0.0, previous_end - clock)
+    return prediction
+
+
+def predict_step(
+    model: nn.Module,
+    table: LayerTable,
+    styles: dict[str, str],
+    strategy: str,
+    world: int,
+    mp_size: int | None,
+    micro_batch: int,
+    reducer: str = "butterfly",
+    bucket_bytes: int = 25 << 20,
+    links: Links | None = None,
+    constants: CostModel | None = None,
+) -> StepPrediction:
+    """The predicted step of the slowest rank (see the module docstring); ``mp_size`` None: all ranks.
+
+    ``styles``: the plan (``make_plan(model, strategy).styles``); ``table``: per-layer times
+    (:func:`~hybrid_ext.parallel.layer_profile.profile_layers` or a loaded calibration); ``constants``: α, β, γ to
+    use instead of the transport's; ``links``: default one host's shared memory."""
+    links = links or Links()
+    if strategy not in ("dp", "hybrid", "mp"):
+        raise ValueError(f"unknown strategy {strategy!r}; choose dp, hybrid or mp")
+    mp_size = world if mp_size is None else mp_size
+    if micro_batch < 1:
+        raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+    predictions = [
+        _predict_rank(
+            model, table, styles, strategy, world, mp_size, r, micro_batch, reducer, bucket_bytes, links, constants
+        )
+        for r in range(world)
+    ]
+    return max(predictions, key=lambda p: p.step_s)
