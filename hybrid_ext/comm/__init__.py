@@ -6,7 +6,8 @@ Layers, bottom up (nothing here imports the partitioner, the integrations or the
 - :mod:`~hybrid_ext.comm.cost_model` — α-β-γ costs per transport; picks the algorithm for ``auto``;
 - :mod:`~hybrid_ext.comm.transport` — the one contract every transport implements, with
   :mod:`~hybrid_ext.comm.shm_transport` (ranks on one host) and :mod:`~hybrid_ext.comm.torch_transport`
-  (a torch.distributed process group's send/recv);
+  (a torch.distributed process group's send/recv), and :mod:`~hybrid_ext.comm.native` (a group's own allreduce,
+  which ``auto`` weighs beside the schedules);
 - :mod:`~hybrid_ext.comm.executor` runs one rank's plan over a transport; :mod:`~hybrid_ext.comm.ordering`
   keeps a group's collectives in issue order; :mod:`~hybrid_ext.comm.buffers` reuses receive buffers;
   :mod:`~hybrid_ext.comm.communicator` puts them together per group; :mod:`~hybrid_ext.comm.registry` finds a
