@@ -1,4 +1,4 @@
-"""The ``hybrid-ext`` command line: ``demo``, ``smoke``, ``bench``, ``cluster``, ``install-horovod``, ..."""
+"""The ``hybrid-ext`` command line: ``demo``, ``smoke``, ``bench``, ``plan``, ``cluster``, ``install-horovod``, ..."""
 
 from __future__ import annotations
 
@@ -46,6 +46,12 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
 
     with allreduce.leaving_a_launched_job():
         return train.main(args)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from hybrid_ext import plan_command
+
+    return plan_command.main(args)
 
 
 def _cmd_cluster(args: argparse.Namespace) -> int:
@@ -195,6 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
     horovod.set_defaults(handler=_cmd_bench_horovod)
 
     _add_cluster_parser(commands)
+
+    from hybrid_ext import plan_command
+
+    plan = commands.add_parser(
+        "plan",
+        help="predicted step time of dp / hybrid / mp on one model, from per-layer times and the plan's bytes",
+        description="Predict one training step per strategy: compute per layer, bytes per rank, exposed communication.",
+    )
+    plan_command.add_arguments(plan, positive_int)
+    plan.set_defaults(handler=_cmd_plan)
 
     install = commands.add_parser(
         "install-horovod",

@@ -1,0 +1,55 @@
+"""``hybrid-ext plan`` in one process: its figures, its JSON, its calibration files and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hybrid_ext.cli import main
+
+pytestmark = pytest.mark.timeout(180)
+
+SMALL = ["--model", "digits_alexnet", "--micro-batch", "2", "--size", "16", "--profile-steps", "1", "--device", "cpu"]
+
+
+def test_dp_hybrid_and_mp_side_by_side(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["plan", *SMALL, "--np", "4", "--mp-size", "2", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "digits_alexnet (16×16), 4 ranks, micro-batch 2" in printed
+    result = json.loads(out.read_text())
+    rows = {e["strategy"]: e for e in result["strategies"]}
+    assert list(rows) == ["dp", "hybrid", "mp"] and [rows[s]["mp_size"] for s in rows] == [1, 2, 2]
+    for entry in rows.values():
+        assert entry["step_ms"] == pytest.approx(entry["compute_ms"] + entry["exposed_communication_ms"])
+        assert entry["samples_per_s"] == pytest.approx(4 * 2 / (entry["step_ms"] / 1e3))
+        assert f"{entry['bytes_per_rank']:,}" in printed
+    # digits_alexnet holds ~3.2 M of its ~3.3 M parameters in its FC layers: sharding them sends far fewer bytes.
+    assert rows["hybrid"]["bytes_per_rank"] < rows["dp"]["bytes_per_rank"] / 2
+    assert {layer["style"] for layer in rows["hybrid"]["layers"]} == {"dp", "column", "row", "column_last"}
+
+
+def test_a_saved_calibration_plans_the_same_model_only(tmp_path, capsys):
+    saved = tmp_path / "digits.json"
+    assert (
+        main(["plan", *SMALL, "--np", "2", "--save-calibration", str(saved), "--json", str(tmp_path / "a.json")]) == 0
+    )
+    assert main(["plan", *SMALL, "--np", "2", "--calibration", str(saved), "--json", str(tmp_path / "b.json")]) == 0
+    measured, loaded = (json.loads((tmp_path / name).read_text()) for name in ("a.json", "b.json"))
+    assert [e["step_ms"] for e in loaded["strategies"]] == pytest.approx([e["step_ms"] for e in measured["strategies"]])
+    capsys.readouterr()
+    other = [a if a != "16" else "24" for a in SMALL]  # another input size: other shapes
+    assert main(["plan", *other, "--np", "2", "--calibration", str(saved)]) == 2
+    assert "is for another model: layer '0' has input shape (3, 24, 24) here" in capsys.readouterr().err
+
+
+def test_impossible_mp_size_is_named(capsys):
+    assert main(["plan", *SMALL, "--np", "4", "--mp-size", "3"]) == 2
+    assert "mp_size=3 does not divide the world size 4" in capsys.readouterr().err
+
+
+def test_unknown_model_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["plan", "--model", "resnet1000", "--np", "2"])
+    assert "invalid choice: 'resnet1000'" in capsys.readouterr().err
