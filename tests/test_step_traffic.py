@@ -27,11 +27,11 @@ def _record_key(collective: str, algorithm: str, size: int, elements: int, nbyte
     return (collective, algorithm, size, elements, nbytes)
 
 
-def _measured_step(rank: int, world: int, strategy: str, mp_size: int | None, bucket_mb: float) -> dict:
+def _measured_step(rank: int, world: int, strategy: str, mp_size: int | None, bucket_mb: float, reducer: str) -> dict:
     """One training step on this rank: the metrics' records, and every byte this rank's transports sent."""
     os.environ["HYBRID_EXT_CHECK"] = "0"  # check mode's own agreement messages are not the step's traffic
     build, shape, classes = MODELS["small_cnn"]
-    model = hybrid_ext.parallelize(build(), strategy=strategy, mp_size=mp_size, bucket_mb=bucket_mb)
+    model = hybrid_ext.parallelize(build(), strategy=strategy, reducer=reducer, mp_size=mp_size, bucket_mb=bucket_mb)
     x, y = global_batch(world, shape, classes)
     if strategy != "mp":
         x, y = x[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH], y[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH]
@@ -65,19 +65,20 @@ def _measured_step(rank: int, world: int, strategy: str, mp_size: int | None, bu
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(
-    "strategy, world, mp_size, bucket_mb",
+    "strategy, world, mp_size, bucket_mb, reducer",
     [
-        ("dp", 2, None, 25.0),
-        ("dp", 4, None, 0.01),  # several buckets
-        ("hybrid", 2, None, 25.0),
-        ("hybrid", 4, None, 25.0),
-        ("hybrid", 4, 2, 0.01),
-        ("mp", 2, None, 25.0),
-        ("mp", 4, None, 25.0),
+        ("dp", 2, None, 25.0, "butterfly"),
+        ("dp", 4, None, 0.01, "butterfly"),  # several buckets
+        ("hybrid", 2, None, 25.0, "butterfly"),
+        ("hybrid", 4, None, 25.0, "butterfly"),
+        ("hybrid", 4, 2, 0.01, "butterfly"),
+        ("mp", 2, None, 25.0, "butterfly"),
+        ("mp", 4, None, 25.0, "butterfly"),
+        ("hybrid", 3, None, 25.0, "ring"),  # uneven shards (100 = 33 + 33 + 34), a folded butterfly for counts
     ],
 )
-def test_predicted_bytes_equal_measured(spawn_ranks, strategy, world, mp_size, bucket_mb):
-    results = spawn_ranks(_measured_step, world, strategy, mp_size, bucket_mb)
+def test_predicted_bytes_equal_measured(spawn_ranks, strategy, world, mp_size, bucket_mb, reducer):
+    results = spawn_ranks(_measured_step, world, strategy, mp_size, bucket_mb, reducer)
     build, shape, classes = MODELS["small_cnn"]
     model = build()
     plan = make_plan(model, strategy)
@@ -94,6 +95,7 @@ def test_predicted_bytes_equal_measured(spawn_ranks, strategy, world, mp_size, b
             mp_size or world,
             rank,
             MICRO_BATCH,
+            reducer=reducer,
             bucket_bytes=int(bucket_mb * (1 << 20)),
             links=Links("shm"),
         )
