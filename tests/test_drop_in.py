@@ -278,3 +278,40 @@ def test_ema_deep_copies_work(spawn_ranks):
         )
         assert result["copy_forward_equal"]
         assert "cannot be pickled" in result["pickled"] and "state_dict()" in result["pickled"]
+
+
+def _state_dict_ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, style: str) -> None:
+    """timm's EMAs: they write into the EMA copy's state-dict tensors in place (V2 one by one, V3 with foreach)."""
+    with torch.no_grad():
+        ema_values = [v for v in ema.state_dict().values() if v.is_floating_point()]
+        model_values = [v for v in model.state_dict().values() if v.is_floating_point()]
+        if style == "v2":
+            for ema_v, model_v in zip(ema_values, model_values, strict=True):
+                ema_v.copy_(decay * ema_v + (1.0 - decay) * model_v)
+        else:
+            torch._foreach_lerp_(ema_values, model_values, weight=1.0 - decay)
+
+
+def _state_dict_ema_rank(rank: int, world: int, style: str) -> dict:
+    model = hybrid_ext.parallelize(small_cnn(), strategy="hybrid", reducer="butterfly")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ema = copy.deepcopy(model.module)
+    for step in range(STEPS):
+        _train_from(model, optimizer, rank, world, step, step + 1)
+        _state_dict_ema_update(ema, model.module, 0.5, style)
+    return {"ema": ema.state_dict()}
+
+
+@pytest.mark.parametrize("style", ["v2", "v3"])
+def test_emas_that_write_into_state_dict_tensors_update_the_shards(spawn_ranks, style):
+    plain = small_cnn()
+    optimizer = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
+    ema = copy.deepcopy(plain)
+    for step in range(STEPS):
+        x, y = _batch(step, WORLD)
+        optimizer.zero_grad()
+        F.cross_entropy(plain(x), y).backward()
+        optimizer.step()
+        _state_dict_ema_update(ema, plain, 0.5, style)
+    for rank, result in enumerate(spawn_ranks(_state_dict_ema_rank, WORLD, style, timeout=240)):
+        _assert_states_equal(result["ema"], ema.state_dict(), f"rank {rank} {style} EMA")

@@ -11,6 +11,11 @@ State dicts are whole by default: ``state_dict()`` gathers every shard over the 
 of that group calls it, as DDP scripts do before saving on the first rank), and ``load_state_dict`` cuts full
 tensors again. Inside :func:`sharded_state_dicts` both deal in this rank's shards instead, for models too large
 to gather.
+
+A gathered tensor is a :class:`GatheredShard`: code that writes into state-dict tensors in place (timm's EMAs
+lerp ``ema.state_dict()`` values toward the model's) reaches this rank's shard, as it reaches the parameter
+itself under DDP, where state-dict tensors share the parameters' storage. Everything else sees a plain tensor:
+results of operations, copies and saved files are ordinary tensors.
 """
 
 from __future__ import annotations
@@ -75,6 +80,53 @@ def gather(shard: torch.Tensor, dim: int, sizes: tuple[int, ...], comm: Communic
     return full.movedim(0, dim).contiguous()
 
 
+def _tensors_in(value) -> list:
+    if isinstance(value, GatheredShard):
+        return [value]
+    if isinstance(value, list | tuple):
+        return [t for v in value for t in _tensors_in(v)]
+    return []
+
+
+class GatheredShard(torch.Tensor):
+    """A full tensor gathered from a parameter's shards; in-place writes to it are written to this rank's shard."""
+
+    _target: tuple  # (parameter, dim, sizes, rank)
+
+    @staticmethod
+    def wrap(full: torch.Tensor, param: torch.Tensor, dim: int, sizes: tuple[int, ...], rank: int) -> GatheredShard:
+        out = full.as_subclass(GatheredShard)
+        out._target = (param, dim, sizes, rank)
+        return out
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        with torch._C.DisableTorchFunctionSubclass():  # results are plain tensors
+            result = func(*args, **(kwargs or {}))
+        name = getattr(func, "__name__", "")
+        in_place = (name.endswith("_") and not name.endswith("__")) or name in (
+            "__setitem__",
+            "__iadd__",
+            "__isub__",
+            "__imul__",
+            "__itruediv__",
+        )
+        if in_place and args:
+            for written in _tensors_in(args[0]):
+                param, dim, sizes, rank = written._target
+                with torch.no_grad(), torch._C.DisableTorchFunctionSubclass():
+                    param.data.copy_(local_slice(written, dim, sizes, rank))
+        return result
+
+    def __reduce_ex__(self, protocol):  # saved as a plain tensor: a checkpoint holds no reference to the model
+        with torch._C.DisableTorchFunctionSubclass():
+            return self.as_subclass(torch.Tensor).__reduce_ex__(protocol)
+
+    def __deepcopy__(self, memo):
+        with torch._C.DisableTorchFunctionSubclass():
+            return self.as_subclass(torch.Tensor).clone()
+
+
 def sharded_mode() -> bool:
     return getattr(_mode, "sharded", False)
 
@@ -109,7 +161,8 @@ class ShardedStateDictMixin:
         for name, dim in self.sharded_params.items():
             param = self._parameters.get(name)  # type: ignore[attr-defined]
             if param is not None:
-                destination[prefix + name] = gather(param, dim, self.sizes, self.comm, prefix + name)
+                full = gather(param, dim, self.sizes, self.comm, prefix + name)
+                destination[prefix + name] = GatheredShard.wrap(full, param, dim, self.sizes, self.comm.rank)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs):
         if not sharded_mode():
