@@ -190,3 +190,64 @@ def test_a_file_that_is_no_calibration_is_refused(tmp_path):
         load_calibration(path, small_cnn(), torch.randn(1, 3, 16, 16))
     with pytest.raises(ValueError, match="is not a hybrid-ext layer calibration"):
         load_calibration(tmp_path / "missing.json", small_cnn(), torch.randn(1, 3, 16, 16))
+
+
+# ---------------------------------------------------------------- groups spanning hosts
+
+
+class _HostLayout:
+    """A stand-in routed transport: what the communicator reads to choose and plan a schedule (nothing is sent)."""
+
+    class _Network:
+        name = "torch-gloo"
+
+    name = "shm+torch-gloo"
+    network = _Network()
+
+    def __init__(self, rank: int, hosts: tuple[int, ...]) -> None:
+        self.rank, self.size, self.timeout, self.hosts = rank, len(hosts), 10.0, hosts
+
+
+@pytest.mark.parametrize("hosts", [(0, 0, 1, 1), (0, 0, 1, 1, 2, 2), (0, 0, 0, 1, 1)], ids=str)
+@pytest.mark.parametrize("count", [1000, 100_000])  # below and above the 64 KiB from which auto goes hierarchical
+def test_across_hosts_the_schedules_are_the_communicators(hosts, count):
+    from hybrid_ext.comm.communicator import Communicator
+    from hybrid_ext.parallel.step_traffic import allgather_transfer, allreduce_transfer, reduce_scatter_transfer
+
+    links = Links("shm", hosts=hosts)
+    for rank in range(len(hosts)):
+        comm = Communicator(_HostLayout(rank, hosts))
+        group = links.group(list(range(len(hosts))), rank)
+        for request in ("butterfly", "auto", "ring", "hierarchical"):
+            plan = comm._allreduce_plan(request, count, 4 * count)[0]
+            predicted = allreduce_transfer("x", "gradients", request, count, 4, group)
+            assert (predicted.algorithm, predicted.bytes_sent) == (plan.algorithm, plan.elements_sent * 4), request
+        blocks = tuple(count // len(hosts) + (r % 2) for r in range(len(hosts)))
+        gathered = comm._block_plan("allgather", "auto", blocks, 4)
+        scattered = comm._block_plan("reduce_scatter", "auto", blocks, 4)
+        assert allgather_transfer("x", "forward", blocks, 4, group).bytes_sent == gathered.elements_sent * 4
+        assert reduce_scatter_transfer("x", "forward", blocks, 4, group).bytes_sent == scattered.elements_sent * 4
+
+
+def test_hierarchical_allgather_sends_each_block_out_of_its_host_once():
+    """2 hosts × 2 ranks, 100,000 elements per rank: each host's two blocks cross its link once."""
+    from hybrid_ext.parallel.step_traffic import allgather_transfer
+
+    hosts, block = (0, 0, 1, 1), 100_000
+    links = Links("shm", hosts=hosts)
+    sent = [allgather_transfer("x", "forward", (block,) * 4, 4, links.group([0, 1, 2, 3], r)) for r in range(4)]
+    assert {t.algorithm for t in sent} == {"hierarchical"}
+    assert sum(t.network_bytes for t in sent[:2]) == 2 * block * 4
+    flat = [allgather_transfer("x", "forward", (block,) * 4, 4, Links("shm").group([0, 1, 2, 3], r)) for r in range(4)]
+    assert all(t.network_bytes == 0 for t in flat)  # one host: nothing crosses a network
+
+
+def test_a_group_inside_one_host_runs_on_shared_memory():
+    links = Links("shm", hosts=(0, 0, 1, 1))
+    inside = links.group([2, 3], 0)
+    assert inside.hosts is None and inside.transport == "shm"
+    across = links.group([1, 3], 1)  # a data-parallel group: rank 1 on host 0, rank 3 on host 1
+    assert across.hosts == (0, 1) and across.transport == "shm+torch-gloo" and across.remote(0)
+    with pytest.raises(ValueError, match="hosts of 3 ranks, not of the world's 4"):
+        step_transfers(small_cnn(), layer_shapes(small_cnn(), torch.randn(1, 3, 16, 16)), {}, "dp", 4, 1, 0, B,
+                       links=Links(hosts=(0, 0, 1)))  # fmt: skip

@@ -12,7 +12,8 @@ Only leaves are timed (a module that owns parameters and has children counts thr
 
 Communication: each transfer costs α·k + β·n + γ·u, with k messages sent, n bytes sent and u bytes received and
 reduced by this rank (:class:`hybrid_ext.comm.cost_model.CostModel`; a transport's calibrated constants, else its
-built-in ones); a native all-reduce costs its calibrated constants' ring formula.
+built-in ones): the messages to ranks on other hosts at the network's α, β, the others at those of the transport
+inside a host; a native all-reduce costs its calibrated constants' ring formula.
 
 Step, per rank:
 
@@ -122,13 +123,23 @@ class StepPrediction:
 
 
 def transfer_seconds(transfer: Transfer, links: Links, constants: CostModel | None = None) -> float:
-    """α·k + β·n + γ·u (see the module docstring)."""
+    """α·k + β·n + γ·u (see the module docstring): messages to other hosts priced by the network's constants,
+    the rest and the reductions by the transport's inside a host (``constants``: one set for all)."""
     if transfer.algorithm == cost_model.NATIVE:
         measured = cost_model.native_model(links.native) if links.native else None
-        model = measured or constants or cost_model.default_model(links.transport)
+        model = measured or constants or cost_model.default_model(transfer.network if links.hosts else transfer.local)
         return model.predict(cost_model.NATIVE, _native_bytes(transfer), transfer.group_size)
-    model = constants or cost_model.default_model(links.transport)
-    return model.alpha * transfer.messages + model.beta * transfer.bytes_sent + model.gamma * transfer.bytes_reduced
+    local = constants or cost_model.default_model(transfer.local)
+    network = constants or cost_model.default_model(transfer.network)
+    near_messages = transfer.messages - transfer.network_messages
+    near_bytes = transfer.bytes_sent - transfer.network_bytes
+    return (
+        local.alpha * near_messages
+        + local.beta * near_bytes
+        + local.gamma * transfer.bytes_reduced
+        + network.alpha * transfer.network_messages
+        + network.beta * transfer.network_bytes
+    )
 
 
 def _native_bytes(transfer: Transfer) -> int:

@@ -29,14 +29,17 @@ Gradients (dp and hybrid; none under mp): replicated parameters are averaged ove
 over the d ranks holding the same shard (a row layer's bias is replicated), in buckets of about
 ``bucket_bytes`` built as :mod:`hybrid_ext.parallel.reducer` builds them, one all-reduce each.
 
-Bytes per collective are the schedule's own (:mod:`hybrid_ext.comm.schedule`: ``elements_sent`` × s for this
-rank), for the schedule the communicator runs: all-gathers recursive doubling, reduce-scatters recursive halving,
-an all-reduce the one :func:`hybrid_ext.comm.cost_model.resolve` picks for its size and the transport (what runs
-with the online tuner off, ``HYBRID_EXT_TUNE=off``; the tuner may pick another schedule, with other bytes). A
-native all-reduce is counted as :mod:`hybrid_ext.comm.metrics` counts it, as a ring: 2(P−1)/P · n bytes.
+Bytes per collective are the schedule's own (:mod:`hybrid_ext.comm.schedule`, :mod:`hybrid_ext.comm.hierarchy`:
+``elements_sent`` × s for this rank), for the schedule the communicator runs with the online tuner off
+(``HYBRID_EXT_TUNE=off``; the tuner may pick another schedule, with other bytes): all-gathers recursive doubling
+and reduce-scatters recursive halving — on a group spanning hosts with equal rank counts, from 64 KiB, the
+hierarchical ones that send each block out of its host once; an all-reduce the one
+:func:`hybrid_ext.comm.cost_model.resolve` picks for its size and the transport — on a group spanning hosts, from
+64 KiB, the hierarchical all-reduce with the schedule between hosts the model picks for n/L bytes over H hosts
+(L: the most ranks on one host). A native all-reduce is counted as :mod:`hybrid_ext.comm.metrics` counts it, as a
+ring: 2(P−1)/P · n bytes. Bytes to ranks on other hosts are also counted apart (``network_bytes``).
 
-Scope: the flat schedules of a group on one host (a group spanning hosts runs hierarchical schedules, not
-modelled here yet), messages in the tensors' own dtype (no ``wire_dtype`` compression).
+Messages travel in the tensors' own dtype (no ``wire_dtype`` compression).
 """
 
 from __future__ import annotations
@@ -47,6 +50,13 @@ from dataclasses import dataclass
 from torch import nn
 
 from hybrid_ext.comm import cost_model
+from hybrid_ext.comm.communicator import HIERARCHY_MIN_BYTES
+from hybrid_ext.comm.hierarchy import (
+    equal_hosts,
+    plan_hierarchical,
+    plan_hierarchical_allgather,
+    plan_hierarchical_reduce_scatter,
+)
 from hybrid_ext.comm.schedule import Plan, plan_allgather, plan_allreduce, plan_reduce_scatter
 from hybrid_ext.parallel.layer_profile import LayerTable
 from hybrid_ext.parallel.mappings import shard_sizes
@@ -58,11 +68,45 @@ REDUCERS = ("butterfly", "auto", "rabenseifner", "recursive_doubling", "ring", "
 
 @dataclass(frozen=True)
 class Links:
-    """What the ranks' groups run on: the transport's name (its cost-model constants; ``shm`` between processes
-    of one host) and, where the groups have one, the name of their own (native) allreduce."""
+    """What the ranks' groups run on.
+
+    ``transport``: the name of a group's transport on one host (``shm`` between processes of one host), whose
+    cost-model constants price its messages; ``hosts``: the host of every world rank (None: all on one host);
+    ``network``: the transport between hosts (``torch-gloo``): a group spanning hosts runs on ``shm+<network>``,
+    its messages to other hosts priced by the network's constants; ``native``: the name of the groups' own
+    allreduce, where they have one."""
 
     transport: str = "shm"
     native: str | None = None
+    hosts: tuple[int, ...] | None = None
+    network: str = "torch-gloo"
+
+    def group(self, members: list[int], rank: int) -> GroupLinks:
+        """The links of the group of world ranks ``members`` (in group order), seen from group rank ``rank``."""
+        numbering: dict[int, int] = {}
+        hosts = (
+            None if self.hosts is None else tuple(numbering.setdefault(self.hosts[m], len(numbering)) for m in members)
+        )
+        if hosts is not None and len(set(hosts)) == 1:
+            hosts = None  # a group inside one host runs on that host's transport
+        transport = self.transport if hosts is None else f"{self.transport}+{self.network}"
+        return GroupLinks(len(members), rank, hosts, transport, self.transport, self.network, self.native)
+
+
+@dataclass(frozen=True)
+class GroupLinks:
+    """One group as one rank sees it: its size, this rank's place, its ranks' hosts (None: one host)."""
+
+    size: int
+    rank: int
+    hosts: tuple[int, ...] | None
+    transport: str  # the group's transport name (what ``auto`` resolves against)
+    local: str  # the transport inside a host
+    network: str  # the transport between hosts
+    native: str | None = None
+
+    def remote(self, peer: int | None) -> bool:
+        return peer is not None and self.hosts is not None and self.hosts[peer] != self.hosts[self.rank]
 
 
 @dataclass(frozen=True)
@@ -80,10 +124,17 @@ class Transfer:
     bytes_reduced: int  # received and reduced by this rank
     recorded: bool  # whether hybrid_ext.metrics records it (row counts and all-to-alls are not recorded)
     layers: tuple[str, ...] = ()  # a gradient bucket's layers
+    network_bytes: int = 0  # of bytes_sent, to ranks on other hosts
+    network_messages: int = 0  # of messages, to ranks on other hosts
+    local: str = "shm"  # the transports its messages take (their cost-model constants)
+    network: str = "torch-gloo"
 
 
-def _from_plan(name, phase, collective, plan: Plan, itemsize: int, recorded: bool = True, layers=()) -> Transfer:
+def _from_plan(
+    name, phase, collective, plan: Plan, itemsize: int, group: GroupLinks, recorded: bool = True, layers=()
+) -> Transfer:
     reduced = sum(s.recv_count for s in plan.steps if s.reduce)
+    remote = [s for s in plan.steps if s.send is not None and group.remote(s.send_to)]
     return Transfer(
         name,
         phase,
@@ -96,56 +147,98 @@ def _from_plan(name, phase, collective, plan: Plan, itemsize: int, recorded: boo
         reduced * itemsize,
         recorded,
         layers,
+        sum(s.send_count for s in remote) * itemsize,
+        len(remote),
+        group.local,
+        group.network,
     )
 
 
+def _allreduce_schedule(algorithm: str, nbytes: int, group: GroupLinks) -> str:
+    """The schedule the communicator runs for a request of ``algorithm`` with the tuner off (or ``native``)."""
+    if algorithm == cost_model.NATIVE:
+        return algorithm
+    hosts = group.hosts
+    spans = hosts is not None
+    if algorithm.startswith(cost_model.HIERARCHICAL_PREFIX):
+        return algorithm if spans else algorithm.removeprefix(cost_model.HIERARCHICAL_PREFIX)
+    if algorithm == "hierarchical" and not spans:
+        algorithm = "auto"
+    if spans and (
+        algorithm == "hierarchical"
+        or (algorithm in ("auto", "butterfly") and nbytes >= HIERARCHY_MIN_BYTES and not cost_model.forced())
+    ):
+        lanes = max(hosts.count(h) for h in set(hosts))
+        between = "butterfly" if algorithm == "butterfly" else "auto"
+        inter = cost_model.resolve(between, nbytes // lanes, len(set(hosts)), group.network)
+        return cost_model.HIERARCHICAL_PREFIX + inter
+    native = group.native if nbytes > 0 else None
+    return cost_model.resolve(algorithm, nbytes, group.size, group.transport, native=native)
+
+
 def allreduce_transfer(
-    name: str, phase: str, algorithm: str, count: int, itemsize: int, rank: int, size: int, links: Links, layers=()
+    name: str, phase: str, algorithm: str, count: int, itemsize: int, group: GroupLinks, layers=()
 ) -> Transfer | None:
     """The all-reduce of ``count`` elements that runs for a request of ``algorithm`` (None on a group of one)."""
+    size, rank = group.size, group.rank
     if size == 1:
         return None  # the communicator returns before sending or recording anything
-    nbytes = count * itemsize
-    native = links.native if count > 0 else None
-    chosen = cost_model.NATIVE if algorithm == cost_model.NATIVE else None
-    if chosen is None:
-        chosen = cost_model.resolve(algorithm, nbytes, size, links.transport, native=native)
+    chosen = _allreduce_schedule(algorithm, count * itemsize, group)
     if chosen == cost_model.NATIVE:
-        moved = int(2 * (size - 1) / size * nbytes)
-        return Transfer(
-            name, phase, "allreduce", "native", size, count, moved, 2 * (size - 1), moved // 2, True, layers
-        )
-    return _from_plan(name, phase, "allreduce", plan_allreduce(chosen, rank, size, count), itemsize, True, layers)
+        moved = int(2 * (size - 1) / size * count * itemsize)
+        return Transfer(name, phase, "allreduce", "native", size, count, moved, 2 * (size - 1), moved // 2, True,
+                        layers, 0, 0, group.local, group.network)  # fmt: skip
+    if chosen.startswith(cost_model.HIERARCHICAL_PREFIX):
+        inter = chosen.removeprefix(cost_model.HIERARCHICAL_PREFIX)
+        plan = plan_hierarchical(inter, rank, group.hosts, count)
+    else:
+        plan = plan_allreduce(chosen, rank, size, count)
+    return _from_plan(name, phase, "allreduce", plan, itemsize, group, True, layers)
 
 
-def _allgather(name: str, phase: str, rank: int, blocks: tuple[int, ...], itemsize: int) -> Transfer:
-    return _from_plan(name, phase, "allgather", plan_allgather("recursive_doubling", rank, blocks), itemsize)
+def _block_plan(gather: bool, blocks: tuple[int, ...], itemsize: int, group: GroupLinks) -> Plan:
+    """``auto``'s all-gather / reduce-scatter: hierarchical on equal hosts from 64 KiB, else the flat butterfly."""
+    hosts = group.hosts
+    if hosts is not None and equal_hosts(hosts) and sum(blocks) * itemsize >= HIERARCHY_MIN_BYTES:
+        return (plan_hierarchical_allgather if gather else plan_hierarchical_reduce_scatter)(group.rank, hosts, blocks)
+    if gather:
+        return plan_allgather("recursive_doubling", group.rank, blocks)
+    return plan_reduce_scatter("recursive_halving", group.rank, blocks)
 
 
-def _reduce_scatter(name: str, phase: str, rank: int, blocks: tuple[int, ...], itemsize: int) -> Transfer:
-    return _from_plan(name, phase, "reduce_scatter", plan_reduce_scatter("recursive_halving", rank, blocks), itemsize)
+def allgather_transfer(name: str, phase: str, blocks: tuple[int, ...], itemsize: int, group: GroupLinks) -> Transfer:
+    return _from_plan(name, phase, "allgather", _block_plan(True, blocks, itemsize, group), itemsize, group)
 
 
-def _row_counts(name: str, rank: int, size: int) -> Transfer:
-    plan = plan_allgather("recursive_doubling", rank, (1,) * size)
-    return _from_plan(name, "forward", "counts", plan, COUNT_ITEMSIZE, recorded=False)
+def reduce_scatter_transfer(
+    name: str, phase: str, blocks: tuple[int, ...], itemsize: int, group: GroupLinks
+) -> Transfer:
+    return _from_plan(name, phase, "reduce_scatter", _block_plan(False, blocks, itemsize, group), itemsize, group)
 
 
-def _all_to_all(name: str, phase: str, rank: int, sent: list[int], itemsize: int) -> Transfer:
+def _row_counts(name: str, group: GroupLinks) -> Transfer:
+    plan = plan_allgather("recursive_doubling", group.rank, (1,) * group.size)
+    return _from_plan(name, "forward", "counts", plan, COUNT_ITEMSIZE, group, recorded=False)
+
+
+def _all_to_all(name: str, phase: str, sent: list[int], itemsize: int, group: GroupLinks) -> Transfer:
     """``sent[t]``: elements this rank sends to rank t (its own block stays; empty blocks are not sent)."""
-    others = [n for t, n in enumerate(sent) if t != rank and n]
-    return Transfer(name, phase, "all_to_all", "pairwise", len(sent), sum(sent), sum(others) * itemsize,
-                    len(others), 0, False)  # fmt: skip
+    others = [(t, n) for t, n in enumerate(sent) if t != group.rank and n]
+    remote = [n for t, n in others if group.remote(t)]
+    return Transfer(name, phase, "all_to_all", "pairwise", len(sent), sum(sent), sum(n for _, n in others) * itemsize,
+                    len(others), 0, False, (), sum(remote) * itemsize, len(remote), group.local,
+                    group.network)  # fmt: skip
 
 
 def layer_transfers(
-    path: str, style: str, table: LayerTable, strategy: str, mp_size: int, mp_rank: int, rows: int, links: Links
+    path: str, style: str, table: LayerTable, strategy: str, group: GroupLinks, rows: int
 ) -> list[Transfer]:
-    """The activation traffic of one sharded layer (see the module docstring); ``rows``: samples per rank."""
-    if style == "dp" or mp_size == 1:
+    """The activation traffic of one sharded layer over its model-parallel ``group`` (see the module docstring);
+    ``rows``: samples per rank."""
+    if style == "dp" or group.size == 1:
         return []
     record = table.layers[path]
-    m, q, s = mp_size, mp_rank, record.itemsize
+    m, q, s = group.size, group.rank, record.itemsize
     per_input = math.prod(record.input_shape)
     per_output = math.prod(record.output_shape)
     positions = math.prod(record.output_shape[:-1])
@@ -153,30 +246,30 @@ def layer_transfers(
     if strategy == "hybrid":
         counts = (rows,) * m
         if style in ("column", "column_last"):
-            out.append(_row_counts(path, q, m))
-            out.append(_allgather(path, "forward", q, tuple(c * per_input for c in counts), s))
+            out.append(_row_counts(path, group))
+            out.append(allgather_transfer(path, "forward", tuple(c * per_input for c in counts), s, group))
             if record.input_requires_grad:
-                out.append(_reduce_scatter(path, "backward", q, tuple(c * per_input for c in counts), s))
+                out.append(reduce_scatter_transfer(path, "backward", tuple(c * per_input for c in counts), s, group))
         if style == "column_last":
             features = shard_sizes(record.output_shape[-1], m)
-            out.append(_all_to_all(path, "forward", q, [c * positions * features[q] for c in counts], s))
-            out.append(_all_to_all(path, "backward", q, [counts[q] * positions * f for f in features], s))
+            out.append(_all_to_all(path, "forward", [c * positions * features[q] for c in counts], s, group))
+            out.append(_all_to_all(path, "backward", [counts[q] * positions * f for f in features], s, group))
         if style == "row":
             blocks = tuple(c * per_output for c in counts)
-            out.append(_reduce_scatter(path, "forward", q, blocks, s))
-            out.append(_allgather(path, "backward", q, blocks, s))
+            out.append(reduce_scatter_transfer(path, "forward", blocks, s, group))
+            out.append(allgather_transfer(path, "backward", blocks, s, group))
     elif strategy == "mp":
         if style in ("column", "column_last", "channel") and record.input_requires_grad:
-            out.append(allreduce_transfer(path, "backward", "auto", rows * per_input, s, q, m, links))
+            out.append(allreduce_transfer(path, "backward", "auto", rows * per_input, s, group))
         if style == "column_last":
             features = shard_sizes(record.output_shape[-1], m)
-            out.append(_allgather(path, "forward", q, tuple(f * rows * positions for f in features), s))
+            out.append(allgather_transfer(path, "forward", tuple(f * rows * positions for f in features), s, group))
         if style == "channel":
             channels = shard_sizes(record.output_shape[0], m)
             plane = math.prod(record.output_shape[1:])
-            out.append(_allgather(path, "forward", q, tuple(k * rows * plane for k in channels), s))
+            out.append(allgather_transfer(path, "forward", tuple(k * rows * plane for k in channels), s, group))
         if style == "row":
-            out.append(allreduce_transfer(path, "forward", "auto", rows * per_output, s, q, m, links))
+            out.append(allreduce_transfer(path, "forward", "auto", rows * per_output, s, group))
     else:
         raise ValueError(f"layer {path!r} is {style!r} under strategy {strategy!r}: only hybrid and mp shard layers")
     return [t for t in out if t is not None]
@@ -241,9 +334,10 @@ def gradient_transfers(
     rank: int,
     reducer: str = "butterfly",
     bucket_bytes: int = 25 << 20,
-    links: Links = Links(),
+    links: Links | None = None,
 ) -> list[Transfer]:
     """The gradient all-reduces of one step, in the order the reducer launches them (see the module docstring)."""
+    links = links or Links()
     if reducer not in REDUCERS:
         raise ValueError(f"unknown reducer {reducer!r}; choose one of {', '.join(REDUCERS)}")
     if strategy == "mp":
@@ -252,19 +346,20 @@ def gradient_transfers(
     params = _parameters_after_wrap(model, styles if strategy == "hybrid" else {}, m, rank % m)
     position = {id(p): i for i, p in enumerate(params)}
     algorithm = "butterfly" if reducer in ("butterfly", "auto") else reducer
-    groups = [("replicated", [p for p in params if not p.sharded], rank, world)]
+    groups = [("replicated", [p for p in params if not p.sharded], links.group(list(range(world)), rank))]
     if strategy == "hybrid":
-        groups.append(("fc-shards", [p for p in params if p.sharded], rank // m, world // m))
+        replicas = list(range(rank % m, world, m))  # the ranks holding this rank's shards (dims.dp_group_of)
+        groups.append(("fc-shards", [p for p in params if p.sharded], links.group(replicas, rank // m)))
     pending = []
-    for name, members, group_rank, size in groups:
-        pending += [(name, group_rank, size, bucket) for bucket in _buckets(members, bucket_bytes)]
-    pending.sort(key=lambda item: -max(position[id(p)] for p in item[3]))  # the reducer's launch order
+    for name, members, group in groups:
+        pending += [(name, group, bucket) for bucket in _buckets(members, bucket_bytes)]
+    pending.sort(key=lambda item: -max(position[id(p)] for p in item[2]))  # the reducer's launch order
     out = []
-    for index, (name, group_rank, size, bucket) in enumerate(pending):
+    for index, (name, group, bucket) in enumerate(pending):
         count = sum(p.numel for p in bucket)
         layers = tuple(dict.fromkeys(p.layer for p in bucket))
         transfer = allreduce_transfer(
-            f"{name}.bucket{index}", "gradients", algorithm, count, bucket[0].itemsize, group_rank, size, links, layers
+            f"{name}.bucket{index}", "gradients", algorithm, count, bucket[0].itemsize, group, layers
         )
         if transfer is not None:
             out.append(transfer)
@@ -282,23 +377,28 @@ def step_transfers(
     micro_batch: int,
     reducer: str = "butterfly",
     bucket_bytes: int = 25 << 20,
-    links: Links = Links(),
+    links: Links | None = None,
 ) -> list[Transfer]:
     """Everything rank ``rank`` sends in one step: forward (layer order), backward (reverse), gradient buckets.
 
     ``styles``: the plan's layer path → style (``make_plan(model, strategy).styles``); ``table``: the layers'
     shapes (:func:`~hybrid_ext.parallel.layer_profile.layer_shapes`); ``micro_batch``: b, samples per rank."""
+    links = links or Links()
+    if links.hosts is not None and len(links.hosts) != world:
+        raise ValueError(f"links.hosts names the hosts of {len(links.hosts)} ranks, not of the world's {world}")
     if world < 1 or mp_size < 1 or world % mp_size:
         raise ValueError(f"mp_size={mp_size} does not divide the world size {world}")
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is not in a world of {world}")
     m = mp_size if strategy in ("hybrid", "mp") else 1
     rows = world * micro_batch if strategy == "mp" else micro_batch
+    first = rank // m * m
+    mp_group = links.group(list(range(first, first + m)), rank % m)  # dims.mp_group_of
     per_layer = [
         t
         for path in table.layers
         if styles.get(path, "dp") != "dp"
-        for t in layer_transfers(path, styles[path], table, strategy, m, rank % m, rows, links)
+        for t in layer_transfers(path, styles[path], table, strategy, mp_group, rows)
     ]
     forward = [t for t in per_layer if t.phase == "forward"]
     backward = [t for t in reversed(per_layer) if t.phase == "backward"]
