@@ -31,7 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser, positive_int) -> None:
         "--reducer", default="butterfly", help="gradient allreduce, as parallelize's (default: butterfly)"
     )
     parser.add_argument("--bucket-mb", type=float, default=25.0, help="gradient bucket size (default: 25)")
-    parser.add_argument("--transport", default="shm", help="whose cost-model constants price messages (default: shm)")
+    parser.add_argument("--transport", default="shm", help="the transport inside a host: its constants (default: shm)")
+    parser.add_argument(
+        "--hosts", type=positive_int, help="hosts the ranks are spread over, --np/H consecutive ranks each"
+    )
+    parser.add_argument("--network", default="torch-gloo", help="the transport between hosts (default: torch-gloo)")
+    parser.add_argument("--nic", metavar="RATE", help="with --hosts: each host's link rate (tc syntax: 1gbit)")
     parser.add_argument("--calibration", metavar="FILE", help="per-layer times saved by --save-calibration")
     parser.add_argument("--save-calibration", metavar="FILE", help="write the per-layer times measured here")
     parser.add_argument("--profile-steps", type=positive_int, default=3, help="timed runs per layer (default: 3)")
@@ -48,11 +53,11 @@ def predictions(args: argparse.Namespace) -> dict:
     from hybrid_ext.parallel.layer_profile import load_calibration, profile_layers, save_calibration
     from hybrid_ext.parallel.plan import check_shardable, make_plan
     from hybrid_ext.parallel.step_model import predict_step
-    from hybrid_ext.parallel.step_traffic import Links
     from hybrid_ext.train.device import this_rank_device
 
     mp_size = args.mp_size or args.np
     ParallelDims(args.np, mp_size)  # names the valid choices when mp_size does not divide the world
+    links, network_constants = _links(args)
     device = this_rank_device(args.device)
     model = build_model(args.model).to(device)
     example = torch.randn(args.micro_batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
@@ -72,7 +77,7 @@ def predictions(args: argparse.Namespace) -> dict:
         check_shardable(model, plan, size)
         step = predict_step(
             model, table, plan.styles, strategy, args.np, size, args.micro_batch, args.reducer,
-            int(args.bucket_mb * (1 << 20)), Links(args.transport),
+            int(args.bucket_mb * (1 << 20)), links, network_constants=network_constants,
         )  # fmt: skip
         entries.append(
             {
@@ -82,6 +87,7 @@ def predictions(args: argparse.Namespace) -> dict:
                 "compute_ms": step.compute_s * 1e3,
                 "exposed_communication_ms": step.exposed_communication_s * 1e3,
                 "bytes_per_rank": step.bytes_sent,
+                "bytes_per_host_link": step.host_link_bytes,
                 "samples_per_s": step.samples_per_s,
                 "slowest_rank": step.rank,
                 "layers": [
@@ -108,23 +114,54 @@ def predictions(args: argparse.Namespace) -> dict:
         "size": args.size,
         "reducer": args.reducer,
         "transport": args.transport,
+        "hosts": args.hosts or 1,
+        "network": args.network if args.hosts else None,
+        "nic": args.nic,
         "layer_times": source,
         "strategies": entries,
     }
 
 
+def _links(args: argparse.Namespace):
+    """(the links of ``--hosts`` hosts with ``--np``/H consecutive ranks each, the network's constants at ``--nic``)."""
+    from dataclasses import replace
+
+    from hybrid_ext.comm import cost_model
+    from hybrid_ext.parallel.step_traffic import Links
+
+    if not args.hosts:
+        if args.nic:
+            raise ValueError("--nic is the rate of the links between hosts: give --hosts too")
+        return Links(args.transport), None
+    if args.np % args.hosts:
+        raise ValueError(f"--np {args.np} ranks do not spread evenly over --hosts {args.hosts}")
+    per_host = args.np // args.hosts
+    links = Links(args.transport, hosts=tuple(r // per_host for r in range(args.np)), network=args.network)
+    if not args.nic:
+        return links, None
+    from hybrid_ext.launch.cluster import rate_bytes_per_second
+
+    return links, replace(cost_model.default_model(args.network), beta=1.0 / rate_bytes_per_second(args.nic))
+
+
 def table_text(result: dict) -> str:
+    spread = (
+        f" on {result['hosts']} hosts ({result['network']}{', ' + result['nic'] if result['nic'] else ''})"
+        if result["hosts"] > 1
+        else ""
+    )
     lines = [
-        f"hybrid-ext plan: {result['model']} ({result['size']}×{result['size']}), {result['world']} ranks, "
-        f"micro-batch {result['micro_batch']}; layer times {result['layer_times']}; messages priced as "
+        f"hybrid-ext plan: {result['model']} ({result['size']}×{result['size']}), {result['world']} ranks{spread}, "
+        f"micro-batch {result['micro_batch']}; layer times {result['layer_times']}; inside a host "
         f"{result['transport']}",
         f"  {'strategy':<9}{'mp_size':>8}{'step ms':>11}{'compute ms':>12}{'exposed comm ms':>17}"
-        f"{'bytes/rank':>14}{'samples/s':>12}",
+        f"{'bytes/rank':>14}{'bytes/host link':>17}{'samples/s':>12}",
     ]
     for e in result["strategies"]:
         lines.append(
             f"  {e['strategy']:<9}{e['mp_size']:>8}{e['step_ms']:>11.2f}{e['compute_ms']:>12.2f}"
-            f"{e['exposed_communication_ms']:>17.2f}{e['bytes_per_rank']:>14,}{e['samples_per_s']:>12.1f}"
+            f"{e['exposed_communication_ms']:>17.2f}{e['bytes_per_rank']:>14,}{e['bytes_per_host_link']:>17,}"
+            f"{e['samples_per_s']:>12.1f}"
         )
     return "\n".join(lines)
 

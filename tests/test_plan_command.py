@@ -53,3 +53,24 @@ def test_unknown_model_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["plan", "--model", "resnet1000", "--np", "2"])
     assert "invalid choice: 'resnet1000'" in capsys.readouterr().err
+
+
+def test_hosts_and_their_link_rate(tmp_path):
+    one, two, slow = (tmp_path / f"{name}.json" for name in ("one", "two", "slow"))
+    common = [*SMALL, "--np", "4", "--calibration"]
+    assert main(["plan", *SMALL, "--np", "4", "--save-calibration", str(tmp_path / "c.json"), "--json", str(one)]) == 0
+    assert main(["plan", *common, str(tmp_path / "c.json"), "--hosts", "2", "--json", str(two)]) == 0
+    assert main(["plan", *common, str(tmp_path / "c.json"), "--hosts", "2", "--nic", "1mbit", "--json", str(slow)]) == 0
+    one, two, slow = ({e["strategy"]: e for e in json.loads(f.read_text())["strategies"]} for f in (one, two, slow))
+    assert one["dp"]["bytes_per_host_link"] == 0 < two["dp"]["bytes_per_host_link"]
+    # dp's gradients cross the link; at 1 Mbit/s that dominates, and hybrid sends far fewer bytes across
+    assert slow["dp"]["step_ms"] > two["dp"]["step_ms"]
+    assert slow["hybrid"]["bytes_per_host_link"] < slow["dp"]["bytes_per_host_link"] / 2
+    assert slow["hybrid"]["samples_per_s"] > slow["dp"]["samples_per_s"]
+
+
+def test_bad_host_layouts_are_named(capsys):
+    assert main(["plan", *SMALL, "--np", "4", "--hosts", "3"]) == 2
+    assert "--np 4 ranks do not spread evenly over --hosts 3" in capsys.readouterr().err
+    assert main(["plan", *SMALL, "--np", "4", "--nic", "1gbit"]) == 2
+    assert "give --hosts too" in capsys.readouterr().err

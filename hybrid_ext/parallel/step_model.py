@@ -70,9 +70,11 @@ class StepPrediction:
     rank: int
     layers: list[LayerPrediction] = field(default_factory=list)
     buckets: list[BucketPrediction] = field(default_factory=list)
+    layer_transfers: list[Transfer] = field(default_factory=list)  # the activation exchanges
     forward_s: float = 0.0  # T_f
     backward_s: float = 0.0  # T_b
     exposed_gradient_s: float = 0.0  # E
+    host_link_bytes: int = 0  # the most bytes any host sends out over its link in the step (all its ranks)
 
     @property
     def compute_s(self) -> float:
@@ -89,6 +91,12 @@ class StepPrediction:
     @property
     def bytes_sent(self) -> int:
         return sum(layer.bytes_sent for layer in self.layers) + sum(b.transfer.bytes_sent for b in self.buckets)
+
+    @property
+    def network_bytes(self) -> int:
+        """Of :attr:`bytes_sent`, to ranks on other hosts."""
+        transfers = [b.transfer for b in self.buckets] + list(self.layer_transfers)
+        return sum(t.network_bytes for t in transfers)
 
     @property
     def samples_per_s(self) -> float:
@@ -122,15 +130,18 @@ class StepPrediction:
     __str__ = describe
 
 
-def transfer_seconds(transfer: Transfer, links: Links, constants: CostModel | None = None) -> float:
+def transfer_seconds(
+    transfer: Transfer, links: Links, constants: CostModel | None = None, network_constants: CostModel | None = None
+) -> float:
     """α·k + β·n + γ·u (see the module docstring): messages to other hosts priced by the network's constants,
-    the rest and the reductions by the transport's inside a host (``constants``: one set for all)."""
+    the rest and the reductions by the transport's inside a host. ``constants``: one set for every message;
+    ``network_constants``: the set for messages to other hosts (a link's measured rate, say)."""
+    network = network_constants or constants or cost_model.default_model(transfer.network)
     if transfer.algorithm == cost_model.NATIVE:
         measured = cost_model.native_model(links.native) if links.native else None
-        model = measured or constants or cost_model.default_model(transfer.network if links.hosts else transfer.local)
+        model = measured or (network if links.hosts else constants or cost_model.default_model(transfer.local))
         return model.predict(cost_model.NATIVE, _native_bytes(transfer), transfer.group_size)
     local = constants or cost_model.default_model(transfer.local)
-    network = constants or cost_model.default_model(transfer.network)
     near_messages = transfer.messages - transfer.network_messages
     near_bytes = transfer.bytes_sent - transfer.network_bytes
     return (
@@ -177,14 +188,16 @@ def _predict_rank(
     bucket_bytes: int,
     links: Links,
     constants: CostModel | None,
+    network_constants: CostModel | None,
 ) -> StepPrediction:
     m = mp_size if strategy in ("hybrid", "mp") else 1
     modules = dict(model.named_modules())
     transfers = step_transfers(
         model, table, styles, strategy, world, mp_size, rank, micro_batch, reducer, bucket_bytes, links
     )
-    seconds = {id(t): transfer_seconds(t, links, constants) for t in transfers}
+    seconds = {id(t): transfer_seconds(t, links, constants, network_constants) for t in transfers}
     prediction = StepPrediction(strategy, world, mp_size, micro_batch, rank)
+    prediction.layer_transfers = [t for t in transfers if t.phase != "gradients"]
     finished_at: dict[str, float] = {}  # layer -> when its backward ends, from the start of backward
     rows: dict[str, tuple[float, float, float, int]] = {}
     for path, record in table.layers.items():
@@ -232,12 +245,14 @@ def predict_step(
     bucket_bytes: int = 25 << 20,
     links: Links | None = None,
     constants: CostModel | None = None,
+    network_constants: CostModel | None = None,
 ) -> StepPrediction:
     """The predicted step of the slowest rank (see the module docstring); ``mp_size`` None: all ranks.
 
     ``styles``: the plan (``make_plan(model, strategy).styles``); ``table``: per-layer times
     (:func:`~hybrid_ext.parallel.layer_profile.profile_layers` or a loaded calibration); ``constants``: α, β, γ to
-    use instead of the transport's; ``links``: default one host's shared memory."""
+    use instead of the transport's, ``network_constants`` for messages between hosts; ``links``: default one host's
+    shared memory."""
     links = links or Links()
     if strategy not in ("dp", "hybrid", "mp"):
         raise ValueError(f"unknown strategy {strategy!r}; choose dp, hybrid or mp")
@@ -246,8 +261,15 @@ def predict_step(
         raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
     predictions = [
         _predict_rank(
-            model, table, styles, strategy, world, mp_size, r, micro_batch, reducer, bucket_bytes, links, constants
+            model, table, styles, strategy, world, mp_size, r, micro_batch, reducer, bucket_bytes, links, constants,
+            network_constants,
         )
         for r in range(world)
-    ]
-    return max(predictions, key=lambda p: p.step_s)
+    ]  # fmt: skip
+    slowest = max(predictions, key=lambda p: p.step_s)
+    if links.hosts is not None:
+        leaving = {h: 0 for h in links.hosts}
+        for rank, prediction in enumerate(predictions):
+            leaving[links.hosts[rank]] += prediction.network_bytes
+        slowest.host_link_bytes = max(leaving.values())
+    return slowest
