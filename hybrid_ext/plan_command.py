@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -40,6 +41,15 @@ def add_arguments(parser: argparse.ArgumentParser, positive_int) -> None:
     parser.add_argument("--calibration", metavar="FILE", help="per-layer times saved by --save-calibration")
     parser.add_argument("--save-calibration", metavar="FILE", help="write the per-layer times measured here")
     parser.add_argument("--profile-steps", type=positive_int, default=3, help="timed runs per layer (default: 3)")
+    parser.add_argument(
+        "--cores", type=positive_int, help="CPU cores per host the ranks share (default: this machine's; cpu only)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=1,
+        help="CPU threads per rank while profiling (default: 1, as ranks run)",
+    )
     parser.add_argument("--json", metavar="FILE", help="write every figure, one entry per strategy")
     add_device_argument(parser)  # where the layers are profiled
 
@@ -66,18 +76,29 @@ def predictions(args: argparse.Namespace) -> dict:
         table = load_calibration(args.calibration, model, example)
         source = f"calibration {args.calibration} ({table.device}, micro-batch {table.micro_batch})"
     else:
-        table = profile_layers(model, example, steps=args.profile_steps)
-        source = f"measured here ({table.device}, micro-batch {table.micro_batch})"
+        # Ranks of a job run one CPU thread each (torchrun's OMP_NUM_THREADS=1, hybrid-ext's spawn): profile so.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(args.threads)
+        try:
+            table = profile_layers(model, example, steps=args.profile_steps)
+        finally:
+            torch.set_num_threads(threads)
+        source = f"measured here ({table.device}, {args.threads} thread(s), micro-batch {table.micro_batch})"
     if args.save_calibration:
         save_calibration(table, args.save_calibration)
     entries = []
+    # Ranks of one host share its cores: each computes R·t/C times slower than the profile measured it alone.
+    per_host = args.np // (args.hosts or 1)
+    cores = args.cores or os.cpu_count() or 1
+    on_cpu = table.device.startswith("cpu")  # a calibration from a GPU: one device per rank
+    compute_scale = max(1.0, per_host * args.threads / cores) if on_cpu else 1.0
     for strategy in STRATEGIES:
         plan = make_plan(model, strategy)
         size = 1 if strategy == "dp" else mp_size
         check_shardable(model, plan, size)
         step = predict_step(
             model, table, plan.styles, strategy, args.np, size, args.micro_batch, args.reducer,
-            int(args.bucket_mb * (1 << 20)), links, network_constants=network_constants,
+            int(args.bucket_mb * (1 << 20)), links, network_constants=network_constants, compute_scale=compute_scale,
         )  # fmt: skip
         entries.append(
             {
@@ -118,6 +139,7 @@ def predictions(args: argparse.Namespace) -> dict:
         "network": args.network if args.hosts else None,
         "nic": args.nic,
         "layer_times": source,
+        "compute_scale": compute_scale,
         "strategies": entries,
     }
 
@@ -152,8 +174,8 @@ def table_text(result: dict) -> str:
     )
     lines = [
         f"hybrid-ext plan: {result['model']} ({result['size']}×{result['size']}), {result['world']} ranks{spread}, "
-        f"micro-batch {result['micro_batch']}; layer times {result['layer_times']}; inside a host "
-        f"{result['transport']}",
+        f"micro-batch {result['micro_batch']}; layer times {result['layer_times']}, ×{result['compute_scale']:g} for "
+        f"ranks sharing cores; inside a host {result['transport']}",
         f"  {'strategy':<9}{'mp_size':>8}{'step ms':>11}{'compute ms':>12}{'exposed comm ms':>17}"
         f"{'bytes/rank':>14}{'bytes/host link':>17}{'samples/s':>12}",
     ]

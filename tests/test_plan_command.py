@@ -74,3 +74,19 @@ def test_bad_host_layouts_are_named(capsys):
     assert "--np 4 ranks do not spread evenly over --hosts 3" in capsys.readouterr().err
     assert main(["plan", *SMALL, "--np", "4", "--nic", "1gbit"]) == 2
     assert "give --hosts too" in capsys.readouterr().err
+
+
+def test_ranks_sharing_cores_compute_slower(tmp_path):
+    import torch
+
+    threads = torch.get_num_threads()
+    calibration, alone, shared = tmp_path / "c.json", tmp_path / "alone.json", tmp_path / "shared.json"
+    assert main(["plan", *SMALL, "--np", "4", "--cores", "4", "--save-calibration", str(calibration),
+                 "--json", str(alone)]) == 0  # fmt: skip
+    assert torch.get_num_threads() == threads  # profiled on one thread, then put back
+    assert main(["plan", *SMALL, "--np", "4", "--cores", "2", "--calibration", str(calibration),
+                 "--json", str(shared)]) == 0  # fmt: skip
+    alone, shared = (json.loads(f.read_text()) for f in (alone, shared))
+    assert (alone["compute_scale"], shared["compute_scale"]) == (1.0, 2.0)  # 4 ranks of 1 thread on 4 or 2 cores
+    for a, s in zip(alone["strategies"], shared["strategies"]):
+        assert s["compute_ms"] == pytest.approx(2 * a["compute_ms"])

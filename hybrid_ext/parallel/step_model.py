@@ -8,7 +8,9 @@ Compute: a layer's time grows with the rows it processes and, sharded, shrinks w
 it holds: t(ℓ) · (R/b₀) · φ, with R = b for a replicated layer under dp and hybrid, R = m·b for a sharded layer
 under hybrid (it sees the group's gathered batch), R = P·b for every layer under mp (the global batch on every
 rank), and φ = f_q/F (a column or channel shard's output features, a row shard's input features; 1 replicated).
-Only leaves are timed (a module that owns parameters and has children counts through its children).
+Only leaves are timed (a module that owns parameters and has children counts through its children). Every time is
+multiplied by ``compute_scale`` σ ≥ 1 where ranks share a device: σ = R·t/C for R ranks of t threads each on C
+cores (the table measured one rank alone).
 
 Communication: each transfer costs α·k + β·n + γ·u, with k messages sent, n bytes sent and u bytes received and
 reduced by this rank (:class:`hybrid_ext.comm.cost_model.CostModel`; a transport's calibrated constants, else its
@@ -189,6 +191,7 @@ def _predict_rank(
     links: Links,
     constants: CostModel | None,
     network_constants: CostModel | None,
+    compute_scale: float,
 ) -> StepPrediction:
     m = mp_size if strategy in ("hybrid", "mp") else 1
     modules = dict(model.named_modules())
@@ -208,7 +211,7 @@ def _predict_rank(
             samples = m * micro_batch
         else:
             samples = micro_batch
-        scale = samples / table.micro_batch * compute_fraction(style, path, modules, m, rank % m)
+        scale = compute_scale * samples / table.micro_batch * compute_fraction(style, path, modules, m, rank % m)
         own = [t for t in transfers if t.name == path]
         comm = sum(seconds[id(t)] for t in own)
         forward = record.forward_s * scale if record.leaf else 0.0
@@ -246,13 +249,16 @@ def predict_step(
     links: Links | None = None,
     constants: CostModel | None = None,
     network_constants: CostModel | None = None,
+    compute_scale: float = 1.0,
 ) -> StepPrediction:
     """The predicted step of the slowest rank (see the module docstring); ``mp_size`` None: all ranks.
 
     ``styles``: the plan (``make_plan(model, strategy).styles``); ``table``: per-layer times
     (:func:`~hybrid_ext.parallel.layer_profile.profile_layers` or a loaded calibration); ``constants``: α, β, γ to
     use instead of the transport's, ``network_constants`` for messages between hosts; ``links``: default one host's
-    shared memory."""
+    shared memory; ``compute_scale``: σ, for ranks that share a device's cores (see the module docstring)."""
+    if compute_scale <= 0:
+        raise ValueError(f"compute_scale must be positive, got {compute_scale}")
     links = links or Links()
     if strategy not in ("dp", "hybrid", "mp"):
         raise ValueError(f"unknown strategy {strategy!r}; choose dp, hybrid or mp")
@@ -262,7 +268,7 @@ def predict_step(
     predictions = [
         _predict_rank(
             model, table, styles, strategy, world, mp_size, r, micro_batch, reducer, bucket_bytes, links, constants,
-            network_constants,
+            network_constants, compute_scale,
         )
         for r in range(world)
     ]  # fmt: skip
