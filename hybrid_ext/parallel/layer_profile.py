@@ -91,7 +91,7 @@ def _capture_inputs(model: nn.Module, example_input: torch.Tensor) -> tuple[dict
 
         hooks.append(module.register_forward_hook(record))
     try:
-        with _no_trace(model):
+        with _RestoredAfterwards(model):
             model(example_input)
     finally:
         for hook in hooks:
@@ -99,7 +99,7 @@ def _capture_inputs(model: nn.Module, example_input: torch.Tensor) -> tuple[dict
     return calls, _recorded_modules(model)
 
 
-class _no_trace:
+class _RestoredAfterwards:
     """Restore gradients, buffers, random number generators and modes after profiling."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -178,7 +178,7 @@ def profile_layers(model: nn.Module, example_input: torch.Tensor, steps: int = 3
         raise ValueError(f"steps must be >= 1, got {steps}")
     calls, modules = _capture_inputs(model, example_input)
     table = LayerTable(int(example_input.shape[0]), str(example_input.device))
-    with _no_trace(model):
+    with _RestoredAfterwards(model):
         for path, module in modules.items():
             if path not in calls:
                 continue  # not called in this forward pass

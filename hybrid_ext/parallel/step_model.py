@@ -201,8 +201,10 @@ def _predict_rank(
     seconds = {id(t): transfer_seconds(t, links, constants, network_constants) for t in transfers}
     prediction = StepPrediction(strategy, world, mp_size, micro_batch, rank)
     prediction.layer_transfers = [t for t in transfers if t.phase != "gradients"]
-    finished_at: dict[str, float] = {}  # layer -> when its backward ends, from the start of backward
-    rows: dict[str, tuple[float, float, float, int]] = {}
+    by_layer: dict[str, list[Transfer]] = {}
+    for transfer in prediction.layer_transfers:
+        by_layer.setdefault(transfer.name, []).append(transfer)
+    backward_of: dict[str, float] = {}  # layer -> its backward compute and transfers
     for path, record in table.layers.items():
         style = styles.get(path, "dp") if strategy != "dp" else "dp"
         if strategy == "mp":
@@ -212,17 +214,17 @@ def _predict_rank(
         else:
             samples = micro_batch
         scale = compute_scale * samples / table.micro_batch * compute_fraction(style, path, modules, m, rank % m)
-        own = [t for t in transfers if t.name == path]
-        comm = sum(seconds[id(t)] for t in own)
+        own = by_layer.get(path, [])
         forward = record.forward_s * scale if record.leaf else 0.0
         backward = record.backward_s * scale if record.leaf else 0.0
-        rows[path] = (forward, backward, comm, sum(t.bytes_sent for t in own))
+        comm = sum(seconds[id(t)] for t in own)
         prediction.layers.append(LayerPrediction(path, style, forward, backward, comm, sum(t.bytes_sent for t in own)))
         prediction.forward_s += forward + sum(seconds[id(t)] for t in own if t.phase == "forward")
+        backward_of[path] = backward + sum(seconds[id(t)] for t in own if t.phase == "backward")
+    finished_at: dict[str, float] = {}  # layer -> when its backward ends, from the start of backward
     clock = 0.0
     for path in reversed(table.layers):
-        backward = rows[path][1]
-        clock += backward + sum(seconds[id(t)] for t in transfers if t.name == path and t.phase == "backward")
+        clock += backward_of[path]
         finished_at[path] = clock
     prediction.backward_s = clock
     previous_end = 0.0
