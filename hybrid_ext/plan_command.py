@@ -51,11 +51,13 @@ def add_arguments(parser: argparse.ArgumentParser, positive_int) -> None:
         help="CPU threads per rank while profiling (default: 1, as ranks run)",
     )
     parser.add_argument("--json", metavar="FILE", help="write every figure, one entry per strategy")
+    parser.add_argument("--layers", action="store_true", help="also print each strategy's step layer by layer")
     add_device_argument(parser)  # where the layers are profiled
 
 
-def predictions(args: argparse.Namespace) -> dict:
-    """Every strategy's predicted step as one JSON-ready dict (see :func:`main`)."""
+def predictions(args: argparse.Namespace) -> tuple[dict, list]:
+    """(every strategy's predicted step as one JSON-ready dict, the :class:`~hybrid_ext.parallel.step_model.
+    StepPrediction` of each)."""
     import torch
 
     from hybrid_ext.bench.train import build_model
@@ -86,7 +88,7 @@ def predictions(args: argparse.Namespace) -> dict:
         source = f"measured here ({table.device}, {args.threads} thread(s), micro-batch {table.micro_batch})"
     if args.save_calibration:
         save_calibration(table, args.save_calibration)
-    entries = []
+    entries, steps = [], []
     # Ranks of one host share its cores: each computes R·t/C times slower than the profile measured it alone.
     per_host = args.np // (args.hosts or 1)
     cores = args.cores or os.cpu_count() or 1
@@ -100,6 +102,7 @@ def predictions(args: argparse.Namespace) -> dict:
             model, table, plan.styles, strategy, args.np, size, args.micro_batch, args.reducer,
             int(args.bucket_mb * (1 << 20)), links, network_constants=network_constants, compute_scale=compute_scale,
         )  # fmt: skip
+        steps.append(step)
         entries.append(
             {
                 "strategy": strategy,
@@ -141,7 +144,7 @@ def predictions(args: argparse.Namespace) -> dict:
         "layer_times": source,
         "compute_scale": compute_scale,
         "strategies": entries,
-    }
+    }, steps
 
 
 def _links(args: argparse.Namespace):
@@ -190,11 +193,14 @@ def table_text(result: dict) -> str:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        result = predictions(args)
+        result, steps = predictions(args)
     except ValueError as exc:
         print(f"hybrid-ext plan: {exc}", file=sys.stderr)
         return 2
     print(table_text(result))
+    if args.layers:
+        for step in steps:
+            print(f"\n{step.describe()}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return 0

@@ -90,3 +90,11 @@ def test_ranks_sharing_cores_compute_slower(tmp_path):
     assert (alone["compute_scale"], shared["compute_scale"]) == (1.0, 2.0)  # 4 ranks of 1 thread on 4 or 2 cores
     for a, s in zip(alone["strategies"], shared["strategies"]):
         assert s["compute_ms"] == pytest.approx(2 * a["compute_ms"])
+
+
+def test_layers_prints_each_strategy_layer_by_layer(capsys):
+    assert main(["plan", *SMALL, "--np", "2", "--layers"]) == 0
+    printed = capsys.readouterr().out
+    for strategy in ("dp", "hybrid", "mp"):
+        assert f"predicted step (strategy={strategy}, world=2" in printed
+    assert "column_last" in printed and "replicated.bucket0  gradients" in printed

@@ -106,7 +106,8 @@ class StepPrediction:
         return self.world * self.micro_batch / self.step_s if self.step_s > 0 else float("inf")
 
     def describe(self) -> str:
-        width = max((len(layer.path) for layer in self.layers), default=10)
+        names = [layer.path for layer in self.layers] + [b.transfer.name for b in self.buckets]
+        width = max(map(len, names), default=10)
         lines = [
             f"predicted step (strategy={self.strategy}, world={self.world}, mp_size={self.mp_size}, "
             f"micro-batch {self.micro_batch}, rank {self.rank})",
