@@ -6,7 +6,14 @@ from __future__ import annotations
 
 import pytest
 
-from hybrid_ext.comm.device_route import DIRECT, STAGE, DeviceRouteError, route
+from hybrid_ext.comm.device_route import (
+    DIRECT,
+    STAGE,
+    DeviceRouteError,
+    nccl_usable,
+    ranks_share_gpus,
+    route,
+)
 
 DEVICES = ("cpu", "cuda", "xpu", "mps", "meta")
 BACKENDS = ("gloo", "mpi", "nccl", "xccl", "ucc", "butterfly", "custom")
@@ -73,3 +80,43 @@ def test_an_impossible_route_says_the_rank_the_device_and_the_backend(device, ba
 def test_names_are_read_without_regard_to_case():
     assert route("CUDA", "GLOO") == STAGE
     assert route("cuda", "NCCL") == DIRECT
+
+
+# (CUDA, NCCL available, NCCL version, NCCL_MULTI_RANK_GPU_ENABLE=1, ranks share a GPU) -> NCCL carries CUDA tensors
+NCCL_USABLE = [
+    (False, False, None, False, False, False),  # no CUDA
+    (True, False, None, False, False, False),  # torch without NCCL
+    (True, False, (2, 30, 7), True, True, False),
+    (True, True, (2, 28, 9), False, False, True),  # one GPU per rank
+    (True, True, None, False, False, True),  # version untold: fine without sharing
+    (True, True, (2, 28, 9), False, True, False),  # shared GPU: NCCL refuses it
+    (True, True, (2, 28, 9), True, True, False),  # the switch needs 2.30
+    (True, True, (2, 30, 7), False, True, False),  # the switch is off
+    (True, True, (2, 30), True, True, True),  # 2.30 with its switch shares a GPU
+    (True, True, (3, 0, 0), True, True, True),
+    (True, True, None, True, True, False),  # version untold: no switch to rely on
+]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("cuda", "nccl", "version", "switch", "shared", "expected"), NCCL_USABLE)
+def test_nccl_carries_cuda_tensors_only_where_it_takes_the_ranks_gpus(cuda, nccl, version, switch, shared, expected):
+    assert nccl_usable(cuda, nccl, version, switch, shared) is expected
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("hosts_and_gpus", "expected"),
+    [
+        ([("a", 1)], False),
+        ([("a", 0)], True),  # a rank on a host without GPUs has none of its own
+        ([("a", 2), ("a", 2)], False),
+        ([("a", 1), ("a", 1)], True),
+        ([("a", 1), ("b", 1)], False),  # one rank on each host
+        ([("a", 2), ("a", 2), ("a", 2), ("b", 8)], True),
+        ([("a", 2), ("a", 1)], True),  # ranks that see fewer GPUs (CUDA_VISIBLE_DEVICES) count with their fewest
+        ([], False),
+    ],
+)
+def test_ranks_share_gpus_where_a_host_has_more_ranks_than_gpus(hosts_and_gpus, expected):
+    assert ranks_share_gpus(hosts_and_gpus) is expected

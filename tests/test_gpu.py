@@ -274,6 +274,7 @@ def _ddp_rank(rank: int, world: int, use_hook: bool) -> dict:
         "params": [p.detach().cpu() for p in ddp.module.parameters()],
         "backend": dist.get_backend(),
         "butterfly_calls": len(records),
+        "transports": sorted({r.transport for r in records}),
     }
 
 
@@ -302,3 +303,19 @@ def test_ddp_on_the_butterfly_backend_with_cuda_tensors_equals_the_reference(spa
     results = spawn_ranks(_ddp_rank, 2, False, backend="butterfly", env=_nccl_env(2), timeout=SPAWN_SECONDS)
     assert {r["backend"] for r in results} == {"butterfly"}
     _assert_ddp_equals_the_reference(results, 2)
+
+
+@needs_one
+@pytest.mark.multiprocess
+@pytest.mark.timeout(600)
+def test_ddp_on_the_butterfly_backend_with_ranks_sharing_one_gpu_stages_over_gloo(spawn_ranks):
+    # One rank more than GPUs (two share GPU 0) and NCCL's multi-rank switch off: NCCL cannot serve the job, so the
+    # backend's CUDA entry is a gloo group with staging. A butterfly schedule, not auto, so that every reduction
+    # takes the staged transport (auto may pick gloo's own allreduce).
+    world = GPUS + 1
+    env = {"NCCL_MULTI_RANK_GPU_ENABLE": "0", "HYBRID_EXT_ALGO": "recursive_doubling"}
+    results = spawn_ranks(_ddp_rank, world, False, backend="butterfly", env=env, timeout=SPAWN_SECONDS)
+    assert {r["backend"] for r in results} == {"butterfly"}
+    names = {name for r in results for name in r["transports"]}
+    assert names and all(name.startswith("cuda-staged+") for name in names), names
+    _assert_ddp_equals_the_reference(results, world)

@@ -156,6 +156,37 @@ def test_side_channel_gloo_and_alltoall_transports(job):
         assert all(v["error"] <= 1e-6 for v in out.values()), out
 
 
+@pytest.mark.timeout(90)
+def test_side_channel_stages_cuda_tensors_over_gloo_where_nccl_refuses_ranks_sharing_a_gpu(monkeypatch):
+    """Two ranks (threads of this process) on a host with one GPU and NCCL 2.28: gloo with staging, not NCCL."""
+    import concurrent.futures
+
+    import torch.distributed as dist
+
+    from hybrid_ext.comm.staged_transport import StagedTransport
+    from hybrid_ext.comm.torch_transport import TorchTransport
+    from hybrid_ext.integrations.torch import side_channel
+
+    facts = {"host": "h", "cuda": True, "gpus": 1, "nccl": True, "nccl_version": (2, 28, 9), "switch": True}
+    monkeypatch.setattr(side_channel, "this_rank_gpu_facts", lambda: dict(facts))
+    store = dist.HashStore()
+
+    def rank_fn(rank):
+        channel = side_channel.SideChannel(store, rank, 2, 30.0, "test")
+        channel.cuda_device = torch.device("cpu")  # host tensors through the staged path
+        transport = channel.transport(torch.device("cuda"), "torch")
+        assert isinstance(transport, StagedTransport) and isinstance(transport.host, TorchTransport)
+        assert transport.host is not channel.transport(torch.device("cpu"), "torch")  # a route of its own
+        assert transport.name == "cpu-staged+test-gloo" and not channel.nccl_usable()
+        received = torch.empty(5)
+        transport.exchange(torch.full((5,), float(rank)), 1 - rank, received, 1 - rank)
+        return received
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        received = [f.result(timeout=60) for f in [pool.submit(rank_fn, rank) for rank in (0, 1)]]
+    assert torch.equal(received[0], torch.ones(5)) and torch.equal(received[1], torch.zeros(5))
+
+
 @pytest.mark.timeout(360)
 def test_butterfly_over_a_process_set(job):
     np, results = job

@@ -215,3 +215,63 @@ def test_the_backend_for_a_device_is_named_by_the_group_that_carries_it():
     c10d.attach_backend(group, torch.device("cpu"), c10d.BackendType.GLOO, gloo)
     assert c10d.backend_name(group, torch.device("cpu")) == "gloo"
     assert c10d.backend_name(group, torch.device("cuda")) == group.name().lower()  # none registered: the group's
+
+
+def _two_threads(fn):
+    """``fn(rank)`` on ranks 0 and 1 at once, in this process; their results, or the first rank's error."""
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        return [f.result(timeout=60) for f in [pool.submit(fn, rank) for rank in (0, 1)]]
+
+
+def _one_gpu_facts(version, switch):
+    """Two ranks on one host with one GPU, as :func:`this_rank_gpu_facts` would see it."""
+    facts = {"host": "h", "cuda": True, "gpus": 1, "nccl": True, "nccl_version": version, "switch": switch}
+    return lambda: dict(facts)
+
+
+@pytest.mark.timeout(90)
+def test_ranks_sharing_a_gpu_that_nccl_refuses_get_a_staged_cuda_communicator_over_gloo(monkeypatch):
+    from datetime import timedelta
+
+    from hybrid_ext.comm.staged_transport import StagedTransport
+    from hybrid_ext.integrations.torch import side_channel
+
+    monkeypatch.setattr(side_channel, "this_rank_gpu_facts", _one_gpu_facts((2, 28, 9), True))  # 2.28: refused
+    monkeypatch.setattr(ButterflyProcessGroup, "cuda_entry_device", torch.device("cpu"))  # host tensors, staged
+    monkeypatch.setenv("HYBRID_EXT_TRANSPORT", "torch")  # both ranks are threads of this process: no shm
+    store = dist.HashStore()
+
+    def rank_fn(rank):
+        group = ButterflyProcessGroup(store, rank, 2, timedelta(seconds=30))
+        cuda_comm = group._comms["cuda"]
+        assert isinstance(cuda_comm.transport, StagedTransport)
+        assert c10d.backend_name(group._inner["cuda"], torch.device("cuda")) == "gloo"
+        assert group._inner["cuda"] is not group._inner["cpu"]  # CPU and CUDA collectives never pair up on one
+        t = torch.arange(10, dtype=torch.float32) * (rank + 1)
+        cuda_comm.allreduce_now([t], "sum", "recursive_doubling")
+        return t
+
+    for t in _two_threads(rank_fn):
+        assert torch.equal(t, torch.arange(10, dtype=torch.float32) * 3)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("facts", "expected"),
+    [
+        ([_one_gpu_facts((2, 28, 9), True)()] * 2, (True, False)),  # two ranks, one GPU, NCCL 2.28
+        ([_one_gpu_facts((2, 30, 7), True)()] * 2, (True, True)),  # NCCL 2.30 with its switch
+        ([_one_gpu_facts((2, 30, 7), True)(), _one_gpu_facts((2, 30, 7), False)()], (True, False)),  # one switch off
+        ([{**_one_gpu_facts((2, 28, 9), False)(), "host": h} for h in "ab"], (True, True)),  # a GPU each
+        (
+            [_one_gpu_facts(None, False)(), {**_one_gpu_facts(None, False)(), "cuda": False, "host": "b"}],
+            (False, False),
+        ),
+    ],
+)
+def test_every_rank_gets_one_answer_whether_nccl_serves_the_group(facts, expected):
+    from hybrid_ext.integrations.torch.side_channel import nccl_usable_for
+
+    assert nccl_usable_for(lambda mine: facts) == expected

@@ -23,6 +23,11 @@ HOST_AND_CUDA = frozenset({"ucc"})
 NO_DATA = frozenset({"meta"})
 
 
+# NCCL refuses two ranks on one GPU, except from 2.30 on where the job sets this switch.
+NCCL_MULTI_RANK_ENV = "NCCL_MULTI_RANK_GPU_ENABLE"
+NCCL_MULTI_RANK_VERSION = (2, 30)
+
+
 class DeviceRouteError(TypeError):
     """Tensors of this device type cannot travel on this group's backend."""
 
@@ -53,3 +58,34 @@ def route(device_type: str, backend: str, one_host: bool = False, rank: int | No
     if device_type == "cpu" or (device_type == "cuda" and backend in HOST_AND_CUDA):
         return DIRECT
     return STAGE
+
+
+def nccl_shares_gpus(nccl_version: tuple[int, ...] | None, multi_rank_switch: bool) -> bool:
+    """Whether this NCCL lets several ranks use one GPU: 2.30 or later, with :data:`NCCL_MULTI_RANK_ENV` set to 1."""
+    return multi_rank_switch and nccl_version is not None and tuple(nccl_version[:2]) >= NCCL_MULTI_RANK_VERSION
+
+
+def ranks_share_gpus(hosts_and_gpus: list[tuple[str, int]]) -> bool:
+    """Whether some host has more ranks than GPUs, given each rank's (host, GPUs it sees)."""
+    ranks: dict[str, int] = {}
+    gpus: dict[str, int] = {}
+    for host, count in hosts_and_gpus:
+        ranks[host] = ranks.get(host, 0) + 1
+        gpus[host] = min(gpus.get(host, count), count)
+    return any(ranks[host] > gpus[host] for host in ranks)
+
+
+def nccl_usable(
+    cuda_available: bool,
+    nccl_available: bool,
+    nccl_version: tuple[int, ...] | None,
+    multi_rank_switch: bool,
+    ranks_share_gpus: bool,
+) -> bool:
+    """Whether a group's CUDA tensors can travel on NCCL; where not, they take gloo and are staged (:func:`route`).
+
+    ``nccl_version`` is None where torch does not tell it (an int code from an old torch): no multi-rank switch then.
+    """
+    if not (cuda_available and nccl_available):
+        return False
+    return not ranks_share_gpus or nccl_shares_gpus(nccl_version, multi_rank_switch)

@@ -18,12 +18,12 @@ import argparse
 import os
 from typing import TYPE_CHECKING
 
+from hybrid_ext.comm.device_route import NCCL_MULTI_RANK_ENV, nccl_shares_gpus
+
 if TYPE_CHECKING:
     import torch
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
-NCCL_MULTI_RANK_ENV = "NCCL_MULTI_RANK_GPU_ENABLE"  # NCCL >= 2.30: several ranks may share one GPU
-NCCL_MULTI_RANK_VERSION = (2, 30)
 # Where launchers put a rank's place on its host: torchrun / deepspeed / spawn, horovodrun, mpirun (Open MPI).
 LOCAL_RANK_ENVS = (("LOCAL_RANK", "LOCAL_WORLD_SIZE"), ("HOROVOD_LOCAL_RANK", "HOROVOD_LOCAL_SIZE"),
                    ("OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"))  # fmt: skip
@@ -65,8 +65,7 @@ def process_group_backend(
     """The torch.distributed backend for ranks on ``device`` (``ranks_on_host`` ranks on ``device_count`` GPUs)."""
     if device.type != "cuda":
         return "gloo"
-    nccl_shares = multi_rank_switch and nccl_version is not None and tuple(nccl_version[:2]) >= NCCL_MULTI_RANK_VERSION
-    if shares_gpus(ranks_on_host, device_count) and not nccl_shares:
+    if shares_gpus(ranks_on_host, device_count) and not nccl_shares_gpus(nccl_version, multi_rank_switch):
         return "gloo"  # NCCL refuses two ranks on one GPU; gloo stages CUDA tensors through host memory
     return "cpu:gloo,cuda:nccl"  # CUDA tensors on NCCL; hybrid-ext's set-up and CPU tensors on gloo
 

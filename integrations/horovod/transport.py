@@ -4,8 +4,9 @@
   Horovod process set. The set's first rank opens a TCPStore and ``hvd.broadcast_object`` tells the others
   where it is — the only Horovod call — then the ranks exchange through shared memory when they share a host,
   else through a gloo (CPU) / NCCL (CUDA) group built from that store
-  (:mod:`hybrid_ext.integrations.torch.side_channel`). Set up lazily, on a set's first Butterfly reduction,
-  which every member makes together; nothing to configure under plain ``horovodrun``.
+  (:mod:`hybrid_ext.integrations.torch.side_channel`); CUDA tensors take gloo with staging where NCCL cannot
+  serve the set (no NCCL, or ranks sharing a GPU that their NCCL refuses). Set up lazily, on a set's first
+  Butterfly reduction, which every member makes together; nothing to configure under plain ``horovodrun``.
 - :class:`HorovodAlltoallTransport`: each exchange is one ``hvd.alltoall`` with splits that send only to the
   partner. Every step goes through Horovod's negotiation cycle (milliseconds per step), which is why it is
   not the default — see the measurements in the README (``python -m hybrid_ext.integrations.horovod.bench``).

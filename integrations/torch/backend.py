@@ -2,7 +2,9 @@
 
 ``all_reduce`` (and ``all_reduce_coalesced``) go through hybrid-ext's butterfly allreduce; every other
 collective — broadcast, all_gather, reduce_scatter, all_to_all, barrier, send/recv... — falls back to an inner
-gloo group (and an inner NCCL group for CUDA tensors, when CUDA is available), created from the same store.
+gloo group, created from the same store. CUDA tensors (where every rank has CUDA) take an inner NCCL group where
+NCCL can serve the job, else a second gloo group, the butterfly staging them through host buffers: NCCL is
+missing, or ranks share a GPU and their NCCL refuses that (before 2.30, or without NCCL_MULTI_RANK_GPU_ENABLE=1).
 DDP, DeviceMesh and DeepSpeed (``deepspeed.init_distributed(dist_backend="butterfly")``) run on it unchanged.
 
     import hybrid_ext  # registers the backend
@@ -26,8 +28,9 @@ import torch.distributed as dist
 from hybrid_ext import comm
 from hybrid_ext.comm import _c10d_private as c10d
 from hybrid_ext.comm.native import TorchNativeCollectives
+from hybrid_ext.comm.staged_transport import StagedTransport
 from hybrid_ext.comm.torch_transport import TorchTransport, transport_for
-from hybrid_ext.integrations.torch.side_channel import StoreCollectives
+from hybrid_ext.integrations.torch.side_channel import StoreCollectives, nccl_usable_for
 
 BACKEND_NAME = "butterfly"
 
@@ -90,6 +93,9 @@ def _to_inner(name: str, inner_name: str | None = None, pass_args: bool = True):
 class ButterflyProcessGroup(dist.ProcessGroup):
     """A Python process group: butterfly allreduce, everything else delegated to inner gloo / NCCL groups."""
 
+    # The device the 'cuda' entry's communicator runs on (CPU tests put the CPU here to drive the staged path).
+    cuda_entry_device = torch.device("cuda")
+
     def __init__(self, store: dist.Store, rank: int, size: int, timeout: timedelta) -> None:
         super().__init__(rank, size)
         self._rank, self._size = rank, size
@@ -103,18 +109,29 @@ class ButterflyProcessGroup(dist.ProcessGroup):
         cpu_transport = transport_for(gloo, torch.device("cpu"), setup.all_gather, setup.barrier)
         cpu_native = TorchNativeCollectives(gloo, torch.device("cpu"), timeout.total_seconds())
         self._add_inner("cpu", c10d.BackendType.GLOO, gloo, cpu_transport, cpu_native)
-        if torch.cuda.is_available() and dist.is_nccl_available():
+        every_rank_has_cuda, nccl_usable = nccl_usable_for(setup.all_gather)
+        seconds = timeout.total_seconds()
+        cuda = self.cuda_entry_device
+        if every_rank_has_cuda and nccl_usable:
             options = dist.ProcessGroupNCCL.Options()
             options._timeout = timeout
             nccl = dist.ProcessGroupNCCL(dist.PrefixStore("butterfly/nccl", store), rank, size, options)
-            seconds = timeout.total_seconds()
-            nccl_native = TorchNativeCollectives(nccl, torch.device("cuda"), seconds)
+            nccl_native = TorchNativeCollectives(nccl, cuda, seconds)
             self._add_inner("cuda", c10d.BackendType.NCCL, nccl, TorchTransport(nccl, seconds), nccl_native)
+        elif every_rank_has_cuda:
+            # A gloo group of its own, so that CPU and CUDA collectives in flight together never pair up on one;
+            # the butterfly stages CUDA tensors over the host route CPU tensors take (gloo's send/recv is CPU-only),
+            # gloo's own collectives copy them to the host themselves.
+            staged_gloo = dist.ProcessGroupGloo(dist.PrefixStore("butterfly/gloo-cuda", store), rank, size, timeout)
+            host = transport_for(staged_gloo, torch.device("cpu"), setup.all_gather, setup.barrier)
+            staged_native = TorchNativeCollectives(staged_gloo, cuda, seconds)
+            self._add_inner("cuda", c10d.BackendType.GLOO, staged_gloo, StagedTransport(host, cuda), staged_native)
         c10d.set_default_backend(self, c10d.BackendType.GLOO)
 
     def _add_inner(self, device_type: str, backend_type, backend, transport, native) -> None:
         self._inner[device_type] = backend
-        self._comms[device_type] = comm.Communicator(transport, device_type, native)
+        device = self.cuda_entry_device if device_type == "cuda" else torch.device("cpu")
+        self._comms[device_type] = comm.Communicator(transport, device, native)
         c10d.attach_backend(self, torch.device(device_type), backend_type, backend)
 
     # ------------------------------------------------------------------ identity

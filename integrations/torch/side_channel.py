@@ -5,6 +5,8 @@ broadcast from the group's first rank (Horovod: ``hvd.broadcast_object``). From 
 store: ranks on one host exchange through shared memory (:mod:`hybrid_ext.comm.shm_transport`), ranks on
 different hosts over a gloo (CPU tensors) or NCCL (CUDA tensors) group built from the same store, outside
 torch.distributed's group registry, so a user's own ``init_process_group`` (or its absence) is untouched.
+Where NCCL cannot serve the group (:func:`nccl_usable_for`: no NCCL, or ranks sharing a GPU that their NCCL
+refuses), CUDA tensors are staged through host buffers over the same route CPU tensors take.
 
     channel = open_side_channel(rank, size, share=lambda obj: hvd.broadcast_object(obj, root_rank=0))
     comm = Communicator(channel.transport(tensor.device))
@@ -13,6 +15,7 @@ torch.distributed's group registry, so a user's own ``init_process_group`` (or i
 
 from __future__ import annotations
 
+import os
 import pickle
 import socket
 from collections.abc import Callable, Sequence
@@ -22,8 +25,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hybrid_ext.comm import shm_transport
+from hybrid_ext.comm import device_route, shm_transport
 from hybrid_ext.comm.network_address import advertised_address
+from hybrid_ext.comm.staged_transport import StagedTransport
 from hybrid_ext.comm.torch_transport import DEFAULT_TIMEOUT, TRANSPORT_ENV, TorchTransport, combine, transport_choice
 from hybrid_ext.comm.transport import Transport
 
@@ -45,6 +49,36 @@ class StoreCollectives:
         self.store.wait([f"barrier{self.round}/{r}" for r in range(self.size)])
 
 
+def this_rank_gpu_facts() -> dict[str, Any]:
+    """What decides whether NCCL can serve a group, as this rank sees it (:func:`nccl_usable_for` gathers them).
+
+    ``torch.cuda.device_count`` and the NCCL version are read without creating a CUDA context.
+    """
+    cuda = torch.cuda.is_available()
+    nccl = cuda and dist.is_nccl_available()
+    version = torch.cuda.nccl.version() if nccl else None
+    return {
+        "host": socket.gethostname(),
+        "cuda": cuda,
+        "gpus": torch.cuda.device_count() if cuda else 0,
+        "nccl": nccl,
+        "nccl_version": tuple(version) if isinstance(version, tuple) else None,  # old torch: an int code
+        "switch": os.environ.get(device_route.NCCL_MULTI_RANK_ENV, "") == "1",
+    }
+
+
+def nccl_usable_for(all_gather: Callable[[Any], list[Any]]) -> tuple[bool, bool]:
+    """(every rank has CUDA, NCCL can carry the group's CUDA tensors); every rank of the group calls this together.
+
+    One answer for the whole group, from every rank's :func:`this_rank_gpu_facts`: an NCCL group must be built by
+    all its ranks or none, and ranks share a GPU when their host has more of them than GPUs.
+    """
+    facts = all_gather(this_rank_gpu_facts())
+    shared = device_route.ranks_share_gpus([(f["host"], f["gpus"]) for f in facts])
+    usable = all(device_route.nccl_usable(f["cuda"], f["nccl"], f["nccl_version"], f["switch"], shared) for f in facts)
+    return all(f["cuda"] for f in facts), usable
+
+
 class SideChannel:
     """One group's meeting point: transports per device type, and subgroups, all from one store."""
 
@@ -57,6 +91,9 @@ class SideChannel:
         self._subgroups: dict[tuple[str, tuple[int, ...]], int] = {}
         self.backends: list[Any] = []  # gloo / NCCL groups, kept alive with the channel
         self.closed = False
+        self._nccl_usable: bool | None = None  # asked of every rank on the first CUDA transport
+        # The device staged CUDA transports are built for (CPU tests put the CPU here).
+        self.cuda_device = torch.device("cuda")
 
     def transport(self, device: torch.device, choice: str | None = None) -> Transport:
         """This group's transport for tensors on ``device`` (every rank of the group calls this together once).
@@ -74,8 +111,21 @@ class SideChannel:
             self._transports[kind, choice] = self._make_transport(kind, choice)
         return self._transports[kind, choice]
 
+    def nccl_usable(self) -> bool:
+        """Whether NCCL carries this group's CUDA tensors (every rank of the group calls this together once)."""
+        if self._nccl_usable is None:
+            setup = StoreCollectives(dist.PrefixStore("nccl-facts", self.store), self.rank, self.size)
+            self._nccl_usable = nccl_usable_for(setup.all_gather)[1]
+        return self._nccl_usable
+
     def _make_transport(self, kind: str, choice: str) -> Transport:
-        prefix = f"{kind}/{choice}/"
+        if kind == "cuda" and not self.nccl_usable():
+            # gloo with staging, over a host transport of its own: CPU and CUDA collectives never share messages.
+            return StagedTransport(self._direct_transport("cpu", choice, f"cuda-staged/{choice}/"), self.cuda_device)
+        return self._direct_transport(kind, choice, f"{kind}/{choice}/")
+
+    def _direct_transport(self, kind: str, choice: str, prefix: str) -> Transport:
+        """The transport for tensors on ``kind`` as they are: shared memory, gloo, or NCCL for CUDA."""
         local = None
         if kind == "cpu" and self.size > 1 and choice != "torch" and shm_transport.shm_supported():
             setup = StoreCollectives(dist.PrefixStore(prefix + "setup", self.store), self.rank, self.size)
