@@ -1,4 +1,4 @@
-"""``hybrid-ext plan``: the predicted training step of dp, hybrid and mp side by side, before anything runs.
+"""``hybrid-ext plan``: the predicted training step of dp, hybrid, mp and auto side by side, before anything runs.
 
 Per-layer compute times are measured here, in one process on ``--device`` (:func:`hybrid_ext.parallel.layer_profile.
 profile_layers`, at the micro-batch asked for), or read from a calibration file saved with ``--save-calibration``
@@ -61,6 +61,7 @@ def predictions(args: argparse.Namespace) -> tuple[dict, list]:
     import torch
 
     from hybrid_ext.bench.train import build_model
+    from hybrid_ext.parallel.auto_plan import choose_plan
     from hybrid_ext.parallel.dims import ParallelDims
     from hybrid_ext.parallel.layer_profile import load_calibration, profile_layers, save_calibration
     from hybrid_ext.parallel.plan import check_shardable, make_plan
@@ -103,34 +104,14 @@ def predictions(args: argparse.Namespace) -> tuple[dict, list]:
             int(args.bucket_mb * (1 << 20)), links, network_constants=network_constants, compute_scale=compute_scale,
         )  # fmt: skip
         steps.append(step)
-        entries.append(
-            {
-                "strategy": strategy,
-                "mp_size": size,
-                "step_ms": step.step_s * 1e3,
-                "compute_ms": step.compute_s * 1e3,
-                "exposed_communication_ms": step.exposed_communication_s * 1e3,
-                "bytes_per_rank": step.bytes_sent,
-                "bytes_per_host_link": step.host_link_bytes,
-                "samples_per_s": step.samples_per_s,
-                "slowest_rank": step.rank,
-                "layers": [
-                    {
-                        "path": layer.path,
-                        "style": layer.style,
-                        "forward_ms": layer.forward_s * 1e3,
-                        "backward_ms": layer.backward_s * 1e3,
-                        "communication_ms": layer.communication_s * 1e3,
-                        "bytes": layer.bytes_sent,
-                    }
-                    for layer in step.layers
-                ],
-                "gradient_buckets": [
-                    {"name": b.transfer.name, "bytes": b.transfer.bytes_sent, "ms": b.seconds * 1e3}
-                    for b in step.buckets
-                ],
-            }
-        )
+        entries.append(_entry(strategy, size, step))
+    # auto: each Linear chain sharded or replicated, and mp_size, for the least step the same model predicts
+    chosen = choose_plan(
+        model, table, args.np, args.micro_batch, [args.mp_size] if args.mp_size else None, args.reducer,
+        int(args.bucket_mb * (1 << 20)), links, network_constants=network_constants, compute_scale=compute_scale,
+    )  # fmt: skip
+    steps.append(chosen.prediction)
+    entries.append({**_entry("auto", chosen.mp_size, chosen.prediction), "chose": chosen.strategy})
     return {
         "model": args.model,
         "world": args.np,
@@ -145,6 +126,34 @@ def predictions(args: argparse.Namespace) -> tuple[dict, list]:
         "compute_scale": compute_scale,
         "strategies": entries,
     }, steps
+
+
+def _entry(strategy: str, size: int, step) -> dict:
+    return {
+        "strategy": strategy,
+        "mp_size": size,
+        "step_ms": step.step_s * 1e3,
+        "compute_ms": step.compute_s * 1e3,
+        "exposed_communication_ms": step.exposed_communication_s * 1e3,
+        "bytes_per_rank": step.bytes_sent,
+        "bytes_per_host_link": step.host_link_bytes,
+        "samples_per_s": step.samples_per_s,
+        "slowest_rank": step.rank,
+        "layers": [
+            {
+                "path": layer.path,
+                "style": layer.style,
+                "forward_ms": layer.forward_s * 1e3,
+                "backward_ms": layer.backward_s * 1e3,
+                "communication_ms": layer.communication_s * 1e3,
+                "bytes": layer.bytes_sent,
+            }
+            for layer in step.layers
+        ],
+        "gradient_buckets": [
+            {"name": b.transfer.name, "bytes": b.transfer.bytes_sent, "ms": b.seconds * 1e3} for b in step.buckets
+        ],
+    }
 
 
 def _links(args: argparse.Namespace):
@@ -179,12 +188,13 @@ def table_text(result: dict) -> str:
         f"hybrid-ext plan: {result['model']} ({result['size']}×{result['size']}), {result['world']} ranks{spread}, "
         f"micro-batch {result['micro_batch']}; layer times {result['layer_times']}, ×{result['compute_scale']:g} for "
         f"ranks sharing cores; inside a host {result['transport']}",
-        f"  {'strategy':<9}{'mp_size':>8}{'step ms':>11}{'compute ms':>12}{'exposed comm ms':>17}"
+        f"  {'strategy':<11}{'mp_size':>8}{'step ms':>11}{'compute ms':>12}{'exposed comm ms':>17}"
         f"{'bytes/rank':>14}{'bytes/host link':>17}{'samples/s':>12}",
     ]
     for e in result["strategies"]:
+        name = f"auto:{e['chose']}" if e["strategy"] == "auto" else e["strategy"]
         lines.append(
-            f"  {e['strategy']:<9}{e['mp_size']:>8}{e['step_ms']:>11.2f}{e['compute_ms']:>12.2f}"
+            f"  {name:<11}{e['mp_size']:>8}{e['step_ms']:>11.2f}{e['compute_ms']:>12.2f}"
             f"{e['exposed_communication_ms']:>17.2f}{e['bytes_per_rank']:>14,}{e['bytes_per_host_link']:>17,}"
             f"{e['samples_per_s']:>12.1f}"
         )

@@ -20,7 +20,11 @@ def test_dp_hybrid_and_mp_side_by_side(tmp_path, capsys):
     assert "digits_alexnet (16×16), 4 ranks, micro-batch 2" in printed
     result = json.loads(out.read_text())
     rows = {e["strategy"]: e for e in result["strategies"]}
-    assert list(rows) == ["dp", "hybrid", "mp"] and [rows[s]["mp_size"] for s in rows] == [1, 2, 2]
+    assert list(rows) == ["dp", "hybrid", "mp", "auto"] and [rows[s]["mp_size"] for s in rows][:3] == [1, 2, 2]
+    # auto: the least predicted step of its candidates, among them dp and hybrid (every chain sharded) at mp_size 2
+    assert rows["auto"]["step_ms"] <= min(rows["dp"]["step_ms"], rows["hybrid"]["step_ms"])
+    assert (rows["auto"]["chose"], rows["auto"]["mp_size"]) in {("dp", 1), ("hybrid", 2)}
+    assert f"auto:{rows['auto']['chose']}" in printed
     for entry in rows.values():
         assert entry["step_ms"] == pytest.approx(entry["compute_ms"] + entry["exposed_communication_ms"])
         assert entry["samples_per_s"] == pytest.approx(4 * 2 / (entry["step_ms"] / 1e3))

@@ -206,6 +206,10 @@ def parallelize(
     and DeepSpeed integrations pass their own. ``example_input`` lets the plan measure parameters per FLOP
     (see :func:`hybrid_ext.parallel.plan.make_plan`).
 
+    ``strategy="auto"`` (needs ``example_input``, a micro-batch as each rank passes it): each Linear chain sharded
+    or replicated, and ``mp_size`` (if not given), chosen for the least step predicted from the layers profiled on
+    every rank (see :mod:`hybrid_ext.parallel.auto_plan`; only as good as those predictions).
+
     ``host_reduces_data_parallel``: leave the reduction over the data-parallel group to the host framework (see
     the module docstring). ``blocking_reduction``: reduce each parameter's gradient on its own, before it is
     accumulated into ``.grad`` — for hosts that read gradients in their own per-parameter hooks during backward
@@ -217,7 +221,16 @@ def parallelize(
         raise ValueError(f"unknown reducer {reducer!r}; choose one of {', '.join(REDUCERS)}")
     if mp_size is not None and (isinstance(mp_size, bool) or not isinstance(mp_size, int) or mp_size < 1):
         raise ValueError(f"mp_size must be a positive integer (or None: all ranks), got {mp_size!r}")
-    plan = plan_module.make_plan(model, strategy, rules, example_input)
+    if strategy == "auto":  # the plan with the least predicted step, agreed by every rank (see auto_plan)
+        from hybrid_ext.parallel import auto_plan
+
+        plan = auto_plan.plan_on_ranks(
+            model, example_input, groups, mp_size, rules, reducer, int(bucket_mb * (1 << 20))
+        )
+        strategy = plan.strategy
+        mp_size = plan.mp_size if groups is None else None
+    else:
+        plan = plan_module.make_plan(model, strategy, rules, example_input)
     if groups is None:
         import torch.distributed as dist
 

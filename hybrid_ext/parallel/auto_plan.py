@@ -1,0 +1,268 @@
+"""``strategy="auto"``: shard or replicate each Linear chain, and pick ``mp_size``, by the predicted step.
+
+The candidates: every Linear chain (consecutive Linear layers of one ``nn.Sequential`` with elementwise layers
+between, as :func:`~hybrid_ext.parallel.plan.make_plan` finds them; a Linear elsewhere is a chain of one) either
+sharded (column / row / column_last, as under ``hybrid``) or replicated, and every ``mp_size`` > 1 dividing the
+world size (or the one given); all chains replicated is ``dp``. Up to ``MAX_EXHAUSTIVE_CHAINS`` chains every
+combination is predicted; beyond, one pass of toggling each chain from all-sharded, kept where it helps. The plan
+with the least predicted step (:func:`~hybrid_ext.parallel.step_model.predict_step`) wins; ties go to fewer
+sharded chains, then the smaller ``mp_size``. Convolutions stay data-parallel (``mp``'s channel split is not a
+candidate).
+
+The choice is only as good as ``predict_step``: its step times are not validated against measurements yet, and
+on this repository's 2-core test machine they run low (dp's allreduce about 2× low), which favours dp.
+
+Across ranks (:func:`plan_on_ranks`): every rank profiles its layers (:func:`~hybrid_ext.parallel.layer_profile.
+profile_layers` on ``example_input``), the ranks agree on the element-wise maximum of every layer's times (one
+small all-reduce over the world), each decides from those same figures, and the chosen plan's fingerprint (its
+styles and ``mp_size``) is compared across ranks: a mismatch is an error, before anything is sharded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from hybrid_ext.parallel.layer_profile import LayerTable, profile_layers
+from hybrid_ext.parallel.plan import Plan, _linear_chains, check_shardable, make_plan
+from hybrid_ext.parallel.step_model import StepPrediction, predict_step
+from hybrid_ext.parallel.step_traffic import Links
+
+MAX_EXHAUSTIVE_CHAINS = 6
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One plan auto predicted: its strategy, ``mp_size``, the sharded chains (by first layer) and its step."""
+
+    strategy: str
+    mp_size: int
+    sharded: tuple[str, ...]
+    step_s: float
+    compute_s: float
+    exposed_communication_s: float
+
+    @property
+    def label(self) -> str:
+        if self.strategy == "dp":
+            return "dp"
+        return f"hybrid mp_size={self.mp_size}, sharded chains at {', '.join(self.sharded)}"
+
+
+@dataclass
+class AutoPlan(Plan):
+    """The chosen plan (``strategy`` is what it amounts to: ``dp`` or ``hybrid``), its prediction and the others."""
+
+    mp_size: int = 1
+    prediction: StepPrediction | None = None
+    alternatives: list[Candidate] = field(default_factory=list)  # every candidate predicted, fastest first
+
+    def fingerprint(self) -> int:
+        """48 bits of a hash of the styles and ``mp_size`` (what must agree across ranks)."""
+        text = repr((self.strategy, self.mp_size, sorted(self.styles.items())))
+        return int.from_bytes(hashlib.sha256(text.encode()).digest()[:6], "big")
+
+    def describe(self) -> str:
+        step = self.prediction
+        by_path = {layer.path: layer for layer in step.layers} if step else {}
+        width = max((len(p) for p in self.styles), default=10)
+        lines = [
+            f"hybrid-ext plan (strategy=auto: {self.strategy}, mp_size={self.mp_size}; predicted by predict_step, "
+            "not validated against measurements)",
+            f"  {'layer':<{width}}  {'style':<12} {'params':>12} {'fwd ms':>8} {'bwd ms':>8} {'comm ms':>8}",
+        ]
+        for path, style in self.styles.items():
+            layer = by_path.get(path)
+            times = (
+                f"{layer.forward_s * 1e3:8.3f} {layer.backward_s * 1e3:8.3f} {layer.communication_s * 1e3:8.3f}"
+                if layer
+                else f"{'-':>8} {'-':>8} {'-':>8}"
+            )
+            lines.append(f"  {path:<{width}}  {style:<12} {self.parameters.get(path, 0):>12,} {times}")
+        if step:
+            rest = sum(layer.forward_s + layer.backward_s for layer in step.layers if layer.path not in self.styles)
+            gradients = sum(b.seconds for b in step.buckets)
+            lines.append(f"  layers without parameters: compute {rest * 1e3:.3f} ms")
+            lines.append(
+                f"  gradient all-reduces: {gradients * 1e3:.3f} ms, {step.exposed_gradient_s * 1e3:.3f} ms of it "
+                "exposed after backward"
+            )
+            lines.append(
+                f"  predicted step {step.step_s * 1e3:.3f} ms = compute {step.compute_s * 1e3:.3f} ms + exposed "
+                f"communication {step.exposed_communication_s * 1e3:.3f} ms (world {step.world}, micro-batch "
+                f"{step.micro_batch})"
+            )
+        if self.alternatives:
+            lines.append("  candidates (predicted step ms, fastest first):")
+            for index, c in enumerate(self.alternatives):  # the first is the one chosen
+                lines.append(f"    {c.step_s * 1e3:10.3f}  {c.label}{'  <- chosen' if index == 0 else ''}")
+        return "\n".join(lines)
+
+    __str__ = describe
+
+
+def _divisors(world: int) -> list[int]:
+    return [m for m in range(2, world + 1) if world % m == 0]
+
+
+def choose_plan(
+    model: nn.Module,
+    table: LayerTable,
+    world: int,
+    micro_batch: int | None = None,
+    mp_sizes: list[int] | tuple[int, ...] | None = None,
+    reducer: str = "butterfly",
+    bucket_bytes: int = 25 << 20,
+    links: Links | None = None,
+    network_constants=None,
+    compute_scale: float = 1.0,
+) -> AutoPlan:
+    """The candidate with the least predicted step (see the module docstring), from ``table``'s layer times.
+
+    Deterministic: ranks given the same table choose the same plan. ``mp_sizes``: the group sizes to consider
+    (default: every divisor of ``world`` above 1)."""
+    if not isinstance(world, int) or isinstance(world, bool) or world < 1:
+        raise ValueError(f"world must be a positive integer, got {world!r}")
+    micro_batch = table.micro_batch if micro_batch is None else micro_batch
+    if mp_sizes is None:
+        mp_sizes = _divisors(world)
+    for m in mp_sizes:
+        if m < 1 or world % m:
+            raise ValueError(f"mp_size={m} does not divide the world size {world}")
+    mp_sizes = [m for m in mp_sizes if m > 1]
+    modules = dict(model.named_modules())
+    linears = {p for p, m in modules.items() if p and isinstance(m, nn.Linear)}
+    chains = _linear_chains(modules, linears)
+
+    def predict(strategy: str, m: int, plan: Plan) -> StepPrediction:
+        return predict_step(
+            model, table, plan.styles, strategy, world, m, micro_batch, reducer, bucket_bytes, links,
+            network_constants=network_constants, compute_scale=compute_scale,
+        )  # fmt: skip
+
+    results: dict[tuple[str, int, tuple[str, ...]], tuple[Candidate, Plan, StepPrediction]] = {}
+
+    def evaluate(m: int, sharded: tuple[int, ...]):
+        heads = tuple(chains[i][0] for i in sorted(sharded))
+        key = ("hybrid", m, heads) if sharded else ("dp", 1, ())
+        if key in results:
+            return results[key]
+        if not sharded:
+            plan = make_plan(model, "dp")
+        else:
+            rules = {p: "dp" for i, chain in enumerate(chains) if i not in sharded for p in chain}
+            plan = make_plan(model, "hybrid", rules)
+            try:
+                check_shardable(model, plan, m)
+            except ValueError:
+                results[key] = None
+                return None
+        step = predict(key[0], key[1], plan)
+        candidate = Candidate(key[0], key[1], heads, step.step_s, step.compute_s, step.exposed_communication_s)
+        results[key] = (candidate, plan, step)
+        return results[key]
+
+    evaluate(1, ())
+    for m in mp_sizes:
+        if len(chains) <= MAX_EXHAUSTIVE_CHAINS:
+            for count in range(1, len(chains) + 1):
+                for subset in itertools.combinations(range(len(chains)), count):
+                    evaluate(m, subset)
+        else:
+            current = set(range(len(chains)))
+            best = evaluate(m, tuple(current))
+            for i in range(len(chains)):
+                trial = evaluate(m, tuple(sorted(current ^ {i})))
+                if trial and (best is None or trial[0].step_s < best[0].step_s):
+                    current ^= {i}
+                    best = trial
+    found = [r for r in results.values() if r is not None]
+    found.sort(key=lambda r: (r[0].step_s, len(r[0].sharded), r[0].mp_size))
+    candidate, plan, step = found[0]
+    return AutoPlan(
+        plan.strategy,
+        dict(plan.styles),
+        dict(plan.parameters),
+        mp_size=candidate.mp_size,
+        prediction=step,
+        alternatives=[r[0] for r in found],
+    )
+
+
+def _needs_example(example_input) -> None:
+    if example_input is None:
+        raise ValueError(
+            "strategy='auto' needs example_input: a micro-batch as each rank will pass it (its batch size is the "
+            "micro-batch the step is predicted for); the layers are profiled on it"
+        )
+
+
+def plan_alone(model: nn.Module, example_input, world: int, rules=None) -> AutoPlan:
+    """``make_plan(model, "auto", example_input=..., world=...)``: profiled in this process, no agreement."""
+    _needs_example(example_input)
+    if rules:
+        raise ValueError("rules are not supported with strategy='auto'; use an explicit strategy with rules")
+    if world is None:
+        raise ValueError("make_plan(model, 'auto') needs world: the number of ranks the plan is for")
+    return choose_plan(model, profile_layers(model, example_input), world)
+
+
+def agree_on_times(table: LayerTable, world) -> LayerTable:
+    """Every layer's forward and backward seconds: the maximum over the ranks of ``world`` (a Communicator)."""
+    cpu = torch.device("cpu")
+    counts = world.run(lambda: world.block_counts(len(table.layers), cpu))
+    if len(set(counts)) > 1:
+        raise ValueError(f"strategy='auto': ranks profiled different numbers of layers {list(counts)}")
+    values = [v for r in table.layers.values() for v in (r.forward_s, r.backward_s)]
+    agreed = world.run(lambda: world._max_over_ranks(values)) if values else []
+    layers = {
+        path: replace(record, forward_s=agreed[2 * i], backward_s=agreed[2 * i + 1])
+        for i, (path, record) in enumerate(table.layers.items())
+    }
+    return LayerTable(table.micro_batch, table.device, layers)
+
+
+def check_same_plan(plan: AutoPlan, world) -> None:
+    """Raise on every rank if the ranks chose different plans (their fingerprints differ)."""
+    prints = world.run(lambda: world.block_counts(plan.fingerprint(), torch.device("cpu")))
+    if len(set(prints)) > 1:
+        raise RuntimeError(
+            f"strategy='auto' chose different plans on different ranks (fingerprints {[hex(p) for p in prints]}; "
+            f"this rank: {plan.strategy}, mp_size={plan.mp_size}); the ranks must decide from the same layer "
+            "times — pass an explicit strategy and mp_size"
+        )
+
+
+def plan_on_ranks(
+    model: nn.Module,
+    example_input,
+    groups,
+    mp_size: int | None,
+    rules,
+    reducer: str,
+    bucket_bytes: int,
+) -> AutoPlan:
+    """``parallelize(strategy="auto")``'s plan: profiled on every rank, times agreed, the choice checked."""
+    _needs_example(example_input)
+    if rules:
+        raise ValueError("rules are not supported with strategy='auto'; use an explicit strategy with rules")
+    if groups is None:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialized: call init_process_group first, or pass groups")
+        from hybrid_ext.comm import communicator
+
+        world_comm, world = communicator(None, torch.device("cpu")), dist.get_world_size()
+        mp_sizes = None if mp_size is None else [mp_size]
+    else:
+        world_comm, world = groups.world, groups.dims.world
+        mp_sizes = [groups.dims.mp]
+    table = agree_on_times(profile_layers(model, example_input), world_comm)
+    plan = choose_plan(model, table, world, mp_sizes=mp_sizes, reducer=reducer, bucket_bytes=bucket_bytes)
+    check_same_plan(plan, world_comm)
+    return plan
