@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from hybrid_ext.parallel.api import ParallelModel
-from hybrid_ext.parallel.optimizers import cut_state, gather_state
+from hybrid_ext.parallel.optimizers import cut_full_state, gather_state
 from hybrid_ext.parallel.shards import gather, group_of, sharded_state_dicts
 
 
@@ -52,8 +52,9 @@ def load_full_optimizer_state_dict(
     model: ParallelModel, optimizer: torch.optim.Optimizer, state: dict[str, Any]
 ) -> None:
     """Load a full (unwrapped-model) optimizer state dict into the optimizer of a parallel model."""
-    with sharded_state_dicts():
-        optimizer.load_state_dict(cut_state(optimizer, copy.deepcopy(state)))
+    with sharded_state_dicts():  # loaded as it is, then cut here: the same whether or not the optimizer has stepped
+        optimizer.load_state_dict(copy.deepcopy(state))
+    cut_full_state(optimizer)
 
 
 def full_grads(model: ParallelModel) -> dict[str, torch.Tensor | None]:

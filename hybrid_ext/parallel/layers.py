@@ -54,7 +54,7 @@ class ColumnParallelLinear(ShardedStateDictMixin, nn.Module):
             self.bias = shard_in_place(linear.bias, 0, comm)
         else:
             self.register_parameter("bias", None)
-        self.sharded_params = {"weight": 0} if linear.bias is None else {"weight": 0, "bias": 0}
+        self.sharded_params = {"weight": 0, "bias": 0}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.strategy == "hybrid":
@@ -122,7 +122,7 @@ class ChannelParallelConv2d(ShardedStateDictMixin, nn.Module):
             self.bias = shard_in_place(conv.bias, 0, comm)
         else:
             self.register_parameter("bias", None)
-        self.sharded_params = {"weight": 0} if conv.bias is None else {"weight": 0, "bias": 0}
+        self.sharded_params = {"weight": 0, "bias": 0}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = mappings.copy_to_group(x, self.comm)

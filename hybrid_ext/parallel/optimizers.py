@@ -16,7 +16,6 @@ a step post-hook also compares the replicas of the models it steps (:mod:`hybrid
 
 from __future__ import annotations
 
-import copy
 import weakref
 from typing import Any
 
@@ -65,8 +64,8 @@ def _params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 def _before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     known = _seen.get(optimizer)
-    params = _params(optimizer)
-    if known is None or known[0] != len(params):  # first step, or param groups added since
+    if known is None or known[0] != len(optimizer.param_groups):  # first step, or a param group added since
+        params = _params(optimizer)
         retired = [p.retired_by_hybrid_ext for p in params if hasattr(p, "retired_by_hybrid_ext")]
         if retired:
             raise RuntimeError(
@@ -74,7 +73,7 @@ def _before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> No
                 "they would never change the model; build the optimizer over model.parameters() after the wrap"
             )
         sharded = [p for p in params if shards.is_shard(p)]
-        known = (len(params), sharded)
+        known = (len(optimizer.param_groups), sharded)
         _seen[optimizer] = known
         if sharded and not getattr(optimizer, "_hybrid_ext_hooked", False):
             optimizer.register_state_dict_post_hook(_full_state_dict)
@@ -97,12 +96,16 @@ def _cut_state(entries: dict | None, param: torch.Tensor) -> None:
             entries[key] = shards.local_slice(value, param.shard_dim, param.shard_sizes, comm.rank).clone()
 
 
-def _cut_loaded_state(optimizer: torch.optim.Optimizer) -> None:
-    if shards.sharded_mode():
-        return
+def cut_full_state(optimizer: torch.optim.Optimizer) -> None:
+    """Cut the state of every shard the optimizer steps that still has the full parameter's shape."""
     for param in _params(optimizer):
         if shards.is_shard(param):
             _cut_state(optimizer.state.get(param), param)
+
+
+def _cut_loaded_state(optimizer: torch.optim.Optimizer) -> None:
+    if not shards.sharded_mode():
+        cut_full_state(optimizer)
 
 
 def gather_state(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -120,24 +123,6 @@ def gather_state(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -
             for key, value in entries.items()
         }
     return out
-
-
-def cut_state(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
-    """A full optimizer state dict (as over the plain model) with each shard's tensors cut to this rank's."""
-    index_to_param = dict(enumerate(_params(optimizer)))
-    local = copy.copy(state_dict)
-    local["state"] = {}
-    for index, entries in state_dict["state"].items():
-        param = index_to_param[int(index)]
-        comm = shards.group_of(param)
-        full = tuple(getattr(param, "full_shape", param.shape))
-        local["state"][index] = {
-            key: shards.local_slice(value, param.shard_dim, param.shard_sizes, comm.rank).clone()
-            if comm is not None and torch.is_tensor(value) and tuple(value.shape) == full
-            else value
-            for key, value in entries.items()
-        }
-    return local
 
 
 def _full_state_dict(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:

@@ -146,7 +146,8 @@ def sharded_state_dicts() -> Iterator[None]:
 class ShardedStateDictMixin:
     """For sharded layers: the state dict holds full tensors (gathered), and loading cuts them again.
 
-    ``sharded_params`` maps each sharded parameter's name to its dim; ``sizes`` and ``comm`` are the layer's.
+    ``sharded_params`` maps each sharded parameter's name to its dim (a name without a parameter, a bias the layer
+    does not have, is skipped); ``sizes`` and ``comm`` are the layer's.
     The layer keeps this knowledge itself (copies of it, such as an EMA's deep copy, have plain parameters).
     """
 
