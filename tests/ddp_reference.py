@@ -21,11 +21,14 @@ def model() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
 
 
-def train_ddp(rank: int, p: int, use_hook: bool) -> dict:
-    """4 steps under DDP on the default group (``use_hook``: reduced by the butterfly comm hook)."""
+def train_ddp(rank: int, p: int, use_hook: bool, device: torch.device | None = None) -> dict:
+    """4 steps under DDP on the default group (``use_hook``: reduced by the butterfly comm hook), on ``device``
+    (default: the CPU)."""
     hybrid_ext.set_check(True)
+    device = torch.device("cpu") if device is None else device
     # Small buckets: several reductions per backward, overlapping it.
-    ddp = DDP(model(), bucket_cap_mb=0.001)
+    device_ids = [device.index] if device.type == "cuda" else None
+    ddp = DDP(model().to(device), device_ids=device_ids, bucket_cap_mb=0.001)
     if use_hook:
         ddp.register_comm_hook(ButterflyHookState(algorithm="auto"), butterfly_hook)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
@@ -34,10 +37,10 @@ def train_ddp(rank: int, p: int, use_hook: bool) -> dict:
         for _ in range(4):
             x, y = torch.randn(8, 16, generator=g), torch.randn(8, 4, generator=g)
             optimizer.zero_grad()
-            torch.nn.functional.mse_loss(ddp(x), y).backward()
+            torch.nn.functional.mse_loss(ddp(x.to(device)), y.to(device)).backward()
             optimizer.step()
     return {
-        "params": [p.detach().clone() for p in ddp.module.parameters()],
+        "params": [p.detach().to("cpu", copy=True) for p in ddp.module.parameters()],
         "backend": dist.get_backend(),
         "butterfly_calls": len(records),
         "transports": sorted({r.transport for r in records}),

@@ -247,35 +247,12 @@ def test_the_partitioner_on_nccl_equals_the_reference(spawn_ranks, strategy):
 
 
 def _ddp_rank(rank: int, world: int, use_hook: bool) -> dict:
-    """DDP on CUDA: 4 steps of tests/ddp_reference.py's model, reduced by the default group's backend (the
-    ``butterfly`` one) or by the butterfly comm hook."""
-    import torch.distributed as dist
-    from ddp_reference import model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    import hybrid_ext
-    from hybrid_ext.integrations.torch import ButterflyHookState, butterfly_hook
+    """DDP on CUDA: tests/ddp_reference.py's 4 steps, reduced by the default group's backend (the ``butterfly``
+    one) or by the butterfly comm hook."""
+    from ddp_reference import train_ddp
 
     _tf32_off()
-    hybrid_ext.set_check(True)
-    device = torch.device("cuda", torch.cuda.current_device())
-    ddp = DDP(model().to(device), device_ids=[device.index], bucket_cap_mb=0.001)
-    if use_hook:
-        ddp.register_comm_hook(ButterflyHookState(algorithm="auto"), butterfly_hook)
-    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
-    g = torch.Generator().manual_seed(rank)
-    with hybrid_ext.metrics.capture() as records:
-        for _ in range(4):
-            x, y = torch.randn(8, 16, generator=g), torch.randn(8, 4, generator=g)
-            optimizer.zero_grad()
-            torch.nn.functional.mse_loss(ddp(x.to(device)), y.to(device)).backward()
-            optimizer.step()
-    return {
-        "params": [p.detach().cpu() for p in ddp.module.parameters()],
-        "backend": dist.get_backend(),
-        "butterfly_calls": len(records),
-        "transports": sorted({r.transport for r in records}),
-    }
+    return train_ddp(rank, world, use_hook, torch.device("cuda", torch.cuda.current_device()))
 
 
 def _assert_ddp_equals_the_reference(results: list[dict], world: int) -> None:
