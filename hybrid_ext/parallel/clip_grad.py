@@ -36,13 +36,17 @@ def total_grad_norm(
     """
     params = [parameters] if torch.is_tensor(parameters) else list(parameters)
     norm_type = float(norm_type)
-    whole = [p.grad for p in params if p.grad is not None and not shards.is_shard(p)]
-    by_group: dict[int, tuple] = {}
+    whole: list[torch.Tensor] = []
+    by_group: dict[int, tuple] = {}  # shards' gradients by their communicator, in the order parameters come
     for p in params:
-        if p.grad is not None and shards.is_shard(p):
-            comm = shards.group_of(p)
+        if p.grad is None:
+            continue
+        comm = shards.group_of(p)
+        if comm is None:
+            whole.append(p.grad)
+        else:
             by_group.setdefault(id(comm), (comm, []))[1].append(p.grad)
-    device = next((g.device for g in [*whole, *(gs[0] for _, gs in by_group.values())]), torch.device("cpu"))
+    device = next((p.grad.device for p in params if p.grad is not None), torch.device("cpu"))
     total = _norm(whole, norm_type, foreach, device)
     for comm, grads in by_group.values():  # in the order the parameters come, the same on every rank
         part = _norm(grads, norm_type, foreach, device)
