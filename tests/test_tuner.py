@@ -199,19 +199,26 @@ def test_bad_tune_setting_is_named(monkeypatch):
 # ------------------------------------------------------------------ real ranks
 
 
-def _tuned_rank(rank: int, world: int, calls: int, count: int) -> dict:
+def _sum_calls(rank: int, world: int, calls: int, count: int) -> tuple[list, bool, torch.Tensor]:
+    """``calls`` sum-allreduces of known vectors: each call's last metrics record, whether every result was exact,
+    and the last result."""
     import hybrid_ext
     from hybrid_ext.comm import metrics
 
-    ran, exact = [], True
+    last, exact = [], True
     for i in range(calls):
         x = torch.arange(count, dtype=torch.float32) * (rank + 1) + i
         expected = torch.arange(count, dtype=torch.float32) * sum(range(1, world + 1)) + i * world
         with metrics.capture() as records:
             hybrid_ext.allreduce(x)
-        ran.append(records[-1].algorithm)
+        last.append(records[-1])
         exact = exact and torch.equal(x, expected)
-    return {"ran": ran, "exact": exact}
+    return last, exact, x
+
+
+def _tuned_rank(rank: int, world: int, calls: int, count: int) -> dict:
+    last, exact, _ = _sum_calls(rank, world, calls, count)
+    return {"ran": [r.algorithm for r in last], "exact": exact}
 
 
 @pytest.mark.timeout(180)
@@ -360,22 +367,16 @@ class _DelayedNative:
 
 def _native_against_schedules_rank(rank: int, world: int, slowed: str, calls: int, count: int) -> dict:
     import hybrid_ext
-    from hybrid_ext.comm import communicator, metrics
+    from hybrid_ext.comm import communicator
 
     comm = communicator()
     if slowed == "schedules":
         comm.transport = _DelayedTransport(comm.transport, 0.02)
     else:
         comm.native = _DelayedNative(comm.native, 0.05)
-    ran, transports, exact = [], set(), True
-    for i in range(calls):
-        x = torch.arange(count, dtype=torch.float32) * (rank + 1) + i
-        expected = torch.arange(count, dtype=torch.float32) * sum(range(1, world + 1)) + i * world
-        with metrics.capture() as records:
-            hybrid_ext.allreduce(x)
-        ran.append(records[-1].algorithm)
-        transports.add((records[-1].algorithm, records[-1].transport))
-        exact = exact and torch.equal(x, expected)
+    last, exact, x = _sum_calls(rank, world, calls, count)
+    ran = [r.algorithm for r in last]
+    transports = {(r.algorithm, r.transport) for r in last}
     avg = torch.full((count,), float(rank))
     hybrid_ext.allreduce(avg, op="avg")
     exact = exact and torch.equal(avg, torch.full((count,), sum(range(world)) / world))
