@@ -62,7 +62,7 @@ def _reduce_max(dst: torch.Tensor, src: torch.Tensor) -> None:
     torch.maximum(dst, src, out=dst)
 
 
-REDUCERS: dict[str, Callable[[torch.Tensor, torch.Tensor], None]] = {
+REDUCE_FNS: dict[str, Callable[[torch.Tensor, torch.Tensor], None]] = {
     "sum": _reduce_sum,
     "avg": _reduce_sum,  # divided by the group size once at the end
     "min": _reduce_min,
@@ -92,7 +92,7 @@ def execute(
     if wire is not None:
         _execute_narrow_wire(plan, buffer, transport, op, wire)
         return
-    reduce = REDUCERS[op]
+    reduce = REDUCE_FNS[op]
     for index, step in enumerate(plan.steps):
         send = buffer[step.send[0] : step.send[1]] if step.send is not None else None
         recv = None
@@ -130,7 +130,7 @@ class WireStaging:
 
 
 def _execute_narrow_wire(plan: Plan, buffer: torch.Tensor, transport: Transport, op: str, wire: WireStaging) -> None:
-    reduce = REDUCERS[op]
+    reduce = REDUCE_FNS[op]
     for index, step in enumerate(plan.steps):
         send = recv = None
         own = None

@@ -13,7 +13,7 @@ from hybrid_ext.parallel.checkpoint import (
 )
 from hybrid_ext.parallel.clip_grad import clip_grad_norm_
 from hybrid_ext.parallel.dims import Groups, ParallelDims, torch_groups
-from hybrid_ext.parallel.plan import Plan, make_plan
+from hybrid_ext.parallel.plan import PartitionPlan, make_plan
 from hybrid_ext.parallel.replicas import ReplicaDivergenceError
 from hybrid_ext.parallel.shards import sharded_state_dicts
 
@@ -21,7 +21,7 @@ __all__ = [
     "Groups",
     "ParallelDims",
     "ParallelModel",
-    "Plan",
+    "PartitionPlan",
     "ReplicaDivergenceError",
     "clip_grad_norm_",
     "full_grads",

@@ -64,7 +64,7 @@ class ParallelModel(nn.Module):
     def __init__(
         self,
         module: nn.Module,
-        plan: plan_module.Plan,
+        plan: plan_module.PartitionPlan,
         groups: Groups,
         reducer: GradientReducer,
         host_reduces_data_parallel: bool = False,

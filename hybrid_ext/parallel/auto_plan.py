@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from hybrid_ext.parallel.layer_profile import LayerTable, profile_layers
-from hybrid_ext.parallel.plan import Plan, _linear_chains, check_shardable, make_plan
+from hybrid_ext.parallel.plan import PartitionPlan, _linear_chains, check_shardable, make_plan
 from hybrid_ext.parallel.step_model import StepPrediction, predict_step
 from hybrid_ext.parallel.step_traffic import Links
 
@@ -54,7 +54,7 @@ class Candidate:
 
 
 @dataclass
-class AutoPlan(Plan):
+class AutoPlan(PartitionPlan):
     """The chosen plan (``strategy`` is what it amounts to: ``dp`` or ``hybrid``), its prediction and the others."""
 
     mp_size: int = 1
@@ -138,13 +138,13 @@ def choose_plan(
     linears = {p for p, m in modules.items() if p and isinstance(m, nn.Linear)}
     chains = _linear_chains(modules, linears)
 
-    def predict(strategy: str, m: int, plan: Plan) -> StepPrediction:
+    def predict(strategy: str, m: int, plan: PartitionPlan) -> StepPrediction:
         return predict_step(
             model, table, plan.styles, strategy, world, m, micro_batch, reducer, bucket_bytes, links,
             network_constants=network_constants, compute_scale=compute_scale,
         )  # fmt: skip
 
-    results: dict[tuple[str, int, tuple[str, ...]], tuple[Candidate, Plan, StepPrediction]] = {}
+    results: dict[tuple[str, int, tuple[str, ...]], tuple[Candidate, PartitionPlan, StepPrediction]] = {}
 
     def evaluate(m: int, sharded: tuple[int, ...]):
         heads = tuple(chains[i][0] for i in sorted(sharded))

@@ -49,7 +49,7 @@ ELEMENTWISE = (
 
 
 @dataclass
-class Plan:
+class PartitionPlan:
     strategy: str
     styles: dict[str, str] = field(default_factory=dict)  # module path -> style, in module order
     parameters: dict[str, int] = field(default_factory=dict)  # module path -> parameter count
@@ -125,7 +125,7 @@ def make_plan(
     rules: dict[str, str] | None = None,
     example_input=None,
     world: int | None = None,
-) -> Plan:
+) -> PartitionPlan:
     """Decide every parameterised layer's style (see the module docstring). Nothing is changed.
 
     With ``example_input`` (a batch the model accepts), a Linear is sharded only if it has at least
@@ -162,7 +162,7 @@ def make_plan(
                     "hybrid-ext can shard nn.Linear and nn.Conv2d layers only"
                 )
 
-    plan = Plan(strategy)
+    plan = PartitionPlan(strategy)
     scores = params_per_flop(model, example_input) if example_input is not None else {}
     wants_mp: dict[str, bool] = {}
     for path, module in modules.items():
@@ -232,7 +232,7 @@ def _preceding_sibling(path: str, modules: dict[str, nn.Module]) -> str | None:
     return f"{parent_path}.{names[index - 1]}" if parent_path else names[index - 1]
 
 
-def check_shardable(model: nn.Module, plan: Plan, mp_size: int) -> None:
+def check_shardable(model: nn.Module, plan: PartitionPlan, mp_size: int) -> None:
     """Refuse, naming the layer, a plan whose shards would be empty: a split dimension smaller than ``mp_size``.
 
     Runs before anything is sharded or communicated (every rank reaches the same verdict on its own)."""
