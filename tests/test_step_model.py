@@ -99,7 +99,7 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="mp_size=3 does not divide the world size 4"):
         step_transfers(model, table, styles, "hybrid", 4, 3, 0, B)
     with pytest.raises(ValueError, match="unknown reducer 'fast'"):
-        gradient_transfers(model, styles, "hybrid", 4, 2, 0, reducer="fast")
+        gradient_transfers(model, styles, "hybrid", 4, 2, 0, grad_algorithm="fast")
     with pytest.raises(ValueError, match="unknown strategy 'auto'"):
         predict_step(model, table, styles, "auto", 4, 2, B)
 

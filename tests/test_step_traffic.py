@@ -95,7 +95,7 @@ def test_predicted_bytes_equal_measured(spawn_ranks, strategy, world, mp_size, b
             mp_size or world,
             rank,
             MICRO_BATCH,
-            reducer=reducer,
+            grad_algorithm=reducer,
             bucket_bytes=int(bucket_mb * (1 << 20)),
             links=Links("shm"),
         )

@@ -65,7 +65,7 @@ MAX_WARMUP_STEPS = 100  # a bound on the tuner's warm-up (a model with many buck
 
 
 def _train_rank(
-    rank, world, model_name, strategy, reducer, mp_size, steps, warmup, micro_batch, size, mirror, device="cpu"
+    rank, world, model_name, strategy, grad_algorithm, mp_size, steps, warmup, micro_batch, size, mirror, device="cpu"
 ):
     import hybrid_ext
     from hybrid_ext.train.device import this_rank_device
@@ -75,8 +75,8 @@ def _train_rank(
     if mirror:  # no messages move, so ranks cannot compare fingerprints either
         hybrid_ext.set_check(False)
     model = hybrid_ext.parallelize(
-        build_model(model_name).to(where), strategy=strategy, reducer=reducer, mp_size=None if mirror else mp_size,
-        groups=groups, sync_initial_weights=not mirror,
+        build_model(model_name).to(where), strategy=strategy, reducer=grad_algorithm,
+        mp_size=None if mirror else mp_size, groups=groups, sync_initial_weights=not mirror,
     )  # fmt: skip
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     batch = micro_batch * world if strategy == "mp" else micro_batch
@@ -125,7 +125,7 @@ def run_train_bench(
     from hybrid_ext.train.device import local_rank_and_size, this_job_backend
 
     rows = []
-    for label, strategy, reducer in runs:
+    for label, strategy, grad_algorithm in runs:
         mirror = label == "compute-only"
         if launched():  # this process is one rank of the launcher's job
             import torch.distributed as dist
@@ -134,14 +134,14 @@ def run_train_bench(
                 dist.init_process_group(this_job_backend(device, local_rank_and_size()[1]))
             torch.set_num_threads(1)
             world = dist.get_world_size()
-            mine = _train_rank(dist.get_rank(), world, model, strategy, reducer, mp_size, steps, 2, micro_batch,
+            mine = _train_rank(dist.get_rank(), world, model, strategy, grad_algorithm, mp_size, steps, 2, micro_batch,
                                size, mirror, device)  # fmt: skip
             results: list = [None] * world
             dist.all_gather_object(results, mine)
         else:
             results = spawn(
-                _train_rank, world, model, strategy, reducer, mp_size, steps, 2, micro_batch, size, mirror, device,
-                backend=None if mirror else this_job_backend(device, world), timeout=1800,
+                _train_rank, world, model, strategy, grad_algorithm, mp_size, steps, 2, micro_batch, size, mirror,
+                device, backend=None if mirror else this_job_backend(device, world), timeout=1800,
             )  # fmt: skip
         per_step = [max(ts) for ts in zip(*(r["times"] for r in results))]
         step = statistics.median(per_step)
@@ -185,8 +185,8 @@ def main(args) -> int:
         if label == "compute-only":
             runs.append((label, "hybrid", "butterfly"))
         else:
-            strategy, _, reducer = label.partition("-")
-            runs.append((label, strategy, reducer or "butterfly"))
+            strategy, _, grad_algorithm = label.partition("-")
+            runs.append((label, strategy, grad_algorithm or "butterfly"))
     from hybrid_ext.bench.allreduce import launched
 
     if getattr(args, "hosts", None):

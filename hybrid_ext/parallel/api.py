@@ -47,15 +47,13 @@ from hybrid_ext.parallel import clip_grad, optimizers, replicas, shards
 from hybrid_ext.parallel import plan as plan_module
 from hybrid_ext.parallel.dims import Groups, ParallelDims, torch_groups
 from hybrid_ext.parallel.layers import BatchSplit, ChannelParallelConv2d, ColumnParallelLinear, RowParallelLinear
-from hybrid_ext.parallel.reducer import GradientReducer, ReduceGroup
+from hybrid_ext.parallel.reducer import GRAD_ALGORITHMS, GradientReducer, ReduceGroup
 from hybrid_ext.parallel.replicated_buffers import (
     broadcast_from_first,
     replace_buffers_with_first_ranks,
     syncable_buffers,
 )
 from hybrid_ext.parallel.sync_batchnorm import convert_sync_batchnorm
-
-REDUCERS = ("butterfly", "auto", "rabenseifner", "recursive_doubling", "ring", "native")
 
 
 class ParallelModel(nn.Module):
@@ -217,8 +215,8 @@ def parallelize(
     running statistics) identical on every replica after each training forward, from the first rank (DDP's
     option of that name; see :mod:`hybrid_ext.parallel.replicated_buffers`).
     """
-    if reducer not in REDUCERS:
-        raise ValueError(f"unknown reducer {reducer!r}; choose one of {', '.join(REDUCERS)}")
+    if reducer not in GRAD_ALGORITHMS:
+        raise ValueError(f"unknown reducer {reducer!r}; choose one of {', '.join(GRAD_ALGORITHMS)}")
     if mp_size is not None and (isinstance(mp_size, bool) or not isinstance(mp_size, int) or mp_size < 1):
         raise ValueError(f"mp_size must be a positive integer (or None: all ranks), got {mp_size!r}")
     if strategy == "auto":  # the plan with the least predicted step, agreed by every rank (see auto_plan)

@@ -115,7 +115,7 @@ def choose_plan(
     world: int,
     micro_batch: int | None = None,
     mp_sizes: list[int] | tuple[int, ...] | None = None,
-    reducer: str = "butterfly",
+    grad_algorithm: str = "butterfly",
     bucket_bytes: int = 25 << 20,
     links: Links | None = None,
     network_constants=None,
@@ -140,7 +140,7 @@ def choose_plan(
 
     def predict(strategy: str, m: int, plan: PartitionPlan) -> StepPrediction:
         return predict_step(
-            model, table, plan.styles, strategy, world, m, micro_batch, reducer, bucket_bytes, links,
+            model, table, plan.styles, strategy, world, m, micro_batch, grad_algorithm, bucket_bytes, links,
             network_constants=network_constants, compute_scale=compute_scale,
         )  # fmt: skip
 
@@ -243,7 +243,7 @@ def plan_on_ranks(
     groups,
     mp_size: int | None,
     rules,
-    reducer: str,
+    grad_algorithm: str,
     bucket_bytes: int,
 ) -> AutoPlan:
     """``parallelize(strategy="auto")``'s plan: profiled on every rank, times agreed, the choice checked."""
@@ -263,6 +263,6 @@ def plan_on_ranks(
         world_comm, world = groups.world, groups.dims.world
         mp_sizes = [groups.dims.mp]
     table = agree_on_times(profile_layers(model, example_input), world_comm)
-    plan = choose_plan(model, table, world, mp_sizes=mp_sizes, reducer=reducer, bucket_bytes=bucket_bytes)
+    plan = choose_plan(model, table, world, mp_sizes=mp_sizes, grad_algorithm=grad_algorithm, bucket_bytes=bucket_bytes)
     check_same_plan(plan, world_comm)
     return plan

@@ -53,6 +53,10 @@ from torch import nn
 
 from hybrid_ext.comm import Communicator, Handle, allreduce_coalesced_async
 
+# What ``parallelize(reducer=...)`` accepts: the gradient all-reduce algorithm ("auto" lets the communicator
+# choose; "native" is the host framework's own allreduce).
+GRAD_ALGORITHMS = ("butterfly", "auto", "rabenseifner", "recursive_doubling", "ring", "native")
+
 
 @dataclass
 class ReduceGroup:

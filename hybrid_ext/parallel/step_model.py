@@ -187,7 +187,7 @@ def _predict_rank(
     mp_size: int,
     rank: int,
     micro_batch: int,
-    reducer: str,
+    grad_algorithm: str,
     bucket_bytes: int,
     links: Links,
     constants: CostModel | None,
@@ -197,7 +197,7 @@ def _predict_rank(
     m = mp_size if strategy in ("hybrid", "mp") else 1
     modules = dict(model.named_modules())
     transfers = step_transfers(
-        model, table, styles, strategy, world, mp_size, rank, micro_batch, reducer, bucket_bytes, links
+        model, table, styles, strategy, world, mp_size, rank, micro_batch, grad_algorithm, bucket_bytes, links
     )
     seconds = {id(t): transfer_seconds(t, links, constants, network_constants) for t in transfers}
     prediction = StepPrediction(strategy, world, mp_size, micro_batch, rank)
@@ -247,7 +247,7 @@ def predict_step(
     world: int,
     mp_size: int | None,
     micro_batch: int,
-    reducer: str = "butterfly",
+    grad_algorithm: str = "butterfly",
     bucket_bytes: int = 25 << 20,
     links: Links | None = None,
     constants: CostModel | None = None,
@@ -270,8 +270,8 @@ def predict_step(
         raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
     predictions = [
         _predict_rank(
-            model, table, styles, strategy, world, mp_size, r, micro_batch, reducer, bucket_bytes, links, constants,
-            network_constants, compute_scale,
+            model, table, styles, strategy, world, mp_size, r, micro_batch, grad_algorithm, bucket_bytes, links,
+            constants, network_constants, compute_scale,
         )
         for r in range(world)
     ]  # fmt: skip

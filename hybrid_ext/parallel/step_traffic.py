@@ -60,10 +60,10 @@ from hybrid_ext.comm.hierarchy import (
 from hybrid_ext.comm.schedule import Plan, plan_allgather, plan_allreduce, plan_reduce_scatter
 from hybrid_ext.parallel.layer_profile import LayerTable
 from hybrid_ext.parallel.mappings import shard_sizes
+from hybrid_ext.parallel.reducer import GRAD_ALGORITHMS
 
 SHARDED_LINEAR = ("column", "column_last", "row")
 COUNT_ITEMSIZE = 8  # the row counts travel as int64
-REDUCERS = ("butterfly", "auto", "rabenseifner", "recursive_doubling", "ring", "native")
 
 
 @dataclass(frozen=True)
@@ -332,20 +332,20 @@ def gradient_transfers(
     world: int,
     mp_size: int,
     rank: int,
-    reducer: str = "butterfly",
+    grad_algorithm: str = "butterfly",
     bucket_bytes: int = 25 << 20,
     links: Links | None = None,
 ) -> list[Transfer]:
     """The gradient all-reduces of one step, in the order the reducer launches them (see the module docstring)."""
     links = links or Links()
-    if reducer not in REDUCERS:
-        raise ValueError(f"unknown reducer {reducer!r}; choose one of {', '.join(REDUCERS)}")
+    if grad_algorithm not in GRAD_ALGORITHMS:
+        raise ValueError(f"unknown reducer {grad_algorithm!r}; choose one of {', '.join(GRAD_ALGORITHMS)}")
     if strategy == "mp":
         return []  # every rank computes the same loss: nothing to combine
     m = mp_size if strategy == "hybrid" else 1
     params = _parameters_after_wrap(model, styles if strategy == "hybrid" else {}, m, rank % m)
     position = {id(p): i for i, p in enumerate(params)}
-    algorithm = "butterfly" if reducer in ("butterfly", "auto") else reducer
+    algorithm = "butterfly" if grad_algorithm in ("butterfly", "auto") else grad_algorithm
     groups = [("replicated", [p for p in params if not p.sharded], links.group(list(range(world)), rank))]
     if strategy == "hybrid":
         replicas = list(range(rank % m, world, m))  # the ranks holding this rank's shards (dims.dp_group_of)
@@ -375,7 +375,7 @@ def step_transfers(
     mp_size: int,
     rank: int,
     micro_batch: int,
-    reducer: str = "butterfly",
+    grad_algorithm: str = "butterfly",
     bucket_bytes: int = 25 << 20,
     links: Links | None = None,
 ) -> list[Transfer]:
@@ -402,5 +402,5 @@ def step_transfers(
     ]
     forward = [t for t in per_layer if t.phase == "forward"]
     backward = [t for t in reversed(per_layer) if t.phase == "backward"]
-    gradients = gradient_transfers(model, styles, strategy, world, mp_size, rank, reducer, bucket_bytes, links)
+    gradients = gradient_transfers(model, styles, strategy, world, mp_size, rank, grad_algorithm, bucket_bytes, links)
     return forward + backward + gradients

@@ -25,7 +25,7 @@ from hybrid_ext.train.device import this_job_backend
 from hybrid_ext.train.loop import TrainConfig, train
 
 DEFAULT_RUNS = (("dp", "native"), ("dp", "butterfly"), ("mp", "butterfly"), ("hybrid", "butterfly"), ("hybrid", "ring"))
-REDUCERS = ("butterfly", "ring", "native")
+DEMO_GRAD_ALGORITHMS = ("butterfly", "ring", "native")
 
 
 def _demo_rank(rank: int, world: int, config: TrainConfig) -> dict:
@@ -34,7 +34,7 @@ def _demo_rank(rank: int, world: int, config: TrainConfig) -> dict:
 
 def runs_from_args(args) -> list[tuple[str, str]]:
     if args.all:
-        return [(s, r) for s in STRATEGIES for r in REDUCERS]
+        return [(s, r) for s in STRATEGIES for r in DEMO_GRAD_ALGORITHMS]
     if args.strategies or args.reducers:
         strategies = args.strategies.split(",") if args.strategies else ["dp", "hybrid"]
         reducers = args.reducers.split(",") if args.reducers else ["butterfly"]

@@ -13,7 +13,7 @@ import argparse
 import dataclasses
 from typing import Any
 
-from hybrid_ext.parallel.api import REDUCERS
+from hybrid_ext.parallel.api import GRAD_ALGORITHMS
 from hybrid_ext.parallel.plan import STRATEGIES
 from hybrid_ext.train.device import add_device_argument
 from hybrid_ext.train.loop import TrainConfig
@@ -31,14 +31,14 @@ _OPTIONS = (
     "max_steps",
     "device",
 )
-RECIPE_REDUCERS = tuple(r for r in REDUCERS if r != "auto")  # a recipe names the reduction it runs
+RECIPE_GRAD_ALGORITHMS = tuple(r for r in GRAD_ALGORITHMS if r != "auto")  # a recipe names the reduction it runs
 
 
 def add_train_arguments(parser: argparse.ArgumentParser, **defaults: Any) -> None:
     """Add the options of :class:`TrainConfig` a recipe exposes; ``defaults`` override TrainConfig's own."""
     base = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | defaults
     parser.add_argument("--strategy", choices=STRATEGIES, default=base["strategy"])
-    parser.add_argument("--reducer", choices=RECIPE_REDUCERS, default=base["reducer"])
+    parser.add_argument("--reducer", choices=RECIPE_GRAD_ALGORITHMS, default=base["reducer"])
     parser.add_argument(
         "--mp-size", type=int, default=base["mp_size"], help="model-parallel group size (default: all ranks)"
     )

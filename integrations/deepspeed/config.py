@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from hybrid_ext.parallel.api import REDUCERS
+from hybrid_ext.parallel.api import GRAD_ALGORITHMS
 from hybrid_ext.parallel.plan import STRATEGIES
 
 SECTION = "hybrid_ext"
@@ -48,8 +48,9 @@ class HybridSection:
         if unknown:
             raise ValueError(f'unknown key(s) {unknown} in the ds_config "{SECTION}" section; allowed: {allowed}')
         section = cls(**raw)
-        if section.reducer not in REDUCERS:
-            raise ValueError(f'"{SECTION}.reducer" must be one of {", ".join(REDUCERS)}; got {section.reducer!r}')
+        if section.reducer not in GRAD_ALGORITHMS:
+            choices = ", ".join(GRAD_ALGORITHMS)
+            raise ValueError(f'"{SECTION}.reducer" must be one of {choices}; got {section.reducer!r}')
         if section.strategy not in STRATEGIES:
             raise ValueError(f'"{SECTION}.strategy" must be one of {", ".join(STRATEGIES)}; got {section.strategy!r}')
         mp_size = section.mp_size

@@ -47,7 +47,7 @@ from hybrid_ext.integrations.deepspeed import grad_reduction
 from hybrid_ext.integrations.deepspeed.batch import batch_settings_for_hybrid, sample_loader
 from hybrid_ext.integrations.deepspeed.config import SECTION, HybridSection, split_config
 from hybrid_ext.integrations.deepspeed.mpu import GridMPU, mark_model_parallel
-from hybrid_ext.parallel.api import REDUCERS, ParallelModel, parallelize
+from hybrid_ext.parallel.api import GRAD_ALGORITHMS, ParallelModel, parallelize
 from hybrid_ext.parallel.dims import Groups, ParallelDims, torch_groups
 
 ALGORITHM_ENV = "HYBRID_EXT_ALGO"
@@ -59,8 +59,8 @@ DEEPSPEED_PRIVATE = {"deepspeed.utils.groups": ("mpu",)}
 
 def backend_for(reducer: str) -> str | None:
     """The torch.distributed backend for a reducer: ``butterfly``, or None (DeepSpeed's own for the device)."""
-    if reducer not in REDUCERS:
-        raise ValueError(f"unknown reducer {reducer!r}; choose one of {', '.join(REDUCERS)}")
+    if reducer not in GRAD_ALGORITHMS:
+        raise ValueError(f"unknown reducer {reducer!r}; choose one of {', '.join(GRAD_ALGORITHMS)}")
     return None if reducer == "native" else BUTTERFLY_BACKEND
 
 

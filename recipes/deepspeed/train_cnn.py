@@ -24,7 +24,7 @@ from hybrid_ext.integrations import deepspeed as hx_deepspeed
 from hybrid_ext.integrations.deepspeed.config import STRATEGIES, HybridSection, split_config
 from hybrid_ext.integrations.deepspeed.engine import zero_stage_of
 from hybrid_ext.launch import report_result
-from hybrid_ext.parallel.api import REDUCERS
+from hybrid_ext.parallel.api import GRAD_ALGORITHMS
 from hybrid_ext.train.device import add_device_argument, cuda_facts, resolve_device
 from hybrid_ext.train.loop import TrainConfig, train
 from hybrid_ext.train.recipe_cli import summary_line
@@ -35,7 +35,7 @@ def parse_args() -> tuple[TrainConfig, dict, HybridSection]:
     defaults = TrainConfig()
     parser.add_argument("--deepspeed_config", required=True, help="ds_config JSON (with a hybrid_ext section)")
     parser.add_argument("--strategy", choices=STRATEGIES, default=None, help="overrides hybrid_ext.strategy")
-    parser.add_argument("--reducer", choices=REDUCERS, default=None, help="overrides hybrid_ext.reducer")
+    parser.add_argument("--reducer", choices=GRAD_ALGORITHMS, default=None, help="overrides hybrid_ext.reducer")
     parser.add_argument("--mp-size", type=int, default=None, help="overrides hybrid_ext.mp_size")
     parser.add_argument("--model", default=defaults.model, help="digits_alexnet, alexnet, vgg11")
     parser.add_argument("--data", default=None, help="ImageFolder / CIFAR-10 folder (default: embedded digits)")
