@@ -50,10 +50,16 @@ CASES = [
     ("gather-scalar", lambda t: hybrid_ext.allgather(t.sum()), {}, ValueError, "at least one dimension"),
     ("gather-counts-len", lambda t: hybrid_ext.allgather(t, counts=(4,)), {}, ValueError, "needs 2 non-negative"),
     ("gather-counts-own", lambda t: hybrid_ext.allgather(t, counts=(1, 1)), {}, ValueError, "gives rank"),
-    ("scatter-counts-len", lambda t: hybrid_ext.reduce_scatter(t, (4,)), {}, ValueError, "needs 2 non-negative"),
-    ("scatter-counts-sum", lambda t: hybrid_ext.reduce_scatter(t, (1, 1)), {}, ValueError, "add up to 2 rows"),
-    ("scatter-counts-type", lambda t: hybrid_ext.reduce_scatter(t, "22"), {}, TypeError, "counts must be a"),
-    ("scatter-algorithm", lambda t: hybrid_ext.reduce_scatter(t, (2, 2), algorithm="x"), {}, ValueError, "scatter"),
+    ("scatter-counts-len", lambda t: hybrid_ext.reduce_scatter(t, counts=(4,)), {}, ValueError, "needs 2 non-negative"),
+    ("scatter-counts-sum", lambda t: hybrid_ext.reduce_scatter(t, counts=(1, 1)), {}, ValueError, "add up to 2 rows"),
+    ("scatter-counts-type", lambda t: hybrid_ext.reduce_scatter(t, counts="22"), {}, TypeError, "counts must be a"),
+    (
+        "scatter-algorithm",
+        lambda t: hybrid_ext.reduce_scatter(t, counts=(2, 2), algorithm="x"),
+        {},
+        ValueError,
+        "scatter",
+    ),
     # Cross-rank: each rank's call is fine alone; check mode names the ranks and what each passed.
     (
         "ranks-disagree",

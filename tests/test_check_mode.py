@@ -55,7 +55,7 @@ def _named_forms(rank: int, p: int) -> dict:
     out["async"] = handle.wait(timeout=60).tolist()
     out["coalesced"] = [t.tolist() for t in hybrid_ext.allreduce_coalesced([torch.ones(2), torch.ones(3)], name="c")]
     out["gather"] = hybrid_ext.allgather(torch.full((1, 2), float(rank)), name="g").tolist()
-    out["scatter"] = hybrid_ext.reduce_scatter(torch.ones(p, 2), (1,) * p, name="s").tolist()
+    out["scatter"] = hybrid_ext.reduce_scatter(torch.ones(p, 2), counts=(1,) * p, name="s").tolist()
     try:
         hybrid_ext.allgather(torch.ones(1, 2), name=f"gather-{rank}")
     except hybrid_ext.CollectiveMismatchError as exc:

@@ -25,8 +25,8 @@ def _gather_scatter_rank(rank: int, p: int) -> dict:
     out["gather-counts-given"] = hybrid_ext.allgather(mine, counts=counts)
     full = torch.cat([_block(r, counts[r]) for r in range(p)]) * (rank + 1)
     for algorithm in ("recursive_halving", "ring"):
-        out[f"scatter-{algorithm}"] = hybrid_ext.reduce_scatter(full, counts, algorithm=algorithm)
-    out["scatter-avg-bf16"] = hybrid_ext.reduce_scatter(full.to(torch.bfloat16), counts, op="avg")
+        out[f"scatter-{algorithm}"] = hybrid_ext.reduce_scatter(full, counts=counts, algorithm=algorithm)
+    out["scatter-avg-bf16"] = hybrid_ext.reduce_scatter(full.to(torch.bfloat16), counts=counts, op="avg")
     return out
 
 

@@ -133,7 +133,7 @@ def _collectives_rank(rank: int, world: int, staged: bool) -> list[str]:
             full = [_exact_ints(r, sum(counts) * 3).view(-1, 3) for r in range(world)]
             mine = torch.stack(full).sum(0)[sum(counts[:rank]) : sum(counts[: rank + 1])]
             for algorithm in ("recursive_halving", "ring", "auto"):
-                got = hybrid_ext.reduce_scatter(full[rank].to(device, dtype), counts, algorithm=algorithm)
+                got = hybrid_ext.reduce_scatter(full[rank].to(device, dtype), counts=counts, algorithm=algorithm)
                 if not torch.equal(got.cpu().double(), mine):
                     failures.append(f"reduce_scatter {dtype} {algorithm} n={n}")
     return failures

@@ -59,12 +59,12 @@ def _soak_rank(rank: int, p: int, count: int) -> dict:
         elif form == 1:
             got = hybrid_ext.allreduce_async(torch.full((n,), mine), op=op, group=group).wait(timeout=120)
         elif form == 2:
-            parts = hybrid_ext.allreduce_coalesced([torch.full((n,), mine), torch.full((3,), mine)], op, group=group)
+            parts = hybrid_ext.allreduce_coalesced([torch.full((n,), mine), torch.full((3,), mine)], op=op, group=group)
             got = torch.cat(parts)
         else:
             rows = torch.full((len(members), max(n // 1000, 1)), mine)
-            got = hybrid_ext.reduce_scatter(rows, (1,) * len(members), op=op if op != "avg" else "sum", group=group)
             op = op if op != "avg" else "sum"
+            got = hybrid_ext.reduce_scatter(rows, counts=(1,) * len(members), op=op, group=group)
         want = _expected(op, values)
         if not bool(((got - want).abs() <= 1e-6 * abs(want)).all()):
             failures.append(f"collective {i}: {form=} {n=} {op}: {got.flatten()[:3].tolist()} != {want}")

@@ -161,7 +161,7 @@ def _block_collectives_rank(rank: int, p: int, hosts: list[int]) -> dict:
             total = sum(rows_per_rank)
             full = (torch.arange(total * 64).reshape(total, 64) % 97 + rank).float()
             with hybrid_ext.metrics.capture() as records:
-                got = hybrid_ext.reduce_scatter(full, rows_per_rank, algorithm=algorithm)
+                got = hybrid_ext.reduce_scatter(full, counts=rows_per_rank, algorithm=algorithm)
             first = sum(rows_per_rank[:rank])
             expected = sum((torch.arange(total * 64).reshape(total, 64) % 97 + r).float() for r in range(p))
             if not torch.equal(got, expected[first : first + rows_per_rank[rank]]):

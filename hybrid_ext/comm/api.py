@@ -2,7 +2,7 @@
 
     import hybrid_ext
     hybrid_ext.allreduce(t)                                  # in place, sum, algorithm chosen by the cost model
-    hybrid_ext.allreduce(t, op="avg", algorithm="rabenseifner", group=pg)
+    hybrid_ext.allreduce(t, op="avg", algorithm="rabenseifner", group=pg)   # arguments after the tensor by keyword
     handle = hybrid_ext.allreduce_async(t); ...; handle.wait()
     hybrid_ext.allreduce_coalesced([g1, g2, g3], op="avg")   # one flat buffer, one collective (gradient buckets)
 
@@ -88,21 +88,46 @@ def _allreduce_job(tensors, op, algorithm, group, wire_dtype, name):
 
 def allreduce_coalesced_async(
     tensors: Sequence[torch.Tensor],
+    *,
     op: str = "sum",
     algorithm: str = "auto",
     group: Any = None,
     wire_dtype: torch.dtype | str | None = None,
     name: str | None = None,
 ) -> Handle:
-    """Start reducing ``tensors`` in place as one flat buffer; ``handle.wait()`` returns the list.
+    """Start reducing ``tensors`` in place as one flat buffer (one collective for all of them).
 
-    ``wire_dtype``: the dtype messages travel in — default the input's (16-bit gradients travel as 16-bit,
-    accumulated in float32 on every rank); ``torch.float32`` sends full-precision partial sums; a 16-bit dtype
-    compresses float32 inputs. Also ``HYBRID_EXT_WIRE_DTYPE=input|float32|float16|bfloat16``.
+    Every argument is checked on the calling thread; the reduction runs on the group's communicator thread, after
+    the group's earlier collectives.
 
-    ``name``: what this collective is (a gradient bucket's name, say). In check mode ranks compare names too, so
-    two collectives of equal size issued in different orders on different ranks raise
-    :class:`~hybrid_ext.CollectiveMismatchError` naming both, instead of silently mixing their data.
+    Args:
+        tensors (sequence of torch.Tensor): dense CPU or CUDA tensors of one dtype and device; each rank passes
+            tensors of the same shapes. Reduced in place.
+        op (str): ``"sum"`` (default), ``"avg"`` (floating point only), ``"min"`` or ``"max"``.
+        algorithm (str): the schedule. ``"auto"`` (default) lets the cost model and the tuner choose;
+            ``"butterfly"`` chooses between the butterflies only (``recursive_doubling``, ``rabenseifner``);
+            ``"ring"``, ``"hierarchical"`` (``hierarchical/<schedule>`` to name the schedule between hosts) and
+            ``"native"`` (the group's own allreduce) name one. ``HYBRID_EXT_ALGO`` overrides ``auto`` and
+            ``butterfly``.
+        group: a torch.distributed process group (default: the default group), or any object implementing the
+            transport contract (:mod:`hybrid_ext.comm.transport`).
+        wire_dtype (torch.dtype, str or None): the dtype messages travel in. ``None`` (default): the input's —
+            16-bit gradients travel as 16-bit and are accumulated in float32 on every rank; ``torch.float32`` sends
+            full-precision partial sums; a 16-bit dtype compresses float32 inputs. ``HYBRID_EXT_WIRE_DTYPE``
+            sets the process-wide default.
+        name (str or None): what this collective is (a gradient bucket's name, say). In check mode ranks compare
+            names too, so two collectives of equal size issued in different orders on different ranks raise
+            :class:`~hybrid_ext.CollectiveMismatchError` naming both, instead of silently mixing their data.
+
+    Returns:
+        Handle: ``handle.wait()`` returns the list of ``tensors`` once they hold the result.
+
+    Raises:
+        TypeError: a tensor that is not dense, not on CPU or CUDA, of an unsupported dtype, or tensors of
+            different dtypes or devices; ``op="avg"`` on integers; a ``name`` that is not a str.
+        ValueError: an unknown ``op``, ``algorithm`` or ``wire_dtype``.
+        PeerError: (from ``wait()``) a peer did not answer within the timeout.
+        CollectiveMismatchError: (from ``wait()``, in check mode) ranks issued different collectives.
     """
     tensors, comm, reduce = _allreduce_job(tensors, op, algorithm, group, wire_dtype, name)
     return comm.submit(lambda: (reduce(), tensors)[1])
@@ -110,13 +135,24 @@ def allreduce_coalesced_async(
 
 def allreduce_coalesced(
     tensors: Sequence[torch.Tensor],
+    *,
     op: str = "sum",
     algorithm: str = "auto",
     group: Any = None,
     wire_dtype: torch.dtype | str | None = None,
     name: str | None = None,
 ) -> list[torch.Tensor]:
-    """Reduce ``tensors`` in place through one flat buffer (one collective for all of them); return them."""
+    """Reduce ``tensors`` in place through one flat buffer (one collective for all of them) and wait for it.
+
+    Args:
+        tensors, op, algorithm, group, wire_dtype, name: as for :func:`allreduce_coalesced_async`.
+
+    Returns:
+        list[torch.Tensor]: ``tensors``, holding the result.
+
+    Raises:
+        TypeError, ValueError, PeerError, CollectiveMismatchError: as for :func:`allreduce_coalesced_async`.
+    """
     tensors, comm, reduce = _allreduce_job(tensors, op, algorithm, group, wire_dtype, name)
     comm.run(reduce)
     return tensors
@@ -124,46 +160,83 @@ def allreduce_coalesced(
 
 def allreduce_async(
     tensor: torch.Tensor,
+    *,
     op: str = "sum",
     algorithm: str = "auto",
     group: Any = None,
     wire_dtype: torch.dtype | str | None = None,
     name: str | None = None,
 ) -> Handle:
-    """Start an in-place allreduce; ``handle.wait()`` returns ``tensor`` once it holds the result."""
-    handle = allreduce_coalesced_async([tensor], op, algorithm, group, wire_dtype, name)
+    """Start reducing ``tensor`` in place across the group.
+
+    Args:
+        tensor (torch.Tensor): a dense CPU or CUDA tensor, of the same shape on every rank.
+        op, algorithm, group, wire_dtype, name: as for :func:`allreduce_coalesced_async`.
+
+    Returns:
+        Handle: ``handle.wait()`` returns ``tensor`` once it holds the result.
+
+    Raises:
+        TypeError, ValueError, PeerError, CollectiveMismatchError: as for :func:`allreduce_coalesced_async`.
+    """
+    handle = allreduce_coalesced_async(
+        [tensor], op=op, algorithm=algorithm, group=group, wire_dtype=wire_dtype, name=name
+    )
     return MappedHandle(handle, lambda tensors: tensors[0])
 
 
 def allreduce(
     tensor: torch.Tensor,
+    *,
     op: str = "sum",
     algorithm: str = "auto",
     group: Any = None,
     wire_dtype: torch.dtype | str | None = None,
     name: str | None = None,
 ) -> torch.Tensor:
-    """Reduce ``tensor`` in place across the group and return it (see the module docstring).
+    """Reduce ``tensor`` in place across the group and wait for it (see the module docstring).
 
-    ``name``: compared across ranks in check mode (see :func:`allreduce_coalesced_async`).
+    Args:
+        tensor (torch.Tensor): a dense CPU or CUDA tensor, of the same shape on every rank.
+        op, algorithm, group, wire_dtype, name: as for :func:`allreduce_coalesced_async`.
+
+    Returns:
+        torch.Tensor: ``tensor``, holding the result.
+
+    Raises:
+        TypeError, ValueError, PeerError, CollectiveMismatchError: as for :func:`allreduce_coalesced_async`.
     """
-    allreduce_coalesced([tensor], op, algorithm, group, wire_dtype, name)
+    allreduce_coalesced([tensor], op=op, algorithm=algorithm, group=group, wire_dtype=wire_dtype, name=name)
     return tensor
 
 
 def allgather(
     tensor: torch.Tensor,
-    group: Any = None,
+    *,
     counts: tuple[int, ...] | None = None,
     algorithm: str = "auto",
+    group: Any = None,
     name: str | None = None,
 ) -> torch.Tensor:
     """Concatenate every rank's ``tensor`` along dim 0; ranks may hold different numbers of rows.
 
-    ``counts`` (rows per rank), when the caller knows them, saves one small exchange. ``algorithm``:
-    ``recursive_doubling`` (log2 P messages), ``ring``, ``hierarchical`` (on a group spanning hosts with equal
-    rank counts: each block leaves its host once — lane peers across hosts, then within each host) or ``auto``
-    (hierarchical there from 64 KiB, else recursive doubling).
+    Args:
+        tensor (torch.Tensor): this rank's rows; every rank's has the same shape after dim 0.
+        counts (sequence of int or None): rows per rank, when the caller knows them; saves one small exchange.
+        algorithm (str): ``"recursive_doubling"`` (log2 P messages), ``"ring"``, ``"hierarchical"`` (on a group
+            spanning hosts with equal rank counts: each block leaves its host once — lane peers across hosts, then
+            within each host) or ``"auto"`` (default: hierarchical there from 64 KiB, else recursive doubling).
+        group: as for :func:`allreduce_coalesced_async`.
+        name (str or None): compared across ranks in check mode.
+
+    Returns:
+        torch.Tensor: a new tensor of ``sum(counts)`` rows, rank 0's first.
+
+    Raises:
+        TypeError: ``tensor`` is not a dense CPU or CUDA tensor, or ``counts`` is not a sequence.
+        ValueError: a 0-dimensional ``tensor``, an unknown ``algorithm``, or ``counts`` that do not give one
+            non-negative row count per rank, this rank's matching ``tensor``.
+        PeerError, CollectiveMismatchError: as for :func:`allreduce_coalesced_async`.
     """
     _check_name(name)
     _check_tensor(tensor)
@@ -183,18 +256,34 @@ def allgather(
 
 def reduce_scatter(
     tensor: torch.Tensor,
+    *,
     counts: tuple[int, ...],
     op: str = "sum",
-    group: Any = None,
     algorithm: str = "auto",
+    group: Any = None,
     wire_dtype: torch.dtype | str | None = None,
     name: str | None = None,
 ) -> torch.Tensor:
     """Reduce ``tensor`` over the group and return this rank's block of ``counts[rank]`` rows (dim 0).
 
     The dual of :func:`allgather`: the gradient of an all-gather is a reduce-scatter of the same blocks.
-    ``algorithm``: ``recursive_halving`` (log2 P messages), ``ring``, ``hierarchical`` or ``auto`` (as for
-    :func:`allgather`).
+
+    Args:
+        tensor (torch.Tensor): ``sum(counts)`` rows, of the same shape on every rank.
+        counts (sequence of int): rows of each rank's block, one per rank.
+        op (str): as for :func:`allreduce_coalesced_async`.
+        algorithm (str): ``"recursive_halving"`` (log2 P messages), ``"ring"``, ``"hierarchical"`` or ``"auto"``
+            (as for :func:`allgather`).
+        group, wire_dtype, name: as for :func:`allreduce_coalesced_async`.
+
+    Returns:
+        torch.Tensor: this rank's block, reduced over the group.
+
+    Raises:
+        TypeError: as for :func:`allreduce_coalesced_async`, or ``counts`` is not a sequence.
+        ValueError: a 0-dimensional ``tensor``, an unknown ``op``, ``algorithm`` or ``wire_dtype``, or ``counts``
+            that do not give one non-negative row count per rank adding up to ``tensor``'s rows.
+        PeerError, CollectiveMismatchError: as for :func:`allreduce_coalesced_async`.
     """
     _validate([tensor], op, wire_dtype)
     _check_name(name)

@@ -155,7 +155,10 @@ class GradientReducer:
         if group.native is not None:
             group.native([grad], group.op).wait()
         else:
-            allreduce_coalesced_async([grad], group.op, group.algorithm, group.comm, name=name).wait()
+            handle = allreduce_coalesced_async(
+                [grad], op=group.op, algorithm=group.algorithm, group=group.comm, name=name
+            )
+            handle.wait()
         if group.scale != 1.0:
             grad.mul_(group.scale)
         return grad
@@ -200,7 +203,7 @@ class GradientReducer:
             bucket.handle = group.native([bucket.flat], group.op)
         else:
             bucket.handle = allreduce_coalesced_async(
-                [bucket.flat], group.op, group.algorithm, group.comm, name=bucket.name
+                [bucket.flat], op=group.op, algorithm=group.algorithm, group=group.comm, name=bucket.name
             )
         self._next_launch += 1
 
