@@ -67,10 +67,6 @@ class Groups:
     """``native(kind)`` for kind ``world`` / ``mp`` / ``dp``: the host framework's own allreduce over that group,
     as ``reduce(tensors, op) -> Handle`` (reducer="native"); None: torch.distributed's, over ``handles[kind]``."""
 
-    @property
-    def mp_rank(self) -> int:
-        return self.rank % self.dims.mp
-
 
 def torch_groups(dims: ParallelDims, device=None) -> Groups:
     """Create the groups with torch.distributed (every rank calls this, in the same order)."""

@@ -252,17 +252,3 @@ def register() -> None:
                 setattr(module, name, _WRAPPERS[name])
         for module in (modules["horovod.torch"], modules["horovod.torch.mpi_ops"]):
             module.Butterfly, module.ButterflySum = Butterfly, ButterflySum
-
-
-def unregister() -> None:
-    """Undo :func:`register` (tests; a job does not need it)."""
-    with _lock:
-        if not registered():
-            return
-        for module_name, names in PATCHED.items():
-            module = importlib.import_module(module_name)
-            for name in names:
-                setattr(module, name, _originals[f"{module_name}.{name}"])
-            for attr in ("Butterfly", "ButterflySum"):
-                if hasattr(module, attr):
-                    delattr(module, attr)
