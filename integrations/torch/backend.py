@@ -101,7 +101,6 @@ class ButterflyProcessGroup(dist.ProcessGroup):
         self._rank, self._size = rank, size
         self._group_name = ""
         self._group_desc = ""
-        self._algorithm = "auto"
         self._inner: dict[str, Any] = {}
         self._comms: dict[str, comm.Communicator] = {}
         gloo = dist.ProcessGroupGloo(dist.PrefixStore("butterfly/gloo", store), rank, size, timeout)
@@ -187,7 +186,7 @@ class ButterflyProcessGroup(dist.ProcessGroup):
     def _submit(self, tensors, op: str, separate: bool):
         tensors = list(tensors)
         group_comm = self.butterfly_communicator(tensors[0].device)
-        algorithm = requested_algorithm(self._algorithm)
+        algorithm = requested_algorithm()
 
         def job():
             if separate:  # all_reduce of several tensors reduces each on its own, as other backends do
