@@ -139,7 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--algorithms",
         default="butterfly,rabenseifner,recursive_doubling,ring,native",
         help="comma-separated: auto, butterfly, rabenseifner, recursive_doubling, ring, hierarchical/<one of those 3> "
-        "(across hosts), native",
+        "(across hosts), direct (one host: shared memory in one pass), native, deepspeed-shm (DeepSpeed's "
+        "shared-memory allreduce on its CPU accelerator; one host)",
+    )
+    allreduce.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="the tensors' dtype"
     )
     allreduce.add_argument("--iters", type=positive_int, default=10, help="timed rounds per size (default: 10)")
     allreduce.add_argument("--inner", type=positive_int, default=5, help="calls per round, back to back (default: 5)")
@@ -219,7 +223,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     install.add_argument("--rebuild", action="store_true", help="build again even if a cached wheel exists")
     install.set_defaults(handler=_cmd_install_horovod)
+
+    settings = commands.add_parser(
+        "config",
+        help="the HYBRID_EXT_* environment variables: their values here, or the reference page",
+        description="Print each HYBRID_EXT_* variable's value here (see docs/configuration.md).",
+    )
+    settings.add_argument("--markdown", action="store_true", help="print the reference page, docs/configuration.md")
+    settings.set_defaults(handler=_cmd_config)
     return parser
+
+
+def _cmd_config(args) -> int:
+    from hybrid_ext import config
+
+    print(config.markdown() if args.markdown else config.describe(), end="")
+    return 0
 
 
 def _add_cluster_parser(commands) -> None:
