@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import bisect
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from hybrid_ext import config
 from hybrid_ext.comm import consistency, cost_model, metrics
 from hybrid_ext.comm.buffers import ScratchPool
 from hybrid_ext.comm.cost_model import HIERARCHICAL_PREFIX, NATIVE
@@ -348,7 +348,7 @@ class Communicator:
     def _candidates(algorithm: str, spans_hosts: bool, native: bool = False) -> tuple[str, ...]:
         """What the tuner tries for a request: flat schedules, hierarchical ones across hosts, and for ``auto`` the
         group's native allreduce where it may run."""
-        if os.environ.get(cost_model.ALGO_ENV, "").strip().lower() == "butterfly":
+        if config.get(cost_model.ALGO_ENV) == "butterfly":
             algorithm = "butterfly" if algorithm == "auto" else algorithm
         flat = cost_model.BUTTERFLIES if algorithm == "butterfly" else ALGORITHMS
         stacked = tuple(f"{HIERARCHICAL_PREFIX}{name}" for name in flat) if spans_hosts else ()

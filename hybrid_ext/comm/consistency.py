@@ -16,11 +16,12 @@ given ``name=`` (as Horovod's are) are compared by name too, and a swap is repor
 
 from __future__ import annotations
 
-import os
 import zlib
 from collections.abc import Sequence
 
 import torch
+
+from hybrid_ext import config
 
 CHECK_ENV = "HYBRID_EXT_CHECK"
 FIELDS = ("collective", "op", "dtype", "elements", "tensors", "shape_hash", "device", "sequence", "name")
@@ -37,12 +38,7 @@ class CollectiveMismatchError(RuntimeError):
 def check_enabled() -> bool:
     if _override is not None:
         return _override
-    value = os.environ.get(CHECK_ENV, "").strip().lower()
-    if value in ("", "0", "false", "no", "off"):
-        return False
-    if value in ("1", "true", "yes", "on"):
-        return True
-    raise ValueError(f"{CHECK_ENV}={value!r}: use 1, true, yes, on (check mode) or 0, false, no, off")
+    return config.get(CHECK_ENV)
 
 
 def set_check(enabled: bool | None) -> None:

@@ -40,10 +40,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from hybrid_ext import config
 from hybrid_ext.comm.schedule import ALGORITHMS, largest_power_of_two_at_most
 
 ALGO_ENV = "HYBRID_EXT_ALGO"
@@ -96,10 +96,7 @@ def native_model_key(native: str) -> str:
 
 
 def model_path() -> Path:
-    if os.environ.get(MODEL_ENV):
-        return Path(os.environ[MODEL_ENV]).expanduser()
-    cache = os.environ.get("HYBRID_EXT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "hybrid-ext"
-    return Path(cache).expanduser() / "cost_model.json"
+    return config.get(MODEL_ENV) or config.cache_dir() / "cost_model.json"
 
 
 # Built-in constants per transport, from `hybrid-ext bench allreduce --np 8 --calibrate [--transport torch]` on a
@@ -125,7 +122,7 @@ def _load_models() -> dict[str, CostModel]:
                         _models[transport] = CostModel(**{k: float(values[k]) for k in ("alpha", "beta", "gamma")})
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 _models = None
-                source = f"{MODEL_ENV}={str(path)!r}" if os.environ.get(MODEL_ENV) else f"the cost model {str(path)!r}"
+                source = f"{MODEL_ENV}={str(path)!r}" if config.get(MODEL_ENV) else f"the cost model {str(path)!r}"
                 raise ValueError(
                     f"{source} is not a saved calibration ({{transport: {{alpha, beta, gamma}}}}): {exc!r}; "
                     "recreate it with `hybrid-ext bench allreduce --calibrate`"
@@ -159,15 +156,12 @@ def native_model(native: str) -> CostModel | None:
 
 def native_enabled() -> bool:
     """Whether the group's own allreduce may run (``HYBRID_EXT_NATIVE=off`` keeps hybrid-ext to its schedules)."""
-    setting = os.environ.get(NATIVE_ENV, "on").strip().lower() or "on"
-    if setting not in ("on", "off", "1", "0", "true", "false", "yes", "no"):
-        raise ValueError(f"{NATIVE_ENV}={setting!r}: choose on or off")
-    return setting in ("on", "1", "true", "yes")
+    return config.get(NATIVE_ENV)
 
 
 def forced() -> bool:
     """Whether ``HYBRID_EXT_ALGO`` pins one flat schedule for every ``auto`` / ``butterfly`` call."""
-    return os.environ.get(ALGO_ENV, "").strip().lower() not in ("", "auto", "butterfly")
+    return config.get(ALGO_ENV) not in ("auto", "butterfly")
 
 
 def resolve(
@@ -188,10 +182,8 @@ def resolve(
     if algorithm.startswith("hierarchical"):  # needs the group's host layout: the communicator plans it
         return algorithm
     if algorithm in ("auto", "butterfly"):
-        forced = os.environ.get(ALGO_ENV, "").strip().lower()
-        if forced and forced not in ("auto", "butterfly"):
-            if forced not in (*ALGORITHMS, NATIVE):
-                raise ValueError(f"{ALGO_ENV}={forced!r} is not one of {', '.join((*ALGORITHMS, NATIVE))}")
+        forced = config.get(ALGO_ENV)
+        if forced not in ("auto", "butterfly"):
             if forced != NATIVE:
                 return forced
             if native is not None:

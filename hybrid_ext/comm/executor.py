@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import torch
 
+from hybrid_ext import config
 from hybrid_ext.comm.schedule import Plan
 from hybrid_ext.comm.transport import PeerError, Transport
 
@@ -26,19 +26,17 @@ def wire_dtype_for(dtype: torch.dtype, requested: torch.dtype | str | None = Non
     (Horovod's fp16 compression, with float32 accumulation). ``HYBRID_EXT_WIRE_DTYPE`` sets the process-wide
     default for 16-bit and float32 inputs; float64 and integers travel as themselves unless asked explicitly.
     """
-    explicit = requested is not None
     if not (requested is None or isinstance(requested, (str, torch.dtype))):
         raise TypeError(f"wire_dtype must be a torch.dtype, a dtype name or None, got {type(requested).__name__}")
     if requested is None:
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return dtype  # the process-wide default leaves float64 and integer reductions alone
-        requested = os.environ.get(WIRE_DTYPE_ENV, "input").strip().lower() or "input"
+        requested = config.get(WIRE_DTYPE_ENV)
     if isinstance(requested, str):
         if requested == "input":
             return dtype
         if requested not in WIRE_DTYPES:
-            source = "wire_dtype" if explicit else WIRE_DTYPE_ENV
-            raise ValueError(f"{source}={requested!r}: choose input, {', '.join(WIRE_DTYPES)}")
+            raise ValueError(f"wire_dtype={requested!r}: choose input, {', '.join(WIRE_DTYPES)}")
         requested = WIRE_DTYPES[requested]
     if requested == dtype:
         return dtype

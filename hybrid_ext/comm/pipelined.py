@@ -17,13 +17,13 @@ stage (its current message fails or times out on its own, the group being broken
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
+from hybrid_ext import config
 from hybrid_ext.comm.executor import execute
 from hybrid_ext.comm.hierarchy import Segment
 from hybrid_ext.comm.transport import PeerError, Transport
@@ -41,13 +41,9 @@ MAX_SEGMENTS = 16  # more adds messages (each X stage's latency) and saves littl
 
 def segment_count(nbytes: int, lanes: int, hosts: int) -> int:
     """How many segments an allreduce of ``nbytes`` is cut into over ``hosts`` hosts of up to ``lanes`` ranks."""
-    text = os.environ.get(SEGMENT_BYTES_ENV, "").strip()
-    try:
-        per_segment = int(text) if text else MIN_NETWORK_MESSAGE_BYTES * max(lanes, 1) * max(hosts, 1)
-        if per_segment < 0:
-            raise ValueError
-    except ValueError:
-        raise ValueError(f"{SEGMENT_BYTES_ENV}={text!r}: give the bytes per segment (an integer >= 0)") from None
+    per_segment = config.get(SEGMENT_BYTES_ENV)
+    if per_segment is None:
+        per_segment = MIN_NETWORK_MESSAGE_BYTES * max(lanes, 1) * max(hosts, 1)
     if per_segment == 0:
         return 1
     return max(1, min(MAX_SEGMENTS, nbytes // per_segment))

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from hybrid_ext import config
 from hybrid_ext.comm import device_route, shm_transport
 from hybrid_ext.comm._c10d_private import backend_name, backend_timeout_seconds, post_grouped
 from hybrid_ext.comm.buffers import ScratchPool
@@ -37,10 +38,7 @@ _running = shm_transport.process_running
 
 
 def transport_choice() -> str:
-    choice = os.environ.get(TRANSPORT_ENV, "auto").strip().lower() or "auto"
-    if choice not in ("auto", "shm", "torch"):
-        raise ValueError(f"{TRANSPORT_ENV}={choice!r}: choose auto, shm or torch")
-    return choice
+    return config.get(TRANSPORT_ENV)
 
 
 def transport_for(group: Any, device: torch.device, all_gather=None, barrier=None) -> Transport:

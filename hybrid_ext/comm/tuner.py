@@ -35,8 +35,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hybrid_ext import config
+
 TUNE_ENV = "HYBRID_EXT_TUNE"
-TUNE_CHOICES = ("on", "off", "fresh")
 CHOICES_ENV = "HYBRID_EXT_TUNED"  # where saved choices live (default: the cache directory's tuned.json)
 MAX_CANDIDATES = 7  # three flat schedules, as many hierarchical ones across hosts, and the group's native allreduce
 
@@ -71,14 +72,7 @@ def trial_candidate(call: int, trials: int, candidates: int) -> int:
 
 
 def tune_mode() -> str:
-    mode = os.environ.get(TUNE_ENV, "on").strip().lower() or "on"
-    if mode in ("1", "true", "yes"):
-        return "on"
-    if mode in ("0", "false", "no"):
-        return "off"
-    if mode not in TUNE_CHOICES:
-        raise ValueError(f"{TUNE_ENV}={mode!r}: choose {', '.join(TUNE_CHOICES)}")
-    return mode
+    return config.get(TUNE_ENV)
 
 
 def size_class(nbytes: int) -> int:
@@ -87,10 +81,7 @@ def size_class(nbytes: int) -> int:
 
 
 def choices_path() -> Path:
-    if os.environ.get(CHOICES_ENV):
-        return Path(os.environ[CHOICES_ENV]).expanduser()
-    cache = os.environ.get("HYBRID_EXT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "hybrid-ext"
-    return Path(cache).expanduser() / "tuned.json"
+    return config.get(CHOICES_ENV) or config.cache_dir() / "tuned.json"
 
 
 class ChoiceStore:

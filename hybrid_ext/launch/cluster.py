@@ -37,6 +37,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from hybrid_ext import config
+
 SUBNET_PREFIX = "10.213.0"  # 10.213.0.0/24: lives only on the cluster's bridge, inside its namespaces
 FIRST_ADDRESS = 10  # node<i> is 10.213.0.<10 + i>
 MAX_HOSTS = 64
@@ -44,7 +46,6 @@ NAME_PREFIX = "hxc-"  # every namespace and link the cluster creates; up removes
 BRIDGE = f"{NAME_PREFIX}br0"
 INTERFACE = "eth0"  # each host's interface on the bridge (what GLOO_SOCKET_IFNAME / --network-interface name)
 STATE_DIR_ENV = "HYBRID_EXT_CLUSTER_DIR"
-DEFAULT_STATE_DIR = "/run/hybrid-ext-cluster"  # tmpfs: gone after a reboot, as the namespaces are
 KEEPER_MARK = "hybrid-ext-cluster-keeper"
 SSHD = "/usr/sbin/sshd"
 PACKAGES = {"openssh-server": SSHD, "openssh-client": "ssh", "pdsh": "pdsh"}  # pdsh: DeepSpeed's multi-node launch
@@ -160,7 +161,7 @@ class Cluster:
 
 
 def state_dir() -> Path:
-    return Path(os.environ.get(STATE_DIR_ENV, DEFAULT_STATE_DIR))
+    return config.get(STATE_DIR_ENV)
 
 
 # ------------------------------------------------------------------ requirements

@@ -6,17 +6,19 @@ import os
 from pathlib import Path
 from typing import Any
 
+from hybrid_ext import config
+
 RESULT_DIR_ENV = "HYBRID_EXT_RESULT_DIR"
 
 
 def report_result(result: Any, rank: int | None = None) -> None:
     """Hand this rank's result back to :func:`run_horovodrun` / :func:`run_deepspeed` (no-op outside them)."""
-    directory = os.environ.get(RESULT_DIR_ENV)
-    if not directory:
+    directory = config.get(RESULT_DIR_ENV)
+    if directory is None:
         return
     if rank is None:
         rank = current_rank()
-    save_result(Path(directory) / f"rank{rank}.result", result)
+    save_result(directory / f"rank{rank}.result", result)
 
 
 def current_rank() -> int:

@@ -12,11 +12,11 @@ first optimizer step and every ``HYBRID_EXT_CHECK_REPLICAS_EVERY`` steps (defaul
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
 
+from hybrid_ext import config
 from hybrid_ext.comm import Communicator
 from hybrid_ext.parallel.shards import ShardedStateDictMixin, sharded_mode
 
@@ -29,10 +29,7 @@ class ReplicaDivergenceError(RuntimeError):
 
 
 def check_every() -> int:
-    value = os.environ.get(EVERY_ENV, "50").strip() or "50"
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{EVERY_ENV}={value!r}: a positive number of optimizer steps")
-    return int(value)
+    return config.get(EVERY_ENV)
 
 
 def fingerprint(tensor: torch.Tensor) -> int:

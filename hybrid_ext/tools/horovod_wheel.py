@@ -30,6 +30,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from hybrid_ext import config
+
 HOROVOD_VERSION = "0.28.1"
 
 # The C++ standard fix (what horovod PR #3998 does on master): these files force C++14; torch >= 2.10 needs 20.
@@ -55,13 +57,10 @@ def log(message: str) -> None:
 
 
 def cache_root() -> Path:
-    if os.environ.get("HYBRID_EXT_CACHE"):
-        return Path(os.environ["HYBRID_EXT_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
-    return Path(xdg).expanduser() / "hybrid-ext"
+    return config.cache_dir()
 
 
-GPU_ENV = "HYBRID_EXT_HOROVOD_GPU"  # 1: build NCCL GPU operations; 0: never; unset: when a GPU is present
+GPU_ENV = "HYBRID_EXT_HOROVOD_GPU"  # on: build NCCL GPU operations; off: never; auto (default): when a GPU is present
 # Data-centre and workstation GPUs of the last generations that CUDA 12/13 still compiles for (Turing to Hopper);
 # override with HOROVOD_BUILD_CUDA_CC_LIST.
 GPU_ARCHITECTURES = "75,80,86,89,90"
@@ -71,9 +70,9 @@ def gpu_operations_wanted() -> bool:
     """Build Horovod's NCCL GPU operations: when asked, else when this torch is a CUDA build and sees a GPU."""
     import torch
 
-    choice = os.environ.get(GPU_ENV, "").strip()
-    if choice in ("0", "1"):
-        return choice == "1"
+    choice = config.get(GPU_ENV)
+    if choice != "auto":
+        return choice == "on"
     return bool(torch.version.cuda) and torch.cuda.is_available()
 
 
