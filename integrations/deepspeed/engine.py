@@ -36,13 +36,13 @@ run (``tests/test_deepspeed.py``).
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
+from hybrid_ext.config import set_for_process
 from hybrid_ext.integrations.deepspeed import grad_reduction
 from hybrid_ext.integrations.deepspeed.batch import batch_settings_for_hybrid, sample_loader
 from hybrid_ext.integrations.deepspeed.config import SECTION, HybridSection, split_config
@@ -50,7 +50,6 @@ from hybrid_ext.integrations.deepspeed.mpu import GridMPU, mark_model_parallel
 from hybrid_ext.parallel.api import GRAD_ALGORITHMS, ParallelModel, parallelize
 from hybrid_ext.parallel.dims import Groups, ParallelDims, torch_groups
 
-ALGORITHM_ENV = "HYBRID_EXT_ALGO"
 BUTTERFLY_BACKEND = "butterfly"
 
 # Private DeepSpeed names this module touches (module -> names); tests pin that they still exist and are read.
@@ -68,10 +67,10 @@ def init_distributed(reducer: str = "butterfly", **kwargs: Any) -> None:
     """``deepspeed.init_distributed`` on the butterfly: the one line that switches a DeepSpeed job's allreduce.
 
     ``reducer``: ``butterfly`` / ``rabenseifner`` / ``recursive_doubling`` / ``ring`` run the ``butterfly``
-    backend with that algorithm (set for this process through ``HYBRID_EXT_ALGO``, which the backend reads at
-    every call); ``auto`` lets the cost model choose per message (or ``HYBRID_EXT_ALGO``, if set); ``native``
-    is DeepSpeed's own backend for the accelerator (gloo on CPU, NCCL on CUDA). Other keyword arguments go to
-    ``deepspeed.init_distributed`` (timeout, init_method, ...).
+    backend with that algorithm (``HYBRID_EXT_ALGO`` set for this process in :mod:`hybrid_ext.config`, which the
+    backend reads at every call); ``auto`` lets the cost model choose per message (or ``HYBRID_EXT_ALGO``, if
+    set); ``native`` is DeepSpeed's own backend for the accelerator (gloo on CPU, NCCL on CUDA). Other keyword
+    arguments go to ``deepspeed.init_distributed`` (timeout, init_method, ...).
     """
     if "dist_backend" in kwargs:
         raise TypeError("init_distributed() chooses dist_backend from reducer=; do not pass dist_backend")
@@ -82,7 +81,7 @@ def init_distributed(reducer: str = "butterfly", **kwargs: Any) -> None:
         import hybrid_ext.integrations.torch  # noqa: F401 - registers the "butterfly" backend
 
         if reducer != "auto":
-            os.environ[ALGORITHM_ENV] = reducer
+            set_for_process(HYBRID_EXT_ALGO=reducer)
         grad_reduction.install()  # the engine's gradient buckets reduced by hybrid-ext, copies included
     deepspeed.init_distributed(dist_backend=backend, **kwargs)
 
@@ -253,4 +252,4 @@ def _warn_if_backend_differs(reducer: str) -> None:
             stacklevel=3,
         )
     elif expected == BUTTERFLY_BACKEND and reducer != "auto":
-        os.environ[ALGORITHM_ENV] = reducer
+        set_for_process(HYBRID_EXT_ALGO=reducer)

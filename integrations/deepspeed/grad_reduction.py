@@ -23,24 +23,21 @@ defines and calls it.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from hybrid_ext import config
+
 REDUCTION_ENV = "HYBRID_EXT_DEEPSPEED_REDUCTION"
-REDUCTIONS = ("hybrid-ext", "deepspeed")
 # (class, method) this module replaces; tests pin that DeepSpeed still defines and calls it.
 PATCHED = ("deepspeed.runtime.engine.DeepSpeedEngine", "allreduce_and_copy")
 
 
 def reduction() -> str:
     """Who reduces the engine's gradient buckets on the butterfly: ``hybrid-ext`` (default) or ``deepspeed``."""
-    text = os.environ.get(REDUCTION_ENV, "").strip().lower() or REDUCTIONS[0]
-    if text not in REDUCTIONS:
-        raise ValueError(f"{REDUCTION_ENV}={text!r}: choose one of {', '.join(REDUCTIONS)}")
-    return text
+    return config.get(REDUCTION_ENV)
 
 
 def scaling(engine: Any, dp_world_size: Any) -> tuple[float | None, float | None]:

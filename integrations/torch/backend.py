@@ -18,14 +18,13 @@ it does not support go to the inner group.
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from hybrid_ext import comm
+from hybrid_ext import comm, config
 from hybrid_ext.comm import _c10d_private as c10d
 from hybrid_ext.comm.native import TorchNativeCollectives
 from hybrid_ext.comm.staged_transport import StagedTransport
@@ -223,8 +222,10 @@ class ButterflyProcessGroup(dist.ProcessGroup):
 def requested_algorithm(default: str = "auto") -> str:
     """The allreduce schedule the ``butterfly`` backend runs: ``HYBRID_EXT_ALGO`` where it names one the backend
     takes, else ``default`` (read at every call, so a job may switch it between calls)."""
-    algorithm = os.environ.get("HYBRID_EXT_ALGO", default) or "auto"
-    return algorithm if algorithm in ("auto", "butterfly", "recursive_doubling", "rabenseifner", "ring") else "auto"
+    algorithm = config.get("HYBRID_EXT_ALGO")
+    if algorithm == "auto":
+        return default
+    return "auto" if algorithm == "native" else algorithm  # native: auto, which picks it where the group has one
 
 
 def create_butterfly_group(store: dist.Store, rank: int, size: int, timeout: timedelta) -> ButterflyProcessGroup:

@@ -26,7 +26,6 @@ DeepSpeed's copies, the rest is its flatten, scale and copy-back of the bucket, 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
@@ -125,8 +124,8 @@ def main() -> None:
     torch.set_num_threads(1)
 
     import hybrid_ext
+    from hybrid_ext.config import override
     from hybrid_ext.integrations import deepspeed as hx_deepspeed
-    from hybrid_ext.integrations.deepspeed import grad_reduction
 
     hx_deepspeed.init_distributed(reducer="auto")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -147,10 +146,10 @@ def main() -> None:
 
     for algorithm in algorithms:  # auto / butterfly: past the tuner's trials before timing (it decides once)
         if algorithm in ("auto", "butterfly") and tuner.tune_mode() != "off":
-            os.environ["HYBRID_EXT_ALGO"] = algorithm
             calls = tuner.trials_for(params * 4) * tuner.MAX_CANDIDATES + 1  # + the first call's agreement
-            for _ in range(-(-calls // args.repeats)):
-                timed_step(butterfly_engine, x, y, bookkeeping, args.repeats)
+            with override(HYBRID_EXT_ALGO=algorithm):
+                for _ in range(-(-calls // args.repeats)):
+                    timed_step(butterfly_engine, x, y, bookkeeping, args.repeats)
     for _ in range(args.steps):
         x = torch.randn(2, 3, args.size, args.size, generator=g)
         y = torch.randint(0, 10, (2,), generator=g)
@@ -158,9 +157,10 @@ def main() -> None:
             if row == "gloo":
                 times[row] += timed_step(engines["gloo"], x, y, bookkeeping, args.repeats)
                 continue
-            os.environ["HYBRID_EXT_ALGO"] = row.removeprefix("butterfly-").removesuffix(OWN_COPIES)
-            os.environ[grad_reduction.REDUCTION_ENV] = "deepspeed" if row.endswith(OWN_COPIES) else "hybrid-ext"
-            with hybrid_ext.metrics.capture() as records:
+            requested = row.removeprefix("butterfly-").removesuffix(OWN_COPIES)
+            reduction = "deepspeed" if row.endswith(OWN_COPIES) else "hybrid-ext"
+            setting = override(HYBRID_EXT_ALGO=requested, HYBRID_EXT_DEEPSPEED_REDUCTION=reduction)
+            with setting, hybrid_ext.metrics.capture() as records:
                 times[row] += timed_step(butterfly_engine, x, y, bookkeeping, args.repeats)
             big = [r for r in records if r.collective == "allreduce" and r.elements >= params]
             ran[row] |= {r.algorithm for r in big}
