@@ -11,7 +11,7 @@ import torch
 
 from hybrid_ext.train import compare
 from hybrid_ext.train.loop import TrainConfig, train
-from hybrid_ext.train.run_log import HPARAMS, TAGS
+from hybrid_ext.train.run_log import HPARAMS, TAGS, sharded_over
 
 
 def _demo_rank(rank: int, world: int, config: TrainConfig) -> dict:
@@ -45,6 +45,13 @@ def test_every_tag_and_the_hparams_are_written(demo_runs):
         assert set(HPARAMS) <= set(summary.hparams)
         assert summary.hparams["world_size"] == 2 and summary.hparams["framework"] == "torch"
         assert summary.hparams["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # --device auto
+
+
+def test_mp_size_is_what_the_layers_are_sharded_over(demo_runs):
+    logdir, _ = demo_runs
+    assert compare.read_run(logdir / "dp-native-np2").hparams["mp_size"] == 1  # dp shards nothing
+    assert compare.read_run(logdir / "hybrid-butterfly-np2").hparams["mp_size"] == 2
+    assert sharded_over("dp", 4) == 1 and sharded_over("mp", 4) == 4 and sharded_over("hybrid", 2) == 2
 
 
 def test_logged_loss_is_the_average_over_all_ranks(demo_runs):

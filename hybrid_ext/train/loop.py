@@ -21,7 +21,7 @@ from hybrid_ext.parallel import ParallelModel, parallelize
 from hybrid_ext.train import data as data_module
 from hybrid_ext.train import models
 from hybrid_ext.train.device import this_rank_device
-from hybrid_ext.train.run_log import RunLogger
+from hybrid_ext.train.run_log import RunLogger, sharded_over
 
 
 @dataclass
@@ -120,7 +120,7 @@ def train(config: TrainConfig, groups=None, prepare: Prepare = prepare_adam) -> 
     hparams = {
         **{k: v for k, v in asdict(config).items() if k in ("strategy", "reducer", "model", "framework")},
         "world_size": world,
-        "mp_size": model.groups.dims.mp,
+        "mp_size": sharded_over(config.strategy, model.groups.dims.mp),
         "batch_size": config.micro_batch * world,
         "device": device.type,
     }

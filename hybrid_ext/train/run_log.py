@@ -15,7 +15,8 @@ deepspeed, the demo):
 =========================  ==========================================================================
 
 plus a TensorBoard HParams entry (strategy, reducer, world size, mp_size, model, batch size, framework, device) with
-the final metrics, so TensorBoard's HParams table lists the runs side by side.
+the final metrics, so TensorBoard's HParams table lists the runs side by side. ``mp_size`` is the number of ranks
+each layer is sharded over: 1 under dp (see :func:`sharded_over`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ TAGS = (
 )
 HPARAMS = ("strategy", "reducer", "world_size", "mp_size", "model", "batch_size", "framework", "device")
 FINAL_METRICS = ("final/eval_accuracy", "final/samples_per_sec", "final/step_time_ms", "final/comm_bytes_per_step")
+
+
+def sharded_over(strategy: str, mp_group_size: int) -> int:
+    """The ``mp_size`` hyper-parameter of a run: 1 under dp, whose model-parallel group (all ranks by default)
+    shards nothing, else the model-parallel group's size."""
+    return 1 if strategy == "dp" else mp_group_size
 
 
 def run_name(strategy: str, reducer: str, world: int) -> str:
