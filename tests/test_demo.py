@@ -98,3 +98,40 @@ def test_torchrun_recipe_logs_by_the_same_contract(tmp_path):
     assert [r["run"] for r in results] == ["hybrid-butterfly-np2"] * 2
     summary = compare.read_run(tmp_path / "hybrid-butterfly-np2")
     assert summary.hparams["framework"] == "torchrun" and len(summary.loss) == 2
+
+
+def _recipe_configs(monkeypatch, *flags: str) -> dict:
+    """Each recipe's parsed TrainConfig (and the DeepSpeed one's ds_config) for the same command-line flags."""
+    import importlib.util
+    from pathlib import Path
+
+    recipes = Path(__file__).resolve().parent.parent / "recipes"
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    configs = {}
+    for name, extra in (("torch", ()), ("horovod", ()), ("deepspeed", ("--deepspeed_config", "hybrid-butterfly.json"))):
+        pytest.importorskip(name)
+        spec = importlib.util.spec_from_file_location(f"{name}_recipe", recipes / name / "train_cnn.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        extra = tuple(str(recipes / name / e) if e.endswith(".json") else e for e in extra)
+        monkeypatch.setattr(sys, "argv", ["train_cnn.py", *extra, *flags, "--device", "cpu"])
+        configs[name] = module.parse_args()
+    return configs
+
+
+@pytest.mark.timeout(120)
+def test_the_three_recipes_share_one_default_and_the_larger_models_are_one_flag_away(monkeypatch):
+    def described(config):
+        return config.model, config.data, config.epochs, config.lr, config.size, config.micro_batch
+
+    for flags, expected in (((), ("digits_alexnet", None, 5, 1e-3, 32, 16)), (("--model", "alexnet"), None)):
+        configs = _recipe_configs(monkeypatch, *flags)
+        torchrun, _ = configs["torch"]
+        (horovod,) = configs["horovod"]
+        deepspeed, ds_config, _ = configs["deepspeed"]
+        assert described(torchrun) == described(horovod) == described(deepspeed)
+        assert ds_config["optimizer"]["params"]["lr"] == deepspeed.lr  # the recipe's, not the file's
+        if expected is not None:
+            assert described(torchrun) == expected
+        else:
+            assert torchrun.model == "alexnet" and torchrun.size >= 63 and torchrun.lr == 1e-4

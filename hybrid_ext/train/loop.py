@@ -37,10 +37,10 @@ class TrainConfig:
     epochs: int = 5
     micro_batch: int = 16
     """Samples per rank per step (under mp every rank processes micro_batch × world samples)."""
-    lr: float = 1e-3
-    """Adam's learning rate."""
-    size: int = 32
-    """Input height and width the images are scaled to."""
+    lr: float | None = None
+    """Adam's learning rate; None: the model's (:data:`hybrid_ext.train.models.DEFAULT_LR`)."""
+    size: int | None = None
+    """Input height and width the images are scaled to; None: the model's (``models.DEFAULT_SIZE``)."""
     data: str | None = None
     """An ImageFolder / CIFAR-10 folder; None: the embedded digits set."""
     logdir: str = "runs"
@@ -51,6 +51,12 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     """auto (CUDA where there is a GPU), cpu or cuda; each rank takes GPU local rank % GPU count."""
+
+    def __post_init__(self) -> None:
+        if self.size is None:
+            self.size = models.DEFAULT_SIZE.get(self.model, models.DEFAULT_SIZE["digits_alexnet"])
+        if self.lr is None:
+            self.lr = models.DEFAULT_LR.get(self.model, models.DEFAULT_LR["digits_alexnet"])
 
 
 def _reduce_sum(comm, values: list[float]) -> list[float]:

@@ -31,6 +31,11 @@ def digits_alexnet(channels: int = 1, classes: int = 10, width: int = 1024) -> n
 
 MIN_SIZE = {"digits_alexnet": 8, "alexnet": 63, "vgg11": 32}
 """Smallest input side each model accepts (AlexNet's stride-4 stem and three 3×3/2 pools need 63)."""
+DEFAULT_SIZE = {"digits_alexnet": 32, "alexnet": 64, "vgg11": 32}
+"""Input side each model trains at unless told (``--size``)."""
+DEFAULT_LR = {"digits_alexnet": 1e-3, "alexnet": 1e-4, "vgg11": 1e-4}
+"""Adam's learning rate for each model unless told (``--lr``): the deeper torchvision CNNs, without BatchNorm,
+take a smaller step."""
 
 
 def input_channels(name: str) -> int | None:

@@ -1,7 +1,7 @@
 """The command line every training recipe shares (torchrun, horovodrun, deepspeed): one set of options, one summary.
 
 parser = argparse.ArgumentParser()
-add_train_arguments(parser, model="alexnet", size=64)   # recipe-specific defaults
+add_train_arguments(parser)   # the same defaults in every recipe: the digits model, 5 epochs, Adam at 1e-3
 config = train_config(parser.parse_args(), framework="horovod")
 ...
 print(summary_line(train(config), config))
@@ -42,12 +42,12 @@ def add_train_arguments(parser: argparse.ArgumentParser, **defaults: Any) -> Non
     parser.add_argument(
         "--mp-size", type=int, default=base["mp_size"], help="model-parallel group size (default: all ranks)"
     )
-    parser.add_argument("--model", default=base["model"], help="digits_alexnet, alexnet, vgg11")
+    parser.add_argument("--model", default=base["model"], help="digits_alexnet (default), alexnet, vgg11")
     parser.add_argument("--data", default=base["data"], help="ImageFolder / CIFAR-10 folder (default: embedded digits)")
     parser.add_argument("--epochs", type=int, default=base["epochs"])
     parser.add_argument("--micro-batch", type=int, default=base["micro_batch"], help="samples per rank per step")
-    parser.add_argument("--lr", type=float, default=base["lr"])
-    parser.add_argument("--size", type=int, default=base["size"], help="image side after resizing")
+    parser.add_argument("--lr", type=float, default=base["lr"], help="Adam's learning rate (default: the model's)")
+    parser.add_argument("--size", type=int, default=base["size"], help="image side (default: the model's)")
     parser.add_argument("--max-steps", type=int, default=base["max_steps"])
     parser.add_argument("--logdir", default=base["logdir"])
     add_device_argument(parser)

@@ -2,16 +2,17 @@
 
     horovodrun -np 4 -H localhost:4 --gloo python recipes/horovod/train_cnn.py --strategy hybrid --reducer butterfly
     horovodrun -np 4 -H localhost:4 --gloo python recipes/horovod/train_cnn.py --strategy dp --reducer native
-    horovodrun -np 4 -H localhost:4 --gloo python recipes/horovod/train_cnn.py --data ~/cifar10 --size 64
+    horovodrun -np 4 -H localhost:4 --gloo python recipes/horovod/train_cnn.py --model alexnet --data ~/cifar10
     horovodrun -np 4 -H localhost:4 --gloo python recipes/horovod/train_cnn.py --runs dp-native,hybrid-butterfly
     horovodrun -np 2 -H localhost:2 python recipes/horovod/train_cnn.py --device cuda   # a GPU per rank
     hybrid-ext compare runs/
 
-AlexNet (torchvision) by default, on the digits that ship with scikit-learn (grayscale made RGB, 64×64), or
-on an ImageFolder / CIFAR-10 folder by path. Conv layers data-parallel, FC layers model-parallel
-(``--strategy hybrid``) — the gradients of the replicated layers reduced by the butterfly over a side channel
-(``--reducer butterfly``) or by ``hvd.allreduce`` (``--reducer native``). The training loop is hybrid-ext's
-(hybrid_ext.train.loop), shared with `hybrid-ext demo` and the torchrun and DeepSpeed recipes.
+The same defaults as the torchrun and DeepSpeed recipes: the FC-heavy digits CNN on the digits that ship with
+scikit-learn (32×32), 5 epochs, Adam at 1e-3; ``--model alexnet`` / ``vgg11`` for torchvision's (at their own
+size and learning rate), ``--data`` for an ImageFolder / CIFAR-10 folder. Conv layers data-parallel, FC layers
+model-parallel (``--strategy hybrid``) — the gradients of the replicated layers reduced by the butterfly over a
+side channel (``--reducer butterfly``) or by ``hvd.allreduce`` (``--reducer native``). The training loop is
+hybrid-ext's (hybrid_ext.train.loop), shared with `hybrid-ext demo` and the torchrun and DeepSpeed recipes.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from hybrid_ext.train.recipe_cli import add_train_arguments, summary_line, train
 
 def parse_args() -> list[TrainConfig]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_train_arguments(parser, model="alexnet", epochs=2, lr=1e-4, size=64)
+    add_train_arguments(parser)
     parser.add_argument(
         "--runs", default=None, help="several runs in one job, e.g. dp-native,hybrid-butterfly (strategy-reducer)"
     )
