@@ -1,6 +1,6 @@
 """Start DeepSpeed on the butterfly, and put hybrid-ext's partitioner inside a DeepSpeed engine.
 
-The backend (route (a) of the DeepSpeed issue): DeepSpeed 0.19 has no registry of communication backends;
+The backend: DeepSpeed 0.19 has no registry of communication backends;
 ``deepspeed.init_distributed(dist_backend=name)`` builds its ``TorchBackend`` over
 ``torch.distributed.init_process_group(name)``. hybrid-ext registers a torch.distributed backend named
 ``butterfly`` (all_reduce through the butterfly, everything else through an inner gloo / NCCL group), so
@@ -26,11 +26,10 @@ register a post-accumulate-grad hook on every parameter (``create_gradient_handl
 ``runtime/zero/stage_1_and_2.py``); ZeRO-2 (and ZeRO-1 with ``overlap_comm``) copy the gradient into their own
 buckets right there, during backward, and even at plain ZeRO-1 a direct ``loss.backward()`` runs DeepSpeed's
 reduction from a callback queued by its first hook — possibly before hybrid-ext's. With the bucketed
-reduction the two race (hybrid, W=4, mp=2, ZeRO-1 with ``overlap_comm``: 7.5e-4 relative error against the
-reference in one run, exact in another). So from ZeRO-1 on the pre-reduction is *blocking and per parameter,
-in a tensor hook* (``blocking_reduction=True``): tensor hooks run before ``AccumulateGrad``, hence before any
-post-accumulate-grad hook of that parameter, whichever was registered first — exact at ZeRO-1 and -2 in every
-run (``tests/test_deepspeed.py``).
+reduction the two would race, and DeepSpeed could read a gradient before hybrid-ext has pre-reduced it. So from
+ZeRO-1 on the pre-reduction is *blocking and per parameter, in a tensor hook* (``blocking_reduction=True``):
+tensor hooks run before ``AccumulateGrad``, hence before any post-accumulate-grad hook of that parameter,
+whichever was registered first (``tests/test_deepspeed.py`` compares ZeRO-1 and -2 with the reference).
 """
 
 from __future__ import annotations

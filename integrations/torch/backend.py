@@ -75,8 +75,8 @@ def _to_inner(name: str, inner_name: str | None = None, pass_args: bool = True):
     *while holding the GIL*, and that method enqueues on gloo, taking gloo's work-queue mutex. gloo's worker
     threads drop a finished collective (its tensors: a Python decref, which takes the GIL) while holding that
     mutex. So the caller holds the GIL and waits for the mutex while a gloo thread holds the mutex and waits for
-    the GIL: a deadlock, whenever a collective is issued before gloo's thread has let go of the previous one
-    (it hung the fallback test about once in ten runs). The inner group's own bindings release the GIL.
+    the GIL: a deadlock, whenever a collective is issued before gloo's thread has let go of the previous one.
+    The inner group's own bindings release the GIL.
     """
     target = inner_name or name
 
