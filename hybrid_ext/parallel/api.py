@@ -200,20 +200,45 @@ def parallelize(
 ) -> ParallelModel:
     """Shard or replicate ``model``'s layers across the ranks (see the module docstring) and return it wrapped.
 
-    ``groups`` defaults to torch.distributed's default group (call ``init_process_group`` first); the Horovod
-    and DeepSpeed integrations pass their own. ``example_input`` lets the plan measure parameters per FLOP
-    (see :func:`hybrid_ext.parallel.plan.make_plan`).
+    Every rank calls it, with the same model. Parameters keep their objects (sharded ones hold their shard), so an
+    optimizer built before the wrap keeps working; ``.module`` is the model itself.
 
-    ``strategy="auto"`` (needs ``example_input``, a micro-batch as each rank passes it): each Linear chain sharded
-    or replicated, and ``mp_size`` (if not given), chosen for the least step predicted from the layers profiled on
-    every rank (see :mod:`hybrid_ext.parallel.auto_plan`; only as good as those predictions).
+    Args:
+        model (nn.Module): the model, on one device (CPU or one CUDA device per rank).
+        strategy (str): ``"hybrid"`` (default: conv layers data-parallel, Linear layers model-parallel), ``"dp"``,
+            ``"mp"``, or ``"auto"`` (needs ``example_input``, a micro-batch as each rank passes it): each Linear
+            chain sharded or replicated, and ``mp_size`` (if not given), chosen for the least step predicted from
+            the layers profiled on every rank (see :mod:`hybrid_ext.parallel.auto_plan`; only as good as those
+            predictions).
+        reducer (str): the gradient all-reduce: ``"butterfly"`` (default) or ``"auto"``, ``"rabenseifner"``,
+            ``"recursive_doubling"``, ``"ring"``, or ``"native"`` (the host framework's own allreduce).
+        mp_size (int or None): ranks in each model-parallel group (default: all ranks).
+        rules (dict or None): module path pattern (``fnmatch``) → style, overriding the plan's choice for the
+            modules it matches (see :func:`hybrid_ext.parallel.plan.make_plan`).
+        groups (Groups or None): the process grid; default: built from torch.distributed's default group (call
+            ``init_process_group`` first). The Horovod and DeepSpeed integrations pass their own.
+        bucket_mb (float): gradient bucket size in MiB (default 25, as DDP's ``bucket_cap_mb``).
+        sync_initial_weights (bool): broadcast the first rank's parameters and buffers first (default True).
+        example_input (torch.Tensor or None): lets the plan measure parameters per FLOP (see
+            :func:`hybrid_ext.parallel.plan.make_plan`); needed by ``strategy="auto"``.
+        host_reduces_data_parallel (bool): leave the reduction over the data-parallel group to the host framework
+            (see the module docstring).
+        blocking_reduction (bool): reduce each parameter's gradient on its own, before it is accumulated into
+            ``.grad`` — for hosts that read gradients in their own per-parameter hooks during backward (DeepSpeed
+            ZeRO-2); see :mod:`hybrid_ext.parallel.reducer`.
+        broadcast_buffers (bool): make buffers (BatchNorm running statistics) identical on every replica after each
+            training forward, from the first rank (DDP's option of that name; see
+            :mod:`hybrid_ext.parallel.replicated_buffers`). Default True.
 
-    ``host_reduces_data_parallel``: leave the reduction over the data-parallel group to the host framework (see
-    the module docstring). ``blocking_reduction``: reduce each parameter's gradient on its own, before it is
-    accumulated into ``.grad`` — for hosts that read gradients in their own per-parameter hooks during backward
-    (DeepSpeed ZeRO-2); see :mod:`hybrid_ext.parallel.reducer`. ``broadcast_buffers``: make buffers (BatchNorm
-    running statistics) identical on every replica after each training forward, from the first rank (DDP's
-    option of that name; see :mod:`hybrid_ext.parallel.replicated_buffers`).
+    Returns:
+        ParallelModel: the wrapped model; gradients are reduced during ``backward`` (``no_sync()`` as DDP's).
+
+    Raises:
+        ValueError: an unknown ``strategy``, ``reducer`` or rule style; a rule that matches no module; an
+            ``mp_size`` that is not a positive integer, does not divide the world size or disagrees with
+            ``groups``; a layer the plan cannot shard; parameters on several devices, or on different device types
+            on different ranks.
+        RuntimeError: torch.distributed is not initialized and no ``groups`` were given.
     """
     if reducer not in GRAD_ALGORITHMS:
         raise ValueError(f"unknown reducer {reducer!r}; choose one of {', '.join(GRAD_ALGORITHMS)}")
