@@ -76,7 +76,18 @@ def load_config(config: str | Path | dict) -> dict:
 
 
 def split_config(config: str | Path | dict | None = None, args: Any = None) -> tuple[dict, HybridSection | None]:
-    """``(ds_config without the section, the section or None)``, from ``config`` or else ``args.deepspeed_config``."""
+    """Take the ``"hybrid_ext"`` section out of a ds_config.
+
+    Args:
+        config (str, Path, dict or None): the ds_config, a dict or a JSON path.
+        args: DeepSpeed's ``args``; its ``deepspeed_config`` is read when ``config`` is None.
+
+    Returns:
+        tuple[dict, HybridSection or None]: the ds_config without the section, and the section (None if absent).
+
+    Raises:
+        ValueError: no ds_config, or one both as ``config`` and ``args.deepspeed_config``; a bad section.
+    """
     from_args = getattr(args, "deepspeed_config", None)
     if config is not None and from_args is not None:
         raise ValueError("a ds_config was given both as config= and as args.deepspeed_config: pass one")

@@ -65,11 +65,17 @@ def backend_for(reducer: str) -> str | None:
 def init_distributed(reducer: str = "butterfly", **kwargs: Any) -> None:
     """``deepspeed.init_distributed`` on the butterfly: the one line that switches a DeepSpeed job's allreduce.
 
-    ``reducer``: ``butterfly`` / ``rabenseifner`` / ``recursive_doubling`` / ``ring`` run the ``butterfly``
-    backend with that algorithm (``HYBRID_EXT_ALGO`` set for this process in :mod:`hybrid_ext.config`, which the
-    backend reads at every call); ``auto`` lets the cost model choose per message (or ``HYBRID_EXT_ALGO``, if
-    set); ``native`` is DeepSpeed's own backend for the accelerator (gloo on CPU, NCCL on CUDA). Other keyword
-    arguments go to ``deepspeed.init_distributed`` (timeout, init_method, ...).
+    Args:
+        reducer (str): ``"butterfly"`` (default), ``"rabenseifner"``, ``"recursive_doubling"`` or ``"ring"`` run
+            the ``butterfly`` backend with that algorithm (``HYBRID_EXT_ALGO`` set for this process in
+            :mod:`hybrid_ext.config`, which the backend reads at every call); ``"auto"`` lets the cost model choose
+            per message (or ``HYBRID_EXT_ALGO``, if set); ``"native"`` is DeepSpeed's own backend for the
+            accelerator (gloo on CPU, NCCL on CUDA).
+        **kwargs: passed to ``deepspeed.init_distributed`` (``timeout``, ``init_method``, ...).
+
+    Raises:
+        ValueError: an unknown ``reducer``.
+        TypeError: ``dist_backend`` was passed (``reducer`` chooses it).
     """
     if "dist_backend" in kwargs:
         raise TypeError("init_distributed() chooses dist_backend from reducer=; do not pass dist_backend")
@@ -96,9 +102,26 @@ def parallelize_for_deepspeed(
 ) -> tuple[ParallelModel, GridMPU]:
     """Shard ``model`` for a DeepSpeed engine; returns the model and the ``mpu`` to hand ``deepspeed.initialize``.
 
-    Under ``dp`` the grid has mp = 1 (DeepSpeed does everything); under ``mp`` and ``hybrid`` mp = ``mp_size``
-    (default: all ranks). See the module docstring for how the gradients are split between hybrid-ext and
-    DeepSpeed, and why ZeRO >= 1 makes the pre-reduction blocking.
+    See the module docstring for how the gradients are split between hybrid-ext and DeepSpeed, and why ZeRO >= 1
+    makes the pre-reduction blocking.
+
+    Args:
+        model (nn.Module): the model, as for :func:`hybrid_ext.parallelize`.
+        strategy (str): ``"hybrid"`` (default), ``"dp"`` or ``"mp"``. Under ``dp`` the grid has mp = 1 (DeepSpeed
+            does everything).
+        reducer (str): the algorithm of hybrid-ext's part of the gradient reduction, as for ``parallelize``.
+        mp_size (int or None): ranks per model-parallel group under ``mp`` and ``hybrid`` (default: all ranks).
+        zero_stage (int): the ds_config's ZeRO stage (0, 1 or 2; 3 only under ``dp``).
+        groups (Groups or None): the grid; default: built over torch.distributed's default group.
+        **parallelize_kwargs: passed to :func:`hybrid_ext.parallelize`.
+
+    Returns:
+        tuple[ParallelModel, GridMPU]: the sharded model and the ``mpu`` for ``deepspeed.initialize``.
+
+    Raises:
+        ValueError: a bad strategy, reducer or mp_size (named as the ds_config section's keys), or ZeRO stage 3
+            with a sharding strategy.
+        RuntimeError: torch.distributed is not initialized and no ``groups`` were given.
     """
     import torch.distributed as dist
 
@@ -157,9 +180,24 @@ def initialize(
     Under hybrid, ``train_batch_size`` and ``training_data=`` keep their DeepSpeed meaning — one global batch over
     all ranks, every rank its own samples (conv layers are data-parallel over all of them): see :mod:`.batch`.
 
-    ``model`` may also be a :class:`ParallelModel` built by :func:`parallelize_for_deepspeed` (the section's
-    strategy is then ignored). A client ``optimizer`` must be built on the *sharded* model's parameters: pass a
-    callable (``lambda params: torch.optim.Adam(params)``), which DeepSpeed calls with them.
+    Args:
+        args: DeepSpeed's ``args``; its ``deepspeed_config`` is read when ``config`` is None.
+        model (nn.Module or ParallelModel): the model, or one built by :func:`parallelize_for_deepspeed` (the
+            section's strategy is then ignored).
+        optimizer: a client optimizer, which must be built on the *sharded* model's parameters: pass a callable
+            (``lambda params: torch.optim.Adam(params)``), which DeepSpeed calls with them. Default: the
+            ds_config's.
+        model_parameters: as for ``deepspeed.initialize`` (default: the sharded model's parameters).
+        config (str, dict or None): the ds_config, a dict or a JSON path.
+        **kwargs: passed to ``deepspeed.initialize``.
+
+    Returns:
+        tuple: what ``deepspeed.initialize`` returns — ``(engine, optimizer, training_dataloader, lr_scheduler)``.
+
+    Raises:
+        ValueError: no model, no ds_config or two of them, a bad ``"hybrid_ext"`` section, or a
+            :class:`ParallelModel` that reduces over the data-parallel group itself (DeepSpeed would reduce again).
+        TypeError: ``mpu`` was passed (the section builds it).
     """
     import deepspeed
     import torch.distributed as dist
