@@ -23,9 +23,21 @@ _cache: dict[tuple[int, str], Groups] = {}
 
 
 def horovod_groups(mp_size: int | None = None, device: torch.device | None = None) -> Groups:
-    """The world / mp / dp communicators of this rank's grid (every rank calls this, in the same order).
+    """The world / mp / dp communicators of this rank's grid, for ``hybrid_ext.parallelize(groups=...)``.
 
-    One set per (mp_size, device type), reused by later calls: models parallelized alike share them.
+    Every rank calls this, in the same order. One set per (mp_size, device type), reused by later calls: models
+    parallelized alike share them.
+
+    Args:
+        mp_size (int or None): ranks per model-parallel group (default: all ranks).
+        device (torch.device or None): where the tensors they reduce live (default: CPU).
+
+    Returns:
+        Groups: the grid's communicators over Horovod's ranks.
+
+    Raises:
+        RuntimeError: Horovod is not initialized.
+        ValueError: ``mp_size`` does not divide the number of ranks.
     """
     hvd = _hvd()
     if not hvd.is_initialized():

@@ -233,7 +233,17 @@ def registered() -> bool:
 
 
 def register() -> None:
-    """Add ``hvd.Butterfly`` / ``hvd.ButterflySum`` and route them to the butterfly (idempotent)."""
+    """Add ``hvd.Butterfly`` / ``hvd.ButterflySum`` and route them to the butterfly (idempotent).
+
+    Call it after ``hvd.init()``. It wraps the Horovod functions named in :data:`PATCHED` (allreduce, grouped
+    allreduce, synchronize, poll, shutdown, DistributedOptimizer) so that a reduction with ``op=hvd.Butterfly``
+    (average) or ``hvd.ButterflySum`` (sum) runs on hybrid-ext; every other op goes to Horovod unchanged, and
+    ``hvd.DistributedOptimizer`` leaves a ``hybrid_ext.parallelize``'d model's gradients to it
+    (:func:`distributed_optimizer`).
+
+    Raises:
+        RuntimeError: a function it wraps is missing from this Horovod version.
+    """
     with _lock:
         if registered():
             return

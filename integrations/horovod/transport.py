@@ -52,7 +52,14 @@ def set_ranks(process_set: Any) -> list[int]:
 
 
 def process_set_for(ranks: list[int]) -> Any:
-    """The Horovod process set of ``ranks``: added (a collective over all ranks), or the one that exists."""
+    """The Horovod process set of ``ranks``: added (a collective over all ranks), or the one that exists.
+
+    Args:
+        ranks (list[int]): the members, in any order.
+
+    Returns:
+        the ``hvd.ProcessSet`` of those ranks.
+    """
     hvd = _hvd()
     ranks = sorted(ranks)
     try:
@@ -70,7 +77,21 @@ def process_set_for(ranks: list[int]) -> Any:
 
 
 def side_channel(process_set: Any = None, timeout: float = DEFAULT_TIMEOUT) -> SideChannel:
-    """The side channel of ``process_set`` (default: all ranks); its members call this together the first time."""
+    """The side channel of ``process_set``: the connections hybrid-ext's reductions travel on beside Horovod's.
+
+    Its members call this together the first time; later calls return the same channel.
+
+    Args:
+        process_set: an ``hvd.ProcessSet`` (default: the global one, all ranks).
+        timeout (float): seconds to wait for a peer.
+
+    Returns:
+        SideChannel: the channel, made on first use.
+
+    Raises:
+        RuntimeError: Horovod is not initialized.
+        ValueError: ``process_set`` is not registered with Horovod.
+    """
     hvd = _hvd()
     if not hvd.is_initialized():
         raise RuntimeError("Horovod is not initialized: call hvd.init() first")
@@ -105,7 +126,15 @@ def _matches(channel: SideChannel | Communicator, ranks: list[int], rank: int) -
 
 
 def communicator_for(process_set: Any, device: torch.device) -> Communicator:
-    """The communicator that runs Butterfly reductions over ``process_set`` for tensors on ``device``."""
+    """The communicator that runs Butterfly reductions over ``process_set`` for tensors on ``device``.
+
+    Args:
+        process_set: an ``hvd.ProcessSet``; its members call this together the first time.
+        device (torch.device): where the reduced tensors live.
+
+    Returns:
+        Communicator: made on first use (with its side channel), then reused.
+    """
     key = (process_set.process_set_id, "cuda" if device.type == "cuda" else "cpu")
     with _lock:
         comm = _communicators.get(key)
