@@ -233,7 +233,12 @@ def create_butterfly_group(store: dist.Store, rank: int, size: int, timeout: tim
 
 
 def register_backend() -> None:
-    """Make ``"butterfly"`` a torch.distributed backend name (idempotent)."""
+    """Make ``"butterfly"`` a torch.distributed backend name (idempotent; importing hybrid_ext calls it).
+
+    ``dist.init_process_group("butterfly")`` then runs ``all_reduce`` through hybrid-ext's schedules and every
+    other collective on an inner group (gloo; for CUDA tensors NCCL where it can serve the job, see the module
+    docstring).
+    """
     if c10d.backend_registered(BACKEND_NAME):
         return
     devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]

@@ -30,8 +30,15 @@ def butterfly_hook(state: ButterflyHookState | Any, bucket: dist.GradBucket) -> 
 
     Like DDP's default ``allreduce_hook`` (sum, then divide by the group size), but the bucket travels through
     hybrid-ext's schedules instead of the backend's own allreduce. The reduction runs on hybrid-ext's
-    communication thread, so it overlaps the rest of the backward pass as DDP's own does. ``state`` may be a
-    :class:`ButterflyHookState`, a process group, or None.
+    communication thread, so it overlaps the rest of the backward pass as DDP's own does.
+
+    Args:
+        state (ButterflyHookState, process group or None): the group and algorithm; a process group or None
+            stands for ``ButterflyHookState(group=state)``.
+        bucket (dist.GradBucket): the bucket DDP hands the hook.
+
+    Returns:
+        torch.futures.Future[torch.Tensor]: completed with the bucket's buffer, averaged in place.
 
     Example::
 
