@@ -42,7 +42,14 @@ def check_enabled() -> bool:
 
 
 def set_check(enabled: bool | None) -> None:
-    """Turn check mode on or off for this process (None: follow ``HYBRID_EXT_CHECK``)."""
+    """Turn check mode on or off for this process.
+
+    In check mode every collective first compares its op, dtype, sizes, order and name across the ranks, and
+    raises :class:`CollectiveMismatchError` naming what each rank passed instead of mixing their data.
+
+    Args:
+        enabled (bool or None): on, off, or None to follow ``HYBRID_EXT_CHECK`` again.
+    """
     global _override
     _override = enabled
 

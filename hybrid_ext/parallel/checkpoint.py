@@ -22,12 +22,31 @@ from hybrid_ext.parallel.shards import gather, group_of, sharded_state_dicts
 
 
 def full_state_dict(model: ParallelModel) -> dict[str, torch.Tensor]:
-    """The unwrapped model's state dict (same keys and shapes), gathered from the shards. Call on every rank."""
+    """The unwrapped model's state dict (same keys and shapes), gathered from the shards.
+
+    A collective: every rank calls it, and every rank gets the whole state dict.
+
+    Args:
+        model (ParallelModel): a model returned by :func:`hybrid_ext.parallelize`.
+
+    Returns:
+        dict[str, torch.Tensor]: what ``model.module.state_dict()`` of the model before the wrap would hold
+        (copies).
+    """
     return {name: tensor.detach().clone() for name, tensor in model.module.state_dict().items()}
 
 
 def load_full_state_dict(model: ParallelModel, state: dict[str, torch.Tensor]) -> None:
-    """Load an unwrapped model's state dict into a parallel model of any strategy and world size."""
+    """Load an unwrapped model's state dict into a parallel model of any strategy and world size.
+
+    Args:
+        model (ParallelModel): a model returned by :func:`hybrid_ext.parallelize`; each rank keeps its shards.
+        state (dict[str, torch.Tensor]): a state dict of the unwrapped model (:func:`full_state_dict`, or one
+            saved without hybrid-ext).
+
+    Raises:
+        KeyError: ``state`` lacks some of the model's keys or has others.
+    """
     keys = set(_keys(model))
     missing = sorted(keys - set(state))
     unexpected = sorted(set(state) - keys)
@@ -42,7 +61,17 @@ def _keys(model: ParallelModel) -> list[str]:
 
 
 def full_optimizer_state_dict(model: ParallelModel, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The optimizer's state dict as an optimizer over the unwrapped model would hold it."""
+    """The optimizer's state dict as an optimizer over the unwrapped model would hold it.
+
+    A collective: every rank calls it, and every rank gets the whole state dict.
+
+    Args:
+        model (ParallelModel): the model the optimizer steps.
+        optimizer (torch.optim.Optimizer): built on ``model.parameters()``.
+
+    Returns:
+        dict: the optimizer's state dict with every sharded parameter's state gathered to its full shape.
+    """
     with sharded_state_dicts():
         local = copy.deepcopy(optimizer.state_dict())
     return gather_state(optimizer, local)
@@ -51,7 +80,13 @@ def full_optimizer_state_dict(model: ParallelModel, optimizer: torch.optim.Optim
 def load_full_optimizer_state_dict(
     model: ParallelModel, optimizer: torch.optim.Optimizer, state: dict[str, Any]
 ) -> None:
-    """Load a full (unwrapped-model) optimizer state dict into the optimizer of a parallel model."""
+    """Load a full (unwrapped-model) optimizer state dict into the optimizer of a parallel model.
+
+    Args:
+        model (ParallelModel): the model the optimizer steps.
+        optimizer (torch.optim.Optimizer): built on ``model.parameters()``; it may have stepped or not.
+        state (dict): from :func:`full_optimizer_state_dict`, or an optimizer over the unwrapped model.
+    """
     with sharded_state_dicts():  # loaded as it is, then cut here: the same whether or not the optimizer has stepped
         optimizer.load_state_dict(copy.deepcopy(state))
     cut_full_state(optimizer)

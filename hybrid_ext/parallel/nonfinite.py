@@ -31,7 +31,11 @@ from hybrid_ext.comm.api import allreduce
 
 
 class NonFiniteGuard:
-    """Agree across ``group`` (None: every rank) on whether any rank's gradients hold a NaN or an Inf."""
+    """Agree across ``group`` on whether any rank's gradients hold a NaN or an Inf (see the module docstring).
+
+    Args:
+        group: the ranks that must agree, as for :func:`hybrid_ext.allreduce` (default: every rank).
+    """
 
     def __init__(self, group: Any = None) -> None:
         self.group = group
@@ -51,7 +55,15 @@ class NonFiniteGuard:
         return bool(flag.item())
 
     def step(self, optimizer: torch.optim.Optimizer, closure=None) -> bool:
-        """``optimizer.step()`` unless any rank saw a non-finite gradient; True if the step was taken."""
+        """``optimizer.step()`` unless any rank saw a non-finite gradient (a collective over the group).
+
+        Args:
+            optimizer (torch.optim.Optimizer): its parameters' gradients are checked.
+            closure: passed to ``optimizer.step``.
+
+        Returns:
+            bool: True (on every rank) if the step was taken, False if every rank skipped it.
+        """
         parameters = [p for group in optimizer.param_groups for p in group["params"]]
         if self.any_nonfinite(parameters):
             self.skipped += 1
