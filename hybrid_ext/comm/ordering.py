@@ -28,6 +28,18 @@ class Handle:
         self._streams, self._done = streams, done  # CUDA: the collective's end, for the caller's stream
 
     def wait(self, timeout: float | None = None) -> Any:
+        """Block until the collective is done; on CUDA, make the caller's current stream wait for it too.
+
+        Args:
+            timeout (float or None): seconds to wait at most (None: no limit).
+
+        Returns:
+            the collective's result: the reduced tensor, or the list of them.
+
+        Raises:
+            TimeoutError: not done within ``timeout``.
+            PeerError, CollectiveMismatchError: the collective's own error.
+        """
         result = self._future.result(timeout)
         if self._streams is not None:
             self._streams.consume(self._done[0])

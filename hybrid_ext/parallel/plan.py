@@ -50,6 +50,9 @@ ELEMENTWISE = (
 
 @dataclass
 class PartitionPlan:
+    """How :func:`hybrid_ext.parallelize` splits a model: each parameterised layer's style, printable before it is
+    applied (not to be confused with :class:`hybrid_ext.comm.schedule.Plan`, one rank's steps of a collective)."""
+
     strategy: str
     styles: dict[str, str] = field(default_factory=dict)  # module path -> style, in module order
     parameters: dict[str, int] = field(default_factory=dict)  # module path -> parameter count

@@ -55,11 +55,11 @@ BUTTERFLY_BACKEND = "butterfly"
 DEEPSPEED_PRIVATE = {"deepspeed.utils.groups": ("mpu",)}
 
 
-def backend_for(reducer: str) -> str | None:
-    """The torch.distributed backend for a reducer: ``butterfly``, or None (DeepSpeed's own for the device)."""
-    if reducer not in GRAD_ALGORITHMS:
-        raise ValueError(f"unknown reducer {reducer!r}; choose one of {', '.join(GRAD_ALGORITHMS)}")
-    return None if reducer == "native" else BUTTERFLY_BACKEND
+def backend_for(grad_algorithm: str) -> str | None:
+    """The torch.distributed backend for a gradient algorithm: ``butterfly``, or None (DeepSpeed's own)."""
+    if grad_algorithm not in GRAD_ALGORITHMS:
+        raise ValueError(f"unknown reducer {grad_algorithm!r}; choose one of {', '.join(GRAD_ALGORITHMS)}")
+    return None if grad_algorithm == "native" else BUTTERFLY_BACKEND
 
 
 def init_distributed(reducer: str = "butterfly", **kwargs: Any) -> None:
@@ -277,16 +277,16 @@ def _check_parameters_belong(model: nn.Module, model_parameters: Any, optimizer:
         )
 
 
-def _warn_if_backend_differs(reducer: str) -> None:
+def _warn_if_backend_differs(grad_algorithm: str) -> None:
     import torch.distributed as dist
 
-    expected = backend_for(reducer)
+    expected = backend_for(grad_algorithm)
     actual = dist.get_backend()
     if expected == BUTTERFLY_BACKEND and actual != BUTTERFLY_BACKEND:
         warnings.warn(
-            f'the ds_config asks for reducer "{reducer}", but torch.distributed already runs on "{actual}": '
+            f'the ds_config asks for reducer "{grad_algorithm}", but torch.distributed already runs on "{actual}": '
             "DeepSpeed's allreduce stays there (call hybrid_ext.integrations.deepspeed.init_distributed first)",
             stacklevel=3,
         )
-    elif expected == BUTTERFLY_BACKEND and reducer != "auto":
-        set_for_process(HYBRID_EXT_ALGO=reducer)
+    elif expected == BUTTERFLY_BACKEND and grad_algorithm != "auto":
+        set_for_process(HYBRID_EXT_ALGO=grad_algorithm)
