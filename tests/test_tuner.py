@@ -224,13 +224,13 @@ def _tuned_rank(rank: int, world: int, calls: int, count: int) -> dict:
 @pytest.mark.timeout(180)
 def test_real_ranks_tune_together_save_and_reuse_their_choice(spawn_ranks, tmp_path):
     # The built-in cost model (no saved calibration) finds all three plausible for 20 KB at 3 ranks; the group's
-    # native allreduce is always tried.
+    # native allreduce and, on one host's shared memory, the direct one are always tried.
     env = {
         "HYBRID_EXT_TUNE": "on",
         "HYBRID_EXT_TUNED": str(tmp_path / "tuned.json"),
         "HYBRID_EXT_COST_MODEL": str(tmp_path / "no-calibration.json"),
     }
-    candidates = (*CANDIDATES, "native")
+    candidates = (*CANDIDATES, "direct", "native")
     calls = trials_for(20_000) * len(candidates) + 4
     first = spawn_ranks(_tuned_rank, 3, calls, 5000, env=env)
     assert all(r["exact"] for r in first)
@@ -370,6 +370,7 @@ def _native_against_schedules_rank(rank: int, world: int, slowed: str, calls: in
     from hybrid_ext.comm import communicator
 
     comm = communicator()
+    comm.direct = None  # native against the schedules alone (the one-host direct allreduce has tests of its own)
     if slowed == "schedules":
         comm.transport = _DelayedTransport(comm.transport, 0.02)
     else:

@@ -37,11 +37,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from hybrid_ext import comm
+from hybrid_ext import comm, config
 from hybrid_ext.comm import cost_model
 from hybrid_ext.launch import spawn
 
 TUNING_CALLS_CAP = 64  # more than any candidate list's trials
+# DeepSpeed's shared-memory allreduce on its CPU accelerator (deepspeed.comm.inference_all_reduce, a C++ op DeepSpeed
+# builds on first use): the strongest one-host allreduce a user of this stack already has.
+DEEPSPEED_SHM = "deepspeed-shm"
 ALGORITHM_CHOICES = (
     "auto",
     "butterfly",
@@ -49,8 +52,11 @@ ALGORITHM_CHOICES = (
     "recursive_doubling",
     "ring",
     *(f"hierarchical/{a}" for a in ("rabenseifner", "recursive_doubling", "ring")),
+    "direct",
     "native",
+    DEEPSPEED_SHM,
 )
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -97,6 +103,7 @@ def _bench_rank(
     inner: int,
     interface: str | None = None,
     device: str = "cpu",
+    dtype: str = "float32",
 ) -> dict:
     """This rank's timings; with ``interface``, also its host's interface byte counts per timed round."""
     import socket
@@ -106,6 +113,8 @@ def _bench_rank(
     from hybrid_ext.train.device import this_rank_device
 
     where = this_rank_device(device)
+    kind = DTYPES[dtype]
+    deepspeed_allreduce = _deepspeed_shm_allreduce(p) if DEEPSPEED_SHM in algorithms else None
     communicator = comm.communicator(None, where)
     backend = backend_name(dist.group.WORLD, where)
 
@@ -114,11 +123,11 @@ def _bench_rank(
     sent: dict[tuple[int, str], list[int]] = {}  # bytes out of this host's interface per round
     plan_sent: dict[tuple[int, str], int] = {}  # bytes this rank's plan sends to other hosts per call
     for size in sizes:
-        n = max(size // 4, 1)
-        buffers = {a: torch.ones(n, device=where) for a in algorithms}
+        n = max(size // kind.itemsize, 1)
+        buffers = {a: torch.ones(n, device=where, dtype=kind) for a in algorithms}
         for algorithm in algorithms:  # auto / butterfly: past the tuner's trials first (it decides once per run)
             for _ in range(TUNING_CALLS_CAP):
-                if algorithm == "native" or not communicator.tuning(algorithm, n * 4):
+                if algorithm in ("native", DEEPSPEED_SHM) or not communicator.tuning(algorithm, n * kind.itemsize):
                     break
                 comm.allreduce(buffers[algorithm], algorithm=algorithm)
                 buffers[algorithm].fill_(1.0)
@@ -132,6 +141,8 @@ def _bench_rank(
                 for _ in range(inner):  # back to back, as training issues them: skew is paid once per round
                     if algorithm == "native":
                         dist.all_reduce(buf)
+                    elif algorithm == DEEPSPEED_SHM:
+                        deepspeed_allreduce(buf)
                     else:
                         comm.allreduce(buf, algorithm=algorithm)
                 if where.type == "cuda":
@@ -140,7 +151,7 @@ def _bench_rank(
                 if interface:
                     dist.barrier()  # every rank of the host has sent all it will before the counter is read
                 after = _tx_bytes(interface)
-                if algorithm != "native":  # what ran, not what a model would pick
+                if algorithm not in ("native", DEEPSPEED_SHM):  # what ran, not what a model would pick
                     chosen[(size, algorithm)] = _ran(metrics.last())
                 buf.fill_(1.0)  # keep values bounded
                 if i >= warmup:
@@ -148,7 +159,7 @@ def _bench_rank(
                     if before is not None and after is not None:
                         sent.setdefault((size, algorithm), []).append(after - before)
         for algorithm in algorithms:
-            chosen.setdefault((size, algorithm), backend)
+            chosen.setdefault((size, algorithm), "deepspeed shm" if algorithm == DEEPSPEED_SHM else backend)
             if interface and not chosen[(size, algorithm)].startswith(("native", backend)):  # a plan of ours ran
                 plan_sent[(size, algorithm)] = _bytes_to_other_hosts(chosen[(size, algorithm)], n) * 4
     return {
@@ -160,6 +171,32 @@ def _bench_rank(
         "plan_sent": plan_sent,
         "inner": inner,
     }
+
+
+def _deepspeed_shm_allreduce(ranks: int):
+    """DeepSpeed's shared-memory allreduce on this job's ranks, set up as its launcher would (all ranks local).
+
+    It needs the process group initialized (DeepSpeed reuses it), ``LOCAL_SIZE`` equal to the world size, and a C++
+    compiler on first use. Refused, loudly, where DeepSpeed would fall back to the process group's allreduce.
+    """
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ["LOCAL_SIZE"] = str(ranks)
+    try:
+        import deepspeed
+        import deepspeed.comm as deepspeed_comm
+    except ImportError as exc:
+        raise RuntimeError(f"--algorithms {DEEPSPEED_SHM} needs DeepSpeed (pip install deepspeed): {exc}") from exc
+    from deepspeed.comm import comm as deepspeed_state
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    backend = deepspeed_state.cdb
+    if getattr(backend, "shm_comm_op", None) is None:
+        raise RuntimeError(f"{DEEPSPEED_SHM}: DeepSpeed could not build its shared-memory op on this machine")
+
+    def allreduce(tensor: torch.Tensor) -> None:
+        deepspeed_comm.inference_all_reduce(tensor)
+
+    return allreduce
 
 
 def _ran(record) -> str:
@@ -224,7 +261,9 @@ def leaving_a_launched_job() -> Iterator[None]:
             dist.destroy_process_group()
 
 
-def _bench_launched_rank(sizes, algorithms, rounds, warmup, inner, interface=None, device="cpu") -> list[dict]:
+def _bench_launched_rank(
+    sizes, algorithms, rounds, warmup, inner, interface=None, device="cpu", dtype="float32"
+) -> list[dict]:
     """This process's rank of a launched job: every rank's timings, gathered on every rank."""
     from datetime import timedelta
 
@@ -235,7 +274,7 @@ def _bench_launched_rank(sizes, algorithms, rounds, warmup, inner, interface=Non
         dist.init_process_group(backend, timeout=timedelta(seconds=600))
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
-    mine = _bench_rank(rank, world, sizes, algorithms, rounds, warmup, inner, interface, device)
+    mine = _bench_rank(rank, world, sizes, algorithms, rounds, warmup, inner, interface, device, dtype)
     everyone: list = [None] * world
     dist.all_gather_object(everyone, mine)
     return everyone
@@ -252,22 +291,23 @@ def run_allreduce_bench(
     timeout: float = 1800,
     interface: str | None = None,
     device: str = "cpu",
+    dtype: str = "float32",
 ) -> tuple[list[BenchRow], str]:
     """Rows per (size, algorithm), and the name of the transport hybrid-ext used.
 
     ``interface``: count the bytes leaving each host on it (launched across hosts; see :class:`BenchRow`).
-    ``device``: cpu, cuda or auto (:mod:`hybrid_ext.train.device`).
+    ``device``: cpu, cuda or auto (:mod:`hybrid_ext.train.device`); ``dtype``: a name in :data:`DTYPES`.
     """
     if launched():  # the launcher made the ranks: this process is one of them
-        os.environ["HYBRID_EXT_TRANSPORT"] = transport
-        results = _bench_launched_rank(sizes, algorithms, iterations, warmup, inner, interface, device)
+        config.set_for_process(HYBRID_EXT_TRANSPORT=transport)
+        results = _bench_launched_rank(sizes, algorithms, iterations, warmup, inner, interface, device, dtype)
         np = len(results)
     else:
         from hybrid_ext.train.device import this_job_backend
 
         env = {"HYBRID_EXT_TRANSPORT": transport}
         results = spawn(
-            _bench_rank, np, sizes, algorithms, iterations, warmup, inner, None, device,
+            _bench_rank, np, sizes, algorithms, iterations, warmup, inner, None, device, dtype,
             timeout=timeout, env=env, backend=this_job_backend(device, np),
         )  # fmt: skip
     return rows_from(results, sizes, algorithms), results[0]["transport"]
@@ -433,6 +473,7 @@ def main(args) -> int:
             transport=args.transport,
             interface=getattr(args, "count_bytes_on", None),
             device=getattr(args, "device", "cpu"),
+            dtype=getattr(args, "dtype", "float32"),
         )
         if launched() and dist.get_rank() != 0:
             from hybrid_ext.launch import report_result

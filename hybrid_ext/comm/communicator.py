@@ -51,6 +51,7 @@ from hybrid_ext.comm.schedule import (
     plan_allreduce,
     plan_reduce_scatter,
 )
+from hybrid_ext.comm.shm_allreduce import DIRECT, SUPPORTED_DTYPES, DirectAllreduce
 from hybrid_ext.comm.streams import stream_order_for
 from hybrid_ext.comm.transport import NativeCollectives, Transport
 from hybrid_ext.comm.tuner import Tuner, tune_mode
@@ -76,6 +77,8 @@ class Communicator:
         # The group's own allreduce: passed where the transport has no group of its own (shared memory).
         native = native if native is not None else getattr(transport, "native", None)
         self.native: NativeCollectives | None = native if cost_model.native_enabled() else None
+        # The one-host allreduce in one pass over shared memory, where the transport is shared memory alone.
+        self.direct: DirectAllreduce | None = getattr(transport, "direct", None)
         self.rank, self.size = transport.rank, transport.size
         self.device = torch.device(device)
         self.streams = stream_order_for(self.device)
@@ -183,6 +186,27 @@ class Communicator:
         dtype, device = tensors[0].dtype, tensors[0].device
         wide = WIDENED.get(dtype, dtype)
         count = sum(t.numel() for t in tensors)
+        wire = wire_dtype_for(dtype, wire_dtype)
+        nbytes = count * wire.itemsize
+        # Native and direct reduce the caller's values as they are: not where the caller asked to compress the
+        # messages. Direct rounds 16-bit values once, at the end: not where scaling must happen in float32 first.
+        native_allowed = wire.itemsize >= dtype.itemsize
+        direct_allowed = (
+            self.direct is not None
+            and native_allowed
+            and device.type == "cpu"
+            and dtype in SUPPORTED_DTYPES
+            and (wide == dtype or (prescale is None and postscale is None))
+            and (op != "avg" or dtype.is_floating_point)
+        )
+        choice, trial_of = self._allreduce_choice(algorithm, count, nbytes, native_allowed, direct_allowed)
+        if choice == DIRECT:
+            began = time.perf_counter()
+            self._direct_allreduce(tensors, op, prescale, postscale)
+            if trial_of is not None:
+                self._tuner.record(trial_of, nbytes, time.perf_counter() - began)
+            metrics.record_direct_allreduce(self.rank, self.size, count, dtype, time.perf_counter() - start)
+            return
         in_place = len(tensors) == 1 and tensors[0].is_contiguous() and wide == dtype
         # Kept between calls (like DDP's buckets): a fresh one would fault in every page again, on the copy path.
         buffer = tensors[0].view(-1) if in_place else self._scratch.get(count, wide, device, role="coalesced")[:count]
@@ -219,12 +243,8 @@ class Communicator:
                         whole = buffer[starts[index] : starts[index + 1]]
                         tensors[index].copy_(whole.view(tensors[index].shape))
 
-        wire = wire_dtype_for(dtype, wire_dtype)
         element_size = wire.itemsize if wire != wide else buffer.element_size()
-        nbytes = count * element_size
-        # Native reduces the working buffer as it is: not where the caller asked to compress the messages.
-        native_allowed = wire.itemsize >= dtype.itemsize
-        name, trial_of = self._allreduce_choice(algorithm, count, nbytes, native_allowed)
+        name = choice
         timed_on_gpu = trial_of is not None and buffer.device.type == "cuda"
         if timed_on_gpu:  # a trial times its own GPU work, not what was queued before it
             torch.cuda.current_stream(buffer.device).synchronize()
@@ -264,8 +284,31 @@ class Communicator:
         name, trial_of = self._allreduce_choice(algorithm, count, nbytes, native_allowed=False)
         return self._plan_named(name, count), trial_of
 
+    def _direct_allreduce(
+        self, tensors: Sequence[torch.Tensor], op: str, prescale: float | None, postscale: float | None
+    ) -> None:
+        """The one-host allreduce on shared memory (:mod:`~hybrid_ext.comm.shm_allreduce`), in the tensors' dtype."""
+        dtype, device = tensors[0].dtype, tensors[0].device
+        in_place = len(tensors) == 1 and tensors[0].is_contiguous()
+        if in_place:
+            flat = tensors[0].view(-1)
+        else:
+            count = sum(t.numel() for t in tensors)
+            flat = self._scratch.get(count, dtype, device, role="coalesced-direct")[:count]
+            torch.cat([t.reshape(-1) for t in tensors], out=flat)
+        if prescale is not None:
+            flat.mul_(prescale)
+        self.direct.allreduce(flat, op, float(self.size) if op == "avg" else 1.0)
+        if postscale is not None:
+            flat.mul_(postscale)
+        if not in_place:
+            offset = 0
+            for t in tensors:
+                t.copy_(flat[offset : offset + t.numel()].view(t.shape))
+                offset += t.numel()
+
     def _allreduce_choice(
-        self, algorithm: str, count: int, nbytes: int, native_allowed: bool = True
+        self, algorithm: str, count: int, nbytes: int, native_allowed: bool = True, direct_allowed: bool = False
     ) -> tuple[str, str | None]:
         """(what runs for ``algorithm`` here: a schedule's name or ``native``, the tuner's request name when this
         call is one of its timed trials).
@@ -276,6 +319,14 @@ class Communicator:
         (hierarchical from 64 KiB where the group spans hosts).
         """
         native = self.native.name if (self.native is not None and native_allowed and count > 0) else None
+        direct = direct_allowed and count > 0
+        if algorithm == DIRECT:
+            if not direct_allowed:
+                raise ValueError(
+                    f"algorithm='direct' needs the ranks on one host's shared memory, CPU tensors of a supported "
+                    f"dtype and no compressed wire dtype (transport {self.transport.name!r})"
+                )
+            return DIRECT, None
         if algorithm == NATIVE:
             if self.native is None:
                 raise ValueError(
@@ -294,16 +345,20 @@ class Communicator:
                 signature = f"{self.transport.name}|{self.device.type}|P{self.size}|hosts {layout}"
                 if self.native is not None:  # saved choices made without the native candidate are not reused
                     signature += f"|native {self.native.name}"
+                if self.direct is not None:  # nor those made without the direct one
+                    signature += "|direct"
                 self._tuner = Tuner(signature, self._max_over_ranks)
-            candidates = self._candidates(algorithm, spans_hosts, native is not None)
-            # Tuned apart from calls that may not run native (a compressed wire): their candidates differ.
-            request = algorithm if native is not None or self.native is None else f"{algorithm}|schedules"
+            candidates = self._candidates(algorithm, spans_hosts, native is not None, direct)
+            # Calls that may not run native or direct (a compressed wire, scaled 16-bit values) are tuned apart:
+            # their candidates differ.
+            narrowed = (self.native is not None and native is None) or (self.direct is not None and not direct)
+            request = f"{algorithm}|schedules" if narrowed else algorithm
 
             def plausible() -> list[bool]:  # asked on a size class's first call only, not on every call
-                predicted = [self._predicted(name, nbytes) for name in candidates if name != NATIVE]
-                # The backend's own algorithm is opaque to the model: native is always tried.
+                predicted = [self._predicted(name, nbytes) for name in candidates if name not in (NATIVE, DIRECT)]
+                # The backend's own algorithm and the direct one are outside the model: they are always tried.
                 return [
-                    name == NATIVE or self._predicted(name, nbytes) <= TRIAL_WITHIN * min(predicted)
+                    name in (NATIVE, DIRECT) or self._predicted(name, nbytes) <= TRIAL_WITHIN * min(predicted)
                     for name in candidates
                 ]
 
@@ -345,16 +400,17 @@ class Communicator:
         return algorithm in ("auto", "butterfly", "hierarchical") and not cost_model.forced() and tune_mode() != "off"
 
     @staticmethod
-    def _candidates(algorithm: str, spans_hosts: bool, native: bool = False) -> tuple[str, ...]:
+    def _candidates(algorithm: str, spans_hosts: bool, native: bool = False, direct: bool = False) -> tuple[str, ...]:
         """What the tuner tries for a request: flat schedules, hierarchical ones across hosts, and for ``auto`` the
-        group's native allreduce where it may run."""
+        group's native allreduce and the one-host direct one where they may run."""
         if config.get(cost_model.ALGO_ENV) == "butterfly":
             algorithm = "butterfly" if algorithm == "auto" else algorithm
         flat = cost_model.BUTTERFLIES if algorithm == "butterfly" else ALGORITHMS
         stacked = tuple(f"{HIERARCHICAL_PREFIX}{name}" for name in flat) if spans_hosts else ()
         if algorithm == "hierarchical":
             return stacked
-        return flat + stacked + ((NATIVE,) if native and algorithm == "auto" else ())
+        extra = ((DIRECT,) if direct else ()) + ((NATIVE,) if native else ())
+        return flat + stacked + (extra if algorithm == "auto" else ())
 
     def _predicted(self, name: str, nbytes: int) -> float:
         """The cost model's seconds for a candidate (flat: as if every link were the group's slowest)."""

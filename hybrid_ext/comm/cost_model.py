@@ -50,9 +50,10 @@ ALGO_ENV = "HYBRID_EXT_ALGO"
 MODEL_ENV = "HYBRID_EXT_COST_MODEL"
 HIERARCHICAL_PREFIX = "hierarchical/"  # hierarchical/<schedule between hosts>: the plan's own name
 NATIVE = "native"  # the group's own allreduce (see NativeCollectives in hybrid_ext.comm.transport)
+DIRECT = "direct"  # one host: every rank reduces its slice from every rank's shared memory (comm.shm_allreduce)
 NATIVE_ENV = "HYBRID_EXT_NATIVE"  # on (default) | off: whether auto may run the group's own allreduce
 CHOICES = (
-    "auto", "butterfly", "hierarchical", *ALGORITHMS, *(HIERARCHICAL_PREFIX + a for a in ALGORITHMS), NATIVE,
+    "auto", "butterfly", "hierarchical", *ALGORITHMS, *(HIERARCHICAL_PREFIX + a for a in ALGORITHMS), NATIVE, DIRECT,
 )  # fmt: skip
 BUTTERFLIES = ("recursive_doubling", "rabenseifner")
 

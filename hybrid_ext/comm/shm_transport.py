@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hybrid_ext.comm import shm_allreduce
 from hybrid_ext.comm.transport import PeerError
 
 SHM_DIR = Path("/dev/shm")
@@ -134,7 +135,8 @@ class _Futex:
 
 
 def file_bytes(size: int, slot_bytes: int) -> int:
-    return HEAD_BYTES + size * channel_bytes(slot_bytes)
+    """A rank's file: its doorbell and note, a channel to every rank, then its buffers for :mod:`shm_allreduce`."""
+    return HEAD_BYTES + size * channel_bytes(slot_bytes) + shm_allreduce.region_bytes()
 
 
 class ShmTransport:
@@ -166,6 +168,7 @@ class ShmTransport:
         self._futex = _Futex()
         self._doorbells: list[np.ndarray] = []
         self._doorbell_addresses: list[int] = []
+        regions: list[int] = []
         for owner, path in enumerate(files):
             with open(path, "r+b") as f:
                 mm = mmap.mmap(f.fileno(), file_bytes(size, slot_bytes))
@@ -173,12 +176,20 @@ class ShmTransport:
             bell = np.frombuffer(mm, dtype=np.int32, count=1, offset=0)
             self._doorbells.append(bell)
             self._doorbell_addresses.append(bell.ctypes.data)
+            region = HEAD_BYTES + size * stride
+            regions.append(np.frombuffer(mm, dtype=np.uint8, count=1, offset=region).ctypes.data)
             if owner == rank:
                 self._out = [
                     _Channel(mm, HEAD_BYTES + dst * stride, slot_bytes) if dst != rank else None for dst in range(size)
                 ]
             else:
                 self._in[owner] = _Channel(mm, HEAD_BYTES + rank * stride, slot_bytes)
+        # The group's allreduce in one pass over every rank's buffer (its own capability: the schedules use exchange).
+        self.direct = shm_allreduce.DirectAllreduce(self, regions, self._doorbell_addresses)
+
+    def label(self, rank: int) -> int:
+        """How errors name a rank of this transport: its rank in the whole group."""
+        return self._label[rank]
 
     def _ring(self, peer: int) -> None:
         """Tell ``peer`` that something it may wait for changed (a chunk arrived, or a slot was freed)."""
@@ -243,7 +254,7 @@ class ShmTransport:
                 peer = send_to if sent < sent_total else recv_from
                 if now > next_peer_check:
                     next_peer_check = now + PEER_CHECK_SECONDS
-                    self._check_alive(peer)
+                    self.check_alive(peer)
                 if now > deadline:
                     what = "send to" if sent < sent_total else "receive from"
                     raise PeerError(
@@ -251,7 +262,7 @@ class ShmTransport:
                         f"shared memory) within {self.timeout:g}s"
                     )
 
-    def _check_alive(self, peer: int) -> None:
+    def check_alive(self, peer: int) -> None:
         """Raise if any rank of the group has died, naming each (and the ``peer`` this rank waited for).
 
         Checking every rank, not only the partner, names the rank that died on every waiting rank, also on one
