@@ -81,7 +81,8 @@ def _allreduce_job(tensors, op, algorithm, group, wire_dtype, name):
     tensors = list(tensors)
     _validate(tensors, op, wire_dtype)
     _check_name(name)
-    cost_model.resolve(algorithm, 0, 1)  # a bad algorithm name fails here
+    if algorithm not in cost_model.CHOICES:  # a bad algorithm name fails here, not on the worker thread
+        cost_model.resolve(algorithm, 0, 1)
     comm = communicator(group, tensors[0].device if tensors else None)
     return tensors, comm, lambda: comm.allreduce_now(tensors, op, algorithm, wire_dtype, name)
 

@@ -52,9 +52,9 @@ from hybrid_ext.comm.schedule import (
     plan_reduce_scatter,
 )
 from hybrid_ext.comm.shm_allreduce import DIRECT, SUPPORTED_DTYPES, DirectAllreduce
-from hybrid_ext.comm.streams import stream_order_for
+from hybrid_ext.comm.streams import HostOrder, stream_order_for
 from hybrid_ext.comm.transport import NativeCollectives, Transport
-from hybrid_ext.comm.tuner import Tuner, tune_mode
+from hybrid_ext.comm.tuner import TUNE_ENV, Tuner, tune_mode
 
 # The all-gather / reduce-scatter names a caller may pass: the flat plans' own, and the two resolved here.
 GATHER_CHOICES = ("auto", "hierarchical", *GATHER_ALGORITHMS)
@@ -65,6 +65,15 @@ HIERARCHY_MIN_BYTES = 64 << 10
 # The tuner tries only candidates the cost model puts within this factor of its best: the model misjudges close
 # calls (what trials settle), not a ring's 2(P-1) messages for 1 KiB or recursive doubling's log2 P copies of 1 GiB.
 TRIAL_WITHIN = 2.5
+DECIDED_MEMO_SIZE = 4096
+
+
+def _without_grad(job: Callable[[], Any]) -> Any:
+    """``job()`` under ``torch.no_grad()``, entered only where grad mode is on (a 1 KiB allreduce notices the cost)."""
+    if not torch.is_grad_enabled():
+        return job()
+    with torch.no_grad():
+        return job()
 
 
 class Communicator:
@@ -86,6 +95,7 @@ class Communicator:
         self._scratch = ScratchPool()
         self._checked = 0  # collectives fingerprinted so far: their sequence number in this group
         self._tuner: Tuner | None = None  # made on the first tuned call (see _allreduce_plan)
+        self._decided: dict[tuple, str] = {}  # tuned choices already made, by call (see _allreduce_choice)
         self._network_stages = NetworkStages()  # the helper thread of segmented hierarchical allreduces
 
     def __deepcopy__(self, memo: dict) -> Communicator:
@@ -99,6 +109,8 @@ class Communicator:
 
     def run(self, job: Callable[[], Any]) -> Any:
         """Run ``job`` in issue order, blocking (see :mod:`hybrid_ext.comm.ordering`)."""
+        if isinstance(self.streams, HostOrder):  # no streams to order: the job, without grad
+            return self._order.run(lambda: _without_grad(job))
         wrapped, done = self._on_stream(job)
         result = self._order.run(wrapped)
         self.streams.consume(done[0])
@@ -291,7 +303,7 @@ class Communicator:
         dtype, device = tensors[0].dtype, tensors[0].device
         in_place = len(tensors) == 1 and tensors[0].is_contiguous()
         if in_place:
-            flat = tensors[0].view(-1)
+            flat = tensors[0]  # reduced by address and length: any contiguous shape will do
         else:
             count = sum(t.numel() for t in tensors)
             flat = self._scratch.get(count, dtype, device, role="coalesced-direct")[:count]
@@ -318,6 +330,19 @@ class Communicator:
         allreduce (``native_allowed`` and the group has one); with ``HYBRID_EXT_TUNE=off`` by the cost model alone
         (hierarchical from 64 KiB where the group spans hosts).
         """
+        # A call like an earlier one whose choice the tuner has made (the common case: a training step's buckets)
+        # skips the rest; the knobs that steer the choice are part of the key.
+        memo = (
+            algorithm,
+            nbytes,
+            native_allowed,
+            direct_allowed,
+            config.raw(cost_model.ALGO_ENV),
+            config.raw(TUNE_ENV),
+        )
+        decided = self._decided.get(memo)
+        if decided is not None:
+            return decided, None
         native = self.native.name if (self.native is not None and native_allowed and count > 0) else None
         direct = direct_allowed and count > 0
         if algorithm == DIRECT:
@@ -363,6 +388,10 @@ class Communicator:
                 ]
 
             name, trial = self._tuner.pick(request, nbytes, candidates, plausible)
+            if not trial:
+                if len(self._decided) >= DECIDED_MEMO_SIZE:
+                    self._decided.clear()
+                self._decided[memo] = name
             return name, (request if trial else None)
         if spans_hosts and (
             algorithm == "hierarchical"

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from hybrid_ext.comm.cost_model import DIRECT
-from hybrid_ext.comm.shm_kernels import DTYPE_CODES, OP_CODES, kernels
+from hybrid_ext.comm.shm_kernels import DTYPE_CODES, OP_CODES, Group, kernels
 from hybrid_ext.comm.transport import PeerError
 
 __all__ = ["DIRECT", "DirectAllreduce", "region_bytes"]
@@ -78,6 +78,13 @@ class DirectAllreduce:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         self._spins = SPIN_ROUNDS_OWN_CORE if self.size <= cores else SPIN_ROUNDS_SHARED_CORE
         self._rounds = self._spins + YIELD_ROUNDS
+        self._groups = [
+            Group(
+                self.rank, self._own_progress, self._progress, self._sleeping, self._bells, b, self._rounds, self._spins
+            )
+            for b in self._buffers
+        ]
+        self._kernels = None
         self._arrived = 0  # barriers this rank has reached
         self._chunks = 0  # chunks reduced: which buffer the next one uses
         self._slices: dict[tuple[int, int], tuple[int, int, object, object]] = {}
@@ -86,7 +93,9 @@ class DirectAllreduce:
         """Reduce the contiguous CPU tensor ``flat`` in place over the group; a sum (``avg`` too) is divided by
         ``divisor`` (floating types) before it is rounded to ``flat``'s dtype."""
         code, reduce_op = DTYPE_CODES[flat.dtype], OP_CODES[op]
-        k = kernels()
+        if self._kernels is None:  # chosen at the first call (HYBRID_EXT_SHM_KERNELS), kept for the group's life
+            self._kernels = kernels()
+        k = self._kernels
         try:
             self._allreduce(k, flat, code, reduce_op, divisor)
         except PeerError as exc:
@@ -105,12 +114,19 @@ class DirectAllreduce:
             nbytes = elements * size
             out = base + lo * size
             buffers = self._buffers[self._chunks & 1]
+            group = self._groups[self._chunks & 1]
             self._chunks += 1
+            if nbytes <= SMALL_BYTES:
+                self._arrived += 1
+                done = k.small(group, code, reduce_op, out, out, nbytes, elements, divisor, self._arrived)
+                if done < 0:
+                    raise ValueError(f"shm_kernels: no reduction for {flat.dtype} and op code {reduce_op}")
+                if not done:
+                    self._wait(k, self._arrived)  # arrived already: wait on, watching the deadline and the peers
+                    k.reduce(code, reduce_op, out, buffers, self.size, 0, elements, divisor)
+                continue
             ctypes.memmove(buffers[self.rank], out, nbytes)
             self._barrier(k)
-            if nbytes <= SMALL_BYTES:
-                k.reduce(code, reduce_op, out, buffers, self.size, 0, elements, divisor)
-                continue
             first, last, starts, stops = self._slice(elements, size)
             k.reduce(
                 code, reduce_op, buffers[self.rank] + first * size, buffers, self.size, first, last - first, divisor
@@ -134,8 +150,12 @@ class DirectAllreduce:
         self._arrived += 1
         target = self._arrived
         k.arrive(self._own_progress, target, self._sleeping, self._bells, self.size)
-        if k.wait(self._progress, self.size, target, self._rounds, self._spins):
-            return
+        if not k.wait(self._progress, self.size, target, self._rounds, self._spins):
+            self._wait(k, target)
+
+    def _wait(self, k, target: int) -> None:
+        """Wait until every rank arrived at ``target``: sleeping between looks, raising past the deadline or when a
+        rank of the group died."""
         now = time.monotonic()
         deadline, next_check = now + self.transport.timeout, now + PEER_CHECK_SECONDS
         while not k.sleep(self._own_sleeping, self._own_bell, self._progress, self.size, target, SLEEP_NANOSECONDS):

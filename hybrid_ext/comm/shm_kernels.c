@@ -43,8 +43,39 @@ static inline uint16_t bf16_store(float f) {
     return (f != f) ? (uint16_t)0x7FC0u : (uint16_t)rounded;
 }
 
-static inline float f16_load(_Float16 v) { return (float)v; }
-static inline _Float16 f16_store(float f) { return (_Float16)f; }
+/* float16 <-> float32 a block at a time: F16C's conversions where the CPU has them (the compiler does not vectorise
+   _Float16 casts by itself), else _Float16's. Both round to nearest even, as torch does. */
+static inline void f16_widen(float *dst, const uint16_t *src, int m) {
+    int i = 0;
+#if defined(__F16C__)
+    for (; i + 8 <= m; i += 8) {
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+    }
+    for (; i < m; i++) dst[i] = _cvtsh_ss(src[i]);
+#else
+    for (; i < m; i++) {
+        _Float16 h;
+        memcpy(&h, src + i, sizeof h);
+        dst[i] = (float)h;
+    }
+#endif
+}
+
+static inline void f16_narrow(uint16_t *dst, const float *src, int m) {
+    int i = 0;
+#if defined(__F16C__)
+    for (; i + 8 <= m; i += 8) {
+        __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_storeu_si128((__m128i *)(dst + i), h);
+    }
+    for (; i < m; i++) dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+    for (; i < m; i++) {
+        _Float16 h = (_Float16)src[i];
+        memcpy(dst + i, &h, sizeof h);
+    }
+#endif
+}
 #define HX_SAME(x) (x)
 
 /* NaN-propagating min / max, as torch.minimum / torch.maximum. */
@@ -84,9 +115,28 @@ HX_DEFINE(max_f64, double, double, HX_SAME, HX_SAME, HX_MAX_F)
 HX_DEFINE(sum_bf16, uint16_t, float, bf16_load, bf16_store, HX_ADD)
 HX_DEFINE(min_bf16, uint16_t, float, bf16_load, bf16_store, HX_MIN_F)
 HX_DEFINE(max_bf16, uint16_t, float, bf16_load, bf16_store, HX_MAX_F)
-HX_DEFINE(sum_f16, _Float16, float, f16_load, f16_store, HX_ADD)
-HX_DEFINE(min_f16, _Float16, float, f16_load, f16_store, HX_MIN_F)
-HX_DEFINE(max_f16, _Float16, float, f16_load, f16_store, HX_MAX_F)
+/* float16: each source widened a block at a time into a second buffer, then combined as float32. */
+#define HX_DEFINE_F16(NAME, COMBINE)                                                                  \
+    static void NAME(uint16_t *out, uint16_t *const *src, int n, int64_t offset, int64_t count,     \
+                     double divisor) {                                                              \
+        float acc[HX_BLOCK], wide[HX_BLOCK];                                                        \
+        for (int64_t base = 0; base < count; base += HX_BLOCK) {                                    \
+            int m = (count - base) < HX_BLOCK ? (int)(count - base) : HX_BLOCK;                     \
+            f16_widen(acc, src[0] + offset + base, m);                                              \
+            for (int k = 1; k < n; k++) {                                                           \
+                f16_widen(wide, src[k] + offset + base, m);                                         \
+                for (int i = 0; i < m; i++) acc[i] = COMBINE(acc[i], wide[i]);                      \
+            }                                                                                       \
+            if (divisor != 1.0) {                                                                   \
+                for (int i = 0; i < m; i++) acc[i] = acc[i] / (float)divisor;                       \
+            }                                                                                       \
+            f16_narrow(out + base, acc, m);                                                         \
+        }                                                                                           \
+    }
+
+HX_DEFINE_F16(sum_f16, HX_ADD)
+HX_DEFINE_F16(min_f16, HX_MIN_F)
+HX_DEFINE_F16(max_f16, HX_MAX_F)
 /* Integer sums wrap (two's complement, as torch's do): accumulate unsigned, where overflow is defined. */
 HX_DEFINE(sum_i32, int32_t, uint32_t, HX_SAME, HX_SAME, HX_ADD)
 HX_DEFINE(min_i32, int32_t, int32_t, HX_SAME, HX_SAME, HX_MIN_I)
@@ -109,7 +159,7 @@ int hx_reduce(int dtype, int op, void *out, void *const *src, int n, int64_t off
     switch (dtype) {
         case HX_F32: HX_DISPATCH(f32, float)
         case HX_F64: HX_DISPATCH(f64, double)
-        case HX_F16: HX_DISPATCH(f16, _Float16)
+        case HX_F16: HX_DISPATCH(f16, uint16_t)
         case HX_BF16: HX_DISPATCH(bf16, uint16_t)
         case HX_I32: HX_DISPATCH(i32, int32_t)
         case HX_I64: HX_DISPATCH(i64, int64_t)
@@ -167,4 +217,25 @@ int hx_sleep(int32_t *sleeping, int32_t *bell, int64_t *const *counters, int n, 
     }
     __atomic_store_n(sleeping, 0, __ATOMIC_SEQ_CST);
     return hx_reached(counters, n, target);
+}
+
+/* What one rank's chunks of the allreduce on one buffer set share, set up once (fewer arguments per call). */
+typedef struct {
+    int64_t n, own, rounds, spins;
+    int64_t *own_counter;
+    int64_t *const *counters;
+    int32_t *const *sleeping;
+    int32_t *const *bells;
+    void *const *buffers; /* every rank's buffer of this set */
+} hx_group;
+
+/* A chunk that every rank reduces whole (one barrier): copy ``nbytes`` from ``in`` into this rank's buffer, arrive
+   at ``target``, wait (``rounds`` looks at most), then reduce every rank's buffer into ``out``. 1: done. 0: the wait
+   ran out; the caller waits on (deadline, dead peers) and reduces. -1: unknown dtype or op. */
+int hx_small(const hx_group *g, int dtype, int op, void *out, const void *in, int64_t nbytes, int64_t count,
+             double divisor, int64_t target) {
+    memcpy(g->buffers[g->own], in, (size_t)nbytes);
+    hx_arrive(g->own_counter, target, g->sleeping, g->bells, (int)g->n);
+    if (!hx_wait(g->counters, (int)g->n, target, g->rounds, g->spins)) return 0;
+    return hx_reduce(dtype, op, out, g->buffers, (int)g->n, 0, count, divisor) == 0 ? 1 : -1;
 }

@@ -17,6 +17,9 @@ Both expose one interface (pointer arrays are ctypes arrays of addresses):
 ``arrive(own, target, sleeping, bells, n)`` / ``wait(counters, n, target, rounds, spins)`` /
 ``sleep(sleeping, bell, counters, n, target, nanoseconds)``
     the counter barrier of :mod:`hybrid_ext.comm.shm_allreduce`.
+``small(group, dtype, op, out, source, nbytes, count, divisor, target)``
+    a chunk every rank reduces whole, in one call: copy in, arrive, wait (a bounded number of looks), reduce; 1
+    done, 0 when the wait ran out (the caller waits on and reduces).
 """
 
 from __future__ import annotations
@@ -57,7 +60,45 @@ _SIGNATURES = {
     "hx_arrive": (None, [_p, _i64, _p, _p, ctypes.c_int]),
     "hx_wait": (ctypes.c_int, [_p, ctypes.c_int, _i64, _i64, _i64]),
     "hx_sleep": (ctypes.c_int, [_p, _p, _p, ctypes.c_int, _i64, _i64]),
+    "hx_small": (ctypes.c_int, [_p, ctypes.c_int, ctypes.c_int, _p, _p, _i64, _i64, ctypes.c_double, _i64]),
 }
+
+
+class _GroupStruct(ctypes.Structure):
+    _fields_ = (
+        ("n", _i64),
+        ("own", _i64),
+        ("rounds", _i64),
+        ("spins", _i64),
+        ("own_counter", _p),
+        ("counters", _p),
+        ("sleeping", _p),
+        ("bells", _p),
+        ("buffers", _p),
+    )
+
+
+class Group:
+    """One rank's view of one buffer set of the allreduce: what ``small`` needs, built once (C reads ``struct``)."""
+
+    def __init__(self, own: int, own_counter: int, counters, sleeping, bells, buffers, rounds: int, spins: int):
+        self.n, self.own, self.rounds, self.spins = len(buffers), own, rounds, spins
+        self.own_counter, self.counters, self.sleeping, self.bells, self.buffers = (
+            own_counter,
+            counters,
+            sleeping,
+            bells,
+            buffers,
+        )
+        self.struct = _GroupStruct(
+            self.n,
+            own,
+            rounds,
+            spins,
+            own_counter,
+            *(ctypes.cast(array, _p) for array in (counters, sleeping, bells, buffers)),
+        )
+        self.address = ctypes.addressof(self.struct)
 
 
 class CKernels:
@@ -77,6 +118,21 @@ class CKernels:
             library.hx_sleep,
         )
         self._reduce = library.hx_reduce
+        self._small = library.hx_small
+
+    def small(
+        self,
+        group: Group,
+        dtype: int,
+        op: int,
+        out: int,
+        source: int,
+        nbytes: int,
+        count: int,
+        divisor: float,
+        target: int,
+    ) -> int:
+        return self._small(group.address, dtype, op, out, source, nbytes, count, divisor, target)
 
     def reduce(
         self, dtype: int, op: int, out: int, sources, n: int, offset: int, count: int, divisor: float = 1.0
@@ -119,6 +175,25 @@ class PythonKernels:
         if divisor != 1.0:
             acc.div_(divisor)
         _array_at(out, count, kind).copy_(acc)  # rounds to nearest even, as the C loop
+
+    def small(
+        self,
+        group: Group,
+        dtype: int,
+        op: int,
+        out: int,
+        source: int,
+        nbytes: int,
+        count: int,
+        divisor: float,
+        target: int,
+    ) -> int:
+        ctypes.memmove(group.buffers[group.own], source, nbytes)
+        self.arrive(group.own_counter, target, group.sleeping, group.bells, group.n)
+        if not self.wait(group.counters, group.n, target, group.rounds, group.spins):
+            return 0
+        self.reduce(dtype, op, out, group.buffers, group.n, 0, count, divisor)
+        return 1
 
     def gather(self, dst: int, sources, n: int, starts, stops) -> None:
         for k in range(n):
