@@ -7,7 +7,8 @@ pass does it, as DeepSpeed's shared-memory allreduce and MPI's intra-node collec
 Per chunk of ``chunk_bytes`` (the vector is cut into chunks that fit the per-rank buffers):
 
 1. each rank copies its chunk into its own buffer in shared memory, then arrives at a barrier;
-2. small chunks (<= ``SMALL_BYTES``): each rank reduces the whole chunk from all buffers into its output — done;
+2. small chunks (:func:`one_barrier_bytes`): each rank reduces the whole chunk from all buffers into its output —
+   done;
 3. otherwise each rank reduces slice ``rank`` of the chunk from all buffers into its own buffer (reduce-scatter),
    arrives at a second barrier, and copies every rank's reduced slice into its output (all-gather).
 
@@ -36,7 +37,9 @@ from hybrid_ext.comm.transport import PeerError
 
 __all__ = ["DIRECT", "DirectAllreduce", "region_bytes"]
 CHUNK_BYTES = 1 << 20  # per buffer; a rank holds two
-SMALL_BYTES = 32 << 10  # up to this, every rank reduces the whole chunk: one barrier instead of two
+# Every rank reduces a chunk whole (one barrier instead of two) while that reads at most this much of the others'
+# buffers: 1 MiB chunks at 2 ranks, 512 KiB at 3, ~146 KiB at 8.
+ONE_BARRIER_READ_BYTES = 1 << 20
 REGION_HEAD = 128  # the rank's progress counter (int64), then its sleeping flag (int32), a cache line each
 ALIGN_ELEMENTS = 16  # slices start on multiples of this: whole vectors for the reduction loop
 # Looks at the counters per wait call: spinning first where every rank has a core of its own (a yield would hand
@@ -47,6 +50,11 @@ YIELD_ROUNDS = 4096
 SLEEP_NANOSECONDS = 1_000_000  # a lost wake-up costs at most this
 PEER_CHECK_SECONDS = 0.5
 SUPPORTED_DTYPES = tuple(DTYPE_CODES)
+
+
+def one_barrier_bytes(ranks: int) -> int:
+    """The largest chunk every rank reduces whole, at ``ranks`` ranks."""
+    return ONE_BARRIER_READ_BYTES // max(1, ranks - 1)
 
 
 def region_bytes(chunk_bytes: int = CHUNK_BYTES) -> int:
@@ -84,6 +92,7 @@ class DirectAllreduce:
             )
             for b in self._buffers
         ]
+        self._one_barrier_bytes = one_barrier_bytes(self.size)
         self._kernels = None
         self._arrived = 0  # barriers this rank has reached
         self._chunks = 0  # chunks reduced: which buffer the next one uses
@@ -116,7 +125,7 @@ class DirectAllreduce:
             buffers = self._buffers[self._chunks & 1]
             group = self._groups[self._chunks & 1]
             self._chunks += 1
-            if nbytes <= SMALL_BYTES:
+            if nbytes <= self._one_barrier_bytes:
                 self._arrived += 1
                 done = k.small(group, code, reduce_op, out, out, nbytes, elements, divisor, self._arrived)
                 if done < 0:
