@@ -117,9 +117,9 @@ def test_without_a_compiler_the_python_kernels_serve_and_c_says_why(monkeypatch)
 
 
 # Sizes in elements: empty, tiny, the one-barrier branch, the two-barrier branch, and several chunks with a ragged end.
-def _sizes(dtype: torch.dtype) -> list[int]:
+def _sizes(dtype: torch.dtype, p: int) -> list[int]:
     per_chunk = shm_allreduce.CHUNK_BYTES // dtype.itemsize
-    small = shm_allreduce.SMALL_BYTES // dtype.itemsize
+    small = shm_allreduce.one_barrier_bytes(p) // dtype.itemsize
     return [0, 1, 33, small, small + 17, per_chunk, 2 * per_chunk + 5]
 
 
@@ -127,7 +127,7 @@ def _direct_rank(rank: int, p: int) -> dict:
     failures, digest = [], hashlib.sha256()
     hybrid_ext.set_check(True)
     for dtype in DTYPES:
-        for n in _sizes(dtype):
+        for n in _sizes(dtype, p):
             inputs = [_values(1000 * r + n, n, dtype) for r in range(p)]
             for op in ("sum", "avg", "min", "max"):
                 if op == "avg" and not dtype.is_floating_point:
