@@ -4,16 +4,19 @@ Fixtures hand tests the launchers from :mod:`hybrid_ext.launch` with test-sized 
 test with every rank's output instead of blocking CI. Functions given to ``spawn_ranks`` must be defined at
 module level (they are pickled into new processes).
 
-Markers: ``multiprocess`` marks every test that starts ranks or launcher jobs (added here for tests that use the
-fixtures below; modules and tests that start them otherwise carry it themselves). ``pytest -m "not multiprocess"``
-runs the fast in-process tests alone (schedules simulated in one process, cost model, plans, parsing).
-``--soak`` makes the fault and resource tests run their long versions (``tox -e soak``).
+Tests live in folders by cost, and a test's folder is its tier: ``unit/`` (in this process; spawning is refused
+there, see unit/conftest.py), ``multiprocess/`` (spawned gloo ranks, or a command in a process of its own),
+``launchers/`` (real torchrun, horovodrun and deepspeed jobs), ``cluster/`` (the emulated multi-host cluster; needs
+root) and ``gpu/`` (CUDA). ``pytest tests/unit`` is the fast tier. Every test outside ``unit/`` is also marked
+``multiprocess`` (and ``launchers``, ``cluster`` or ``gpu`` after its folder), so ``-m "not multiprocess"`` selects
+the same fast tier. ``--soak`` makes the fault and resource tests run their long versions (``tox -e soak``).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 
 import pytest
 
@@ -24,17 +27,20 @@ SPAWN_TIMEOUT = 90.0
 LAUNCHER_TIMEOUT = 240.0
 
 
-# The harness fixtures, and the module-scoped job fixtures of test_horovod / test_deepspeed / test_demo; the
-# emulated cluster (its hosts run sshd and keeper processes) and test_multihost's launcher jobs on it.
-MULTIPROCESS_FIXTURES = frozenset(
-    {"spawn_ranks", "horovodrun", "deepspeed_job", "job", "job_np2", "job_np4", "demo_runs"}
-    | {"cluster", "cluster_session", "torchrun_jobs", "horovod_job", "deepspeed_cluster_job"}
-)
+# A test's folder under tests/ -> the markers it gets. unit/ gets none: it is what "not multiprocess" selects.
+FOLDER_MARKERS = {
+    "multiprocess": ("multiprocess",),
+    "launchers": ("multiprocess", "launchers"),
+    "cluster": ("multiprocess", "cluster"),
+    "gpu": ("multiprocess", "gpu"),
+}
+TIERS = ("unit", *FOLDER_MARKERS)
+TESTS = Path(__file__).resolve().parent
 CLUSTER_HOSTS = 2
 
 # The online tuner (on by default for users) times candidate schedules and keeps the fastest, so which schedule
 # `auto` runs depends on the machine's load. Tests that compare runs bitwise or count a schedule's bytes need the
-# model's fixed choice; the tuner's own tests (tests/test_tuner.py) turn it on.
+# model's fixed choice; the tuner's own tests (tests/multiprocess/test_tuner.py) turn it on.
 os.environ.setdefault("HYBRID_EXT_TUNE", "off")
 
 
@@ -52,14 +58,29 @@ def soak(request) -> bool:
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "multiprocess: starts ranks or launcher jobs (deselect with -m 'not multiprocess')"
+        "markers", "multiprocess: starts processes: every test outside tests/unit (deselect with -m 'not multiprocess')"
     )
+    config.addinivalue_line("markers", "launchers: runs real torchrun, horovodrun or deepspeed jobs (tests/launchers)")
+    config.addinivalue_line("markers", "cluster: runs on the emulated multi-host cluster (tests/cluster)")
+    config.addinivalue_line("markers", "gpu: needs CUDA (tests/gpu)")
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if MULTIPROCESS_FIXTURES.intersection(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.multiprocess)
+        path = Path(str(item.path)).resolve()
+        if TESTS not in path.parents:
+            continue  # collected from elsewhere in the same run
+        for marker in FOLDER_MARKERS.get(tier_of(path), ()):
+            item.add_marker(marker)
+
+
+def tier_of(path: Path) -> str:
+    """The tier folder a test file lives in; a test file anywhere else under tests/ is an error, so no test can sit
+    outside every tier."""
+    parts = path.relative_to(TESTS).parts
+    if len(parts) < 2 or parts[0] not in TIERS:
+        raise pytest.UsageError(f"{path}: test files belong in one of tests/{{{','.join(TIERS)}}}/ (its cost tier)")
+    return parts[0]
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """Every private torch.distributed API hybrid-ext relies on, in one place (pinned by
-tests/test_torch_integration.py).
+tests/multiprocess/test_torch_integration.py).
 
 torch supports Python process groups (``dist.ProcessGroup`` subclasses, see upstream
 ``test/distributed/test_c10d_pypg.py``), but a few of the pieces are underscored. If a torch release moves

@@ -6,7 +6,7 @@ Parameters are grouped by how their gradients combine:
 - FC shards (hybrid): a shard's gradient already holds every model-parallel rank's loss (the gathered batch
   flowed through it), so it is *summed* over the replicas of that shard and divided by the world size —
   not averaged over the group. The single-process reference on the global batch decides (the exactness
-  tests in ``tests/test_parallel.py``).
+  tests in ``tests/multiprocess/test_parallel.py``).
 
 What is reduced: each backward pass's *own contribution*, never the accumulated ``.grad``. A tensor hook (it
 runs before ``AccumulateGrad``) adds the incoming gradient into the bucket's flat buffer and hands autograd a

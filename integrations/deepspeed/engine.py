@@ -8,8 +8,8 @@ passing that name is all it takes, and every ``deepspeed.comm`` call keeps worki
 engine's gradient buckets are reduced by hybrid-ext itself, copies included (:mod:`.grad_reduction`).
 
 One private DeepSpeed name is touched, listed in :data:`DEEPSPEED_PRIVATE` and pinned by
-``tests/test_deepspeed.py``: :func:`initialize` resets the module global ``deepspeed.utils.groups.mpu`` before a
-dp engine (DeepSpeed keeps the last engine's mpu there and its group getters read it).
+``tests/launchers/test_deepspeed.py``: :func:`initialize` resets the module global ``deepspeed.utils.groups.mpu``
+before a dp engine (DeepSpeed keeps the last engine's mpu there and its group getters read it).
 
 The partitioner (Megatron-LM's way): DeepSpeed averages every gradient over its ``mpu``'s data-parallel group
 (dp = world / mp ranks), and ZeRO-1/2 partition over it. :func:`parallelize_for_deepspeed` leaves that to
@@ -29,7 +29,7 @@ reduction from a callback queued by its first hook — possibly before hybrid-ex
 reduction the two would race, and DeepSpeed could read a gradient before hybrid-ext has pre-reduced it. So from
 ZeRO-1 on the pre-reduction is *blocking and per parameter, in a tensor hook* (``blocking_reduction=True``):
 tensor hooks run before ``AccumulateGrad``, hence before any post-accumulate-grad hook of that parameter,
-whichever was registered first (``tests/test_deepspeed.py`` compares ZeRO-1 and -2 with the reference).
+whichever was registered first (``tests/launchers/test_deepspeed.py`` compares ZeRO-1 and -2 with the reference).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ How it hooks in (Horovod 0.28.1 has no registry for ops; its algorithms are C++ 
   (in ``horovod.torch.mpi_ops``, ``horovod.torch`` and ``horovod.torch.optimizer``, the modules that bind them)
   to wait on it, and pass Horovod's own integer handles through.
 
-Everything this relies on is listed in :data:`PATCHED` and pinned by the tests (``tests/test_horovod.py``).
+Everything this relies on is listed in :data:`PATCHED` and pinned by the tests (``tests/launchers/test_horovod.py``).
 
 Ordering: Horovod matches reductions across ranks by name; the butterfly, like NCCL and DDP, by issue order —
 every rank must issue its Butterfly reductions in the same order, as training loops do (``HYBRID_EXT_CHECK=1``

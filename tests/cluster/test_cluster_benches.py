@@ -1,0 +1,51 @@
+"""The benchmarks and the demo on the emulated cluster (2 hosts × 2 ranks): `bench allreduce --hosts` counts the
+bytes that left each host's interface and they match the plan's, and `demo --hosts` trains and compares."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from helpers import ROOT
+
+MIB = 1 << 20
+
+
+def _cli(cluster, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    """``hybrid-ext ARGS`` with ``--hosts 2`` on the live cluster (its own ``--nic``, so it is reused, not rebuilt)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    nic = ["--nic", cluster.nic] if cluster.nic else []
+    argv = [sys.executable, "-m", "hybrid_ext.cli", *args, "--hosts", "2", "--np", "4", *nic]
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.timeout(300)
+def test_bench_allreduce_across_hosts_counts_the_bytes_each_host_sent_and_they_match_the_plan(cluster, tmp_path):
+    out = tmp_path / "rows.json"
+    size = 4 * MIB
+    _cli(cluster, "bench", "allreduce", "--sizes", "4M", "--algorithms", "rabenseifner,ring",
+         "--iters", "2", "--inner", "1", "--warmup", "1", "--json", str(out), timeout=280)  # fmt: skip
+    rows = {row["algorithm"]: row for row in json.loads(out.read_text())}
+    # Rabenseifner's first exchange stays in each host: the minimum n out of each host (2(H-1)/H·n at H = 2).
+    # The flat ring crosses hosts on one of each host's two ranks: 2(P-1)/P·n = 1.5 n out of each host.
+    for algorithm, planned in (("rabenseifner", 1.0), ("ring", 1.5)):
+        row = rows[algorithm]
+        assert row["hosts"] == 2
+        assert row["plan_nic_bytes"] == pytest.approx(planned * size), algorithm
+        # Counted on the interface: the payload plus TCP/IP and Ethernet headers (~4 %) and the barrier's bytes.
+        assert 0.99 * planned * size <= row["nic_bytes"] <= 1.12 * planned * size, (algorithm, row)
+    assert rows["native"]["nic_bytes"] > size  # gloo's own allreduce also crossed the hosts
+
+
+@pytest.mark.timeout(420)
+def test_the_demo_runs_on_the_emulated_cluster(cluster, tmp_path):
+    done = _cli(cluster, "demo", "--strategies", "hybrid", "--reducers", "butterfly", "--epochs", "1",
+                "--max-steps", "3", "--micro-batch", "8", "--out", str(tmp_path), timeout=400)  # fmt: skip
+    assert "on 2 emulated hosts" in done.stdout
+    assert "hybrid-butterfly-np4" in (tmp_path / "demo.md").read_text()
+    assert (tmp_path / "demo-time_to_accuracy.png").exists() and (tmp_path / "demo-step_split.png").exists()

@@ -1,0 +1,217 @@
+"""Algorithm choice: the cost model, the HYBRID_EXT_ALGO override, calibration, and the bench tool's parsing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hybrid_ext.bench import allreduce as bench
+from hybrid_ext.comm import cost_model
+from hybrid_ext.comm.cost_model import CostModel
+
+
+@pytest.fixture(autouse=True)
+def _isolated_models(monkeypatch, tmp_path):
+    monkeypatch.setenv("HYBRID_EXT_COST_MODEL", str(tmp_path / "cost_model.json"))
+    monkeypatch.delenv("HYBRID_EXT_ALGO", raising=False)
+    cost_model._models = None
+    yield
+    cost_model._models = None
+
+
+def test_latency_bound_sizes_pick_recursive_doubling_and_large_pick_rabenseifner():
+    model = CostModel(alpha=100e-6, beta=1e-9, gamma=1e-9)
+    assert model.choose(1024, 8) == "recursive_doubling"
+    assert model.choose(64 << 20, 8) == "rabenseifner"
+    assert model.choose(1024, 8, ("ring",)) == "ring"
+
+
+def test_ring_wins_large_messages_when_the_fold_costs_more_than_its_latency():
+    # P = 6: the butterflies fold (+2n bytes) while the ring does not.
+    model = CostModel(alpha=1e-6, beta=1e-9, gamma=1e-9)
+    assert model.choose(256 << 20, 6) == "ring"
+
+
+def test_terms_match_the_documented_formulas():
+    model = CostModel()
+    assert model.terms("rabenseifner", 800, 8) == (6.0, 2 * 7 / 8 * 800, 7 / 8 * 800)
+    assert model.terms("recursive_doubling", 800, 8) == (3.0, 2400.0, 2400.0)
+    assert model.terms("ring", 800, 5) == (8.0, 2 * 4 / 5 * 800, 4 / 5 * 800)
+    # P = 6 folds onto 4: two more messages, 2n more bytes, n more reduced.
+    assert model.terms("recursive_doubling", 100, 6) == (4.0, 400.0, 300.0)
+    assert model.terms("ring", 0, 8) == (0.0, 0.0, 0.0)
+
+
+def test_environment_overrides_auto_and_butterfly_but_not_an_explicit_choice(monkeypatch):
+    monkeypatch.setenv("HYBRID_EXT_ALGO", "ring")
+    assert cost_model.resolve("auto", 1024, 8) == "ring"
+    assert cost_model.resolve("butterfly", 1024, 8) == "ring"
+    assert cost_model.resolve("rabenseifner", 1024, 8) == "rabenseifner"
+    monkeypatch.setenv("HYBRID_EXT_ALGO", "butterfly")
+    assert cost_model.resolve("auto", 64 << 20, 6, "shm") in cost_model.BUTTERFLIES
+    monkeypatch.setenv("HYBRID_EXT_ALGO", "tree")
+    with pytest.raises(ValueError, match="HYBRID_EXT_ALGO='tree'"):
+        cost_model.resolve("auto", 1024, 8)
+
+
+class _Layout:
+    """A stand-in transport: only what the communicator reads to plan (no exchanges happen here)."""
+
+    name = "shm+torch-gloo"
+
+    def __init__(self, rank: int, hosts: tuple[int, ...] | None) -> None:
+        self.rank, self.size, self.timeout = rank, 4, 10.0
+        if hosts is not None:
+            self.hosts = hosts
+
+
+@pytest.mark.parametrize("inter", ["recursive_doubling", "rabenseifner", "ring"])
+def test_a_named_schedule_between_hosts_is_planned_as_named_and_flat_on_one_host(inter):
+    from hybrid_ext.comm.communicator import Communicator
+
+    name = f"hierarchical/{inter}"
+    assert cost_model.resolve(name, 1024, 4) == name
+    for count in (1, 1000, 1 << 20):  # below and above the size from which auto goes hierarchical
+        across = Communicator(_Layout(2, (0, 0, 1, 1)))._allreduce_plan(name, count, 4 * count)[0]
+        assert across.algorithm == name
+        assert count < 4 or {s.phase.split()[0] for s in across.steps} == {"host", "hosts"}
+        assert Communicator(_Layout(2, None))._allreduce_plan(name, count, 4 * count)[0].algorithm == inter
+    with pytest.raises(ValueError, match="unknown allreduce algorithm 'hierarchical/tree'"):
+        cost_model.resolve("hierarchical/tree", 1024, 4)
+
+
+def test_calibration_is_saved_per_transport_and_used(tmp_path):
+    cost_model.save_model("shm", CostModel(alpha=1.0, beta=0.0, gamma=0.0))
+    cost_model.save_model("torch-gloo", CostModel(alpha=1e-9, beta=1.0, gamma=1.0))
+    saved = json.loads((tmp_path / "cost_model.json").read_text())
+    assert set(saved) == {"shm", "torch-gloo"}
+    # Only latency costs: fewest messages wins even for huge messages.
+    assert cost_model.resolve("auto", 1 << 30, 8, "shm") == "recursive_doubling"
+    # Only bandwidth costs: least traffic wins even for tiny messages.
+    assert cost_model.resolve("auto", 64, 8, "torch-gloo") == "rabenseifner"
+    assert cost_model.default_model("unknown-transport") == CostModel()
+
+
+def test_calibrate_recovers_known_constants():
+    truth = CostModel(alpha=300e-6, beta=1e-9, gamma=2e-9)
+    rows = []
+    for algorithm in ("recursive_doubling", "rabenseifner"):
+        for size in (1 << 10, 1 << 16, 1 << 20, 1 << 24):
+            seconds = truth.predict(algorithm, size, 8)
+            rows.append(bench.BenchRow(size, algorithm, 8, seconds * 1e3, 0, 0, None, algorithm))
+    fitted = bench.calibrate(rows)
+    assert fitted.alpha == pytest.approx(truth.alpha, rel=1e-6)
+    assert fitted.beta == pytest.approx(truth.beta, rel=1e-6)
+    assert fitted.gamma == pytest.approx(truth.gamma, rel=1e-6)
+
+
+@pytest.mark.parametrize(("text", "nbytes"), [("1K", 1024), ("64KiB", 65536), ("16M", 16 << 20), ("4096", 4096)])
+def test_bench_sizes_parse(text, nbytes):
+    assert bench.parse_size(text) == nbytes
+    assert bench.parse_size(bench.format_size(nbytes)) == nbytes
+
+
+def _host_result(host: str, times: list[float], sent: list[int] | None, plan: int) -> dict:
+    key = (1 << 20, "auto")
+    native = (1 << 20, "native")
+    return {
+        "times": {key: times, native: [t * 2 for t in times]},
+        "chosen": {key: "hierarchical/rabenseifner", native: "gloo"},
+        "transport": "shm+torch-gloo",
+        "host": host,
+        "sent": {key: sent, native: sent} if sent else {},
+        "plan_sent": {key: plan},
+        "inner": 2,
+    }
+
+
+def test_bench_rows_report_the_busiest_hosts_counted_bytes_beside_the_plans():
+    n = 1 << 20
+    results = [
+        _host_result("node0", [0.010, 0.012, 0.011], [2 * n + 100, 2 * n + 300, 2 * n + 200], n // 2),
+        _host_result("node0", [0.011, 0.013, 0.012], [2 * n + 100, 2 * n + 300, 2 * n + 200], n // 2),
+        _host_result("node1", [0.010, 0.010, 0.010], [int(2.2 * n)] * 3, n // 2),
+        _host_result("node1", [0.009, 0.009, 0.009], [int(2.2 * n)] * 3, n // 2),
+    ]
+    rows = {row.algorithm: row for row in bench.rows_from(results, [n], ["auto", "native"])}
+    auto = rows["auto"]
+    assert auto.hosts == 2
+    assert auto.nic_bytes == pytest.approx(1.1 * n, rel=1e-6)  # node1's median per call (2 calls per round)
+    assert auto.plan_nic_bytes == n  # both ranks of a host: n/2 each
+    assert auto.median_ms == pytest.approx(12.0)  # the slowest rank per round, median over rounds
+    assert rows["native"].plan_nic_bytes is None
+    table = bench.format_table(list(rows.values()))
+    assert "host NIC/n" in table and "1.10" in table and "1.00" in table
+
+
+def test_bench_rows_on_one_host_have_no_host_columns():
+    results = [_host_result("node0", [0.01] * 3, None, 0) for _ in range(2)]
+    rows = bench.rows_from(results, [1 << 20], ["auto", "native"])
+    assert all(row.hosts is None and row.nic_bytes is None for row in rows)
+    assert "host NIC/n" not in bench.format_table(rows)
+
+
+def test_the_link_bound_is_two_h_minus_one_over_h_bytes_per_host():
+    assert bench.link_bound_seconds(64 << 20, 2, 125e6) == pytest.approx((64 << 20) / 125e6)
+    assert bench.link_bound_seconds(64 << 20, 4, 125e6) == pytest.approx(1.5 * (64 << 20) / 125e6)
+
+
+# ------------------------------------------------------------------ the group's native allreduce
+
+
+@pytest.mark.timeout(30)
+def test_native_is_modelled_as_the_backends_ring_with_constants_of_its_own():
+    assert CostModel().terms("native", 800, 5) == CostModel().terms("ring", 800, 5)
+    assert "native" in cost_model.CHOICES
+    assert cost_model.native_model("torch-gloo") is None  # no built-in constants: the backend's algorithm is its own
+    cost_model.save_model("native/torch-gloo", CostModel(alpha=1.0, beta=0.0, gamma=0.0))
+    assert cost_model.native_model("torch-gloo") == CostModel(alpha=1.0, beta=0.0, gamma=0.0)
+    assert cost_model.default_model("torch-gloo") == cost_model.BUILTIN["torch-gloo"]  # kept apart
+
+
+@pytest.mark.timeout(30)
+def test_auto_weighs_the_native_allreduce_where_the_group_has_one():
+    cost_model.save_model("shm", CostModel(alpha=1e-3, beta=1e-9, gamma=1e-9))
+    assert cost_model.resolve("auto", 1 << 20, 4, "shm", native="torch-gloo") != "native"  # not calibrated yet
+    cost_model.save_model("native/torch-gloo", CostModel(alpha=1e-6, beta=1e-9, gamma=1e-9))
+    assert cost_model.resolve("auto", 1 << 20, 4, "shm", native="torch-gloo") == "native"
+    assert cost_model.resolve("auto", 1 << 20, 4, "shm") != "native"  # no native on this group
+    assert cost_model.resolve("butterfly", 1 << 20, 4, "shm", native="torch-gloo") in cost_model.BUTTERFLIES
+    assert cost_model.resolve("ring", 1 << 20, 4, "shm", native="torch-gloo") == "ring"  # named: kept
+    cost_model.save_model("native/torch-gloo", CostModel(alpha=1.0, beta=1e-9, gamma=1e-9))
+    assert cost_model.resolve("auto", 1 << 20, 4, "shm", native="torch-gloo") != "native"  # dearer: a schedule
+
+
+@pytest.mark.timeout(30)
+def test_the_environment_pins_native_where_the_group_has_one(monkeypatch):
+    monkeypatch.setenv("HYBRID_EXT_ALGO", "native")
+    assert cost_model.forced()
+    assert cost_model.resolve("auto", 1024, 4, "shm", native="torch-gloo") == "native"
+    assert cost_model.resolve("auto", 1024, 4, "shm") in cost_model.ALGORITHMS  # none here: the model's schedule
+    assert cost_model.resolve("rabenseifner", 1024, 4, "shm", native="torch-gloo") == "rabenseifner"
+
+
+@pytest.mark.timeout(30)
+def test_calibration_fits_the_native_allreduce_from_its_own_rows():
+    truth = CostModel(alpha=80e-6, beta=0.5e-9, gamma=0.25e-9)
+    rows = [
+        bench.BenchRow(size, "native", 4, truth.predict("native", size, 4) * 1e3, 0, 0, 1.0, "gloo")
+        for size in (1 << 10, 1 << 16, 1 << 20, 1 << 24)
+    ]
+    fitted = bench.calibrate_native(rows)
+    for size in (1 << 12, 1 << 22):
+        assert fitted.predict("native", size, 4) == pytest.approx(truth.predict("native", size, 4), rel=1e-6)
+    assert bench.calibrate_native(rows[:2]) is None  # too few sizes to fit three constants
+
+
+@pytest.mark.timeout(30)
+def test_bench_rows_say_when_auto_ran_the_native_allreduce():
+    from hybrid_ext.comm.metrics import CollectiveRecord
+
+    def record(algorithm, transport):
+        return CollectiveRecord("allreduce", algorithm, transport, 0, 2, 256, "float32", 1024, 1024, 2, 1e-4)
+
+    assert bench._ran(record("native", "torch-gloo")) == "native/gloo"
+    assert bench._ran(record("native", "horovod")) == "native/horovod"
+    assert bench._ran(record("ring", "shm")) == "ring"

@@ -1,0 +1,253 @@
+"""The step model in one process: byte formulas worked by hand, the overlap of gradient buckets, calibration files.
+
+Its bytes against a real step on spawned ranks: tests/multiprocess/test_step_traffic.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers.parallel_reference import small_cnn
+from torch import nn
+
+from hybrid_ext.comm.cost_model import CostModel
+from hybrid_ext.parallel import make_plan
+from hybrid_ext.parallel.layer_profile import (
+    LayerRecord,
+    LayerTable,
+    layer_shapes,
+    load_calibration,
+    profile_layers,
+    save_calibration,
+)
+from hybrid_ext.parallel.step_model import compute_fraction, predict_step
+from hybrid_ext.parallel.step_traffic import Links, gradient_transfers, step_transfers
+
+pytestmark = pytest.mark.timeout(120)
+
+B = 4  # samples per rank
+
+
+def _small_cnn_transfers(strategy: str, world: int, rank: int, mp_size: int | None = None):
+    model = small_cnn()
+    table = layer_shapes(model, torch.randn(1, 3, 16, 16))
+    styles = make_plan(model, strategy).styles
+    return step_transfers(model, table, styles, strategy, world, mp_size or world, rank, B, links=Links("shm"))
+
+
+def _sent(transfers, name: str, phase: str, collective: str) -> int:
+    return sum(t.bytes_sent for t in transfers if (t.name, t.phase, t.collective) == (name, phase, collective))
+
+
+def test_hybrid_bytes_on_two_ranks_by_hand():
+    """small_cnn's head: 7 = Linear(192, 100) column, 10 = Linear(100, 64) row, 12 = Linear(64, 10) column_last."""
+    transfers = _small_cnn_transfers("hybrid", 2, 0)
+    f32, counts = 4, 8  # one int64 per rank: the other rank's count is all it sends
+    assert _sent(transfers, "7", "forward", "counts") == counts
+    assert _sent(transfers, "7", "forward", "allgather") == B * 192 * f32  # my rows go to the other rank
+    assert _sent(transfers, "7", "backward", "reduce_scatter") == B * 192 * f32  # the other rank's rows' gradients
+    assert _sent(transfers, "10", "forward", "reduce_scatter") == B * 64 * f32
+    assert _sent(transfers, "10", "backward", "allgather") == B * 64 * f32
+    assert _sent(transfers, "12", "forward", "allgather") == B * 64 * f32
+    # all-to-all: rank 0 holds features 0..4 of both ranks' rows; it sends rank 1's rows of its 5 features
+    assert _sent(transfers, "12", "forward", "all_to_all") == B * 5 * f32
+    assert _sent(transfers, "12", "backward", "all_to_all") == B * 5 * f32
+    # Replicated: both convolutions and the row layer's bias (8·3·9 + 8 + 12·8·9 + 12 + 64); FC shards: no replica.
+    (gradients,) = [t for t in transfers if t.phase == "gradients"]
+    assert gradients.elements == 216 + 8 + 864 + 12 + 64
+    assert gradients.bytes_sent == gradients.elements * f32  # both butterflies send n bytes on two ranks
+    assert gradients.layers == ("10", "3", "0")  # reversed registration order, the reducer's
+
+
+def test_uneven_all_to_all_on_three_ranks():
+    """64 → 10 features over 3 ranks: shards of 3, 3 and 4 features."""
+    transfers = _small_cnn_transfers("hybrid", 3, 2)
+    assert _sent(transfers, "12", "forward", "all_to_all") == 2 * B * 4 * 4  # my 4 features of both others' rows
+    assert _sent(transfers, "12", "backward", "all_to_all") == B * (3 + 3) * 4  # my rows of their features
+    assert compute_fraction("column", "7", dict(small_cnn().named_modules()), 3, 2) == 34 / 100
+
+
+def test_mp_bytes_by_hand():
+    """mp on 2 ranks: every rank holds the global batch of 2·B samples."""
+    transfers = _small_cnn_transfers("mp", 2, 1)
+    rows, f32 = 2 * B, 4
+    # conv 0: its input needs no gradient, so only its output channels (4 of 8, 16×16) are gathered
+    assert _sent(transfers, "0", "forward", "allgather") == 4 * rows * 16 * 16 * f32
+    assert _sent(transfers, "0", "backward", "allreduce") == 0
+    # conv 3 (input 8×8×8): its input's gradient is summed over both ranks (two ranks: n bytes either way)
+    assert _sent(transfers, "3", "backward", "allreduce") == rows * 8 * 8 * 8 * f32
+    assert _sent(transfers, "10", "forward", "allreduce") == rows * 64 * f32  # the row layer's partial sums
+    assert not [t for t in transfers if t.phase == "gradients"]  # the same loss everywhere: no gradient traffic
+
+
+def test_dp_buckets_follow_the_reducer():
+    model = small_cnn()
+    whole = sum(p.numel() for p in model.parameters())
+    (one,) = gradient_transfers(model, {}, "dp", 2, 1, 0)
+    assert one.elements == whole
+    several = gradient_transfers(model, {}, "dp", 2, 1, 0, bucket_bytes=10_000)
+    assert len(several) > 1 and sum(t.elements for t in several) == whole
+    assert several[0].layers[0] == "12"  # the last layer's gradients come first in backward
+
+
+def test_bad_input_is_named():
+    model = small_cnn()
+    table = layer_shapes(model, torch.randn(1, 3, 16, 16))
+    styles = make_plan(model, "hybrid").styles
+    with pytest.raises(ValueError, match="mp_size=3 does not divide the world size 4"):
+        step_transfers(model, table, styles, "hybrid", 4, 3, 0, B)
+    with pytest.raises(ValueError, match="unknown reducer 'fast'"):
+        gradient_transfers(model, styles, "hybrid", 4, 2, 0, grad_algorithm="fast")
+    with pytest.raises(ValueError, match="unknown strategy 'auto'"):
+        predict_step(model, table, styles, "auto", 4, 2, B)
+
+
+def _two_linears_table(forward_s: float, backward_s: float) -> tuple[nn.Module, LayerTable]:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    layers = {
+        path: LayerRecord(path, "Linear", (4,), (4,), 4, path == "1", True, forward_s, backward_s)
+        for path in ("0", "1")
+    }
+    return model, LayerTable(B, "cpu", layers)
+
+
+def test_gradient_buckets_overlap_the_rest_of_backward():
+    """Each layer: forward 1 s, backward 2 s; each layer's 20 parameters one bucket of 80 bytes, 4 s on the wire
+    (β = 0.05 s/byte; two ranks send n bytes). Backward: layer 1 done at 2 s, layer 0 at 4 s. Bucket 0 (layer 1)
+    runs 2–6 s, bucket 1 (layer 0) waits for it: 6–10 s. Exposed: 10 − 4 = 6 s; step 2 + 4 + 6 = 12 s."""
+    model, table = _two_linears_table(1.0, 2.0)
+    constants = CostModel(alpha=0.0, beta=0.05, gamma=0.0)
+    step = predict_step(model, table, {}, "dp", 2, 1, B, bucket_bytes=80, constants=constants)
+    assert [x for b in step.buckets for x in (b.ready_s, b.start_s, b.end_s)] == pytest.approx([2, 2, 6, 4, 6, 10])
+    assert step.forward_s == pytest.approx(2.0) and step.backward_s == pytest.approx(4.0)
+    assert step.exposed_gradient_s == pytest.approx(6.0)
+    assert step.step_s == pytest.approx(12.0) and step.compute_s == pytest.approx(6.0)
+    assert step.exposed_communication_s == pytest.approx(6.0)
+    assert step.samples_per_s == pytest.approx(2 * B / 12.0)
+    # A slow backward hides the first bucket entirely: layer 0's backward ends at 20 s, its bucket at 24 s.
+    model, table = _two_linears_table(1.0, 10.0)
+    step = predict_step(model, table, {}, "dp", 2, 1, B, bucket_bytes=80, constants=constants)
+    assert step.exposed_gradient_s == pytest.approx(4.0)
+
+
+def test_sharded_compute_scales_with_rows_and_features():
+    """hybrid on 4 ranks: a column layer sees 4·b rows and holds a quarter of the features: its time is unchanged."""
+    model, table = _two_linears_table(1.0, 2.0)
+    step = predict_step(model, table, {"0": "column", "1": "row"}, "hybrid", 4, 4, B, constants=CostModel(0, 0, 0))
+    assert [x for layer in step.layers for x in (layer.forward_s, layer.backward_s)] == pytest.approx([1, 2, 1, 2])
+    step = predict_step(model, table, {"0": "column", "1": "row"}, "mp", 4, 4, B, constants=CostModel(0, 0, 0))
+    assert step.compute_s == pytest.approx(6.0)  # 4·b rows everywhere, a quarter of the features
+    step = predict_step(model, table, {}, "dp", 4, 1, 2 * B, constants=CostModel(0, 0, 0))
+    assert step.compute_s == pytest.approx(12.0)  # twice the micro-batch the table was measured at
+
+
+def test_profile_measures_every_leaf_and_leaves_no_trace():
+    model = small_cnn().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    table = profile_layers(model, torch.randn(2, 3, 16, 16), steps=1)
+    assert list(table.layers) == [str(i) for i in range(13)]
+    assert all(r.forward_s > 0 and r.backward_s >= 0 for r in table.layers.values())
+    assert table.layers["7"].input_shape == (192,) and table.layers["7"].output_shape == (100,)
+    assert not table.layers["0"].input_requires_grad and table.layers["3"].input_requires_grad
+    assert not model.training and all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_inplace_layers_can_be_profiled():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    table = profile_layers(model, torch.randn(2, 3, 8, 8), steps=1)
+    assert table.layers["1"].input_shape == (4, 6, 6)
+
+
+def test_calibration_file_round_trip(tmp_path):
+    model, x = small_cnn(), torch.randn(2, 3, 16, 16)
+    table = profile_layers(model, x, steps=1)
+    path = save_calibration(table, tmp_path / "small_cnn.json")
+    loaded = load_calibration(path, model, x)
+    assert loaded.layers == table.layers and loaded.micro_batch == 2
+
+
+def test_calibration_for_another_model_is_refused(tmp_path):
+    x = torch.randn(2, 3, 16, 16)
+    path = save_calibration(profile_layers(small_cnn(), x, steps=1), tmp_path / "small_cnn.json")
+    wider = small_cnn()
+    wider[10], wider[12] = nn.Linear(100, 65), nn.Linear(65, 10)
+    with pytest.raises(ValueError, match=r"for another model: layer '10' has output shape \(65,\) here, \(64,\)"):
+        load_calibration(path, wider, x)
+    with pytest.raises(ValueError, match="for another model: layer '0' has input shape"):
+        load_calibration(path, small_cnn(), torch.randn(2, 3, 32, 32))
+    shorter = small_cnn()[:10]
+    with pytest.raises(ValueError, match="13 layers in the file, 10 in the model"):
+        load_calibration(path, shorter, x)
+
+
+def test_a_file_that_is_no_calibration_is_refused(tmp_path):
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps({"alpha": 1}))
+    with pytest.raises(ValueError, match="is not a hybrid-ext layer calibration"):
+        load_calibration(path, small_cnn(), torch.randn(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="is not a hybrid-ext layer calibration"):
+        load_calibration(tmp_path / "missing.json", small_cnn(), torch.randn(1, 3, 16, 16))
+
+
+# ---------------------------------------------------------------- groups spanning hosts
+
+
+class _HostLayout:
+    """A stand-in routed transport: what the communicator reads to choose and plan a schedule (nothing is sent)."""
+
+    class _Network:
+        name = "torch-gloo"
+
+    name = "shm+torch-gloo"
+    network = _Network()
+
+    def __init__(self, rank: int, hosts: tuple[int, ...]) -> None:
+        self.rank, self.size, self.timeout, self.hosts = rank, len(hosts), 10.0, hosts
+
+
+@pytest.mark.parametrize("hosts", [(0, 0, 1, 1), (0, 0, 1, 1, 2, 2), (0, 0, 0, 1, 1)], ids=str)
+@pytest.mark.parametrize("count", [1000, 100_000])  # below and above the 64 KiB from which auto goes hierarchical
+def test_across_hosts_the_schedules_are_the_communicators(hosts, count):
+    from hybrid_ext.comm.communicator import Communicator
+    from hybrid_ext.parallel.step_traffic import allgather_transfer, allreduce_transfer, reduce_scatter_transfer
+
+    links = Links("shm", hosts=hosts)
+    for rank in range(len(hosts)):
+        comm = Communicator(_HostLayout(rank, hosts))
+        group = links.group(list(range(len(hosts))), rank)
+        for request in ("butterfly", "auto", "ring", "hierarchical"):
+            plan = comm._allreduce_plan(request, count, 4 * count)[0]
+            predicted = allreduce_transfer("x", "gradients", request, count, 4, group)
+            assert (predicted.algorithm, predicted.bytes_sent) == (plan.algorithm, plan.elements_sent * 4), request
+        blocks = tuple(count // len(hosts) + (r % 2) for r in range(len(hosts)))
+        gathered = comm._block_plan("allgather", "auto", blocks, 4)
+        scattered = comm._block_plan("reduce_scatter", "auto", blocks, 4)
+        assert allgather_transfer("x", "forward", blocks, 4, group).bytes_sent == gathered.elements_sent * 4
+        assert reduce_scatter_transfer("x", "forward", blocks, 4, group).bytes_sent == scattered.elements_sent * 4
+
+
+def test_hierarchical_allgather_sends_each_block_out_of_its_host_once():
+    """2 hosts × 2 ranks, 100,000 elements per rank: each host's two blocks cross its link once."""
+    from hybrid_ext.parallel.step_traffic import allgather_transfer
+
+    hosts, block = (0, 0, 1, 1), 100_000
+    links = Links("shm", hosts=hosts)
+    sent = [allgather_transfer("x", "forward", (block,) * 4, 4, links.group([0, 1, 2, 3], r)) for r in range(4)]
+    assert {t.algorithm for t in sent} == {"hierarchical"}
+    assert sum(t.network_bytes for t in sent[:2]) == 2 * block * 4
+    flat = [allgather_transfer("x", "forward", (block,) * 4, 4, Links("shm").group([0, 1, 2, 3], r)) for r in range(4)]
+    assert all(t.network_bytes == 0 for t in flat)  # one host: nothing crosses a network
+
+
+def test_a_group_inside_one_host_runs_on_shared_memory():
+    links = Links("shm", hosts=(0, 0, 1, 1))
+    inside = links.group([2, 3], 0)
+    assert inside.hosts is None and inside.transport == "shm"
+    across = links.group([1, 3], 1)  # a data-parallel group: rank 1 on host 0, rank 3 on host 1
+    assert across.hosts == (0, 1) and across.transport == "shm+torch-gloo" and across.remote(0)
+    with pytest.raises(ValueError, match="hosts of 3 ranks, not of the world's 4"):
+        step_transfers(small_cnn(), layer_shapes(small_cnn(), torch.randn(1, 3, 16, 16)), {}, "dp", 4, 1, 0, B,
+                       links=Links(hosts=(0, 0, 1)))  # fmt: skip
