@@ -311,6 +311,8 @@ class Communicator:
         if prescale is not None:
             flat.mul_(prescale)
         self.direct.allreduce(flat, op, float(self.size) if op == "avg" else 1.0)
+        # Written through its address, not by a torch op: tell autograd the tensor changed, as an in-place op would.
+        torch.autograd.graph.increment_version(flat)
         if postscale is not None:
             flat.mul_(postscale)
         if not in_place:

@@ -141,6 +141,12 @@ def _direct_rank(rank: int, p: int) -> dict:
                     failures.append(label)
                 if n and records[-1].algorithm != "direct":
                     failures.append(f"{label}: ran {records[-1].algorithm}")
+    # Autograd sees the in-place change, as with any in-place op.
+    leaf = torch.ones(8)
+    version = leaf._version
+    hybrid_ext.allreduce(leaf, algorithm="direct")
+    if leaf._version == version:
+        failures.append("the tensor's version did not change")
     # Several tensors of mixed shapes and a strided one travel as one vector.
     parts = [torch.full((3, 4), float(rank)), torch.arange(10.0).view(2, 5).t() * (rank + 1)]
     hybrid_ext.allreduce_coalesced(parts, algorithm="direct")
