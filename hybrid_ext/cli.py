@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="samples/s and bytes per step of dp / mp / hybrid on one model",
         description="Train a torchvision CNN for a few steps under each run, with compute-only as the limit.",
     )
-    train.add_argument("--model", default="alexnet", choices=["alexnet", "vgg11", "digits_alexnet"])
+    train.add_argument("--model", default="alexnet", choices=["alexnet", "vgg11", "resnet18", "digits_alexnet"])
     train.add_argument("--np", type=positive_int, default=4, help="ranks (default: 4)")
     train.add_argument(
         "--runs",

@@ -15,14 +15,54 @@ import sys
 from pathlib import Path
 
 STRATEGIES = ("dp", "hybrid", "mp")
-MODELS = ("alexnet", "vgg11", "digits_alexnet")
+MODELS = ("alexnet", "vgg11", "resnet18", "digits_alexnet")
+SCALING_RANKS = tuple(1 << k for k in range(11))  # the --png plot: 1 to 1,024 ranks
+
+
+def model_spec(text: str) -> str:
+    """``--model``: a built-in name, or ``module:factory`` (a function of no arguments that returns the model)."""
+    module, _, factory = text.partition(":")
+    if text in MODELS or (module and factory and all(part.isidentifier() for part in module.split("."))):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"invalid choice: {text!r} (choose {', '.join(MODELS)}, or module:factory for a model of your own)"
+    )
+
+
+def build_planned_model(spec: str):
+    """The model ``--model`` names: a built-in one (3-channel inputs) or ``factory()`` of ``module:factory``."""
+    import importlib
+
+    import torch
+
+    if spec in MODELS:
+        from hybrid_ext.bench.train import build_model
+
+        return build_model(spec)
+    module_name, _, factory_name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"--model {spec}: cannot import {module_name!r}: {exc}") from exc
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise ValueError(f"--model {spec}: {module_name!r} has no function {factory_name!r}")
+    model = factory()
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"--model {spec}: {factory_name}() returned {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def add_arguments(parser: argparse.ArgumentParser, positive_int) -> None:
     from hybrid_ext.train.device import add_device_argument
 
-    parser.add_argument("--model", required=True, choices=MODELS)
-    parser.add_argument("--np", type=positive_int, required=True, help="ranks")
+    parser.add_argument(
+        "--model",
+        required=True,
+        type=model_spec,
+        help=f"{', '.join(MODELS)}, or module:factory (a function returning your model; 3-channel inputs of --size)",
+    )
+    parser.add_argument("--np", type=positive_int, help="ranks (default: --hosts × --ranks-per-host)")
     parser.add_argument(
         "--mp-size", type=positive_int, help="model-parallel group size for hybrid and mp (default: all)"
     )
@@ -35,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser, positive_int) -> None:
     parser.add_argument("--transport", default="shm", help="the transport inside a host: its constants (default: shm)")
     parser.add_argument(
         "--hosts", type=positive_int, help="hosts the ranks are spread over, --np/H consecutive ranks each"
+    )
+    parser.add_argument(
+        "--ranks-per-host", type=positive_int, help="ranks on each host (with --hosts, --np is their product)"
     )
     parser.add_argument("--network", default="torch-gloo", help="the transport between hosts (default: torch-gloo)")
     parser.add_argument("--nic", metavar="RATE", help="with --hosts: each host's link rate (tc syntax: 1gbit)")
@@ -51,6 +94,11 @@ def add_arguments(parser: argparse.ArgumentParser, positive_int) -> None:
         help="CPU threads per rank while profiling (default: 1, as ranks run)",
     )
     parser.add_argument("--json", metavar="FILE", help="write every figure, one entry per strategy")
+    parser.add_argument(
+        "--png",
+        metavar="FILE",
+        help="plot the predicted samples/s of each strategy from 1 to 1,024 ranks, --ranks-per-host to a host",
+    )
     parser.add_argument("--layers", action="store_true", help="also print each strategy's step layer by layer")
     add_device_argument(parser)  # where the layers are profiled
 
@@ -60,7 +108,6 @@ def predictions(args: argparse.Namespace) -> tuple[dict, list]:
     StepPrediction` of each)."""
     import torch
 
-    from hybrid_ext.bench.train import build_model
     from hybrid_ext.parallel.auto_plan import choose_plan
     from hybrid_ext.parallel.dims import ParallelDims
     from hybrid_ext.parallel.layer_profile import load_calibration, profile_layers, save_calibration
@@ -72,7 +119,7 @@ def predictions(args: argparse.Namespace) -> tuple[dict, list]:
     ParallelDims(args.np, mp_size)  # names the valid choices when mp_size does not divide the world
     links, network_constants = _links(args)
     device = this_rank_device(args.device)
-    model = build_model(args.model).to(device)
+    model = build_planned_model(args.model).to(device)
     example = torch.randn(args.micro_batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
     example = example.to(device)
     if args.calibration:
@@ -112,6 +159,7 @@ def predictions(args: argparse.Namespace) -> tuple[dict, list]:
     )  # fmt: skip
     steps.append(chosen.prediction)
     entries.append({**_entry("auto", chosen.mp_size, chosen.prediction), "chose": chosen.strategy})
+    scaling = _scaling(args, model, table) if args.png else None
     return {
         "model": args.model,
         "world": args.np,
@@ -125,7 +173,89 @@ def predictions(args: argparse.Namespace) -> tuple[dict, list]:
         "layer_times": source,
         "compute_scale": compute_scale,
         "strategies": entries,
+        **({"scaling": scaling} if scaling is not None else {}),
     }, steps
+
+
+def _scaling(args: argparse.Namespace, model, table) -> list[dict]:
+    """Predicted samples/s of dp, hybrid, mp and auto at 1 to 1,024 ranks, ``--ranks-per-host`` to a host (a
+    strategy its layers cannot take at a size, such as 10 classes over 16 ranks, has no point there)."""
+    from dataclasses import replace
+
+    from hybrid_ext.comm import cost_model
+    from hybrid_ext.parallel.auto_plan import choose_plan
+    from hybrid_ext.parallel.plan import check_shardable, make_plan
+    from hybrid_ext.parallel.step_model import predict_step
+    from hybrid_ext.parallel.step_traffic import Links
+
+    per_host = args.ranks_per_host or args.np // (args.hosts or 1)
+    network_constants = None
+    if args.nic:
+        from hybrid_ext.launch.cluster import rate_bytes_per_second
+
+        network_constants = replace(cost_model.default_model(args.network), beta=1.0 / rate_bytes_per_second(args.nic))
+    cores = args.cores or os.cpu_count() or 1
+    on_cpu = table.device.startswith("cpu")
+    bucket = int(args.bucket_mb * (1 << 20))
+    points = []
+    for world in SCALING_RANKS:
+        local = min(world, per_host)
+        hosts = tuple(r // local for r in range(world)) if world > local else None
+        links = Links(args.transport, hosts=hosts, network=args.network) if hosts else Links(args.transport)
+        scale = max(1.0, local * args.threads / cores) if on_cpu else 1.0
+        shard = min(args.mp_size or local, world)
+        point: dict = {"ranks": world, "hosts": world // local}
+        for strategy, size in (("dp", 1), ("hybrid", shard), ("mp", world)):
+            plan = make_plan(model, strategy)
+            try:
+                if world % size:
+                    raise ValueError("mp_size does not divide the ranks")
+                check_shardable(model, plan, size)
+            except ValueError:
+                point[strategy] = None
+                continue
+            step = predict_step(
+                model, table, plan.styles, strategy, world, size, args.micro_batch, args.reducer, bucket, links,
+                network_constants=network_constants, compute_scale=scale,
+            )  # fmt: skip
+            point[strategy] = step.samples_per_s
+        candidates = [shard] if world % shard == 0 else None
+        chosen = choose_plan(
+            model, table, world, args.micro_batch, candidates, args.reducer, bucket, links,
+            network_constants=network_constants, compute_scale=scale,
+        )  # fmt: skip
+        point["auto"] = chosen.prediction.samples_per_s
+        point["auto_chose"] = f"{chosen.strategy} (mp_size {chosen.mp_size})"
+        points.append(point)
+    return points
+
+
+def plot_scaling(result: dict, path: str) -> None:
+    """The ``--png`` plot: predicted samples/s against ranks, one line per strategy."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ValueError(f"--png needs matplotlib (pip install 'hybrid-ext[vision]'): {exc}") from exc
+    points = result["scaling"]
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for strategy, style in (("dp", "o-"), ("hybrid", "s-"), ("mp", "^-"), ("auto", "k--")):
+        xs = [p["ranks"] for p in points if p.get(strategy)]
+        axes.plot(xs, [p[strategy] for p in points if p.get(strategy)], style, label=strategy, markersize=4)
+    axes.set_xscale("log", base=2)
+    axes.set_yscale("log")
+    axes.set_xlabel("ranks")
+    axes.set_ylabel("predicted samples/s")
+    link = f", {result['nic']} between hosts" if result.get("nic") else ""
+    per_host = points[-1]["ranks"] // points[-1]["hosts"]
+    axes.set_title(f"{result['model']}, micro-batch {result['micro_batch']}, {per_host} ranks per host{link}")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def _entry(strategy: str, size: int, step) -> dict:
@@ -201,9 +331,29 @@ def table_text(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _layout(args: argparse.Namespace) -> None:
+    """``--np`` from ``--hosts`` × ``--ranks-per-host`` where it is not given; ValueError where they disagree."""
+    if args.ranks_per_host:
+        if args.np is None:
+            if not args.hosts:
+                raise ValueError("--ranks-per-host: give --hosts (or --np) too")
+            args.np = args.hosts * args.ranks_per_host
+        elif args.np % args.ranks_per_host:
+            raise ValueError(f"--np {args.np} is not a multiple of --ranks-per-host {args.ranks_per_host}")
+        elif args.hosts and args.hosts * args.ranks_per_host != args.np:
+            raise ValueError(f"--np {args.np} is not --hosts {args.hosts} × --ranks-per-host {args.ranks_per_host}")
+        elif not args.hosts and args.np > args.ranks_per_host:
+            args.hosts = args.np // args.ranks_per_host
+    if args.np is None:
+        raise ValueError("give --np, or --hosts and --ranks-per-host")
+
+
 def main(args: argparse.Namespace) -> int:
     try:
+        _layout(args)
         result, steps = predictions(args)
+        if args.png:
+            plot_scaling(result, args.png)
     except ValueError as exc:
         print(f"hybrid-ext plan: {exc}", file=sys.stderr)
         return 2

@@ -29,11 +29,11 @@ from hybrid_ext.launch import spawn
 
 
 def build_model(name: str, classes: int = 10) -> nn.Module:
-    """alexnet / vgg11 (torchvision, RGB input), or the demo's small digits_alexnet (3 input channels here)."""
+    """alexnet / vgg11 / resnet18 (torchvision, RGB input), or the demo's small digits_alexnet (3 channels here)."""
     from hybrid_ext.train import models
 
-    if name not in ("alexnet", "vgg11", "digits_alexnet"):
-        raise ValueError(f"unknown model {name!r}; choose alexnet, vgg11 or digits_alexnet")
+    if name not in ("alexnet", "vgg11", "resnet18", "digits_alexnet"):
+        raise ValueError(f"unknown model {name!r}; choose alexnet, vgg11, resnet18 or digits_alexnet")
     return models.build(name, channels=3, classes=classes)
 
 

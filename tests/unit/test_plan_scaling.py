@@ -1,0 +1,72 @@
+"""``hybrid-ext plan``: the predicted scaling plot, models of the user's own, and the host layout arguments."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hybrid_ext.cli import main
+
+pytestmark = pytest.mark.timeout(300)
+
+SMALL = ["--micro-batch", "2", "--size", "16", "--profile-steps", "1", "--device", "cpu"]
+
+
+def test_png_plots_every_strategy_from_1_to_1024_ranks(tmp_path):
+    png, out = tmp_path / "scaling.png", tmp_path / "plan.json"
+    args = ["plan", "--model", "digits_alexnet", *SMALL, "--hosts", "2", "--ranks-per-host", "4", "--nic", "1gbit"]
+    assert main([*args, "--png", str(png), "--json", str(out)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = json.loads(out.read_text())
+    assert result["world"] == 8 and result["hosts"] == 2
+    points = result["scaling"]
+    assert [p["ranks"] for p in points] == [1 << k for k in range(11)]
+    assert [p["hosts"] for p in points] == [1, 1, 1, 2, 4, 8, 16, 32, 64, 128, 256]
+    assert all(p["dp"] > 0 and p["auto"] > 0 for p in points)
+    # digits_alexnet's last layer has 10 outputs: it cannot be split over 16 or more ranks (no point there).
+    assert points[3]["mp"] is not None and points[4]["mp"] is None
+    for p in points:  # auto weighs dp and hybrid at the host's mp_size: never below either
+        assert p["auto"] >= max(p["dp"], p["hybrid"] or 0) * (1 - 1e-9), p
+
+
+def test_a_model_of_ones_own_as_module_factory(tmp_path, monkeypatch):
+    (tmp_path / "my_models.py").write_text(
+        "import torch\n"
+        "def small():\n"
+        "    layers = [torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 14 * 14, 64)]\n"
+        "    return torch.nn.Sequential(*layers, torch.nn.ReLU(), torch.nn.Linear(64, 8))\n"
+        "def not_a_model():\n"
+        "    return 3\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model", "my_models:small", *SMALL, "--np", "2", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["model"] == "my_models:small"
+    assert [e["strategy"] for e in result["strategies"]] == ["dp", "hybrid", "mp", "auto"]
+
+
+@pytest.mark.parametrize(
+    ("model", "layout", "message"),
+    [
+        ("my_models:not_a_model", ["--np", "2"], "not_a_model() returned int, not a torch.nn.Module"),
+        ("my_models:missing", ["--np", "2"], "'my_models' has no function 'missing'"),
+        ("no_such_module:f", ["--np", "2"], "cannot import 'no_such_module'"),
+        ("digits_alexnet", ["--ranks-per-host", "2"], "--ranks-per-host: give --hosts (or --np) too"),
+        ("digits_alexnet", ["--hosts", "2", "--ranks-per-host", "2", "--np", "6"], "is not --hosts 2 × --ranks-per"),
+        ("digits_alexnet", [], "give --np, or --hosts and --ranks-per-host"),
+    ],
+)
+def test_bad_models_and_layouts_are_named(tmp_path, monkeypatch, capsys, model, layout, message):
+    (tmp_path / "my_models.py").write_text("def not_a_model():\n    return 3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["plan", "--model", model, *SMALL, *layout]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_model_name_that_is_neither_built_in_nor_module_factory_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["plan", "--model", "resnet1000", "--np", "2"])
+    err = capsys.readouterr().err
+    assert "invalid choice: 'resnet1000'" in err and "or module:factory" in err
