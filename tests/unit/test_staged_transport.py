@@ -218,28 +218,3 @@ def test_host_tensors_on_an_nccl_group_across_hosts_are_refused_before_set_up_se
     assert group.handed == []
     with pytest.raises(DeviceRouteError, match="mps cannot travel on a nccl group"):
         transport_for(group, torch.device("mps"), all_gather=lambda obj: [obj, obj], barrier=lambda: None)
-
-
-def _staged_collectives_rank(rank: int, world: int) -> list[str]:
-    """Real gloo ranks: the staged transport over what CPU tensors take here (shared memory), against gloo."""
-    import torch.distributed as dist
-
-    staged.STAGE_CHUNK_BYTES = 16 << 10  # several chunks per message, slots reused
-    host = transport_for(dist.group.WORLD, torch.device("cpu"))
-    comm = Communicator(StagedTransport(host, torch.device("cpu")), "cpu")
-    failures = []
-    for n in (1, 1000, 20_000):
-        for algorithm in ("recursive_doubling", "rabenseifner", "ring"):
-            x = torch.randn(n, generator=torch.Generator().manual_seed(rank * 7 + n)).double()
-            reference = x.clone()
-            dist.all_reduce(reference)
-            comm.run(lambda x=x, a=algorithm: comm.allreduce_now([x], "sum", a))
-            if not torch.allclose(x, reference, rtol=1e-12, atol=1e-12):
-                failures.append(f"{algorithm} n={n}")
-    return failures
-
-
-@pytest.mark.timeout(120)
-def test_staging_over_real_gloo_ranks_and_shared_memory_is_exact(spawn_ranks):
-    for rank, failures in enumerate(spawn_ranks(_staged_collectives_rank, 3)):
-        assert failures == [], (rank, failures)
