@@ -40,7 +40,8 @@ CLUSTER_HOSTS = 2
 
 # The online tuner (on by default for users) times candidate schedules and keeps the fastest, so which schedule
 # `auto` runs depends on the machine's load. Tests that compare runs bitwise or count a schedule's bytes need the
-# model's fixed choice; the tuner's own tests (tests/multiprocess/test_tuner.py) turn it on.
+# model's fixed choice; the tuner's own tests (tests/unit/test_tuner.py, tests/multiprocess/test_tuner_ranks.py)
+# turn it on.
 os.environ.setdefault("HYBRID_EXT_TUNE", "off")
 
 
