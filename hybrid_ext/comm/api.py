@@ -25,7 +25,7 @@ from hybrid_ext.comm import cost_model
 from hybrid_ext.comm.communicator import GATHER_CHOICES, SCATTER_CHOICES
 from hybrid_ext.comm.executor import OPS, SUPPORTED_DTYPES, wire_dtype_for
 from hybrid_ext.comm.ordering import Handle, MappedHandle
-from hybrid_ext.comm.registry import communicator
+from hybrid_ext.comm.registry import communicator, existing_cpu
 
 
 def _check_name(name: str | None) -> None:
@@ -207,6 +207,11 @@ def allreduce(
     Raises:
         TypeError, ValueError, PeerError, CollectiveMismatchError: as for :func:`allreduce_coalesced_async`.
     """
+    # The common call, once the group's choice for its size is made: straight to the one-host direct allreduce.
+    if wire_dtype is None and type(tensor) is torch.Tensor and tensor.is_cpu and (name is None or type(name) is str):
+        comm = existing_cpu(group)
+        if comm is not None and comm.try_direct(tensor, op, algorithm):
+            return tensor
     allreduce_coalesced([tensor], op=op, algorithm=algorithm, group=group, wire_dtype=wire_dtype, name=name)
     return tensor
 

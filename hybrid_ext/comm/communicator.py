@@ -66,6 +66,7 @@ HIERARCHY_MIN_BYTES = 64 << 10
 # calls (what trials settle), not a ring's 2(P-1) messages for 1 KiB or recursive doubling's log2 P copies of 1 GiB.
 TRIAL_WITHIN = 2.5
 DECIDED_MEMO_SIZE = 4096
+DIRECT_OPS = ("sum", "avg", "min", "max")
 
 
 def _without_grad(job: Callable[[], Any]) -> Any:
@@ -296,6 +297,40 @@ class Communicator:
         name, trial_of = self._allreduce_choice(algorithm, count, nbytes, native_allowed=False)
         return self._plan_named(name, count), trial_of
 
+    def try_direct(self, tensor: torch.Tensor, op: str, algorithm: str) -> bool:
+        """Reduce the contiguous CPU ``tensor`` in place by the direct allreduce if this call is one the group has
+        already settled on it for (or asks for it) and check mode is off; False (nothing done): take the full path.
+
+        The fast lane of :func:`hybrid_ext.comm.api.allreduce` ("the check-free fast path"): the same result, in
+        issue order, recorded in the metrics, without the argument checks and choice the full path repeats each call.
+        """
+        if self.direct is None or not tensor.is_contiguous() or consistency.check_enabled():
+            return False
+        dtype = tensor.dtype
+        if dtype not in SUPPORTED_DTYPES or op not in DIRECT_OPS or (op == "avg" and not dtype.is_floating_point):
+            return False
+        if wire_dtype_for(dtype, None) is not dtype:  # HYBRID_EXT_WIRE_DTYPE compresses: the full path decides
+            return False
+        nbytes = tensor.numel() * dtype.itemsize
+        if nbytes == 0:
+            return False
+        if algorithm != DIRECT:
+            memo = (algorithm, nbytes, True, True, config.raw(cost_model.ALGO_ENV), config.raw(TUNE_ENV))
+            if self._decided.get(memo) != DIRECT:
+                return False
+        self._order.run(lambda: self._direct_fast(tensor, op))
+        return True
+
+    def _direct_fast(self, tensor: torch.Tensor, op: str) -> None:
+        start = time.perf_counter()
+        self._run_direct(tensor, op)
+        metrics.record_direct_allreduce(self.rank, self.size, tensor.numel(), tensor.dtype, time.perf_counter() - start)
+
+    def _run_direct(self, flat: torch.Tensor, op: str) -> None:
+        self.direct.allreduce(flat, op, float(self.size) if op == "avg" else 1.0)
+        # Written through its address, not by a torch op: tell autograd the tensor changed, as an in-place op would.
+        torch.autograd.graph.increment_version(flat)
+
     def _direct_allreduce(
         self, tensors: Sequence[torch.Tensor], op: str, prescale: float | None, postscale: float | None
     ) -> None:
@@ -310,9 +345,7 @@ class Communicator:
             torch.cat([t.reshape(-1) for t in tensors], out=flat)
         if prescale is not None:
             flat.mul_(prescale)
-        self.direct.allreduce(flat, op, float(self.size) if op == "avg" else 1.0)
-        # Written through its address, not by a torch op: tell autograd the tensor changed, as an in-place op would.
-        torch.autograd.graph.increment_version(flat)
+        self._run_direct(flat, op)
         if postscale is not None:
             flat.mul_(postscale)
         if not in_place:

@@ -54,6 +54,21 @@ def communicator(group: Any = None, device: torch.device | None = None) -> Commu
         return entry[1]
 
 
+def existing_cpu(group: Any) -> Communicator | None:
+    """The CPU communicator already made for ``group`` (None: the default group), or None: a look-up for the fast
+    lane of :func:`hybrid_ext.comm.api.allreduce`, without set-up, locks or checks (the full look-up does those)."""
+    if isinstance(group, Communicator):
+        return group
+    if group is None:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            return None
+        group = dist.group.WORLD
+    entry = _communicators.get((id(group), "cpu"))
+    return entry[1] if entry is not None and entry[0] is group else None
+
+
 def _as_transport(group: Any, device: torch.device) -> Transport:
     if isinstance(group, Transport):
         return group

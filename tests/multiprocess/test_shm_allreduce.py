@@ -154,6 +154,30 @@ def _direct_rank(rank: int, p: int) -> dict:
     return {"failures": failures, "digest": digest.hexdigest(), "coalesced": coalesced}
 
 
+def _fast_lane_rank(rank: int, p: int) -> dict:
+    """Calls the fast lane takes, in issue order behind an async collective, and with check mode on (full path)."""
+    big = torch.full((1 << 18,), float(rank))
+    handle = hybrid_ext.allreduce_async(big, algorithm="ring")  # queued or running: the next call waits its turn
+    small = torch.full((64,), float(rank + 1))
+    hybrid_ext.allreduce(small, algorithm="direct")
+    handle.wait()
+    hybrid_ext.set_check(True)
+    checked = torch.full((64,), 2.0)
+    with hybrid_ext.metrics.capture() as records:
+        hybrid_ext.allreduce(checked, algorithm="direct", op="avg", name="checked")
+    return {
+        "big": torch.equal(big, torch.full_like(big, sum(range(p)))),
+        "small": torch.equal(small, torch.full_like(small, p * (p + 1) / 2)),
+        "checked": torch.equal(checked, torch.full_like(checked, 2.0)) and records[-1].algorithm == "direct",
+    }
+
+
+def test_the_fast_lane_keeps_issue_order_and_check_mode(spawn_ranks):
+    env = {"HYBRID_EXT_TRANSPORT": "shm"}
+    for result in spawn_ranks(_fast_lane_rank, 3, env=env):
+        assert result == {"big": True, "small": True, "checked": True}
+
+
 @pytest.mark.parametrize(("p", "kernels"), [(2, "c"), (3, "c"), (4, "c"), (3, "python")])
 def test_direct_allreduce_is_exact_and_bitwise_equal_on_every_rank(spawn_ranks, p, kernels):
     env = {"HYBRID_EXT_TRANSPORT": "shm", "HYBRID_EXT_SHM_KERNELS": kernels}
@@ -169,10 +193,11 @@ def test_direct_allreduce_is_exact_and_bitwise_equal_on_every_rank(spawn_ranks, 
 def _auto_rank(rank: int, p: int, dtype_name: str) -> list[str]:
     dtype = getattr(torch, dtype_name)
     ran = []
-    for _ in range(80):  # past the tuner's trials of the 64 KiB class
+    for call in range(80):  # past the tuner's trials of the 64 KiB class
+        x = torch.full(((32 << 10) // dtype.itemsize,), float(rank + 1), dtype=dtype)
         with hybrid_ext.metrics.capture() as records:
-            hybrid_ext.allreduce(torch.ones((32 << 10) // dtype.itemsize, dtype=dtype))
-        ran.append(records[-1].algorithm)
+            hybrid_ext.allreduce(x)
+        ran.append(records[-1].algorithm if torch.equal(x, torch.full_like(x, p * (p + 1) / 2)) else f"wrong {call}")
     return ran
 
 
@@ -180,6 +205,7 @@ def test_the_tuner_tries_direct_on_one_host_and_not_under_a_compressed_wire(spaw
     env = {"HYBRID_EXT_TRANSPORT": "shm", "HYBRID_EXT_TUNE": "fresh", "HYBRID_EXT_TUNED": str(tmp_path / "tuned.json")}
     ran = spawn_ranks(_auto_rank, 2, "bfloat16", env=env)
     assert "direct" in ran[0] and ran[0] == ran[1]
+    assert len(set(ran[0][-20:])) == 1 and not any(r.startswith("wrong") for r in ran[0])  # chosen; all exact
     compressed = spawn_ranks(_auto_rank, 2, "float32", env={**env, "HYBRID_EXT_WIRE_DTYPE": "bfloat16"})
     assert "direct" not in compressed[0] and compressed[0] == compressed[1]
 
