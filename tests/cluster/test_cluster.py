@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ROOT
 
 from hybrid_ext.launch import cluster as emulated
+
+from helpers import ROOT
 
 CLI = [sys.executable, "-m", "hybrid_ext.cli", "cluster"]
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+
 from helpers import ROOT
 
 MIB = 1 << 20

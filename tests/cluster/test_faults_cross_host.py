@@ -37,12 +37,13 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import HELPERS
-from helpers.fault_injection import phases
 
 from hybrid_ext.comm import shm_transport
 from hybrid_ext.launch import LaunchError, launcher_path, run_torchrun
 from hybrid_ext.launch.cluster import Cluster
+
+from helpers import HELPERS
+from helpers.fault_injection import phases
 
 pytestmark = pytest.mark.multiprocess
 

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import HELPERS
 
 from hybrid_ext.launch import run_deepspeed, run_horovodrun, run_torchrun
+
+from helpers import HELPERS
 
 NP = 4
 JOB_TIMEOUT = 300.0

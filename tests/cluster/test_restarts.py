@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import HELPERS
 
 from hybrid_ext.launch import run_torchrun
+
+from helpers import HELPERS
 
 SHM = Path("/dev/shm")
 

@@ -195,9 +195,10 @@ def test_real_nccl_collectives_equal_nccls_own(spawn_ranks):
 
 def _partitioner_rank(rank: int, world: int, strategy: str) -> dict:
     import torch.nn.functional as F
-    from helpers.parallel_reference import MICRO_BATCH, MODELS, global_batch
 
     import hybrid_ext
+
+    from helpers.parallel_reference import MICRO_BATCH, MODELS, global_batch
 
     _tf32_off()
     device = torch.device("cuda", torch.cuda.current_device())

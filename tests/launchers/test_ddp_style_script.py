@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import HELPERS
 
 from hybrid_ext.launch import run_torchrun
+
+from helpers import HELPERS
 
 SCRIPT = str(HELPERS / "ddp_style_train.py")
 EPOCHS = 3

@@ -20,6 +20,7 @@ import json
 
 import pytest
 import torch
+
 from helpers import HELPERS
 from helpers.deepspeed_reference import LR, RECIPES, STEPS, TOL, ZERO_STAGES, ds_config, reference, small_cnn
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from helpers import HELPERS
 from helpers.deepspeed_reference import DATA_GAS, DATA_STEPS, MICRO_BATCH, TOL, data_path_indices, data_path_reference
 

@@ -8,11 +8,12 @@ from dataclasses import replace
 
 import pytest
 import torch
-from helpers import ROOT
 
 from hybrid_ext.train import compare
 from hybrid_ext.train.loop import TrainConfig, train
 from hybrid_ext.train.run_log import HPARAMS, TAGS, sharded_over
+
+from helpers import ROOT
 
 
 def _demo_rank(rank: int, world: int, config: TrainConfig) -> dict:

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+
 from helpers import HELPERS, ROOT
 
 pytest.importorskip("horovod.torch")

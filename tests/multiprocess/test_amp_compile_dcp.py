@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.parallel_reference import MICRO_BATCH, MODELS, global_batch
 
 import hybrid_ext
+
+from helpers.parallel_reference import MICRO_BATCH, MODELS, global_batch
 
 STEPS = 3
 

@@ -12,6 +12,12 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+
+import hybrid_ext
+from hybrid_ext.parallel import full_grads, make_plan
+from hybrid_ext.parallel.auto_plan import AutoPlan, choose_plan
+from hybrid_ext.parallel.layer_profile import profile_layers
+
 from helpers.parallel_reference import (
     MICRO_BATCH,
     MODELS,
@@ -22,11 +28,6 @@ from helpers.parallel_reference import (
     token_mlp,
     vgg11,
 )
-
-import hybrid_ext
-from hybrid_ext.parallel import full_grads, make_plan
-from hybrid_ext.parallel.auto_plan import AutoPlan, choose_plan
-from hybrid_ext.parallel.layer_profile import profile_layers
 
 
 @pytest.fixture(autouse=True)

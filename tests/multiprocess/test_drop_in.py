@@ -10,10 +10,11 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.parallel_reference import MICRO_BATCH, small_cnn
 
 import hybrid_ext
 from hybrid_ext.parallel.replicas import ReplicaDivergenceError
+
+from helpers.parallel_reference import MICRO_BATCH, small_cnn
 
 WORLD = 2
 STEPS = 3

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.fault_injection import KillBeforeStep, kill_index, phases
 
 import hybrid_ext
 from hybrid_ext.comm import shm_transport
 from hybrid_ext.comm.registry import communicator
 from hybrid_ext.launch import LaunchError
+
+from helpers.fault_injection import KillBeforeStep, kill_index, phases
 
 pytestmark = pytest.mark.multiprocess
 

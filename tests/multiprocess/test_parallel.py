@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.parallel_reference import MICRO_BATCH, alexnet, reference, small_cnn, step_rank, token_mlp
 from torch import nn
 
 import hybrid_ext
 from hybrid_ext.parallel import make_plan
+
+from helpers.parallel_reference import MICRO_BATCH, alexnet, reference, small_cnn, step_rank, token_mlp
 
 CASES = [
     ("dp", 2, None),

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+
 from helpers import ROOT
 
 RECIPES = ROOT / "recipes"

@@ -13,12 +13,13 @@ from collections import Counter
 
 import pytest
 import torch.nn.functional as F
-from helpers.parallel_reference import MICRO_BATCH, MODELS, global_batch
 
 import hybrid_ext
 from hybrid_ext.parallel import make_plan
 from hybrid_ext.parallel.layer_profile import layer_shapes
 from hybrid_ext.parallel.step_traffic import Links, step_transfers
+
+from helpers.parallel_reference import MICRO_BATCH, MODELS, global_batch
 
 pytestmark = pytest.mark.timeout(240)
 

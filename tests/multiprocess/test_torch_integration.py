@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from helpers.ddp_reference import reference_params, train_ddp
 
 import hybrid_ext
 from hybrid_ext.comm import _c10d_private as c10d
 from hybrid_ext.integrations.torch import ButterflyProcessGroup
+
+from helpers.ddp_reference import reference_params, train_ddp
 
 
 @pytest.mark.parametrize("p", [2, 3])

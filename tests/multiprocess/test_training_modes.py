@@ -9,11 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.parallel_reference import MICRO_BATCH, accumulate_rank, accumulation_reference, small_cnn
 from torch import nn
 
 import hybrid_ext
 from hybrid_ext.parallel import full_grads, make_plan
+
+from helpers.parallel_reference import MICRO_BATCH, accumulate_rank, accumulation_reference, small_cnn
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}
 

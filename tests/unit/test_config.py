@@ -9,9 +9,10 @@ import threading
 from pathlib import Path
 
 import pytest
-from helpers import ROOT
 
 from hybrid_ext import config
+
+from helpers import ROOT
 
 SCANNED = ("hybrid_ext", "integrations", "recipes")  # the package, its integrations, the user-facing scripts
 PREFIX = "HYBRID_EXT_"

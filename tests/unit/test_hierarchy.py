@@ -4,7 +4,6 @@ host's link carries the bound 2(H-1)/H of the vector (Rabenseifner or the ring b
 from __future__ import annotations
 
 import pytest
-from helpers.schedule_sim import simulate
 
 from hybrid_ext.comm.hierarchy import (
     equal_hosts,
@@ -15,6 +14,8 @@ from hybrid_ext.comm.hierarchy import (
     plan_hierarchical_segments,
 )
 from hybrid_ext.comm.schedule import Plan, block_bounds
+
+from helpers.schedule_sim import simulate
 
 LAYOUTS = [
     (0, 0, 1, 1),

@@ -6,7 +6,6 @@ import itertools
 import math
 
 import pytest
-from helpers.schedule_sim import SimulationError, simulate
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,6 +19,8 @@ from hybrid_ext.comm.schedule import (
     plan_allreduce,
     plan_reduce_scatter,
 )
+
+from helpers.schedule_sim import SimulationError, simulate
 
 
 def _check_allreduce(algorithm: str, p: int, n: int) -> None:

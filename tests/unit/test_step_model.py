@@ -9,7 +9,6 @@ import json
 
 import pytest
 import torch
-from helpers.parallel_reference import small_cnn
 from torch import nn
 
 from hybrid_ext.comm.cost_model import CostModel
@@ -24,6 +23,8 @@ from hybrid_ext.parallel.layer_profile import (
 )
 from hybrid_ext.parallel.step_model import compute_fraction, predict_step
 from hybrid_ext.parallel.step_traffic import Links, gradient_transfers, step_transfers
+
+from helpers.parallel_reference import small_cnn
 
 pytestmark = pytest.mark.timeout(120)
 
