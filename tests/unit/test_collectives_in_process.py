@@ -82,8 +82,7 @@ def test_every_algorithm_op_and_dtype_equals_the_float64_reference_on_every_rank
 def _coalesced(transport: LoopbackTransport, algorithm: str) -> list[torch.Tensor]:
     rank = transport.rank
     strided = _values(rank, 60).float().view(6, 10).t()  # not contiguous: gathered into the buffer, copied back
-    tensors = [_values(rank + 1, 5).to(torch.float16), strided, _values(rank, 0).to(torch.float16)]
-    tensors = [tensors[0].float(), strided, tensors[2].float()]
+    tensors = [_values(rank + 1, 5).float(), strided, _values(rank, 0).float()]
     hybrid_ext.allreduce_coalesced(tensors, op="avg", algorithm=algorithm, group=Communicator(transport))
     return tensors
 
