@@ -95,6 +95,12 @@ def add_arguments(parser: argparse.ArgumentParser, positive_int) -> None:
     )
     parser.add_argument("--json", metavar="FILE", help="write every figure, one entry per strategy")
     parser.add_argument(
+        "--compare",
+        metavar="FILE",
+        help="measured steps (`hybrid-ext bench train --json FILE`, same model and layout): each strategy's error, "
+        "the ranking, and how far auto's choice ran from the fastest",
+    )
+    parser.add_argument(
         "--png",
         metavar="FILE",
         help="plot the predicted samples/s of each strategy from 1 to 1,024 ranks, --ranks-per-host to a host",
@@ -331,6 +337,54 @@ def table_text(result: dict) -> str:
     return "\n".join(lines)
 
 
+def compare(result: dict, measured_rows: list[dict], grad_algorithm: str) -> dict:
+    """Predicted against measured step ms per strategy (bench train rows named ``<strategy>-<grad algorithm>``):
+    each error, their mean absolute and worst, whether the two rank the strategies alike, and the measured step of
+    auto's choice against the fastest measured (ValueError: no row to compare)."""
+    measured = {}
+    for row in measured_rows:
+        strategy, _, algorithm = str(row.get("run", "")).partition("-")
+        if strategy in STRATEGIES and (algorithm or "butterfly") == grad_algorithm:
+            measured[strategy] = float(row["step_ms"])
+    predicted = {e["strategy"]: e["step_ms"] for e in result["strategies"] if e["strategy"] in measured}
+    if not predicted:
+        names = sorted(str(row.get("run")) for row in measured_rows)
+        raise ValueError(
+            f"--compare: no measured run of {', '.join(STRATEGIES)} with --reducer {grad_algorithm}: {names}"
+        )
+    errors = {s: (predicted[s] - measured[s]) / measured[s] for s in predicted}
+    by_prediction = sorted(predicted, key=predicted.get)
+    by_measurement = sorted(predicted, key=measured.get)
+    auto = next(e for e in result["strategies"] if e["strategy"] == "auto")
+    chose = auto["chose"]
+    return {
+        "rows": [
+            {"strategy": s, "predicted_ms": predicted[s], "measured_ms": measured[s], "error": errors[s]}
+            for s in predicted
+        ],
+        "mean_absolute_error": sum(abs(e) for e in errors.values()) / len(errors),
+        "worst_error": max(errors.values(), key=abs),
+        "ranking_right": by_prediction == by_measurement,
+        "auto_chose": chose,
+        "auto_over_fastest": measured[chose] / min(measured.values()) if chose in measured else None,
+    }
+
+
+def comparison_text(comparison: dict) -> str:
+    lines = [f"  {'strategy':<11}{'predicted ms':>14}{'measured ms':>13}{'error':>9}"]
+    for row in comparison["rows"]:
+        lines.append(
+            f"  {row['strategy']:<11}{row['predicted_ms']:>14.1f}{row['measured_ms']:>13.1f}{row['error']:>+9.1%}"
+        )
+    auto = comparison["auto_over_fastest"]
+    lines.append(
+        f"  mean |error| {comparison['mean_absolute_error']:.1%}, worst {comparison['worst_error']:+.1%}; ranking "
+        f"{'right' if comparison['ranking_right'] else 'WRONG'}; auto chose {comparison['auto_chose']}"
+        + (f", measured {auto:.3f}× the fastest" if auto is not None else " (not measured)")
+    )
+    return "\n".join(lines)
+
+
 def _layout(args: argparse.Namespace) -> None:
     """``--np`` from ``--hosts`` × ``--ranks-per-host`` where it is not given; ValueError where they disagree."""
     if args.ranks_per_host:
@@ -352,12 +406,20 @@ def main(args: argparse.Namespace) -> int:
     try:
         _layout(args)
         result, steps = predictions(args)
+        if args.compare:
+            try:
+                rows = json.loads(Path(args.compare).read_text())
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"--compare {args.compare}: {exc}") from exc
+            result["comparison"] = compare(result, rows, args.reducer)
         if args.png:
             plot_scaling(result, args.png)
     except ValueError as exc:
         print(f"hybrid-ext plan: {exc}", file=sys.stderr)
         return 2
     print(table_text(result))
+    if "comparison" in result:
+        print(f"against {args.compare}:\n{comparison_text(result['comparison'])}")
     if args.layers:
         for step in steps:
             print(f"\n{step.describe()}")

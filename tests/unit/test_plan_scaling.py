@@ -70,3 +70,38 @@ def test_a_model_name_that_is_neither_built_in_nor_module_factory_is_refused(cap
         main(["plan", "--model", "resnet1000", "--np", "2"])
     err = capsys.readouterr().err
     assert "invalid choice: 'resnet1000'" in err and "or module:factory" in err
+
+
+def test_compare_sets_predictions_against_measured_steps(tmp_path, capsys):
+    planned, times = tmp_path / "plan.json", tmp_path / "times.json"
+    args = ["plan", "--model", "digits_alexnet", *SMALL, "--np", "4", "--json", str(planned)]
+    assert main([*args, "--save-calibration", str(times)]) == 0
+    predicted = {e["strategy"]: e["step_ms"] for e in json.loads(planned.read_text())["strategies"]}
+    chose = json.loads(planned.read_text())["strategies"][-1]["chose"]
+    # Predicted 10 % above the measured dp step, 20 % below hybrid's, mp exact; other reducers' rows are not compared.
+    rows = [
+        {"run": "dp-butterfly", "step_ms": predicted["dp"] / 1.1},
+        {"run": "hybrid-butterfly", "step_ms": predicted["hybrid"] / 0.8},
+        {"run": "mp-butterfly", "step_ms": predicted["mp"]},
+        {"run": "dp-native", "step_ms": 1.0},
+        {"run": "compute-only", "step_ms": 1.0},
+    ]
+    measured = tmp_path / "measured.json"
+    measured.write_text(json.dumps(rows))
+    capsys.readouterr()
+    assert main([*args, "--calibration", str(times), "--compare", str(measured)]) == 0  # the same layer times
+    comparison = json.loads(planned.read_text())["comparison"]
+    errors = {r["strategy"]: r["error"] for r in comparison["rows"]}
+    assert errors == pytest.approx({"dp": 0.1, "hybrid": -0.2, "mp": 0.0})
+    assert comparison["mean_absolute_error"] == pytest.approx(0.1) and comparison["worst_error"] == pytest.approx(-0.2)
+    assert comparison["auto_chose"] == chose and comparison["auto_over_fastest"] >= 1.0
+    assert "mean |error| 10.0%, worst -20.0%" in capsys.readouterr().out
+
+
+def test_compare_names_a_file_without_comparable_runs(tmp_path, capsys):
+    measured = tmp_path / "measured.json"
+    measured.write_text(json.dumps([{"run": "dp-native", "step_ms": 1.0}]))
+    assert main(["plan", "--model", "digits_alexnet", *SMALL, "--np", "2", "--compare", str(measured)]) == 2
+    assert "no measured run of dp, hybrid, mp with --reducer butterfly: ['dp-native']" in capsys.readouterr().err
+    assert main(["plan", "--model", "digits_alexnet", *SMALL, "--np", "2", "--compare", str(tmp_path / "none")]) == 2
+    assert "--compare" in capsys.readouterr().err
