@@ -120,19 +120,8 @@ class CKernels:
         self._reduce = library.hx_reduce
         self._small = library.hx_small
 
-    def small(
-        self,
-        group: Group,
-        dtype: int,
-        op: int,
-        out: int,
-        source: int,
-        nbytes: int,
-        count: int,
-        divisor: float,
-        target: int,
-    ) -> int:
-        return self._small(group.address, dtype, op, out, source, nbytes, count, divisor, target)
+    def small(self, group: Group, *arguments) -> int:  # (dtype, op, out, source, nbytes, count, divisor, target)
+        return self._small(group.address, *arguments)
 
     def reduce(
         self, dtype: int, op: int, out: int, sources, n: int, offset: int, count: int, divisor: float = 1.0
