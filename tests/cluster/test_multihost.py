@@ -19,7 +19,7 @@ import torch
 
 from hybrid_ext.launch import run_deepspeed, run_horovodrun, run_torchrun
 
-from helpers import HELPERS
+from helpers import HELPERS, ROOT
 
 NP = 4
 JOB_TIMEOUT = 300.0
@@ -180,12 +180,12 @@ def test_the_multihost_recipe_trains_across_hosts_under_torchrun(cluster, tmp_pa
     recipe starts the other host's torchrun over ssh. (Its horovodrun and deepspeed lines are the ones the jobs
     above run; their recipes are tested on one host.)"""
     launcher = "torchrun"
-    script = HELPERS.parent / "recipes" / "multihost" / "train.sh"
+    script = ROOT / "recipes" / "multihost" / "train.sh"
     options = ["--model", "digits_alexnet", "--size", "32", "--max-steps", "2", "--epochs", "1",
                "--micro-batch", "8", "--logdir", str(tmp_path)]  # fmt: skip
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": path}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HELPERS.parent), os.environ.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     done = cluster.run(0, ["bash", str(script), launcher, *options], env=env, capture_output=True, text=True,
                        timeout=JOB_TIMEOUT)  # fmt: skip
     cluster.kill_strays()
