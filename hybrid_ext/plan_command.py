@@ -355,8 +355,11 @@ def compare(result: dict, measured_rows: list[dict], grad_algorithm: str) -> dic
     errors = {s: (predicted[s] - measured[s]) / measured[s] for s in predicted}
     by_prediction = sorted(predicted, key=predicted.get)
     by_measurement = sorted(predicted, key=measured.get)
-    auto = next(e for e in result["strategies"] if e["strategy"] == "auto")
+    planned = {e["strategy"]: e for e in result["strategies"]}
+    auto = planned["auto"]
     chose = auto["chose"]
+    # Measured only where bench train ran auto's choice: its strategy at the mp_size this plan gave that strategy.
+    ran = chose in measured and (chose == "dp" or auto["mp_size"] == planned[chose]["mp_size"])
     return {
         "rows": [
             {"strategy": s, "predicted_ms": predicted[s], "measured_ms": measured[s], "error": errors[s]}
@@ -365,8 +368,8 @@ def compare(result: dict, measured_rows: list[dict], grad_algorithm: str) -> dic
         "mean_absolute_error": sum(abs(e) for e in errors.values()) / len(errors),
         "worst_error": max(errors.values(), key=abs),
         "ranking_right": by_prediction == by_measurement,
-        "auto_chose": chose,
-        "auto_over_fastest": measured[chose] / min(measured.values()) if chose in measured else None,
+        "auto_chose": chose if chose == "dp" else f"{chose} (mp_size {auto['mp_size']})",
+        "auto_over_fastest": measured[chose] / min(measured.values()) if ran else None,
     }
 
 
