@@ -31,7 +31,7 @@ from hybrid_ext import config
 from hybrid_ext.comm import consistency, cost_model, metrics
 from hybrid_ext.comm.buffers import ScratchPool
 from hybrid_ext.comm.cost_model import HIERARCHICAL_PREFIX, NATIVE
-from hybrid_ext.comm.executor import WIDENED, WireStaging, execute, wire_dtype_for
+from hybrid_ext.comm.executor import OPS, WIDENED, WireStaging, execute, wire_dtype_for
 from hybrid_ext.comm.hierarchy import (
     equal_hosts,
     plan_hierarchical,
@@ -66,7 +66,6 @@ HIERARCHY_MIN_BYTES = 64 << 10
 # calls (what trials settle), not a ring's 2(P-1) messages for 1 KiB or recursive doubling's log2 P copies of 1 GiB.
 TRIAL_WITHIN = 2.5
 DECIDED_MEMO_SIZE = 4096
-DIRECT_OPS = ("sum", "avg", "min", "max")
 
 
 def _without_grad(job: Callable[[], Any]) -> Any:
@@ -205,12 +204,9 @@ class Communicator:
         # messages. Direct rounds 16-bit values once, at the end: not where scaling must happen in float32 first.
         native_allowed = wire.itemsize >= dtype.itemsize
         direct_allowed = (
-            self.direct is not None
-            and native_allowed
-            and device.type == "cpu"
-            and dtype in SUPPORTED_DTYPES
+            device.type == "cpu"
             and (wide == dtype or (prescale is None and postscale is None))
-            and (op != "avg" or dtype.is_floating_point)
+            and self._direct_takes(dtype, wire, op)
         )
         choice, trial_of = self._allreduce_choice(algorithm, count, nbytes, native_allowed, direct_allowed)
         if choice == DIRECT:
@@ -307,19 +303,31 @@ class Communicator:
         if self.direct is None or not tensor.is_contiguous() or consistency.check_enabled():
             return False
         dtype = tensor.dtype
-        if dtype not in SUPPORTED_DTYPES or op not in DIRECT_OPS or (op == "avg" and not dtype.is_floating_point):
-            return False
-        if wire_dtype_for(dtype, None) is not dtype:  # HYBRID_EXT_WIRE_DTYPE compresses: the full path decides
+        # Only the calls the full path would send to direct: no compressing wire dtype (native and direct allowed).
+        if op not in OPS or wire_dtype_for(dtype, None) is not dtype or not self._direct_takes(dtype, dtype, op):
             return False
         nbytes = tensor.numel() * dtype.itemsize
         if nbytes == 0:
             return False
-        if algorithm != DIRECT:
-            memo = (algorithm, nbytes, True, True, config.raw(cost_model.ALGO_ENV), config.raw(TUNE_ENV))
-            if self._decided.get(memo) != DIRECT:
-                return False
+        if algorithm != DIRECT and self._decided.get(self._choice_key(algorithm, nbytes, True, True)) != DIRECT:
+            return False
         self._order.run(lambda: self._direct_fast(tensor, op))
         return True
+
+    def _direct_takes(self, dtype: torch.dtype, wire: torch.dtype, op: str) -> bool:
+        """Whether the direct allreduce may run a reduction of ``dtype`` travelling as ``wire`` with ``op``."""
+        return (
+            self.direct is not None
+            and wire.itemsize >= dtype.itemsize
+            and dtype in SUPPORTED_DTYPES
+            and (op != "avg" or dtype.is_floating_point)
+        )
+
+    @staticmethod
+    def _choice_key(algorithm: str, nbytes: int, native_allowed: bool, direct_allowed: bool) -> tuple:
+        """What a tuned choice depends on beyond the group: the request, its size, what may run, and the knobs."""
+        knobs = (config.raw(cost_model.ALGO_ENV), config.raw(TUNE_ENV))
+        return (algorithm, nbytes, native_allowed, direct_allowed, *knobs)
 
     def _direct_fast(self, tensor: torch.Tensor, op: str) -> None:
         start = time.perf_counter()
@@ -367,14 +375,7 @@ class Communicator:
         """
         # A call like an earlier one whose choice the tuner has made (the common case: a training step's buckets)
         # skips the rest; the knobs that steer the choice are part of the key.
-        memo = (
-            algorithm,
-            nbytes,
-            native_allowed,
-            direct_allowed,
-            config.raw(cost_model.ALGO_ENV),
-            config.raw(TUNE_ENV),
-        )
+        memo = self._choice_key(algorithm, nbytes, native_allowed, direct_allowed)
         decided = self._decided.get(memo)
         if decided is not None:
             return decided, None
