@@ -23,7 +23,7 @@ setup(
         *(f"hybrid_ext.integrations.{name}" for name in find_packages("integrations")),
     ],
     package_dir={"hybrid_ext.integrations": "integrations"},
-    package_data={"hybrid_ext": ["data/*", "comm/*.c"]},  # the shared-memory kernels, compiled on first use
+    package_data={"hybrid_ext": ["data/*", "comm/transports/*.c"]},  # the shared-memory kernels, compiled on first use
     install_requires=["torch>=2.4", "numpy", "tqdm", "psutil"],
     extras_require={
         # Horovod 0.28.1 does not build against torch >= 2.10 as released: use `hybrid-ext install-horovod`,

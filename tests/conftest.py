@@ -85,6 +85,18 @@ def tier_of(path: Path) -> str:
 
 
 @pytest.fixture
+def isolated_cost_models(monkeypatch, tmp_path):
+    """Calibrated cost-model constants read from and saved to this test's own file, no ``HYBRID_EXT_ALGO``."""
+    from hybrid_ext.comm import cost_model
+
+    monkeypatch.setenv("HYBRID_EXT_COST_MODEL", str(tmp_path / "cost_model.json"))
+    monkeypatch.delenv("HYBRID_EXT_ALGO", raising=False)
+    cost_model._models = None
+    yield
+    cost_model._models = None
+
+
+@pytest.fixture
 def spawn_ranks():
     """``spawn_ranks(fn, world_size, *args, **kw)`` -> list of ``fn(rank, world_size, *args)`` results."""
     return _spawn_with_default_timeout

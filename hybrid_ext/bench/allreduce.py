@@ -109,7 +109,7 @@ def _bench_rank(
     import socket
 
     from hybrid_ext.comm import metrics
-    from hybrid_ext.comm._c10d_private import backend_name
+    from hybrid_ext.comm.transports._c10d_private import backend_name
     from hybrid_ext.train.device import this_rank_device
 
     where = this_rank_device(device)
@@ -228,10 +228,10 @@ def _tx_bytes(interface: str | None) -> int | None:
 def _bytes_to_other_hosts(schedule: str, count: int) -> int:
     """Elements this rank's plan for ``schedule`` sends to ranks on other hosts (one call)."""
     communicator = comm.communicator()
-    hosts = getattr(communicator.transport, "hosts", None)
+    hosts = communicator.topology.hosts
     if hosts is None:
         return 0
-    plan = communicator._plan_named(schedule, count)
+    plan = communicator.allreduce_plan(schedule, count)
     return sum(
         step.send[1] - step.send[0]
         for step in plan.steps

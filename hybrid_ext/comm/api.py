@@ -7,7 +7,7 @@
     hybrid_ext.allreduce_coalesced([g1, g2, g3], op="avg")   # one flat buffer, one collective (gradient buckets)
 
 ``group`` is a torch.distributed process group (None: the default group), or any object implementing the
-transport contract (:mod:`hybrid_ext.comm.transport`). Each group gets a communicator
+transport contract (:mod:`hybrid_ext.comm.transports.contract`). Each group gets a communicator
 (:mod:`hybrid_ext.comm.communicator`) that runs the group's collectives one at a time in issue order
 (:mod:`hybrid_ext.comm.ordering`).
 
@@ -75,16 +75,16 @@ def _validate(tensors: Sequence[torch.Tensor], op: str, wire_dtype: torch.dtype 
     wire_dtype_for(first.dtype, wire_dtype)  # a bad wire dtype fails here, not on the worker thread
 
 
-def _allreduce_job(tensors, op, algorithm, group, wire_dtype, name):
-    """Check every argument on the caller's thread (not on the worker), then the list, its group's communicator,
-    and the job that reduces the list in place (shared by the blocking and async forms)."""
+def _checked_comm(tensors, op, algorithm, group, wire_dtype, name):
+    """Check every argument on the caller's thread (not on the worker), then the list and its group's communicator
+    (shared by the blocking and async forms)."""
     tensors = list(tensors)
     _validate(tensors, op, wire_dtype)
     _check_name(name)
     if algorithm not in cost_model.CHOICES:  # a bad algorithm name fails here, not on the worker thread
         cost_model.resolve(algorithm, 0, 1)
     comm = communicator(group, tensors[0].device if tensors else None)
-    return tensors, comm, lambda: comm.allreduce_now(tensors, op, algorithm, wire_dtype, name)
+    return tensors, comm
 
 
 def allreduce_coalesced_async(
@@ -111,7 +111,7 @@ def allreduce_coalesced_async(
             ``"native"`` (the group's own allreduce) name one. ``HYBRID_EXT_ALGO`` overrides ``auto`` and
             ``butterfly``.
         group: a torch.distributed process group (default: the default group), or any object implementing the
-            transport contract (:mod:`hybrid_ext.comm.transport`).
+            transport contract (:mod:`hybrid_ext.comm.transports.contract`).
         wire_dtype (torch.dtype, str or None): the dtype messages travel in. ``None`` (default): the input's —
             16-bit gradients travel as 16-bit and are accumulated in float32 on every rank; ``torch.float32`` sends
             full-precision partial sums; a 16-bit dtype compresses float32 inputs. ``HYBRID_EXT_WIRE_DTYPE``
@@ -130,8 +130,8 @@ def allreduce_coalesced_async(
         PeerError: (from ``wait()``) a peer did not answer within the timeout.
         CollectiveMismatchError: (from ``wait()``, in check mode) ranks issued different collectives.
     """
-    tensors, comm, reduce = _allreduce_job(tensors, op, algorithm, group, wire_dtype, name)
-    return comm.submit(lambda: (reduce(), tensors)[1])
+    tensors, comm = _checked_comm(tensors, op, algorithm, group, wire_dtype, name)
+    return comm.allreduce(tensors, op=op, algorithm=algorithm, wire_dtype=wire_dtype, name=name, async_op=True)
 
 
 def allreduce_coalesced(
@@ -154,8 +154,8 @@ def allreduce_coalesced(
     Raises:
         TypeError, ValueError, PeerError, CollectiveMismatchError: as for :func:`allreduce_coalesced_async`.
     """
-    tensors, comm, reduce = _allreduce_job(tensors, op, algorithm, group, wire_dtype, name)
-    comm.run(reduce)
+    tensors, comm = _checked_comm(tensors, op, algorithm, group, wire_dtype, name)
+    comm.allreduce(tensors, op=op, algorithm=algorithm, wire_dtype=wire_dtype, name=name)
     return tensors
 
 
@@ -257,7 +257,7 @@ def allgather(
             raise ValueError(
                 f"counts={list(counts)} gives rank {comm.rank} {counts[comm.rank]} rows; it holds {tensor.shape[0]}"
             )
-    return comm.run(lambda: comm.allgather_now(tensor, counts, algorithm, name))
+    return comm.allgather(tensor, counts=counts, algorithm=algorithm, name=name)
 
 
 def reduce_scatter(
@@ -301,4 +301,4 @@ def reduce_scatter(
     counts = _check_blocks(counts, comm.size, "reduce_scatter")
     if sum(counts) != tensor.shape[0]:
         raise ValueError(f"counts={list(counts)} add up to {sum(counts)} rows; tensor has {tensor.shape[0]}")
-    return comm.run(lambda: comm.reduce_scatter_now(tensor, counts, op, algorithm, wire_dtype, name))
+    return comm.reduce_scatter(tensor, counts=counts, op=op, algorithm=algorithm, wire_dtype=wire_dtype, name=name)

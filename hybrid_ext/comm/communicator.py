@@ -9,18 +9,21 @@ otherwise one working buffer holds the flat vector (kept for the next call, as D
 largest so far); plus one receive buffer of at most the largest reducing step, reused across calls.
 
 Where the group has an allreduce of its own (``native``: gloo's, NCCL's, Horovod's; see
-:class:`~hybrid_ext.comm.transport.NativeCollectives`), ``auto`` counts it among its candidates, so it never runs
-slower than the backend alone; it reduces the same working buffer (16-bit inputs in float32, ``avg`` as a sum
-divided here), and is left out where the caller asked for a narrower wire dtype than the input's.
+:class:`~hybrid_ext.comm.transports.contract.NativeCollectives`), ``auto`` counts it among its candidates, so it
+never runs slower than the backend alone; it reduces the same working buffer (16-bit inputs in float32, ``avg`` as
+a sum divided here), and is left out where the caller asked for a narrower wire dtype than the input's.
 
-The ``*_now`` methods run on the group's ordered thread: call them through :meth:`Communicator.run` /
-:meth:`Communicator.submit` (the public functions in :mod:`hybrid_ext.comm.api` do).
+The collectives (:meth:`Communicator.allreduce`, :meth:`~Communicator.allgather`,
+:meth:`~Communicator.reduce_scatter`) take their place in the group's issue order themselves (blocking, or
+``async_op=True`` for a handle); which schedule an allreduce runs is chosen in :mod:`hybrid_ext.comm.choose`.
 """
 
 from __future__ import annotations
 
 import bisect
+import concurrent.futures
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,12 +31,11 @@ from typing import Any
 import torch
 
 from hybrid_ext import config
-from hybrid_ext.comm import consistency, cost_model, metrics
+from hybrid_ext.comm import choose, consistency, cost_model, metrics
 from hybrid_ext.comm.buffers import ScratchPool
 from hybrid_ext.comm.cost_model import HIERARCHICAL_PREFIX, NATIVE
 from hybrid_ext.comm.executor import OPS, WIDENED, WireStaging, execute, wire_dtype_for
 from hybrid_ext.comm.hierarchy import (
-    equal_hosts,
     plan_hierarchical,
     plan_hierarchical_allgather,
     plan_hierarchical_reduce_scatter,
@@ -42,7 +44,6 @@ from hybrid_ext.comm.hierarchy import (
 from hybrid_ext.comm.ordering import Handle, IssueOrder
 from hybrid_ext.comm.pipelined import NetworkStages, execute_segments, segment_count
 from hybrid_ext.comm.schedule import (
-    ALGORITHMS,
     GATHER_ALGORITHMS,
     SCATTER_ALGORITHMS,
     Plan,
@@ -51,20 +52,15 @@ from hybrid_ext.comm.schedule import (
     plan_allreduce,
     plan_reduce_scatter,
 )
-from hybrid_ext.comm.shm_allreduce import DIRECT, SUPPORTED_DTYPES, DirectAllreduce
 from hybrid_ext.comm.streams import HostOrder, stream_order_for
-from hybrid_ext.comm.transport import NativeCollectives, Transport
-from hybrid_ext.comm.tuner import TUNE_ENV, Tuner, tune_mode
+from hybrid_ext.comm.topology import Topology
+from hybrid_ext.comm.transports.contract import HasDirect, HasNative, NativeCollectives, Transport
+from hybrid_ext.comm.transports.shm_allreduce import DIRECT, SUPPORTED_DTYPES, DirectAllreduce
+from hybrid_ext.comm.tuner import TUNE_ENV, Tuner
 
 # The all-gather / reduce-scatter names a caller may pass: the flat plans' own, and the two resolved here.
 GATHER_CHOICES = ("auto", "hierarchical", *GATHER_ALGORITHMS)
 SCATTER_CHOICES = ("auto", "hierarchical", *SCATTER_ALGORITHMS)
-# Below this, a group that spans hosts runs the flat schedules: latency-bound messages gain nothing from staging
-# through shared memory first (recursive doubling already crosses hosts in its later, fewer steps).
-HIERARCHY_MIN_BYTES = 64 << 10
-# The tuner tries only candidates the cost model puts within this factor of its best: the model misjudges close
-# calls (what trials settle), not a ring's 2(P-1) messages for 1 KiB or recursive doubling's log2 P copies of 1 GiB.
-TRIAL_WITHIN = 2.5
 DECIDED_MEMO_SIZE = 4096
 
 
@@ -84,11 +80,13 @@ class Communicator:
     ) -> None:
         self.transport = transport
         # The group's own allreduce: passed where the transport has no group of its own (shared memory).
-        native = native if native is not None else getattr(transport, "native", None)
+        if native is None and isinstance(transport, HasNative):
+            native = transport.native
         self.native: NativeCollectives | None = native if cost_model.native_enabled() else None
         # The one-host allreduce in one pass over shared memory, where the transport is shared memory alone.
-        self.direct: DirectAllreduce | None = getattr(transport, "direct", None)
+        self.direct: DirectAllreduce | None = transport.direct if isinstance(transport, HasDirect) else None
         self.rank, self.size = transport.rank, transport.size
+        self.topology = Topology.of(transport)  # what the choice of schedules reads; the group's layout is fixed
         self.device = torch.device(device)
         self.streams = stream_order_for(self.device)
         self._order = IssueOrder()
@@ -97,6 +95,9 @@ class Communicator:
         self._tuner: Tuner | None = None  # made on the first tuned call (see _allreduce_plan)
         self._decided: dict[tuple, str] = {}  # tuned choices already made, by call (see _allreduce_choice)
         self._network_stages = NetworkStages()  # the helper thread of segmented hierarchical allreduces
+        # Set on the thread running one of this group's ordered jobs: a collective called from inside such a job (a
+        # composite one, like Horovod's scaled grouped reduction) runs there, in that job's place in the order.
+        self._inside = threading.local()
 
     def __deepcopy__(self, memo: dict) -> Communicator:
         return self  # a deep copy of a model (an EMA's) talks over the same group
@@ -108,18 +109,55 @@ class Communicator:
         )
 
     def run(self, job: Callable[[], Any]) -> Any:
-        """Run ``job`` in issue order, blocking (see :mod:`hybrid_ext.comm.ordering`)."""
+        """Run ``job`` in issue order, blocking (see :mod:`hybrid_ext.comm.ordering`).
+
+        For composite jobs (several collectives and the work between them as one step of the order); the
+        collectives called inside ``job`` run in its place.
+
+        Args:
+            job (callable): takes no arguments; runs without grad, after the caller's queued GPU work.
+
+        Returns:
+            what ``job`` returns.
+        """
         if isinstance(self.streams, HostOrder):  # no streams to order: the job, without grad
-            return self._order.run(lambda: _without_grad(job))
+            return self._order.run(lambda: self._in_order(job))
         wrapped, done = self._on_stream(job)
         result = self._order.run(wrapped)
         self.streams.consume(done[0])
         return result
 
     def submit(self, job: Callable[[], Any]) -> Handle:
-        """Queue ``job`` behind every collective issued before it; return its handle."""
+        """Queue ``job`` behind every collective issued before it (as :meth:`run`, not blocking).
+
+        Args:
+            job (callable): as for :meth:`run`.
+
+        Returns:
+            Handle: ``wait()`` returns what ``job`` returned.
+        """
         wrapped, done = self._on_stream(job)
         return self._order.submit(wrapped, self.streams, done)
+
+    def _in_order(self, job: Callable[[], Any]) -> Any:
+        """``job()`` marked as this group's ordered job on this thread (see ``_inside``), without grad."""
+        if getattr(self._inside, "job", False):
+            return _without_grad(job)
+        self._inside.job = True
+        try:
+            return _without_grad(job)
+        finally:
+            self._inside.job = False
+
+    def _ordered(self, job: Callable[[], Any], async_op: bool) -> Any:
+        """``job`` in issue order: its result, or (``async_op``) a handle to it; inside an ordered job, run now."""
+        if getattr(self._inside, "job", False):
+            if not async_op:
+                return job()
+            future: concurrent.futures.Future = concurrent.futures.Future()
+            future.set_result(job())
+            return Handle(future)
+        return self.submit(job) if async_op else self.run(job)
 
     def _on_stream(self, job: Callable[[], Any]) -> tuple[Callable[[], Any], list]:
         """``job`` run after the caller's queued work, on the collective's stream (:mod:`~hybrid_ext.comm.streams`)."""
@@ -130,7 +168,7 @@ class Communicator:
             # no_grad: reducing a tensor that requires grad in place is fine here (as with dist.all_reduce), and
             # grad mode is per thread: the worker thread's would be on.
             with torch.no_grad(), self.streams.run_after(ready) as end:
-                result = job()
+                result = self._in_order(job)
             done[0] = end[0]
             return result
 
@@ -139,7 +177,161 @@ class Communicator:
     def scratch(self, elements: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return self._scratch.get(elements, dtype, device)
 
-    # ---------------------------------------------------------------- collectives (run on the ordered thread)
+    # ---------------------------------------------------------------- the collectives, in issue order
+    def allreduce(
+        self,
+        tensors: Sequence[torch.Tensor],
+        *,
+        op: str = "sum",
+        algorithm: str = "auto",
+        wire_dtype: torch.dtype | str | None = None,
+        name: str | None = None,
+        async_op: bool = False,
+        prescale: float | None = None,
+        postscale: float | None = None,
+    ) -> Handle | None:
+        """Reduce ``tensors`` in place across the group as one flat vector, after the group's earlier collectives.
+
+        Several tensors are gathered into one working buffer and copied back; where the allreduce runs in
+        segments (:mod:`~hybrid_ext.comm.pipelined`), each segment's copies happen while others are on the wire.
+        Arguments are not checked here (:func:`hybrid_ext.allreduce_coalesced` checks them).
+
+        Args:
+            tensors (sequence of torch.Tensor): dense tensors of one dtype and device, of the same shapes on every
+                rank.
+            op (str): ``"sum"``, ``"avg"``, ``"min"`` or ``"max"``.
+            algorithm (str): the schedule, or ``"auto"`` (see :mod:`hybrid_ext.comm.choose`).
+            wire_dtype (torch.dtype, str or None): the dtype messages travel in (see
+                :func:`~hybrid_ext.comm.executor.wire_dtype_for`).
+            name (str or None): what this collective is; in check mode ranks compare it, and a mismatch names it.
+            async_op (bool): return a handle instead of waiting.
+            prescale (float or None): a factor each element is multiplied by before the reduction.
+            postscale (float or None): a factor each element is multiplied by after it (integrations that keep a
+                host framework's arithmetic, such as DeepSpeed's gradient scaling).
+
+        Returns:
+            None; with ``async_op=True``, a :class:`~hybrid_ext.comm.ordering.Handle` whose ``wait()`` returns
+            ``tensors``.
+
+        Raises:
+            PeerError: a peer did not answer within the timeout (from ``wait()`` when async).
+            CollectiveMismatchError: in check mode, ranks issued different collectives.
+        """
+
+        def job() -> Sequence[torch.Tensor]:
+            self._allreduce_now(tensors, op, algorithm, wire_dtype, name, prescale, postscale)
+            return tensors
+
+        handle = self._ordered(job, async_op)
+        return handle if async_op else None
+
+    def allgather(
+        self,
+        tensor: torch.Tensor,
+        *,
+        counts: tuple[int, ...] | None = None,
+        algorithm: str = "auto",
+        name: str | None = None,
+        async_op: bool = False,
+    ) -> torch.Tensor | Handle:
+        """Concatenate every rank's ``tensor`` along dim 0 (ranks may hold different numbers of rows).
+
+        Args:
+            tensor (torch.Tensor): this rank's rows; every rank's has the same shape after dim 0.
+            counts (tuple of int or None): rows per rank, when known; None exchanges them first.
+            algorithm (str): one of :data:`GATHER_CHOICES`.
+            name (str or None): compared across ranks in check mode.
+            async_op (bool): return a handle instead of waiting.
+
+        Returns:
+            torch.Tensor: a new tensor of ``sum(counts)`` rows, rank 0's first; with ``async_op=True``, a handle
+            whose ``wait()`` returns it.
+
+        Raises:
+            ValueError: ``counts`` that do not give this rank ``tensor``'s rows.
+            PeerError, CollectiveMismatchError: as for :meth:`allreduce`.
+        """
+        return self._ordered(lambda: self._allgather_now(tensor, counts, algorithm, name), async_op)
+
+    def reduce_scatter(
+        self,
+        tensor: torch.Tensor,
+        *,
+        counts: tuple[int, ...],
+        op: str = "sum",
+        algorithm: str = "auto",
+        wire_dtype: torch.dtype | str | None = None,
+        name: str | None = None,
+        async_op: bool = False,
+    ) -> torch.Tensor | Handle:
+        """Reduce ``tensor`` (every rank's blocks of rows) over the group; keep this rank's ``counts[rank]`` rows.
+
+        Args:
+            tensor (torch.Tensor): ``sum(counts)`` rows, of the same shape on every rank.
+            counts (tuple of int): rows of each rank's block, one per rank.
+            op (str): as for :meth:`allreduce`.
+            algorithm (str): one of :data:`SCATTER_CHOICES`.
+            wire_dtype (torch.dtype, str or None): as for :meth:`allreduce`.
+            name (str or None): compared across ranks in check mode.
+            async_op (bool): return a handle instead of waiting.
+
+        Returns:
+            torch.Tensor: this rank's block, reduced over the group (a new tensor); with ``async_op=True``, a
+            handle whose ``wait()`` returns it.
+
+        Raises:
+            ValueError: ``counts`` that do not split ``tensor``'s rows over the group.
+            PeerError, CollectiveMismatchError: as for :meth:`allreduce`.
+        """
+        return self._ordered(
+            lambda: self._reduce_scatter_now(tensor, counts, op, algorithm, wire_dtype, name), async_op
+        )
+
+    def row_counts(self, rows: int, *, device: torch.device | str | None = None, name: str | None = None) -> tuple:
+        """Every rank's ``rows``, in rank order (one small all-gather of integers), after earlier collectives.
+
+        Args:
+            rows (int): this rank's number (of rows, layers, or any non-negative integer to share).
+            device (torch.device, str or None): where the exchange runs (None: the communicator's device).
+            name (str or None): compared across ranks in check mode.
+
+        Returns:
+            tuple[int, ...]: one number per rank.
+
+        Raises:
+            PeerError, CollectiveMismatchError: as for :meth:`allreduce`.
+        """
+        where = self.device if device is None else torch.device(device)
+        return self._ordered(lambda: self._checked_row_counts(rows, where, name), False)
+
+    def max_over_ranks(self, values: Sequence[float], *, name: str | None = None) -> list[float]:
+        """The element-wise maximum of ``values`` over the group (float64), after earlier collectives.
+
+        Args:
+            values (sequence of float): of the same length on every rank.
+            name (str or None): compared across ranks in check mode.
+
+        Returns:
+            list[float]: the maxima.
+
+        Raises:
+            PeerError, CollectiveMismatchError: as for :meth:`allreduce`.
+        """
+
+        def job() -> list[float]:
+            table = torch.tensor(list(values), dtype=torch.float64, device=self.device)
+            if consistency.check_enabled():
+                self.check_consistency("allreduce", "max", [table], name)
+            return self._max_over_ranks(table)
+
+        return self._ordered(job, False)
+
+    def _checked_row_counts(self, rows: int, device: torch.device, name: str | None) -> tuple[int, ...]:
+        if consistency.check_enabled():
+            self.check_consistency("allgather", "cat", [torch.empty(0, dtype=torch.int64, device=device)], name)
+        return self._block_counts(rows, device)
+
+    # ---------------------------------------------------------------- run on the ordered thread
     def check_consistency(
         self, collective: str, op: str, tensors: Sequence[torch.Tensor], name: str | None = None
     ) -> None:
@@ -169,7 +361,7 @@ class Communicator:
         plan = plan_allreduce("recursive_doubling", self.rank, self.size, flat.numel())
         execute(plan, flat, torch.empty_like(flat), self.transport, op)
 
-    def allreduce_now(
+    def _allreduce_now(
         self,
         tensors: Sequence[torch.Tensor],
         op: str,
@@ -179,16 +371,7 @@ class Communicator:
         prescale: float | None = None,
         postscale: float | None = None,
     ) -> None:
-        """Reduce ``tensors`` in place as one flat vector (call through :meth:`run` / :meth:`submit`).
-
-        ``wire_dtype``: the dtype messages travel in (see :func:`~hybrid_ext.comm.executor.wire_dtype_for`);
-        ``name``: the caller's name for this collective, compared across ranks in check mode. ``prescale`` /
-        ``postscale``: factors each element of the flat vector is multiplied by before / after the reduction
-        (integrations that must keep a host framework's arithmetic, such as DeepSpeed's gradient scaling).
-
-        Several tensors are gathered into one working buffer and copied back; where the allreduce runs in
-        segments (:mod:`~hybrid_ext.comm.pipelined`), each segment's copies happen while others are on the wire.
-        """
+        """:meth:`allreduce`, on the ordered thread."""
         start = time.perf_counter()
         self.streams.keep_alive(tensors)
         if consistency.check_enabled():
@@ -261,7 +444,7 @@ class Communicator:
         if name == NATIVE:
             self._native_allreduce(buffer[:count], op, prepare, finish)
         else:
-            plan = self._plan_named(name, count)
+            plan = self.allreduce_plan(name, count)
             self._execute(plan, buffer, wire, op, prepare, finish)
         if trial_of is not None:
             if timed_on_gpu:  # NCCL returns once its work is queued: time the work itself
@@ -291,7 +474,7 @@ class Communicator:
     def _allreduce_plan(self, algorithm: str, count: int, nbytes: int) -> tuple[Plan, str | None]:
         """(the plan for ``algorithm`` among hybrid-ext's schedules, the tuner's request when this call is a trial)."""
         name, trial_of = self._allreduce_choice(algorithm, count, nbytes, native_allowed=False)
-        return self._plan_named(name, count), trial_of
+        return self.allreduce_plan(name, count), trial_of
 
     def try_direct(self, tensor: torch.Tensor, op: str, algorithm: str) -> bool:
         """Reduce the contiguous CPU ``tensor`` in place by the direct allreduce if this call is one the group has
@@ -342,7 +525,8 @@ class Communicator:
     def _direct_allreduce(
         self, tensors: Sequence[torch.Tensor], op: str, prescale: float | None, postscale: float | None
     ) -> None:
-        """The one-host allreduce on shared memory (:mod:`~hybrid_ext.comm.shm_allreduce`), in the tensors' dtype."""
+        """The one-host allreduce on shared memory (:mod:`~hybrid_ext.comm.transports.shm_allreduce`), in the
+        tensors' dtype."""
         dtype, device = tensors[0].dtype, tensors[0].device
         in_place = len(tensors) == 1 and tensors[0].is_contiguous()
         if in_place:
@@ -365,80 +549,48 @@ class Communicator:
     def _allreduce_choice(
         self, algorithm: str, count: int, nbytes: int, native_allowed: bool = True, direct_allowed: bool = False
     ) -> tuple[str, str | None]:
-        """(what runs for ``algorithm`` here: a schedule's name or ``native``, the tuner's request name when this
-        call is one of its timed trials).
-
-        ``auto`` / ``butterfly`` / ``hierarchical``: chosen by the tuner (:mod:`hybrid_ext.comm.tuner`) among the
-        flat schedules, where the group spans hosts the hierarchical ones, and for ``auto`` the group's native
-        allreduce (``native_allowed`` and the group has one); with ``HYBRID_EXT_TUNE=off`` by the cost model alone
-        (hierarchical from 64 KiB where the group spans hosts).
-        """
+        """(what runs for ``algorithm`` here: a schedule's name, ``native`` or ``direct``; the tuner's request name
+        when this call is one of its timed trials). :func:`hybrid_ext.comm.choose.allreduce` decides, or hands the
+        call to the tuner; decided calls are remembered (``_decided``)."""
         # A call like an earlier one whose choice the tuner has made (the common case: a training step's buckets)
         # skips the rest; the knobs that steer the choice are part of the key.
         memo = self._choice_key(algorithm, nbytes, native_allowed, direct_allowed)
         decided = self._decided.get(memo)
         if decided is not None:
             return decided, None
-        native = self.native.name if (self.native is not None and native_allowed and count > 0) else None
-        direct = direct_allowed and count > 0
-        if algorithm == DIRECT:
-            if not direct_allowed:
-                raise ValueError(
-                    f"algorithm='direct' needs the ranks on one host's shared memory, CPU tensors of a supported "
-                    f"dtype and no compressed wire dtype (transport {self.transport.name!r})"
-                )
-            return DIRECT, None
-        if algorithm == NATIVE:
-            if self.native is None:
-                raise ValueError(
-                    f"algorithm='native': the group of transport {self.transport.name!r} has no allreduce of its own"
-                )
-            return NATIVE, None
-        hosts = getattr(self.transport, "hosts", None)
-        spans_hosts = hosts is not None and len(set(hosts)) > 1
-        if algorithm.startswith(HIERARCHICAL_PREFIX):  # named: the caller's schedule between hosts
-            return (algorithm if spans_hosts else algorithm.removeprefix(HIERARCHICAL_PREFIX)), None
-        if algorithm == "hierarchical" and not spans_hosts:
-            algorithm = "auto"  # one host: the flat schedules are the hierarchy
-        if self._tuned(algorithm):
-            if self._tuner is None:
-                layout = ",".join(map(str, hosts)) if spans_hosts else "one-host"
-                signature = f"{self.transport.name}|{self.device.type}|P{self.size}|hosts {layout}"
-                if self.native is not None:  # saved choices made without the native candidate are not reused
-                    signature += f"|native {self.native.name}"
-                if self.direct is not None:  # nor those made without the direct one
-                    signature += "|direct"
-                self._tuner = Tuner(signature, self._max_over_ranks)
-            candidates = self._candidates(algorithm, spans_hosts, native is not None, direct)
-            # Calls that may not run native or direct (a compressed wire, scaled 16-bit values) are tuned apart:
-            # their candidates differ.
-            narrowed = (self.native is not None and native is None) or (self.direct is not None and not direct)
-            request = f"{algorithm}|schedules" if narrowed else algorithm
+        decision = choose.allreduce(
+            algorithm,
+            nbytes,
+            self.topology,
+            native=self.native.name if self.native is not None else None,
+            native_allowed=native_allowed,
+            direct=self.direct is not None,
+            direct_allowed=direct_allowed,
+        )
+        if isinstance(decision, str):
+            return decision, None
+        name, trial = self._tuned_pick(decision, nbytes)
+        if not trial:
+            if len(self._decided) >= DECIDED_MEMO_SIZE:
+                self._decided.clear()
+            self._decided[memo] = name
+        return name, (decision.request if trial else None)
 
-            def plausible() -> list[bool]:  # asked on a size class's first call only, not on every call
-                predicted = [self._predicted(name, nbytes) for name in candidates if name not in (NATIVE, DIRECT)]
-                # The backend's own algorithm and the direct one are outside the model: they are always tried.
-                return [
-                    name in (NATIVE, DIRECT) or self._predicted(name, nbytes) <= TRIAL_WITHIN * min(predicted)
-                    for name in candidates
-                ]
-
-            name, trial = self._tuner.pick(request, nbytes, candidates, plausible)
-            if not trial:
-                if len(self._decided) >= DECIDED_MEMO_SIZE:
-                    self._decided.clear()
-                self._decided[memo] = name
-            return name, (request if trial else None)
-        if spans_hosts and (
-            algorithm == "hierarchical"
-            or (algorithm in ("auto", "butterfly") and nbytes >= HIERARCHY_MIN_BYTES and not cost_model.forced())
-        ):
-            lanes = max(hosts.count(h) for h in set(hosts))
-            network = getattr(getattr(self.transport, "network", None), "name", self.transport.name)
-            between = "butterfly" if algorithm == "butterfly" else "auto"
-            inter = cost_model.resolve(between, nbytes // lanes, len(set(hosts)), network)
-            return f"{HIERARCHICAL_PREFIX}{inter}", None
-        return cost_model.resolve(algorithm, nbytes, self.size, self.transport.name, native=native), None
+    def _tuned_pick(self, decision: choose.Tune, nbytes: int) -> tuple[str, bool]:
+        """The tuner's pick for ``decision`` (made on the group's first tuned call), and whether it is a trial."""
+        if self._tuner is None:
+            topology = self.topology
+            layout = ",".join(map(str, topology.hosts)) if topology.spans_hosts else "one-host"
+            signature = f"{self.transport.name}|{self.device.type}|P{self.size}|hosts {layout}"
+            if self.native is not None:  # saved choices made without the native candidate are not reused
+                signature += f"|native {self.native.name}"
+            if self.direct is not None:  # nor those made without the direct one
+                signature += "|direct"
+            self._tuner = Tuner(signature, self._max_over_ranks)
+        candidates = decision.candidates
+        return self._tuner.pick(
+            decision.request, nbytes, candidates, lambda: choose.plausible(candidates, nbytes, self.topology)
+        )
 
     def _native_allreduce(
         self,
@@ -456,50 +608,29 @@ class Communicator:
     def tuning(self, algorithm: str, nbytes: int) -> bool:
         """Whether the tuner is still trying candidates for ``algorithm`` at ``nbytes`` (benchmarks warm past it)."""
         if self._tuner is None:
-            return self._tuned(algorithm)
+            return choose.tuned(algorithm)
         return self._tuner.tuning(algorithm, nbytes)
 
-    @staticmethod
-    def _tuned(algorithm: str) -> bool:
-        """Whether the tuner picks the schedule for a request of ``algorithm``."""
-        return algorithm in ("auto", "butterfly", "hierarchical") and not cost_model.forced() and tune_mode() != "off"
+    def allreduce_plan(self, schedule: str, count: int) -> Plan:
+        """This rank's plan for an allreduce of ``count`` elements by ``schedule`` (benchmarks count its messages).
 
-    @staticmethod
-    def _candidates(algorithm: str, spans_hosts: bool, native: bool = False, direct: bool = False) -> tuple[str, ...]:
-        """What the tuner tries for a request: flat schedules, hierarchical ones across hosts, and for ``auto`` the
-        group's native allreduce and the one-host direct one where they may run."""
-        if config.get(cost_model.ALGO_ENV) == "butterfly":
-            algorithm = "butterfly" if algorithm == "auto" else algorithm
-        flat = cost_model.BUTTERFLIES if algorithm == "butterfly" else ALGORITHMS
-        stacked = tuple(f"{HIERARCHICAL_PREFIX}{name}" for name in flat) if spans_hosts else ()
-        if algorithm == "hierarchical":
-            return stacked
-        extra = ((DIRECT,) if direct else ()) + ((NATIVE,) if native else ())
-        return flat + stacked + (extra if algorithm == "auto" else ())
+        Args:
+            schedule (str): a flat schedule's name, or ``hierarchical/<schedule>`` on a group that knows its hosts.
+            count (int): elements of the vector.
 
-    def _predicted(self, name: str, nbytes: int) -> float:
-        """The cost model's seconds for a candidate (flat: as if every link were the group's slowest)."""
-        network = getattr(getattr(self.transport, "network", None), "name", self.transport.name)
-        if not name.startswith(HIERARCHICAL_PREFIX):
-            return cost_model.default_model(self.transport.name).predict(name, nbytes, self.size)
-        hosts = self.transport.hosts
-        lanes = max(hosts.count(h) for h in set(hosts))
-        local = getattr(getattr(self.transport, "local", None), "name", "shm")
-        within = cost_model.default_model(local).predict("ring", nbytes, lanes)  # reduce-scatter + all-gather
-        between = cost_model.default_model(network).predict(
-            name.removeprefix(HIERARCHICAL_PREFIX), nbytes // lanes, len(set(hosts))
-        )
-        return within + between
+        Returns:
+            Plan: the steps this rank runs (see :mod:`hybrid_ext.comm.schedule`).
+        """
+        if schedule.startswith(HIERARCHICAL_PREFIX):
+            inter = schedule.removeprefix(HIERARCHICAL_PREFIX)
+            return plan_hierarchical(inter, self.rank, self.topology.hosts, count)
+        return plan_allreduce(schedule, self.rank, self.size, count)
 
-    def _plan_named(self, name: str, count: int) -> Plan:
-        if name.startswith(HIERARCHICAL_PREFIX):
-            hosts = tuple(self.transport.hosts)
-            return plan_hierarchical(name.removeprefix(HIERARCHICAL_PREFIX), self.rank, hosts, count)
-        return plan_allreduce(name, self.rank, self.size, count)
-
-    def _max_over_ranks(self, values: list[float]) -> list[float]:
-        """Element-wise maximum of ``values`` over the group (the tuner's one small agreement message)."""
-        table = torch.tensor(values, dtype=torch.float64, device=self.device)
+    def _max_over_ranks(self, values: list[float] | torch.Tensor) -> list[float]:
+        """Element-wise maximum of ``values`` over the group, on the ordered thread (the tuner's one small
+        agreement message, unchecked: it happens inside the allreduce being checked)."""
+        table = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.float64)
+        table = table.to(self.device)
         self._sum_over_ranks(table, "max")
         return table.cpu().tolist()
 
@@ -552,31 +683,25 @@ class Communicator:
         (:mod:`hybrid_ext.comm.pipelined`), or None where there is no shared-memory stage to hide."""
         if plan.collective != "allreduce" or not plan.algorithm.startswith(HIERARCHICAL_PREFIX):
             return None
-        if getattr(self.transport, "local", None) is None or buffer.device.type != "cpu":
+        topology = self.topology
+        if topology.local is None or buffer.device.type != "cpu":
             return None
-        hosts = tuple(self.transport.hosts)
-        lanes = max(hosts.count(h) for h in set(hosts))
-        count = segment_count(plan.count * buffer.element_size(), lanes, len(set(hosts)))
+        count = segment_count(plan.count * buffer.element_size(), topology.lanes, topology.host_count)
         if count < 2:
             return None
         inter = plan.algorithm.removeprefix(HIERARCHICAL_PREFIX)
-        return plan_hierarchical_segments(inter, self.rank, hosts, plan.count, count)
+        return plan_hierarchical_segments(inter, self.rank, topology.hosts, plan.count, count)
 
     def _block_plan(self, collective: str, algorithm: str, blocks: tuple[int, ...], element_size: int) -> Plan:
-        """The all-gather / reduce-scatter plan for ``algorithm``: ``auto`` (and ``hierarchical``) send each
-        block out of its host once on a group of equal hosts — from 64 KiB, where bytes matter more than the
-        extra message — and run the flat butterfly otherwise."""
+        """The all-gather / reduce-scatter plan for ``algorithm`` (chosen by :func:`.choose.block_schedule`)."""
         gather = collective == "allgather"
-        if algorithm in ("auto", "hierarchical"):
-            hosts = getattr(self.transport, "hosts", None)
-            large = algorithm == "hierarchical" or sum(blocks) * element_size >= HIERARCHY_MIN_BYTES
-            if hosts is not None and equal_hosts(hosts) and large:
-                layered = plan_hierarchical_allgather if gather else plan_hierarchical_reduce_scatter
-                return layered(self.rank, tuple(hosts), blocks)
-            algorithm = "recursive_doubling" if gather else "recursive_halving"
-        return (plan_allgather if gather else plan_reduce_scatter)(algorithm, self.rank, blocks)
+        schedule = choose.block_schedule(gather, algorithm, sum(blocks) * element_size, self.topology)
+        if schedule == choose.HIERARCHICAL:
+            layered = plan_hierarchical_allgather if gather else plan_hierarchical_reduce_scatter
+            return layered(self.rank, self.topology.hosts, blocks)
+        return (plan_allgather if gather else plan_reduce_scatter)(schedule, self.rank, blocks)
 
-    def block_counts(self, rows: int, device: torch.device) -> tuple[int, ...]:
+    def _block_counts(self, rows: int, device: torch.device) -> tuple[int, ...]:
         """Every rank's number of rows (one small all-gather of integers)."""
         table = torch.zeros(self.size, dtype=torch.int64, device=device)
         table[self.rank] = rows
@@ -584,7 +709,7 @@ class Communicator:
         execute(plan, table, table[:0], self.transport, "sum")
         return tuple(int(v) for v in table.tolist())
 
-    def allgather_now(
+    def _allgather_now(
         self, tensor: torch.Tensor, counts: tuple[int, ...] | None, algorithm: str, name: str | None = None
     ) -> torch.Tensor:
         """Concatenate every rank's ``tensor`` along dim 0 (ranks may hold different numbers of rows)."""
@@ -595,7 +720,7 @@ class Communicator:
         if self.size == 1:
             return tensor.clone()
         if counts is None:
-            counts = self.block_counts(tensor.shape[0], tensor.device)
+            counts = self._block_counts(tensor.shape[0], tensor.device)
         if counts[self.rank] != tensor.shape[0]:
             raise ValueError(f"rank {self.rank} holds {tensor.shape[0]} rows, but counts say {counts[self.rank]}")
         row = math.prod(tensor.shape[1:])  # elements per row
@@ -608,7 +733,7 @@ class Communicator:
         self._record("allgather", plan, out.element_size(), start, str(out.dtype))
         return out
 
-    def reduce_scatter_now(
+    def _reduce_scatter_now(
         self,
         tensor: torch.Tensor,
         counts: tuple[int, ...],

@@ -13,7 +13,7 @@ fold (P != P')         +2              +2n                    +n
 native                 2·(P-1)         2·(P-1)/P·n            (P-1)/P·n
 =====================  ==============  =====================  ====================
 
-``native`` is the group's own allreduce (gloo's, NCCL's, Horovod's; :class:`~hybrid_ext.comm.transport.
+``native`` is the group's own allreduce (gloo's, NCCL's, Horovod's; :class:`~hybrid_ext.comm.transports.contract.
 NativeCollectives`), modelled as the ring those backends run for large messages, with constants of its own
 (``native/<its name>``): it runs as one call in the backend's C++ threads, not as steps through a transport. It has
 no built-in constants — the backend's algorithm is its own — so the model weighs it only once ``--calibrate`` has
@@ -49,8 +49,8 @@ from hybrid_ext.comm.schedule import ALGORITHMS, largest_power_of_two_at_most
 ALGO_ENV = "HYBRID_EXT_ALGO"
 MODEL_ENV = "HYBRID_EXT_COST_MODEL"
 HIERARCHICAL_PREFIX = "hierarchical/"  # hierarchical/<schedule between hosts>: the plan's own name
-NATIVE = "native"  # the group's own allreduce (see NativeCollectives in hybrid_ext.comm.transport)
-DIRECT = "direct"  # one host: every rank reduces its slice from every rank's shared memory (comm.shm_allreduce)
+NATIVE = "native"  # the group's own allreduce (see NativeCollectives in hybrid_ext.comm.transports.contract)
+DIRECT = "direct"  # one host: every rank reduces its slice from every rank's shared memory (transports.shm_allreduce)
 NATIVE_ENV = "HYBRID_EXT_NATIVE"  # on (default) | off: whether auto may run the group's own allreduce
 CHOICES = (
     "auto", "butterfly", "hierarchical", *ALGORITHMS, *(HIERARCHICAL_PREFIX + a for a in ALGORITHMS), NATIVE, DIRECT,
@@ -163,6 +163,16 @@ def native_enabled() -> bool:
 def forced() -> bool:
     """Whether ``HYBRID_EXT_ALGO`` pins one flat schedule for every ``auto`` / ``butterfly`` call."""
     return config.get(ALGO_ENV) not in ("auto", "butterfly")
+
+
+def requested_algorithm(default: str = "auto") -> str:
+    """The allreduce schedule a backend's own allreduce (the ``butterfly`` backend's, DeepSpeed's gradients) asks
+    for: ``HYBRID_EXT_ALGO`` where it names one, else ``default`` (read at every call, so a job may switch it
+    between calls)."""
+    algorithm = config.get(ALGO_ENV)
+    if algorithm == "auto":
+        return default
+    return "auto" if algorithm == NATIVE else algorithm  # native: auto, which picks it where the group has one
 
 
 def resolve(

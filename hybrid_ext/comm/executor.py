@@ -8,7 +8,7 @@ import torch
 
 from hybrid_ext import config
 from hybrid_ext.comm.schedule import Plan
-from hybrid_ext.comm.transport import PeerError, Transport
+from hybrid_ext.comm.transports.contract import FusedReduce, PeerError, Transport
 
 OPS = ("sum", "avg", "min", "max")
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int64)
@@ -91,6 +91,9 @@ def execute(
         _execute_narrow_wire(plan, buffer, transport, op, wire)
         return
     reduce = REDUCE_FNS[op]
+    # The transport's class answers at once (the ABC machinery caches it); members forwarded by a wrapper instance
+    # are looked up once per plan, not per step.
+    fusable = issubclass(type(transport), FusedReduce) or isinstance(transport, FusedReduce)
     for index, step in enumerate(plan.steps):
         send = buffer[step.send[0] : step.send[1]] if step.send is not None else None
         recv = None
@@ -100,7 +103,7 @@ def execute(
         fused = (
             step.reduce
             and index > 0
-            and hasattr(transport, "exchange_reduce")
+            and fusable
             and (step.send is None or step.send[1] <= step.recv[0] or step.recv[1] <= step.send[0])
         )
         if step.recv is not None:

@@ -94,8 +94,8 @@ _DTYPE_NAMES: dict = {}
 
 
 def record_direct_allreduce(rank: int, size: int, count: int, dtype, seconds: float) -> None:
-    """Record a one-host allreduce on shared memory (:mod:`~hybrid_ext.comm.shm_allreduce`): no messages; the bytes
-    are those its reduce-scatter and all-gather read from other ranks' buffers, 2(P-1)/P of the vector."""
+    """Record a one-host allreduce on shared memory (:mod:`~hybrid_ext.comm.transports.shm_allreduce`): no messages;
+    the bytes are those its reduce-scatter and all-gather read from other ranks' buffers, 2(P-1)/P of the vector."""
     nbytes = int(2 * (size - 1) / size * count * dtype.itemsize)
     name = _DTYPE_NAMES.get(dtype) or _DTYPE_NAMES.setdefault(dtype, str(dtype).removeprefix("torch."))
     record(CollectiveRecord("allreduce", "direct", "shm", rank, size, count, name, nbytes, nbytes, 0, seconds))

@@ -26,7 +26,7 @@ import torch
 from hybrid_ext import config
 from hybrid_ext.comm.executor import execute
 from hybrid_ext.comm.hierarchy import Segment
-from hybrid_ext.comm.transport import PeerError, Transport
+from hybrid_ext.comm.transports.contract import PeerError, Transport
 
 if TYPE_CHECKING:
     from concurrent.futures import Future, ThreadPoolExecutor
@@ -80,7 +80,7 @@ def execute_segments(
     """Run ``segments`` on ``buffer`` (see the module docstring); ``scratch(elements, role)`` gives receive buffers.
 
     Both threads use ``transport``: the shared-memory steps and the network steps take different routes of it
-    (a :class:`~hybrid_ext.comm.routed_transport.RoutedTransport`), each used from one thread only.
+    (a :class:`~hybrid_ext.comm.transports.routed.RoutedTransport`), each used from one thread only.
     ``prepare(t)`` runs on this thread just before segment t's first stage (to fill its part of ``buffer``),
     ``finish(t)`` just after its last (to copy its result out), so that copies too overlap the network.
     """

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from hybrid_ext.comm.communicator import Communicator
-from hybrid_ext.comm.transport import NativeCollectives, Transport
+from hybrid_ext.comm.transports.contract import NativeCollectives, OwnsCommunicator, Transport
 
 _communicators: dict[tuple[int, str], tuple[Any, Communicator]] = {}
 _registry_lock = threading.Lock()  # guards the two dicts; never held across a set-up
@@ -20,7 +20,7 @@ def communicator(group: Any = None, device: torch.device | None = None) -> Commu
     if isinstance(group, Communicator):
         return group
     if group is None or not isinstance(group, Transport):
-        from hybrid_ext.comm.torch_transport import resolve_group
+        from hybrid_ext.comm.transports.factory import resolve_group
 
         if group is not None and not (
             callable(getattr(group, "rank", None)) and callable(getattr(group, "size", None))
@@ -32,7 +32,7 @@ def communicator(group: Any = None, device: torch.device | None = None) -> Commu
 
         group = resolve_group(group)
         # The butterfly backend's own communicator: its dist.all_reduce calls and ours share one order.
-        if hasattr(group, "butterfly_communicator"):
+        if issubclass(type(group), OwnsCommunicator):  # by the group's class: asked on every call
             return group.butterfly_communicator(device or torch.device("cpu"))
     device = device or torch.device("cpu")
     key = (id(group), device.type)
@@ -72,7 +72,7 @@ def existing_cpu(group: Any) -> Communicator | None:
 def _as_transport(group: Any, device: torch.device) -> Transport:
     if isinstance(group, Transport):
         return group
-    from hybrid_ext.comm.torch_transport import transport_for
+    from hybrid_ext.comm.transports.factory import transport_for
 
     return transport_for(group, device)
 
@@ -81,7 +81,7 @@ def _native(group: Any, device: torch.device) -> NativeCollectives | None:
     """A torch process group's own allreduce (what ``dist.all_reduce`` runs), for ``auto`` to weigh."""
     if isinstance(group, Transport):
         return None  # a transport object brings its own, if any (its ``native``)
-    from hybrid_ext.comm.native import TorchNativeCollectives
+    from hybrid_ext.comm.transports.native import TorchNativeCollectives
 
     return TorchNativeCollectives(group, device)
 

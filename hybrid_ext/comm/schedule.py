@@ -1,8 +1,8 @@
 """Allreduce schedules: which rank sends which slice to whom, at every step. Pure functions, no processes.
 
 A schedule is planned once per (algorithm, rank, world size, element count) and then executed by
-:mod:`hybrid_ext.comm.api` over any transport (see :mod:`hybrid_ext.comm.transport`). Plans are cached: a training
-loop that reduces the same bucket sizes every step plans each of them once.
+:mod:`hybrid_ext.comm.api` over any transport (see :mod:`hybrid_ext.comm.transports.contract`). Plans are cached: a
+training loop that reduces the same bucket sizes every step plans each of them once.
 
 Notation (as in Gloo's ``docs/algorithms.md``): P ranks, P' the largest power of two <= P, N elements.
 Costs are per rank: messages sent and elements sent.

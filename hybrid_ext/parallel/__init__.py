@@ -4,6 +4,7 @@ DCP checkpoints: :mod:`hybrid_ext.parallel.dcp` (``save`` / ``load``).
 """
 
 from hybrid_ext.parallel.api import ParallelModel, parallelize
+from hybrid_ext.parallel.auto_plan import make_plan
 from hybrid_ext.parallel.checkpoint import (
     full_grads,
     full_optimizer_state_dict,
@@ -13,7 +14,7 @@ from hybrid_ext.parallel.checkpoint import (
 )
 from hybrid_ext.parallel.clip_grad import clip_grad_norm_
 from hybrid_ext.parallel.dims import Groups, ParallelDims, torch_groups
-from hybrid_ext.parallel.plan import PartitionPlan, make_plan
+from hybrid_ext.parallel.plan import PartitionPlan
 from hybrid_ext.parallel.replicas import ReplicaDivergenceError
 from hybrid_ext.parallel.shards import sharded_state_dicts
 

@@ -152,7 +152,7 @@ def _model_device(model: nn.Module) -> torch.device:
 
 def _check_devices(model: nn.Module, world: Communicator) -> torch.device:
     device = _model_device(model)
-    kinds = world.run(lambda: world.block_counts({"cpu": 0, "cuda": 1}.get(device.type, 2), torch.device("cpu")))
+    kinds = world.row_counts({"cpu": 0, "cuda": 1}.get(device.type, 2), device="cpu", name="model device types")
     if len(set(kinds)) > 1:
         names = {0: "cpu", 1: "cuda", 2: "other"}
         raise ValueError(f"the model is not on the same device type on every rank: {[names[k] for k in kinds]}")
@@ -214,13 +214,13 @@ def parallelize(
             ``"recursive_doubling"``, ``"ring"``, or ``"native"`` (the host framework's own allreduce).
         mp_size (int or None): ranks in each model-parallel group (default: all ranks).
         rules (dict or None): module path pattern (``fnmatch``) → style, overriding the plan's choice for the
-            modules it matches (see :func:`hybrid_ext.parallel.plan.make_plan`).
+            modules it matches (see :func:`hybrid_ext.parallel.plan.plan_by_rules`).
         groups (Groups or None): the process grid; default: built from torch.distributed's default group (call
             ``init_process_group`` first). The Horovod and DeepSpeed integrations pass their own.
         bucket_mb (float): gradient bucket size in MiB (default 25, as DDP's ``bucket_cap_mb``).
         sync_initial_weights (bool): broadcast the first rank's parameters and buffers first (default True).
         example_input (torch.Tensor or None): lets the plan measure parameters per FLOP (see
-            :func:`hybrid_ext.parallel.plan.make_plan`); needed by ``strategy="auto"``.
+            :func:`hybrid_ext.parallel.plan.plan_by_rules`); needed by ``strategy="auto"``.
         host_reduces_data_parallel (bool): leave the reduction over the data-parallel group to the host framework
             (see the module docstring).
         blocking_reduction (bool): reduce each parameter's gradient on its own, before it is accumulated into
@@ -253,7 +253,7 @@ def parallelize(
         strategy = plan.strategy
         mp_size = plan.mp_size if groups is None else None
     else:
-        plan = plan_module.make_plan(model, strategy, rules, example_input)
+        plan = plan_module.plan_by_rules(model, strategy, rules, example_input)
     if groups is None:
         import torch.distributed as dist
 

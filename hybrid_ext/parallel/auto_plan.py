@@ -1,7 +1,7 @@
 """``strategy="auto"``: shard or replicate each Linear chain, and pick ``mp_size``, by the predicted step.
 
 The candidates: every Linear chain (consecutive Linear layers of one ``nn.Sequential`` with elementwise layers
-between, as :func:`~hybrid_ext.parallel.plan.make_plan` finds them; a Linear elsewhere is a chain of one) either
+between, as :func:`~hybrid_ext.parallel.plan.plan_by_rules` finds them; a Linear elsewhere is a chain of one) either
 sharded (column / row / column_last, as under ``hybrid``) or replicated, and every ``mp_size`` > 1 dividing the
 world size (or the one given); all chains replicated is ``dp``. Up to ``MAX_EXHAUSTIVE_CHAINS`` chains every
 combination is predicted; beyond, one pass of toggling each chain from all-sharded, kept where it helps. The plan
@@ -9,8 +9,8 @@ with the least predicted step (:func:`~hybrid_ext.parallel.step_model.predict_st
 sharded chains, then the smaller ``mp_size``. Convolutions stay data-parallel (``mp``'s channel split is not a
 candidate).
 
-The choice is only as good as ``predict_step``: its step times are not validated against measurements yet, and
-on this repository's 2-core test machine they run low (dp's allreduce about 2× low), which favours dp.
+The choice is only as good as ``predict_step`` (docs/benchmarks.md sets it against measured steps on this
+repository's 2-core machine: dp within −18 to +7 %, hybrid −13 to +24 %, mp off by up to 43 %).
 
 Across ranks (:func:`plan_on_ranks`): every rank profiles its layers (:func:`~hybrid_ext.parallel.layer_profile.
 profile_layers` on ``example_input``), the ranks agree on the element-wise maximum of every layer's times (one
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from hybrid_ext.parallel.layer_profile import LayerTable, profile_layers
-from hybrid_ext.parallel.plan import PartitionPlan, _linear_chains, check_shardable, make_plan
+from hybrid_ext.parallel.plan import PartitionPlan, _linear_chains, check_shardable, plan_by_rules
 from hybrid_ext.parallel.step_model import StepPrediction, predict_step
 from hybrid_ext.parallel.step_traffic import Links
 
@@ -71,8 +71,7 @@ class AutoPlan(PartitionPlan):
         by_path = {layer.path: layer for layer in step.layers} if step else {}
         width = max((len(p) for p in self.styles), default=10)
         lines = [
-            f"hybrid-ext plan (strategy=auto: {self.strategy}, mp_size={self.mp_size}; predicted by predict_step, "
-            "not validated against measurements)",
+            f"hybrid-ext plan (strategy=auto: {self.strategy}, mp_size={self.mp_size}; predicted by predict_step)",
             f"  {'layer':<{width}}  {'style':<12} {'params':>12} {'fwd ms':>8} {'bwd ms':>8} {'comm ms':>8}",
         ]
         for path, style in self.styles.items():
@@ -120,6 +119,7 @@ def choose_plan(
     links: Links | None = None,
     network_constants=None,
     compute_scale: float = 1.0,
+    cores_busy: bool = False,
 ) -> AutoPlan:
     """The candidate with the least predicted step (see the module docstring), from ``table``'s layer times.
 
@@ -141,7 +141,7 @@ def choose_plan(
     def predict(strategy: str, m: int, plan: PartitionPlan) -> StepPrediction:
         return predict_step(
             model, table, plan.styles, strategy, world, m, micro_batch, grad_algorithm, bucket_bytes, links,
-            network_constants=network_constants, compute_scale=compute_scale,
+            network_constants=network_constants, compute_scale=compute_scale, cores_busy=cores_busy,
         )  # fmt: skip
 
     results: dict[tuple[str, int, tuple[str, ...]], tuple[Candidate, PartitionPlan, StepPrediction]] = {}
@@ -152,10 +152,10 @@ def choose_plan(
         if key in results:
             return results[key]
         if not sharded:
-            plan = make_plan(model, "dp")
+            plan = plan_by_rules(model, "dp")
         else:
             rules = {p: "dp" for i, chain in enumerate(chains) if i not in sharded for p in chain}
-            plan = make_plan(model, "hybrid", rules)
+            plan = plan_by_rules(model, "hybrid", rules)
             try:
                 check_shardable(model, plan, m)
             except ValueError:
@@ -201,6 +201,37 @@ def _needs_example(example_input) -> None:
         )
 
 
+def make_plan(
+    model: nn.Module,
+    strategy: str,
+    rules: dict[str, str] | None = None,
+    example_input=None,
+    world: int | None = None,
+) -> PartitionPlan:
+    """Decide every parameterised layer's style without changing the model: what ``parallelize`` would shard.
+
+    Args:
+        model (nn.Module): the model, before any wrapping.
+        strategy (str): ``"dp"``, ``"hybrid"`` or ``"mp"`` (the rules of :func:`~hybrid_ext.parallel.plan.
+            plan_by_rules`), or ``"auto"``: the plan with the least predicted step, its layers profiled in this
+            process (:func:`plan_alone`).
+        rules (dict or None): module path pattern (``fnmatch``) → style, overriding the rules' choice (not with
+            ``"auto"``).
+        example_input (torch.Tensor or None): a micro-batch the model accepts; lets the rules measure parameters
+            per FLOP; needed by ``"auto"``.
+        world (int or None): the number of ranks the plan is for; needed by ``"auto"``.
+
+    Returns:
+        PartitionPlan: each layer's style (an :class:`AutoPlan`, with its prediction, for ``"auto"``).
+
+    Raises:
+        ValueError: an unknown strategy or rule, or ``"auto"`` without ``example_input`` or ``world``.
+    """
+    if strategy == "auto":
+        return plan_alone(model, example_input, world, rules)
+    return plan_by_rules(model, strategy, rules, example_input)  # it names an unknown strategy
+
+
 def plan_alone(model: nn.Module, example_input, world: int, rules=None) -> AutoPlan:
     """``make_plan(model, "auto", example_input=..., world=...)``: profiled in this process, no agreement."""
     _needs_example(example_input)
@@ -212,23 +243,26 @@ def plan_alone(model: nn.Module, example_input, world: int, rules=None) -> AutoP
 
 
 def agree_on_times(table: LayerTable, world) -> LayerTable:
-    """Every layer's forward and backward seconds: the maximum over the ranks of ``world`` (a Communicator)."""
+    """Every time of the table (each layer's forward and backward seconds and their fixed parts, the glue between
+    layers, the optimizer's seconds per element): the maximum over the ranks of ``world`` (a Communicator)."""
     cpu = torch.device("cpu")
-    counts = world.run(lambda: world.block_counts(len(table.layers), cpu))
+    counts = world.row_counts(len(table.layers), device=cpu, name="auto plan layer counts")
     if len(set(counts)) > 1:
         raise ValueError(f"strategy='auto': ranks profiled different numbers of layers {list(counts)}")
-    values = [v for r in table.layers.values() for v in (r.forward_s, r.backward_s)]
-    agreed = world.run(lambda: world._max_over_ranks(values)) if values else []
+    fields = ("forward_s", "backward_s", "forward_fixed_s", "backward_fixed_s")
+    whole = ("optimizer_s_per_element", "glue_forward_s", "glue_backward_s")
+    values = [getattr(r, f) for r in table.layers.values() for f in fields] + [getattr(table, f) for f in whole]
+    agreed = world.max_over_ranks(values, name="auto plan layer times")
     layers = {
-        path: replace(record, forward_s=agreed[2 * i], backward_s=agreed[2 * i + 1])
+        path: replace(record, **dict(zip(fields, agreed[len(fields) * i : len(fields) * (i + 1)])))
         for i, (path, record) in enumerate(table.layers.items())
     }
-    return LayerTable(table.micro_batch, table.device, layers)
+    return LayerTable(table.micro_batch, table.device, layers, *agreed[-len(whole) :])
 
 
 def check_same_plan(plan: AutoPlan, world) -> None:
     """Raise on every rank if the ranks chose different plans (their fingerprints differ)."""
-    prints = world.run(lambda: world.block_counts(plan.fingerprint(), torch.device("cpu")))
+    prints = world.row_counts(plan.fingerprint(), device="cpu", name="auto plan fingerprint")
     if len(set(prints)) > 1:
         raise RuntimeError(
             f"strategy='auto' chose different plans on different ranks (fingerprints {[hex(p) for p in prints]}; "

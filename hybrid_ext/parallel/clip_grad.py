@@ -52,11 +52,11 @@ def total_grad_norm(
         part = _norm(grads, norm_type, foreach, device)
         if math.isinf(norm_type):
             combined = part.reshape(1).to(torch.float32).clone()
-            comm.run(lambda c=combined, m=comm: m.allreduce_now([c], "max", "auto", name="grad norm (max)"))
+            comm.allreduce([combined], op="max", name="grad norm (max)")
             total = torch.maximum(total, combined[0].to(total.dtype))
         else:
             powered = (part.to(torch.float32) ** norm_type).reshape(1).clone()
-            comm.run(lambda c=powered, m=comm: m.allreduce_now([c], "sum", "auto", name="grad norm"))
+            comm.allreduce([powered], name="grad norm")
             total = (total.to(torch.float32) ** norm_type + powered[0]) ** (1.0 / norm_type)
     return total
 

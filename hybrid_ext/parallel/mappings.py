@@ -27,43 +27,39 @@ from hybrid_ext.comm import Communicator
 from hybrid_ext.comm.schedule import block_bounds
 
 
-def _counts_along(comm: Communicator, rows: int, device: torch.device) -> tuple[int, ...]:
-    return comm.run(lambda: comm.block_counts(rows, device))
+def _allgather_rows(comm: Communicator, x: torch.Tensor, counts: tuple[int, ...], name: str) -> torch.Tensor:
+    return comm.allgather(x.contiguous(), counts=counts, name=name)
 
 
-def _allgather_rows(comm: Communicator, x: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
-    return comm.run(lambda: comm.allgather_now(x.contiguous(), counts, "auto"))
-
-
-def _reduce_scatter_rows(comm: Communicator, x: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
-    return comm.run(lambda: comm.reduce_scatter_now(x.contiguous(), counts, "sum", "auto"))
+def _reduce_scatter_rows(comm: Communicator, x: torch.Tensor, counts: tuple[int, ...], name: str) -> torch.Tensor:
+    return comm.reduce_scatter(x.contiguous(), counts=counts, name=name)
 
 
 class _GatherBatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, comm: Communicator, counts: tuple[int, ...]):
         ctx.comm, ctx.counts = comm, counts
-        return _allgather_rows(comm, x, counts)
+        return _allgather_rows(comm, x, counts, "gather batch")
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _reduce_scatter_rows(ctx.comm, grad, ctx.counts), None, None
+        return _reduce_scatter_rows(ctx.comm, grad, ctx.counts, "gather batch backward"), None, None
 
 
 class _ScatterBatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, comm: Communicator, counts: tuple[int, ...]):
         ctx.comm, ctx.counts = comm, counts
-        return _reduce_scatter_rows(comm, x, counts)
+        return _reduce_scatter_rows(comm, x, counts, "scatter batch")
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _allgather_rows(ctx.comm, grad, ctx.counts), None, None
+        return _allgather_rows(ctx.comm, grad, ctx.counts, "scatter batch backward"), None, None
 
 
 def batch_counts(x: torch.Tensor, comm: Communicator) -> tuple[int, ...]:
     """Rows (samples) per rank of the group, exchanged once per forward."""
-    return _counts_along(comm, x.shape[0], x.device) if comm.size > 1 else (x.shape[0],)
+    return comm.row_counts(x.shape[0], device=x.device, name="batch counts") if comm.size > 1 else (x.shape[0],)
 
 
 def gather_batch(x: torch.Tensor, comm: Communicator, counts: tuple[int, ...]) -> torch.Tensor:
@@ -130,9 +126,9 @@ def _split(x: torch.Tensor, sizes: tuple[int, ...], dim: int) -> list[torch.Tens
 # ---------------------------------------------------------------------- model parallelism alone
 
 
-def _allreduce_sum(comm: Communicator, x: torch.Tensor) -> torch.Tensor:
+def _allreduce_sum(comm: Communicator, x: torch.Tensor, name: str) -> torch.Tensor:
     out = x.contiguous().clone()
-    comm.run(lambda: comm.allreduce_now([out], "sum", "auto"))
+    comm.allreduce([out], name=name)
     return out
 
 
@@ -144,13 +140,13 @@ class _CopyToGroup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _allreduce_sum(ctx.comm, grad), None
+        return _allreduce_sum(ctx.comm, grad, "copy to group backward"), None
 
 
 class _ReduceFromGroup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, comm: Communicator):
-        return _allreduce_sum(comm, x)
+        return _allreduce_sum(comm, x, "reduce from group")
 
     @staticmethod
     def backward(ctx, grad):
@@ -162,7 +158,7 @@ class _GatherDim(torch.autograd.Function):
     def forward(ctx, x, comm: Communicator, dim: int, sizes: tuple[int, ...]):
         ctx.comm, ctx.dim, ctx.sizes = comm, dim, sizes
         moved = x.movedim(dim, 0).contiguous()
-        gathered = _allgather_rows(comm, moved, sizes)
+        gathered = _allgather_rows(comm, moved, sizes, f"gather dim {dim}")
         return gathered.movedim(0, dim).contiguous()
 
     @staticmethod

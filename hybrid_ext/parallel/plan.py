@@ -122,12 +122,8 @@ def params_per_flop(model: nn.Module, example_input) -> dict[str, float]:
     return scores
 
 
-def make_plan(
-    model: nn.Module,
-    strategy: str,
-    rules: dict[str, str] | None = None,
-    example_input=None,
-    world: int | None = None,
+def plan_by_rules(
+    model: nn.Module, strategy: str, rules: dict[str, str] | None = None, example_input=None
 ) -> PartitionPlan:
     """Decide every parameterised layer's style (see the module docstring). Nothing is changed.
 
@@ -135,13 +131,8 @@ def make_plan(
     ``MIN_PARAMS_PER_FLOP`` parameters per multiply-add per sample: a Linear applied at many positions (a
     sequence, a feature map) is compute-heavy and stays data-parallel, as convolutions do.
 
-    ``strategy="auto"`` (needs ``example_input`` and ``world``, the number of ranks): the plan with the least
-    predicted step, its layers profiled in this process (:func:`hybrid_ext.parallel.auto_plan.plan_alone`).
+    ``strategy="auto"`` is :func:`hybrid_ext.parallel.make_plan`'s, which plans its candidates with this.
     """
-    if strategy == "auto":
-        from hybrid_ext.parallel.auto_plan import plan_alone
-
-        return plan_alone(model, example_input, world, rules)
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)} or auto")
     rules = dict(rules or {})

@@ -45,7 +45,7 @@ def check(named: Sequence[tuple[str, torch.Tensor]], comm: Communicator, over: s
     if comm.size == 1 or not named:
         return
     values = torch.tensor([[fingerprint(t) for _, t in named]], dtype=torch.float64)
-    table = comm.run(lambda: comm.allgather_now(values.to(comm.device), None, "auto", name="replica check"))
+    table = comm.allgather(values.to(comm.device), name="replica check")
     table = table.cpu()
     differs = (table != table[0]).any(dim=0)
     if bool(differs.any()):

@@ -27,7 +27,7 @@ def broadcast_from_first(tensors: list[torch.Tensor], comm: Communicator) -> Non
     with torch.no_grad():
         for group in by_dtype.values():
             work = [t.detach().clone() if comm.rank == 0 else torch.zeros_like(t) for t in group]
-            comm.run(lambda w=work: comm.allreduce_now(w, "sum", "auto"))
+            comm.allreduce(work, name=f"broadcast from first rank ({group[0].dtype})")
             for t, w in zip(group, work):
                 t.copy_(w)
 
@@ -57,7 +57,7 @@ def replace_buffers_with_first_ranks(model: nn.Module, comm: Communicator) -> No
     with torch.no_grad():
         for group in by_dtype.values():
             work = [b.detach().clone() if comm.rank == 0 else torch.zeros_like(b) for b in group]
-            comm.run(lambda w=work: comm.allreduce_now(w, "sum", "auto"))
+            comm.allreduce(work, name=f"replicated buffers ({group[0].dtype})")
             fresh.update((id(b), w) for b, w in zip(group, work))
     if comm.rank == 0:
         return  # its own values, unchanged

@@ -69,7 +69,7 @@ def gather(shard: torch.Tensor, dim: int, sizes: tuple[int, ...], comm: Communic
         return shard.detach().clone()
     moved = shard.detach().movedim(dim, 0).contiguous()
     try:
-        full = comm.run(lambda: comm.allgather_now(moved, sizes, "auto", name=f"gather {what}"))
+        full = comm.allgather(moved, counts=sizes, name=f"gather {what}")
     except PeerError as error:
         raise RuntimeError(
             f"gathering {what} over the model-parallel group failed: every rank of that group must call "

@@ -49,15 +49,14 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from hybrid_ext.comm import cost_model
-from hybrid_ext.comm.communicator import HIERARCHY_MIN_BYTES
+from hybrid_ext.comm import choose, cost_model
 from hybrid_ext.comm.hierarchy import (
-    equal_hosts,
     plan_hierarchical,
     plan_hierarchical_allgather,
     plan_hierarchical_reduce_scatter,
 )
 from hybrid_ext.comm.schedule import Plan, plan_allgather, plan_allreduce, plan_reduce_scatter
+from hybrid_ext.comm.topology import Topology
 from hybrid_ext.parallel.layer_profile import LayerTable
 from hybrid_ext.parallel.mappings import shard_sizes
 from hybrid_ext.parallel.reducer import GRAD_ALGORITHMS
@@ -80,6 +79,13 @@ class Links:
     native: str | None = None
     hosts: tuple[int, ...] | None = None
     network: str = "torch-gloo"
+
+    @property
+    def ranks_per_link(self) -> int:
+        """The most ranks on one host: they send at once in a step's collectives, over their host's one link."""
+        if self.hosts is None:
+            return 1
+        return max(self.hosts.count(h) for h in set(self.hosts))
 
     def group(self, members: list[int], rank: int) -> GroupLinks:
         """The links of the group of world ranks ``members`` (in group order), seen from group rank ``rank``."""
@@ -154,26 +160,18 @@ def _from_plan(
     )
 
 
+def _topology(group: GroupLinks) -> Topology:
+    """The group as the communicator sees it (:class:`~hybrid_ext.comm.topology.Topology`): its choices are ours."""
+    if group.hosts is None:
+        return Topology(group.size, group.transport, None, None, group.transport)
+    return Topology(group.size, group.transport, group.hosts, group.local, group.network)
+
+
 def _allreduce_schedule(algorithm: str, nbytes: int, group: GroupLinks) -> str:
     """The schedule the communicator runs for a request of ``algorithm`` with the tuner off (or ``native``)."""
     if algorithm == cost_model.NATIVE:
         return algorithm
-    hosts = group.hosts
-    spans = hosts is not None
-    if algorithm.startswith(cost_model.HIERARCHICAL_PREFIX):
-        return algorithm if spans else algorithm.removeprefix(cost_model.HIERARCHICAL_PREFIX)
-    if algorithm == "hierarchical" and not spans:
-        algorithm = "auto"
-    if spans and (
-        algorithm == "hierarchical"
-        or (algorithm in ("auto", "butterfly") and nbytes >= HIERARCHY_MIN_BYTES and not cost_model.forced())
-    ):
-        lanes = max(hosts.count(h) for h in set(hosts))
-        between = "butterfly" if algorithm == "butterfly" else "auto"
-        inter = cost_model.resolve(between, nbytes // lanes, len(set(hosts)), group.network)
-        return cost_model.HIERARCHICAL_PREFIX + inter
-    native = group.native if nbytes > 0 else None
-    return cost_model.resolve(algorithm, nbytes, group.size, group.transport, native=native)
+    return choose.allreduce(algorithm, nbytes, _topology(group), native=group.native, tune=False)
 
 
 def allreduce_transfer(
@@ -197,13 +195,12 @@ def allreduce_transfer(
 
 
 def _block_plan(gather: bool, blocks: tuple[int, ...], itemsize: int, group: GroupLinks) -> Plan:
-    """``auto``'s all-gather / reduce-scatter: hierarchical on equal hosts from 64 KiB, else the flat butterfly."""
-    hosts = group.hosts
-    if hosts is not None and equal_hosts(hosts) and sum(blocks) * itemsize >= HIERARCHY_MIN_BYTES:
-        return (plan_hierarchical_allgather if gather else plan_hierarchical_reduce_scatter)(group.rank, hosts, blocks)
-    if gather:
-        return plan_allgather("recursive_doubling", group.rank, blocks)
-    return plan_reduce_scatter("recursive_halving", group.rank, blocks)
+    """``auto``'s all-gather / reduce-scatter (:func:`hybrid_ext.comm.choose.block_schedule`)."""
+    chosen = choose.block_schedule(gather, "auto", sum(blocks) * itemsize, _topology(group))
+    if chosen == choose.HIERARCHICAL:
+        layered = plan_hierarchical_allgather if gather else plan_hierarchical_reduce_scatter
+        return layered(group.rank, group.hosts, blocks)
+    return (plan_allgather if gather else plan_reduce_scatter)(chosen, group.rank, blocks)
 
 
 def allgather_transfer(name: str, phase: str, blocks: tuple[int, ...], itemsize: int, group: GroupLinks) -> Transfer:
@@ -285,7 +282,7 @@ class _Param:
     sharded: bool
 
 
-def _parameters_after_wrap(model: nn.Module, styles: dict[str, str], mp_size: int, mp_rank: int) -> list[_Param]:
+def parameters_after_wrap(model: nn.Module, styles: dict[str, str], mp_size: int, mp_rank: int) -> list[_Param]:
     """Every trainable parameter as this rank holds it after ``parallelize``, in the wrapped model's order."""
     params, seen = [], set()
     for path, module in model.named_modules():
@@ -343,7 +340,7 @@ def gradient_transfers(
     if strategy == "mp":
         return []  # every rank computes the same loss: nothing to combine
     m = mp_size if strategy == "hybrid" else 1
-    params = _parameters_after_wrap(model, styles if strategy == "hybrid" else {}, m, rank % m)
+    params = parameters_after_wrap(model, styles if strategy == "hybrid" else {}, m, rank % m)
     position = {id(p): i for i, p in enumerate(params)}
     algorithm = "butterfly" if grad_algorithm in ("butterfly", "auto") else grad_algorithm
     groups = [("replicated", [p for p in params if not p.sharded], links.group(list(range(world)), rank))]
@@ -381,7 +378,7 @@ def step_transfers(
 ) -> list[Transfer]:
     """Everything rank ``rank`` sends in one step: forward (layer order), backward (reverse), gradient buckets.
 
-    ``styles``: the plan's layer path → style (``make_plan(model, strategy).styles``); ``table``: the layers'
+    ``styles``: the plan's layer path → style (``plan_by_rules(model, strategy).styles``); ``table``: the layers'
     shapes (:func:`~hybrid_ext.parallel.layer_profile.layer_shapes`); ``micro_batch``: b, samples per rank."""
     links = links or Links()
     if links.hosts is not None and len(links.hosts) != world:

@@ -21,8 +21,8 @@ from torch import nn
 from hybrid_ext.comm import Communicator
 
 
-def _allreduce_sum(comm: Communicator, t: torch.Tensor) -> torch.Tensor:
-    comm.run(lambda: comm.allreduce_now([t], "sum", "auto"))
+def _allreduce_sum(comm: Communicator, t: torch.Tensor, name: str) -> torch.Tensor:
+    comm.allreduce([t], name=name)
     return t
 
 
@@ -34,7 +34,7 @@ class _SyncBatchNorm(torch.autograd.Function):
         wide = x.double()
         local_count = x.numel() // x.shape[1]
         stats = torch.cat([wide.sum(dims), (wide * wide).sum(dims), wide.new_tensor([local_count])])
-        _allreduce_sum(comm, stats)
+        _allreduce_sum(comm, stats, "sync batchnorm stats")
         channels = x.shape[1]
         count = stats[-1].item()
         mean = stats[:channels] / count
@@ -57,7 +57,7 @@ class _SyncBatchNorm(torch.autograd.Function):
         local_dy = grad.sum(dims)
         local_dy_xhat = (grad * xhat).sum(dims)
         sums = torch.cat([local_dy, local_dy_xhat]).double()
-        _allreduce_sum(ctx.comm, sums)
+        _allreduce_sum(ctx.comm, sums, "sync batchnorm grad sums")
         channels = xhat.shape[1]
         mean_dy = (sums[:channels] / ctx.count).to(grad.dtype).view(shape)
         mean_dy_xhat = (sums[channels:] / ctx.count).to(grad.dtype).view(shape)

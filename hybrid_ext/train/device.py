@@ -18,7 +18,7 @@ import argparse
 import os
 from typing import TYPE_CHECKING
 
-from hybrid_ext.comm.device_route import NCCL_MULTI_RANK_ENV, nccl_shares_gpus
+from hybrid_ext.comm.transports.device_route import NCCL_MULTI_RANK_ENV, nccl_shares_gpus
 
 if TYPE_CHECKING:
     import torch

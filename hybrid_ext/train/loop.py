@@ -59,15 +59,15 @@ class TrainConfig:
             self.lr = models.DEFAULT_LR.get(self.model, models.DEFAULT_LR["digits_alexnet"])
 
 
-def _reduce_sum(comm, values: list[float]) -> list[float]:
+def _reduce_sum(comm, values: list[float], name: str) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=comm.device)  # where the group's transport carries
-    comm.run(lambda: comm.allreduce_now([t], "sum", "auto"))
+    comm.allreduce([t], name=name)
     return t.tolist()
 
 
-def _reduce_max(comm, value: float) -> float:
+def _reduce_max(comm, value: float, name: str) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=comm.device)
-    comm.run(lambda: comm.allreduce_now([t], "max", "auto"))
+    comm.allreduce([t], op="max", name=name)
     return t.item()
 
 
@@ -84,7 +84,7 @@ def evaluate(model, dataset, config: TrainConfig, rank: int, world: int, device:
             correct += int((model(xs.to(device)).argmax(1) == ys.to(device)).sum())
     model.train()
     comm = model.groups.world
-    total_correct, total = _reduce_sum(comm, [correct, len(y)])
+    total_correct, total = _reduce_sum(comm, [correct, len(y)], "eval accuracy")
     if config.strategy == "mp":  # every rank saw the whole set
         total_correct, total = total_correct / world, total / world
     return total_correct / max(total, 1)
@@ -159,8 +159,8 @@ def train(config: TrainConfig, groups=None, prepare: Prepare = prepare_adam) -> 
                 elapsed = time.perf_counter() - start
             correct = int((out.argmax(1) == y).sum())
             history["own_loss"].append(loss.item())
-            loss_sum, correct_sum, count = _reduce_sum(comm, [loss.item() * len(y), correct, len(y)])
-            slowest = _reduce_max(comm, elapsed)
+            loss_sum, correct_sum, count = _reduce_sum(comm, [loss.item() * len(y), correct, len(y)], "loss average")
+            slowest = _reduce_max(comm, elapsed, "slowest step")
             sent = sum(r.bytes_sent for r in records)
             values = {
                 "train/loss": loss_sum / count,

@@ -82,9 +82,7 @@ def init_distributed(reducer: str = "butterfly", **kwargs: Any) -> None:
     backend = backend_for(reducer)
     import deepspeed
 
-    if backend == BUTTERFLY_BACKEND:
-        import hybrid_ext.integrations.torch  # noqa: F401 - registers the "butterfly" backend
-
+    if backend == BUTTERFLY_BACKEND:  # registered when hybrid_ext (this module's package) was imported
         if reducer != "auto":
             set_for_process(HYBRID_EXT_ALGO=reducer)
         grad_reduction.install()  # the engine's gradient buckets reduced by hybrid-ext, copies included

@@ -54,10 +54,11 @@ def scaling(engine: Any, dp_world_size: Any) -> tuple[float | None, float | None
 
 def _butterfly_communicator(group: Any, device: torch.device) -> Any:
     """The communicator of ``group``'s ``butterfly`` backend, or None where the group runs another backend."""
-    from hybrid_ext.comm.torch_transport import resolve_group
+    from hybrid_ext.comm.transports.contract import OwnsCommunicator
+    from hybrid_ext.comm.transports.factory import resolve_group
 
     group = resolve_group(group)
-    return group.butterfly_communicator(device) if hasattr(group, "butterfly_communicator") else None
+    return group.butterfly_communicator(device) if isinstance(group, OwnsCommunicator) else None
 
 
 def _supported(engine: Any, bucket: Sequence[torch.Tensor]) -> bool:
@@ -89,13 +90,11 @@ def allreduce_and_copy(engine: Any, small_bucket: list, dp_group: Any, dp_world_
         return _original(engine, small_bucket, dp_group, dp_world_size)
     if dp_world_size is None:
         dp_world_size = dist.get_world_size(group=dp_group)
-    from hybrid_ext.integrations.torch.backend import requested_algorithm
+    from hybrid_ext.comm.cost_model import requested_algorithm
 
     before, after = scaling(engine, dp_world_size)
     bucket, algorithm = list(small_bucket), requested_algorithm()  # what the backend runs for DeepSpeed's own
-    comm.run(
-        lambda: comm.allreduce_now(bucket, "sum", algorithm, name="deepspeed.bucket", prescale=before, postscale=after)
-    )
+    comm.allreduce(bucket, algorithm=algorithm, name="deepspeed.bucket", prescale=before, postscale=after)
 
 
 _ORIGINAL: dict[str, Any] = {}

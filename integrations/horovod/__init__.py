@@ -13,11 +13,11 @@ model = hybrid_ext.parallelize(model, strategy="hybrid", reducer="butterfly", gr
 
 from hybrid_ext.integrations.horovod.groups import horovod_groups
 from hybrid_ext.integrations.horovod.op import Butterfly, ButterflyHandle, ButterflyOp, ButterflySum, register
+from hybrid_ext.integrations.horovod.session import reset
 from hybrid_ext.integrations.horovod.transport import (
     HorovodAlltoallTransport,
     communicator_for,
     process_set_for,
-    reset,
     side_channel,
 )
 

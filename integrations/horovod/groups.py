@@ -52,7 +52,7 @@ def horovod_groups(mp_size: int | None = None, device: torch.device | None = Non
 
 
 def forget() -> None:
-    """Drop the cached grids (a Horovod reset: :func:`~hybrid_ext.integrations.horovod.transport.reset`)."""
+    """Drop the cached grids (a Horovod reset: :func:`~hybrid_ext.integrations.horovod.session.reset`)."""
     _cache.clear()
 
 

@@ -43,8 +43,9 @@ from typing import Any
 import torch
 
 from hybrid_ext.comm import SUPPORTED_DTYPES, Communicator, Handle
-from hybrid_ext.comm.transport import PeerError
-from hybrid_ext.integrations.horovod.transport import communicator_for, reset
+from hybrid_ext.comm.transports.contract import PeerError
+from hybrid_ext.integrations.horovod.session import reset
+from hybrid_ext.integrations.horovod.transport import communicator_for
 
 # module -> names wrapped there. Pinned by tests: a Horovod upgrade that moves any of them fails loudly.
 # shutdown: in each module that binds it (horovod.torch.elastic's _reset calls its own binding between attempts).
@@ -124,6 +125,7 @@ def _start(
     postscale_factor: float,
     process_set: Any,
     grouped: bool,
+    name: str | None,
 ) -> ButterflyHandle:
     tensors, outputs = list(tensors), list(outputs)
     _check(tensors, op)
@@ -135,6 +137,9 @@ def _start(
         if out is not t:
             out.copy_(t)
 
+    # Horovod's name for the reduction where the caller gave one (it names gradients by parameter).
+    label = f"horovod {'grouped_allreduce' if grouped else 'allreduce'} {name or ''}".rstrip()
+
     def job() -> list[torch.Tensor]:
         if prescale_factor != 1.0:
             for out in outputs:
@@ -144,10 +149,10 @@ def _start(
             by_dtype.setdefault(out.dtype, []).append(out)
         for group in by_dtype.values():  # a grouped reduction is one collective per dtype
             if grouped:
-                comm.allreduce_now(group, op.reduce_op, "auto")
+                comm.allreduce(group, op=op.reduce_op, name=f"{label} ({group[0].dtype})")
             else:
                 for out in group:
-                    comm.allreduce_now([out], op.reduce_op, "auto")
+                    comm.allreduce([out], op=op.reduce_op, name=label)
         if postscale_factor != 1.0:
             for out in outputs:
                 out.mul_(postscale_factor)
@@ -158,7 +163,7 @@ def _start(
 
 def _allreduce_async(tensor, output, name, op, prescale_factor, postscale_factor, process_set):
     if isinstance(op, ButterflyOp):
-        return _start([tensor], [output], op, prescale_factor, postscale_factor, process_set, grouped=False)
+        return _start([tensor], [output], op, prescale_factor, postscale_factor, process_set, grouped=False, name=name)
     return _originals["horovod.torch.mpi_ops._allreduce_async"](
         tensor, output, name, op, prescale_factor, postscale_factor, process_set
     )
@@ -166,7 +171,7 @@ def _allreduce_async(tensor, output, name, op, prescale_factor, postscale_factor
 
 def _grouped_allreduce_async(tensors, outputs, name, op, prescale_factor, postscale_factor, process_set):
     if isinstance(op, ButterflyOp):
-        return _start(tensors, outputs, op, prescale_factor, postscale_factor, process_set, grouped=True)
+        return _start(tensors, outputs, op, prescale_factor, postscale_factor, process_set, grouped=True, name=name)
     return _originals["horovod.torch.mpi_ops._grouped_allreduce_async"](
         tensors, outputs, name, op, prescale_factor, postscale_factor, process_set
     )
@@ -185,7 +190,7 @@ def poll(handle) -> bool:
 
 
 def shutdown(*args, **kwargs):
-    """``hvd.shutdown``, after forgetting the side channels of this Horovod session (see :func:`.transport.reset`).
+    """``hvd.shutdown``, after forgetting the side channels of this Horovod session (see :func:`.session.reset`).
 
     ``hvd.elastic.run`` shuts Horovod down and initializes it again whenever ranks are lost or added: the next
     Butterfly reduction must meet the ranks there are then, not the channel to the ones before.

@@ -4,7 +4,7 @@
   Horovod process set. The set's first rank opens a TCPStore and ``hvd.broadcast_object`` tells the others
   where it is — the only Horovod call — then the ranks exchange through shared memory when they share a host,
   else through a gloo (CPU) / NCCL (CUDA) group built from that store
-  (:mod:`hybrid_ext.integrations.torch.side_channel`); CUDA tensors take gloo with staging where NCCL cannot
+  (:mod:`hybrid_ext.comm.transports.side_channel`); CUDA tensors take gloo with staging where NCCL cannot
   serve the set (no NCCL, or ranks sharing a GPU that their NCCL refuses). Set up lazily, on a set's first
   Butterfly reduction, which every member makes together; nothing to configure under plain ``horovodrun``.
 - :class:`HorovodAlltoallTransport`: each exchange is one ``hvd.alltoall`` with splits that send only to the
@@ -14,11 +14,12 @@
 Horovod's own allreduce (:class:`HorovodNativeCollectives`) is a candidate of ``auto`` on every such communicator:
 it runs through Horovod's engine (matched by name, so it keeps out of the way of the job's own Horovod ops).
 
-Side channels, communicators and the partitioner's grids belong to one Horovod session: :func:`reset` forgets
-them, and ``hvd.shutdown`` (wrapped by :func:`~hybrid_ext.integrations.horovod.register`) calls it — which is
-what ``hvd.elastic.run`` does before it re-initializes Horovod for the ranks left after a host is lost (or
-joined). The next Butterfly reduction then opens a side channel among the new ranks. A cached channel whose
-rank or size no longer matches Horovod's is replaced as well (Horovod re-initialized without the wrapper).
+Side channels, communicators and the partitioner's grids belong to one Horovod session:
+:func:`~hybrid_ext.integrations.horovod.session.reset` forgets them, and ``hvd.shutdown`` (wrapped by
+:func:`~hybrid_ext.integrations.horovod.register`) calls it — which is what ``hvd.elastic.run`` does before it
+re-initializes Horovod for the ranks left after a host is lost (or joined). The next Butterfly reduction then opens
+a side channel among the new ranks. A cached channel whose rank or size no longer matches Horovod's is replaced as
+well (Horovod re-initialized without the wrapper).
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ from typing import Any
 import torch
 
 from hybrid_ext.comm import Communicator
-from hybrid_ext.comm.torch_transport import DEFAULT_TIMEOUT
-from hybrid_ext.comm.transport import PeerError
-from hybrid_ext.integrations.torch.side_channel import SideChannel, open_side_channel
+from hybrid_ext.comm.transports.contract import HasNative, PeerError
+from hybrid_ext.comm.transports.side_channel import SideChannel, open_side_channel
+from hybrid_ext.comm.transports.torch_p2p import DEFAULT_TIMEOUT
 
 _lock = threading.Lock()
 _channels: dict[int, SideChannel] = {}
@@ -149,21 +150,13 @@ def communicator_for(process_set: Any, device: torch.device) -> Communicator:
         return comm
 
 
-def reset() -> None:
-    """Forget every side channel, communicator and partitioner grid made so far, and close the channels.
-
-    ``hvd.shutdown`` calls this once :func:`~hybrid_ext.integrations.horovod.register` has run (so does
-    ``hvd.elastic.run`` between attempts); call it yourself after re-initializing Horovod without
-    ``register()``. Models parallelized over an old grid (``horovod_groups()``) still hold its communicators:
-    parallelize them anew after a reset.
-    """
-    from hybrid_ext.integrations.horovod import groups
-
+def forget_channels() -> None:
+    """Forget every side channel and communicator made so far, and close the channels (see
+    :func:`~hybrid_ext.integrations.horovod.session.reset`, which also forgets the partitioner's grids)."""
     with _lock:
         channels = list(_channels.values())
         _channels.clear()
         _communicators.clear()
-        groups.forget()
     for channel in channels:
         channel.close()
 
@@ -192,7 +185,7 @@ class HorovodNativeCollectives:
             raise PeerError(f"Horovod's allreduce {name} failed: {exc}") from exc
 
 
-class HorovodAlltoallTransport:
+class HorovodAlltoallTransport(HasNative):
     """Each exchange is one ``hvd.alltoall`` whose splits send only to the partner.
 
     An alltoall is collective over the process set, so every member must call :meth:`exchange` at every

@@ -24,12 +24,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hybrid_ext import comm, config
-from hybrid_ext.comm import _c10d_private as c10d
-from hybrid_ext.comm.native import TorchNativeCollectives
-from hybrid_ext.comm.staged_transport import StagedTransport
-from hybrid_ext.comm.torch_transport import TorchTransport, transport_for
-from hybrid_ext.integrations.torch.side_channel import StoreCollectives, nccl_usable_for
+from hybrid_ext import comm
+from hybrid_ext.comm.cost_model import requested_algorithm
+from hybrid_ext.comm.transports import _c10d_private as c10d
+from hybrid_ext.comm.transports.factory import transport_for
+from hybrid_ext.comm.transports.native import TorchNativeCollectives
+from hybrid_ext.comm.transports.side_channel import StoreCollectives, nccl_usable_for
+from hybrid_ext.comm.transports.staged import StagedTransport
+from hybrid_ext.comm.transports.torch_p2p import TorchTransport
 
 BACKEND_NAME = "butterfly"
 
@@ -190,9 +192,9 @@ class ButterflyProcessGroup(dist.ProcessGroup):
         def job():
             if separate:  # all_reduce of several tensors reduces each on its own, as other backends do
                 for t in tensors:
-                    group_comm.allreduce_now([t], op, algorithm)
+                    group_comm.allreduce([t], op=op, algorithm=algorithm, name="c10d.allreduce")
             else:
-                group_comm.allreduce_now(tensors, op, algorithm)
+                group_comm.allreduce(tensors, op=op, algorithm=algorithm, name="c10d.allreduce_coalesced")
             return tensors
 
         return c10d.work_from_future(group_comm.submit(job).as_torch_future(tensors))
@@ -217,15 +219,6 @@ class ButterflyProcessGroup(dist.ProcessGroup):
     recvAnysource = _to_inner("recvAnysource", "recv_anysource")
     start_coalescing = _to_inner("start_coalescing", "_start_coalescing", pass_args=False)
     end_coalescing = _to_inner("end_coalescing", "_end_coalescing", pass_args=False)
-
-
-def requested_algorithm(default: str = "auto") -> str:
-    """The allreduce schedule the ``butterfly`` backend runs: ``HYBRID_EXT_ALGO`` where it names one the backend
-    takes, else ``default`` (read at every call, so a job may switch it between calls)."""
-    algorithm = config.get("HYBRID_EXT_ALGO")
-    if algorithm == "auto":
-        return default
-    return "auto" if algorithm == "native" else algorithm  # native: auto, which picks it where the group has one
 
 
 def create_butterfly_group(store: dist.Store, rank: int, size: int, timeout: timedelta) -> ButterflyProcessGroup:

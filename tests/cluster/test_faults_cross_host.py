@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-from hybrid_ext.comm import shm_transport
+from hybrid_ext.comm.transports import shm as shm_transport
 from hybrid_ext.launch import LaunchError, launcher_path, run_torchrun
 from hybrid_ext.launch.cluster import Cluster
 

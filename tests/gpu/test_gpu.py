@@ -86,13 +86,13 @@ def test_the_device_path_on_one_gpu(dtype, algorithm, issue):
     expected = (torch.cat([half, half]) * 2).to(device)
     if issue == "blocking":
         x = torch.cat([half, half]).to(device, dtype)
-        comm.run(lambda: comm.allreduce_now([x], "sum", algorithm))
+        comm.allreduce([x], algorithm=algorithm)
         torch.testing.assert_close(x.float(), expected, rtol=0, atol=0)
         return
     side = torch.cuda.Stream(device)
     with torch.cuda.stream(side):  # produced on a stream other than the communicator's
         x = torch.cat([half, half]).to(device, dtype)
-        handle = comm.submit(lambda: comm.allreduce_now([x], "sum", algorithm))
+        handle = comm.allreduce([x], algorithm=algorithm, async_op=True)
         handle.wait()  # the side stream now waits for the collective's end
         torch.testing.assert_close(x.float(), expected, rtol=0, atol=0)
 
@@ -100,7 +100,7 @@ def test_the_device_path_on_one_gpu(dtype, algorithm, issue):
 def _collectives_rank(rank: int, world: int, staged: bool) -> list[str]:
     """Every collective x dtype x size x schedule on CUDA tensors, each exact against the host's own sum."""
     import hybrid_ext
-    from hybrid_ext.comm.staged_transport import StagedTransport
+    from hybrid_ext.comm.transports.staged import StagedTransport
 
     hybrid_ext.set_check(True)  # check mode with CUDA tensors: its fingerprints travel the same route
     device = torch.device("cuda", torch.cuda.current_device())

@@ -48,7 +48,8 @@ class KillBeforeStep:
 
     def __getattr__(self, name: str):
         # The inner transport's host layout (so hierarchical plans are made as for the real group) and its fused
-        # receive-and-reduce, only where it has them (the communicator and the executor ask hasattr).
+        # receive-and-reduce, only where it has them (the HostRoutes and FusedReduce capabilities are checked by their
+        # members on an instance like this one).
         if name in _LAYOUT_ATTRIBUTES:
             return getattr(self.inner, name)
         if name != "exchange_reduce":

@@ -8,16 +8,7 @@ import sys
 
 import pytest
 
-from hybrid_ext.comm import cost_model
-
-
-@pytest.fixture(autouse=True)
-def _isolated_models(monkeypatch, tmp_path):
-    monkeypatch.setenv("HYBRID_EXT_COST_MODEL", str(tmp_path / "cost_model.json"))
-    monkeypatch.delenv("HYBRID_EXT_ALGO", raising=False)
-    cost_model._models = None
-    yield
-    cost_model._models = None
+pytestmark = pytest.mark.usefixtures("isolated_cost_models")
 
 
 @pytest.mark.multiprocess

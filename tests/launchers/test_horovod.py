@@ -163,9 +163,9 @@ def test_side_channel_stages_cuda_tensors_over_gloo_where_nccl_refuses_ranks_sha
 
     import torch.distributed as dist
 
-    from hybrid_ext.comm.staged_transport import StagedTransport
-    from hybrid_ext.comm.torch_transport import TorchTransport
-    from hybrid_ext.integrations.torch import side_channel
+    from hybrid_ext.comm.transports import side_channel
+    from hybrid_ext.comm.transports.staged import StagedTransport
+    from hybrid_ext.comm.transports.torch_p2p import TorchTransport
 
     facts = {"host": "h", "cuda": True, "gpus": 1, "nccl": True, "nccl_version": (2, 28, 9), "switch": True}
     monkeypatch.setattr(side_channel, "this_rank_gpu_facts", lambda: dict(facts))

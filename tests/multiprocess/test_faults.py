@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import hybrid_ext
-from hybrid_ext.comm import shm_transport
 from hybrid_ext.comm.registry import communicator
+from hybrid_ext.comm.transports import shm as shm_transport
 from hybrid_ext.launch import LaunchError
 
 from helpers.fault_injection import KillBeforeStep, kill_index, phases

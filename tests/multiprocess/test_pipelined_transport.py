@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hybrid_ext.comm.torch_transport import PIPELINE_CHUNK_BYTES, TorchTransport, _chunks
+from hybrid_ext.comm.transports.torch_p2p import PIPELINE_CHUNK_BYTES, TorchTransport, _chunks
 
 
 def test_messages_split_by_size_alone_and_small_ones_stay_whole():

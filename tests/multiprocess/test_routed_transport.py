@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import hybrid_ext
-from hybrid_ext.comm import shm_transport
+from hybrid_ext.comm.transports import shm as shm_transport
 
 
 def _pretend_hosts(rank: int, hosts: list[int]) -> None:
@@ -121,11 +121,7 @@ def _coalesced_and_scaled(rank: int, p: int, digest) -> list[str]:
             mine = [t.clone() for t in inputs[rank]]
             mine[1] = mine[1].t()  # strided: reduced through the working buffer and copied back whole
             expected[1] = expected[1].t()
-            comm.run(
-                lambda mine=mine, prescale=prescale, postscale=postscale: comm.allreduce_now(
-                    mine, "sum", "hierarchical/ring", prescale=prescale, postscale=postscale
-                )
-            )
+            comm.allreduce(mine, algorithm="hierarchical/ring", prescale=prescale, postscale=postscale)
             for index, (got, want) in enumerate(zip(mine, expected)):
                 digest.update(got.float().numpy().tobytes())
                 if got.shape != want.shape or not torch.equal(got.double(), want * scale):

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import hybrid_ext
-from hybrid_ext.comm import shm_allreduce, shm_kernels
-from hybrid_ext.comm.transport import PeerError
+from hybrid_ext.comm.transports import shm_allreduce, shm_kernels
+from hybrid_ext.comm.transports.contract import PeerError
 from hybrid_ext.launch import LaunchError
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int64)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hybrid_ext.comm import staged_transport as staged
 from hybrid_ext.comm.communicator import Communicator
-from hybrid_ext.comm.staged_transport import StagedTransport
-from hybrid_ext.comm.torch_transport import transport_for
+from hybrid_ext.comm.transports import staged
+from hybrid_ext.comm.transports.factory import transport_for
+from hybrid_ext.comm.transports.staged import StagedTransport
 
 
 def _staged_collectives_rank(rank: int, world: int) -> list[str]:
@@ -25,7 +25,7 @@ def _staged_collectives_rank(rank: int, world: int) -> list[str]:
             x = torch.randn(n, generator=torch.Generator().manual_seed(rank * 7 + n)).double()
             reference = x.clone()
             dist.all_reduce(reference)
-            comm.run(lambda x=x, a=algorithm: comm.allreduce_now([x], "sum", a))
+            comm.allreduce([x], algorithm=algorithm)
             if not torch.allclose(x, reference, rtol=1e-12, atol=1e-12):
                 failures.append(f"{algorithm} n={n}")
     return failures

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 import hybrid_ext
-from hybrid_ext.comm import _c10d_private as c10d
+from hybrid_ext.comm.transports import _c10d_private as c10d
 from hybrid_ext.integrations.torch import ButterflyProcessGroup
 
 from helpers.ddp_reference import reference_params, train_ddp
@@ -236,8 +236,8 @@ def _one_gpu_facts(version, switch):
 def test_ranks_sharing_a_gpu_that_nccl_refuses_get_a_staged_cuda_communicator_over_gloo(monkeypatch):
     from datetime import timedelta
 
-    from hybrid_ext.comm.staged_transport import StagedTransport
-    from hybrid_ext.integrations.torch import side_channel
+    from hybrid_ext.comm.transports import side_channel
+    from hybrid_ext.comm.transports.staged import StagedTransport
 
     monkeypatch.setattr(side_channel, "this_rank_gpu_facts", _one_gpu_facts((2, 28, 9), True))  # 2.28: refused
     monkeypatch.setattr(ButterflyProcessGroup, "cuda_entry_device", torch.device("cpu"))  # host tensors, staged
@@ -251,7 +251,7 @@ def test_ranks_sharing_a_gpu_that_nccl_refuses_get_a_staged_cuda_communicator_ov
         assert c10d.backend_name(group._inner["cuda"], torch.device("cuda")) == "gloo"
         assert group._inner["cuda"] is not group._inner["cpu"]  # CPU and CUDA collectives never pair up on one
         t = torch.arange(10, dtype=torch.float32) * (rank + 1)
-        cuda_comm.allreduce_now([t], "sum", "recursive_doubling")
+        cuda_comm.allreduce([t], algorithm="recursive_doubling")
         return t
 
     for t in _two_threads(rank_fn):
@@ -273,6 +273,6 @@ def test_ranks_sharing_a_gpu_that_nccl_refuses_get_a_staged_cuda_communicator_ov
     ],
 )
 def test_every_rank_gets_one_answer_whether_nccl_serves_the_group(facts, expected):
-    from hybrid_ext.integrations.torch.side_channel import nccl_usable_for
+    from hybrid_ext.comm.transports.side_channel import nccl_usable_for
 
     assert nccl_usable_for(lambda mine: facts) == expected

@@ -1,6 +1,6 @@
 """The fast tier runs in this process: starting a process here fails the test, so a slow test put in tests/unit
 fails loudly instead of quietly making the tier slow. Ranks for these tests are threads
-(:mod:`hybrid_ext.comm.loopback_transport`)."""
+(:mod:`hybrid_ext.comm.transports.loopback`)."""
 
 from __future__ import annotations
 

@@ -15,9 +15,9 @@ from hybrid_ext import config
 from hybrid_ext.comm.communicator import GATHER_CHOICES, SCATTER_CHOICES, Communicator
 from hybrid_ext.comm.consistency import CHECK_ENV, CollectiveMismatchError
 from hybrid_ext.comm.executor import OPS, SUPPORTED_DTYPES
-from hybrid_ext.comm.loopback_transport import LoopbackGroup, LoopbackTransport, RankError, run_ranks
 from hybrid_ext.comm.schedule import ALGORITHMS
-from hybrid_ext.comm.transport import PeerError
+from hybrid_ext.comm.transports.contract import PeerError
+from hybrid_ext.comm.transports.loopback import LoopbackGroup, LoopbackTransport, RankError, run_ranks
 
 # hybrid_ext.comm exports a function of the module's name: the module itself, for monkeypatching
 communicator_module = importlib.import_module("hybrid_ext.comm.communicator")

@@ -152,7 +152,7 @@ def test_values_set_in_code_reach_other_threads(clean_env):
 
 def test_readers_follow_the_configuration(clean_env):
     from hybrid_ext.comm import cost_model, tuner
-    from hybrid_ext.integrations.torch.backend import requested_algorithm
+    from hybrid_ext.comm.cost_model import requested_algorithm
 
     assert requested_algorithm() == "auto" and not cost_model.forced()
     with config.override(HYBRID_EXT_ALGO="ring", HYBRID_EXT_TUNE="fresh"):

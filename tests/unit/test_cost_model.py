@@ -10,14 +10,7 @@ from hybrid_ext.bench import allreduce as bench
 from hybrid_ext.comm import cost_model
 from hybrid_ext.comm.cost_model import CostModel
 
-
-@pytest.fixture(autouse=True)
-def _isolated_models(monkeypatch, tmp_path):
-    monkeypatch.setenv("HYBRID_EXT_COST_MODEL", str(tmp_path / "cost_model.json"))
-    monkeypatch.delenv("HYBRID_EXT_ALGO", raising=False)
-    cost_model._models = None
-    yield
-    cost_model._models = None
+pytestmark = pytest.mark.usefixtures("isolated_cost_models")
 
 
 def test_latency_bound_sizes_pick_recursive_doubling_and_large_pick_rabenseifner():
@@ -62,8 +55,8 @@ class _Layout:
 
     def __init__(self, rank: int, hosts: tuple[int, ...] | None) -> None:
         self.rank, self.size, self.timeout = rank, 4, 10.0
-        if hosts is not None:
-            self.hosts = hosts
+        if hosts is not None:  # a transport that knows its hosts routes between them (HostRoutes)
+            self.hosts, self.local, self.network = hosts, None, self
 
 
 @pytest.mark.parametrize("inter", ["recursive_doubling", "rabenseifner", "ring"])

@@ -1,12 +1,12 @@
 """How a tensor's device meets a group's backend: one table over every combination, decided before anything is
-sent (:mod:`hybrid_ext.comm.device_route`). A wrong "direct" here is what aborted processes on GPUs: gloo handed a
-CUDA tensor writes its device pointer to a socket."""
+sent (:mod:`hybrid_ext.comm.transports.device_route`). A wrong "direct" here is what aborted processes on GPUs: gloo
+handed a CUDA tensor writes its device pointer to a socket."""
 
 from __future__ import annotations
 
 import pytest
 
-from hybrid_ext.comm.device_route import (
+from hybrid_ext.comm.transports.device_route import (
     DIRECT,
     STAGE,
     DeviceRouteError,

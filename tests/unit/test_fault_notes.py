@@ -1,14 +1,14 @@
-"""The mailboxes through which a rank that gives up tells other hosts' ranks why (hybrid_ext.comm.fault_notes),
-in one process on loopback: read by the peer once it fails, bounded when a peer is dead, refused from an address
-the sender did not advertise."""
+"""The mailboxes through which a rank that gives up tells other hosts' ranks why
+(hybrid_ext.comm.transports.fault_notes), in one process on loopback: read by the peer once it fails, bounded when a
+peer is dead, refused from an address the sender did not advertise."""
 
 from __future__ import annotations
 
 import socket
 import time
 
-from hybrid_ext.comm import fault_notes
-from hybrid_ext.comm.fault_notes import FaultNotes
+from hybrid_ext.comm.transports import fault_notes
+from hybrid_ext.comm.transports.fault_notes import FaultNotes
 
 
 def _pair_with(b: FaultNotes) -> tuple[FaultNotes, FaultNotes]:

@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 
-from hybrid_ext.comm.loopback_transport import LoopbackGroup, LoopbackTransport, RankError, run_ranks
-from hybrid_ext.comm.transport import PeerError, Transport
+from hybrid_ext.comm.transports.contract import HostRoutes, PeerError, Transport
+from hybrid_ext.comm.transports.loopback import LoopbackGroup, LoopbackTransport, RankError, run_ranks
 
 
 def test_an_endpoint_is_a_transport_with_its_rank_size_timeout_and_name():
@@ -17,7 +17,7 @@ def test_an_endpoint_is_a_transport_with_its_rank_size_timeout_and_name():
     assert [e.rank for e in endpoints] == [0, 1, 2]
     assert all(isinstance(e, Transport) and e.size == 3 and e.timeout == 2.5 for e in endpoints)
     assert endpoints[0].name == "loopback"
-    assert not hasattr(endpoints[0], "hosts")  # one host unless labelled
+    assert not isinstance(endpoints[0], HostRoutes)  # one host unless labelled
 
 
 def test_ranks_labelled_with_hosts_carry_them():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hybrid_ext.comm.communicator import Communicator
-from hybrid_ext.comm.loopback_transport import LoopbackTransport, run_ranks
+from hybrid_ext.comm.transports.loopback import LoopbackTransport, run_ranks
 from hybrid_ext.parallel.mappings import (
     batch_counts,
     copy_to_group,

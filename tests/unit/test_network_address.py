@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hybrid_ext.comm import network_address
+from hybrid_ext.comm.transports import network_address
 
 ADDRESSES = {"lo": "127.0.0.1", "eth0": "192.0.2.10", "eth1": "198.51.100.7", "ib0": "203.0.113.5"}
 

@@ -15,12 +15,12 @@ import threading
 import pytest
 import torch
 
-from hybrid_ext.comm import device_route
-from hybrid_ext.comm import staged_transport as staged
 from hybrid_ext.comm.communicator import Communicator
-from hybrid_ext.comm.device_route import DeviceRouteError
-from hybrid_ext.comm.staged_transport import STAGE_SLOTS, StagedTransport
-from hybrid_ext.comm.torch_transport import TorchTransport, transport_for
+from hybrid_ext.comm.transports import device_route, staged
+from hybrid_ext.comm.transports.device_route import DeviceRouteError
+from hybrid_ext.comm.transports.factory import transport_for
+from hybrid_ext.comm.transports.staged import STAGE_SLOTS, StagedTransport
+from hybrid_ext.comm.transports.torch_p2p import TorchTransport
 
 
 class _Work:
@@ -160,10 +160,10 @@ def test_collectives_over_a_staged_gloo_group_equal_the_reference(monkeypatch, a
     def rank_fn(rank):
         comm = Communicator(transports[rank], "cpu")
         x = inputs[rank].clone()
-        comm.run(lambda: comm.allreduce_now([x], "sum", algorithm))
+        comm.allreduce([x], algorithm=algorithm)
         rows = torch.full((rank + 2, 3), float(rank))
-        gathered = comm.run(lambda: comm.allgather_now(rows, None, "auto"))
-        scattered = comm.run(lambda: comm.reduce_scatter_now(torch.ones(4, 5) * (rank + 1), (2, 2), "sum", "auto"))
+        gathered = comm.allgather(rows)
+        scattered = comm.reduce_scatter(torch.ones(4, 5) * (rank + 1), counts=(2, 2))
         return x, gathered, scattered
 
     expected_rows = torch.cat([torch.zeros(2, 3), torch.ones(3, 3)])

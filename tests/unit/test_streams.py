@@ -63,7 +63,7 @@ def test_an_async_collective_waits_for_the_callers_stream_and_hands_its_end_back
     blocker = threading.Event()
     comm.submit(blocker.wait)  # keeps the worker busy, so the next collective really runs there
     t = torch.ones(3)
-    handle = comm.submit(lambda: comm.allreduce_now([t], "sum", "auto"))
+    handle = comm.allreduce([t], async_op=True)
     assert ("capture", "caller") in order.events  # recorded at issue, before the worker ran anything
     blocker.set()
     handle.wait()
@@ -78,7 +78,7 @@ def test_an_async_collective_waits_for_the_callers_stream_and_hands_its_end_back
 
 def test_a_blocking_collective_leaves_its_result_ready_on_the_callers_stream():
     comm, order = _communicator()
-    comm.run(lambda: comm.allreduce_now([torch.ones(2)], "sum", "auto"))
+    comm.allreduce([torch.ones(2)])
     assert order.events == [
         ("capture", "caller"),
         ("wait for caller's stream", "caller"),

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import replace
 
 import pytest
 
+from hybrid_ext.comm import choose
 from hybrid_ext.comm import tuner as tuning
 from hybrid_ext.comm.tuner import ChoiceStore, Tuner, trials_for
 
@@ -213,7 +215,7 @@ class _StandInNative:
 
 
 def _choose_repeatedly(comm, times: dict[str, float], nbytes: int, calls: int, **kwargs) -> list[str]:
-    """Drive a one-rank communicator's choice as allreduce_now does, with made-up trial times."""
+    """Drive a one-rank communicator's choice as its allreduce does, with made-up trial times."""
     ran = []
     for _ in range(calls):
         name, trial_of = comm._allreduce_choice("auto", nbytes // 4, nbytes, **kwargs)
@@ -269,8 +271,9 @@ def test_native_is_no_candidate_where_it_may_not_run_or_the_group_has_none(tmp_p
     comm = _one_rank_communicator(tmp_path, _StandInNative())
     # A compressed wire dtype: tuned apart, among the schedules alone.
     assert "native" not in _choose_repeatedly(comm, times, 4096, 40, native_allowed=False)
-    assert comm._candidates("butterfly", False, True) == ("recursive_doubling", "rabenseifner")
-    assert comm._candidates("hierarchical", True, True) == tuple(f"hierarchical/{a}" for a in CANDIDATES)
+    one_host, two_hosts = comm.topology, replace(comm.topology, hosts=(0, 0, 1, 1), local="shm")
+    assert choose.candidates("butterfly", one_host, True) == ("recursive_doubling", "rabenseifner")
+    assert choose.candidates("hierarchical", two_hosts, True) == tuple(f"hierarchical/{a}" for a in CANDIDATES)
     assert "native" not in _choose_repeatedly(_one_rank_communicator(tmp_path), times, 4096, 40)
 
 

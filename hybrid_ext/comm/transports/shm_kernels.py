@@ -16,7 +16,7 @@ Both expose one interface (pointer arrays are ctypes arrays of addresses):
     ``dst[starts[k]:stops[k]] = sources[k][starts[k]:stops[k]]`` for every k (byte offsets).
 ``arrive(own, target, sleeping, bells, n)`` / ``wait(counters, n, target, rounds, spins)`` /
 ``sleep(sleeping, bell, counters, n, target, nanoseconds)``
-    the counter barrier of :mod:`hybrid_ext.comm.shm_allreduce`.
+    the counter barrier of :mod:`hybrid_ext.comm.transports.shm_allreduce`.
 ``small(group, dtype, op, out, source, nbytes, count, divisor, target)``
     a chunk every rank reduces whole, in one call: copy in, arrive, wait (a bounded number of looks), reduce; 1
     done, 0 when the wait ran out (the caller waits on and reduces).

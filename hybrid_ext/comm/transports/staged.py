@@ -1,10 +1,10 @@
 """Device tensors over a transport that carries host tensors only: every message copied through host buffers.
 
-What gloo groups get for CUDA tensors (see :mod:`~hybrid_ext.comm.device_route`): the host transport underneath is
-the one host tensors of the group take — shared memory between the ranks of one host, the group's send/recv to
-the others — so staging adds no route of its own. A message travels in chunks through a few pinned host slots:
-the device→host copies of the first chunks are queued at once, and each chunk goes out as soon as its own copy
-is done, while the copy engine fills the next slots; each received chunk's host→device copy is queued as it
+What gloo groups get for CUDA tensors (see :mod:`~hybrid_ext.comm.transports.device_route`): the host transport
+underneath is the one host tensors of the group take — shared memory between the ranks of one host, the group's
+send/recv to the others — so staging adds no route of its own. A message travels in chunks through a few pinned host
+slots: the device→host copies of the first chunks are queued at once, and each chunk goes out as soon as its own
+copy is done, while the copy engine fills the next slots; each received chunk's host→device copy is queued as it
 lands and runs while the next chunk is on the wire. Pinned memory needs CUDA; elsewhere the slots are plain host
 memory and the copies synchronous (how the CPU tests drive this path).
 """
@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 
 from hybrid_ext.comm.buffers import ScratchPool
-from hybrid_ext.comm.transport import Transport
+from hybrid_ext.comm.transports.contract import FusedReduce, HostRoutes, Transport
 
 # A chunk is large enough that its copy and per-exchange overhead are small beside its wire time (4 MiB takes
 # ~0.1 ms over PCIe, milliseconds over a socket), and small enough that copies overlap the wire from the first one.
@@ -25,8 +25,17 @@ STAGE_CHUNK_BYTES = 4 << 20
 STAGE_SLOTS = 4
 
 
-class StagedTransport:
-    """The transport contract for tensors on ``device`` over ``host``, a transport that takes host tensors only."""
+class StagedTransport(FusedReduce):
+    """The transport contract for tensors on ``device`` over ``host``, a transport that takes host tensors only.
+
+    Over a host transport that routes by host (:class:`~hybrid_ext.comm.transports.contract.HostRoutes`), the
+    instance is a :class:`StagedRoutedTransport`, which keeps the ranks' hosts for the hierarchical plans.
+    """
+
+    def __new__(cls, host: Transport, device: torch.device, chunk_bytes: int | None = None) -> StagedTransport:
+        if cls is StagedTransport and isinstance(host, HostRoutes):
+            cls = StagedRoutedTransport
+        return super().__new__(cls)
 
     def __init__(self, host: Transport, device: torch.device, chunk_bytes: int | None = None) -> None:
         self.host = host
@@ -36,8 +45,6 @@ class StagedTransport:
         self.name = f"{self.device.type}-staged+{host.name}"
         self.chunk_bytes = chunk_bytes or STAGE_CHUNK_BYTES
         self._pool = ScratchPool()
-        if hasattr(host, "hosts"):  # which host each rank is on: the communicator plans hierarchies with it
-            self.hosts = host.hosts
 
     @property
     def timeout(self) -> float:
@@ -115,6 +122,22 @@ class StagedTransport:
         pinned = stream is not None and not on_device
         buffer = self._pool.get(STAGE_SLOTS * size, like.dtype, device, f"stage-{role}", pinned=pinned)
         return [buffer[i * size : (i + 1) * size] for i in range(STAGE_SLOTS)]
+
+
+class StagedRoutedTransport(StagedTransport, HostRoutes):
+    """Staging over a transport that routes by host: the ranks' hosts are the host transport's.
+
+    Every message, to a host-mate or across the network, is staged through this transport, so it is its own
+    ``network`` (the cost model reads the staged route's name) and exposes no separate ``local`` stage: the pipelined
+    segments overlap a shared-memory stage of host tensors, which staged messages do not have.
+    """
+
+    local: Transport | None = None
+
+    def __init__(self, host: Transport, device: torch.device, chunk_bytes: int | None = None) -> None:
+        super().__init__(host, device, chunk_bytes)
+        self.hosts = host.hosts
+        self.network = self
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor, stream):

@@ -22,7 +22,7 @@ same core): data is written before the counter that publishes it. On other archi
 Waiting. A rank with nothing to do yields its core (``sched_yield``) so that the rank it waits for can run,
 and falls back to short sleeps after a while so an idle wait does not burn a core. Every wait checks the
 transport's deadline and whether every process of the group still exists: a dead rank raises
-:class:`~hybrid_ext.comm.transport.PeerError` naming it within ``PEER_CHECK_SECONDS`` — on every waiting rank,
+:class:`~hybrid_ext.comm.transports.contract.PeerError` naming it within ``PEER_CHECK_SECONDS`` — on every waiting rank,
 also on those whose own partner is alive but gave up — and a stuck one at the timeout. A rank that gives up on
 the network (a group spanning hosts: a rank on another host died, a link was cut) leaves a note saying why in
 its file (:meth:`ShmTransport.note`); host-mates waiting on it raise with that reason at their next check.
@@ -49,8 +49,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hybrid_ext.comm import shm_allreduce
-from hybrid_ext.comm.transport import PeerError
+from hybrid_ext.comm.transports import shm_allreduce
+from hybrid_ext.comm.transports.contract import FusedReduce, HasDirect, PeerError
 
 SHM_DIR = Path("/dev/shm")
 SLOTS = 4
@@ -139,7 +139,7 @@ def file_bytes(size: int, slot_bytes: int) -> int:
     return HEAD_BYTES + size * channel_bytes(slot_bytes) + shm_allreduce.region_bytes()
 
 
-class ShmTransport:
+class ShmTransport(FusedReduce, HasDirect):
     """The transport contract over shared memory between processes of one host (see the module docstring).
 
     Build it with :func:`create` — every rank of the group must call it together — or from the torch

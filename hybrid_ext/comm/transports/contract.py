@@ -28,25 +28,35 @@ A transport is an object with:
 ``name: str``
     Short name for metrics and error messages (``"torch-gloo"``, ``"horovod"``...).
 
-``native: NativeCollectives | None`` (optional)
+``native: NativeCollectives | None`` (optional, declared with :class:`HasNative`)
     The collectives of the group the transport runs over, where it has its own (gloo's, NCCL's, Horovod's
     allreduce): the communicator makes them a candidate of ``auto`` beside its schedules, so ``auto`` never
     runs slower than the backend would alone. A transport without a group of its own (shared memory) leaves
     it out; whoever builds that transport's communicator may pass the group's (``Communicator(native=...)``).
 
+Optional capabilities are small protocols below, which a transport declares by subclassing them and the rest of
+hybrid-ext checks with ``isinstance`` (a transport written elsewhere may also just have their members):
+:class:`FusedReduce` (reduce straight out of its own buffers), :class:`HostRoutes` (which host each rank is on, and
+the routes between and within hosts), :class:`HasNative` (the group's own collectives) and :class:`HasDirect` (the
+one-pass allreduce over shared memory).
+
 A transport is used by one collective at a time, from one thread (the group's executor, see
 :mod:`hybrid_ext.comm.ordering`); it need not be thread-safe.
 
-Implementations: :class:`~hybrid_ext.comm.torch_transport.TorchTransport` (any torch.distributed process group
-with point-to-point support: gloo, NCCL, MPI), :class:`~hybrid_ext.comm.shm_transport.ShmTransport` (ranks on
+Implementations: :class:`~hybrid_ext.comm.transports.torch_p2p.TorchTransport` (any torch.distributed process group
+with point-to-point support: gloo, NCCL, MPI), :class:`~hybrid_ext.comm.transports.shm.ShmTransport` (ranks on
 one host), and the Horovod side-channel transports in ``hybrid_ext.integrations.horovod.transport``.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
+
+if TYPE_CHECKING:
+    from hybrid_ext.comm.transports.shm_allreduce import DirectAllreduce
 
 
 class PeerError(RuntimeError):
@@ -87,3 +97,61 @@ class NativeCollectives(Protocol):
     name: str
 
     def allreduce(self, tensor: torch.Tensor, op: str) -> None: ...
+
+
+@runtime_checkable
+class FusedReduce(Protocol):
+    """A transport that reduces what arrives straight out of its own buffers (no receive copy first).
+
+    ``exchange_reduce(send, send_to, target, recv_from, reduce)`` is :meth:`Transport.exchange` with the received
+    data handed to ``reduce(dst, src)`` into ``target`` (a contiguous tensor the size of the message) instead of
+    copied into a receive tensor; the executor uses it where the plan's step reduces.
+    """
+
+    def exchange_reduce(
+        self,
+        send: torch.Tensor | None,
+        send_to: int | None,
+        target: torch.Tensor | None,
+        recv_from: int | None,
+        reduce: Callable[[torch.Tensor, torch.Tensor], None],
+    ) -> None: ...
+
+
+@runtime_checkable
+class HostRoutes(Protocol):
+    """A transport whose group spans hosts and that knows which host each rank is on.
+
+    ``hosts`` labels every group rank with its host (what the hierarchical schedules plan with); ``local`` is the
+    transport between the ranks of one host whose stage the pipelined segments overlap with the network, or None
+    where there is no such separate route; ``network`` is the transport between hosts (whose name the cost model
+    reads for the stage between hosts).
+    """
+
+    hosts: tuple[Hashable, ...]
+    local: Transport | None
+    network: Transport
+
+
+@runtime_checkable
+class HasNative(Protocol):
+    """A transport that brings its group's own collectives (see :class:`NativeCollectives`): the communicator weighs
+    them in ``auto`` unless it was given others (``Communicator(native=...)``). None: the group has none."""
+
+    native: NativeCollectives | None
+
+
+@runtime_checkable
+class HasDirect(Protocol):
+    """A transport whose ranks share memory and can allreduce in one pass over it
+    (:class:`~hybrid_ext.comm.transports.shm_allreduce.DirectAllreduce`); None: not set up for this group."""
+
+    direct: DirectAllreduce | None
+
+
+@runtime_checkable
+class OwnsCommunicator(Protocol):
+    """A process group that brings its own communicator (the ``butterfly`` backend's): hybrid-ext's collectives on it
+    then share one issue order with the group's own ``dist.all_reduce`` calls."""
+
+    def butterfly_communicator(self, device: torch.device) -> Any: ...

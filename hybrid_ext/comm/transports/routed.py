@@ -12,15 +12,14 @@ from collections.abc import Iterator
 
 import torch
 
-from hybrid_ext.comm.shm_transport import ShmTransport
-from hybrid_ext.comm.staged_transport import StagedTransport
-from hybrid_ext.comm.torch_transport import TorchTransport
-from hybrid_ext.comm.transport import PeerError, Transport
+from hybrid_ext.comm.transports.contract import FusedReduce, HostRoutes, PeerError
+from hybrid_ext.comm.transports.shm import ShmTransport
+from hybrid_ext.comm.transports.torch_p2p import TorchTransport
 
 LOCAL_GRACE_SECONDS = 5.0
 
 
-class RoutedTransport:
+class RoutedTransport(FusedReduce, HostRoutes):
     """The transport contract over two transports: ``local`` for ``local_ranks``, ``network`` for everyone else."""
 
     def __init__(
@@ -113,16 +112,4 @@ class RoutedTransport:
             raise
 
 
-def describe_routes(transport: Transport) -> str:
-    """One line saying which route each kind of peer takes (what the start-up message prints)."""
-    if isinstance(transport, StagedTransport):
-        return f"{transport.device.type} tensors staged through host memory, then {describe_routes(transport.host)}"
-    if isinstance(transport, RoutedTransport) and transport.local is not None:
-        return (
-            f"{transport.local.name} with the {len(transport.local_ranks) - 1} other rank(s) on this host, "
-            f"{transport.network.name} to the {transport.size - len(transport.local_ranks)} rank(s) on other hosts"
-        )
-    return transport.name
-
-
-__all__ = ["PeerError", "RoutedTransport", "describe_routes"]
+__all__ = ["PeerError", "RoutedTransport"]

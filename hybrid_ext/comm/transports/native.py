@@ -1,4 +1,4 @@
-"""A torch.distributed group's own allreduce as :class:`~hybrid_ext.comm.transport.NativeCollectives`.
+"""A torch.distributed group's own allreduce as :class:`~hybrid_ext.comm.transports.contract.NativeCollectives`.
 
 What ``dist.all_reduce`` runs — gloo's ring on CPU tensors, NCCL's kernels on CUDA ones — called on the group
 itself (group-local ranks, no lookups in torch's Python layer), with the group's timeout on the wait.
@@ -19,8 +19,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hybrid_ext.comm._c10d_private import backend_name, backend_timeout_seconds
-from hybrid_ext.comm.transport import NATIVE_OPS, PeerError
+from hybrid_ext.comm.transports._c10d_private import backend_name, backend_timeout_seconds
+from hybrid_ext.comm.transports.contract import NATIVE_OPS, PeerError
 
 DEFAULT_TIMEOUT = 300.0
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}

@@ -3,164 +3,36 @@
 Works with any process group whose backend has ``send``/``recv`` (gloo on CPU, NCCL on CUDA, MPI). Calls go
 straight to the group object (group-local ranks, no per-call lookups in torch's Python layer) with a tag of
 hybrid-ext's own, so they never match the user's point-to-point messages. A step's receive and send are posted
-as one group (:func:`~hybrid_ext.comm._c10d_private.post_grouped`): NCCL needs that, gloo takes the same
+as one group (:func:`~hybrid_ext.comm.transports._c10d_private.post_grouped`): NCCL needs that, gloo takes the same
 call. Every wait has the transport's timeout; a peer that dies or stops answering becomes a
-:class:`~hybrid_ext.comm.transport.PeerError`.
+:class:`~hybrid_ext.comm.transports.contract.PeerError`.
 """
 
 from __future__ import annotations
 
-import os
 import socket
-import sys
 import time
-import weakref
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from hybrid_ext import config
-from hybrid_ext.comm import device_route, shm_transport
-from hybrid_ext.comm._c10d_private import backend_name, backend_timeout_seconds, post_grouped
 from hybrid_ext.comm.buffers import ScratchPool
-from hybrid_ext.comm.fault_notes import FaultNotes
-from hybrid_ext.comm.staged_transport import StagedTransport
-from hybrid_ext.comm.transport import PeerError, Transport
+from hybrid_ext.comm.transports import device_route
+from hybrid_ext.comm.transports._c10d_private import backend_name, backend_timeout_seconds, post_grouped
+from hybrid_ext.comm.transports.contract import FusedReduce, PeerError
+from hybrid_ext.comm.transports.fault_notes import FaultNotes
+from hybrid_ext.comm.transports.shm import process_running
 
 # Tag for hybrid-ext's messages ("HX"), distinct from the default tag 0 of user send/recv.
 TAG = 0x4858
 DEFAULT_TIMEOUT = 300.0
-TRANSPORT_ENV = "HYBRID_EXT_TRANSPORT"  # auto (default) | shm | torch
 DEATH_CHECKS, DEATH_CHECK_SECONDS = 4, 0.05  # on a failed wait: how long to look for a local rank that died
-_running = shm_transport.process_running
+_running = process_running
 
 
-def transport_choice() -> str:
-    return config.get(TRANSPORT_ENV)
-
-
-def transport_for(group: Any, device: torch.device, all_gather=None, barrier=None) -> Transport:
-    """The fastest transport for ``group`` on ``device``; all ranks of the group call this together.
-
-    CPU tensors go through shared memory between ranks that share a host's ``/dev/shm``
-    (:mod:`hybrid_ext.comm.shm_transport`), as NCCL and MPI do within a node, and through the group's own
-    send/recv to ranks on other hosts (:class:`~hybrid_ext.comm.routed_transport.RoutedTransport` when both
-    occur). Device tensors take the group's own send/recv where its backend sends them (CUDA on NCCL); where it
-    sends host tensors only (CUDA on gloo) they are staged through host buffers
-    (:class:`~hybrid_ext.comm.staged_transport.StagedTransport`) over the transport CPU tensors of the group
-    take, shared memory included; where they cannot travel at all this raises, before anything is sent
-    (:mod:`~hybrid_ext.comm.device_route`). ``HYBRID_EXT_TRANSPORT=torch`` forces send/recv everywhere,
-    ``shm`` insists on shared memory everywhere.
-    """
-    device = torch.device(device)
-    if device.type != "cpu" and group.size() > 1:
-        how = device_route.route(device.type, backend_name(group, device), rank=group.rank())
-        if how == device_route.STAGE:
-            host = _direct_transport(group, torch.device("cpu"), all_gather, barrier)
-            return _announced(StagedTransport(host, device))
-    return _announced(_direct_transport(group, device, all_gather, barrier))
-
-
-def _direct_transport(group: Any, device: torch.device, all_gather, barrier) -> Transport:
-    """The transport for tensors on ``device`` as they are, no staging (see :func:`transport_for`)."""
-    choice = transport_choice()
-    backend = backend_name(group, device)
-    base = TorchTransport(group)
-    if all_gather is None:
-
-        def all_gather(obj):
-            out = [None] * base.size
-            dist.all_gather_object(out, obj, group=group)
-            return out
-
-    if base.size > 1 and device.type == "cpu":
-        # Which ranks share this host, and their pids: a failed wait then names a rank that died here.
-        peers = all_gather((shm_transport.shm_domain(), os.getpid(), *_this_host()))
-        base.local_pids = {r: pid for r, (domain, pid, *_) in enumerate(peers) if domain == peers[base.rank][0]}
-        base.remote_hosts = {r: (h, a) for r, (domain, _, h, a) in enumerate(peers) if domain != peers[base.rank][0]}
-        if base.remote_hosts:  # the group spans hosts, as every rank of it sees: all take this exchange
-            base.notes = _fault_notes(base, peers[base.rank][3], all_gather)
-    shm = device.type == "cpu" and base.size > 1 and choice != "torch" and shm_transport.shm_supported()
-    if base.size > 1:  # host tensors on an NCCL group travel only where shared memory carries every message
-        device_route.route(device.type, backend, one_host=shm and not base.remote_hosts, rank=base.rank)
-    if not shm:
-        if choice == "shm" and device.type == "cpu" and base.size > 1:
-            raise RuntimeError(f"{TRANSPORT_ENV}=shm, but shared memory is not supported on this machine")
-        return base
-
-    if barrier is None:
-
-        def barrier():
-            dist.barrier(group=group)
-
-    return combine(base, shm_transport.create(base.rank, base.size, all_gather, barrier, base.timeout))
-
-
-def _fault_notes(base: TorchTransport, address: str, all_gather) -> FaultNotes | None:
-    """Open this rank's mailbox for notes from other hosts and learn theirs (:mod:`~hybrid_ext.comm.fault_notes`)."""
-    try:
-        notes = FaultNotes(base.rank, address)
-    except OSError:  # no address to listen on: errors then name only what this rank saw itself
-        notes = None
-    mailboxes = all_gather(None if notes is None else (notes.address, notes.port))
-    if notes is not None:
-        notes.connect({r: tuple(m) for r, m in enumerate(mailboxes) if m is not None and r in base.remote_hosts})
-        weakref.finalize(base, notes.close)  # the mailbox lives as long as the transport: no socket left behind
-    return notes
-
-
-def combine(network: Transport, found: shm_transport.HostShm | None) -> Transport:
-    """The transport for a group given what :func:`shm_transport.create` found (see :func:`transport_for`)."""
-    choice = transport_choice()
-    if found is not None and found.transport is not None and len(found.local_ranks) == network.size:
-        return found.transport
-    if choice == "shm":
-        raise RuntimeError(_no_shm_reason(found))
-    if found is None or (found.transport is None and len(set(found.hosts)) == network.size):
-        return network  # one rank per host: nothing to route
-    from hybrid_ext.comm.routed_transport import RoutedTransport
-
-    return RoutedTransport(found.transport, found.local_ranks, network, found.hosts)
-
-
-def _no_shm_reason(found: shm_transport.HostShm | None) -> str:
-    """Why ``HYBRID_EXT_TRANSPORT=shm`` cannot be had for this group."""
-    if found is not None and found.problem:
-        return f"{TRANSPORT_ENV}=shm, but shared memory could not be set up: {found.problem}"
-    return f"{TRANSPORT_ENV}=shm, but the ranks of this group are on several hosts"
-
-
-_announced_once = False
-
-
-def _announced(transport: Transport) -> Transport:
-    """Say once per job, on its first rank, which route messages take (one line)."""
-    global _announced_once
-    if transport.size == 1:  # a group of one has no route to speak of
-        return transport
-    if not _announced_once and dist.is_available() and dist.is_initialized() and dist.get_rank() == 0:
-        from hybrid_ext.comm.routed_transport import describe_routes
-
-        _announced_once = True
-        print(f"hybrid-ext: transport {describe_routes(transport)}", file=sys.stderr, flush=True)
-    return transport
-
-
-def resolve_group(group: Any) -> Any:
-    """The process group object hybrid-ext should talk over for ``group`` (None: the default group)."""
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(
-            "torch.distributed is not initialized: call torch.distributed.init_process_group(...) first, "
-            "or pass a transport as `group=`"
-        )
-    if group is None:
-        group = dist.group.WORLD
-    return group
-
-
-class TorchTransport:
+class TorchTransport(FusedReduce):
     """Transport over a torch.distributed ``ProcessGroup`` (or a backend object such as ``ProcessGroupGloo``)."""
 
     def __init__(self, group: Any, timeout: float | None = None, name: str | None = None) -> None:
@@ -172,10 +44,10 @@ class TorchTransport:
         self.timeout = float(timeout)
         self._wait_timeout = timedelta(seconds=self.timeout)
         self.name = name or f"torch-{_backend_name(group)}"
-        self.local_pids: dict[int, int] = {}  # group rank -> pid, for the ranks on this host (see transport_for)
+        self.local_pids: dict[int, int] = {}  # group rank -> pid, for the ranks on this host (see the factory)
         self._scratch = ScratchPool()  # where pipelined receives land before they are reduced
         self.remote_hosts: dict[int, tuple[str, str]] = {}  # group rank -> (host name, address), other hosts
-        # Why ranks on other hosts gave up: a peer there that closed on this rank says why (see transport_for).
+        # Why ranks on other hosts gave up: a peer there that closed on this rank says why (see the factory).
         self.notes: FaultNotes | None = None
         self._refusals: dict[str, str | None] = {}  # device type -> why the backend cannot take it (None: it can)
 
@@ -335,17 +207,6 @@ class _Pending:
     def __init__(self, works, peers, remote, chunk_reductions, reduce, after_all) -> None:
         self.works, self.peers, self.remote, self.reduce = works, peers, remote, reduce
         self.chunk_reductions, self.after_all = chunk_reductions, after_all
-
-
-def _this_host() -> tuple[str, str]:
-    """(host name, address other hosts reach it at): how errors name a rank's host."""
-    from hybrid_ext.comm.network_address import advertised_address
-
-    try:
-        address = advertised_address()
-    except Exception:  # a bad GLOO_SOCKET_IFNAME fails where gloo itself reads it; errors need no address
-        address = "address unknown"
-    return socket.gethostname(), address
 
 
 def _backend_name(group: Any) -> str:

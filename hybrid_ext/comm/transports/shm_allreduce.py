@@ -1,6 +1,6 @@
 """The one-host allreduce on shared memory: every rank reduces its own slice straight from every rank's copy.
 
-Why: a schedule over the shared-memory transport (:mod:`hybrid_ext.comm.shm_transport`) moves each byte step by
+Why: a schedule over the shared-memory transport (:mod:`hybrid_ext.comm.transports.shm`) moves each byte step by
 step between pairs of ranks, a Python loop per step; on one host every rank can read every other's memory, so one
 pass does it, as DeepSpeed's shared-memory allreduce and MPI's intra-node collectives do.
 
@@ -19,7 +19,7 @@ every rank reaches only after it finished reading that buffer — so no third ba
 
 Waiting spins, then yields the core (ranks may outnumber cores), then sleeps on the rank's doorbell (a futex) until
 a host-mate arrives; every wait checks the group's deadline and that every rank still runs, as the transport does.
-The loops are C (:mod:`hybrid_ext.comm.shm_kernels`) where a compiler is at hand.
+The loops are C (:mod:`hybrid_ext.comm.transports.shm_kernels`) where a compiler is at hand.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from hybrid_ext.comm.cost_model import DIRECT
-from hybrid_ext.comm.shm_kernels import DTYPE_CODES, OP_CODES, Group, kernels
-from hybrid_ext.comm.transport import PeerError
+from hybrid_ext.comm.transports.contract import PeerError
+from hybrid_ext.comm.transports.shm_kernels import DTYPE_CODES, OP_CODES, Group, kernels
 
 __all__ = ["DIRECT", "DirectAllreduce", "region_bytes"]
 CHUNK_BYTES = 1 << 20  # per buffer; a rank holds two
@@ -63,7 +63,7 @@ def region_bytes(chunk_bytes: int = CHUNK_BYTES) -> int:
 
 
 class DirectAllreduce:
-    """The allreduce above among the ranks of one :class:`~hybrid_ext.comm.shm_transport.ShmTransport`.
+    """The allreduce above among the ranks of one :class:`~hybrid_ext.comm.transports.shm.ShmTransport`.
 
     ``regions[k]``: the address of rank k's region (:func:`region_bytes`) in this process; ``bells[k]``: rank k's
     doorbell (a futex word). ``transport`` gives the rank, size, timeout, and the liveness check.

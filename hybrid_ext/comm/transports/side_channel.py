@@ -2,7 +2,7 @@
 
 The host framework does one thing: tell every rank of a group where the group's store is — ``share(obj)``, a
 broadcast from the group's first rank (Horovod: ``hvd.broadcast_object``). From there the ranks meet in the
-store: ranks on one host exchange through shared memory (:mod:`hybrid_ext.comm.shm_transport`), ranks on
+store: ranks on one host exchange through shared memory (:mod:`hybrid_ext.comm.transports.shm`), ranks on
 different hosts over a gloo (CPU tensors) or NCCL (CUDA tensors) group built from the same store, outside
 torch.distributed's group registry, so a user's own ``init_process_group`` (or its absence) is untouched.
 Where NCCL cannot serve the group (:func:`nccl_usable_for`: no NCCL, or ranks sharing a GPU that their NCCL
@@ -25,11 +25,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hybrid_ext.comm import device_route, shm_transport
-from hybrid_ext.comm.network_address import advertised_address
-from hybrid_ext.comm.staged_transport import StagedTransport
-from hybrid_ext.comm.torch_transport import DEFAULT_TIMEOUT, TRANSPORT_ENV, TorchTransport, combine, transport_choice
-from hybrid_ext.comm.transport import Transport
+from hybrid_ext.comm.transports import device_route
+from hybrid_ext.comm.transports.contract import Transport
+from hybrid_ext.comm.transports.factory import compose, transport_choice
+from hybrid_ext.comm.transports.network_address import advertised_address
+from hybrid_ext.comm.transports.staged import StagedTransport
+from hybrid_ext.comm.transports.torch_p2p import DEFAULT_TIMEOUT, TorchTransport
 
 
 class StoreCollectives:
@@ -126,27 +127,23 @@ class SideChannel:
 
     def _direct_transport(self, kind: str, choice: str, prefix: str) -> Transport:
         """The transport for tensors on ``kind`` as they are: shared memory, gloo, or NCCL for CUDA."""
-        local = None
-        if kind == "cpu" and self.size > 1 and choice != "torch" and shm_transport.shm_supported():
-            setup = StoreCollectives(dist.PrefixStore(prefix + "setup", self.store), self.rank, self.size)
-            local = shm_transport.create(self.rank, self.size, setup.all_gather, setup.barrier, self.timeout)
-            if local.transport is not None and len(local.local_ranks) == self.size:
-                return local.transport
-            if choice == "shm":
-                raise RuntimeError(f"{TRANSPORT_ENV}=shm, but the ranks of {self.name} are on several hosts")
-        elif choice == "shm" and kind == "cpu" and self.size > 1:
-            raise RuntimeError(f"{TRANSPORT_ENV}=shm, but shared memory is not supported on this machine")
-        store = dist.PrefixStore(prefix + "p2p", self.store)
-        wait = timedelta(seconds=self.timeout)
-        if kind == "cuda":
-            options = dist.ProcessGroupNCCL.Options()
-            options._timeout = wait
-            backend = dist.ProcessGroupNCCL(store, self.rank, self.size, options)
-        else:
-            backend = dist.ProcessGroupGloo(store, self.rank, self.size, wait)
-        self.backends.append(backend)
-        network = TorchTransport(backend, self.timeout, name=f"{self.name}-{'nccl' if kind == 'cuda' else 'gloo'}")
-        return combine(network, local)  # shared memory with the ranks of this host, the network to the others
+        setup = StoreCollectives(dist.PrefixStore(prefix + "setup", self.store), self.rank, self.size)
+
+        def network() -> Transport:
+            store = dist.PrefixStore(prefix + "p2p", self.store)
+            wait = timedelta(seconds=self.timeout)
+            if kind == "cuda":
+                options = dist.ProcessGroupNCCL.Options()
+                options._timeout = wait
+                backend = dist.ProcessGroupNCCL(store, self.rank, self.size, options)
+            else:
+                backend = dist.ProcessGroupGloo(store, self.rank, self.size, wait)
+            self.backends.append(backend)
+            return TorchTransport(backend, self.timeout, name=f"{self.name}-{'nccl' if kind == 'cuda' else 'gloo'}")
+
+        return compose(
+            network, self.rank, self.size, kind, choice, setup.all_gather, setup.barrier, self.timeout, self.name
+        )
 
     def close(self) -> None:
         """Let go of this channel's transports and gloo / NCCL groups; it makes no new ones after this.

@@ -1,6 +1,6 @@
 """N ranks as N threads of one process: the transport contract over in-memory queues, and a runner for them.
 
-    from hybrid_ext.comm.loopback_transport import run_ranks
+    from hybrid_ext.comm.transports.loopback import run_ranks
 
     def rank_fn(transport):
         t = torch.full((4,), float(transport.rank))
@@ -17,7 +17,8 @@ Messages: one FIFO queue per ordered pair of ranks. A send puts a copy of the te
 never waits for the receiver, so the send and the receive of one :meth:`LoopbackTransport.exchange` proceed
 concurrently, and two ranks that exchange with each other cannot deadlock); a receive takes the pair's next
 message, so messages between a pair arrive in the order they were sent. A receive that waits longer than the
-timeout, or whose peer's thread has failed, raises :class:`~hybrid_ext.comm.transport.PeerError` naming the peer.
+timeout, or whose peer's thread has failed, raises :class:`~hybrid_ext.comm.transports.contract.PeerError` naming the
+peer.
 
 ``hosts`` (optional) labels each rank with a host, so the communicator plans the hierarchical schedules (and their
 segments) as it would on ranks spread over machines; both routes are then the same queues.
@@ -33,7 +34,7 @@ from typing import Any
 
 import torch
 
-from hybrid_ext.comm.transport import PeerError
+from hybrid_ext.comm.transports.contract import HostRoutes, PeerError
 
 POLL_SECONDS = 0.05  # how often a waiting receive looks whether the group has failed
 DEFAULT_TIMEOUT = 30.0
@@ -56,7 +57,7 @@ class LoopbackGroup:
 
     def endpoint(self, rank: int) -> LoopbackTransport:
         """Rank ``rank``'s transport (one per rank; each used from its rank's thread)."""
-        return LoopbackTransport(self, rank)
+        return LoopbackTransport(self, rank) if self.hosts is None else LoopbackHostsTransport(self, rank)
 
     def endpoints(self) -> list[LoopbackTransport]:
         return [self.endpoint(rank) for rank in range(self.size)]
@@ -89,7 +90,8 @@ class LoopbackGroup:
 
 
 class LoopbackTransport:
-    """One rank's endpoint of a :class:`LoopbackGroup` (the transport contract: :mod:`hybrid_ext.comm.transport`)."""
+    """One rank's endpoint of a :class:`LoopbackGroup` (the transport contract:
+    :mod:`hybrid_ext.comm.transports.contract`)."""
 
     name = "loopback"
 
@@ -99,10 +101,6 @@ class LoopbackTransport:
         self.group = group
         self.rank, self.size = rank, group.size
         self.timeout = group.timeout
-        if group.hosts is not None:
-            # Ranks labelled with hosts: the communicator plans the hierarchical schedules, over one set of queues.
-            self.hosts = group.hosts
-            self.local = self.network = self
 
     def exchange(
         self,
@@ -130,6 +128,16 @@ class LoopbackTransport:
 
     def __repr__(self) -> str:
         return f"LoopbackTransport(rank={self.rank}, size={self.size})"
+
+
+class LoopbackHostsTransport(LoopbackTransport, HostRoutes):
+    """An endpoint of a group whose ranks are labelled with hosts: the communicator plans the hierarchical schedules
+    (and their segments), with both routes over the same queues."""
+
+    def __init__(self, group: LoopbackGroup, rank: int) -> None:
+        super().__init__(group, rank)
+        self.hosts = group.hosts
+        self.local = self.network = self
 
 
 class RankError(RuntimeError):

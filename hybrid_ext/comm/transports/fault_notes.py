@@ -1,9 +1,9 @@
 """Why a rank gave up on a collective, pushed to the group's ranks on other hosts before it raises.
 
-A rank that raises :class:`~hybrid_ext.comm.transport.PeerError` leaves the collective, and usually the job: its
-exit closes its connections, so a peer on another host that was waiting on it sees only "connection closed by
+A rank that raises :class:`~hybrid_ext.comm.transports.contract.PeerError` leaves the collective, and usually the
+job: its exit closes its connections, so a peer on another host that was waiting on it sees only "connection closed by
 rank 0" — not that rank 0 gave up because rank 1 died. Host-mates pass such notes through shared memory
-(:meth:`~hybrid_ext.comm.shm_transport.ShmTransport.note`). Across hosts there is no shared place that outlives
+(:meth:`~hybrid_ext.comm.transports.shm.ShmTransport.note`). Across hosts there is no shared place that outlives
 the failing host (the c10d store lives in a rank or launcher of one host, often the failing one), so each rank of
 a group that spans hosts listens on a small socket of its own, and a rank that gives up *pushes* its note to the
 other hosts' ranks (the kernel of each takes it, no thread is needed to listen) before it raises. A peer that
