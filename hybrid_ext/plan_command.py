@@ -85,7 +85,10 @@ def add_arguments(parser: argparse.ArgumentParser, positive_int) -> None:
     parser.add_argument("--save-calibration", metavar="FILE", help="write the per-layer times measured here")
     parser.add_argument("--profile-steps", type=positive_int, default=3, help="timed runs per layer (default: 3)")
     parser.add_argument(
-        "--cores", type=positive_int, help="CPU cores per host the ranks share (default: this machine's; cpu only)"
+        "--cores",
+        type=_positive_float,
+        help="CPU cores per host the ranks share (default: this machine's; cpu only; a fraction where emulated hosts "
+        "share one machine: 2 cores over 3 hosts is 0.667)",
     )
     parser.add_argument(
         "--threads",
@@ -109,6 +112,26 @@ def add_arguments(parser: argparse.ArgumentParser, positive_int) -> None:
     add_device_argument(parser)  # where the layers are profiled
 
 
+def _core_sharing(args: argparse.Namespace, table, per_host: int) -> tuple[float, bool]:
+    """(σ: how much slower each of ``per_host`` ranks computes than the profile measured it alone, whether their
+    compute keeps every core of the host busy — no idle one for the gradients' copies). A calibration from a GPU:
+    one device per rank, no sharing."""
+    if not table.device.startswith("cpu"):
+        return 1.0, False
+    cores, demand = args.cores or os.cpu_count() or 1, per_host * args.threads
+    return max(1.0, demand / cores), demand >= cores
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
 def predictions(args: argparse.Namespace) -> tuple[dict, list]:
     """(every strategy's predicted step as one JSON-ready dict, the :class:`~hybrid_ext.parallel.step_model.
     StepPrediction` of each)."""
@@ -117,7 +140,7 @@ def predictions(args: argparse.Namespace) -> tuple[dict, list]:
     from hybrid_ext.parallel.auto_plan import choose_plan
     from hybrid_ext.parallel.dims import ParallelDims
     from hybrid_ext.parallel.layer_profile import load_calibration, profile_layers, save_calibration
-    from hybrid_ext.parallel.plan import check_shardable, make_plan
+    from hybrid_ext.parallel.plan import check_shardable, plan_by_rules
     from hybrid_ext.parallel.step_model import predict_step
     from hybrid_ext.train.device import this_rank_device
 
@@ -145,16 +168,15 @@ def predictions(args: argparse.Namespace) -> tuple[dict, list]:
     entries, steps = [], []
     # Ranks of one host share its cores: each computes R·t/C times slower than the profile measured it alone.
     per_host = args.np // (args.hosts or 1)
-    cores = args.cores or os.cpu_count() or 1
-    on_cpu = table.device.startswith("cpu")  # a calibration from a GPU: one device per rank
-    compute_scale = max(1.0, per_host * args.threads / cores) if on_cpu else 1.0
+    compute_scale, cores_busy = _core_sharing(args, table, per_host)
     for strategy in STRATEGIES:
-        plan = make_plan(model, strategy)
+        plan = plan_by_rules(model, strategy)
         size = 1 if strategy == "dp" else mp_size
         check_shardable(model, plan, size)
         step = predict_step(
             model, table, plan.styles, strategy, args.np, size, args.micro_batch, args.reducer,
             int(args.bucket_mb * (1 << 20)), links, network_constants=network_constants, compute_scale=compute_scale,
+            cores_busy=cores_busy,
         )  # fmt: skip
         steps.append(step)
         entries.append(_entry(strategy, size, step))
@@ -162,6 +184,7 @@ def predictions(args: argparse.Namespace) -> tuple[dict, list]:
     chosen = choose_plan(
         model, table, args.np, args.micro_batch, [args.mp_size] if args.mp_size else None, args.reducer,
         int(args.bucket_mb * (1 << 20)), links, network_constants=network_constants, compute_scale=compute_scale,
+        cores_busy=cores_busy,
     )  # fmt: skip
     steps.append(chosen.prediction)
     entries.append({**_entry("auto", chosen.mp_size, chosen.prediction), "chose": chosen.strategy})
@@ -178,6 +201,7 @@ def predictions(args: argparse.Namespace) -> tuple[dict, list]:
         "nic": args.nic,
         "layer_times": source,
         "compute_scale": compute_scale,
+        "cores_busy": cores_busy,
         "strategies": entries,
         **({"scaling": scaling} if scaling is not None else {}),
     }, steps
@@ -190,7 +214,7 @@ def _scaling(args: argparse.Namespace, model, table) -> list[dict]:
 
     from hybrid_ext.comm import cost_model
     from hybrid_ext.parallel.auto_plan import choose_plan
-    from hybrid_ext.parallel.plan import check_shardable, make_plan
+    from hybrid_ext.parallel.plan import check_shardable, plan_by_rules
     from hybrid_ext.parallel.step_model import predict_step
     from hybrid_ext.parallel.step_traffic import Links
 
@@ -200,19 +224,17 @@ def _scaling(args: argparse.Namespace, model, table) -> list[dict]:
         from hybrid_ext.launch.cluster import rate_bytes_per_second
 
         network_constants = replace(cost_model.default_model(args.network), beta=1.0 / rate_bytes_per_second(args.nic))
-    cores = args.cores or os.cpu_count() or 1
-    on_cpu = table.device.startswith("cpu")
     bucket = int(args.bucket_mb * (1 << 20))
     points = []
     for world in SCALING_RANKS:
         local = min(world, per_host)
         hosts = tuple(r // local for r in range(world)) if world > local else None
         links = Links(args.transport, hosts=hosts, network=args.network) if hosts else Links(args.transport)
-        scale = max(1.0, local * args.threads / cores) if on_cpu else 1.0
+        scale, busy = _core_sharing(args, table, local)
         shard = min(args.mp_size or local, world)
         point: dict = {"ranks": world, "hosts": world // local}
         for strategy, size in (("dp", 1), ("hybrid", shard), ("mp", world)):
-            plan = make_plan(model, strategy)
+            plan = plan_by_rules(model, strategy)
             try:
                 if world % size:
                     raise ValueError("mp_size does not divide the ranks")
@@ -222,13 +244,13 @@ def _scaling(args: argparse.Namespace, model, table) -> list[dict]:
                 continue
             step = predict_step(
                 model, table, plan.styles, strategy, world, size, args.micro_batch, args.reducer, bucket, links,
-                network_constants=network_constants, compute_scale=scale,
+                network_constants=network_constants, compute_scale=scale, cores_busy=busy,
             )  # fmt: skip
             point[strategy] = step.samples_per_s
         candidates = [shard] if world % shard == 0 else None
         chosen = choose_plan(
             model, table, world, args.micro_batch, candidates, args.reducer, bucket, links,
-            network_constants=network_constants, compute_scale=scale,
+            network_constants=network_constants, compute_scale=scale, cores_busy=busy,
         )  # fmt: skip
         point["auto"] = chosen.prediction.samples_per_s
         point["auto_chose"] = f"{chosen.strategy} (mp_size {chosen.mp_size})"
@@ -270,6 +292,7 @@ def _entry(strategy: str, size: int, step) -> dict:
         "mp_size": size,
         "step_ms": step.step_s * 1e3,
         "compute_ms": step.compute_s * 1e3,
+        "optimizer_ms": step.optimizer_s * 1e3,
         "exposed_communication_ms": step.exposed_communication_s * 1e3,
         "bytes_per_rank": step.bytes_sent,
         "bytes_per_host_link": step.host_link_bytes,
@@ -320,10 +343,11 @@ def table_text(result: dict) -> str:
         if result["hosts"] > 1
         else ""
     )
+    busy = " (every core computing: the gradients' copies and reductions cannot overlap)" * result["cores_busy"]
     lines = [
         f"hybrid-ext plan: {result['model']} ({result['size']}×{result['size']}), {result['world']} ranks{spread}, "
         f"micro-batch {result['micro_batch']}; layer times {result['layer_times']}, ×{result['compute_scale']:g} for "
-        f"ranks sharing cores; inside a host {result['transport']}",
+        f"ranks sharing cores{busy}; inside a host {result['transport']}",
         f"  {'strategy':<11}{'mp_size':>8}{'step ms':>11}{'compute ms':>12}{'exposed comm ms':>17}"
         f"{'bytes/rank':>14}{'bytes/host link':>17}{'samples/s':>12}",
     ]

@@ -3,14 +3,20 @@
 A *layer table* holds, for every module that is a leaf or owns parameters, the shapes of its input and output per
 sample (the batch dimension left out), their element size, whether its input needs a gradient in training (then
 its backward also computes the input's gradient, and a sharded layer sends that gradient), and — for leaves — its
-forward and backward seconds at the micro-batch ``b`` it was profiled with.
+forward and backward seconds at the micro-batch ``b`` it was profiled with, and the part of them that does not
+grow with the rows (reading and writing the weights: most of a large Linear layer's time at small batches).
 
 Measurement: one training-mode forward pass of the whole model records every layer's input; each leaf is then
 timed on its own, on that input (``steps`` timed repeats after one warm-up, the median kept): forward, then
-backward of ``ones`` from its output. Timing each layer alone, rather than hooking the whole step, keeps in-place
-layers (``ReLU(inplace=True)``) and autograd untouched; it leaves out what the step shares between layers (the
-loss, the optimizer, fused kernels). Nothing is left behind: gradients, buffers (BatchNorm statistics), random
-number generators and train/eval modes are as before.
+backward of ``ones`` from its output. A leaf with parameters is timed again on its input repeated ``rows_factor``
+times; the line through the two points gives its fixed part, so a step model can scale it to the rows a strategy
+gives the layer (a sharded layer sees its group's gathered batch). Timing each layer alone, rather than hooking
+the whole step, keeps in-place layers (``ReLU(inplace=True)``) and autograd untouched; it leaves out what the step
+shares between layers: the whole model is timed too, and what it takes beyond its leaves (residual additions,
+reshapes) is kept as the table's glue. The optimizer's update is timed apart, per parameter element:
+SGD with momentum on a scratch parameter (what ``hybrid-ext bench train`` runs; Adam's update costs a few times
+more). Nothing is left behind: gradients, buffers (BatchNorm statistics), random number generators and
+train/eval modes are as before.
 
 A calibration file (:func:`save_calibration`) carries the table to another machine, e.g. per-layer times
 measured on a GPU to plan a GPU cluster; :func:`load_calibration` refuses a file whose layers (paths, kinds,
@@ -28,7 +34,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-CALIBRATION_FORMAT = 1
+CALIBRATION_FORMAT = 2
+READABLE_FORMATS = (1, 2)  # format 1 has no fixed parts, glue or optimizer time: read as 0 (times ∝ rows)
+ROWS_FACTOR = 4  # the second micro-batch leaves with parameters are timed at, as a multiple of the first
+OPTIMIZER_PROBE_ELEMENTS = 1 << 22  # the scratch parameter the optimizer's update is timed on (at most)
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,16 @@ class LayerRecord:
     leaf: bool
     forward_s: float = 0.0
     backward_s: float = 0.0
+    forward_fixed_s: float = 0.0  # of forward_s, the part that does not grow with the rows
+    backward_fixed_s: float = 0.0
+
+    def seconds_at(self, rows: float, micro_batch: int) -> tuple[float, float]:
+        """(forward, backward) seconds at ``rows`` rows, the table measured at ``micro_batch``: fixed + per row."""
+        per_row = rows / micro_batch
+        return (
+            self.forward_fixed_s + (self.forward_s - self.forward_fixed_s) * per_row,
+            self.backward_fixed_s + (self.backward_s - self.backward_fixed_s) * per_row,
+        )
 
     def shape_key(self) -> tuple:
         """What must agree between a calibration file and the model it is used for."""
@@ -57,6 +76,11 @@ class LayerTable:
     micro_batch: int
     device: str
     layers: dict[str, LayerRecord] = field(default_factory=dict)
+    optimizer_s_per_element: float = 0.0  # SGD with momentum's update, seconds per parameter element
+    # The whole model's forward and backward beyond the sum of its leaves' (residual additions, reshapes, the
+    # autograd bookkeeping between layers), at micro_batch.
+    glue_forward_s: float = 0.0
+    glue_backward_s: float = 0.0
 
     def compute_s(self, path: str) -> float:
         record = self.layers[path]
@@ -172,10 +196,49 @@ def _time_leaf(module: nn.Module, args: tuple, steps: int) -> tuple[float, float
     return statistics.median(forwards), statistics.median(backwards)
 
 
-def profile_layers(model: nn.Module, example_input: torch.Tensor, steps: int = 3) -> LayerTable:
-    """Shapes of every layer and the compute seconds of every leaf at micro-batch ``len(example_input)``."""
+def _repeated_rows(args: tuple, factor: int) -> tuple:
+    """``args`` with every tensor's rows (dim 0) repeated ``factor`` times: the layer's input at a larger batch."""
+    return tuple(
+        a.detach().repeat(factor, *([1] * (a.dim() - 1))).requires_grad_(a.requires_grad)
+        if isinstance(a, torch.Tensor) and a.dim() > 0
+        else a
+        for a in args
+    )
+
+
+def _fixed_part(at_one: float, at_factor: float, factor: int) -> float:
+    """The intercept of the line through (1, ``at_one``) and (``factor``, ``at_factor``), kept within [0, at_one]
+    (timing noise must not make a layer cheaper at more rows, nor its fixed part exceed its whole time)."""
+    return min(max((factor * at_one - at_factor) / (factor - 1), 0.0), at_one)
+
+
+def _time_optimizer(elements: int, device: torch.device, steps: int) -> float:
+    """Seconds per parameter element of one SGD-with-momentum update (median of ``steps`` after one warm-up)."""
+    count = max(1, min(elements, OPTIMIZER_PROBE_ELEMENTS))
+    weight = torch.nn.Parameter(torch.zeros(count, device=device))
+    weight.grad = torch.ones_like(weight)
+    optimizer = torch.optim.SGD([weight], lr=0.01, momentum=0.9)
+    times = []
+    for run in range(steps + 1):
+        _synchronize(device)
+        began = time.perf_counter()
+        optimizer.step()
+        _synchronize(device)
+        if run:
+            times.append(time.perf_counter() - began)
+    return statistics.median(times) / count
+
+
+def profile_layers(
+    model: nn.Module, example_input: torch.Tensor, steps: int = 3, rows_factor: int = ROWS_FACTOR
+) -> LayerTable:
+    """Shapes of every layer and the compute seconds of every leaf at micro-batch ``len(example_input)``: whole,
+    and (leaves with parameters, timed again at ``rows_factor`` times the rows) the part fixed in the rows; and the
+    optimizer's update per parameter element."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if rows_factor < 2:
+        raise ValueError(f"rows_factor must be >= 2, got {rows_factor}")
     calls, modules = _capture_inputs(model, example_input)
     table = LayerTable(int(example_input.shape[0]), str(example_input.device))
     with _RestoredAfterwards(model):
@@ -186,6 +249,11 @@ def profile_layers(model: nn.Module, example_input: torch.Tensor, steps: int = 3
             first = _first_tensor(args)
             leaf = not list(module.children())
             forward_s, backward_s = _time_leaf(module, args, steps) if leaf else (0.0, 0.0)
+            forward_fixed, backward_fixed = 0.0, 0.0
+            if leaf and any(True for _ in module.parameters(recurse=False)):
+                forward_more, backward_more = _time_leaf(module, _repeated_rows(args, rows_factor), steps)
+                forward_fixed = _fixed_part(forward_s, forward_more, rows_factor)
+                backward_fixed = _fixed_part(backward_s, backward_more, rows_factor)
             table.layers[path] = LayerRecord(
                 path=path,
                 kind=type(module).__name__,
@@ -196,7 +264,15 @@ def profile_layers(model: nn.Module, example_input: torch.Tensor, steps: int = 3
                 leaf=leaf,
                 forward_s=forward_s,
                 backward_s=backward_s,
+                forward_fixed_s=forward_fixed,
+                backward_fixed_s=backward_fixed,
             )
+        whole_forward, whole_backward = _time_leaf(model, (example_input,), steps)
+    leaves = [r for r in table.layers.values() if r.leaf]
+    table.glue_forward_s = max(0.0, whole_forward - sum(r.forward_s for r in leaves))
+    table.glue_backward_s = max(0.0, whole_backward - sum(r.backward_s for r in leaves))
+    elements = sum(p.numel() for p in model.parameters())
+    table.optimizer_s_per_element = _time_optimizer(elements, example_input.device, steps) if elements else 0.0
     return table
 
 
@@ -227,6 +303,9 @@ def save_calibration(table: LayerTable, path: str | Path) -> Path:
         "format": CALIBRATION_FORMAT,
         "micro_batch": table.micro_batch,
         "device": table.device,
+        "optimizer_s_per_element": table.optimizer_s_per_element,
+        "glue_forward_s": table.glue_forward_s,
+        "glue_backward_s": table.glue_backward_s,
         "layers": [asdict(record) for record in table.layers.values()],
     }
     path.write_text(json.dumps(payload, indent=1) + "\n")
@@ -238,13 +317,20 @@ def load_calibration(path: str | Path, model: nn.Module, example_input: torch.Te
     path = Path(path)
     try:
         payload = json.loads(path.read_text())
-        if payload.get("format") != CALIBRATION_FORMAT:
-            raise ValueError(f"format {payload.get('format')!r}, expected {CALIBRATION_FORMAT}")
+        if payload.get("format") not in READABLE_FORMATS:
+            raise ValueError(f"format {payload.get('format')!r}, expected one of {READABLE_FORMATS}")
         records = [
             LayerRecord(**{**r, "input_shape": tuple(r["input_shape"]), "output_shape": tuple(r["output_shape"])})
             for r in payload["layers"]
         ]
-        table = LayerTable(int(payload["micro_batch"]), str(payload["device"]), {r.path: r for r in records})
+        table = LayerTable(
+            int(payload["micro_batch"]),
+            str(payload["device"]),
+            {r.path: r for r in records},
+            float(payload.get("optimizer_s_per_element", 0.0)),
+            float(payload.get("glue_forward_s", 0.0)),
+            float(payload.get("glue_backward_s", 0.0)),
+        )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(
             f"{str(path)!r} is not a hybrid-ext layer calibration: {exc}; write one with "

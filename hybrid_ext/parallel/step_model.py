@@ -5,17 +5,23 @@ t_f(ℓ), t_b(ℓ) are layer ℓ's forward and backward seconds measured at micr
 (:mod:`hybrid_ext.parallel.layer_profile`).
 
 Compute: a layer's time grows with the rows it processes and, sharded, shrinks with the fraction of its features
-it holds: t(ℓ) · (R/b₀) · φ, with R = b for a replicated layer under dp and hybrid, R = m·b for a sharded layer
+it holds: (t₀(ℓ) + (t(ℓ) − t₀(ℓ)) · R/b₀) · φ, where t₀ is the part of the time that does not grow with the rows
+(measured by timing the layer at two batches: a Linear layer's weights are read and written whatever the batch),
+R = b for a replicated layer under dp and hybrid, R = m·b for a sharded layer
 under hybrid (it sees the group's gathered batch), R = P·b for every layer under mp (the global batch on every
 rank), and φ = f_q/F (a column or channel shard's output features, a row shard's input features; 1 replicated).
-Only leaves are timed (a module that owns parameters and has children counts through its children). Every time is
-multiplied by ``compute_scale`` σ ≥ 1 where ranks share a device: σ = R·t/C for R ranks of t threads each on C
+Only leaves are timed (a module that owns parameters and has children counts through its children); the whole
+model's time beyond its leaves' (the glue: residual additions, reshapes) grows with the rows every layer of the
+trunk sees (b, or P·b under mp). The optimizer's update costs T_o = u · N, u seconds per parameter element
+(measured with the table) and N the elements this rank holds (a shard: its fraction φ of the layer's). Every time
+is multiplied by ``compute_scale`` σ ≥ 1 where ranks share a device: σ = R·t/C for R ranks of t threads each on C
 cores (the table measured one rank alone).
 
 Communication: each transfer costs α·k + β·n + γ·u, with k messages sent, n bytes sent and u bytes received and
 reduced by this rank (:class:`hybrid_ext.comm.cost_model.CostModel`; a transport's calibrated constants, else its
 built-in ones): the messages to ranks on other hosts at the network's α, β, the others at those of the transport
-inside a host; a native all-reduce costs its calibrated constants' ring formula.
+inside a host, the network's β times the ranks of a host (they send at once and share its link); a native
+all-reduce costs its calibrated constants' ring formula.
 
 Step, per rank:
 
@@ -24,11 +30,15 @@ Step, per rank:
 - gradient buckets (:mod:`hybrid_ext.parallel.reducer`) overlap the rest of backward: bucket k is ready when
   backward has finished the last (in backward order) of its layers, at r_k; it starts at s_k = max(r_k, e_{k−1})
   — buckets launch in a fixed order, one after another on the communicator's thread — and ends at
-  e_k = s_k + c_k; what reaches past backward is exposed: E = max(0, e_last − T_b);
-- step = T_f + T_b + E; exposed communication = the forward and backward transfers + E.
+  e_k = s_k + c_k; what reaches past backward is exposed: E = max(0, e_last − T_b). Where the ranks' compute
+  keeps every core of a CPU host busy (R·t ≥ C), a bucket's own CPU work (its copies and reductions: the α, β, γ
+  terms inside a host and every γ term) finds no idle core to run on while backward runs: it is exposed whole, and
+  only its time on the network's wire overlaps backward;
+- step = T_f + T_b + E + T_o; exposed communication = the forward and backward transfers + E.
 
-Left out: the loss and the optimizer step, contention between communication and compute for cores or links, the
-online tuner's choice of schedule. :func:`predict_step` reports the slowest rank (shard sizes differ by one).
+Left out: the loss, contention between communication and compute beyond the two rules above (busy cores, a
+shared link), the online tuner's choice of schedule. :func:`predict_step` reports the slowest rank (shard sizes
+differ by one).
 """
 
 from __future__ import annotations
@@ -41,7 +51,7 @@ from hybrid_ext.comm import cost_model
 from hybrid_ext.comm.cost_model import CostModel
 from hybrid_ext.parallel.layer_profile import LayerTable
 from hybrid_ext.parallel.mappings import shard_sizes
-from hybrid_ext.parallel.step_traffic import Links, Transfer, step_transfers
+from hybrid_ext.parallel.step_traffic import Links, Transfer, parameters_after_wrap, step_transfers
 
 
 @dataclass(frozen=True)
@@ -76,15 +86,17 @@ class StepPrediction:
     forward_s: float = 0.0  # T_f
     backward_s: float = 0.0  # T_b
     exposed_gradient_s: float = 0.0  # E
+    optimizer_s: float = 0.0  # T_o: the optimizer's update of the parameters this rank holds
+    glue_s: float = 0.0  # forward and backward between the layers (in forward_s and backward_s)
     host_link_bytes: int = 0  # the most bytes any host sends out over its link in the step (all its ranks)
 
     @property
     def compute_s(self) -> float:
-        return sum(layer.forward_s + layer.backward_s for layer in self.layers)
+        return sum(layer.forward_s + layer.backward_s for layer in self.layers) + self.glue_s + self.optimizer_s
 
     @property
     def step_s(self) -> float:
-        return self.forward_s + self.backward_s + self.exposed_gradient_s
+        return self.forward_s + self.backward_s + self.exposed_gradient_s + self.optimizer_s
 
     @property
     def exposed_communication_s(self) -> float:
@@ -123,6 +135,8 @@ class StepPrediction:
                 f"  {bucket.transfer.name:<{width}}  {'gradients':<12} {'':>8} {'':>8} {bucket.seconds * 1e3:8.3f}"
                 f" {bucket.transfer.bytes_sent:12,}"
             )
+        lines.append(f"  {'between layers':<{width}}  {'glue':<12} {self.glue_s * 1e3:17.3f}")
+        lines.append(f"  {'optimizer':<{width}}  {'update':<12} {self.optimizer_s * 1e3:17.3f}")
         lines.append(
             f"  step {self.step_s * 1e3:.3f} ms = compute {self.compute_s * 1e3:.3f} ms + exposed communication "
             f"{self.exposed_communication_s * 1e3:.3f} ms; {self.bytes_sent:,} bytes sent; "
@@ -133,27 +147,26 @@ class StepPrediction:
     __str__ = describe
 
 
-def transfer_seconds(
+def transfer_split(
     transfer: Transfer, links: Links, constants: CostModel | None = None, network_constants: CostModel | None = None
-) -> float:
-    """α·k + β·n + γ·u (see the module docstring): messages to other hosts priced by the network's constants,
-    the rest and the reductions by the transport's inside a host. ``constants``: one set for every message;
+) -> tuple[float, float]:
+    """(seconds of the rank's own CPU work, seconds on the wire between hosts) of one transfer: α·k + β·n + γ·u (see
+    the module docstring), the messages to other hosts priced by the network's constants — on the wire —, the rest
+    and every reduction by the transport's inside a host — CPU work. ``constants``: one set for every message;
     ``network_constants``: the set for messages to other hosts (a link's measured rate, say)."""
     network = network_constants or constants or cost_model.default_model(transfer.network)
     if transfer.algorithm == cost_model.NATIVE:
         measured = cost_model.native_model(links.native) if links.native else None
         model = measured or (network if links.hosts else constants or cost_model.default_model(transfer.local))
-        return model.predict(cost_model.NATIVE, _native_bytes(transfer), transfer.group_size)
+        seconds = model.predict(cost_model.NATIVE, _native_bytes(transfer), transfer.group_size)
+        return (0.0, seconds) if links.hosts else (seconds, 0.0)
     local = constants or cost_model.default_model(transfer.local)
     near_messages = transfer.messages - transfer.network_messages
     near_bytes = transfer.bytes_sent - transfer.network_bytes
-    return (
-        local.alpha * near_messages
-        + local.beta * near_bytes
-        + local.gamma * transfer.bytes_reduced
-        + network.alpha * transfer.network_messages
-        + network.beta * transfer.network_bytes
-    )
+    cpu = local.alpha * near_messages + local.beta * near_bytes + local.gamma * transfer.bytes_reduced
+    # The ranks of a host send at once (every group of the step runs the same collective) and share its link.
+    wire = network.beta * transfer.network_bytes * links.ranks_per_link
+    return cpu, network.alpha * transfer.network_messages + wire
 
 
 def _native_bytes(transfer: Transfer) -> int:
@@ -193,13 +206,15 @@ def _predict_rank(
     constants: CostModel | None,
     network_constants: CostModel | None,
     compute_scale: float,
+    cores_busy: bool,
 ) -> StepPrediction:
     m = mp_size if strategy in ("hybrid", "mp") else 1
     modules = dict(model.named_modules())
     transfers = step_transfers(
         model, table, styles, strategy, world, mp_size, rank, micro_batch, grad_algorithm, bucket_bytes, links
     )
-    seconds = {id(t): transfer_seconds(t, links, constants, network_constants) for t in transfers}
+    split = {id(t): transfer_split(t, links, constants, network_constants) for t in transfers}
+    seconds = {key: cpu + wire for key, (cpu, wire) in split.items()}
     prediction = StepPrediction(strategy, world, mp_size, micro_batch, rank)
     prediction.layer_transfers = [t for t in transfers if t.phase != "gradients"]
     by_layer: dict[str, list[Transfer]] = {}
@@ -214,28 +229,38 @@ def _predict_rank(
             samples = m * micro_batch
         else:
             samples = micro_batch
-        scale = compute_scale * samples / table.micro_batch * compute_fraction(style, path, modules, m, rank % m)
+        fraction = compute_fraction(style, path, modules, m, rank % m)
+        forward, backward = record.seconds_at(samples, table.micro_batch) if record.leaf else (0.0, 0.0)
+        forward, backward = forward * fraction * compute_scale, backward * fraction * compute_scale
         own = by_layer.get(path, [])
-        forward = record.forward_s * scale if record.leaf else 0.0
-        backward = record.backward_s * scale if record.leaf else 0.0
         comm = sum(seconds[id(t)] for t in own)
         prediction.layers.append(LayerPrediction(path, style, forward, backward, comm, sum(t.bytes_sent for t in own)))
         prediction.forward_s += forward + sum(seconds[id(t)] for t in own if t.phase == "forward")
         backward_of[path] = backward + sum(seconds[id(t)] for t in own if t.phase == "backward")
+    # The model's own work between its layers (residual additions, reshapes) runs on every row the rank processes.
+    glue = compute_scale * (world * micro_batch if strategy == "mp" else micro_batch) / table.micro_batch
+    prediction.glue_s = (table.glue_forward_s + table.glue_backward_s) * glue
+    prediction.forward_s += table.glue_forward_s * glue
     finished_at: dict[str, float] = {}  # layer -> when its backward ends, from the start of backward
-    clock = 0.0
+    clock = table.glue_backward_s * glue  # counted before the layers: buckets are then ready late, never early
     for path in reversed(table.layers):
         clock += backward_of[path]
         finished_at[path] = clock
     prediction.backward_s = clock
-    previous_end = 0.0
+    previous_end, unhidden = 0.0, 0.0
     for transfer in (t for t in transfers if t.phase == "gradients"):
         # A bucket's gradients are all in once backward has passed the earliest (in forward order) of its layers.
         ready = max((finished_at.get(layer, clock) for layer in transfer.layers), default=clock)
         start = max(ready, previous_end)
-        previous_end = start + seconds[id(transfer)]
+        cpu, wire = split[id(transfer)]
+        if cores_busy:  # its copies and reductions wait for a core: only its time on the wire can hide
+            unhidden += cpu
+            cpu = 0.0
+        previous_end = start + cpu + wire
         prediction.buckets.append(BucketPrediction(transfer, seconds[id(transfer)], ready, start, previous_end))
-    prediction.exposed_gradient_s = max(0.0, previous_end - clock)
+    prediction.exposed_gradient_s = max(0.0, previous_end - clock) + unhidden
+    held = parameters_after_wrap(model, styles if strategy != "dp" else {}, m, rank % m)
+    prediction.optimizer_s = table.optimizer_s_per_element * sum(p.numel for p in held) * compute_scale
     return prediction
 
 
@@ -253,13 +278,16 @@ def predict_step(
     constants: CostModel | None = None,
     network_constants: CostModel | None = None,
     compute_scale: float = 1.0,
+    cores_busy: bool = False,
 ) -> StepPrediction:
     """The predicted step of the slowest rank (see the module docstring); ``mp_size`` None: all ranks.
 
-    ``styles``: the plan (``make_plan(model, strategy).styles``); ``table``: per-layer times
+    ``styles``: the plan (``plan_by_rules(model, strategy).styles``); ``table``: per-layer times
     (:func:`~hybrid_ext.parallel.layer_profile.profile_layers` or a loaded calibration); ``constants``: α, β, γ to
     use instead of the transport's, ``network_constants`` for messages between hosts; ``links``: default one host's
-    shared memory; ``compute_scale``: σ, for ranks that share a device's cores (see the module docstring)."""
+    shared memory; ``compute_scale``: σ, for ranks that share a device's cores; ``cores_busy``: the ranks' compute
+    keeps every core of their host busy, so the gradient buckets' CPU work cannot overlap it (see the module
+    docstring)."""
     if compute_scale <= 0:
         raise ValueError(f"compute_scale must be positive, got {compute_scale}")
     links = links or Links()
@@ -271,7 +299,7 @@ def predict_step(
     predictions = [
         _predict_rank(
             model, table, styles, strategy, world, mp_size, r, micro_batch, grad_algorithm, bucket_bytes, links,
-            constants, network_constants, compute_scale,
+            constants, network_constants, compute_scale, cores_busy,
         )
         for r in range(world)
     ]  # fmt: skip

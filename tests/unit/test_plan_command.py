@@ -92,8 +92,25 @@ def test_ranks_sharing_cores_compute_slower(tmp_path):
                  "--json", str(shared)]) == 0  # fmt: skip
     alone, shared = (json.loads(f.read_text()) for f in (alone, shared))
     assert (alone["compute_scale"], shared["compute_scale"]) == (1.0, 2.0)  # 4 ranks of 1 thread on 4 or 2 cores
+    assert alone["cores_busy"] and shared["cores_busy"]  # every core computes: no idle one for the gradients
+    spare = tmp_path / "spare.json"
+    assert main(["plan", *SMALL, "--np", "4", "--cores", "8", "--calibration", str(calibration),
+                 "--json", str(spare)]) == 0  # fmt: skip
+    assert not json.loads(spare.read_text())["cores_busy"]
+    # Emulated hosts share one machine's cores: half a core per host for its 2 ranks is σ = 4.
+    emulated = tmp_path / "emulated.json"
+    assert main(["plan", *SMALL, "--np", "4", "--hosts", "2", "--cores", "0.5", "--calibration", str(calibration),
+                 "--json", str(emulated)]) == 0  # fmt: skip
+    assert json.loads(emulated.read_text())["compute_scale"] == 4.0
     for a, s in zip(alone["strategies"], shared["strategies"]):
         assert s["compute_ms"] == pytest.approx(2 * a["compute_ms"])
+
+
+def test_cores_must_be_positive(capsys):
+    for bad in ("0", "-1", "many"):
+        with pytest.raises(SystemExit):
+            main(["plan", *SMALL, "--np", "2", "--cores", bad])
+        assert "--cores: expected a positive number" in capsys.readouterr().err
 
 
 def test_layers_prints_each_strategy_layer_by_layer(capsys):

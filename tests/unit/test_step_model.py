@@ -6,6 +6,7 @@ Its bytes against a real step on spawned ranks: tests/multiprocess/test_step_tra
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from hybrid_ext.parallel import make_plan
 from hybrid_ext.parallel.layer_profile import (
     LayerRecord,
     LayerTable,
+    _fixed_part,
     layer_shapes,
     load_calibration,
     profile_layers,
@@ -144,6 +146,117 @@ def test_sharded_compute_scales_with_rows_and_features():
     assert step.compute_s == pytest.approx(12.0)  # twice the micro-batch the table was measured at
 
 
+def test_the_fixed_part_of_a_layer_does_not_grow_with_rows():
+    """Forward 1 s at b rows of which 0.5 s fixed (its weights), backward 2 s of which 1 s fixed. hybrid on 4 ranks:
+    the column layer sees 4·b rows and holds a quarter of the features: (0.5 + 0.5·4)/4 and (1 + 1·4)/4."""
+    model, table = _two_linears_table(1.0, 2.0)
+    table.layers = {p: replace(r, forward_fixed_s=0.5, backward_fixed_s=1.0) for p, r in table.layers.items()}
+    assert table.layers["0"].seconds_at(B, B) == pytest.approx((1.0, 2.0))
+    assert table.layers["0"].seconds_at(4 * B, B) == pytest.approx((2.5, 5.0))
+    step = predict_step(model, table, {"0": "column", "1": "row"}, "hybrid", 4, 4, B, constants=CostModel(0, 0, 0))
+    assert [x for layer in step.layers for x in (layer.forward_s, layer.backward_s)] == pytest.approx(
+        [0.625, 1.25, 0.625, 1.25]
+    )
+    step = predict_step(model, table, {}, "dp", 4, 1, B, constants=CostModel(0, 0, 0), compute_scale=2.0)
+    assert step.compute_s == pytest.approx(2 * 6.0)  # at the table's own micro-batch: as measured, ×σ
+
+
+def test_fixed_part_is_the_intercept_kept_within_the_measured_time():
+    assert _fixed_part(1.0, 2.5, 4) == pytest.approx(0.5)
+    assert _fixed_part(1.0, 4.0, 4) == 0.0  # all per row
+    assert _fixed_part(1.0, 5.0, 4) == 0.0  # noise: more than proportional
+    assert _fixed_part(1.0, 0.5, 4) == 1.0  # noise: faster at more rows
+
+
+def test_the_optimizer_updates_the_parameters_each_rank_holds():
+    """u = 1 ms per element. Two Linear(4, 4): 20 elements each. dp: all 40. hybrid on 4 ranks, both sharded: the
+    column layer's weight and bias a quarter (5), the row layer's weight a quarter (4) and its whole bias (4)."""
+    model, table = _two_linears_table(1.0, 2.0)
+    table.optimizer_s_per_element = 1e-3
+    zero = CostModel(0, 0, 0)
+    dp = predict_step(model, table, {}, "dp", 4, 1, B, constants=zero)
+    assert dp.optimizer_s == pytest.approx(40e-3)
+    assert dp.step_s == pytest.approx(6.0 + 40e-3) and dp.compute_s == pytest.approx(6.0 + 40e-3)
+    hybrid = predict_step(model, table, {"0": "column", "1": "row"}, "hybrid", 4, 4, B, constants=zero)
+    assert hybrid.optimizer_s == pytest.approx(13e-3)
+    shared = predict_step(model, table, {}, "dp", 4, 1, B, constants=zero, compute_scale=2.0)
+    assert shared.optimizer_s == pytest.approx(80e-3)
+
+
+def test_the_glue_between_layers_runs_on_every_row_of_the_trunk():
+    """Glue 0.1 s forward, 0.2 s backward at b rows: dp and hybrid add 0.3 s; mp, on 4·b rows, 1.2 s."""
+    model, table = _two_linears_table(1.0, 2.0)
+    table.glue_forward_s, table.glue_backward_s = 0.1, 0.2
+    zero = CostModel(0, 0, 0)
+    dp = predict_step(model, table, {}, "dp", 4, 1, B, constants=zero)
+    assert dp.glue_s == pytest.approx(0.3) and dp.step_s == pytest.approx(6.3)
+    assert dp.forward_s == pytest.approx(2.1) and dp.backward_s == pytest.approx(4.2)
+    mp = predict_step(model, table, {"0": "column", "1": "row"}, "mp", 4, 4, B, constants=zero)
+    assert mp.glue_s == pytest.approx(1.2) and mp.compute_s == pytest.approx(6.0 + 1.2)
+
+
+def test_busy_cores_leave_the_gradients_cpu_work_exposed():
+    """As in the overlap test above (bucket 0 ready at 2 s, 4 s long), but every core computes: a bucket inside one
+    host is CPU work (copies, reductions) and waits for backward to end — both buckets exposed whole (8 s)."""
+    model, table = _two_linears_table(1.0, 2.0)
+    constants = CostModel(alpha=0.0, beta=0.05, gamma=0.0)
+    step = predict_step(model, table, {}, "dp", 2, 1, B, bucket_bytes=80, constants=constants, cores_busy=True)
+    assert step.exposed_gradient_s == pytest.approx(8.0) and step.step_s == pytest.approx(14.0)
+    # Between hosts the wire time still hides behind backward; only reductions (γ) are CPU work then.
+    links = Links("shm", hosts=(0, 1))
+    wire = CostModel(alpha=0.0, beta=0.05, gamma=0.0)
+    calm = predict_step(model, table, {}, "dp", 2, 1, B, bucket_bytes=80, links=links, network_constants=wire,
+                        constants=CostModel(0, 0, 0))  # fmt: skip
+    busy = predict_step(model, table, {}, "dp", 2, 1, B, bucket_bytes=80, links=links, network_constants=wire,
+                        constants=CostModel(0, 0, 0), cores_busy=True)  # fmt: skip
+    assert busy.exposed_gradient_s == pytest.approx(calm.exposed_gradient_s) == pytest.approx(6.0)
+
+
+def test_the_ranks_of_a_host_share_its_link():
+    """Two hosts of two ranks: each rank's bytes to the other host take twice the link's time per byte (its host-mate
+    sends at once); one rank per host: once."""
+    model, table = _two_linears_table(1.0, 2.0)
+    wire, zero = CostModel(alpha=0.0, beta=1e-3, gamma=0.0), CostModel(0, 0, 0)
+
+    def gradients(hosts):
+        links = Links("shm", hosts=hosts)
+        step = predict_step(model, table, {}, "dp", len(hosts), 1, B, links=links, network_constants=wire,
+                            constants=zero)  # fmt: skip
+        return sum(b.seconds for b in step.buckets), sum(b.transfer.network_bytes for b in step.buckets)
+
+    assert Links("shm", hosts=(0, 0, 1, 1)).ranks_per_link == 2 and Links("shm").ranks_per_link == 1
+    seconds, sent = gradients((0, 0, 1, 1))
+    assert sent > 0 and seconds == pytest.approx(2 * 1e-3 * sent)
+    seconds, sent = gradients((0, 1))
+    assert sent > 0 and seconds == pytest.approx(1e-3 * sent)
+
+
+def test_profile_times_the_fixed_part_and_the_optimizer():
+    model = nn.Sequential(nn.Linear(512, 512), nn.ReLU())
+    table = profile_layers(model, torch.randn(2, 512), steps=2)
+    linear, relu = table.layers["0"], table.layers["1"]
+    assert 0.0 <= linear.forward_fixed_s <= linear.forward_s and 0.0 <= linear.backward_fixed_s <= linear.backward_s
+    assert relu.forward_fixed_s == relu.backward_fixed_s == 0.0  # no parameters: timed at one batch only
+    assert table.optimizer_s_per_element > 0.0
+    assert table.glue_forward_s >= 0.0 and table.glue_backward_s >= 0.0
+    with pytest.raises(ValueError, match="rows_factor must be >= 2"):
+        profile_layers(model, torch.randn(2, 512), rows_factor=1)
+
+
+def test_a_calibration_of_format_1_reads_as_proportional(tmp_path):
+    model, x = small_cnn(), torch.randn(2, 3, 16, 16)
+    path = save_calibration(profile_layers(model, x, steps=1), tmp_path / "new.json")
+    payload = json.loads(path.read_text())
+    old = {"format": 1, "micro_batch": 2, "device": "cpu", "layers": [
+        {k: v for k, v in r.items() if not k.endswith("_fixed_s")} for r in payload["layers"]
+    ]}  # fmt: skip
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    loaded = load_calibration(tmp_path / "old.json", model, x)
+    assert all(r.forward_fixed_s == r.backward_fixed_s == 0.0 for r in loaded.layers.values())
+    assert loaded.optimizer_s_per_element == loaded.glue_forward_s == loaded.glue_backward_s == 0.0
+    assert load_calibration(path, model, x).optimizer_s_per_element == payload["optimizer_s_per_element"] > 0
+
+
 def test_profile_measures_every_leaf_and_leaves_no_trace():
     model = small_cnn().eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -168,6 +281,8 @@ def test_calibration_file_round_trip(tmp_path):
     path = save_calibration(table, tmp_path / "small_cnn.json")
     loaded = load_calibration(path, model, x)
     assert loaded.layers == table.layers and loaded.micro_batch == 2
+    assert loaded.optimizer_s_per_element == table.optimizer_s_per_element
+    assert (loaded.glue_forward_s, loaded.glue_backward_s) == (table.glue_forward_s, table.glue_backward_s)
 
 
 def test_calibration_for_another_model_is_refused(tmp_path):
@@ -204,6 +319,7 @@ class _HostLayout:
 
     name = "shm+torch-gloo"
     network = _Network()
+    local = None
 
     def __init__(self, rank: int, hosts: tuple[int, ...]) -> None:
         self.rank, self.size, self.timeout, self.hosts = rank, len(hosts), 10.0, hosts
