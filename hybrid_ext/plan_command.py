@@ -108,6 +108,13 @@ def add_arguments(parser: argparse.ArgumentParser, positive_int) -> None:
         metavar="FILE",
         help="plot the predicted samples/s of each strategy from 1 to 1,024 ranks, --ranks-per-host to a host",
     )
+    parser.add_argument(
+        "--auto-strategies",
+        type=_strategy_list,
+        default=("dp", "hybrid"),
+        help="what auto weighs, as parallelize's auto_strategies (default: dp,hybrid; add mp where the script "
+        "passes every rank the global batch under mp)",
+    )
     parser.add_argument("--layers", action="store_true", help="also print each strategy's step layer by layer")
     add_device_argument(parser)  # where the layers are profiled
 
@@ -120,6 +127,14 @@ def _core_sharing(args: argparse.Namespace, table, per_host: int) -> tuple[float
         return 1.0, False
     cores, demand = args.cores or os.cpu_count() or 1, per_host * args.threads
     return max(1.0, demand / cores), demand >= cores
+
+
+def _strategy_list(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in STRATEGIES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected some of {','.join(STRATEGIES)}, comma-separated; got {text!r}")
+    return names
 
 
 def _positive_float(text: str) -> float:
@@ -184,7 +199,7 @@ def predictions(args: argparse.Namespace) -> tuple[dict, list]:
     chosen = choose_plan(
         model, table, args.np, args.micro_batch, [args.mp_size] if args.mp_size else None, args.reducer,
         int(args.bucket_mb * (1 << 20)), links, network_constants=network_constants, compute_scale=compute_scale,
-        cores_busy=cores_busy,
+        cores_busy=cores_busy, strategies=args.auto_strategies,
     )  # fmt: skip
     steps.append(chosen.prediction)
     entries.append({**_entry("auto", chosen.mp_size, chosen.prediction), "chose": chosen.strategy})
@@ -251,6 +266,7 @@ def _scaling(args: argparse.Namespace, model, table) -> list[dict]:
         chosen = choose_plan(
             model, table, world, args.micro_batch, candidates, args.reducer, bucket, links,
             network_constants=network_constants, compute_scale=scale, cores_busy=busy,
+            strategies=args.auto_strategies,
         )  # fmt: skip
         point["auto"] = chosen.prediction.samples_per_s
         point["auto_chose"] = f"{chosen.strategy} (mp_size {chosen.mp_size})"

@@ -7,6 +7,7 @@ topology.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Hashable
 from dataclasses import dataclass
 
@@ -37,7 +38,7 @@ class Topology:
         size where the hosts are unknown, as if it were one host)."""
         if self.hosts is None:
             return self.size
-        return max(self.hosts.count(host) for host in set(self.hosts))
+        return max(Counter(self.hosts).values())  # not tuple.count per host: groups of 1,024 ranks are planned
 
     @classmethod
     def of(cls, transport: Transport) -> Topology:

@@ -197,6 +197,7 @@ def parallelize(
     host_reduces_data_parallel: bool = False,
     blocking_reduction: bool = False,
     broadcast_buffers: bool = True,
+    auto_strategies: tuple[str, ...] = ("dp", "hybrid"),
 ) -> ParallelModel:
     """Shard or replicate ``model``'s layers across the ranks (see the module docstring) and return it wrapped.
 
@@ -229,6 +230,9 @@ def parallelize(
         broadcast_buffers (bool): make buffers (BatchNorm running statistics) identical on every replica after each
             training forward, from the first rank (DDP's option of that name; see
             :mod:`hybrid_ext.parallel.replicated_buffers`). Default True.
+        auto_strategies (tuple of str): what ``strategy="auto"`` weighs: ``("dp", "hybrid")`` (default; every
+            rank passes its own micro-batch), or with ``"mp"`` where the script passes every rank the same global
+            batch when ``model.plan.strategy == "mp"`` (decide the batch after the wrap).
 
     Returns:
         ParallelModel: the wrapped model; gradients are reduced during ``backward`` (``no_sync()`` as DDP's).
@@ -248,7 +252,7 @@ def parallelize(
         from hybrid_ext.parallel import auto_plan
 
         plan = auto_plan.plan_on_ranks(
-            model, example_input, groups, mp_size, rules, reducer, int(bucket_mb * (1 << 20))
+            model, example_input, groups, mp_size, rules, reducer, int(bucket_mb * (1 << 20)), auto_strategies
         )
         strategy = plan.strategy
         mp_size = plan.mp_size if groups is None else None

@@ -6,8 +6,9 @@ sharded (column / row / column_last, as under ``hybrid``) or replicated, and eve
 world size (or the one given); all chains replicated is ``dp``. Up to ``MAX_EXHAUSTIVE_CHAINS`` chains every
 combination is predicted; beyond, one pass of toggling each chain from all-sharded, kept where it helps. The plan
 with the least predicted step (:func:`~hybrid_ext.parallel.step_model.predict_step`) wins; ties go to fewer
-sharded chains, then the smaller ``mp_size``. Convolutions stay data-parallel (``mp``'s channel split is not a
-candidate).
+sharded chains, then the smaller ``mp_size``. Convolutions stay data-parallel. ``mp`` (every layer split, the
+convolutions by channels, every rank passing the same global batch) is weighed only when asked for
+(``strategies``): switching to it changes what each rank must pass, which auto cannot do behind a script's back.
 
 The choice is only as good as ``predict_step`` (docs/benchmarks.md sets it against measured steps on this
 repository's 2-core machine: dp within −18 to +7 %, hybrid −13 to +24 %, mp off by up to 43 %).
@@ -33,6 +34,8 @@ from hybrid_ext.parallel.step_model import StepPrediction, predict_step
 from hybrid_ext.parallel.step_traffic import Links
 
 MAX_EXHAUSTIVE_CHAINS = 6
+# The strategies under which every rank passes its own micro-batch: auto may switch between them unseen.
+SAME_BATCH_STRATEGIES = ("dp", "hybrid")
 
 
 @dataclass(frozen=True)
@@ -50,12 +53,15 @@ class Candidate:
     def label(self) -> str:
         if self.strategy == "dp":
             return "dp"
+        if self.strategy == "mp":
+            return f"mp mp_size={self.mp_size} (every rank passes the global batch)"
         return f"hybrid mp_size={self.mp_size}, sharded chains at {', '.join(self.sharded)}"
 
 
 @dataclass
 class AutoPlan(PartitionPlan):
-    """The chosen plan (``strategy`` is what it amounts to: ``dp`` or ``hybrid``), its prediction and the others."""
+    """The chosen plan (``strategy`` is what it amounts to: ``dp``, ``hybrid`` or ``mp``), its prediction and the
+    others."""
 
     mp_size: int = 1
     prediction: StepPrediction | None = None
@@ -104,6 +110,12 @@ class AutoPlan(PartitionPlan):
     __str__ = describe
 
 
+def check_strategies(strategies, argument: str = "strategies") -> None:
+    """Raise, naming ``argument``, unless ``strategies`` is a non-empty sequence of dp, hybrid and mp."""
+    if isinstance(strategies, str) or not strategies or any(s not in ("dp", "hybrid", "mp") for s in strategies):
+        raise ValueError(f"{argument} must name some of dp, hybrid, mp; got {strategies!r}")
+
+
 def _divisors(world: int) -> list[int]:
     return [m for m in range(2, world + 1) if world % m == 0]
 
@@ -120,13 +132,17 @@ def choose_plan(
     network_constants=None,
     compute_scale: float = 1.0,
     cores_busy: bool = False,
+    strategies: tuple[str, ...] = SAME_BATCH_STRATEGIES,
 ) -> AutoPlan:
     """The candidate with the least predicted step (see the module docstring), from ``table``'s layer times.
 
     Deterministic: ranks given the same table choose the same plan. ``mp_sizes``: the group sizes to consider
-    (default: every divisor of ``world`` above 1)."""
+    (default: every divisor of ``world`` above 1). ``strategies``: which of ``dp``, ``hybrid`` and ``mp`` to weigh
+    (default dp and hybrid, under which every rank passes its own micro-batch; ``mp`` — every layer split, every
+    rank passing the same global batch — only where the caller feeds it so, and only at ``mp_size`` = ``world``)."""
     if not isinstance(world, int) or isinstance(world, bool) or world < 1:
         raise ValueError(f"world must be a positive integer, got {world!r}")
+    check_strategies(strategies)
     micro_batch = table.micro_batch if micro_batch is None else micro_batch
     if mp_sizes is None:
         mp_sizes = _divisors(world)
@@ -166,8 +182,20 @@ def choose_plan(
         results[key] = (candidate, plan, step)
         return results[key]
 
-    evaluate(1, ())
-    for m in mp_sizes:
+    if "dp" in strategies:
+        evaluate(1, ())
+    if "mp" in strategies and world in mp_sizes:
+        plan = plan_by_rules(model, "mp")
+        try:
+            check_shardable(model, plan, world)
+        except ValueError:
+            pass  # a layer too narrow for world shards: mp is not a candidate
+        else:
+            step = predict("mp", world, plan)
+            split = tuple(p for p, style in plan.styles.items() if style != "dp")
+            candidate = Candidate("mp", world, split, step.step_s, step.compute_s, step.exposed_communication_s)
+            results[("mp", world, split)] = (candidate, plan, step)
+    for m in mp_sizes if "hybrid" in strategies else ():
         if len(chains) <= MAX_EXHAUSTIVE_CHAINS:
             for count in range(1, len(chains) + 1):
                 for subset in itertools.combinations(range(len(chains)), count):
@@ -181,6 +209,11 @@ def choose_plan(
                     current ^= {i}
                     best = trial
     found = [r for r in results.values() if r is not None]
+    if not found:
+        raise ValueError(
+            f"strategy='auto': no plan of {', '.join(strategies)} fits this model on {world} ranks "
+            f"(mp_size {', '.join(map(str, mp_sizes)) or 'none'}); a layer is too narrow to split"
+        )
     found.sort(key=lambda r: (r[0].step_s, len(r[0].sharded), r[0].mp_size))
     candidate, plan, step = found[0]
     return AutoPlan(
@@ -279,9 +312,11 @@ def plan_on_ranks(
     rules,
     grad_algorithm: str,
     bucket_bytes: int,
+    strategies: tuple[str, ...] = SAME_BATCH_STRATEGIES,
 ) -> AutoPlan:
     """``parallelize(strategy="auto")``'s plan: profiled on every rank, times agreed, the choice checked."""
     _needs_example(example_input)
+    check_strategies(strategies, "auto_strategies")
     if rules:
         raise ValueError("rules are not supported with strategy='auto'; use an explicit strategy with rules")
     if groups is None:
@@ -297,6 +332,9 @@ def plan_on_ranks(
         world_comm, world = groups.world, groups.dims.world
         mp_sizes = [groups.dims.mp]
     table = agree_on_times(profile_layers(model, example_input), world_comm)
-    plan = choose_plan(model, table, world, mp_sizes=mp_sizes, grad_algorithm=grad_algorithm, bucket_bytes=bucket_bytes)
+    plan = choose_plan(
+        model, table, world, mp_sizes=mp_sizes, grad_algorithm=grad_algorithm, bucket_bytes=bucket_bytes,
+        strategies=tuple(strategies),
+    )  # fmt: skip
     check_same_plan(plan, world_comm)
     return plan

@@ -45,7 +45,9 @@ Messages travel in the tensors' own dtype (no ``wire_dtype`` compression).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 
 from torch import nn
 
@@ -80,12 +82,12 @@ class Links:
     hosts: tuple[int, ...] | None = None
     network: str = "torch-gloo"
 
-    @property
+    @cached_property
     def ranks_per_link(self) -> int:
         """The most ranks on one host: they send at once in a step's collectives, over their host's one link."""
         if self.hosts is None:
             return 1
-        return max(self.hosts.count(h) for h in set(self.hosts))
+        return max(Counter(self.hosts).values())
 
     def group(self, members: list[int], rank: int) -> GroupLinks:
         """The links of the group of world ranks ``members`` (in group order), seen from group rank ``rank``."""

@@ -12,6 +12,14 @@ import pytest
 
 from hybrid_ext import launch
 
+try:  # matplotlib's first import on a machine asks fc-list for the fonts: let it, before the guard below is on
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.font_manager
+except ImportError:
+    pass
+
 
 class ProcessStartedInUnitTest(AssertionError):
     """A test in tests/unit started a process; it belongs in tests/multiprocess (or a slower tier)."""

@@ -1,0 +1,98 @@
+"""strategy="auto" weighing mp: only when asked (it changes what each rank passes), at mp_size = world."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+import hybrid_ext
+from hybrid_ext import plan_command
+from hybrid_ext.cli import main
+from hybrid_ext.parallel.auto_plan import choose_plan
+from hybrid_ext.parallel.layer_profile import layer_shapes
+from hybrid_ext.parallel.plan import plan_by_rules
+from hybrid_ext.parallel.step_model import predict_step
+
+from helpers.parallel_reference import small_cnn
+
+pytestmark = pytest.mark.timeout(120)
+
+B = 4
+ALL = ("dp", "hybrid", "mp")
+
+
+def _weight_bound_table():
+    """small_cnn with every leaf taking 1 s forward and 2 s backward whatever its rows (all of it fixed: reading its
+    weights): a layer split four ways then costs a quarter, so mp — every layer split — predicts the least step."""
+    model = small_cnn()
+    table = layer_shapes(model, torch.randn(B, 3, 16, 16))
+    table.layers = {
+        path: replace(r, forward_s=1.0, backward_s=2.0, forward_fixed_s=1.0, backward_fixed_s=2.0) if r.leaf else r
+        for path, r in table.layers.items()
+    }
+    return model, table
+
+
+def test_mp_is_a_candidate_when_asked_and_its_step_is_predict_steps():
+    model, table = _weight_bound_table()
+    chosen = choose_plan(model, table, 4, B, strategies=ALL)
+    assert chosen.strategy == "mp" and chosen.mp_size == 4
+    mp_plan = plan_by_rules(model, "mp")
+    assert chosen.styles == mp_plan.styles and "channel" in chosen.styles.values()
+    expected = predict_step(model, table, mp_plan.styles, "mp", 4, 4, B).step_s
+    assert chosen.prediction.step_s == pytest.approx(expected)
+    assert chosen.alternatives[0].strategy == "mp" and "global batch" in chosen.alternatives[0].label
+    assert {c.strategy for c in chosen.alternatives} == set(ALL)
+    assert "strategy=auto: mp" in str(chosen)
+
+
+def test_by_default_auto_keeps_each_rank_passing_its_own_micro_batch():
+    model, table = _weight_bound_table()
+    chosen = choose_plan(model, table, 4, B)
+    assert chosen.strategy in ("dp", "hybrid")
+    assert all(c.strategy != "mp" for c in chosen.alternatives)
+    only_dp = choose_plan(model, table, 4, B, strategies=("dp",))
+    assert only_dp.strategy == "dp" and len(only_dp.alternatives) == 1
+
+
+def test_mp_only_at_mp_size_world_and_where_every_layer_splits():
+    model, table = _weight_bound_table()
+    halves = choose_plan(model, table, 4, B, mp_sizes=[2], strategies=ALL)  # mp runs over all ranks only
+    assert all(c.strategy != "mp" for c in halves.alternatives)
+    # small_cnn ends in 10 classes: 16 ranks cannot split them (nor hybrid's last layer), so only dp remains
+    wide = choose_plan(model, table, 16, B, mp_sizes=[16], strategies=ALL)
+    assert wide.strategy == "dp"
+    with pytest.raises(ValueError, match="no plan of mp fits this model on 16 ranks"):
+        choose_plan(model, table, 16, B, mp_sizes=[16], strategies=("mp",))
+
+
+@pytest.mark.parametrize("strategies", [(), ("dp", "zero"), ("auto",)])
+def test_unknown_strategies_are_named(strategies):
+    model, table = _weight_bound_table()
+    with pytest.raises(ValueError, match="strategies must name some of dp, hybrid, mp"):
+        choose_plan(model, table, 4, B, strategies=strategies)
+
+
+def test_parallelize_names_bad_auto_strategies_before_any_collective():
+    with pytest.raises(ValueError, match="auto_strategies"):
+        hybrid_ext.parallelize(
+            small_cnn(), strategy="auto", example_input=torch.randn(2, 3, 16, 16), auto_strategies=("pipeline",)
+        )
+
+
+def test_plan_command_auto_weighs_what_it_is_told(tmp_path, capsys):
+    args = ["plan", "--model", "digits_alexnet", "--np", "2", "--micro-batch", "2", "--size", "16"]
+    args += ["--device", "cpu", "--profile-steps", "1"]
+    out = tmp_path / "plan.json"
+    assert main([*args, "--auto-strategies", "dp,hybrid,mp", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    by = {e["strategy"]: e for e in result["strategies"]}
+    fastest = min(("dp", "hybrid", "mp"), key=lambda s: by[s]["step_ms"])
+    assert by["auto"]["step_ms"] <= by[fastest]["step_ms"] * (1 + 1e-9)
+    with pytest.raises(SystemExit):
+        main([*args, "--auto-strategies", "dp,pipeline"])
+    assert "expected some of dp,hybrid,mp" in capsys.readouterr().err
+    assert plan_command._strategy_list("mp, dp") == ("mp", "dp")
