@@ -182,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--size", type=int, default=64, help="input height and width (default: 64)")
     train.add_argument("--steps", type=positive_int, default=5, help="timed steps per run (default: 5)")
     train.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=1,
+        help="run every run this many times, interleaved; the step is the median of the repeats' (default: 1)",
+    )
+    train.add_argument(
         "--mp-size", type=positive_int, default=None, help="model-parallel group size (default: all ranks)"
     )
     train.add_argument(

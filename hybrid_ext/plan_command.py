@@ -9,6 +9,7 @@ of ``hybrid-ext bench train`` (3-channel inputs of ``--size``), so its measureme
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -380,12 +381,18 @@ def table_text(result: dict) -> str:
 def compare(result: dict, measured_rows: list[dict], grad_algorithm: str) -> dict:
     """Predicted against measured step ms per strategy (bench train rows named ``<strategy>-<grad algorithm>``):
     each error, their mean absolute and worst, whether the two rank the strategies alike, and the measured step of
-    auto's choice against the fastest measured (ValueError: no row to compare)."""
-    measured = {}
+    auto's choice against the fastest measured (ValueError: no row to compare). Rows measured with ``--repeats``
+    carry each repeat's step: two strategies whose repeats' ranges overlap are tied, and the ranking is right when
+    every pair it orders otherwise than the measurements is tied (``ranking_exact``: the orders are the same)."""
+    measured, spread, repeats = {}, {}, {}
     for row in measured_rows:
         strategy, _, algorithm = str(row.get("run", "")).partition("-")
         if strategy in STRATEGIES and (algorithm or "butterfly") == grad_algorithm:
             measured[strategy] = float(row["step_ms"])
+            runs = [float(ms) for ms in row.get("step_ms_runs") or []]
+            repeats[strategy] = max(1, len(runs))
+            if len(runs) >= 2:  # bench train --repeats: the range its repeats spanned
+                spread[strategy] = (min(runs), max(runs))
     predicted = {e["strategy"]: e["step_ms"] for e in result["strategies"] if e["strategy"] in measured}
     if not predicted:
         names = sorted(str(row.get("run")) for row in measured_rows)
@@ -395,6 +402,17 @@ def compare(result: dict, measured_rows: list[dict], grad_algorithm: str) -> dic
     errors = {s: (predicted[s] - measured[s]) / measured[s] for s in predicted}
     by_prediction = sorted(predicted, key=predicted.get)
     by_measurement = sorted(predicted, key=measured.get)
+    # Two strategies whose repeated measurements overlap are tied: no order between them was measured.
+    ties = [
+        (a, b)
+        for a, b in itertools.combinations(by_measurement, 2)
+        if a in spread and b in spread and spread[a][1] >= spread[b][0] and spread[b][1] >= spread[a][0]
+    ]
+    swapped = [
+        (a, b)
+        for a, b in itertools.combinations(by_measurement, 2)
+        if predicted[a] > predicted[b] and (a, b) not in ties
+    ]
     planned = {e["strategy"]: e for e in result["strategies"]}
     auto = planned["auto"]
     chose = auto["chose"]
@@ -407,7 +425,10 @@ def compare(result: dict, measured_rows: list[dict], grad_algorithm: str) -> dic
         ],
         "mean_absolute_error": sum(abs(e) for e in errors.values()) / len(errors),
         "worst_error": max(errors.values(), key=abs),
-        "ranking_right": by_prediction == by_measurement,
+        "ranking_right": not swapped,
+        "ranking_exact": by_prediction == by_measurement,
+        "ties": [list(pair) for pair in ties],
+        "repeats": repeats,
         "auto_chose": chose if chose == "dp" else f"{chose} (mp_size {auto['mp_size']})",
         "auto_over_fastest": measured[chose] / min(measured.values()) if ran else None,
     }
@@ -420,9 +441,10 @@ def comparison_text(comparison: dict) -> str:
             f"  {row['strategy']:<11}{row['predicted_ms']:>14.1f}{row['measured_ms']:>13.1f}{row['error']:>+9.1%}"
         )
     auto = comparison["auto_over_fastest"]
+    ties = "".join(f" ({a} and {b} tied)" for a, b in comparison.get("ties", []))
     lines.append(
         f"  mean |error| {comparison['mean_absolute_error']:.1%}, worst {comparison['worst_error']:+.1%}; ranking "
-        f"{'right' if comparison['ranking_right'] else 'WRONG'}; auto chose {comparison['auto_chose']}"
+        f"{'right' if comparison['ranking_right'] else 'WRONG'}{ties}; auto chose {comparison['auto_chose']}"
         + (f", measured {auto:.3f}× the fastest" if auto is not None else " (not measured)")
     )
     return "\n".join(lines)

@@ -15,9 +15,10 @@ are the ranks and rank 0 prints; ``--hosts H [--nic RATE]`` runs it so, under to
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,7 @@ class TrainRow:
     step_ms: float
     bytes_per_step: float
     messages_per_step: float
+    step_ms_runs: list[float] = field(default_factory=list)  # each repeat's median step (--repeats)
 
 
 def _mirror_groups(world: int, mp_size: int, rank: int, device: torch.device):
@@ -120,12 +122,17 @@ def run_train_bench(
     steps: int,
     mp_size=None,
     device: str = "cpu",
+    repeats: int = 1,
 ) -> list[TrainRow]:
+    """Each run ``repeats`` times, the runs interleaved (A B C A B C: a machine that slows down or speeds up during
+    the benchmark shifts every run alike); a row's step is the median of its repeats' median steps."""
     from hybrid_ext.bench.allreduce import launched
     from hybrid_ext.train.device import local_rank_and_size, this_job_backend
 
-    rows = []
-    for label, strategy, grad_algorithm in runs:
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    measured: list[list[list[dict]]] = [[] for _ in runs]  # run -> repeat -> every rank's result
+    for _repeat, (index, (label, strategy, grad_algorithm)) in itertools.product(range(repeats), enumerate(runs)):
         mirror = label == "compute-only"
         if launched():  # this process is one rank of the launcher's job
             import torch.distributed as dist
@@ -143,17 +150,21 @@ def run_train_bench(
                 _train_rank, world, model, strategy, grad_algorithm, mp_size, steps, 2, micro_batch, size, mirror,
                 device, backend=None if mirror else this_job_backend(device, world), timeout=1800,
             )  # fmt: skip
-        per_step = [max(ts) for ts in zip(*(r["times"] for r in results))]
-        step = statistics.median(per_step)
-        global_batch = micro_batch * world
+        measured[index].append(results)
+    rows = []
+    for (label, _, _), repeated in zip(runs, measured):
+        # A step lasts as long as its slowest rank; each repeat's median step, then their median.
+        medians = [statistics.median(max(ts) for ts in zip(*(r["times"] for r in results))) for results in repeated]
+        step = statistics.median(medians)
         rows.append(
             TrainRow(
                 run=label,
                 world=world,
-                samples_per_sec=global_batch / step,
+                samples_per_sec=micro_batch * world / step,
                 step_ms=step * 1e3,
-                bytes_per_step=statistics.mean(results[0]["bytes"]),
-                messages_per_step=statistics.mean(results[0]["messages"]),
+                bytes_per_step=statistics.mean(repeated[0][0]["bytes"]),
+                messages_per_step=statistics.mean(repeated[0][0]["messages"]),
+                step_ms_runs=[m * 1e3 for m in medians],
             )
         )
     return rows
@@ -194,7 +205,10 @@ def main(args) -> int:
         print(f"{args.np} ranks on {args.hosts} emulated hosts (egress {args.nic or 'unshaped'})")
     else:
         device = getattr(args, "device", "cpu")
-        rows = run_train_bench(args.model, args.np, runs, args.micro_batch, args.size, args.steps, args.mp_size, device)
+        rows = run_train_bench(
+            args.model, args.np, runs, args.micro_batch, args.size, args.steps, args.mp_size, device,
+            getattr(args, "repeats", 1),
+        )  # fmt: skip
         if launched():
             import torch.distributed as dist
 
@@ -226,7 +240,8 @@ def _run_on_emulated_cluster(args) -> list[TrainRow]:
 
     command = ["-m", "hybrid_ext.cli", "bench", "train", "--model", args.model, "--runs", args.runs,
                "--micro-batch", str(args.micro_batch), "--size", str(args.size),
-               "--steps", str(args.steps), "--device", getattr(args, "device", "cpu")]  # fmt: skip
+               "--steps", str(args.steps), "--device", getattr(args, "device", "cpu"),
+               "--repeats", str(getattr(args, "repeats", 1))]  # fmt: skip
     if args.mp_size:
         command += ["--mp-size", str(args.mp_size)]
     with cluster.emulated_cluster(args.hosts, args.nic) as hosts:
