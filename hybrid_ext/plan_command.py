@@ -110,6 +110,12 @@ def add_arguments(parser: argparse.ArgumentParser, positive_int) -> None:
         help="plot the predicted samples/s of each strategy from 1 to 1,024 ranks, --ranks-per-host to a host",
     )
     parser.add_argument(
+        "--measure-sharing",
+        action="store_true",
+        help="cpu: measure how much slower each rank computes when --np ranks share this machine (the model's "
+        "forward and backward on every rank at once, against one alone) instead of taking --np×threads/cores",
+    )
+    parser.add_argument(
         "--auto-strategies",
         type=_strategy_list,
         default=("dp", "hybrid"),
@@ -128,6 +134,36 @@ def _core_sharing(args: argparse.Namespace, table, per_host: int) -> tuple[float
         return 1.0, False
     cores, demand = args.cores or os.cpu_count() or 1, per_host * args.threads
     return max(1.0, demand / cores), demand >= cores
+
+
+def measured_sharing(model_spec: str, ranks: int, example, threads: int = 1, steps: int = 3) -> float:
+    """σ measured: the model's forward and backward on ``example`` timed on ``ranks`` processes of this machine at
+    once (after a barrier), their median against the same in this process alone. Emulated hosts share this
+    machine, so every rank of the layout counts."""
+    import torch
+
+    from hybrid_ext.launch import spawn
+    from hybrid_ext.parallel.layer_profile import model_step_seconds
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        alone = model_step_seconds(build_planned_model(model_spec), example, steps)
+    finally:
+        torch.set_num_threads(previous)
+    together = spawn(_sharing_rank, ranks, model_spec, example, steps, threads=threads, timeout=1800)
+    return max(1.0, sorted(together)[len(together) // 2] / alone)
+
+
+def _sharing_rank(rank: int, world: int, model_spec: str, example, steps: int) -> float:
+    import torch.distributed as dist
+
+    from hybrid_ext.parallel.layer_profile import model_step_seconds
+
+    model = build_planned_model(model_spec)
+    model_step_seconds(model, example, 1)  # warm up before the ranks start together
+    dist.barrier()
+    return model_step_seconds(model, example, steps)
 
 
 def _strategy_list(text: str) -> tuple[str, ...]:
@@ -185,6 +221,14 @@ def predictions(args: argparse.Namespace) -> tuple[dict, list]:
     # Ranks of one host share its cores: each computes R·t/C times slower than the profile measured it alone.
     per_host = args.np // (args.hosts or 1)
     compute_scale, cores_busy = _core_sharing(args, table, per_host)
+    sharing = "ranks × threads / cores"
+    if args.measure_sharing:
+        if not table.device.startswith("cpu"):
+            raise ValueError(
+                f"--measure-sharing times ranks sharing this machine's CPU; the layer times are {table.device}'s"
+            )
+        compute_scale = measured_sharing(args.model, args.np, example, args.threads, args.profile_steps)
+        sharing = f"measured: {args.np} ranks at once against one alone"
     for strategy in STRATEGIES:
         plan = plan_by_rules(model, strategy)
         size = 1 if strategy == "dp" else mp_size
@@ -217,6 +261,7 @@ def predictions(args: argparse.Namespace) -> tuple[dict, list]:
         "nic": args.nic,
         "layer_times": source,
         "compute_scale": compute_scale,
+        "compute_scale_source": sharing,
         "cores_busy": cores_busy,
         "strategies": entries,
         **({"scaling": scaling} if scaling is not None else {}),
@@ -363,8 +408,9 @@ def table_text(result: dict) -> str:
     busy = " (every core computing: the gradients' copies and reductions cannot overlap)" * result["cores_busy"]
     lines = [
         f"hybrid-ext plan: {result['model']} ({result['size']}×{result['size']}), {result['world']} ranks{spread}, "
-        f"micro-batch {result['micro_batch']}; layer times {result['layer_times']}, ×{result['compute_scale']:g} for "
-        f"ranks sharing cores{busy}; inside a host {result['transport']}",
+        f"micro-batch {result['micro_batch']}; layer times {result['layer_times']}, ×{result['compute_scale']:.3g} for "
+        f"ranks sharing cores ({result.get('compute_scale_source', 'ranks × threads / cores')}){busy}; inside a host "
+        f"{result['transport']}",
         f"  {'strategy':<11}{'mp_size':>8}{'step ms':>11}{'compute ms':>12}{'exposed comm ms':>17}"
         f"{'bytes/rank':>14}{'bytes/host link':>17}{'samples/s':>12}",
     ]

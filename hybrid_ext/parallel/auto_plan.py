@@ -283,14 +283,20 @@ def agree_on_times(table: LayerTable, world) -> LayerTable:
     if len(set(counts)) > 1:
         raise ValueError(f"strategy='auto': ranks profiled different numbers of layers {list(counts)}")
     fields = ("forward_s", "backward_s", "forward_fixed_s", "backward_fixed_s")
-    whole = ("optimizer_s_per_element", "glue_forward_s", "glue_backward_s")
+    whole = (
+        "optimizer_s_per_element",
+        "glue_forward_s",
+        "glue_backward_s",
+        "glue_forward_fixed_s",
+        "glue_backward_fixed_s",
+    )
     values = [getattr(r, f) for r in table.layers.values() for f in fields] + [getattr(table, f) for f in whole]
     agreed = world.max_over_ranks(values, name="auto plan layer times")
     layers = {
         path: replace(record, **dict(zip(fields, agreed[len(fields) * i : len(fields) * (i + 1)])))
         for i, (path, record) in enumerate(table.layers.items())
     }
-    return LayerTable(table.micro_batch, table.device, layers, *agreed[-len(whole) :])
+    return LayerTable(table.micro_batch, table.device, layers, **dict(zip(whole, agreed[-len(whole) :])))
 
 
 def check_same_plan(plan: AutoPlan, world) -> None:

@@ -13,10 +13,11 @@ times; the line through the two points gives its fixed part, so a step model can
 gives the layer (a sharded layer sees its group's gathered batch). Timing each layer alone, rather than hooking
 the whole step, keeps in-place layers (``ReLU(inplace=True)``) and autograd untouched; it leaves out what the step
 shares between layers: the whole model is timed too, and what it takes beyond its leaves (residual additions,
-reshapes) is kept as the table's glue. The optimizer's update is timed apart, per parameter element:
+reshapes) is kept as the table's glue, its fixed part found as a leaf's (the whole model timed again at
+``rows_factor`` times the rows, where memory allows). The optimizer's update is timed apart, per parameter element:
 SGD with momentum on a scratch parameter (what ``hybrid-ext bench train`` runs; Adam's update costs a few times
-more). Nothing is left behind: gradients, buffers (BatchNorm statistics), random number generators and
-train/eval modes are as before.
+more); so is a strided copy (the re-layout around a gather along channels), per byte. Nothing is left behind:
+gradients, buffers (BatchNorm statistics), random number generators and train/eval modes are as before.
 
 A calibration file (:func:`save_calibration`) carries the table to another machine, e.g. per-layer times
 measured on a GPU to plan a GPU cluster; :func:`load_calibration` refuses a file whose layers (paths, kinds,
@@ -34,10 +35,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-CALIBRATION_FORMAT = 2
-READABLE_FORMATS = (1, 2)  # format 1 has no fixed parts, glue or optimizer time: read as 0 (times ∝ rows)
+CALIBRATION_FORMAT = 3
+# Format 1 has no fixed parts, glue or optimizer time, format 2 no fixed part of the glue and no copy rate: read as
+# 0 (times ∝ rows, copies free).
+READABLE_FORMATS = (1, 2, 3)
 ROWS_FACTOR = 4  # the second micro-batch leaves with parameters are timed at, as a multiple of the first
 OPTIMIZER_PROBE_ELEMENTS = 1 << 22  # the scratch parameter the optimizer's update is timed on (at most)
+COPY_PROBE_SHAPE = (16, 64, 64, 64)  # 16 MiB of float32, moved channels-first as a gather along channels does
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,20 @@ class LayerTable:
     # autograd bookkeeping between layers), at micro_batch.
     glue_forward_s: float = 0.0
     glue_backward_s: float = 0.0
+    # Of the glue, the part that does not grow with the rows (the whole model timed at two batches, as the leaves).
+    glue_forward_fixed_s: float = 0.0
+    glue_backward_fixed_s: float = 0.0
+    # A strided copy into a new tensor (what a gather along channels does to put the shards in place), seconds per
+    # byte copied.
+    copy_s_per_byte: float = 0.0
+
+    def glue_at(self, rows: float) -> tuple[float, float]:
+        """(forward, backward) seconds of the glue at ``rows`` rows: fixed + per row, as a leaf's."""
+        per_row = rows / self.micro_batch
+        return (
+            self.glue_forward_fixed_s + (self.glue_forward_s - self.glue_forward_fixed_s) * per_row,
+            self.glue_backward_fixed_s + (self.glue_backward_s - self.glue_backward_fixed_s) * per_row,
+        )
 
     def compute_s(self, path: str) -> float:
         record = self.layers[path]
@@ -212,6 +230,20 @@ def _fixed_part(at_one: float, at_factor: float, factor: int) -> float:
     return min(max((factor * at_one - at_factor) / (factor - 1), 0.0), at_one)
 
 
+def _time_copy(device: torch.device, steps: int) -> float:
+    """Seconds per byte of a strided copy into a new tensor (median of ``steps`` after one warm-up)."""
+    probe = torch.ones(COPY_PROBE_SHAPE, device=device)
+    times = []
+    for run in range(steps + 1):
+        _synchronize(device)
+        began = time.perf_counter()
+        probe.movedim(1, 0).contiguous()
+        _synchronize(device)
+        if run:
+            times.append(time.perf_counter() - began)
+    return statistics.median(times) / (probe.numel() * probe.element_size())
+
+
 def _time_optimizer(elements: int, device: torch.device, steps: int) -> float:
     """Seconds per parameter element of one SGD-with-momentum update (median of ``steps`` after one warm-up)."""
     count = max(1, min(elements, OPTIMIZER_PROBE_ELEMENTS))
@@ -268,12 +300,40 @@ def profile_layers(
                 backward_fixed_s=backward_fixed,
             )
         whole_forward, whole_backward = _time_leaf(model, (example_input,), steps)
+        more = _whole_at_more_rows(model, example_input, rows_factor, steps)
     leaves = [r for r in table.layers.values() if r.leaf]
     table.glue_forward_s = max(0.0, whole_forward - sum(r.forward_s for r in leaves))
     table.glue_backward_s = max(0.0, whole_backward - sum(r.backward_s for r in leaves))
+    if more is not None:  # the glue at rows_factor × the rows: the whole model's beyond its leaves' (fitted) times
+        rows = rows_factor * table.micro_batch
+        at_more = [r.seconds_at(rows, table.micro_batch) for r in leaves]
+        glue_forward_more = max(0.0, more[0] - sum(f for f, _ in at_more))
+        glue_backward_more = max(0.0, more[1] - sum(b for _, b in at_more))
+        table.glue_forward_fixed_s = _fixed_part(table.glue_forward_s, glue_forward_more, rows_factor)
+        table.glue_backward_fixed_s = _fixed_part(table.glue_backward_s, glue_backward_more, rows_factor)
     elements = sum(p.numel() for p in model.parameters())
     table.optimizer_s_per_element = _time_optimizer(elements, example_input.device, steps) if elements else 0.0
+    table.copy_s_per_byte = _time_copy(example_input.device, steps)
     return table
+
+
+def model_step_seconds(model: nn.Module, example_input: torch.Tensor, steps: int = 3) -> float:
+    """The whole model's forward and backward seconds on ``example_input`` (median of ``steps`` after a warm-up),
+    leaving no trace (gradients, buffers, random number generators and modes as before)."""
+    with _RestoredAfterwards(model):
+        forward, backward = _time_leaf(model, (example_input,), steps)
+    return forward + backward
+
+
+def _whole_at_more_rows(model: nn.Module, example_input, rows_factor: int, steps: int) -> tuple[float, float] | None:
+    """The whole model's (forward, backward) seconds at ``rows_factor`` times the rows, or None where the device
+    has no memory for that batch (the glue is then taken as growing with the rows)."""
+    try:
+        return _time_leaf(model, _repeated_rows((example_input,), rows_factor), steps)
+    except torch.OutOfMemoryError:
+        if example_input.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return None
 
 
 def layer_shapes(model: nn.Module, example_input: torch.Tensor) -> LayerTable:
@@ -306,6 +366,9 @@ def save_calibration(table: LayerTable, path: str | Path) -> Path:
         "optimizer_s_per_element": table.optimizer_s_per_element,
         "glue_forward_s": table.glue_forward_s,
         "glue_backward_s": table.glue_backward_s,
+        "glue_forward_fixed_s": table.glue_forward_fixed_s,
+        "glue_backward_fixed_s": table.glue_backward_fixed_s,
+        "copy_s_per_byte": table.copy_s_per_byte,
         "layers": [asdict(record) for record in table.layers.values()],
     }
     path.write_text(json.dumps(payload, indent=1) + "\n")
@@ -330,6 +393,9 @@ def load_calibration(path: str | Path, model: nn.Module, example_input: torch.Te
             float(payload.get("optimizer_s_per_element", 0.0)),
             float(payload.get("glue_forward_s", 0.0)),
             float(payload.get("glue_backward_s", 0.0)),
+            float(payload.get("glue_forward_fixed_s", 0.0)),
+            float(payload.get("glue_backward_fixed_s", 0.0)),
+            float(payload.get("copy_s_per_byte", 0.0)),
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(

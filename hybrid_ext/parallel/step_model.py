@@ -11,17 +11,19 @@ R = b for a replicated layer under dp and hybrid, R = m·b for a sharded layer
 under hybrid (it sees the group's gathered batch), R = P·b for every layer under mp (the global batch on every
 rank), and φ = f_q/F (a column or channel shard's output features, a row shard's input features; 1 replicated).
 Only leaves are timed (a module that owns parameters and has children counts through its children); the whole
-model's time beyond its leaves' (the glue: residual additions, reshapes) grows with the rows every layer of the
-trunk sees (b, or P·b under mp). The optimizer's update costs T_o = u · N, u seconds per parameter element
-(measured with the table) and N the elements this rank holds (a shard: its fraction φ of the layer's). Every time
-is multiplied by ``compute_scale`` σ ≥ 1 where ranks share a device: σ = R·t/C for R ranks of t threads each on C
-cores (the table measured one rank alone).
+model's time beyond its leaves' (the glue: residual additions, reshapes) is fixed + per row as a layer's, at the
+rows every layer of the trunk sees (b, or P·b under mp). The optimizer's update costs T_o = u · N, u seconds per
+parameter element (measured with the table) and N the elements this rank holds (a shard: its fraction φ of the
+layer's). Every time is multiplied by ``compute_scale`` σ ≥ 1 where ranks share a device: σ = R·t/C for R ranks
+of t threads each on C cores (the table measured one rank alone).
 
-Communication: each transfer costs α·k + β·n + γ·u, with k messages sent, n bytes sent and u bytes received and
-reduced by this rank (:class:`hybrid_ext.comm.cost_model.CostModel`; a transport's calibrated constants, else its
-built-in ones): the messages to ranks on other hosts at the network's α, β, the others at those of the transport
-inside a host, the network's β times the ranks of a host (they send at once and share its link); a native
-all-reduce costs its calibrated constants' ring formula.
+Communication: each transfer costs α·k + β·n + γ·u + c·σ·v, with k messages sent, n bytes sent, u bytes received
+and reduced by this rank (:class:`hybrid_ext.comm.cost_model.CostModel`; a transport's calibrated constants, else
+its built-in ones) and v bytes the rank copies in memory around the collective (a gather along channels moves its
+shards to the front and back; an in-place all-reduce starts from a clone) at the table's copy rate c: the
+messages to ranks on other hosts at the network's α, β, the others at those of the transport inside a host, the
+network's β times the ranks of a host (they send at once and share its link); a native all-reduce costs its
+calibrated constants' ring formula.
 
 Step, per rank:
 
@@ -213,7 +215,10 @@ def _predict_rank(
     transfers = step_transfers(
         model, table, styles, strategy, world, mp_size, rank, micro_batch, grad_algorithm, bucket_bytes, links
     )
-    split = {id(t): transfer_split(t, links, constants, network_constants) for t in transfers}
+    split = {}
+    for t in transfers:  # the mappings' own copies around a collective are CPU work, at the table's copy rate
+        cpu, wire = transfer_split(t, links, constants, network_constants)
+        split[id(t)] = (cpu + table.copy_s_per_byte * t.copied_bytes * compute_scale, wire)
     seconds = {key: cpu + wire for key, (cpu, wire) in split.items()}
     prediction = StepPrediction(strategy, world, mp_size, micro_batch, rank)
     prediction.layer_transfers = [t for t in transfers if t.phase != "gradients"]
@@ -237,12 +242,13 @@ def _predict_rank(
         prediction.layers.append(LayerPrediction(path, style, forward, backward, comm, sum(t.bytes_sent for t in own)))
         prediction.forward_s += forward + sum(seconds[id(t)] for t in own if t.phase == "forward")
         backward_of[path] = backward + sum(seconds[id(t)] for t in own if t.phase == "backward")
-    # The model's own work between its layers (residual additions, reshapes) runs on every row the rank processes.
-    glue = compute_scale * (world * micro_batch if strategy == "mp" else micro_batch) / table.micro_batch
-    prediction.glue_s = (table.glue_forward_s + table.glue_backward_s) * glue
-    prediction.forward_s += table.glue_forward_s * glue
+    # The model's own work between its layers (residual additions, reshapes), at the rows the trunk processes.
+    glue_forward, glue_backward = table.glue_at(world * micro_batch if strategy == "mp" else micro_batch)
+    glue_forward, glue_backward = glue_forward * compute_scale, glue_backward * compute_scale
+    prediction.glue_s = glue_forward + glue_backward
+    prediction.forward_s += glue_forward
     finished_at: dict[str, float] = {}  # layer -> when its backward ends, from the start of backward
-    clock = table.glue_backward_s * glue  # counted before the layers: buckets are then ready late, never early
+    clock = glue_backward  # counted before the layers: buckets are then ready late, never early
     for path in reversed(table.layers):
         clock += backward_of[path]
         finished_at[path] = clock

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 from torch import nn
@@ -136,6 +136,9 @@ class Transfer:
     network_messages: int = 0  # of messages, to ranks on other hosts
     local: str = "shm"  # the transports its messages take (their cost-model constants)
     network: str = "torch-gloo"
+    # Bytes this rank copies in memory around the collective (the mappings' re-layouts: a gather along channels
+    # moved to and from the front, a clone before an in-place all-reduce); priced by the table's copy rate.
+    copied_bytes: int = 0
 
 
 def _from_plan(
@@ -251,24 +254,34 @@ def layer_transfers(
                 out.append(reduce_scatter_transfer(path, "backward", tuple(c * per_input for c in counts), s, group))
         if style == "column_last":
             features = shard_sizes(record.output_shape[-1], m)
-            out.append(_all_to_all(path, "forward", [c * positions * features[q] for c in counts], s, group))
-            out.append(_all_to_all(path, "backward", [counts[q] * positions * f for f in features], s, group))
+            # forward: the received blocks concatenated along features (my rows, all features); backward: the
+            # gradient's feature blocks made contiguous, then the received rows concatenated
+            whole, mine = rows * positions * sum(features) * s, m * rows * positions * features[q] * s
+            forward = _all_to_all(path, "forward", [c * positions * features[q] for c in counts], s, group)
+            backward = _all_to_all(path, "backward", [counts[q] * positions * f for f in features], s, group)
+            out += [replace(forward, copied_bytes=whole), replace(backward, copied_bytes=whole + mine)]
         if style == "row":
             blocks = tuple(c * per_output for c in counts)
             out.append(reduce_scatter_transfer(path, "forward", blocks, s, group))
             out.append(allgather_transfer(path, "backward", blocks, s, group))
     elif strategy == "mp":
         if style in ("column", "column_last", "channel") and record.input_requires_grad:
-            out.append(allreduce_transfer(path, "backward", "auto", rows * per_input, s, group))
-        if style == "column_last":
-            features = shard_sizes(record.output_shape[-1], m)
-            out.append(allgather_transfer(path, "forward", tuple(f * rows * positions for f in features), s, group))
-        if style == "channel":
-            channels = shard_sizes(record.output_shape[0], m)
-            plane = math.prod(record.output_shape[1:])
-            out.append(allgather_transfer(path, "forward", tuple(k * rows * plane for k in channels), s, group))
+            # the input's gradient is cloned before it is reduced in place
+            reduced = allreduce_transfer(path, "backward", "auto", rows * per_input, s, group)
+            out.append(reduced and replace(reduced, copied_bytes=rows * per_input * s))
+        if style in ("column_last", "channel"):
+            # gather along features / channels: my shard moved to the front, the whole output moved back, and in
+            # backward my slice of the gradient made contiguous
+            if style == "column_last":
+                shards, per_unit = shard_sizes(record.output_shape[-1], m), rows * positions
+            else:
+                shards, per_unit = shard_sizes(record.output_shape[0], m), rows * math.prod(record.output_shape[1:])
+            gathered = allgather_transfer(path, "forward", tuple(k * per_unit for k in shards), s, group)
+            copied = (2 * shards[q] + sum(shards)) * per_unit * s
+            out.append(gathered and replace(gathered, copied_bytes=copied))
         if style == "row":
-            out.append(allreduce_transfer(path, "forward", "auto", rows * per_output, s, group))
+            reduced = allreduce_transfer(path, "forward", "auto", rows * per_output, s, group)
+            out.append(reduced and replace(reduced, copied_bytes=rows * per_output * s))
     else:
         raise ValueError(f"layer {path!r} is {style!r} under strategy {strategy!r}: only hybrid and mp shard layers")
     return [t for t in out if t is not None]

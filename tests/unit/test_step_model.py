@@ -85,6 +85,47 @@ def test_mp_bytes_by_hand():
     assert not [t for t in transfers if t.phase == "gradients"]  # the same loss everywhere: no gradient traffic
 
 
+def _copied(transfers, name: str, phase: str, collective: str) -> int:
+    return sum(t.copied_bytes for t in transfers if (t.name, t.phase, t.collective) == (name, phase, collective))
+
+
+def test_mp_copies_around_its_collectives_by_hand():
+    """mp on 2 ranks, rows = 2·B: what the mappings copy in memory besides what they send."""
+    transfers = _small_cnn_transfers("mp", 2, 1)
+    rows, f32 = 2 * B, 4
+    # conv 0 gathers 8 channels (4 each) of 16×16: my 4 moved to the front, all 8 moved back, my 4 of the gradient
+    assert _copied(transfers, "0", "forward", "allgather") == (2 * 4 + 8) * rows * 16 * 16 * f32
+    # conv 3's input gradient (8×8×8) is cloned before its in-place all-reduce; so are the row layer's partial sums
+    assert _copied(transfers, "3", "backward", "allreduce") == rows * 8 * 8 * 8 * f32
+    assert _copied(transfers, "10", "forward", "allreduce") == rows * 64 * f32
+    # the last layer (10 outputs, 5 each) is gathered along features: 5 to the front, 10 back, 5 of the gradient
+    assert _copied(transfers, "12", "forward", "allgather") == (2 * 5 + 10) * rows * f32
+
+
+def test_hybrid_copies_around_the_all_to_all_by_hand():
+    """hybrid on 2 ranks: the column_last layer's all-to-all concatenates my rows' 10 features (forward); backward
+    makes the gradient's 10 feature blocks contiguous and concatenates both ranks' rows of my 5 features."""
+    transfers = _small_cnn_transfers("hybrid", 2, 0)
+    f32 = 4
+    assert _copied(transfers, "12", "forward", "all_to_all") == B * 10 * f32
+    assert _copied(transfers, "12", "backward", "all_to_all") == (B * 10 + 2 * B * 5) * f32
+    assert _copied(transfers, "7", "forward", "allgather") == 0  # rows gather in place: nothing to re-lay
+
+
+def test_copies_cost_the_tables_copy_rate_times_sigma():
+    """1 ns per byte copied, every message free: mp's step grows by exactly its copied bytes × 1 ns × σ."""
+    model = small_cnn()
+    table = layer_shapes(model, torch.randn(1, 3, 16, 16))
+    styles = make_plan(model, "mp").styles
+    zero = CostModel(0, 0, 0)
+    free = predict_step(model, table, styles, "mp", 2, 2, B, constants=zero, compute_scale=2.0)
+    table.copy_s_per_byte = 1e-9
+    priced = predict_step(model, table, styles, "mp", 2, 2, B, constants=zero, compute_scale=2.0)
+    copied = sum(t.copied_bytes for t in step_transfers(model, table, styles, "mp", 2, 2, priced.rank, B))
+    assert copied > 0
+    assert priced.step_s - free.step_s == pytest.approx(copied * 1e-9 * 2.0)
+
+
 def test_dp_buckets_follow_the_reducer():
     model = small_cnn()
     whole = sum(p.numel() for p in model.parameters())
@@ -195,6 +236,38 @@ def test_the_glue_between_layers_runs_on_every_row_of_the_trunk():
     assert mp.glue_s == pytest.approx(1.2) and mp.compute_s == pytest.approx(6.0 + 1.2)
 
 
+def test_the_fixed_part_of_the_glue_does_not_grow_with_rows():
+    """Glue forward 0.1 s, all of it fixed; backward 0.2 s, 0.1 s fixed. mp on 4·b rows: 0.1 + (0.1 + 0.1·4)."""
+    model, table = _two_linears_table(1.0, 2.0)
+    table.glue_forward_s, table.glue_backward_s = 0.1, 0.2
+    table.glue_forward_fixed_s, table.glue_backward_fixed_s = 0.1, 0.1
+    assert table.glue_at(4 * B) == pytest.approx((0.1, 0.5))
+    zero = CostModel(0, 0, 0)
+    mp = predict_step(model, table, {"0": "column", "1": "row"}, "mp", 4, 4, B, constants=zero)
+    assert mp.glue_s == pytest.approx(0.6)
+    dp = predict_step(model, table, {}, "dp", 4, 1, B, constants=zero, compute_scale=2.0)
+    assert dp.glue_s == pytest.approx(0.6)  # at the table's own rows: as measured, ×σ
+
+
+class _NoRoomForMoreRows(nn.Module):
+    """A model whose whole forward runs out of memory beyond 2 rows (its layer alone does not)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(8, 8)
+
+    def forward(self, x):
+        if x.shape[0] > 2:
+            raise torch.OutOfMemoryError("simulated: no memory for this batch")
+        return self.inner(x)
+
+
+def test_without_memory_for_more_rows_the_glue_grows_with_the_rows():
+    table = profile_layers(_NoRoomForMoreRows(), torch.randn(2, 8), steps=1)
+    assert table.glue_forward_fixed_s == table.glue_backward_fixed_s == 0.0
+    assert table.layers["inner"].forward_s > 0.0
+
+
 def test_busy_cores_leave_the_gradients_cpu_work_exposed():
     """As in the overlap test above (bucket 0 ready at 2 s, 4 s long), but every core computes: a bucket inside one
     host is CPU work (copies, reductions) and waits for backward to end — both buckets exposed whole (8 s)."""
@@ -239,6 +312,9 @@ def test_profile_times_the_fixed_part_and_the_optimizer():
     assert relu.forward_fixed_s == relu.backward_fixed_s == 0.0  # no parameters: timed at one batch only
     assert table.optimizer_s_per_element > 0.0
     assert table.glue_forward_s >= 0.0 and table.glue_backward_s >= 0.0
+    assert 0.0 <= table.glue_forward_fixed_s <= table.glue_forward_s
+    assert 0.0 <= table.glue_backward_fixed_s <= table.glue_backward_s
+    assert 0.0 < table.copy_s_per_byte < 1e-6  # faster than 1 MB/s
     with pytest.raises(ValueError, match="rows_factor must be >= 2"):
         profile_layers(model, torch.randn(2, 512), rows_factor=1)
 
@@ -255,6 +331,11 @@ def test_a_calibration_of_format_1_reads_as_proportional(tmp_path):
     assert all(r.forward_fixed_s == r.backward_fixed_s == 0.0 for r in loaded.layers.values())
     assert loaded.optimizer_s_per_element == loaded.glue_forward_s == loaded.glue_backward_s == 0.0
     assert load_calibration(path, model, x).optimizer_s_per_element == payload["optimizer_s_per_element"] > 0
+    # format 2: no fixed part of the glue, read as growing with the rows
+    second = {k: v for k, v in payload.items() if not k.startswith("glue_") or not k.endswith("_fixed_s")}
+    (tmp_path / "second.json").write_text(json.dumps({**second, "format": 2, "glue_forward_s": 0.5}))
+    loaded = load_calibration(tmp_path / "second.json", model, x)
+    assert loaded.glue_forward_s == 0.5 and loaded.glue_forward_fixed_s == loaded.glue_backward_fixed_s == 0.0
 
 
 def test_profile_measures_every_leaf_and_leaves_no_trace():
