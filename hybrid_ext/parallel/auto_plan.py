@@ -11,7 +11,7 @@ convolutions by channels, every rank passing the same global batch) is weighed o
 (``strategies``): switching to it changes what each rank must pass, which auto cannot do behind a script's back.
 
 The choice is only as good as ``predict_step`` (docs/benchmarks.md sets it against measured steps on this
-repository's 2-core machine: dp within −18 to +7 %, hybrid −13 to +24 %, mp off by up to 43 %).
+repository's 2-core machine).
 
 Across ranks (:func:`plan_on_ranks`): every rank profiles its layers (:func:`~hybrid_ext.parallel.layer_profile.
 profile_layers` on ``example_input``), the ranks agree on the element-wise maximum of every layer's times (one
