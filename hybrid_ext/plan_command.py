@@ -112,8 +112,9 @@ def add_arguments(parser: argparse.ArgumentParser, positive_int) -> None:
     parser.add_argument(
         "--measure-sharing",
         action="store_true",
-        help="cpu: measure how much slower each rank computes when --np ranks share this machine (the model's "
-        "forward and backward on every rank at once, against one alone) instead of taking --np×threads/cores",
+        help="cpu, for layouts whose ranks all run on this machine (one host, or hosts emulated on it): measure how "
+        "much slower each rank computes with all --np at once (the model's forward and backward, against one alone) "
+        "instead of taking ranks per host × threads / cores",
     )
     parser.add_argument(
         "--auto-strategies",
