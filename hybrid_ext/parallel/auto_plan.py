@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from hybrid_ext.parallel.layer_profile import LayerTable, profile_layers
-from hybrid_ext.parallel.plan import PartitionPlan, _linear_chains, check_shardable, plan_by_rules
+from hybrid_ext.parallel.plan import STRATEGIES, PartitionPlan, _linear_chains, check_shardable, plan_by_rules
 from hybrid_ext.parallel.step_model import StepPrediction, predict_step
 from hybrid_ext.parallel.step_traffic import Links
 
@@ -112,7 +112,7 @@ class AutoPlan(PartitionPlan):
 
 def check_strategies(strategies, argument: str = "strategies") -> None:
     """Raise, naming ``argument``, unless ``strategies`` is a non-empty sequence of dp, hybrid and mp."""
-    if isinstance(strategies, str) or not strategies or any(s not in ("dp", "hybrid", "mp") for s in strategies):
+    if isinstance(strategies, str) or not strategies or any(s not in STRATEGIES for s in strategies):
         raise ValueError(f"{argument} must name some of dp, hybrid, mp; got {strategies!r}")
 
 

@@ -44,6 +44,11 @@ OPTIMIZER_PROBE_ELEMENTS = 1 << 22  # the scratch parameter the optimizer's upda
 COPY_PROBE_SHAPE = (16, 64, 64, 64)  # 16 MiB of float32, moved channels-first as a gather along channels does
 
 
+def _at_rows(measured_s: float, fixed_s: float, scale: float) -> float:
+    """A time measured at some rows, of which ``fixed_s`` does not grow with them, at ``scale`` times the rows."""
+    return fixed_s + (measured_s - fixed_s) * scale
+
+
 @dataclass(frozen=True)
 class LayerRecord:
     """One layer: shapes per sample, and (leaves only) seconds at the table's micro-batch."""
@@ -62,10 +67,9 @@ class LayerRecord:
 
     def seconds_at(self, rows: float, micro_batch: int) -> tuple[float, float]:
         """(forward, backward) seconds at ``rows`` rows, the table measured at ``micro_batch``: fixed + per row."""
-        per_row = rows / micro_batch
         return (
-            self.forward_fixed_s + (self.forward_s - self.forward_fixed_s) * per_row,
-            self.backward_fixed_s + (self.backward_s - self.backward_fixed_s) * per_row,
+            _at_rows(self.forward_s, self.forward_fixed_s, rows / micro_batch),
+            _at_rows(self.backward_s, self.backward_fixed_s, rows / micro_batch),
         )
 
     def shape_key(self) -> tuple:
@@ -94,10 +98,9 @@ class LayerTable:
 
     def glue_at(self, rows: float) -> tuple[float, float]:
         """(forward, backward) seconds of the glue at ``rows`` rows: fixed + per row, as a leaf's."""
-        per_row = rows / self.micro_batch
         return (
-            self.glue_forward_fixed_s + (self.glue_forward_s - self.glue_forward_fixed_s) * per_row,
-            self.glue_backward_fixed_s + (self.glue_backward_s - self.glue_backward_fixed_s) * per_row,
+            _at_rows(self.glue_forward_s, self.glue_forward_fixed_s, rows / self.micro_batch),
+            _at_rows(self.glue_backward_s, self.glue_backward_fixed_s, rows / self.micro_batch),
         )
 
     def compute_s(self, path: str) -> float:
