@@ -1,5 +1,5 @@
 """Online refinement of ``auto``: the first calls of each size class try every candidate schedule (and the group's
-native allreduce, where it has one), and every rank keeps the one that was fastest on the slowest rank.
+native allreduce, where it has one), and every rank keeps the one that was fastest once the last rank had arrived.
 
 Why: the α-β-γ model (:mod:`hybrid_ext.comm.cost_model`) cannot see what decides the winner on a real machine —
 ranks sharing cores, a NIC's true rate, how the ranks of a host share it, where reductions stall. NCCL's tuner
@@ -13,8 +13,13 @@ How the ranks stay in agreement (a split decision would run different schedules 
   take turns in bursts of consecutive calls (three rounds of three for cheap calls): the first call after a switch
   pays for waking the other route (another gloo context's threads, say), which the calls that follow — as training
   repeats one size — do not.
-- After the last trial each rank contributes its own timings to one small max-allreduce: every rank then holds the
-  same table (the slowest rank's time of each trial) and takes the same argmin (ties: candidate order).
+- After the last trial each rank contributes its own timings to one small max-allreduce (of their negations): every
+  rank then holds the same table — the shortest rank's time of each trial — and takes the same argmin (ties:
+  candidate order). The shortest is the last rank to arrive: no rank's output is done before every rank's input
+  is in, so the last arrival's time is the collective's, and the others' add how long they waited for it. Ranks
+  reach a gradient bucket apart by their backward's skew (tens of ms where ranks share cores), which the slowest
+  rank's time would count as the schedule's: it kept recursive doubling for 32 MB buckets on one host where
+  rabenseifner is 1.6× faster.
 - A choice saved by an earlier run (``~/.cache/hybrid-ext/tuned.json``, see :func:`choices_path`) is used only
   when every rank of the group read the same one (one tiny allreduce of its index and its negation); otherwise the
   key is tuned again.
@@ -45,7 +50,7 @@ MAX_CANDIDATES = 7  # three flat schedules, as many hierarchical ones across hos
 def trials_for(nbytes: int) -> int:
     """Timed calls per candidate: more where calls are cheap and noise is large beside them (the same on every rank).
 
-    With 5 or more, a candidate's score is the median of its trials (the slowest rank's time of each); with 3, the
+    With 5 or more, a candidate's score is the median of its trials (the last arrival's time of each); with 3, the
     best (the first call of a schedule pays its warm-up: buffers, pages).
     """
     if nbytes < 1 << 20:
@@ -190,9 +195,10 @@ class Tuner:
         state.times.append(float(seconds))
         if len(state.times) < state.trials * len(state.candidates):
             return None
-        slowest = self.agree_max(state.times)  # the same table on every rank
+        # The same table on every rank: the last arrival's time of each trial (see the module docstring).
+        after_last_arrival = [-t for t in self.agree_max([-t for t in state.times])]
         per_candidate: dict[str, list[float]] = {}
-        for index, seconds in enumerate(slowest):
+        for index, seconds in enumerate(after_last_arrival):
             name = state.candidates[trial_candidate(index, state.trials, len(state.candidates))]
             per_candidate.setdefault(name, []).append(seconds)
         score = min if state.trials < 5 else statistics.median

@@ -1,6 +1,6 @@
 """The online tuner behind ``auto``: every rank tries the same candidates in the same order and keeps the same
-winner (the fastest on the slowest rank), and saved choices are used only when every rank read the same one (ranks
-as threads in lockstep). Real ranks reducing correctly throughout, trials included:
+winner (the fastest counted from the last rank's arrival), and saved choices are used only when every rank read the
+same one (ranks as threads in lockstep). Real ranks reducing correctly throughout, trials included:
 tests/multiprocess/test_tuner_ranks.py."""
 
 from __future__ import annotations
@@ -88,21 +88,29 @@ def _tune(rank, agree, seconds_of, store, mode="on", nbytes=1 << 20):
     return ran, tuner.decided()[("auto", tuning.size_class(nbytes))]
 
 
-def test_every_rank_runs_the_same_trials_and_keeps_the_fastest_on_the_slowest_rank(tmp_path):
-    # Rank 0 alone would keep recursive doubling; rank 2 is slow with it, so the group's fastest is the ring.
-    times = {
-        0: {"recursive_doubling": 1.0, "rabenseifner": 3.0, "ring": 2.0},
-        1: {"recursive_doubling": 1.5, "rabenseifner": 3.0, "ring": 2.0},
-        2: {"recursive_doubling": 9.0, "rabenseifner": 3.0, "ring": 2.5},
-    }
+def test_every_rank_runs_the_same_trials_and_keeps_the_fastest_after_the_last_arrival(tmp_path):
+    # Every rank of a collective finishes when the last one's input is in: a rank's time is its wait for the last
+    # arrival plus the schedule's own. Here rank 0 reached the recursive-doubling trials 8 s ahead of the others
+    # (the backward's skew), so the slowest rank's time would rank them last; counted from the last arrival (the
+    # shortest rank's time) they are the fastest.
+    own = {"recursive_doubling": 1.0, "rabenseifner": 3.0, "ring": 2.0}
+    waited = {0: {"recursive_doubling": 8.0}, 1: {"ring": 0.5}, 2: {"rabenseifner": 0.2}}
     store = ChoiceStore(tmp_path / "tuned.json")
-    results = _run_ranks(3, lambda rank, agree: _tune(rank, agree, lambda r, n: times[r][n], store))
+    results = _run_ranks(3, lambda rank, agree: _tune(rank, agree, lambda r, n: own[n] + waited[r].get(n, 0.0), store))
     runs = {tuple(ran) for ran, _ in results}
     assert len(runs) == 1, "ranks ran different schedules"
     ran = results[0][0]
     trials = trials_for(1 << 20)
     assert ran[: trials * 3] == _trial_order(1 << 20)
-    assert set(ran[trials * 3 :]) == {"ring"}
+    assert set(ran[trials * 3 :]) == {"recursive_doubling"}
+    assert {choice for _, choice in results} == {"recursive_doubling"}
+
+
+def test_a_schedule_slow_on_one_rank_is_slow_for_all_and_loses(tmp_path):
+    # A rank that computes a schedule slowly holds every rank up: all of them see its time, the last arrival too.
+    times = {"recursive_doubling": 9.0, "rabenseifner": 3.0, "ring": 2.5}
+    store = ChoiceStore(tmp_path / "tuned.json")
+    results = _run_ranks(3, lambda rank, agree: _tune(rank, agree, lambda r, n: times[n] + 0.1 * r, store))
     assert {choice for _, choice in results} == {"ring"}
 
 
