@@ -44,6 +44,8 @@ from hybrid_ext import config
 
 TUNE_ENV = "HYBRID_EXT_TUNE"
 CHOICES_ENV = "HYBRID_EXT_TUNED"  # where saved choices live (default: the cache directory's tuned.json)
+# Part of every saved choice's key: choices scored otherwise (before: by the slowest rank's time) are tuned again.
+SCORED_BY = "after-last-arrival"
 MAX_CANDIDATES = 7  # three flat schedules, as many hierarchical ones across hosts, and the group's native allreduce
 
 
@@ -149,7 +151,7 @@ class Tuner:
         self._keys: dict[tuple[str, int], _Key] = {}
 
     def _saved_key(self, request: str, cls: int) -> str:
-        return f"{self.signature}|{request}|class{cls}"
+        return f"{self.signature}|{request}|class{cls}|{SCORED_BY}"
 
     def pick(
         self,

@@ -6,6 +6,7 @@ tests/multiprocess/test_tuner_ranks.py."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from dataclasses import replace
 
@@ -145,6 +146,20 @@ def test_a_saved_choice_is_used_only_when_every_rank_saved_the_same(tmp_path):
     trials = trials_for(1 << 20)
     assert all(ran[: trials * 3] == _trial_order(1 << 20) for ran, _ in mixed)
     assert {choice for _, choice in mixed} == {"rabenseifner"}
+
+
+def test_choices_saved_under_the_slowest_rank_scoring_are_tuned_again(tmp_path):
+    # A cache written before trials counted from the last arrival: its keys lack the scoring, so none is reused.
+    store = ChoiceStore(tmp_path / "tuned.json")
+    cls = tuning.size_class(1 << 20)
+    store.path.write_text(json.dumps({f"{socket.gethostname()}|test|auto|class{cls}": "ring"}))
+    times = {"recursive_doubling": 3.0, "rabenseifner": 1.0, "ring": 2.0}
+    results = _run_ranks(2, lambda r, a: _tune(r, a, lambda _r, n: times[n], store))
+    trials = trials_for(1 << 20)
+    assert all(ran[: trials * 3] == _trial_order(1 << 20) for ran, _ in results)
+    assert {choice for _, choice in results} == {"rabenseifner"}
+    saved = json.loads(store.path.read_text())
+    assert saved[f"{socket.gethostname()}|test|auto|class{cls}|{tuning.SCORED_BY}"] == "rabenseifner"
 
 
 def test_fresh_ignores_saved_choices_and_an_unreadable_file_means_tuning(tmp_path):
