@@ -12,7 +12,9 @@ import argparse
 import itertools
 import json
 import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 STRATEGIES = ("dp", "hybrid", "mp")
@@ -113,8 +115,8 @@ def add_arguments(parser: argparse.ArgumentParser, positive_int) -> None:
         "--measure-sharing",
         action="store_true",
         help="cpu, for layouts whose ranks all run on this machine (one host, or hosts emulated on it): measure how "
-        "much slower each rank computes with all --np at once (the model's forward and backward, against one alone) "
-        "instead of taking ranks per host × threads / cores",
+        "much slower each rank computes with all --np at once (training steps in lockstep, each at its slowest "
+        "rank, against one process alone) instead of taking ranks per host × threads / cores",
     )
     parser.add_argument(
         "--auto-strategies",
@@ -137,34 +139,47 @@ def _core_sharing(args: argparse.Namespace, table, per_host: int) -> tuple[float
     return max(1.0, demand / cores), demand >= cores
 
 
+SHARING_STEPS = 5  # the fewest lockstep steps σ is timed over: a median of maxima over ranks needs a few
+
+
 def measured_sharing(model_spec: str, ranks: int, example, threads: int = 1, steps: int = 3) -> float:
-    """σ measured: the model's forward and backward on ``example`` timed on ``ranks`` processes of this machine at
-    once (after a barrier), their median against the same in this process alone. Emulated hosts share this
+    """σ measured: training steps of the model (forward, backward and SGD with momentum's update, what σ scales)
+    on ``example``, on ``ranks`` processes of this machine in lockstep — a barrier before each step, as the ranks of
+    a synchronous step start it together — each step as long as its slowest rank (as ``bench train`` counts a
+    step); their median against the same steps of one process alone, spawned alike. Emulated hosts share this
     machine, so every rank of the layout counts."""
-    import torch
-
     from hybrid_ext.launch import spawn
-    from hybrid_ext.parallel.layer_profile import model_step_seconds
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        alone = model_step_seconds(build_planned_model(model_spec), example, steps)
-    finally:
-        torch.set_num_threads(previous)
+    steps = max(steps, SHARING_STEPS)
+    (alone,) = spawn(_sharing_rank, 1, model_spec, example, steps, threads=threads, timeout=1800)
     together = spawn(_sharing_rank, ranks, model_spec, example, steps, threads=threads, timeout=1800)
-    return max(1.0, sorted(together)[len(together) // 2] / alone)
+    slowest = [max(step) for step in zip(*together)]
+    return max(1.0, statistics.median(slowest) / statistics.median(alone))
 
 
-def _sharing_rank(rank: int, world: int, model_spec: str, example, steps: int) -> float:
+def _sharing_rank(rank: int, world: int, model_spec: str, example, steps: int) -> list[float]:
+    """This rank's seconds of each of ``steps`` training steps, each started together with the other ranks."""
+    import torch
     import torch.distributed as dist
 
-    from hybrid_ext.parallel.layer_profile import model_step_seconds
+    from hybrid_ext.parallel.layer_profile import first_tensor
 
     model = build_planned_model(model_spec)
-    model_step_seconds(model, example, 1)  # warm up before the ranks start together
-    dist.barrier()
-    return model_step_seconds(model, example, steps)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def train_step() -> None:
+        first_tensor(model(example)).float().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    train_step()  # warm up (the optimizer's state, the allocator) before the ranks start together
+    seconds = []
+    for _ in range(steps):
+        dist.barrier()
+        began = time.perf_counter()
+        train_step()
+        seconds.append(time.perf_counter() - began)
+    return seconds
 
 
 def _strategy_list(text: str) -> tuple[str, ...]:

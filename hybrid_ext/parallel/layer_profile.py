@@ -128,8 +128,8 @@ def _capture_inputs(model: nn.Module, example_input: torch.Tensor) -> tuple[dict
     for path, module in _recorded_modules(model).items():
 
         def record(mod, args, out, path=path):
-            output = _first_tensor(out)
-            if path not in calls and _first_tensor(args) is not None and output is not None:
+            output = first_tensor(out)
+            if path not in calls and first_tensor(args) is not None and output is not None:
                 # Copies: a later in-place layer would rewrite these tensors.
                 kept = tuple(a.detach().clone().requires_grad_(a.requires_grad) if _is_tensor(a) else a for a in args)
                 calls[path] = (kept, tuple(output.shape[1:]), output.element_size())
@@ -175,11 +175,12 @@ class _RestoredAfterwards:
         return False
 
 
-def _first_tensor(value) -> torch.Tensor | None:
+def first_tensor(value) -> torch.Tensor | None:
+    """The first tensor in a module's output or arguments (nested in tuples and lists), or None."""
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, (tuple, list)):
-        return next((t for t in (_first_tensor(v) for v in value) if t is not None), None)
+        return next((t for t in (first_tensor(v) for v in value) if t is not None), None)
     return None
 
 
@@ -204,7 +205,7 @@ def _time_leaf(module: nn.Module, args: tuple, steps: int) -> tuple[float, float
         device = next((a.device for a in fresh if isinstance(a, torch.Tensor)), torch.device("cpu"))
         _synchronize(device)
         began = time.perf_counter()
-        out = _first_tensor(module(*fresh))
+        out = first_tensor(module(*fresh))
         _synchronize(device)
         forwarded = time.perf_counter()
         if out is not None and out.requires_grad:
@@ -281,7 +282,7 @@ def profile_layers(
             if path not in calls:
                 continue  # not called in this forward pass
             args, output_shape, itemsize = calls[path]
-            first = _first_tensor(args)
+            first = first_tensor(args)
             leaf = not list(module.children())
             forward_s, backward_s = _time_leaf(module, args, steps) if leaf else (0.0, 0.0)
             forward_fixed, backward_fixed = 0.0, 0.0
@@ -320,14 +321,6 @@ def profile_layers(
     return table
 
 
-def model_step_seconds(model: nn.Module, example_input: torch.Tensor, steps: int = 3) -> float:
-    """The whole model's forward and backward seconds on ``example_input`` (median of ``steps`` after a warm-up),
-    leaving no trace (gradients, buffers, random number generators and modes as before)."""
-    with _RestoredAfterwards(model):
-        forward, backward = _time_leaf(model, (example_input,), steps)
-    return forward + backward
-
-
 def _whole_at_more_rows(model: nn.Module, example_input, rows_factor: int, steps: int) -> tuple[float, float] | None:
     """The whole model's (forward, backward) seconds at ``rows_factor`` times the rows, or None where the device
     has no memory for that batch (the glue is then taken as growing with the rows)."""
@@ -347,7 +340,7 @@ def layer_shapes(model: nn.Module, example_input: torch.Tensor) -> LayerTable:
         if path not in calls:
             continue
         args, output_shape, itemsize = calls[path]
-        first = _first_tensor(args)
+        first = first_tensor(args)
         table.layers[path] = LayerRecord(
             path,
             type(module).__name__,

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from hybrid_ext import launch, plan_command
 from hybrid_ext.cli import main
 
 pytestmark = pytest.mark.timeout(180)
@@ -119,3 +120,21 @@ def test_layers_prints_each_strategy_layer_by_layer(capsys):
     for strategy in ("dp", "hybrid", "mp"):
         assert f"predicted step (strategy={strategy}, world=2" in printed
     assert "column_last" in printed and "replicated.bucket0  gradients" in printed
+
+
+def test_measured_sharing_counts_each_step_at_its_slowest_rank(monkeypatch):
+    # A synchronous step lasts as long as its slowest rank: σ is the median over steps of the slowest rank's time,
+    # against the median step of one process alone (both spawned alike; here the spawns are stand-ins).
+    alone = [1.0, 1.1, 0.9, 1.0, 1.0]
+    together = [[2.0, 2.0, 2.0, 2.0, 2.0], [2.5, 1.5, 3.0, 1.5, 2.6], [1.5, 2.8, 1.5, 2.7, 1.5]]
+    spawned = []
+
+    def fake_spawn(fn, world, model_spec, example, steps, *, threads, timeout):
+        spawned.append((world, steps, threads))
+        return [alone] if world == 1 else together
+
+    monkeypatch.setattr(launch, "spawn", fake_spawn)
+    sigma = plan_command.measured_sharing("digits_alexnet", 3, object(), threads=1, steps=2)
+    assert spawned == [(1, plan_command.SHARING_STEPS, 1), (3, plan_command.SHARING_STEPS, 1)]
+    # The slowest per step: 2.5, 2.8, 3.0, 2.7, 2.6. Each rank's median step would say 2.0, 2.5 and 1.5.
+    assert sigma == pytest.approx(2.7)
