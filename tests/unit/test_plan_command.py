@@ -138,3 +138,16 @@ def test_measured_sharing_counts_each_step_at_its_slowest_rank(monkeypatch):
     assert spawned == [(1, plan_command.SHARING_STEPS, 1), (3, plan_command.SHARING_STEPS, 1)]
     # The slowest per step: 2.5, 2.8, 3.0, 2.7, 2.6. Each rank's median step would say 2.0, 2.5 and 1.5.
     assert sigma == pytest.approx(2.7)
+
+
+@pytest.mark.parametrize(("measured", "kept"), [(1.5, 2.0), (2.6, 2.6)])
+def test_measured_sharing_is_at_least_the_cores_share(tmp_path, monkeypatch, measured, kept):
+    # Four busy ranks on two cores cannot each compute faster than half as fast as one alone: a measure below
+    # that is noise, and the share is kept; one above it counts (memory bandwidth, caches).
+    monkeypatch.setattr(plan_command, "measured_sharing", lambda *args, **kwargs: measured)
+    out = tmp_path / "plan.json"
+    args = ["plan", *SMALL, "--np", "4", "--cores", "2", "--measure-sharing", "--json", str(out)]
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["compute_scale"] == pytest.approx(kept)
+    assert ("below the cores' share" in result["compute_scale_source"]) == (measured < 2.0)
