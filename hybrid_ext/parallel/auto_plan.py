@@ -160,7 +160,22 @@ def choose_plan(
             network_constants=network_constants, compute_scale=compute_scale, cores_busy=cores_busy,
         )  # fmt: skip
 
-    results: dict[tuple[str, int, tuple[str, ...]], tuple[Candidate, PartitionPlan, StepPrediction]] = {}
+    results: dict[tuple[str, int, tuple[str, ...]], tuple[Candidate, PartitionPlan, StepPrediction] | None] = {}
+
+    def consider(key: tuple[str, int, tuple[str, ...]], plan: PartitionPlan):
+        """``plan`` predicted and kept under ``key`` (strategy, mp_size, what it splits); None where a layer is too
+        narrow for mp_size shards."""
+        strategy, m, split = key
+        if m > 1:
+            try:
+                check_shardable(model, plan, m)
+            except ValueError:
+                results[key] = None
+                return None
+        step = predict(strategy, m, plan)
+        candidate = Candidate(strategy, m, split, step.step_s, step.compute_s, step.exposed_communication_s)
+        results[key] = (candidate, plan, step)
+        return results[key]
 
     def evaluate(m: int, sharded: tuple[int, ...]):
         heads = tuple(chains[i][0] for i in sorted(sharded))
@@ -168,33 +183,15 @@ def choose_plan(
         if key in results:
             return results[key]
         if not sharded:
-            plan = plan_by_rules(model, "dp")
-        else:
-            rules = {p: "dp" for i, chain in enumerate(chains) if i not in sharded for p in chain}
-            plan = plan_by_rules(model, "hybrid", rules)
-            try:
-                check_shardable(model, plan, m)
-            except ValueError:
-                results[key] = None
-                return None
-        step = predict(key[0], key[1], plan)
-        candidate = Candidate(key[0], key[1], heads, step.step_s, step.compute_s, step.exposed_communication_s)
-        results[key] = (candidate, plan, step)
-        return results[key]
+            return consider(key, plan_by_rules(model, "dp"))
+        rules = {p: "dp" for i, chain in enumerate(chains) if i not in sharded for p in chain}
+        return consider(key, plan_by_rules(model, "hybrid", rules))
 
     if "dp" in strategies:
         evaluate(1, ())
     if "mp" in strategies and world in mp_sizes:
         plan = plan_by_rules(model, "mp")
-        try:
-            check_shardable(model, plan, world)
-        except ValueError:
-            pass  # a layer too narrow for world shards: mp is not a candidate
-        else:
-            step = predict("mp", world, plan)
-            split = tuple(p for p, style in plan.styles.items() if style != "dp")
-            candidate = Candidate("mp", world, split, step.step_s, step.compute_s, step.exposed_communication_s)
-            results[("mp", world, split)] = (candidate, plan, step)
+        consider(("mp", world, tuple(p for p, style in plan.styles.items() if style != "dp")), plan)
     for m in mp_sizes if "hybrid" in strategies else ():
         if len(chains) <= MAX_EXHAUSTIVE_CHAINS:
             for count in range(1, len(chains) + 1):
