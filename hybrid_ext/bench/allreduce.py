@@ -40,6 +40,7 @@ import torch.distributed as dist
 from hybrid_ext import comm, config
 from hybrid_ext.comm import cost_model
 from hybrid_ext.launch import spawn
+from hybrid_ext.launch.spawn import leave_process_group
 
 TUNING_CALLS_CAP = 64  # more than any candidate list's trials
 # DeepSpeed's shared-memory allreduce on its CPU accelerator (deepspeed.comm.inference_all_reduce, a C++ op DeepSpeed
@@ -249,25 +250,13 @@ def launched() -> bool:
 
 @contextlib.contextmanager
 def leaving_a_launched_job() -> Iterator[None]:
-    """Around a benchmark: a rank a launcher started leaves its process group before the process exits.
-
-    Left to interpreter exit, gloo's process group was torn down with the interpreter, and now and then a rank
-    aborted there ("terminate called without an active exception", SIGABRT) after its results were in: torchrun
-    then failed the whole job.
-    """
+    """Around a benchmark: a rank a launcher started leaves its process group before the process exits
+    (:func:`hybrid_ext.launch.spawn.leave_process_group` says why)."""
     try:
         yield
     finally:
         if launched() and dist.is_available() and dist.is_initialized():
-            # hybrid-ext's communicators hold the group too: without forgetting them, destroying it freed nothing
-            # and gloo still went down with the interpreter.
-            import gc
-
-            from hybrid_ext.comm import registry
-
-            registry.forget_all()
-            gc.collect()
-            dist.destroy_process_group()
+            leave_process_group()
 
 
 def _bench_launched_rank(

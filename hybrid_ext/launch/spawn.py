@@ -85,6 +85,25 @@ class _RankSpec:
         self.port, self.pg_timeout, self.threads, self.env = port, pg_timeout, threads, env
 
 
+def leave_process_group() -> None:
+    """Destroy this process's default group before the interpreter exits, dropping hybrid-ext's communicators first.
+
+    Their transports hold the group: destroying it alone freed nothing, and gloo went down with the interpreter,
+    where now and then a rank aborted ("terminate called without an active exception", SIGABRT) after its results
+    were in — a benchmark's launched ranks under torchrun, and a spawned test rank in a full ``tox`` run.
+    """
+    import gc
+
+    import torch.distributed as dist
+
+    from hybrid_ext.comm import registry
+
+    registry.forget_all()
+    gc.collect()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _rank_main(spec: _RankSpec, rank: int, workdir: str, capture_output: bool) -> None:
     out = Path(workdir)
     if capture_output:
@@ -119,7 +138,7 @@ def _rank_main(spec: _RankSpec, rank: int, workdir: str, capture_output: bool) -
         result = spec.fn(rank, spec.world_size, *spec.args)
         save_result(out / f"rank{rank}.result", result)
         if spec.backend and dist.is_initialized():
-            dist.destroy_process_group()
+            leave_process_group()
     except BaseException:
         (out / f"rank{rank}.error").write_text(traceback.format_exc())
         sys.stdout.flush()
