@@ -293,20 +293,13 @@ def predictions(args: argparse.Namespace) -> tuple[dict, list]:
 def _scaling(args: argparse.Namespace, model, table) -> list[dict]:
     """Predicted samples/s of dp, hybrid, mp and auto at 1 to 1,024 ranks, ``--ranks-per-host`` to a host (a
     strategy its layers cannot take at a size, such as 10 classes over 16 ranks, has no point there)."""
-    from dataclasses import replace
-
-    from hybrid_ext.comm import cost_model
     from hybrid_ext.parallel.auto_plan import choose_plan
     from hybrid_ext.parallel.plan import check_shardable, plan_by_rules
     from hybrid_ext.parallel.step_model import predict_step
     from hybrid_ext.parallel.step_traffic import Links
 
     per_host = args.ranks_per_host or args.np // (args.hosts or 1)
-    network_constants = None
-    if args.nic:
-        from hybrid_ext.launch.cluster import rate_bytes_per_second
-
-        network_constants = replace(cost_model.default_model(args.network), beta=1.0 / rate_bytes_per_second(args.nic))
+    network_constants = _network_constants(args)
     bucket = int(args.bucket_mb * (1 << 20))
     points = []
     for world in SCALING_RANKS:
@@ -401,9 +394,6 @@ def _entry(strategy: str, size: int, step) -> dict:
 
 def _links(args: argparse.Namespace):
     """(the links of ``--hosts`` hosts with ``--np``/H consecutive ranks each, the network's constants at ``--nic``)."""
-    from dataclasses import replace
-
-    from hybrid_ext.comm import cost_model
     from hybrid_ext.parallel.step_traffic import Links
 
     if not args.hosts:
@@ -414,11 +404,20 @@ def _links(args: argparse.Namespace):
         raise ValueError(f"--np {args.np} ranks do not spread evenly over --hosts {args.hosts}")
     per_host = args.np // args.hosts
     links = Links(args.transport, hosts=tuple(r // per_host for r in range(args.np)), network=args.network)
+    return links, _network_constants(args)
+
+
+def _network_constants(args: argparse.Namespace):
+    """The constants of a message between hosts: the link's calibration (``bench allreduce --hosts H --calibrate``)
+    or the network transport's, with β at ``--nic``'s rate where given (else None: the step model looks them up)."""
     if not args.nic:
-        return links, None
+        return None
+    from dataclasses import replace
+
+    from hybrid_ext.comm import cost_model
     from hybrid_ext.launch.cluster import rate_bytes_per_second
 
-    return links, replace(cost_model.default_model(args.network), beta=1.0 / rate_bytes_per_second(args.nic))
+    return replace(cost_model.network_model(args.network), beta=1.0 / rate_bytes_per_second(args.nic))
 
 
 def table_text(result: dict) -> str:

@@ -423,6 +423,89 @@ def calibrate_native(rows: list[BenchRow]) -> cost_model.CostModel | None:
     return _fit(native, "sizes") if len({row.size_bytes for _, row in native}) >= 3 else None
 
 
+LATENCY_ROWS_UP_TO = 64 << 10  # rows this small time the link's α (their bytes' terms are small); larger ones β
+NETWORK_FIT_ROUNDS = 8
+
+
+def calibrate_network(
+    rows: list[BenchRow], transport: str, bytes_per_second: float | None = None, itemsize: int = 4
+) -> cost_model.CostModel | None:
+    """The link between hosts' constants from the hierarchical rows of a run across hosts (None without any).
+
+    ``transport`` is the run's (``shm+torch-gloo``: inside a host, between hosts). Each row's time, less what its
+    messages inside a host cost by that transport's constants (calibrated, else built in: the step model prices
+    them so too), is the time its messages to other hosts took, the slowest rank's (the row times the slowest
+    rank): α·k + β·n·L for k messages and n bytes to other hosts, L ranks per host sharing the host's link. α is
+    the median over the rows of at most :data:`LATENCY_ROWS_UP_TO` bytes, β the median over the larger rows, or
+    1/``bytes_per_second`` where the link's rate is known (``--nic``). γ stays the transport's: reductions run
+    inside a host."""
+    from hybrid_ext.parallel.step_traffic import Links, allreduce_transfer
+
+    local_name, _, network_name = transport.rpartition("+")
+    hierarchical = [r for r in rows if r.hosts and r.chosen.startswith(cost_model.HIERARCHICAL_PREFIX)]
+    if not local_name or not hierarchical:
+        return None
+    local, known = cost_model.default_model(local_name), cost_model.network_model(network_name)
+    timed = []  # (row, seconds to other hosts, messages, bytes on the link)
+    for row in hierarchical:
+        per_host = row.ranks // row.hosts
+        links = Links(local_name, hosts=tuple(r // per_host for r in range(row.ranks)), network=network_name)
+        slowest = None
+        for rank in range(row.ranks):
+            t = allreduce_transfer("bench", "gradients", row.chosen, row.size_bytes // itemsize, itemsize,
+                                   links.group(list(range(row.ranks)), rank))  # fmt: skip
+            near = (
+                local.alpha * (t.messages - t.network_messages)
+                + local.beta * (t.bytes_sent - t.network_bytes)
+                + local.gamma * t.bytes_reduced
+            )
+            wire = (t.network_messages, t.network_bytes * links.ranks_per_link)
+            guess = near + known.alpha * wire[0] + known.beta * wire[1]
+            if slowest is None or guess > slowest[0]:
+                slowest = (guess, near, *wire)
+        _, near, messages, link_bytes = slowest
+        timed.append((row, row.median_ms / 1e3 - near, messages, link_bytes))
+    small = [(left, k, n) for row, left, k, n in timed if row.size_bytes <= LATENCY_ROWS_UP_TO and k]
+    large = [(left, k, n) for row, left, k, n in timed if row.size_bytes > LATENCY_ROWS_UP_TO and n]
+    alpha, beta = known.alpha, 1.0 / bytes_per_second if bytes_per_second else known.beta
+    # Each estimate leans a little on the other (a small row's few bytes, a large row's few messages): a few
+    # rounds settle both.
+    for _ in range(1 if bytes_per_second else NETWORK_FIT_ROUNDS):
+        if small:
+            alpha = max(statistics.median((left - beta * n) / k for left, k, n in small), 1e-9)
+        if large and not bytes_per_second:
+            beta = max(statistics.median((left - alpha * k) / n for left, k, n in large), 1e-12)
+    return cost_model.CostModel(alpha=alpha, beta=beta, gamma=known.gamma)
+
+
+def save_calibrations(
+    rows: list[BenchRow], transport: str, native_backend: str, bytes_per_second: float | None = None, itemsize: int = 4
+) -> list[str]:
+    """Fit and save what ``--calibrate`` measures: the transport's constants, the native allreduce's (three sizes
+    or more), the link between hosts' (a run across hosts). Returns one line per saved set."""
+    model = calibrate(rows)
+    path = cost_model.save_model(transport, model)
+    said = [
+        f"calibrated α={model.alpha * 1e6:.1f} µs, β={model.beta * 1e9:.3f} ns/B, γ={model.gamma * 1e9:.3f} ns/B",
+        f"saved for transport {transport!r} to {path} (used by algorithm='auto')",
+    ]
+    native = calibrate_native(rows)
+    if native is not None:
+        key = cost_model.native_model_key(f"torch-{native_backend}")
+        cost_model.save_model(key, native)
+        said.append(f"native: α={native.alpha * 1e6:.1f} µs, β={native.beta * 1e9:.3f} ns/B, saved as {key!r}")
+    network = calibrate_network(rows, transport, bytes_per_second, itemsize)
+    if network is not None:
+        key = cost_model.network_model_key(transport.rpartition("+")[2])
+        cost_model.save_model(key, network)
+        rate = " (the link's rate)" if bytes_per_second else ""
+        said.append(
+            f"between hosts: α={network.alpha * 1e6:.1f} µs, β={network.beta * 1e9:.3f} ns/B{rate}, saved as {key!r} "
+            "(used by the hierarchical allreduce's choice and by hybrid-ext plan)"
+        )
+    return said
+
+
 def _fit(timed: list[tuple[str, BenchRow]], what: str) -> cost_model.CostModel:
     import numpy as np
 
@@ -494,15 +577,13 @@ def main(args) -> int:
         Path(args.markdown).write_text(format_markdown(rows) + "\n")
         print(f"wrote {args.markdown}")
     if args.calibrate:
-        model = calibrate(rows)
-        path = cost_model.save_model(transport, model)
-        print(f"calibrated α={model.alpha * 1e6:.1f} µs, β={model.beta * 1e9:.3f} ns/B, γ={model.gamma * 1e9:.3f} ns/B")
-        print(f"saved for transport {transport!r} to {path} (used by algorithm='auto')")
-        native = calibrate_native(rows)
-        if native is not None:
-            key = cost_model.native_model_key(f"torch-{native_backend}")
-            cost_model.save_model(key, native)
-            print(f"native: α={native.alpha * 1e6:.1f} µs, β={native.beta * 1e9:.3f} ns/B, saved as {key!r}")
+        rate = None
+        if getattr(args, "hosts", None) and args.nic:
+            from hybrid_ext.launch.cluster import rate_bytes_per_second
+
+            rate = rate_bytes_per_second(args.nic)
+        itemsize = DTYPES[getattr(args, "dtype", "float32")].itemsize
+        print("\n".join(save_calibrations(rows, transport, native_backend, rate, itemsize)))
     if launched():
         from hybrid_ext.launch import report_result
 
@@ -518,7 +599,7 @@ def _run_on_emulated_cluster(args, sizes: list[int], algorithms: list[str]) -> t
     command = ["-m", "hybrid_ext.cli", "bench", "allreduce", "--sizes", ",".join(map(str, sizes)),
                "--algorithms", ",".join(algorithms), "--iters", str(args.iters), "--inner", str(args.inner),
                "--warmup", str(args.warmup), "--transport", args.transport,
-               "--device", getattr(args, "device", "cpu"),
+               "--device", getattr(args, "device", "cpu"), "--dtype", getattr(args, "dtype", "float32"),
                "--count-bytes-on", cluster.INTERFACE]  # fmt: skip
     with cluster.emulated_cluster(args.hosts, args.nic) as hosts:
         results = run_torchrun(command, args.np, cluster=hosts, nodes=args.hosts, timeout=1800)

@@ -131,7 +131,7 @@ def predicted(name: str, nbytes: int, topology: Topology) -> float:
         return cost_model.default_model(topology.transport).predict(name, nbytes, topology.size)
     lanes = topology.lanes
     within = cost_model.default_model(topology.local or "shm").predict("ring", nbytes, lanes)  # reduce-scatter + gather
-    between = cost_model.default_model(topology.network).predict(
+    between = cost_model.network_model(topology.network).predict(
         name.removeprefix(HIERARCHICAL_PREFIX), nbytes // lanes, topology.host_count
     )
     return within + between

@@ -34,6 +34,9 @@ the group has one (elsewhere the model chooses among the schedules). ``hybrid-ex
 measures α, β, γ and saves them, per transport, where :func:`default_model` finds them
 (``~/.cache/hybrid-ext/cost_model.json``, or the file named by ``HYBRID_EXT_COST_MODEL``). Message costs differ by an
 order of magnitude between transports (shared memory vs TCP), so each transport has its own constants.
+The link between hosts has its own too (``network/<transport>``, :func:`network_model`): ``--calibrate`` across
+hosts (``--hosts H``) fits them to the hierarchical rows, so a message to another host is not priced as one
+through the same transport inside a host (loopback).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from hybrid_ext.comm.schedule import ALGORITHMS, largest_power_of_two_at_most
 ALGO_ENV = "HYBRID_EXT_ALGO"
 MODEL_ENV = "HYBRID_EXT_COST_MODEL"
 HIERARCHICAL_PREFIX = "hierarchical/"  # hierarchical/<schedule between hosts>: the plan's own name
+NETWORK_PREFIX = "network/"  # network/<transport>: the link between hosts, calibrated across hosts
 NATIVE = "native"  # the group's own allreduce (see NativeCollectives in hybrid_ext.comm.transports.contract)
 DIRECT = "direct"  # one host: every rank reduces its slice from every rank's shared memory (transports.shm_allreduce)
 NATIVE_ENV = "HYBRID_EXT_NATIVE"  # on (default) | off: whether auto may run the group's own allreduce
@@ -89,6 +93,11 @@ class CostModel:
 
     def choose(self, nbytes: int, p: int, candidates: tuple[str, ...] = ALGORITHMS) -> str:
         return min(candidates, key=lambda a: (self.predict(a, nbytes, p), candidates.index(a)))
+
+
+def network_model_key(network: str) -> str:
+    """The name the link between hosts is kept under (its transport's own constants stay under the bare name)."""
+    return f"{NETWORK_PREFIX}{network}"
 
 
 def native_model_key(native: str) -> str:
@@ -148,6 +157,12 @@ def save_model(transport: str, model: CostModel, path: Path | None = None) -> Pa
     global _models
     _models = None
     return path
+
+
+def network_model(network: str) -> CostModel:
+    """The constants of a message to another host over ``network``: the link's calibration across hosts, else the
+    transport's own (:func:`default_model`)."""
+    return _load_models().get(network_model_key(network)) or default_model(network)
 
 
 def native_model(native: str) -> CostModel | None:

@@ -156,7 +156,7 @@ def transfer_split(
     the module docstring), the messages to other hosts priced by the network's constants — on the wire —, the rest
     and every reduction by the transport's inside a host — CPU work. ``constants``: one set for every message;
     ``network_constants``: the set for messages to other hosts (a link's measured rate, say)."""
-    network = network_constants or constants or cost_model.default_model(transfer.network)
+    network = network_constants or constants or cost_model.network_model(transfer.network)
     if transfer.algorithm == cost_model.NATIVE:
         measured = cost_model.native_model(links.native) if links.native else None
         model = measured or (network if links.hosts else constants or cost_model.default_model(transfer.local))

@@ -43,6 +43,24 @@ def test_bench_allreduce_across_hosts_counts_the_bytes_each_host_sent_and_they_m
     assert rows["native"]["nic_bytes"] > size  # gloo's own allreduce also crossed the hosts
 
 
+@pytest.mark.timeout(300)
+def test_calibrating_across_hosts_saves_the_link_between_them(cluster, tmp_path, monkeypatch):
+    saved = tmp_path / "cost_model.json"
+    monkeypatch.setenv("HYBRID_EXT_COST_MODEL", str(saved))
+    done = _cli(cluster, "bench", "allreduce", "--sizes", "8,4K,1M", "--algorithms", "hierarchical/recursive_doubling",
+                "--iters", "3", "--inner", "1", "--warmup", "1", "--calibrate", timeout=280)  # fmt: skip
+    assert "saved as 'network/torch-gloo'" in done.stdout, done.stdout[-2000:]
+    constants = json.loads(saved.read_text())
+    assert {"shm+torch-gloo", "network/torch-gloo"} <= set(constants)
+    link = constants["network/torch-gloo"]
+    # A link's latency: positive, far below a second (the fit's arithmetic is tested in test_cost_model)
+    assert 0 < link["alpha"] < 1.0
+    if cluster.nic:
+        from hybrid_ext.launch.cluster import rate_bytes_per_second
+
+        assert link["beta"] == pytest.approx(1 / rate_bytes_per_second(cluster.nic))
+
+
 @pytest.mark.timeout(420)
 def test_the_demo_runs_on_the_emulated_cluster(cluster, tmp_path):
     done = _cli(cluster, "demo", "--strategies", "hybrid", "--reducers", "butterfly", "--epochs", "1",

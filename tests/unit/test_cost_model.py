@@ -208,3 +208,62 @@ def test_bench_rows_say_when_auto_ran_the_native_allreduce():
     assert bench._ran(record("native", "torch-gloo")) == "native/gloo"
     assert bench._ran(record("native", "horovod")) == "native/horovod"
     assert bench._ran(record("ring", "shm")) == "ring"
+
+
+def _rows_priced_by_the_step_model(truth: CostModel, sizes, hosts: int = 2, per_host: int = 2) -> list:
+    """Bench rows across hosts whose times are what the step model prices: the slowest rank's hierarchical
+    all-reduce, its messages inside a host at the transport's constants and those between hosts at ``truth``."""
+    from hybrid_ext.parallel.step_model import transfer_split
+    from hybrid_ext.parallel.step_traffic import Links, allreduce_transfer
+
+    world = hosts * per_host
+    links = Links("shm", hosts=tuple(r // per_host for r in range(world)), network="torch-gloo")
+    rows = []
+    for schedule in ("hierarchical/recursive_doubling", "hierarchical/rabenseifner"):
+        for size in sizes:
+            seconds = max(
+                sum(transfer_split(allreduce_transfer("b", "gradients", schedule, size // 4, 4,
+                                                      links.group(list(range(world)), r)), links, None, truth))
+                for r in range(world)
+            )  # fmt: skip
+            rows.append(bench.BenchRow(size, schedule, world, seconds * 1e3, 0, 0, None, schedule, hosts=hosts))
+    return rows
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("hosts", "per_host"), [(2, 2), (3, 2)])
+def test_the_link_between_hosts_is_calibrated_from_the_hierarchical_rows(hosts, per_host):
+    truth = CostModel(alpha=700e-6, beta=8e-9, gamma=2.2e-9)
+    rows = _rows_priced_by_the_step_model(truth, (8, 1 << 10, 1 << 14, 1 << 20, 1 << 22), hosts, per_host)
+    rows.append(bench.BenchRow(1 << 20, "native", hosts * per_host, 1.0, 0, 0, 1.0, "gloo", hosts=hosts))
+    # The link's rate known (--nic): α from the small rows; not known: β from the large ones too.
+    shaped = bench.calibrate_network(rows, "shm+torch-gloo", bytes_per_second=1 / truth.beta)
+    assert (shaped.alpha, shaped.beta) == (pytest.approx(truth.alpha, rel=1e-6), pytest.approx(truth.beta))
+    fitted = bench.calibrate_network(rows, "shm+torch-gloo")
+    assert fitted.alpha == pytest.approx(truth.alpha, rel=1e-6)
+    assert fitted.beta == pytest.approx(truth.beta, rel=1e-6)
+    # No hierarchical rows, or a run on one host: nothing to fit.
+    assert bench.calibrate_network([r for r in rows if r.chosen == "gloo"], "shm+torch-gloo") is None
+    assert bench.calibrate_network(rows, "shm") is None
+
+
+@pytest.mark.timeout(30)
+def test_the_link_between_hosts_is_saved_apart_from_its_transport_and_used():
+    from hybrid_ext.comm import choose
+    from hybrid_ext.comm.topology import Topology
+
+    truth = CostModel(alpha=2e-3, beta=8e-9, gamma=2.2e-9)
+    rows = _rows_priced_by_the_step_model(truth, (8, 1 << 12, 1 << 16, 1 << 20, 1 << 22))
+    rows += [bench.BenchRow(r.size_bytes, "rabenseifner", 4, r.median_ms, 0, 0, None, "rabenseifner", hosts=2)
+             for r in rows]  # fmt: skip
+    one_host_gloo = cost_model.default_model("torch-gloo")
+    said = bench.save_calibrations(rows, "shm+torch-gloo", "gloo", bytes_per_second=125e6)
+    assert any("between hosts: α=2000.0 µs, β=8.000 ns/B (the link's rate)" in line for line in said), said
+    assert cost_model.network_model("torch-gloo") == truth
+    assert cost_model.default_model("torch-gloo") == one_host_gloo  # gloo on one host keeps its own constants
+    assert cost_model.network_model("torch-nccl") == cost_model.default_model("torch-nccl")  # none saved: its own
+    # The hierarchical allreduce's choice prices the part between hosts by the link's constants.
+    topology = Topology(4, "shm+torch-gloo", (0, 0, 1, 1), "shm", "torch-gloo")
+    between = truth.predict("recursive_doubling", 512, 2)
+    within = cost_model.default_model("shm").predict("ring", 1024, 2)
+    assert choose.predicted("hierarchical/recursive_doubling", 1024, topology) == pytest.approx(within + between)

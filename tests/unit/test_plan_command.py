@@ -74,6 +74,27 @@ def test_hosts_and_their_link_rate(tmp_path):
     assert slow["hybrid"]["samples_per_s"] > slow["dp"]["samples_per_s"]
 
 
+@pytest.mark.usefixtures("isolated_cost_models")
+@pytest.mark.parametrize("nic", [[], ["--nic", "1gbit"]])
+def test_messages_between_hosts_are_priced_by_the_links_calibration(tmp_path, nic):
+    from hybrid_ext.comm import cost_model
+    from hybrid_ext.comm.cost_model import CostModel
+
+    table = tmp_path / "c.json"
+    assert main(["plan", *SMALL, "--np", "4", "--save-calibration", str(table)]) == 0
+    hybrid = {}
+    for alpha in (1e-6, 10e-3):  # the link's calibration (bench allreduce --hosts 2 --calibrate), not gloo's own
+        cost_model.save_model(cost_model.network_model_key("torch-gloo"), CostModel(alpha=alpha, beta=8e-9))
+        out = tmp_path / f"{alpha}.json"
+        assert main(["plan", *SMALL, "--np", "4", "--calibration", str(table), "--hosts", "2", *nic,
+                     "--json", str(out)]) == 0  # fmt: skip
+        hybrid[alpha] = next(e for e in json.loads(out.read_text())["strategies"] if e["strategy"] == "hybrid")
+    slow, fast = hybrid[10e-3], hybrid[1e-6]
+    assert slow["compute_ms"] == pytest.approx(fast["compute_ms"])
+    # hybrid's activation exchanges cross hosts at every sharded layer: each message to the other host costs α
+    assert slow["exposed_communication_ms"] > fast["exposed_communication_ms"] + 5 * 10
+
+
 def test_bad_host_layouts_are_named(capsys):
     assert main(["plan", *SMALL, "--np", "4", "--hosts", "3"]) == 2
     assert "--np 4 ranks do not spread evenly over --hosts 3" in capsys.readouterr().err
