@@ -370,6 +370,7 @@ def _entry(strategy: str, size: int, step) -> dict:
         "step_ms": step.step_s * 1e3,
         "compute_ms": step.compute_s * 1e3,
         "optimizer_ms": step.optimizer_s * 1e3,
+        "reducer_ms": step.reducer_s * 1e3,
         "exposed_communication_ms": step.exposed_communication_s * 1e3,
         "bytes_per_rank": step.bytes_sent,
         "bytes_per_host_link": step.host_link_bytes,

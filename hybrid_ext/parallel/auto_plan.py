@@ -274,7 +274,8 @@ def plan_alone(model: nn.Module, example_input, world: int, rules=None) -> AutoP
 
 def agree_on_times(table: LayerTable, world) -> LayerTable:
     """Every time of the table (each layer's forward and backward seconds and their fixed parts, the glue between
-    layers, the optimizer's seconds per element): the maximum over the ranks of ``world`` (a Communicator)."""
+    layers, the optimizer's seconds per element, the copy and reducer rates): the maximum over the ranks of
+    ``world`` (a Communicator)."""
     cpu = torch.device("cpu")
     counts = world.row_counts(len(table.layers), device=cpu, name="auto plan layer counts")
     if len(set(counts)) > 1:
@@ -286,6 +287,8 @@ def agree_on_times(table: LayerTable, world) -> LayerTable:
         "glue_backward_s",
         "glue_forward_fixed_s",
         "glue_backward_fixed_s",
+        "copy_s_per_byte",
+        "bucket_s_per_byte",
     )
     values = [getattr(r, f) for r in table.layers.values() for f in fields] + [getattr(table, f) for f in whole]
     agreed = world.max_over_ranks(values, name="auto plan layer times")

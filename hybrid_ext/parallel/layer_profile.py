@@ -16,7 +16,11 @@ shares between layers: the whole model is timed too, and what it takes beyond it
 reshapes) is kept as the table's glue, its fixed part found as a leaf's (the whole model timed again at
 ``rows_factor`` times the rows, where memory allows). The optimizer's update is timed apart, per parameter element:
 SGD with momentum on a scratch parameter (what ``hybrid-ext bench train`` runs; Adam's update costs a few times
-more); so is a strided copy (the re-layout around a gather along channels), per byte. Nothing is left behind:
+more); so is a strided copy (the re-layout around a gather along channels), per byte, and the gradient reducer's
+own work per byte of gradient (:mod:`hybrid_ext.parallel.reducer` copies each incoming gradient into its bucket,
+autograd fills ``.grad`` with the zero it is handed, and the reduced bucket is added back: three passes over the
+gradient, whatever the collective), timed on the real reducer over a group of one, on a parameter as large as the
+model's largest (capped at :data:`BUCKET_PROBE_ELEMENTS`). Nothing is left behind:
 gradients, buffers (BatchNorm statistics), random number generators and train/eval modes are as before.
 
 A calibration file (:func:`save_calibration`) carries the table to another machine, e.g. per-layer times
@@ -35,13 +39,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-CALIBRATION_FORMAT = 3
-# Format 1 has no fixed parts, glue or optimizer time, format 2 no fixed part of the glue and no copy rate: read as
-# 0 (times ∝ rows, copies free).
-READABLE_FORMATS = (1, 2, 3)
+CALIBRATION_FORMAT = 4
+# Format 1 has no fixed parts, glue or optimizer time, format 2 no fixed part of the glue and no copy rate, format 3
+# no reducer rate: read as 0 (times ∝ rows, copies free).
+READABLE_FORMATS = (1, 2, 3, 4)
 ROWS_FACTOR = 4  # the second micro-batch leaves with parameters are timed at, as a multiple of the first
 OPTIMIZER_PROBE_ELEMENTS = 1 << 22  # the scratch parameter the optimizer's update is timed on (at most)
 COPY_PROBE_SHAPE = (16, 64, 64, 64)  # 16 MiB of float32, moved channels-first as a gather along channels does
+BUCKET_PROBE_ELEMENTS = 1 << 24  # the most elements the reducer's rate is timed on (64 MiB of float32)
 
 
 def _at_rows(measured_s: float, fixed_s: float, scale: float) -> float:
@@ -95,6 +100,8 @@ class LayerTable:
     # A strided copy into a new tensor (what a gather along channels does to put the shards in place), seconds per
     # byte copied.
     copy_s_per_byte: float = 0.0
+    # The gradient reducer's copies (into its bucket, autograd's zero, back into .grad), seconds per gradient byte.
+    bucket_s_per_byte: float = 0.0
 
     def glue_at(self, rows: float) -> tuple[float, float]:
         """(forward, backward) seconds of the glue at ``rows`` rows: fixed + per row, as a leaf's."""
@@ -248,6 +255,41 @@ def _time_copy(device: torch.device, steps: int) -> float:
     return statistics.median(times) / (probe.numel() * probe.element_size())
 
 
+def _time_reducer(elements: int, device: torch.device, steps: int) -> float:
+    """Seconds per gradient byte the reducer adds to a backward pass (median of ``steps`` after one warm-up): a
+    parameter's backward timed with it reducing over a group of one (its buckets' path: the scale is not 1, as for
+    hybrid's FC shards) against the same without it."""
+    from hybrid_ext.comm import Communicator
+    from hybrid_ext.comm.transports.loopback import LoopbackGroup, LoopbackTransport
+    from hybrid_ext.parallel.reducer import GradientReducer, ReduceGroup
+
+    count = max(1, min(elements, BUCKET_PROBE_ELEMENTS))
+    factor = torch.full((count,), 2.0, device=device)
+    alone = Communicator(LoopbackTransport(LoopbackGroup(1), 0), device)
+
+    def backward_s(weight: nn.Parameter) -> float:
+        times = []
+        for run in range(steps + 1):
+            weight.grad = None  # as optimizer.zero_grad() leaves it
+            loss = (weight * factor).sum()
+            _synchronize(device)
+            began = time.perf_counter()
+            loss.backward()
+            _synchronize(device)
+            if run:
+                times.append(time.perf_counter() - began)
+        return statistics.median(times)
+
+    plain = backward_s(nn.Parameter(torch.zeros(count, device=device)))
+    weight = nn.Parameter(torch.zeros(count, device=device))
+    reducer = GradientReducer([ReduceGroup("probe", [weight], alone, "sum", 0.5)])
+    try:
+        reduced = backward_s(weight)
+    finally:
+        reducer.remove()
+    return max(0.0, reduced - plain) / (count * weight.element_size())
+
+
 def _time_optimizer(elements: int, device: torch.device, steps: int) -> float:
     """Seconds per parameter element of one SGD-with-momentum update (median of ``steps`` after one warm-up)."""
     count = max(1, min(elements, OPTIMIZER_PROBE_ELEMENTS))
@@ -318,6 +360,8 @@ def profile_layers(
     elements = sum(p.numel() for p in model.parameters())
     table.optimizer_s_per_element = _time_optimizer(elements, example_input.device, steps) if elements else 0.0
     table.copy_s_per_byte = _time_copy(example_input.device, steps)
+    largest = max((p.numel() for p in model.parameters()), default=0)
+    table.bucket_s_per_byte = _time_reducer(largest, example_input.device, steps) if largest else 0.0
     return table
 
 
@@ -365,6 +409,7 @@ def save_calibration(table: LayerTable, path: str | Path) -> Path:
         "glue_forward_fixed_s": table.glue_forward_fixed_s,
         "glue_backward_fixed_s": table.glue_backward_fixed_s,
         "copy_s_per_byte": table.copy_s_per_byte,
+        "bucket_s_per_byte": table.bucket_s_per_byte,
         "layers": [asdict(record) for record in table.layers.values()],
     }
     path.write_text(json.dumps(payload, indent=1) + "\n")
@@ -392,6 +437,7 @@ def load_calibration(path: str | Path, model: nn.Module, example_input: torch.Te
             float(payload.get("glue_forward_fixed_s", 0.0)),
             float(payload.get("glue_backward_fixed_s", 0.0)),
             float(payload.get("copy_s_per_byte", 0.0)),
+            float(payload.get("bucket_s_per_byte", 0.0)),
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(

@@ -36,7 +36,12 @@ Step, per rank:
   keeps every core of a CPU host busy (R·t ≥ C), a bucket's own CPU work (its copies and reductions: the α, β, γ
   terms inside a host and every γ term) finds no idle core to run on while backward runs: it is exposed whole, and
   only its time on the network's wire overlaps backward;
-- step = T_f + T_b + E + T_o; exposed communication = the forward and backward transfers + E.
+- the reducer's own copies T_r = r · G (:mod:`hybrid_ext.parallel.reducer`: each gradient into its bucket during
+  backward, autograd's zero in its place, the reduced bucket back into ``.grad`` after), at the table's rate r per
+  byte for the G bytes of gradient it buckets — every parameter this rank holds under dp and hybrid, FC shards
+  held by no other rank included (their bucket scales them), none under mp — on the training thread, so never
+  hidden;
+- step = T_f + T_b + E + T_o + T_r; exposed communication = the forward and backward transfers + E + T_r.
 
 Left out: the loss, contention between communication and compute beyond the two rules above (busy cores, a
 shared link), the online tuner's choice of schedule. :func:`predict_step` reports the slowest rank (shard sizes
@@ -53,7 +58,7 @@ from hybrid_ext.comm import cost_model
 from hybrid_ext.comm.cost_model import CostModel
 from hybrid_ext.parallel.layer_profile import LayerTable
 from hybrid_ext.parallel.mappings import shard_sizes
-from hybrid_ext.parallel.step_traffic import Links, Transfer, parameters_after_wrap, step_transfers
+from hybrid_ext.parallel.step_traffic import Links, Transfer, bucketed_bytes, parameters_after_wrap, step_transfers
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,7 @@ class StepPrediction:
     backward_s: float = 0.0  # T_b
     exposed_gradient_s: float = 0.0  # E
     optimizer_s: float = 0.0  # T_o: the optimizer's update of the parameters this rank holds
+    reducer_s: float = 0.0  # T_r: the reducer's copies of the gradients through its buckets
     glue_s: float = 0.0  # forward and backward between the layers (in forward_s and backward_s)
     host_link_bytes: int = 0  # the most bytes any host sends out over its link in the step (all its ranks)
 
@@ -98,7 +104,7 @@ class StepPrediction:
 
     @property
     def step_s(self) -> float:
-        return self.forward_s + self.backward_s + self.exposed_gradient_s + self.optimizer_s
+        return self.forward_s + self.backward_s + self.exposed_gradient_s + self.optimizer_s + self.reducer_s
 
     @property
     def exposed_communication_s(self) -> float:
@@ -139,6 +145,7 @@ class StepPrediction:
             )
         lines.append(f"  {'between layers':<{width}}  {'glue':<12} {self.glue_s * 1e3:17.3f}")
         lines.append(f"  {'optimizer':<{width}}  {'update':<12} {self.optimizer_s * 1e3:17.3f}")
+        lines.append(f"  {'reducer':<{width}}  {'copies':<12} {self.reducer_s * 1e3:17.3f}")
         lines.append(
             f"  step {self.step_s * 1e3:.3f} ms = compute {self.compute_s * 1e3:.3f} ms + exposed communication "
             f"{self.exposed_communication_s * 1e3:.3f} ms; {self.bytes_sent:,} bytes sent; "
@@ -267,6 +274,8 @@ def _predict_rank(
     prediction.exposed_gradient_s = max(0.0, previous_end - clock) + unhidden
     held = parameters_after_wrap(model, styles if strategy != "dp" else {}, m, rank % m)
     prediction.optimizer_s = table.optimizer_s_per_element * sum(p.numel for p in held) * compute_scale
+    bucketed = bucketed_bytes(model, styles if strategy != "dp" else {}, strategy, world, mp_size, rank)
+    prediction.reducer_s = table.bucket_s_per_byte * bucketed * compute_scale
     return prediction
 
 

@@ -224,6 +224,29 @@ def test_the_optimizer_updates_the_parameters_each_rank_holds():
     assert shared.optimizer_s == pytest.approx(80e-3)
 
 
+def test_the_reducer_copies_every_gradient_it_buckets():
+    """r = 1 µs per gradient byte. Two Linear(4, 4), 40 float32 elements. dp on 4 ranks: all 160 bytes. hybrid at
+    mp_size 4: no other rank holds a shard, yet the reducer still buckets (and scales) each — the 13 elements held;
+    at mp_size 2 the same way. mp, and one rank alone: no bucket."""
+    model, table = _two_linears_table(1.0, 2.0)
+    table.bucket_s_per_byte = 1e-6
+    zero = CostModel(0, 0, 0)
+    sharded = {"0": "column", "1": "row"}
+    dp = predict_step(model, table, {}, "dp", 4, 1, B, constants=zero)
+    assert dp.reducer_s == pytest.approx(160e-6)
+    assert dp.step_s == pytest.approx(6.0 + 160e-6) and dp.exposed_communication_s == pytest.approx(160e-6)
+    hybrid = predict_step(model, table, sharded, "hybrid", 4, 4, B, constants=zero)
+    assert hybrid.reducer_s == pytest.approx(13 * 4e-6)
+    assert predict_step(model, table, sharded, "hybrid", 4, 2, B, constants=zero).reducer_s == pytest.approx(
+        (10 + 4 + 8) * 4e-6  # column: half of 20; row: half of its weight (8) and its whole bias (4)
+    )
+    assert predict_step(model, table, sharded, "mp", 4, 4, B, constants=zero).reducer_s == 0.0
+    assert predict_step(model, table, {}, "dp", 1, 1, B, constants=zero).reducer_s == 0.0
+    shared = predict_step(model, table, {}, "dp", 4, 1, B, constants=zero, compute_scale=2.0)
+    assert shared.reducer_s == pytest.approx(320e-6)
+    assert "reducer" in dp.describe()
+
+
 def test_the_glue_between_layers_runs_on_every_row_of_the_trunk():
     """Glue 0.1 s forward, 0.2 s backward at b rows: dp and hybrid add 0.3 s; mp, on 4·b rows, 1.2 s."""
     model, table = _two_linears_table(1.0, 2.0)
@@ -315,6 +338,7 @@ def test_profile_times_the_fixed_part_and_the_optimizer():
     assert 0.0 <= table.glue_forward_fixed_s <= table.glue_forward_s
     assert 0.0 <= table.glue_backward_fixed_s <= table.glue_backward_s
     assert 0.0 < table.copy_s_per_byte < 1e-6  # faster than 1 MB/s
+    assert 0.0 <= table.bucket_s_per_byte < 1e-6
     with pytest.raises(ValueError, match="rows_factor must be >= 2"):
         profile_layers(model, torch.randn(2, 512), rows_factor=1)
 
@@ -336,6 +360,10 @@ def test_a_calibration_of_format_1_reads_as_proportional(tmp_path):
     (tmp_path / "second.json").write_text(json.dumps({**second, "format": 2, "glue_forward_s": 0.5}))
     loaded = load_calibration(tmp_path / "second.json", model, x)
     assert loaded.glue_forward_s == 0.5 and loaded.glue_forward_fixed_s == loaded.glue_backward_fixed_s == 0.0
+    # format 3: no reducer rate, read as free
+    third = {k: v for k, v in payload.items() if k != "bucket_s_per_byte"}
+    (tmp_path / "third.json").write_text(json.dumps({**third, "format": 3}))
+    assert load_calibration(tmp_path / "third.json", model, x).bucket_s_per_byte == 0.0
 
 
 def test_profile_measures_every_leaf_and_leaves_no_trace():
@@ -364,6 +392,7 @@ def test_calibration_file_round_trip(tmp_path):
     assert loaded.layers == table.layers and loaded.micro_batch == 2
     assert loaded.optimizer_s_per_element == table.optimizer_s_per_element
     assert (loaded.glue_forward_s, loaded.glue_backward_s) == (table.glue_forward_s, table.glue_backward_s)
+    assert (loaded.copy_s_per_byte, loaded.bucket_s_per_byte) == (table.copy_s_per_byte, table.bucket_s_per_byte)
 
 
 def test_calibration_for_another_model_is_refused(tmp_path):
