@@ -281,6 +281,7 @@ def predictions(args: argparse.Namespace) -> tuple[dict, list]:
         "hosts": args.hosts or 1,
         "network": args.network if args.hosts else None,
         "nic": args.nic,
+        "link": _link_entry(args) if args.hosts else None,
         "layer_times": source,
         "compute_scale": compute_scale,
         "compute_scale_source": sharing,
@@ -408,6 +409,18 @@ def _links(args: argparse.Namespace):
     return links, _network_constants(args)
 
 
+def _link_entry(args: argparse.Namespace) -> dict:
+    """What a message between hosts costs in these predictions, and where its constants come from."""
+    from hybrid_ext.comm import cost_model
+
+    constants = _network_constants(args) or cost_model.network_model(args.network)
+    if cost_model.network_calibrated(args.network):
+        source = f"calibrated ({cost_model.network_model_key(args.network)})"
+    else:
+        source = f"{args.network}'s own, not calibrated between hosts (bench allreduce --hosts H --calibrate)"
+    return {"alpha_s": constants.alpha, "beta_s_per_byte": constants.beta, "source": source}
+
+
 def _network_constants(args: argparse.Namespace):
     """The constants of a message between hosts: the link's calibration (``bench allreduce --hosts H --calibrate``)
     or the network transport's, with β at ``--nic``'s rate where given (else None: the step model looks them up)."""
@@ -422,11 +435,13 @@ def _network_constants(args: argparse.Namespace):
 
 
 def table_text(result: dict) -> str:
-    spread = (
-        f" on {result['hosts']} hosts ({result['network']}{', ' + result['nic'] if result['nic'] else ''})"
-        if result["hosts"] > 1
-        else ""
-    )
+    spread = ""
+    if result["hosts"] > 1:
+        link = result["link"]
+        spread = (
+            f" on {result['hosts']} hosts ({result['network']}{', ' + result['nic'] if result['nic'] else ''}; "
+            f"a message between hosts {link['alpha_s'] * 1e3:.3g} ms, {link['source']})"
+        )
     busy = " (every core computing: the gradients' copies and reductions cannot overlap)" * result["cores_busy"]
     lines = [
         f"hybrid-ext plan: {result['model']} ({result['size']}×{result['size']}), {result['world']} ranks{spread}, "

@@ -159,6 +159,11 @@ def save_model(transport: str, model: CostModel, path: Path | None = None) -> Pa
     return path
 
 
+def network_calibrated(network: str) -> bool:
+    """Whether the link between hosts over ``network`` has been calibrated (else :func:`network_model` falls back)."""
+    return network_model_key(network) in _load_models()
+
+
 def network_model(network: str) -> CostModel:
     """The constants of a message to another host over ``network``: the link's calibration across hosts, else the
     transport's own (:func:`default_model`)."""

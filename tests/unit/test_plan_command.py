@@ -60,12 +60,15 @@ def test_unknown_model_is_refused(capsys):
     assert "invalid choice: 'resnet1000'" in capsys.readouterr().err
 
 
+@pytest.mark.usefixtures("isolated_cost_models")  # no link calibrated on this machine counts
 def test_hosts_and_their_link_rate(tmp_path):
     one, two, slow = (tmp_path / f"{name}.json" for name in ("one", "two", "slow"))
     common = [*SMALL, "--np", "4", "--calibration"]
     assert main(["plan", *SMALL, "--np", "4", "--save-calibration", str(tmp_path / "c.json"), "--json", str(one)]) == 0
     assert main(["plan", *common, str(tmp_path / "c.json"), "--hosts", "2", "--json", str(two)]) == 0
     assert main(["plan", *common, str(tmp_path / "c.json"), "--hosts", "2", "--nic", "1mbit", "--json", str(slow)]) == 0
+    assert "not calibrated between hosts" in json.loads(two.read_text())["link"]["source"]
+    assert json.loads(one.read_text())["link"] is None
     one, two, slow = ({e["strategy"]: e for e in json.loads(f.read_text())["strategies"]} for f in (one, two, slow))
     assert one["dp"]["bytes_per_host_link"] == 0 < two["dp"]["bytes_per_host_link"]
     # dp's gradients cross the link; at 1 Mbit/s that dominates, and hybrid sends far fewer bytes across
@@ -88,7 +91,9 @@ def test_messages_between_hosts_are_priced_by_the_links_calibration(tmp_path, ni
         out = tmp_path / f"{alpha}.json"
         assert main(["plan", *SMALL, "--np", "4", "--calibration", str(table), "--hosts", "2", *nic,
                      "--json", str(out)]) == 0  # fmt: skip
-        hybrid[alpha] = next(e for e in json.loads(out.read_text())["strategies"] if e["strategy"] == "hybrid")
+        result = json.loads(out.read_text())
+        assert result["link"]["alpha_s"] == alpha and result["link"]["source"] == "calibrated (network/torch-gloo)"
+        hybrid[alpha] = next(e for e in result["strategies"] if e["strategy"] == "hybrid")
     slow, fast = hybrid[10e-3], hybrid[1e-6]
     assert slow["compute_ms"] == pytest.approx(fast["compute_ms"])
     # hybrid's activation exchanges cross hosts at every sharded layer: each message to the other host costs α
