@@ -299,6 +299,15 @@ def agree_on_times(table: LayerTable, world) -> LayerTable:
     return LayerTable(table.micro_batch, table.device, layers, **dict(zip(whole, agreed[-len(whole) :])))
 
 
+def links_of(topology) -> Links:
+    """The links of a group as its communicator sees them (a :class:`~hybrid_ext.comm.topology.Topology`): on several
+    hosts, its ranks' hosts, the transport inside a host and the one between, so that messages to other hosts are
+    priced as the network's; on one host, the group's transport."""
+    if not topology.spans_hosts:
+        return Links(topology.transport)
+    return Links(topology.local or topology.transport, hosts=tuple(topology.hosts), network=topology.network)
+
+
 def check_same_plan(plan: AutoPlan, world) -> None:
     """Raise on every rank if the ranks chose different plans (their fingerprints differ)."""
     prints = world.row_counts(plan.fingerprint(), device="cpu", name="auto plan fingerprint")
@@ -338,9 +347,10 @@ def plan_on_ranks(
         world_comm, world = groups.world, groups.dims.world
         mp_sizes = [groups.dims.mp]
     table = agree_on_times(profile_layers(model, example_input), world_comm)
+    # The job's own layout: ranks on several hosts send to each other over the network (its calibrated link, if any).
     plan = choose_plan(
         model, table, world, mp_sizes=mp_sizes, grad_algorithm=grad_algorithm, bucket_bytes=bucket_bytes,
-        strategies=tuple(strategies),
+        links=links_of(world_comm.topology), strategies=tuple(strategies),
     )  # fmt: skip
     check_same_plan(plan, world_comm)
     return plan

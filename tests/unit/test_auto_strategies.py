@@ -96,3 +96,30 @@ def test_plan_command_auto_weighs_what_it_is_told(tmp_path, capsys):
         main([*args, "--auto-strategies", "dp,pipeline"])
     assert "expected some of dp,hybrid,mp" in capsys.readouterr().err
     assert plan_command._strategy_list("mp, dp") == ("mp", "dp")
+
+
+@pytest.mark.parametrize("hosts", [("a", "a", "b", "b"), ("a", "a", "a", "a")])
+def test_auto_plans_for_the_hosts_its_ranks_are_on(hosts):
+    """Four in-process ranks labelled with hosts: parallelize(strategy="auto")'s plan prices what crosses hosts (the
+    bytes leaving a host's link) where they span two, and nothing where they share one."""
+    from types import SimpleNamespace
+
+    from hybrid_ext.comm import Communicator
+    from hybrid_ext.comm.transports.loopback import run_ranks
+    from hybrid_ext.parallel.auto_plan import links_of, plan_on_ranks
+    from hybrid_ext.parallel.dims import ParallelDims
+
+    def rank(transport):
+        torch.manual_seed(0)
+        world = Communicator(transport)
+        groups = SimpleNamespace(world=world, dims=ParallelDims(4, 2))
+        plan = plan_on_ranks(small_cnn(), torch.randn(B, 3, 16, 16), groups, None, None, "butterfly", 25 << 20)
+        return links_of(world.topology), plan.prediction.host_link_bytes
+
+    results = run_ranks(rank, 4, hosts=hosts, timeout=100)
+    links, crossing = results[0]
+    if len(set(hosts)) > 1:
+        assert links.hosts == hosts and crossing > 0
+    else:
+        assert links.hosts is None and crossing == 0
+    assert len(set(results)) == 1  # one plan on every rank
