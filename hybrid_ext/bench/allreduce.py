@@ -162,7 +162,7 @@ def _bench_rank(
         for algorithm in algorithms:
             chosen.setdefault((size, algorithm), "deepspeed shm" if algorithm == DEEPSPEED_SHM else backend)
             if interface and not chosen[(size, algorithm)].startswith(("native", backend)):  # a plan of ours ran
-                plan_sent[(size, algorithm)] = _bytes_to_other_hosts(chosen[(size, algorithm)], n) * 4
+                plan_sent[(size, algorithm)] = _bytes_to_other_hosts(chosen[(size, algorithm)], n) * kind.itemsize
     if deepspeed_allreduce is not None:
         dist.barrier()  # every rank is done with every rank's buffer
         _remove_deepspeed_shm_buffer(rank)
@@ -423,8 +423,17 @@ def calibrate_native(rows: list[BenchRow]) -> cost_model.CostModel | None:
     return _fit(native, "sizes") if len({row.size_bytes for _, row in native}) >= 3 else None
 
 
+CALIBRATION_SMALL_BYTES = 4 << 10  # a size --calibrate across hosts always times (the link's α)
 LATENCY_ROWS_UP_TO = 64 << 10  # rows this small time the link's α (their bytes' terms are small); larger ones β
 NETWORK_FIT_ROUNDS = 8
+
+
+def hosts_of_ranks(ranks: int, hosts: int) -> tuple[int, ...]:
+    """The host of each rank of a run across ``hosts`` emulated hosts, as the launcher spreads them (consecutive
+    ranks per host; where ``hosts`` does not divide ``ranks``, one more on each of the first hosts: 5 over 2 is
+    3 + 2)."""
+    base, extra = divmod(ranks, hosts)
+    return tuple(h for h in range(hosts) for _ in range(base + (h < extra)))
 
 
 def calibrate_network(
@@ -432,7 +441,8 @@ def calibrate_network(
 ) -> cost_model.CostModel | None:
     """The link between hosts' constants from the hierarchical rows of a run across hosts (None without any).
 
-    ``transport`` is the run's (``shm+torch-gloo``: inside a host, between hosts). Each row's time, less what its
+    ``transport`` is the run's (``shm+torch-gloo``: inside a host, between hosts). None too without a hierarchical
+    row of at most :data:`LATENCY_ROWS_UP_TO` bytes: nothing else times α. Each row's time, less what its
     messages inside a host cost by that transport's constants (calibrated, else built in: the step model prices
     them so too), is the time its messages to other hosts took, the slowest rank's (the row times the slowest
     rank): α·k + β·n·L for k messages and n bytes to other hosts, L ranks per host sharing the host's link. α is
@@ -446,11 +456,12 @@ def calibrate_network(
     if not local_name or not hierarchical:
         return None
     local, known = cost_model.default_model(local_name), cost_model.network_model(network_name)
-    timed = []  # (row, seconds to other hosts, messages, bytes on the link)
+    if not any(row.size_bytes <= LATENCY_ROWS_UP_TO for row in hierarchical):
+        return None  # nothing times the link's α (the rows of any size have it to subtract)
+    per_rank = []  # (row, [(seconds inside a host, messages to other hosts, bytes on the link) of every rank])
     for row in hierarchical:
-        per_host = row.ranks // row.hosts
-        links = Links(local_name, hosts=tuple(r // per_host for r in range(row.ranks)), network=network_name)
-        slowest = None
+        links = Links(local_name, hosts=hosts_of_ranks(row.ranks, row.hosts), network=network_name)
+        ranks = []
         for rank in range(row.ranks):
             t = allreduce_transfer("bench", "gradients", row.chosen, row.size_bytes // itemsize, itemsize,
                                    links.group(list(range(row.ranks)), rank))  # fmt: skip
@@ -459,18 +470,20 @@ def calibrate_network(
                 + local.beta * (t.bytes_sent - t.network_bytes)
                 + local.gamma * t.bytes_reduced
             )
-            wire = (t.network_messages, t.network_bytes * links.ranks_per_link)
-            guess = near + known.alpha * wire[0] + known.beta * wire[1]
-            if slowest is None or guess > slowest[0]:
-                slowest = (guess, near, *wire)
-        _, near, messages, link_bytes = slowest
-        timed.append((row, row.median_ms / 1e3 - near, messages, link_bytes))
-    small = [(left, k, n) for row, left, k, n in timed if row.size_bytes <= LATENCY_ROWS_UP_TO and k]
-    large = [(left, k, n) for row, left, k, n in timed if row.size_bytes > LATENCY_ROWS_UP_TO and n]
+            ranks.append((near, t.network_messages, t.network_bytes * links.ranks_per_link))
+        per_rank.append((row, ranks))
     alpha, beta = known.alpha, 1.0 / bytes_per_second if bytes_per_second else known.beta
-    # Each estimate leans a little on the other (a small row's few bytes, a large row's few messages): a few
-    # rounds settle both.
-    for _ in range(1 if bytes_per_second else NETWORK_FIT_ROUNDS):
+    # Each estimate leans a little on the other (a small row's few bytes, a large row's few messages), and which
+    # rank is slowest on both: a few rounds settle them.
+    for _ in range(NETWORK_FIT_ROUNDS):
+        small, large = [], []
+        for row, ranks in per_rank:
+            near, k, n = max(ranks, key=lambda r: r[0] + alpha * r[1] + beta * r[2])
+            left = row.median_ms / 1e3 - near
+            if row.size_bytes <= LATENCY_ROWS_UP_TO and k:
+                small.append((left, k, n))
+            elif row.size_bytes > LATENCY_ROWS_UP_TO and n:
+                large.append((left, k, n))
         if small:
             alpha = max(statistics.median((left - beta * n) / k for left, k, n in small), 1e-9)
         if large and not bytes_per_second:
@@ -538,6 +551,10 @@ def main(args) -> int:
         raise SystemExit(f"unknown algorithms {unknown}; choose from {', '.join(ALGORITHM_CHOICES)}")
     if args.calibrate:
         algorithms = list(dict.fromkeys([*algorithms, "recursive_doubling", "rabenseifner"]))
+        if getattr(args, "hosts", None):  # the link between hosts is fitted from the hierarchical rows, small ones too
+            hierarchical = [cost_model.HIERARCHICAL_PREFIX + name for name in cost_model.BUTTERFLIES]
+            algorithms = list(dict.fromkeys([*algorithms, *hierarchical]))
+            sizes = sorted({*sizes, CALIBRATION_SMALL_BYTES})
     if "native" not in algorithms:
         algorithms.append("native")
     if getattr(args, "hosts", None):

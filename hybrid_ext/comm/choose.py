@@ -107,7 +107,10 @@ def allreduce(
         or (algorithm in ("auto", "butterfly") and nbytes >= HIERARCHY_MIN_BYTES and not cost_model.forced())
     ):
         between = "butterfly" if algorithm == "butterfly" else "auto"
-        inter = cost_model.resolve(between, nbytes // topology.lanes, topology.host_count, topology.network)
+        inter = cost_model.resolve(
+            between, nbytes // topology.lanes, topology.host_count, topology.network,
+            model=cost_model.network_model(topology.network),
+        )  # fmt: skip
         return f"{HIERARCHICAL_PREFIX}{inter}"
     return cost_model.resolve(algorithm, nbytes, topology.size, topology.transport, native=native_runs)
 

@@ -133,13 +133,16 @@ def choose_plan(
     compute_scale: float = 1.0,
     cores_busy: bool = False,
     strategies: tuple[str, ...] = SAME_BATCH_STRATEGIES,
+    constants=None,
 ) -> AutoPlan:
     """The candidate with the least predicted step (see the module docstring), from ``table``'s layer times.
 
     Deterministic: ranks given the same table choose the same plan. ``mp_sizes``: the group sizes to consider
     (default: every divisor of ``world`` above 1). ``strategies``: which of ``dp``, ``hybrid`` and ``mp`` to weigh
     (default dp and hybrid, under which every rank passes its own micro-batch; ``mp`` — every layer split, every
-    rank passing the same global batch — only where the caller feeds it so, and only at ``mp_size`` = ``world``)."""
+    rank passing the same global batch — only where the caller feeds it so, and only at ``mp_size`` = ``world``).
+    ``constants``, ``network_constants``: α, β, γ of the transport inside a host and of the link between hosts
+    (default: the saved calibrations, else the built-in constants)."""
     if not isinstance(world, int) or isinstance(world, bool) or world < 1:
         raise ValueError(f"world must be a positive integer, got {world!r}")
     check_strategies(strategies)
@@ -157,7 +160,8 @@ def choose_plan(
     def predict(strategy: str, m: int, plan: PartitionPlan) -> StepPrediction:
         return predict_step(
             model, table, plan.styles, strategy, world, m, micro_batch, grad_algorithm, bucket_bytes, links,
-            network_constants=network_constants, compute_scale=compute_scale, cores_busy=cores_busy,
+            constants=constants, network_constants=network_constants, compute_scale=compute_scale,
+            cores_busy=cores_busy,
         )  # fmt: skip
 
     results: dict[tuple[str, int, tuple[str, ...]], tuple[Candidate, PartitionPlan, StepPrediction] | None] = {}
@@ -308,6 +312,20 @@ def links_of(topology) -> Links:
     return Links(topology.local or topology.transport, hosts=tuple(topology.hosts), network=topology.network)
 
 
+def agree_on_links(links: Links, world):
+    """(the constants of the transport inside a host, of the link between hosts or None on one host), each the
+    maximum over the ranks of ``world``: ranks whose hosts saved different calibrations price messages alike."""
+    from hybrid_ext.comm import cost_model
+    from hybrid_ext.comm.cost_model import CostModel
+
+    own = [cost_model.default_model(links.transport)]
+    if links.hosts is not None:
+        own.append(cost_model.network_model(links.network))
+    agreed = world.max_over_ranks([v for m in own for v in (m.alpha, m.beta, m.gamma)], name="auto plan links")
+    models = [CostModel(*agreed[i : i + 3]) for i in range(0, len(agreed), 3)]
+    return models[0], (models[1] if len(models) > 1 else None)
+
+
 def check_same_plan(plan: AutoPlan, world) -> None:
     """Raise on every rank if the ranks chose different plans (their fingerprints differ)."""
     prints = world.row_counts(plan.fingerprint(), device="cpu", name="auto plan fingerprint")
@@ -348,9 +366,11 @@ def plan_on_ranks(
         mp_sizes = [groups.dims.mp]
     table = agree_on_times(profile_layers(model, example_input), world_comm)
     # The job's own layout: ranks on several hosts send to each other over the network (its calibrated link, if any).
+    links = links_of(world_comm.topology)
+    constants, network_constants = agree_on_links(links, world_comm)
     plan = choose_plan(
         model, table, world, mp_sizes=mp_sizes, grad_algorithm=grad_algorithm, bucket_bytes=bucket_bytes,
-        links=links_of(world_comm.topology), strategies=tuple(strategies),
+        links=links, constants=constants, network_constants=network_constants, strategies=tuple(strategies),
     )  # fmt: skip
     check_same_plan(plan, world_comm)
     return plan

@@ -20,7 +20,7 @@ more); so is a strided copy (the re-layout around a gather along channels), per 
 own work per byte of gradient (:mod:`hybrid_ext.parallel.reducer` copies each incoming gradient into its bucket,
 autograd fills ``.grad`` with the zero it is handed, and the reduced bucket is added back: three passes over the
 gradient, whatever the collective), timed on the real reducer over a group of one, on a parameter as large as the
-model's largest (capped at :data:`BUCKET_PROBE_ELEMENTS`). Nothing is left behind:
+model's largest (within :data:`BUCKET_PROBE_ELEMENTS`). Nothing is left behind:
 gradients, buffers (BatchNorm statistics), random number generators and train/eval modes are as before.
 
 A calibration file (:func:`save_calibration`) carries the table to another machine, e.g. per-layer times
@@ -46,7 +46,8 @@ READABLE_FORMATS = (1, 2, 3, 4)
 ROWS_FACTOR = 4  # the second micro-batch leaves with parameters are timed at, as a multiple of the first
 OPTIMIZER_PROBE_ELEMENTS = 1 << 22  # the scratch parameter the optimizer's update is timed on (at most)
 COPY_PROBE_SHAPE = (16, 64, 64, 64)  # 16 MiB of float32, moved channels-first as a gather along channels does
-BUCKET_PROBE_ELEMENTS = 1 << 24  # the most elements the reducer's rate is timed on (64 MiB of float32)
+BUCKET_PROBE_ELEMENTS = (1 << 20, 1 << 24)  # the fewest and most elements the reducer's rate is timed on (float32:
+# 4 and 64 MiB; fewer would spread its fixed cost per backward, the hooks and the end-of-backward call, over bytes)
 
 
 def _at_rows(measured_s: float, fixed_s: float, scale: float) -> float:
@@ -263,7 +264,8 @@ def _time_reducer(elements: int, device: torch.device, steps: int) -> float:
     from hybrid_ext.comm.transports.loopback import LoopbackGroup, LoopbackTransport
     from hybrid_ext.parallel.reducer import GradientReducer, ReduceGroup
 
-    count = max(1, min(elements, BUCKET_PROBE_ELEMENTS))
+    fewest, most = BUCKET_PROBE_ELEMENTS
+    count = max(fewest, min(elements, most))
     factor = torch.full((count,), 2.0, device=device)
     alone = Communicator(LoopbackTransport(LoopbackGroup(1), 0), device)
 

@@ -21,9 +21,10 @@ Communication: each transfer costs α·k + β·n + γ·u + c·σ·v, with k mess
 and reduced by this rank (:class:`hybrid_ext.comm.cost_model.CostModel`; a transport's calibrated constants, else
 its built-in ones) and v bytes the rank copies in memory around the collective (a gather along channels moves its
 shards to the front and back; an in-place all-reduce starts from a clone) at the table's copy rate c: the
-messages to ranks on other hosts at the network's α, β, the others at those of the transport inside a host, the
-network's β times the ranks of a host (they send at once and share its link); a native all-reduce costs its
-calibrated constants' ring formula.
+messages to ranks on other hosts at the link's α, β (``network/<transport>``, calibrated across hosts, else the
+network transport's own: :func:`hybrid_ext.comm.cost_model.network_model`), the others at those of the transport
+inside a host, the link's β times the ranks of a host (they send at once and share its link); a native all-reduce
+costs its calibrated constants' ring formula.
 
 Step, per rank:
 

@@ -382,7 +382,9 @@ def bucketed_bytes(model: nn.Module, styles: dict[str, str], strategy: str, worl
     """Bytes of gradient rank ``rank``'s reducer moves through its buckets in a step (copied in during backward, added
     back into ``.grad`` after): every parameter it holds under dp and hybrid on more than one rank — hybrid's FC
     shards too where no other rank holds them (mp_size = world), as the bucket still scales them by 1/world; none
-    under mp."""
+    under mp. (``parallelize``'s own reducer: where a host framework reduces the data-parallel gradients itself,
+    DeepSpeed's path, or ``blocking_reduction``, the reducer buckets nothing; the step model does not model those
+    paths' gradients either.)"""
     if strategy == "mp" or world == 1:
         return 0
     m = mp_size if strategy == "hybrid" else 1

@@ -123,3 +123,28 @@ def test_auto_plans_for_the_hosts_its_ranks_are_on(hosts):
     else:
         assert links.hosts is None and crossing == 0
     assert len(set(results)) == 1  # one plan on every rank
+
+
+def test_ranks_whose_hosts_saved_different_links_price_them_alike(monkeypatch):
+    """Each rank reads its own host's saved constants (here: the link's α grows with the rank): auto agrees on the
+    largest of each, so every rank prices a message alike."""
+    import threading
+
+    from hybrid_ext.comm import Communicator, cost_model
+    from hybrid_ext.comm.cost_model import CostModel
+    from hybrid_ext.comm.transports.loopback import run_ranks
+    from hybrid_ext.parallel.auto_plan import agree_on_links, links_of
+
+    own = threading.local()
+    monkeypatch.setattr(cost_model, "network_model", lambda network: CostModel(1e-3 * (1 + own.rank), 8e-9, 1e-9))
+
+    def rank(transport):
+        own.rank = transport.rank
+        world = Communicator(transport)
+        return agree_on_links(links_of(world.topology), world)
+
+    results = run_ranks(rank, 4, hosts=("a", "a", "b", "b"), timeout=60)
+    local, link = results[0]
+    assert all(r == results[0] for r in results)
+    assert (link.alpha, link.beta) == pytest.approx((4e-3, 8e-9))
+    assert local == cost_model.default_model("loopback")  # the transport inside a host: the same file everywhere

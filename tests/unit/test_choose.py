@@ -13,6 +13,8 @@ from hybrid_ext.comm.schedule import ALGORITHMS, GATHER_ALGORITHMS, SCATTER_ALGO
 from hybrid_ext.comm.topology import Topology
 from hybrid_ext.comm.tuner import TUNE_ENV
 
+pytestmark = pytest.mark.usefixtures("isolated_cost_models")  # the built-in constants, whatever this machine saved
+
 # (hosts of each rank, or None where the transport does not know them)
 LAYOUTS = [
     None,
@@ -126,7 +128,7 @@ def test_a_hierarchical_prediction_adds_the_hosts_stage_to_the_networks_between_
     flat = choose.predicted("ring", 1 << 20, topology)
     stacked = choose.predicted(HIERARCHICAL_PREFIX + "ring", 1 << 20, topology)
     within = cost_model.default_model("shm").predict("ring", 1 << 20, 4)
-    between = cost_model.default_model("tcp").predict("ring", (1 << 20) // 4, 2)
+    between = cost_model.network_model("tcp").predict("ring", (1 << 20) // 4, 2)
     assert stacked == pytest.approx(within + between)
     assert flat == cost_model.default_model("routed").predict("ring", 1 << 20, 8)  # every link the slowest
 
@@ -142,3 +144,16 @@ def test_block_schedules_leave_each_host_once_only_on_equal_hosts_and_large_bloc
     assert choose.block_schedule(gather, "hierarchical", nbytes, topology) == (choose.HIERARCHICAL if equal else flat)
     for name in GATHER_ALGORITHMS if gather else SCATTER_ALGORITHMS:
         assert choose.block_schedule(gather, name, nbytes, topology) == name
+
+
+def test_the_schedule_between_hosts_is_chosen_by_the_links_constants():
+    """4 MiB over 4 hosts: the network transport's own constants take rabenseifner between the hosts (least bytes);
+    a link calibrated as latency-bound (50 ms a message, bytes nearly free) takes recursive doubling (fewest
+    messages)."""
+    from hybrid_ext.comm.cost_model import CostModel
+
+    topology = _topology((0, 0, 1, 1, 2, 2, 3, 3))
+    assert choose.allreduce("auto", 4 << 20, topology, tune=False) == HIERARCHICAL_PREFIX + "rabenseifner"
+    cost_model.save_model(cost_model.network_model_key(topology.network), CostModel(50e-3, 1e-12, 1e-12))
+    assert choose.allreduce("auto", 4 << 20, topology, tune=False) == HIERARCHICAL_PREFIX + "recursive_doubling"
+    assert cost_model.default_model(topology.network) == CostModel()  # the transport's own constants are kept

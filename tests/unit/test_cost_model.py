@@ -210,14 +210,13 @@ def test_bench_rows_say_when_auto_ran_the_native_allreduce():
     assert bench._ran(record("ring", "shm")) == "ring"
 
 
-def _rows_priced_by_the_step_model(truth: CostModel, sizes, hosts: int = 2, per_host: int = 2) -> list:
+def _rows_priced_by_the_step_model(truth: CostModel, sizes, hosts: int = 2, world: int = 4) -> list:
     """Bench rows across hosts whose times are what the step model prices: the slowest rank's hierarchical
     all-reduce, its messages inside a host at the transport's constants and those between hosts at ``truth``."""
     from hybrid_ext.parallel.step_model import transfer_split
     from hybrid_ext.parallel.step_traffic import Links, allreduce_transfer
 
-    world = hosts * per_host
-    links = Links("shm", hosts=tuple(r // per_host for r in range(world)), network="torch-gloo")
+    links = Links("shm", hosts=bench.hosts_of_ranks(world, hosts), network="torch-gloo")
     rows = []
     for schedule in ("hierarchical/recursive_doubling", "hierarchical/rabenseifner"):
         for size in sizes:
@@ -231,11 +230,11 @@ def _rows_priced_by_the_step_model(truth: CostModel, sizes, hosts: int = 2, per_
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize(("hosts", "per_host"), [(2, 2), (3, 2)])
-def test_the_link_between_hosts_is_calibrated_from_the_hierarchical_rows(hosts, per_host):
+@pytest.mark.parametrize(("hosts", "world"), [(2, 4), (3, 6), (2, 5)])  # 5 over 2 hosts: 3 + 2, as launched
+def test_the_link_between_hosts_is_calibrated_from_the_hierarchical_rows(hosts, world):
     truth = CostModel(alpha=700e-6, beta=8e-9, gamma=2.2e-9)
-    rows = _rows_priced_by_the_step_model(truth, (8, 1 << 10, 1 << 14, 1 << 20, 1 << 22), hosts, per_host)
-    rows.append(bench.BenchRow(1 << 20, "native", hosts * per_host, 1.0, 0, 0, 1.0, "gloo", hosts=hosts))
+    rows = _rows_priced_by_the_step_model(truth, (8, 1 << 10, 1 << 14, 1 << 20, 1 << 22), hosts, world)
+    rows.append(bench.BenchRow(1 << 20, "native", world, 1.0, 0, 0, 1.0, "gloo", hosts=hosts))
     # The link's rate known (--nic): α from the small rows; not known: β from the large ones too.
     shaped = bench.calibrate_network(rows, "shm+torch-gloo", bytes_per_second=1 / truth.beta)
     assert (shaped.alpha, shaped.beta) == (pytest.approx(truth.alpha, rel=1e-6), pytest.approx(truth.beta))
@@ -245,6 +244,14 @@ def test_the_link_between_hosts_is_calibrated_from_the_hierarchical_rows(hosts, 
     # No hierarchical rows, or a run on one host: nothing to fit.
     assert bench.calibrate_network([r for r in rows if r.chosen == "gloo"], "shm+torch-gloo") is None
     assert bench.calibrate_network(rows, "shm") is None
+    # Only large rows: nothing times α, and none is claimed.
+    assert bench.calibrate_network([r for r in rows if r.size_bytes > (64 << 10)], "shm+torch-gloo") is None
+
+
+def test_ranks_spread_over_hosts_as_the_launcher_spreads_them():
+    assert bench.hosts_of_ranks(4, 2) == (0, 0, 1, 1)
+    assert bench.hosts_of_ranks(5, 2) == (0, 0, 0, 1, 1)
+    assert bench.hosts_of_ranks(7, 3) == (0, 0, 0, 1, 1, 2, 2)
 
 
 @pytest.mark.timeout(30)
@@ -259,7 +266,8 @@ def test_the_link_between_hosts_is_saved_apart_from_its_transport_and_used():
     one_host_gloo = cost_model.default_model("torch-gloo")
     said = bench.save_calibrations(rows, "shm+torch-gloo", "gloo", bytes_per_second=125e6)
     assert any("between hosts: α=2000.0 µs, β=8.000 ns/B (the link's rate)" in line for line in said), said
-    assert cost_model.network_model("torch-gloo") == truth
+    fitted = cost_model.network_model("torch-gloo")
+    assert (fitted.alpha, fitted.beta, fitted.gamma) == pytest.approx((truth.alpha, truth.beta, truth.gamma))
     assert cost_model.default_model("torch-gloo") == one_host_gloo  # gloo on one host keeps its own constants
     assert cost_model.network_model("torch-nccl") == cost_model.default_model("torch-nccl")  # none saved: its own
     # The hierarchical allreduce's choice prices the part between hosts by the link's constants.

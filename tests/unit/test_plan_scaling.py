@@ -8,7 +8,7 @@ import pytest
 
 from hybrid_ext.cli import main
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("isolated_cost_models")]  # no saved link counts
 
 SMALL = ["--micro-batch", "2", "--size", "16", "--profile-steps", "1", "--device", "cpu"]
 

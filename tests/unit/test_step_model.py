@@ -338,7 +338,7 @@ def test_profile_times_the_fixed_part_and_the_optimizer():
     assert 0.0 <= table.glue_forward_fixed_s <= table.glue_forward_s
     assert 0.0 <= table.glue_backward_fixed_s <= table.glue_backward_s
     assert 0.0 < table.copy_s_per_byte < 1e-6  # faster than 1 MB/s
-    assert 0.0 <= table.bucket_s_per_byte < 1e-6
+    assert 0.0 < table.bucket_s_per_byte < 1e-6  # the reducer copies: slower than not, faster than 1 MB/s
     with pytest.raises(ValueError, match="rows_factor must be >= 2"):
         profile_layers(model, torch.randn(2, 512), rows_factor=1)
 
