@@ -242,18 +242,26 @@ def _fixed_part(at_one: float, at_factor: float, factor: int) -> float:
     return min(max((factor * at_one - at_factor) / (factor - 1), 0.0), at_one)
 
 
-def _time_copy(device: torch.device, steps: int) -> float:
-    """Seconds per byte of a strided copy into a new tensor (median of ``steps`` after one warm-up)."""
-    probe = torch.ones(COPY_PROBE_SHAPE, device=device)
+def _median_seconds(work, device: torch.device, steps: int, prepare=lambda: None) -> float:
+    """The median seconds of ``work()`` over ``steps`` runs after one warm-up, each after an untimed ``prepare()``
+    (whose result ``work`` gets)."""
     times = []
     for run in range(steps + 1):
+        prepared = prepare()
         _synchronize(device)
         began = time.perf_counter()
-        probe.movedim(1, 0).contiguous()
+        work(prepared)
         _synchronize(device)
         if run:
             times.append(time.perf_counter() - began)
-    return statistics.median(times) / (probe.numel() * probe.element_size())
+    return statistics.median(times)
+
+
+def _time_copy(device: torch.device, steps: int) -> float:
+    """Seconds per byte of a strided copy into a new tensor (median of ``steps`` after one warm-up)."""
+    probe = torch.ones(COPY_PROBE_SHAPE, device=device)
+    seconds = _median_seconds(lambda _: probe.movedim(1, 0).contiguous(), device, steps)
+    return seconds / (probe.numel() * probe.element_size())
 
 
 def _time_reducer(elements: int, device: torch.device, steps: int) -> float:
@@ -270,17 +278,11 @@ def _time_reducer(elements: int, device: torch.device, steps: int) -> float:
     alone = Communicator(LoopbackTransport(LoopbackGroup(1), 0), device)
 
     def backward_s(weight: nn.Parameter) -> float:
-        times = []
-        for run in range(steps + 1):
+        def loss():
             weight.grad = None  # as optimizer.zero_grad() leaves it
-            loss = (weight * factor).sum()
-            _synchronize(device)
-            began = time.perf_counter()
-            loss.backward()
-            _synchronize(device)
-            if run:
-                times.append(time.perf_counter() - began)
-        return statistics.median(times)
+            return (weight * factor).sum()
+
+        return _median_seconds(lambda value: value.backward(), device, steps, prepare=loss)
 
     plain = backward_s(nn.Parameter(torch.zeros(count, device=device)))
     weight = nn.Parameter(torch.zeros(count, device=device))
@@ -298,15 +300,7 @@ def _time_optimizer(elements: int, device: torch.device, steps: int) -> float:
     weight = torch.nn.Parameter(torch.zeros(count, device=device))
     weight.grad = torch.ones_like(weight)
     optimizer = torch.optim.SGD([weight], lr=0.01, momentum=0.9)
-    times = []
-    for run in range(steps + 1):
-        _synchronize(device)
-        began = time.perf_counter()
-        optimizer.step()
-        _synchronize(device)
-        if run:
-            times.append(time.perf_counter() - began)
-    return statistics.median(times) / count
+    return _median_seconds(lambda _: optimizer.step(), device, steps) / count
 
 
 def profile_layers(
