@@ -430,10 +430,10 @@ NETWORK_FIT_ROUNDS = 8
 
 def hosts_of_ranks(ranks: int, hosts: int) -> tuple[int, ...]:
     """The host of each rank of a run across ``hosts`` emulated hosts, as the launcher spreads them (consecutive
-    ranks per host; where ``hosts`` does not divide ``ranks``, one more on each of the first hosts: 5 over 2 is
-    3 + 2)."""
-    base, extra = divmod(ranks, hosts)
-    return tuple(h for h in range(hosts) for _ in range(base + (h < extra)))
+    ranks per host, :func:`hybrid_ext.launch.launchers.ranks_per_host`: 5 over 2 is 3 + 2)."""
+    from hybrid_ext.launch.launchers import ranks_per_host
+
+    return tuple(h for h, count in enumerate(ranks_per_host(ranks, hosts)) for _ in range(count))
 
 
 def calibrate_network(
@@ -453,11 +453,9 @@ def calibrate_network(
 
     local_name, _, network_name = transport.rpartition("+")
     hierarchical = [r for r in rows if r.hosts and r.chosen.startswith(cost_model.HIERARCHICAL_PREFIX)]
-    if not local_name or not hierarchical:
-        return None
+    if not local_name or not any(row.size_bytes <= LATENCY_ROWS_UP_TO for row in hierarchical):
+        return None  # one host, or no row times the link's α (the rows of any size have it to subtract)
     local, known = cost_model.default_model(local_name), cost_model.network_model(network_name)
-    if not any(row.size_bytes <= LATENCY_ROWS_UP_TO for row in hierarchical):
-        return None  # nothing times the link's α (the rows of any size have it to subtract)
     per_rank = []  # (row, [(seconds inside a host, messages to other hosts, bytes on the link) of every rank])
     for row in hierarchical:
         links = Links(local_name, hosts=hosts_of_ranks(row.ranks, row.hosts), network=network_name)

@@ -175,8 +175,13 @@ def _spread(np: int, cluster: Cluster, nodes: int | None) -> list[tuple[str, int
         raise ValueError(f"{nodes} nodes asked for, but the cluster has {len(cluster.names)}: {', '.join(names)}")
     if np < len(names):
         raise ValueError(f"{np} ranks cannot fill {len(names)} hosts ({', '.join(names)}): give each at least one")
-    base, extra = divmod(np, len(names))
-    return [(name, base + (index < extra)) for index, name in enumerate(names)]
+    return list(zip(names, ranks_per_host(np, len(names))))
+
+
+def ranks_per_host(np: int, hosts: int) -> list[int]:
+    """How many of ``np`` ranks each of ``hosts`` hosts runs: evenly, or one more on each of the first hosts."""
+    base, extra = divmod(np, hosts)
+    return [base + (index < extra) for index in range(hosts)]
 
 
 def _run_launcher(

@@ -275,8 +275,7 @@ def _predict_rank(
     prediction.exposed_gradient_s = max(0.0, previous_end - clock) + unhidden
     held = parameters_after_wrap(model, styles if strategy != "dp" else {}, m, rank % m)
     prediction.optimizer_s = table.optimizer_s_per_element * sum(p.numel for p in held) * compute_scale
-    bucketed = bucketed_bytes(model, styles if strategy != "dp" else {}, strategy, world, mp_size, rank)
-    prediction.reducer_s = table.bucket_s_per_byte * bucketed * compute_scale
+    prediction.reducer_s = table.bucket_s_per_byte * bucketed_bytes(held, strategy, world) * compute_scale
     return prediction
 
 

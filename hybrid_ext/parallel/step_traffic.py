@@ -378,18 +378,17 @@ def gradient_transfers(
     return out
 
 
-def bucketed_bytes(model: nn.Module, styles: dict[str, str], strategy: str, world: int, mp_size: int, rank: int) -> int:
-    """Bytes of gradient rank ``rank``'s reducer moves through its buckets in a step (copied in during backward, added
-    back into ``.grad`` after): every parameter it holds under dp and hybrid on more than one rank — hybrid's FC
+def bucketed_bytes(held: list[_Param], strategy: str, world: int) -> int:
+    """Bytes of gradient a rank's reducer moves through its buckets in a step (copied in during backward, added back
+    into ``.grad`` after), ``held`` its parameters (:func:`parameters_after_wrap`): every one under dp and hybrid on
+    more than one rank — hybrid's FC
     shards too where no other rank holds them (mp_size = world), as the bucket still scales them by 1/world; none
     under mp. (``parallelize``'s own reducer: where a host framework reduces the data-parallel gradients itself,
     DeepSpeed's path, or ``blocking_reduction``, the reducer buckets nothing; the step model does not model those
     paths' gradients either.)"""
     if strategy == "mp" or world == 1:
         return 0
-    m = mp_size if strategy == "hybrid" else 1
-    params = parameters_after_wrap(model, styles if strategy == "hybrid" else {}, m, rank % m)
-    return sum(p.numel * p.itemsize for p in params)
+    return sum(p.numel * p.itemsize for p in held)
 
 
 def step_transfers(
