@@ -462,25 +462,40 @@ def table_text(result: dict) -> str:
 
 
 def compare(result: dict, measured_rows: list[dict], grad_algorithm: str) -> dict:
-    """Predicted against measured step ms per strategy (bench train rows named ``<strategy>-<grad algorithm>``):
-    each error, their mean absolute and worst, whether the two rank the strategies alike, and the measured step of
-    auto's choice against the fastest measured (ValueError: no row to compare). Rows measured with ``--repeats``
-    carry each repeat's step: two strategies whose repeats' ranges overlap are tied, and the ranking is right when
-    every pair it orders otherwise than the measurements is tied (``ranking_exact``: the orders are the same)."""
+    """Predicted against measured step ms per strategy (bench train rows named ``<strategy>-<grad algorithm>``,
+    at the mp_size this plan gives the strategy; a row without ``mp_size`` is taken to be at it): each error, their
+    mean absolute and worst, whether the two rank the strategies alike, and the measured step of auto's choice
+    against the fastest measured (ValueError: no row to compare). Auto's choice is measured by the row of its
+    strategy at its mp_size (``hybrid-butterfly@2``, say); the fastest is over every row of the reducer, other
+    mp_sizes included. Rows measured with ``--repeats`` carry each repeat's step: two strategies whose repeats'
+    ranges overlap are tied, and the ranking is right when every pair it orders otherwise than the measurements is
+    tied (``ranking_exact``: the orders are the same); auto's choice is tied with the fastest likewise."""
+    planned = {e["strategy"]: e for e in result["strategies"]}
     measured, spread, repeats = {}, {}, {}
+    at_mp_size: dict[tuple[str, int], float] = {}  # (strategy, mp_size) -> measured ms, every mp_size
+    ranges: dict[tuple[str, int], tuple[float, float]] = {}  # the range its repeats spanned (bench train --repeats)
     for row in measured_rows:
-        strategy, _, algorithm = str(row.get("run", "")).partition("-")
-        if strategy in STRATEGIES and (algorithm or "butterfly") == grad_algorithm:
-            measured[strategy] = float(row["step_ms"])
-            runs = [float(ms) for ms in row.get("step_ms_runs") or []]
-            repeats[strategy] = max(1, len(runs))
-            if len(runs) >= 2:  # bench train --repeats: the range its repeats spanned
-                spread[strategy] = (min(runs), max(runs))
+        strategy, _, algorithm = str(row.get("run", "")).partition("@")[0].partition("-")
+        if strategy not in STRATEGIES or (algorithm or "butterfly") != grad_algorithm:
+            continue
+        plan_mp_size = planned[strategy]["mp_size"] if strategy in planned else None
+        key = (strategy, row.get("mp_size") or plan_mp_size)
+        at_mp_size[key] = float(row["step_ms"])
+        runs = [float(ms) for ms in row.get("step_ms_runs") or []]
+        if len(runs) >= 2:
+            ranges[key] = (min(runs), max(runs))
+        if key[1] != plan_mp_size:
+            continue
+        measured[strategy] = float(row["step_ms"])
+        repeats[strategy] = max(1, len(runs))
+        if key in ranges:
+            spread[strategy] = ranges[key]
     predicted = {e["strategy"]: e["step_ms"] for e in result["strategies"] if e["strategy"] in measured}
     if not predicted:
         names = sorted(str(row.get("run")) for row in measured_rows)
         raise ValueError(
-            f"--compare: no measured run of {', '.join(STRATEGIES)} with --reducer {grad_algorithm}: {names}"
+            f"--compare: no measured run of {', '.join(STRATEGIES)} with --reducer {grad_algorithm} at the plan's "
+            f"mp_size: {names}"
         )
     errors = {s: (predicted[s] - measured[s]) / measured[s] for s in predicted}
     by_prediction = sorted(predicted, key=predicted.get)
@@ -496,11 +511,20 @@ def compare(result: dict, measured_rows: list[dict], grad_algorithm: str) -> dic
         for a, b in itertools.combinations(by_measurement, 2)
         if predicted[a] > predicted[b] and (a, b) not in ties
     ]
-    planned = {e["strategy"]: e for e in result["strategies"]}
     auto = planned["auto"]
     chose = auto["chose"]
-    # Measured only where bench train ran auto's choice: its strategy at the mp_size this plan gave that strategy.
-    ran = chose in measured and (chose == "dp" or auto["mp_size"] == planned[chose]["mp_size"])
+    # Measured only where bench train ran auto's choice: its strategy at the mp_size auto gave it.
+    auto_key = (chose, 1 if chose == "dp" else auto["mp_size"])
+    auto_ms = at_mp_size.get(auto_key)
+    fastest = min(at_mp_size, key=at_mp_size.get)
+    # As two strategies are: tied with the fastest where their repeats' ranges overlap.
+    auto_tied = (
+        auto_ms is not None
+        and auto_key in ranges
+        and fastest in ranges
+        and ranges[auto_key][0] <= ranges[fastest][1]
+        and ranges[fastest][0] <= ranges[auto_key][1]
+    )
     return {
         "rows": [
             {"strategy": s, "predicted_ms": predicted[s], "measured_ms": measured[s], "error": errors[s]}
@@ -513,7 +537,9 @@ def compare(result: dict, measured_rows: list[dict], grad_algorithm: str) -> dic
         "ties": [list(pair) for pair in ties],
         "repeats": repeats,
         "auto_chose": chose if chose == "dp" else f"{chose} (mp_size {auto['mp_size']})",
-        "auto_over_fastest": measured[chose] / min(measured.values()) if ran else None,
+        "auto_measured_ms": auto_ms,
+        "auto_over_fastest": auto_ms / at_mp_size[fastest] if auto_ms is not None else None,
+        "auto_tied_with_fastest": auto_tied,
     }
 
 
@@ -529,6 +555,7 @@ def comparison_text(comparison: dict) -> str:
         f"  mean |error| {comparison['mean_absolute_error']:.1%}, worst {comparison['worst_error']:+.1%}; ranking "
         f"{'right' if comparison['ranking_right'] else 'WRONG'}{ties}; auto chose {comparison['auto_chose']}"
         + (f", measured {auto:.3f}× the fastest" if auto is not None else " (not measured)")
+        + (" (their repeats overlap: tied)" if comparison.get("auto_tied_with_fastest") and auto > 1 else "")
     )
     return "\n".join(lines)
 

@@ -16,8 +16,11 @@ are the ranks and rank 0 prints; ``--hosts H [--nic RATE]`` runs it so, under to
 from __future__ import annotations
 
 import itertools
+import os
 import statistics
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -47,6 +50,32 @@ class TrainRow:
     bytes_per_step: float
     messages_per_step: float
     step_ms_runs: list[float] = field(default_factory=list)  # each repeat's median step (--repeats)
+    mp_size: int | None = None  # the model-parallel group size the run used (1 under dp)
+
+
+def parse_runs(text: str, world: int) -> list[tuple[str, str, str, int | None]]:
+    """``--runs``: comma-separated ``STRATEGY-REDUCER[@MP_SIZE]`` (``hybrid-butterfly@2``: hybrid on groups of 2
+    ranks) or ``compute-only``, as (label, strategy, reducer, mp_size or None for ``--mp-size``'s); ValueError
+    naming the run that cannot be run."""
+    runs = []
+    for item in text.split(","):
+        label = item.strip()
+        if label == "compute-only":
+            runs.append((label, "hybrid", "butterfly", None))
+            continue
+        name, at, size = label.partition("@")
+        strategy, _, grad_algorithm = name.partition("-")
+        if strategy not in ("dp", "hybrid", "mp"):
+            raise ValueError(f"--runs: unknown strategy in {label!r}; expected dp, hybrid or mp, as in dp-butterfly")
+        mp_size = None
+        if at:
+            if strategy == "dp":
+                raise ValueError(f"--runs: {label!r}: dp has no model-parallel groups; @MP_SIZE is for hybrid and mp")
+            if not size.isdigit() or int(size) < 1 or world % int(size):
+                raise ValueError(f"--runs: {label!r}: the mp_size after @ must divide the {world} ranks")
+            mp_size = int(size)
+        runs.append((label, strategy, grad_algorithm or "butterfly", mp_size))
+    return runs
 
 
 def _mirror_groups(world: int, mp_size: int, rank: int, device: torch.device):
@@ -64,6 +93,30 @@ def _mirror_groups(world: int, mp_size: int, rank: int, device: torch.device):
 
 
 MAX_WARMUP_STEPS = 100  # a bound on the tuner's warm-up (a model with many bucket sizes tunes each)
+
+
+def warm_up(one_step: Callable[[], object], warmup: int, trial_calls: Callable[[], int], on_any_rank) -> int:
+    """Steps until the online tuner has stopped trying schedules, at least ``warmup``, so that the timed steps run
+    what training will run; returns how many. A step ends the warm-up when no rank made a trial call in it
+    (``on_any_rank(flag)``: the flag or-ed over the ranks): each rank has its own trials (a rank's groups are not
+    its neighbour's: with mp_size 3 of 6, ranks 0 and 2 share a model-parallel group but not a data-parallel
+    one), and ranks that stopped at different steps would wait for each other's collectives for ever."""
+    for step in range(MAX_WARMUP_STEPS):
+        before = trial_calls()
+        one_step()
+        if not on_any_rank(trial_calls() != before) and step + 1 >= warmup:
+            return step + 1
+    return MAX_WARMUP_STEPS
+
+
+def _on_any_rank(flag: bool) -> bool:
+    """``flag`` or-ed over the job's ranks (one small all-reduce on the default process group)."""
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def _train_rank(
@@ -98,13 +151,8 @@ def _train_rank(
             elapsed = time.perf_counter() - start
         return elapsed, records
 
-    # Warm-up: at least `warmup` steps, and on until the online tuner has stopped trying schedules (a step with no
-    # trial call: the same step on every rank, as trials are), so the timed steps run what training will run.
-    for step in range(MAX_WARMUP_STEPS):
-        trials = tuner.trial_calls()
-        one_step()
-        if step + 1 >= warmup and tuner.trial_calls() == trials:
-            break
+    # Mirror ranks send nothing, so they have no trials to agree on (and no process group).
+    warm_up(one_step, warmup, tuner.trial_calls, (lambda tried: tried) if mirror else _on_any_rank)
     for _ in range(steps):
         elapsed, records = one_step()
         times.append(elapsed)
@@ -125,15 +173,17 @@ def run_train_bench(
     repeats: int = 1,
 ) -> list[TrainRow]:
     """Each run ``repeats`` times, the runs interleaved (A B C A B C: a machine that slows down or speeds up during
-    the benchmark shifts every run alike); a row's step is the median of its repeats' median steps."""
+    the benchmark shifts every run alike); a row's step is the median of its repeats' median steps. A run is
+    (label, strategy, reducer) or, with its own model-parallel group size, (label, strategy, reducer, mp_size)."""
     from hybrid_ext.bench.allreduce import launched
     from hybrid_ext.train.device import local_rank_and_size, this_job_backend
 
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     measured: list[list[list[dict]]] = [[] for _ in runs]  # run -> repeat -> every rank's result
-    for _repeat, (index, (label, strategy, grad_algorithm)) in itertools.product(range(repeats), enumerate(runs)):
+    for _repeat, (index, (label, strategy, grad_algorithm, *own)) in itertools.product(range(repeats), enumerate(runs)):
         mirror = label == "compute-only"
+        run_mp_size = own[0] if own and own[0] else mp_size
         if launched():  # this process is one rank of the launcher's job
             import torch.distributed as dist
 
@@ -141,18 +191,18 @@ def run_train_bench(
                 dist.init_process_group(this_job_backend(device, local_rank_and_size()[1]))
             torch.set_num_threads(1)
             world = dist.get_world_size()
-            mine = _train_rank(dist.get_rank(), world, model, strategy, grad_algorithm, mp_size, steps, 2, micro_batch,
-                               size, mirror, device)  # fmt: skip
+            mine = _train_rank(dist.get_rank(), world, model, strategy, grad_algorithm, run_mp_size, steps, 2,
+                               micro_batch, size, mirror, device)  # fmt: skip
             results: list = [None] * world
             dist.all_gather_object(results, mine)
         else:
             results = spawn(
-                _train_rank, world, model, strategy, grad_algorithm, mp_size, steps, 2, micro_batch, size, mirror,
+                _train_rank, world, model, strategy, grad_algorithm, run_mp_size, steps, 2, micro_batch, size, mirror,
                 device, backend=None if mirror else this_job_backend(device, world), timeout=1800,
             )  # fmt: skip
         measured[index].append(results)
     rows = []
-    for (label, _, _), repeated in zip(runs, measured):
+    for (label, strategy, _, *own), repeated in zip(runs, measured):
         # A step lasts as long as its slowest rank; each repeat's median step, then their median.
         medians = [statistics.median(max(ts) for ts in zip(*(r["times"] for r in results))) for results in repeated]
         step = statistics.median(medians)
@@ -165,6 +215,7 @@ def run_train_bench(
                 bytes_per_step=statistics.mean(repeated[0][0]["bytes"]),
                 messages_per_step=statistics.mean(repeated[0][0]["messages"]),
                 step_ms_runs=[m * 1e3 for m in medians],
+                mp_size=1 if strategy == "dp" else (own[0] if own and own[0] else mp_size) or world,
             )
         )
     return rows
@@ -190,16 +241,14 @@ def format_markdown(rows: list[TrainRow]) -> str:
 
 
 def main(args) -> int:
-    runs = []
-    for item in args.runs.split(","):
-        label = item.strip()
-        if label == "compute-only":
-            runs.append((label, "hybrid", "butterfly"))
-        else:
-            strategy, _, grad_algorithm = label.partition("-")
-            runs.append((label, strategy, grad_algorithm or "butterfly"))
     from hybrid_ext.bench.allreduce import launched
 
+    world = int(os.environ.get("WORLD_SIZE", args.np)) if launched() else args.np
+    try:
+        runs = parse_runs(args.runs, world)
+    except ValueError as error:
+        print(f"hybrid-ext bench train: {error}", file=sys.stderr)
+        return 2
     if getattr(args, "hosts", None):
         rows = _run_on_emulated_cluster(args)
         print(f"{args.np} ranks on {args.hosts} emulated hosts (egress {args.nic or 'unshaped'})")

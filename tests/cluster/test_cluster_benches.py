@@ -70,3 +70,15 @@ def test_the_demo_runs_on_the_emulated_cluster(cluster, tmp_path):
     assert "on 2 emulated hosts" in done.stdout
     assert "hybrid-butterfly-np4" in (tmp_path / "demo.md").read_text()
     assert (tmp_path / "demo-time_to_accuracy.png").exists() and (tmp_path / "demo-step_split.png").exists()
+
+
+@pytest.mark.timeout(420)
+def test_bench_train_across_hosts_runs_hybrid_at_each_runs_own_mp_size(cluster, tmp_path):
+    # mp_size 2 keeps each model-parallel group on one host and all-reduces the FC shards between the hosts;
+    # the warm-up ends at one step on every rank although their groups' trials differ.
+    out = tmp_path / "rows.json"
+    _cli(cluster, "bench", "train", "--model", "digits_alexnet", "--runs", "hybrid-butterfly,hybrid-butterfly@2",
+         "--micro-batch", "4", "--size", "32", "--steps", "1", "--json", str(out), timeout=400)  # fmt: skip
+    rows = {row["run"]: row for row in json.loads(out.read_text())}
+    assert {run: row["mp_size"] for run, row in rows.items()} == {"hybrid-butterfly": 4, "hybrid-butterfly@2": 2}
+    assert rows["hybrid-butterfly@2"]["bytes_per_step"] != rows["hybrid-butterfly"]["bytes_per_step"]

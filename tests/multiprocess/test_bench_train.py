@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from hybrid_ext.bench.train import build_model, run_train_bench
+from hybrid_ext.bench.train import _on_any_rank, build_model, run_train_bench, warm_up
+from hybrid_ext.launch import spawn
 
 
 @pytest.mark.multiprocess
@@ -17,3 +18,40 @@ def test_native_and_butterfly_dp_send_the_same_bytes_counted_once():
     assert rows["dp-native"].bytes_per_step == pytest.approx(params, rel=1e-6)
     assert rows["dp-butterfly"].bytes_per_step == pytest.approx(params, rel=1e-6)
     assert all(row.samples_per_sec > 0 for row in rows.values())
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(600)
+def test_a_run_at_its_own_mp_size_trains_on_groups_of_that_size():
+    from hybrid_ext.bench.train import parse_runs
+
+    runs = parse_runs("hybrid-butterfly,hybrid-butterfly@2", 4)
+    whole, halves = run_train_bench("digits_alexnet", 4, runs, micro_batch=4, size=32, steps=1)
+    assert (whole.mp_size, halves.mp_size) == (4, 2)
+    # Groups of 2 gather half the activations of groups of 4, and all-reduce the FC shards' gradients between the
+    # two groups, which groups of 4 have none of: they send different bytes.
+    assert halves.bytes_per_step != whole.bytes_per_step and halves.samples_per_sec > 0
+
+
+def _warm_up_with_trials_until(rank, world, last_trial_step):
+    import torch
+    import torch.distributed as dist
+
+    steps, calls = [], [0]
+
+    def one_step():  # a collective per step: ranks that stop at different steps would wait for each other
+        dist.all_reduce(torch.ones(1))
+        if len(steps) <= last_trial_step[rank]:
+            calls[0] += 1  # this rank's groups tried a schedule in this step
+        steps.append(len(steps))
+
+    return warm_up(one_step, 2, lambda: calls[0], _on_any_rank)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(120)
+def test_warm_up_ends_at_the_same_step_on_every_rank_whatever_each_rank_tried():
+    # rank 0's groups stop trying after step 1, rank 1's after step 3: both warm up 5 steps (steps 0-3 tried somewhere)
+    assert spawn(_warm_up_with_trials_until, 2, [1, 3], timeout=60) == [5, 5]
+    # no trials anywhere: the minimum
+    assert spawn(_warm_up_with_trials_until, 2, [-1, -1], timeout=60) == [2, 2]

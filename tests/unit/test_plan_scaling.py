@@ -109,6 +109,7 @@ def test_compare_names_a_file_without_comparable_runs(tmp_path, capsys):
     measured = tmp_path / "measured.json"
     measured.write_text(json.dumps([{"run": "dp-native", "step_ms": 1.0}]))
     assert main(["plan", "--model", "digits_alexnet", *SMALL, "--np", "2", "--compare", str(measured)]) == 2
-    assert "no measured run of dp, hybrid, mp with --reducer butterfly: ['dp-native']" in capsys.readouterr().err
+    expected = "no measured run of dp, hybrid, mp with --reducer butterfly at the plan's mp_size: ['dp-native']"
+    assert expected in capsys.readouterr().err
     assert main(["plan", "--model", "digits_alexnet", *SMALL, "--np", "2", "--compare", str(tmp_path / "none")]) == 2
     assert "--compare" in capsys.readouterr().err

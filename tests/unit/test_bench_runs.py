@@ -1,0 +1,124 @@
+"""``bench train --runs``: a run's own model-parallel group size (``hybrid-butterfly@2``), recorded in its row, and
+``plan --compare`` measuring auto's choice by the row at auto's mp_size."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from hybrid_ext.bench import train
+from hybrid_ext.plan_command import compare
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_runs_parse_with_and_without_their_own_mp_size():
+    runs = train.parse_runs("dp-native, hybrid-butterfly@2,mp-butterfly@4,hybrid,compute-only", 4)
+    assert runs == [
+        ("dp-native", "dp", "native", None),
+        ("hybrid-butterfly@2", "hybrid", "butterfly", 2),
+        ("mp-butterfly@4", "mp", "butterfly", 4),
+        ("hybrid", "hybrid", "butterfly", None),
+        ("compute-only", "hybrid", "butterfly", None),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("dp-butterfly@2", "'dp-butterfly@2': dp has no model-parallel groups"),
+        ("hybrid-butterfly@3", "'hybrid-butterfly@3': the mp_size after @ must divide the 4 ranks"),
+        ("hybrid-butterfly@0", "must divide the 4 ranks"),
+        ("hybrid-butterfly@two", "must divide the 4 ranks"),
+        ("fsdp-butterfly", "unknown strategy in 'fsdp-butterfly'"),
+    ],
+)
+def test_a_run_that_cannot_run_is_named(text, message):
+    with pytest.raises(ValueError, match=message):
+        train.parse_runs(text, 4)
+
+
+def test_the_command_refuses_a_bad_run_before_starting_ranks(capsys, monkeypatch):
+    monkeypatch.setattr(train, "spawn", lambda *a, **k: pytest.fail("no rank may start"))
+    args = argparse.Namespace(runs="dp-butterfly,hybrid-butterfly@3", np=4, hosts=None)
+    assert train.main(args) == 2
+    assert "--runs: 'hybrid-butterfly@3': the mp_size after @ must divide the 4 ranks" in capsys.readouterr().err
+
+
+def test_each_run_trains_at_its_own_mp_size_and_its_row_says_which(monkeypatch):
+    calls = []
+
+    def fake_spawn(fn, world, model, strategy, grad_algorithm, mp_size, *args, **kwargs):
+        calls.append((strategy, mp_size))
+        return [{"times": [0.1], "bytes": [8.0], "messages": [2.0]}] * world
+
+    monkeypatch.setattr(train, "spawn", fake_spawn)
+    runs = train.parse_runs("dp-butterfly,hybrid-butterfly,hybrid-butterfly@2,mp-butterfly", 4)
+    rows = train.run_train_bench("digits_alexnet", 4, runs, micro_batch=4, size=16, steps=1)
+    assert calls == [("dp", None), ("hybrid", None), ("hybrid", 2), ("mp", None)]
+    assert [(r.run, r.mp_size) for r in rows] == [
+        ("dp-butterfly", 1),
+        ("hybrid-butterfly", 4),
+        ("hybrid-butterfly@2", 2),
+        ("mp-butterfly", 4),
+    ]
+    # --mp-size is every run's default; a run's own @ wins
+    calls.clear()
+    rows = train.run_train_bench("digits_alexnet", 4, runs, micro_batch=4, size=16, steps=1, mp_size=4)
+    assert calls == [("dp", 4), ("hybrid", 4), ("hybrid", 2), ("mp", 4)]
+    assert [r.mp_size for r in rows] == [1, 4, 2, 4]
+
+
+def _plan(auto_mp_size: int) -> dict:
+    return {
+        "strategies": [
+            {"strategy": "dp", "step_ms": 400.0, "mp_size": 1},
+            {"strategy": "hybrid", "step_ms": 285.0, "mp_size": 4},
+            {"strategy": "mp", "step_ms": 1000.0, "mp_size": 4},
+            {"strategy": "auto", "step_ms": 265.0, "mp_size": auto_mp_size, "chose": "hybrid"},
+        ]
+    }
+
+
+def _rows(hybrid_at_2: float | None) -> list[dict]:
+    rows = [
+        {"run": "dp-butterfly", "step_ms": 360.0, "mp_size": 1},
+        {"run": "hybrid-butterfly", "step_ms": 250.0, "mp_size": 4},
+        {"run": "mp-butterfly", "step_ms": 1100.0, "mp_size": 4},
+    ]
+    if hybrid_at_2 is not None:
+        rows.append({"run": "hybrid-butterfly@2", "step_ms": hybrid_at_2, "mp_size": 2})
+    return rows
+
+
+def test_auto_at_another_mp_size_is_measured_by_that_run_and_only_that_run():
+    # auto chose hybrid at mp_size 2; no run at 2: not measured (the mp_size 4 run is another plan)
+    result = compare(_plan(2), _rows(None), "butterfly")
+    assert result["auto_over_fastest"] is None and result["auto_measured_ms"] is None
+    # the run at 2 measures it; it is not a row of the strategies' errors or ranking
+    result = compare(_plan(2), _rows(255.0), "butterfly")
+    assert result["auto_measured_ms"] == 255.0 and result["auto_over_fastest"] == pytest.approx(255 / 250)
+    assert [r["strategy"] for r in result["rows"]] == ["dp", "hybrid", "mp"]
+    assert {r["strategy"]: r["measured_ms"] for r in result["rows"]}["hybrid"] == 250.0
+    # the fastest is over every run, other mp_sizes included
+    result = compare(_plan(4), _rows(200.0), "butterfly")
+    assert result["auto_measured_ms"] == 250.0 and result["auto_over_fastest"] == pytest.approx(250 / 200)
+
+
+def test_rows_without_mp_size_are_at_the_plans():
+    rows = [{k: v for k, v in row.items() if k != "mp_size"} for row in _rows(None)]
+    result = compare(_plan(4), rows, "butterfly")
+    assert result["auto_measured_ms"] == 250.0 and result["auto_over_fastest"] == pytest.approx(1.0)
+    assert len(result["rows"]) == 3
+
+
+def test_auto_whose_repeats_overlap_the_fastests_is_tied_with_it():
+    rows = [*_rows(None), {"run": "hybrid-butterfly@2", "step_ms": 283.0, "mp_size": 2, "step_ms_runs": [232, 334]}]
+    rows[1]["step_ms_runs"] = [248, 258]
+    result = compare(_plan(2), rows, "butterfly")
+    assert result["auto_over_fastest"] == pytest.approx(283 / 250) and result["auto_tied_with_fastest"]
+    rows[-1]["step_ms_runs"] = [280, 286]  # apart: not tied
+    assert not compare(_plan(2), rows, "butterfly")["auto_tied_with_fastest"]
+    del rows[-1]["step_ms_runs"]  # one run: no spread measured, no tie
+    assert not compare(_plan(2), rows, "butterfly")["auto_tied_with_fastest"]
