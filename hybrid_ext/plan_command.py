@@ -555,7 +555,7 @@ def comparison_text(comparison: dict) -> str:
         f"  mean |error| {comparison['mean_absolute_error']:.1%}, worst {comparison['worst_error']:+.1%}; ranking "
         f"{'right' if comparison['ranking_right'] else 'WRONG'}{ties}; auto chose {comparison['auto_chose']}"
         + (f", measured {auto:.3f}× the fastest" if auto is not None else " (not measured)")
-        + (" (their repeats overlap: tied)" if comparison.get("auto_tied_with_fastest") and auto > 1 else "")
+        + (" (their repeats overlap: tied)" if comparison.get("auto_tied_with_fastest") and auto > 1.0005 else "")
     )
     return "\n".join(lines)
 
