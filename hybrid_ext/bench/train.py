@@ -181,9 +181,10 @@ def run_train_bench(
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     measured: list[list[list[dict]]] = [[] for _ in runs]  # run -> repeat -> every rank's result
-    for _repeat, (index, (label, strategy, grad_algorithm, *own)) in itertools.product(range(repeats), enumerate(runs)):
+    mp_sizes = [run[3] if len(run) > 3 and run[3] else mp_size for run in runs]  # a run's own, else --mp-size's
+    for _repeat, (index, (label, strategy, grad_algorithm, *_)) in itertools.product(range(repeats), enumerate(runs)):
         mirror = label == "compute-only"
-        run_mp_size = own[0] if own and own[0] else mp_size
+        run_mp_size = mp_sizes[index]
         if launched():  # this process is one rank of the launcher's job
             import torch.distributed as dist
 
@@ -202,7 +203,7 @@ def run_train_bench(
             )  # fmt: skip
         measured[index].append(results)
     rows = []
-    for (label, strategy, _, *own), repeated in zip(runs, measured):
+    for (label, strategy, *_), run_mp_size, repeated in zip(runs, mp_sizes, measured):
         # A step lasts as long as its slowest rank; each repeat's median step, then their median.
         medians = [statistics.median(max(ts) for ts in zip(*(r["times"] for r in results))) for results in repeated]
         step = statistics.median(medians)
@@ -215,7 +216,7 @@ def run_train_bench(
                 bytes_per_step=statistics.mean(repeated[0][0]["bytes"]),
                 messages_per_step=statistics.mean(repeated[0][0]["messages"]),
                 step_ms_runs=[m * 1e3 for m in medians],
-                mp_size=1 if strategy == "dp" else (own[0] if own and own[0] else mp_size) or world,
+                mp_size=1 if strategy == "dp" else run_mp_size or world,
             )
         )
     return rows
