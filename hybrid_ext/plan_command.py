@@ -418,7 +418,12 @@ def _link_entry(args: argparse.Namespace) -> dict:
         source = f"calibrated ({cost_model.network_model_key(args.network)})"
     else:
         source = f"{args.network}'s own, not calibrated between hosts (bench allreduce --hosts H --calibrate)"
-    return {"alpha_s": constants.alpha, "beta_s_per_byte": constants.beta, "source": source}
+    return {
+        "alpha_s": constants.alpha,
+        "beta_s_per_byte": constants.beta,
+        "cpu_s_per_byte": constants.cpu_per_byte,
+        "source": source,
+    }
 
 
 def _network_constants(args: argparse.Namespace):
@@ -440,7 +445,8 @@ def table_text(result: dict) -> str:
         link = result["link"]
         spread = (
             f" on {result['hosts']} hosts ({result['network']}{', ' + result['nic'] if result['nic'] else ''}; "
-            f"a message between hosts {link['alpha_s'] * 1e3:.3g} ms, {link['source']})"
+            f"a message between hosts {link['alpha_s'] * 1e3:.3g} ms, the hosts' CPU "
+            f"{link.get('cpu_s_per_byte', 0.0) * 1e9:.2g} ns a byte, {link['source']})"
         )
     busy = " (every core computing: the gradients' copies and reductions cannot overlap)" * result["cores_busy"]
     lines = [

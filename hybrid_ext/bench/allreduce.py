@@ -437,7 +437,11 @@ def hosts_of_ranks(ranks: int, hosts: int) -> tuple[int, ...]:
 
 
 def calibrate_network(
-    rows: list[BenchRow], transport: str, bytes_per_second: float | None = None, itemsize: int = 4
+    rows: list[BenchRow],
+    transport: str,
+    bytes_per_second: float | None = None,
+    itemsize: int = 4,
+    cpu_per_byte: float = 0.0,
 ) -> cost_model.CostModel | None:
     """The link between hosts' constants from the hierarchical rows of a run across hosts (None without any).
 
@@ -448,7 +452,7 @@ def calibrate_network(
     rank): α·k + β·n·L for k messages and n bytes to other hosts, L ranks per host sharing the host's link. α is
     the median over the rows of at most :data:`LATENCY_ROWS_UP_TO` bytes, β the median over the larger rows, or
     1/``bytes_per_second`` where the link's rate is known (``--nic``). γ stays the transport's: reductions run
-    inside a host."""
+    inside a host. ``cpu_per_byte``: the hosts' CPU per byte sent, measured apart (:mod:`hybrid_ext.bench.link_cpu`)."""
     from hybrid_ext.parallel.step_traffic import Links, allreduce_transfer
 
     local_name, _, network_name = transport.rpartition("+")
@@ -486,11 +490,16 @@ def calibrate_network(
             alpha = max(statistics.median((left - beta * n) / k for left, k, n in small), 1e-9)
         if large and not bytes_per_second:
             beta = max(statistics.median((left - alpha * k) / n for left, k, n in large), 1e-12)
-    return cost_model.CostModel(alpha=alpha, beta=beta, gamma=known.gamma)
+    return cost_model.CostModel(alpha=alpha, beta=beta, gamma=known.gamma, cpu_per_byte=cpu_per_byte)
 
 
 def save_calibrations(
-    rows: list[BenchRow], transport: str, native_backend: str, bytes_per_second: float | None = None, itemsize: int = 4
+    rows: list[BenchRow],
+    transport: str,
+    native_backend: str,
+    bytes_per_second: float | None = None,
+    itemsize: int = 4,
+    link_cpu_per_byte: float = 0.0,
 ) -> list[str]:
     """Fit and save what ``--calibrate`` measures: the transport's constants, the native allreduce's (three sizes
     or more), the link between hosts' (a run across hosts). Returns one line per saved set."""
@@ -505,14 +514,15 @@ def save_calibrations(
         key = cost_model.native_model_key(f"torch-{native_backend}")
         cost_model.save_model(key, native)
         said.append(f"native: α={native.alpha * 1e6:.1f} µs, β={native.beta * 1e9:.3f} ns/B, saved as {key!r}")
-    network = calibrate_network(rows, transport, bytes_per_second, itemsize)
+    network = calibrate_network(rows, transport, bytes_per_second, itemsize, link_cpu_per_byte)
     if network is not None:
         key = cost_model.network_model_key(transport.rpartition("+")[2])
         cost_model.save_model(key, network)
         rate = " (the link's rate)" if bytes_per_second else ""
         said.append(
-            f"between hosts: α={network.alpha * 1e6:.1f} µs, β={network.beta * 1e9:.3f} ns/B{rate}, saved as {key!r} "
-            "(used by the hierarchical allreduce's choice and by hybrid-ext plan)"
+            f"between hosts: α={network.alpha * 1e6:.1f} µs, β={network.beta * 1e9:.3f} ns/B{rate}, the hosts' CPU "
+            f"{network.cpu_per_byte * 1e9:.3f} ns/B, saved as {key!r} (used by the hierarchical allreduce's choice "
+            "and by hybrid-ext plan)"
         )
     return said
 
@@ -555,8 +565,9 @@ def main(args) -> int:
             sizes = sorted({*sizes, CALIBRATION_SMALL_BYTES})
     if "native" not in algorithms:
         algorithms.append("native")
+    link_cpu_per_byte = 0.0
     if getattr(args, "hosts", None):
-        rows, transport = _run_on_emulated_cluster(args, sizes, algorithms)
+        rows, transport, link_cpu_per_byte = _run_on_emulated_cluster(args, sizes, algorithms)
         where = f"{args.np} ranks on {args.hosts} emulated hosts (egress {args.nic or 'unshaped'})"
     else:
         rows, transport = run_allreduce_bench(
@@ -598,7 +609,7 @@ def main(args) -> int:
 
             rate = rate_bytes_per_second(args.nic)
         itemsize = DTYPES[getattr(args, "dtype", "float32")].itemsize
-        print("\n".join(save_calibrations(rows, transport, native_backend, rate, itemsize)))
+        print("\n".join(save_calibrations(rows, transport, native_backend, rate, itemsize, link_cpu_per_byte)))
     if launched():
         from hybrid_ext.launch import report_result
 
@@ -606,9 +617,11 @@ def main(args) -> int:
     return 0
 
 
-def _run_on_emulated_cluster(args, sizes: list[int], algorithms: list[str]) -> tuple[list[BenchRow], str]:
+def _run_on_emulated_cluster(args, sizes: list[int], algorithms: list[str]) -> tuple[list[BenchRow], str, float]:
     """This benchmark under torchrun on ``args.hosts`` emulated hosts (``args.np`` ranks spread over them), with
-    the bytes out of each host's interface counted and, with ``--nic``, times against the link bound."""
+    the bytes out of each host's interface counted and, with ``--nic``, times against the link bound; with
+    ``--calibrate``, the hosts' CPU per byte sent over the link too (else 0)."""
+    from hybrid_ext.bench import link_cpu
     from hybrid_ext.launch import cluster, run_torchrun
 
     command = ["-m", "hybrid_ext.cli", "bench", "allreduce", "--sizes", ",".join(map(str, sizes)),
@@ -618,10 +631,11 @@ def _run_on_emulated_cluster(args, sizes: list[int], algorithms: list[str]) -> t
                "--count-bytes-on", cluster.INTERFACE]  # fmt: skip
     with cluster.emulated_cluster(args.hosts, args.nic) as hosts:
         results = run_torchrun(command, args.np, cluster=hosts, nodes=args.hosts, timeout=1800)
+        rate = cluster.rate_bytes_per_second(args.nic) if args.nic else None
+        cpu_per_byte = link_cpu.measure(hosts, link_cpu.probe_bytes(rate)) if args.calibrate else 0.0
     rows = [BenchRow(**row) for row in results[0]["rows"]]
-    if args.nic:
-        rate = cluster.rate_bytes_per_second(args.nic)
+    if rate:
         for row in rows:
             if row.hosts:
                 row.link_bound_ratio = row.median_ms / 1e3 / link_bound_seconds(row.size_bytes, row.hosts, rate)
-    return rows, results[0]["transport"]
+    return rows, results[0]["transport"], cpu_per_byte

@@ -64,11 +64,14 @@ BUTTERFLIES = ("recursive_doubling", "rabenseifner")
 
 @dataclass(frozen=True)
 class CostModel:
-    """Seconds per message (alpha), per byte sent (beta), per byte reduced (gamma)."""
+    """Seconds per message (alpha), per byte sent (beta), per byte reduced (gamma); for a link between hosts also
+    the CPU seconds its bytes cost the hosts (cpu_per_byte: the kernel's work at both ends, per byte sent), which
+    ranks computing on every core lose while the bytes move."""
 
     alpha: float = 150e-6
     beta: float = 0.6e-9
     gamma: float = 0.4e-9
+    cpu_per_byte: float = 0.0
 
     def terms(self, algorithm: str, nbytes: int, p: int) -> tuple[float, float, float]:
         """(messages, bytes sent, bytes reduced) per rank on the critical path."""
@@ -129,7 +132,10 @@ def _load_models() -> dict[str, CostModel]:
                 saved = json.loads(path.read_text())
                 for transport, values in saved.items():
                     if isinstance(values, dict):
-                        _models[transport] = CostModel(**{k: float(values[k]) for k in ("alpha", "beta", "gamma")})
+                        _models[transport] = CostModel(
+                            **{k: float(values[k]) for k in ("alpha", "beta", "gamma")},
+                            cpu_per_byte=float(values.get("cpu_per_byte", 0.0)),  # saved before it was measured
+                        )
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 _models = None
                 source = f"{MODEL_ENV}={str(path)!r}" if config.get(MODEL_ENV) else f"the cost model {str(path)!r}"

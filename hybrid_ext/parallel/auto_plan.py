@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from dataclasses import dataclass, field, replace
+from dataclasses import astuple, dataclass, field, fields, replace
 
 import torch
 from torch import nn
@@ -321,8 +321,10 @@ def agree_on_links(links: Links, world):
     own = [cost_model.default_model(links.transport)]
     if links.hosts is not None:
         own.append(cost_model.network_model(links.network))
-    agreed = world.max_over_ranks([v for m in own for v in (m.alpha, m.beta, m.gamma)], name="auto plan links")
-    models = [CostModel(*agreed[i : i + 3]) for i in range(0, len(agreed), 3)]
+    values = [v for m in own for v in astuple(m)]
+    agreed = world.max_over_ranks(values, name="auto plan links")
+    width = len(fields(CostModel))
+    models = [CostModel(*agreed[i : i + width]) for i in range(0, len(agreed), width)]
     return models[0], (models[1] if len(models) > 1 else None)
 
 

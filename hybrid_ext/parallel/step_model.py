@@ -36,7 +36,9 @@ Step, per rank:
   e_k = s_k + c_k; what reaches past backward is exposed: E = max(0, e_last − T_b). Where the ranks' compute
   keeps every core of a CPU host busy (R·t ≥ C), a bucket's own CPU work (its copies and reductions: the α, β, γ
   terms inside a host and every γ term) finds no idle core to run on while backward runs: it is exposed whole, and
-  only its time on the network's wire overlaps backward;
+  only its time on the network's wire overlaps backward — less the hosts' CPU for moving those bytes (the link's
+  κ per byte sent, :mod:`hybrid_ext.bench.link_cpu`), which the busy cores lose for the share of the wire time
+  that falls before backward ends: κ·σ·n_net·min(1, (T_b − s_k)/wire_k);
 - the reducer's own copies T_r = r · G (:mod:`hybrid_ext.parallel.reducer`: each gradient into its bucket during
   backward, autograd's zero in its place, the reduced bucket back into ``.grad`` after), at the table's rate r per
   byte for the G bytes of gradient it buckets — every parameter this rank holds under dp and hybrid, FC shards
@@ -179,6 +181,17 @@ def transfer_split(
     return cpu, network.alpha * transfer.network_messages + wire
 
 
+def link_cpu_s(
+    transfer: Transfer, links: Links, constants: CostModel | None = None, network_constants: CostModel | None = None
+) -> float:
+    """The hosts' CPU seconds for the bytes this rank sends to other hosts in ``transfer``: the link's
+    ``cpu_per_byte`` (κ) times them (0 on one host, or where the link's κ was not measured)."""
+    if links.hosts is None or not transfer.network_bytes:
+        return 0.0
+    network = network_constants or constants or cost_model.network_model(transfer.network)
+    return network.cpu_per_byte * transfer.network_bytes
+
+
 def _native_bytes(transfer: Transfer) -> int:
     """The whole vector's bytes of a native all-reduce (its transfer records the ring's bytes sent)."""
     p = transfer.group_size
@@ -223,10 +236,11 @@ def _predict_rank(
     transfers = step_transfers(
         model, table, styles, strategy, world, mp_size, rank, micro_batch, grad_algorithm, bucket_bytes, links
     )
-    split = {}
+    split, link_cpu = {}, {}
     for t in transfers:  # the mappings' own copies around a collective are CPU work, at the table's copy rate
         cpu, wire = transfer_split(t, links, constants, network_constants)
         split[id(t)] = (cpu + table.copy_s_per_byte * t.copied_bytes * compute_scale, wire)
+        link_cpu[id(t)] = link_cpu_s(t, links, constants, network_constants) * compute_scale
     seconds = {key: cpu + wire for key, (cpu, wire) in split.items()}
     prediction = StepPrediction(strategy, world, mp_size, micro_batch, rank)
     prediction.layer_transfers = [t for t in transfers if t.phase != "gradients"]
@@ -270,6 +284,8 @@ def _predict_rank(
         if cores_busy:  # its copies and reductions wait for a core: only its time on the wire can hide
             unhidden += cpu
             cpu = 0.0
+            if wire > 0 and start < clock:  # moving its bytes takes the busy cores' time while backward runs
+                unhidden += link_cpu[id(transfer)] * min(1.0, (clock - start) / wire)
         previous_end = start + cpu + wire
         prediction.buckets.append(BucketPrediction(transfer, seconds[id(transfer)], ready, start, previous_end))
     prediction.exposed_gradient_s = max(0.0, previous_end - clock) + unhidden

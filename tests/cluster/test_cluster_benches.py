@@ -57,6 +57,8 @@ def test_calibrating_across_hosts_saves_the_link_between_them(cluster, tmp_path,
     # A link's latency: more than a microsecond (a fit pushed to its floor, 1 ns, would mean the messages inside a
     # host were priced above the whole row), far below a second (the fit's arithmetic: test_cost_model)
     assert 1e-6 < link["alpha"] < 1.0
+    # Moving a byte between the hosts costs their CPU something, far less than a microsecond (bench.link_cpu)
+    assert 0.0 < link["cpu_per_byte"] < 1e-6
     if cluster.nic:
         from hybrid_ext.launch.cluster import rate_bytes_per_second
 

@@ -136,7 +136,9 @@ def test_ranks_whose_hosts_saved_different_links_price_them_alike(monkeypatch):
     from hybrid_ext.parallel.auto_plan import agree_on_links, links_of
 
     own = threading.local()
-    monkeypatch.setattr(cost_model, "network_model", lambda network: CostModel(1e-3 * (1 + own.rank), 8e-9, 1e-9))
+    monkeypatch.setattr(
+        cost_model, "network_model", lambda network: CostModel(1e-3 * (1 + own.rank), 8e-9, 1e-9, 1e-10 * own.rank)
+    )
 
     def rank(transport):
         own.rank = transport.rank
@@ -146,5 +148,5 @@ def test_ranks_whose_hosts_saved_different_links_price_them_alike(monkeypatch):
     results = run_ranks(rank, 4, hosts=("a", "a", "b", "b"), timeout=60)
     local, link = results[0]
     assert all(r == results[0] for r in results)
-    assert (link.alpha, link.beta) == pytest.approx((4e-3, 8e-9))
+    assert (link.alpha, link.beta, link.cpu_per_byte) == pytest.approx((4e-3, 8e-9, 3e-10))
     assert local == cost_model.default_model("loopback")  # the transport inside a host: the same file everywhere

@@ -86,6 +86,15 @@ def test_calibration_is_saved_per_transport_and_used(tmp_path):
     assert cost_model.default_model("unknown-transport") == CostModel()
 
 
+def test_a_links_cpu_per_byte_is_saved_and_files_without_it_read_as_free(tmp_path):
+    cost_model.save_model("network/torch-gloo", CostModel(alpha=1e-3, beta=8e-9, gamma=0.0, cpu_per_byte=0.9e-9))
+    assert cost_model.network_model("torch-gloo").cpu_per_byte == pytest.approx(0.9e-9)
+    older = {"network/torch-gloo": {"alpha": 1e-3, "beta": 8e-9, "gamma": 0.0}}  # saved before it was measured
+    (tmp_path / "cost_model.json").write_text(json.dumps(older))
+    cost_model.save_model("shm", CostModel())  # re-reads the file
+    assert cost_model.network_model("torch-gloo") == CostModel(alpha=1e-3, beta=8e-9, gamma=0.0, cpu_per_byte=0.0)
+
+
 def test_calibrate_recovers_known_constants():
     truth = CostModel(alpha=300e-6, beta=1e-9, gamma=2e-9)
     rows = []
@@ -264,10 +273,12 @@ def test_the_link_between_hosts_is_saved_apart_from_its_transport_and_used():
     rows += [bench.BenchRow(r.size_bytes, "rabenseifner", 4, r.median_ms, 0, 0, None, "rabenseifner", hosts=2)
              for r in rows]  # fmt: skip
     one_host_gloo = cost_model.default_model("torch-gloo")
-    said = bench.save_calibrations(rows, "shm+torch-gloo", "gloo", bytes_per_second=125e6)
-    assert any("between hosts: α=2000.0 µs, β=8.000 ns/B (the link's rate)" in line for line in said), said
+    said = bench.save_calibrations(rows, "shm+torch-gloo", "gloo", bytes_per_second=125e6, link_cpu_per_byte=0.9e-9)
+    line = "between hosts: α=2000.0 µs, β=8.000 ns/B (the link's rate), the hosts' CPU 0.900 ns/B"
+    assert any(line in said_line for said_line in said), said
     fitted = cost_model.network_model("torch-gloo")
     assert (fitted.alpha, fitted.beta, fitted.gamma) == pytest.approx((truth.alpha, truth.beta, truth.gamma))
+    assert fitted.cpu_per_byte == pytest.approx(0.9e-9)  # measured apart (bench.link_cpu), kept as given
     assert cost_model.default_model("torch-gloo") == one_host_gloo  # gloo on one host keeps its own constants
     assert cost_model.network_model("torch-nccl") == cost_model.default_model("torch-nccl")  # none saved: its own
     # The hierarchical allreduce's choice prices the part between hosts by the link's constants.

@@ -308,6 +308,29 @@ def test_busy_cores_leave_the_gradients_cpu_work_exposed():
     assert busy.exposed_gradient_s == pytest.approx(calm.exposed_gradient_s) == pytest.approx(6.0)
 
 
+def test_busy_cores_lose_the_links_cpu_while_backward_runs():
+    """Two hosts, one rank each, every core busy, σ = 1.5: each layer's backward 3 s, so layer 1 is done at 3 s and
+    layer 0 at 6 s. Bucket 0 (layer 1, 80 bytes to the other host, 4 s on the wire) runs 3–7 s, 3 s of it before
+    backward ends; bucket 1 runs 7–11 s, after it. Moving a byte costs the hosts κ = 1 ms of CPU: bucket 0 costs
+    κ·σ·80·(3/4) more, bucket 1 nothing more (the cores are idle by then)."""
+    model, table = _two_linears_table(1.0, 2.0)
+    links, zero = Links("shm", hosts=(0, 1)), CostModel(0, 0, 0)
+    wire = CostModel(alpha=0.0, beta=0.05, gamma=0.0)
+    kappa = replace(wire, cpu_per_byte=1e-3)
+
+    def step(network, cores_busy, links=links):
+        return predict_step(model, table, {}, "dp", 2, 1, B, bucket_bytes=80, links=links, network_constants=network,
+                            constants=zero, compute_scale=1.5, cores_busy=cores_busy)  # fmt: skip
+
+    without, busy = step(wire, True), step(kappa, True)
+    assert [(b.start_s, b.end_s) for b in busy.buckets] == [pytest.approx((3.0, 7.0)), pytest.approx((7.0, 11.0))]
+    assert [b.transfer.network_bytes for b in busy.buckets] == [80, 80]
+    assert busy.exposed_gradient_s - without.exposed_gradient_s == pytest.approx(1e-3 * 1.5 * 80 * 3 / 4)
+    # Cores to spare, or one host: the link's CPU costs the step nothing.
+    assert step(kappa, False).step_s == pytest.approx(step(wire, False).step_s)
+    assert step(kappa, True, Links("shm")).step_s == pytest.approx(step(wire, True, Links("shm")).step_s)
+
+
 def test_the_ranks_of_a_host_share_its_link():
     """Two hosts of two ranks: each rank's bytes to the other host take twice the link's time per byte (its host-mate
     sends at once); one rank per host: once."""
