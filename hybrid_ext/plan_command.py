@@ -523,9 +523,10 @@ def compare(result: dict, measured_rows: list[dict], grad_algorithm: str) -> dic
     auto_key = (chose, 1 if chose == "dp" else auto["mp_size"])
     auto_ms = at_mp_size.get(auto_key)
     fastest = min(at_mp_size, key=at_mp_size.get)
-    # As two strategies are: tied with the fastest where their repeats' ranges overlap.
+    # As two strategies are: tied with the fastest (being another row) where their repeats' ranges overlap.
     auto_tied = (
         auto_ms is not None
+        and auto_key != fastest
         and auto_key in ranges
         and fastest in ranges
         and ranges[auto_key][0] <= ranges[fastest][1]
@@ -561,7 +562,7 @@ def comparison_text(comparison: dict) -> str:
         f"  mean |error| {comparison['mean_absolute_error']:.1%}, worst {comparison['worst_error']:+.1%}; ranking "
         f"{'right' if comparison['ranking_right'] else 'WRONG'}{ties}; auto chose {comparison['auto_chose']}"
         + (f", measured {auto:.3f}× the fastest" if auto is not None else " (not measured)")
-        + (" (their repeats overlap: tied)" if comparison.get("auto_tied_with_fastest") and auto > 1.0005 else "")
+        + (" (their repeats overlap: tied)" if comparison.get("auto_tied_with_fastest") else "")
     )
     return "\n".join(lines)
 

@@ -23,6 +23,7 @@ import time
 CHUNK = 4 << 20
 SECONDS_OF_TRAFFIC = 2.0  # long enough that starting and stopping the stream is noise
 MIN_BYTES, MAX_BYTES = 32 << 20, 512 << 20
+SOCKET_TIMEOUT_S = 60.0  # a stream that stalls this long ends the probe's processes (and the probe, with an error)
 
 
 def busy_seconds(stat: str) -> float:
@@ -55,45 +56,67 @@ def measure(cluster, nbytes: int, repeats: int = 3) -> float:
 
 def _one_stream(cluster, nbytes: int, idle_seconds: float = 1.0) -> float:
     me = [sys.executable, "-m", "hybrid_ext.bench.link_cpu"]
-    receiver = cluster.popen(1, [*me, "recv"], stdout=subprocess.PIPE, text=True)
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    receiver = cluster.popen(1, [*me, "recv"], **pipes)
     sender = None
     try:
         port = receiver.stdout.readline().strip()
+        if not port.isdigit():
+            raise RuntimeError(f"the link's CPU probe: no receiver on {cluster.host(1).name}: {_error_of(receiver)}")
         sender = cluster.popen(
-            0,
-            [*me, "send", cluster.host(1).address, port, str(nbytes)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
+            0, [*me, "send", cluster.host(1).address, port, str(nbytes)], stdin=subprocess.PIPE, **pipes
         )
-        sender.stdout.readline()  # connected: both interpreters have started, so the machine is idle again
+        if sender.stdout.readline().strip() != "connected":  # both interpreters up: the machine is idle again
+            raise RuntimeError(f"the link's CPU probe: {cluster.host(0).name} did not connect: {_error_of(sender)}")
         start = _busy_now()
         time.sleep(idle_seconds)
         idle_rate = (_busy_now() - start) / idle_seconds
         began, start = time.perf_counter(), _busy_now()
         sender.stdin.write("go\n")
         sender.stdin.close()
-        got = int(receiver.stdout.readline())  # once the stream has ended
+        got = receiver.stdout.readline().strip()  # once the stream has ended (or stalled: the sockets time out)
         busy, wall = _busy_now() - start, time.perf_counter() - began
-        if got != nbytes:
-            raise RuntimeError(f"the link's CPU probe received {got} bytes of {nbytes}")
+        if got != str(nbytes):
+            raise RuntimeError(f"the link's CPU probe received {got or 'nothing'} of {nbytes} bytes: "
+                               f"{_error_of(receiver) or _error_of(sender)}")  # fmt: skip
         return max(0.0, busy - idle_rate * wall) / nbytes
     finally:
-        for process in (sender, receiver):
-            if process is not None:
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+        _end(cluster, [p for p in (sender, receiver) if p is not None])
+
+
+def _error_of(process: subprocess.Popen) -> str:
+    """The last line a probe process wrote to stderr, once it has exited (else that it is still running)."""
+    try:
+        process.wait(timeout=SOCKET_TIMEOUT_S + 5)
+    except subprocess.TimeoutExpired:
+        return "it is still running"
+    lines = process.stderr.read().strip().splitlines()
+    return lines[-1] if lines else f"it exited with {process.returncode}"
+
+
+def _end(cluster, processes: list[subprocess.Popen]) -> None:
+    """Wait for the probe's processes; any still running past the sockets' timeout are killed inside their hosts
+    (killing ``nsenter`` alone would leave its child)."""
+    for process in processes:
+        if process.stdin and not process.stdin.closed:
+            process.stdin.close()  # a sender still waiting for its go: EOF ends it
+    for process in processes:
+        try:
+            process.wait(timeout=SOCKET_TIMEOUT_S + 5)
+        except subprocess.TimeoutExpired:
+            cluster.kill_strays([cluster.host(0).name, cluster.host(1).name])
+            process.kill()
+            process.wait()
 
 
 def _receive() -> None:
     with socket.socket() as server:
+        server.settimeout(SOCKET_TIMEOUT_S)
         server.bind(("0.0.0.0", 0))
         server.listen(1)
         print(server.getsockname()[1], flush=True)
         connection, _ = server.accept()
+        connection.settimeout(SOCKET_TIMEOUT_S)
         buffer, total = bytearray(CHUNK), 0
         with connection:
             while n := connection.recv_into(buffer):
@@ -103,9 +126,10 @@ def _receive() -> None:
 
 def _send(address: str, port: int, nbytes: int) -> None:
     data = bytes(CHUNK)
-    with socket.create_connection((address, port)) as connection:
+    with socket.create_connection((address, port), timeout=SOCKET_TIMEOUT_S) as connection:
         print("connected", flush=True)
-        sys.stdin.readline()
+        if sys.stdin.readline() != "go\n":
+            return  # the probe gave up before the stream
         sent = 0
         while sent < nbytes:
             piece = data[: min(CHUNK, nbytes - sent)]

@@ -55,18 +55,23 @@ class TrainRow:
 
 def parse_runs(text: str, world: int) -> list[tuple[str, str, str, int | None]]:
     """``--runs``: comma-separated ``STRATEGY-REDUCER[@MP_SIZE]`` (``hybrid-butterfly@2``: hybrid on groups of 2
-    ranks) or ``compute-only``, as (label, strategy, reducer, mp_size or None for ``--mp-size``'s); ValueError
-    naming the run that cannot be run."""
+    ranks) or ``compute-only[@MP_SIZE]``, as (label, strategy, reducer, mp_size or None for ``--mp-size``'s);
+    ValueError naming the run that cannot be run."""
+    from hybrid_ext.parallel.reducer import GRAD_ALGORITHMS
+
     runs = []
     for item in text.split(","):
         label = item.strip()
-        if label == "compute-only":
-            runs.append((label, "hybrid", "butterfly", None))
-            continue
-        name, at, size = label.partition("@")
-        strategy, _, grad_algorithm = name.partition("-")
-        if strategy not in ("dp", "hybrid", "mp"):
-            raise ValueError(f"--runs: unknown strategy in {label!r}; expected dp, hybrid or mp, as in dp-butterfly")
+        name, at, size = (part.strip() for part in label.partition("@"))
+        if name == "compute-only":
+            strategy, grad_algorithm = "hybrid", "butterfly"
+        else:
+            strategy, _, grad_algorithm = name.partition("-")
+            grad_algorithm = grad_algorithm or "butterfly"
+            if strategy not in ("dp", "hybrid", "mp"):
+                raise ValueError(f"--runs: unknown strategy in {label!r}; expected dp, hybrid or mp (dp-butterfly)")
+            if grad_algorithm not in GRAD_ALGORITHMS:
+                raise ValueError(f"--runs: unknown reducer in {label!r}; expected one of {', '.join(GRAD_ALGORITHMS)}")
         mp_size = None
         if at:
             if strategy == "dp":
@@ -74,7 +79,7 @@ def parse_runs(text: str, world: int) -> list[tuple[str, str, str, int | None]]:
             if not size.isdigit() or int(size) < 1 or world % int(size):
                 raise ValueError(f"--runs: {label!r}: the mp_size after @ must divide the {world} ranks")
             mp_size = int(size)
-        runs.append((label, strategy, grad_algorithm or "butterfly", mp_size))
+        runs.append((label, strategy, grad_algorithm, mp_size))
     return runs
 
 
@@ -183,7 +188,7 @@ def run_train_bench(
     measured: list[list[list[dict]]] = [[] for _ in runs]  # run -> repeat -> every rank's result
     mp_sizes = [run[3] if len(run) > 3 and run[3] else mp_size for run in runs]  # a run's own, else --mp-size's
     for _repeat, (index, (label, strategy, grad_algorithm, *_)) in itertools.product(range(repeats), enumerate(runs)):
-        mirror = label == "compute-only"
+        mirror = label.partition("@")[0].strip() == "compute-only"
         run_mp_size = mp_sizes[index]
         if launched():  # this process is one rank of the launcher's job
             import torch.distributed as dist
@@ -229,7 +234,7 @@ def format_markdown(rows: list[TrainRow]) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        if r.run == "compute-only":  # the messages hybrid would send, skipped
+        if r.run.partition("@")[0].strip() == "compute-only":  # the messages hybrid would send, skipped
             sent, ratio = "0 (skipped)", "-"
         else:
             sent = f"{r.bytes_per_step / 1e6:.2f}"

@@ -166,7 +166,7 @@ def transfer_split(
     the module docstring), the messages to other hosts priced by the network's constants — on the wire —, the rest
     and every reduction by the transport's inside a host — CPU work. ``constants``: one set for every message;
     ``network_constants``: the set for messages to other hosts (a link's measured rate, say)."""
-    network = network_constants or constants or cost_model.network_model(transfer.network)
+    network = _link_constants(transfer, constants, network_constants)
     if transfer.algorithm == cost_model.NATIVE:
         measured = cost_model.native_model(links.native) if links.native else None
         model = measured or (network if links.hosts else constants or cost_model.default_model(transfer.local))
@@ -188,8 +188,13 @@ def link_cpu_s(
     ``cpu_per_byte`` (κ) times them (0 on one host, or where the link's κ was not measured)."""
     if links.hosts is None or not transfer.network_bytes:
         return 0.0
-    network = network_constants or constants or cost_model.network_model(transfer.network)
-    return network.cpu_per_byte * transfer.network_bytes
+    return _link_constants(transfer, constants, network_constants).cpu_per_byte * transfer.network_bytes
+
+
+def _link_constants(transfer: Transfer, constants: CostModel | None, network_constants: CostModel | None) -> CostModel:
+    """The constants of ``transfer``'s messages to other hosts: those given for the link, else the one set given for
+    every message, else the link's calibration (:func:`hybrid_ext.comm.cost_model.network_model`)."""
+    return network_constants or constants or cost_model.network_model(transfer.network)
 
 
 def _native_bytes(transfer: Transfer) -> int:

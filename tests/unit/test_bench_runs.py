@@ -14,13 +14,14 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def test_runs_parse_with_and_without_their_own_mp_size():
-    runs = train.parse_runs("dp-native, hybrid-butterfly@2,mp-butterfly@4,hybrid,compute-only", 4)
+    runs = train.parse_runs("dp-native, hybrid-butterfly@2,mp-butterfly@4,hybrid,compute-only,compute-only@2", 4)
     assert runs == [
         ("dp-native", "dp", "native", None),
         ("hybrid-butterfly@2", "hybrid", "butterfly", 2),
         ("mp-butterfly@4", "mp", "butterfly", 4),
         ("hybrid", "hybrid", "butterfly", None),
         ("compute-only", "hybrid", "butterfly", None),
+        ("compute-only@2", "hybrid", "butterfly", 2),  # hybrid's work at mp_size 2, its messages skipped
     ]
 
 
@@ -32,6 +33,7 @@ def test_runs_parse_with_and_without_their_own_mp_size():
         ("hybrid-butterfly@0", "must divide the 4 ranks"),
         ("hybrid-butterfly@two", "must divide the 4 ranks"),
         ("fsdp-butterfly", "unknown strategy in 'fsdp-butterfly'"),
+        ("dp-foo", "unknown reducer in 'dp-foo'; expected one of butterfly, auto"),
     ],
 )
 def test_a_run_that_cannot_run_is_named(text, message):
@@ -49,8 +51,12 @@ def test_the_command_refuses_a_bad_run_before_starting_ranks(capsys, monkeypatch
 def test_each_run_trains_at_its_own_mp_size_and_its_row_says_which(monkeypatch):
     calls = []
 
-    def fake_spawn(fn, world, model, strategy, grad_algorithm, mp_size, *args, **kwargs):
+    mirrors = []
+
+    def fake_spawn(fn, world, model, strategy, grad_algorithm, mp_size, steps, warmup, batch, size, mirror, *args,
+                   **kwargs):  # fmt: skip
         calls.append((strategy, mp_size))
+        mirrors.append(mirror)
         return [{"times": [0.1], "bytes": [8.0], "messages": [2.0]}] * world
 
     monkeypatch.setattr(train, "spawn", fake_spawn)
@@ -68,6 +74,11 @@ def test_each_run_trains_at_its_own_mp_size_and_its_row_says_which(monkeypatch):
     rows = train.run_train_bench("digits_alexnet", 4, runs, micro_batch=4, size=16, steps=1, mp_size=4)
     assert calls == [("dp", 4), ("hybrid", 4), ("hybrid", 2), ("mp", 4)]
     assert [r.mp_size for r in rows] == [1, 4, 2, 4]
+    # compute-only at its own mp_size: hybrid's work on groups of 2, every message skipped
+    calls.clear()
+    mirrors.clear()
+    (row,) = train.run_train_bench("digits_alexnet", 4, train.parse_runs("compute-only@2", 4), 4, 16, 1)
+    assert calls == [("hybrid", 2)] and mirrors == [True] and row.mp_size == 2
 
 
 def _plan(auto_mp_size: int) -> dict:
@@ -122,3 +133,7 @@ def test_auto_whose_repeats_overlap_the_fastests_is_tied_with_it():
     assert not compare(_plan(2), rows, "butterfly")["auto_tied_with_fastest"]
     del rows[-1]["step_ms_runs"]  # one run: no spread measured, no tie
     assert not compare(_plan(2), rows, "butterfly")["auto_tied_with_fastest"]
+    # auto's row the fastest itself: 1.0, and tied with nothing
+    rows[-1].update(step_ms=240.0, step_ms_runs=[238, 242])
+    result = compare(_plan(2), rows, "butterfly")
+    assert result["auto_over_fastest"] == 1.0 and not result["auto_tied_with_fastest"]
