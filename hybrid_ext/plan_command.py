@@ -494,8 +494,7 @@ def compare(result: dict, measured_rows: list[dict], grad_algorithm: str) -> dic
             continue
         measured[strategy] = float(row["step_ms"])
         repeats[strategy] = max(1, len(runs))
-        if key in ranges:
-            spread[strategy] = ranges[key]
+        spread[strategy] = ranges.get(key)
     predicted = {e["strategy"]: e["step_ms"] for e in result["strategies"] if e["strategy"] in measured}
     if not predicted:
         names = sorted(str(row.get("run")) for row in measured_rows)
@@ -507,11 +506,7 @@ def compare(result: dict, measured_rows: list[dict], grad_algorithm: str) -> dic
     by_prediction = sorted(predicted, key=predicted.get)
     by_measurement = sorted(predicted, key=measured.get)
     # Two strategies whose repeated measurements overlap are tied: no order between them was measured.
-    ties = [
-        (a, b)
-        for a, b in itertools.combinations(by_measurement, 2)
-        if a in spread and b in spread and spread[a][1] >= spread[b][0] and spread[b][1] >= spread[a][0]
-    ]
+    ties = [(a, b) for a, b in itertools.combinations(by_measurement, 2) if _overlap(spread[a], spread[b])]
     swapped = [
         (a, b)
         for a, b in itertools.combinations(by_measurement, 2)
@@ -524,14 +519,7 @@ def compare(result: dict, measured_rows: list[dict], grad_algorithm: str) -> dic
     auto_ms = at_mp_size.get(auto_key)
     fastest = min(at_mp_size, key=at_mp_size.get)
     # As two strategies are: tied with the fastest (being another row) where their repeats' ranges overlap.
-    auto_tied = (
-        auto_ms is not None
-        and auto_key != fastest
-        and auto_key in ranges
-        and fastest in ranges
-        and ranges[auto_key][0] <= ranges[fastest][1]
-        and ranges[fastest][0] <= ranges[auto_key][1]
-    )
+    auto_tied = auto_key != fastest and _overlap(ranges.get(auto_key), ranges.get(fastest))
     return {
         "rows": [
             {"strategy": s, "predicted_ms": predicted[s], "measured_ms": measured[s], "error": errors[s]}
@@ -548,6 +536,11 @@ def compare(result: dict, measured_rows: list[dict], grad_algorithm: str) -> dic
         "auto_over_fastest": auto_ms / at_mp_size[fastest] if auto_ms is not None else None,
         "auto_tied_with_fastest": auto_tied,
     }
+
+
+def _overlap(a: tuple[float, float] | None, b: tuple[float, float] | None) -> bool:
+    """Whether two runs' ranges of repeated steps overlap (a run measured once has none: it overlaps nothing)."""
+    return a is not None and b is not None and a[0] <= b[1] and b[0] <= a[1]
 
 
 def comparison_text(comparison: dict) -> str:

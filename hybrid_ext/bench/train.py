@@ -63,7 +63,7 @@ def parse_runs(text: str, world: int) -> list[tuple[str, str, str, int | None]]:
     for item in text.split(","):
         label = item.strip()
         name, at, size = (part.strip() for part in label.partition("@"))
-        if name == "compute-only":
+        if _is_compute_only(label):
             strategy, grad_algorithm = "hybrid", "butterfly"
         else:
             strategy, _, grad_algorithm = name.partition("-")
@@ -81,6 +81,11 @@ def parse_runs(text: str, world: int) -> list[tuple[str, str, str, int | None]]:
             mp_size = int(size)
         runs.append((label, strategy, grad_algorithm, mp_size))
     return runs
+
+
+def _is_compute_only(label: str) -> bool:
+    """Whether a run (its ``--runs`` label) is ``compute-only``, at its own mp_size or not."""
+    return label.partition("@")[0].strip() == "compute-only"
 
 
 def _mirror_groups(world: int, mp_size: int, rank: int, device: torch.device):
@@ -188,7 +193,7 @@ def run_train_bench(
     measured: list[list[list[dict]]] = [[] for _ in runs]  # run -> repeat -> every rank's result
     mp_sizes = [run[3] if len(run) > 3 and run[3] else mp_size for run in runs]  # a run's own, else --mp-size's
     for _repeat, (index, (label, strategy, grad_algorithm, *_)) in itertools.product(range(repeats), enumerate(runs)):
-        mirror = label.partition("@")[0].strip() == "compute-only"
+        mirror = _is_compute_only(label)
         run_mp_size = mp_sizes[index]
         if launched():  # this process is one rank of the launcher's job
             import torch.distributed as dist
@@ -234,7 +239,7 @@ def format_markdown(rows: list[TrainRow]) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        if r.run.partition("@")[0].strip() == "compute-only":  # the messages hybrid would send, skipped
+        if _is_compute_only(r.run):  # the messages hybrid would send, skipped
             sent, ratio = "0 (skipped)", "-"
         else:
             sent = f"{r.bytes_per_step / 1e6:.2f}"
@@ -249,7 +254,7 @@ def format_markdown(rows: list[TrainRow]) -> str:
 def main(args) -> int:
     from hybrid_ext.bench.allreduce import launched
 
-    world = int(os.environ.get("WORLD_SIZE", args.np)) if launched() else args.np
+    world = int(os.environ["WORLD_SIZE"]) if launched() else args.np  # launched: the launcher's variables are set
     try:
         runs = parse_runs(args.runs, world)
     except ValueError as error:

@@ -241,11 +241,10 @@ def _predict_rank(
     transfers = step_transfers(
         model, table, styles, strategy, world, mp_size, rank, micro_batch, grad_algorithm, bucket_bytes, links
     )
-    split, link_cpu = {}, {}
+    split = {}
     for t in transfers:  # the mappings' own copies around a collective are CPU work, at the table's copy rate
         cpu, wire = transfer_split(t, links, constants, network_constants)
         split[id(t)] = (cpu + table.copy_s_per_byte * t.copied_bytes * compute_scale, wire)
-        link_cpu[id(t)] = link_cpu_s(t, links, constants, network_constants) * compute_scale
     seconds = {key: cpu + wire for key, (cpu, wire) in split.items()}
     prediction = StepPrediction(strategy, world, mp_size, micro_batch, rank)
     prediction.layer_transfers = [t for t in transfers if t.phase != "gradients"]
@@ -290,7 +289,8 @@ def _predict_rank(
             unhidden += cpu
             cpu = 0.0
             if wire > 0 and start < clock:  # moving its bytes takes the busy cores' time while backward runs
-                unhidden += link_cpu[id(transfer)] * min(1.0, (clock - start) / wire)
+                kernel = link_cpu_s(transfer, links, constants, network_constants) * compute_scale
+                unhidden += kernel * min(1.0, (clock - start) / wire)
         previous_end = start + cpu + wire
         prediction.buckets.append(BucketPrediction(transfer, seconds[id(transfer)], ready, start, previous_end))
     prediction.exposed_gradient_s = max(0.0, previous_end - clock) + unhidden
