@@ -294,7 +294,7 @@ def parallelize(
         elif style == "row":
             new = RowParallelLinear(module, groups.mp, split, strategy)
         elif style == "channel":
-            new = ChannelParallelConv2d(module, groups.mp)
+            new = ChannelParallelConv2d(module, groups.mp, split, strategy)
         else:
             continue
         _set_submodule(model, path, new)

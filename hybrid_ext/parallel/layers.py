@@ -8,8 +8,9 @@ Y = X·Aᵀ + b with A of shape [out, in] (torch's layout).
 - :class:`RowParallelLinear` holds columns ``in_s`` of A: the partial product X_s·A_sᵀ is summed over the group
   (reduce-scatter along the batch in the hybrid strategy, all-reduce under model parallelism alone), and
   only then is b added, once.
-- :class:`ChannelParallelConv2d` (model parallelism alone) holds output channels ``c_s``; outputs are gathered
-  along channels.
+- :class:`ChannelParallelConv2d` holds output channels ``c_s``: under model parallelism alone its outputs are
+  gathered along channels; under hybrid it gathers the group's samples, as a column-parallel Linear does, and an
+  all-to-all returns each rank its own samples with every channel.
 
 Shard sizes differ by at most one (any feature count works, no padding). The layers keep the original layer's
 parameter objects, now holding their shards (:mod:`hybrid_ext.parallel.shards`: optimizers built before the wrap
@@ -105,13 +106,23 @@ class RowParallelLinear(ShardedStateDictMixin, nn.Module):
 
 
 class ChannelParallelConv2d(ShardedStateDictMixin, nn.Module):
-    """Model parallelism alone: output channels split over the group, gathered after the convolution."""
+    """Output channels split over the model-parallel group.
 
-    def __init__(self, conv: nn.Conv2d, comm: Communicator) -> None:
+    ``strategy="mp"`` (every rank passes the same batch): the output's channels are gathered after the convolution.
+    ``strategy="hybrid"`` (each rank passes its own samples): as a column-parallel Linear that ends a chain, the
+    input is gathered along the batch over the group, each rank convolves the group's samples into its channels,
+    and an all-to-all hands every rank its own samples with every channel — a convolution whose weights outweigh
+    its activations then moves the activations, not the weights' gradients, across the group.
+    """
+
+    def __init__(self, conv: nn.Conv2d, comm: Communicator, split: BatchSplit | None = None, strategy: str = "mp"):
         super().__init__()
         if conv.groups != 1:
             raise ValueError("grouped convolutions cannot be split by output channels here; mark them 'dp'")
-        self.comm = comm
+        if strategy not in ("mp", "hybrid"):
+            raise ValueError(f"strategy must be 'mp' or 'hybrid', got {strategy!r}")
+        self.comm, self.split, self.strategy = comm, split or BatchSplit(), strategy
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.sizes = mappings.shard_sizes(conv.out_channels, comm.size)
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
         self.padding_mode = conv.padding_mode
@@ -125,6 +136,18 @@ class ChannelParallelConv2d(ShardedStateDictMixin, nn.Module):
         self.sharded_params = {"weight": 0, "bias": 0}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = mappings.copy_to_group(x, self.comm)
+        if self.strategy == "hybrid":
+            self.split.counts = mappings.batch_counts(x, self.comm)
+            x = mappings.gather_batch(x, self.comm, self.split.counts)
+        else:
+            x = mappings.copy_to_group(x, self.comm)
         y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+        if self.strategy == "hybrid":
+            return mappings.exchange_rows_for_features(y, self.comm, self.split.counts, self.sizes, dim=1)
         return mappings.gather_dim(y, self.comm, 1, self.sizes)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_channels}, out_channels={self.out_channels} "
+            f"(shard {self.comm.rank}: {self.sizes[self.comm.rank]}), strategy={self.strategy}"
+        )

@@ -6,7 +6,7 @@ b_r samples:
 - :func:`gather_batch`   forward: all-gather along the batch   backward: reduce-scatter along the batch
 - :func:`scatter_batch`  forward: reduce-scatter along the batch   backward: all-gather along the batch
 - :func:`exchange_rows_for_features`  forward: all-to-all — every rank gets its own rows with every
-  feature shard    backward: the transposed all-to-all
+  feature (or channel) shard    backward: the transposed all-to-all
 
 Model parallelism alone (every rank holds the same batch and computes the same loss):
 
@@ -88,35 +88,44 @@ def _all_to_all(comm: Communicator, send: list[torch.Tensor], recv: list[torch.T
 
 
 class _ExchangeRowsForFeatures(torch.autograd.Function):
-    """[all rows, my feature shard] -> [my rows, all features]; the transpose in backward."""
+    """[all rows, my feature shard] -> [my rows, all features] (features along ``dim``); the transpose in backward."""
 
     @staticmethod
-    def forward(ctx, x, comm: Communicator, counts: tuple[int, ...], features: tuple[int, ...]):
-        ctx.comm, ctx.counts, ctx.features = comm, counts, features
-        middle = tuple(x.shape[1:-1])  # e.g. a sequence dimension between samples and features
+    def forward(ctx, x, comm: Communicator, counts: tuple[int, ...], features: tuple[int, ...], dim: int):
+        ctx.comm, ctx.counts, ctx.features, ctx.dim = comm, counts, features, dim
         rows = _split(x, counts, dim=0)
-        recv = [torch.empty(counts[comm.rank], *middle, f, dtype=x.dtype, device=x.device) for f in features]
+        recv = [x.new_empty(_resized(x.shape, {0: counts[comm.rank], dim: f})) for f in features]
         _all_to_all(comm, [r.contiguous() for r in rows], recv)
-        return torch.cat(recv, dim=-1)
+        return torch.cat(recv, dim=dim)
 
     @staticmethod
     def backward(ctx, grad):
-        comm, counts, features = ctx.comm, ctx.counts, ctx.features
-        middle = tuple(grad.shape[1:-1])
-        cols = [c.contiguous() for c in _split(grad, features, dim=-1)]
+        comm, counts, features, dim = ctx.comm, ctx.counts, ctx.features, ctx.dim
+        cols = [c.contiguous() for c in _split(grad, features, dim=dim)]
         own = features[comm.rank]
-        recv = [torch.empty(c, *middle, own, dtype=grad.dtype, device=grad.device) for c in counts]
+        recv = [grad.new_empty(_resized(grad.shape, {0: c, dim: own})) for c in counts]
         _all_to_all(comm, cols, recv)
-        return torch.cat(recv, dim=0), None, None, None
+        return torch.cat(recv, dim=0), None, None, None, None
+
+
+def _resized(shape: torch.Size, sizes: dict[int, int]) -> tuple[int, ...]:
+    """``shape`` with the dims of ``sizes`` (negative counts from the end) set to their sizes."""
+    out = list(shape)
+    for dim, size in sizes.items():
+        out[dim] = size
+    return tuple(out)
 
 
 def exchange_rows_for_features(
-    x: torch.Tensor, comm: Communicator, counts: tuple[int, ...], features: tuple[int, ...]
+    x: torch.Tensor, comm: Communicator, counts: tuple[int, ...], features: tuple[int, ...], dim: int = -1
 ) -> torch.Tensor:
-    """forward: all-to-all from [all rows, my features] to [my rows, all features]; backward: its transpose."""
+    """forward: all-to-all from [all rows, my features] to [my rows, all features], the features along ``dim`` (the
+    last for a Linear's output, 1 for a convolution's channels); backward: its transpose."""
     if comm.size == 1:
         return x
-    return _ExchangeRowsForFeatures.apply(x, comm, counts, features)
+    if dim % x.dim() == 0:
+        raise ValueError("exchange_rows_for_features: the features cannot be along the rows' dim 0")
+    return _ExchangeRowsForFeatures.apply(x, comm, counts, features, dim)
 
 
 def _split(x: torch.Tensor, sizes: tuple[int, ...], dim: int) -> list[torch.Tensor]:

@@ -6,7 +6,9 @@ Styles:
 - ``column``  a Linear split by output features (model-parallel);
 - ``row``     a Linear split by input features, following a ``column`` layer (model-parallel);
 - ``column_last``  a ``column`` layer that ends a chain and assembles all features again;
-- ``channel`` a Conv2d split by output channels (strategy ``mp`` only).
+- ``channel`` a Conv2d split by output channels: every one under ``mp``; under ``hybrid`` those a rule marks
+  ``"mp"`` (or ``strategy="auto"`` chooses), each on its own: the group's samples gathered in, every rank's own
+  samples with all channels handed back.
 
 Automatic choice (the paper's split): Linear layers hold most of the parameters and little compute per
 parameter (one multiply-add per weight per sample, against H·W for a convolution), so they are sharded;
@@ -15,8 +17,9 @@ that is applied at many positions per sample (parameters per multiply-add < ``MI
 data-parallel. Consecutive Linear layers of one ``nn.Sequential``, with only elementwise layers
 between them, form a chain and alternate column / row, so that activations stay sharded between them
 (Krizhevsky 2014); a chain of odd length ends ``column_last``. A Linear outside such a chain is a chain of one.
-Under ``mp`` convolutions are split by output channels too. ``rules`` (glob patterns on module paths →
-``"dp"``, ``"mp"``, ``"column"``, ``"row"``) override the automatic choice.
+Under ``mp`` convolutions are split by output channels too; under ``hybrid`` only where a rule says so.
+``rules`` (glob patterns on module paths → ``"dp"``, ``"mp"``, ``"column"``, ``"row"``) override the automatic
+choice.
 """
 
 from __future__ import annotations
@@ -186,8 +189,11 @@ def plan_by_rules(
         _check_chain(chain, [plan.styles[p] for p in chain], modules)
     for path, mp in wants_mp.items():
         if mp and isinstance(modules[path], nn.Conv2d):
-            if strategy != "mp":
-                raise ValueError(f"{path}: convolutions are split by channels under strategy='mp' only")
+            if modules[path].groups != 1:
+                raise ValueError(
+                    f"{path!r} ({modules[path]}) is a grouped convolution (groups={modules[path].groups}): it cannot "
+                    "be split by output channels; keep it data-parallel"
+                )
             plan.styles[path] = "channel"
     return plan
 

@@ -18,6 +18,8 @@ column                  row counts (all-gather of m int64);           reduce-sca
 column_last             as column, then all-to-all: to each t ≠ q     as column, and the transposed all-to-all:
                         c_t·M·f_q elements                            to each t ≠ q c_q·M·f_t elements
 row                     reduce-scatter of blocks c_t·O                all-gather of blocks c_t·O
+channel                 as column_last, with a Conv2d's output        as column_last
+                        channels k_t for features, its H·W for M
 ======================  ============================================  ===============================================
 
 Under ``mp``: column sends an all-reduce of B·I in backward (if its input needs a gradient); column_last adds an
@@ -247,13 +249,16 @@ def layer_transfers(
     out: list[Transfer | None] = []
     if strategy == "hybrid":
         counts = (rows,) * m
-        if style in ("column", "column_last"):
+        if style in ("column", "column_last", "channel"):
             out.append(_row_counts(path, group))
             out.append(allgather_transfer(path, "forward", tuple(c * per_input for c in counts), s, group))
             if record.input_requires_grad:
                 out.append(reduce_scatter_transfer(path, "backward", tuple(c * per_input for c in counts), s, group))
-        if style == "column_last":
-            features = shard_sizes(record.output_shape[-1], m)
+        if style in ("column_last", "channel"):
+            if style == "column_last":
+                features = shard_sizes(record.output_shape[-1], m)
+            else:  # a convolution's channels, each with its output map
+                features, positions = shard_sizes(record.output_shape[0], m), math.prod(record.output_shape[1:])
             # forward: the received blocks concatenated along features (my rows, all features); backward: the
             # gradient's feature blocks made contiguous, then the received rows concatenated
             whole, mine = rows * positions * sum(features) * s, m * rows * positions * features[q] * s

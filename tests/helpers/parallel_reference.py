@@ -84,10 +84,14 @@ def reference(model_name: str, world: int):
     return loss.item(), grads, {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def step_rank(rank: int, world: int, model_name: str, strategy: str, mp_size: int | None, reducer: str, groups=None):
+def step_rank(
+    rank: int, world: int, model_name: str, strategy: str, mp_size: int | None, reducer: str, groups=None, rules=None
+):
     """One step on this rank; ``groups``: a host framework's (Horovod's), else torch.distributed's."""
     build, shape, classes = MODELS[model_name]
-    model = hybrid_ext.parallelize(build(), strategy=strategy, reducer=reducer, mp_size=mp_size, groups=groups)
+    model = hybrid_ext.parallelize(
+        build(), strategy=strategy, reducer=reducer, mp_size=mp_size, groups=groups, rules=rules
+    )
     x, y = global_batch(world, shape, classes)
     if strategy != "mp":  # each rank its own micro-batch
         x, y = x[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH], y[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH]

@@ -10,7 +10,7 @@ from torch import nn
 import hybrid_ext
 from hybrid_ext.parallel import make_plan
 
-from helpers.parallel_reference import MICRO_BATCH, alexnet, reference, small_cnn, step_rank, token_mlp
+from helpers.parallel_reference import MICRO_BATCH, MODELS, alexnet, reference, small_cnn, step_rank, token_mlp
 
 CASES = [
     ("dp", 2, None),
@@ -59,9 +59,25 @@ def test_torchvision_cnns_step_equals_the_reference(spawn_ranks, model_name, str
     _check_step(spawn_ranks, model_name, strategy, world, mp_size)
 
 
-def _check_step(spawn_ranks, model_name, strategy, world, mp_size):
+# Hybrid with convolutions split by output channels as well (a rule's "mp"; strategy="auto" may choose them).
+CHANNEL_CASES = [
+    ("small_cnn", 2, None, {"3": "mp"}),
+    ("small_cnn", 3, None, {"0": "mp", "3": "mp"}),  # 8 and 12 channels over 3: uneven shards
+    ("small_cnn", 4, 2, {"3": "mp", "7": "dp", "10": "dp", "12": "dp"}),  # a conv sharded, the FC head replicated
+    ("alexnet", 4, 2, {"features.6": "mp", "features.10": "mp"}),
+]
+
+
+@pytest.mark.parametrize(("model_name", "world", "mp_size", "rules"), CHANNEL_CASES)
+def test_hybrid_with_channel_split_convolutions_equals_the_reference(spawn_ranks, model_name, world, mp_size, rules):
+    plan = make_plan(MODELS[model_name][0](), "hybrid", rules)
+    assert {p for p, style in plan.styles.items() if style == "channel"} == {p for p, r in rules.items() if r == "mp"}
+    _check_step(spawn_ranks, model_name, "hybrid", world, mp_size, rules)
+
+
+def _check_step(spawn_ranks, model_name, strategy, world, mp_size, rules=None):
     loss, grads, state = reference(model_name, world)
-    results = spawn_ranks(step_rank, world, model_name, strategy, mp_size, "butterfly", timeout=300)
+    results = spawn_ranks(step_rank, world, model_name, strategy, mp_size, "butterfly", None, rules, timeout=300)
     for rank, result in enumerate(results):
         assert result["loss"] == pytest.approx(loss, rel=1e-5), f"rank {rank}"
         for name, expected in grads.items():

@@ -28,11 +28,15 @@ def _record_key(collective: str, algorithm: str, size: int, elements: int, nbyte
     return (collective, algorithm, size, elements, nbytes)
 
 
-def _measured_step(rank: int, world: int, strategy: str, mp_size: int | None, bucket_mb: float, reducer: str) -> dict:
+def _measured_step(
+    rank: int, world: int, strategy: str, mp_size: int | None, bucket_mb: float, reducer: str, rules=None
+) -> dict:
     """One training step on this rank: the metrics' records, and every byte this rank's transports sent."""
     os.environ["HYBRID_EXT_CHECK"] = "0"  # check mode's own agreement messages are not the step's traffic
     build, shape, classes = MODELS["small_cnn"]
-    model = hybrid_ext.parallelize(build(), strategy=strategy, reducer=reducer, mp_size=mp_size, bucket_mb=bucket_mb)
+    model = hybrid_ext.parallelize(
+        build(), strategy=strategy, reducer=reducer, mp_size=mp_size, bucket_mb=bucket_mb, rules=rules
+    )
     x, y = global_batch(world, shape, classes)
     if strategy != "mp":
         x, y = x[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH], y[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH]
@@ -66,23 +70,26 @@ def _measured_step(rank: int, world: int, strategy: str, mp_size: int | None, bu
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(
-    "strategy, world, mp_size, bucket_mb, reducer",
+    "strategy, world, mp_size, bucket_mb, reducer, rules",
     [
-        ("dp", 2, None, 25.0, "butterfly"),
-        ("dp", 4, None, 0.01, "butterfly"),  # several buckets
-        ("hybrid", 2, None, 25.0, "butterfly"),
-        ("hybrid", 4, None, 25.0, "butterfly"),
-        ("hybrid", 4, 2, 0.01, "butterfly"),
-        ("mp", 2, None, 25.0, "butterfly"),
-        ("mp", 4, None, 25.0, "butterfly"),
-        ("hybrid", 3, None, 25.0, "ring"),  # uneven shards (100 = 33 + 33 + 34), a folded butterfly for counts
+        ("dp", 2, None, 25.0, "butterfly", None),
+        ("dp", 4, None, 0.01, "butterfly", None),  # several buckets
+        ("hybrid", 2, None, 25.0, "butterfly", None),
+        ("hybrid", 4, None, 25.0, "butterfly", None),
+        ("hybrid", 4, 2, 0.01, "butterfly", None),
+        ("mp", 2, None, 25.0, "butterfly", None),
+        ("mp", 4, None, 25.0, "butterfly", None),
+        ("hybrid", 3, None, 25.0, "ring", None),  # uneven shards (100 = 33 + 33 + 34), a folded butterfly for counts
+        ("hybrid", 2, None, 25.0, "butterfly", {"3": "mp"}),  # a convolution split by channels too
+        ("hybrid", 3, None, 0.01, "butterfly", {"0": "mp", "3": "mp", "7": "dp", "10": "dp", "12": "dp"}),
+        ("hybrid", 4, 2, 25.0, "butterfly", {"0": "mp", "3": "mp"}),
     ],
 )
-def test_predicted_bytes_equal_measured(spawn_ranks, strategy, world, mp_size, bucket_mb, reducer):
-    results = spawn_ranks(_measured_step, world, strategy, mp_size, bucket_mb, reducer)
+def test_predicted_bytes_equal_measured(spawn_ranks, strategy, world, mp_size, bucket_mb, reducer, rules):
+    results = spawn_ranks(_measured_step, world, strategy, mp_size, bucket_mb, reducer, rules)
     build, shape, classes = MODELS["small_cnn"]
     model = build()
-    plan = make_plan(model, strategy)
+    plan = make_plan(model, strategy, rules)
     x, _ = global_batch(world, shape, classes)
     table = layer_shapes(model, x[:1])
     for rank, measured in enumerate(results):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hybrid_ext.comm.communicator import Communicator
-from hybrid_ext.comm.transports.loopback import LoopbackTransport, run_ranks
+from hybrid_ext.comm.transports.loopback import LoopbackTransport, RankError, run_ranks
 from hybrid_ext.parallel.mappings import (
     batch_counts,
     copy_to_group,
@@ -96,6 +96,34 @@ def test_exchange_rows_for_features_is_an_all_to_all_and_its_transpose(size):
     for rank, (y, x_grad) in enumerate(run_ranks(_exchange, size, features)):
         assert torch.equal(y, full[rows[rank] : rows[rank + 1]])
         assert torch.equal(x_grad, grad[..., cols[rank] : cols[rank + 1]])
+
+
+def _exchange_channels(transport: LoopbackTransport, channels: tuple[int, ...]) -> tuple:
+    comm, rank = Communicator(transport), transport.rank
+    counts = _rows(transport.size)
+    x = _input(rank, sum(counts), channels[rank], 2, 3).requires_grad_()  # all rows, my channels, a 2x3 map
+    y = exchange_rows_for_features(x, comm, counts, channels, dim=1)
+    (y * _weight(rank, counts[rank], sum(channels), 2, 3)).sum().backward()
+    return y.detach(), x.grad
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_exchange_rows_for_channels_of_a_feature_map(size):
+    """A convolution split by output channels under hybrid: [all rows, my channels, H, W] -> [my rows, all of them]."""
+    counts, channels = _rows(size), shard_sizes(7, size)
+    rows = [sum(counts[:rank]) for rank in range(size + 1)]
+    cols = [sum(channels[:rank]) for rank in range(size + 1)]
+    full = torch.cat([_input(rank, sum(counts), channels[rank], 2, 3) for rank in range(size)], dim=1)
+    grad = torch.cat([_weight(rank, counts[rank], sum(channels), 2, 3) for rank in range(size)])
+    for rank, (y, x_grad) in enumerate(run_ranks(_exchange_channels, size, channels)):
+        assert torch.equal(y, full[rows[rank] : rows[rank + 1]])
+        assert torch.equal(x_grad, grad[:, cols[rank] : cols[rank + 1]])
+
+
+def test_exchange_refuses_features_along_the_rows():
+    with pytest.raises(RankError) as raised:
+        run_ranks(lambda t: exchange_rows_for_features(torch.ones(2, 3), Communicator(t), (1, 1), (2, 1), dim=0), 2)
+    assert "dim 0" in str(raised.value.__cause__)
 
 
 def _model_parallel(transport: LoopbackTransport) -> dict:
