@@ -262,14 +262,26 @@ def predictions(args: argparse.Namespace) -> tuple[dict, list]:
         )  # fmt: skip
         steps.append(step)
         entries.append(_entry(strategy, size, step))
-    # auto: each Linear chain sharded or replicated, and mp_size, for the least step the same model predicts
+    # auto: each Linear chain sharded or replicated, convolutions split where they pay, and mp_size, for the least
+    # step the same model predicts
     chosen = choose_plan(
         model, table, args.np, args.micro_batch, [args.mp_size] if args.mp_size else None, args.reducer,
         int(args.bucket_mb * (1 << 20)), links, network_constants=network_constants, compute_scale=compute_scale,
         cores_busy=cores_busy, strategies=args.auto_strategies,
     )  # fmt: skip
     steps.append(chosen.prediction)
-    entries.append({**_entry("auto", chosen.mp_size, chosen.prediction), "chose": chosen.strategy})
+    best = chosen.alternatives[0]
+    entries.append(
+        {
+            **_entry("auto", chosen.mp_size, chosen.prediction),
+            "chose": chosen.strategy,
+            "plan": best.label,
+            "sharded_chains": list(best.sharded),
+            "split_convolutions": list(best.convolutions),
+            # whether the explicit strategy's run (at auto's mp_size) trains this very plan, and so measures it
+            "same_as_strategy": chosen.styles == plan_by_rules(model, chosen.strategy).styles,
+        }
+    )
     scaling = _scaling(args, model, table) if args.png else None
     return {
         "model": args.model,
@@ -471,18 +483,29 @@ def compare(result: dict, measured_rows: list[dict], grad_algorithm: str) -> dic
     """Predicted against measured step ms per strategy (bench train rows named ``<strategy>-<grad algorithm>``,
     at the mp_size this plan gives the strategy; a row without ``mp_size`` is taken to be at it): each error, their
     mean absolute and worst, whether the two rank the strategies alike, and the measured step of auto's choice
-    against the fastest measured (ValueError: no row to compare). Auto's choice is measured by the row of its
-    strategy at its mp_size (``hybrid-butterfly@2``, say); the fastest is over every row of the reducer, other
-    mp_sizes included. Rows measured with ``--repeats`` carry each repeat's step: two strategies whose repeats'
-    ranges overlap are tied, and the ranking is right when every pair it orders otherwise than the measurements is
-    tied (``ranking_exact``: the orders are the same); auto's choice is tied with the fastest likewise."""
+    against the fastest measured (ValueError: no row to compare). Auto's choice is measured by bench train's own
+    auto run where there is one (``auto-butterfly``: what ``parallelize(strategy="auto")`` chose on those ranks,
+    named in ``auto_run_chose``), else by the row of its strategy at its mp_size (``hybrid-butterfly@2``, say) where
+    that trains the same plan; the fastest is over every row of the reducer, other mp_sizes and auto's included.
+    Rows measured with ``--repeats`` carry each repeat's step: two strategies whose repeats' ranges overlap are
+    tied, and the ranking is right when every pair it orders otherwise than the measurements is tied
+    (``ranking_exact``: the orders are the same); auto's choice is tied with the fastest likewise."""
     planned = {e["strategy"]: e for e in result["strategies"]}
-    measured, spread, repeats = {}, {}, {}
+    measured, spread, repeats, auto_run_chose = {}, {}, {}, None
     at_mp_size: dict[tuple[str, int], float] = {}  # (strategy, mp_size) -> measured ms, every mp_size
     ranges: dict[tuple[str, int], tuple[float, float]] = {}  # the range its repeats spanned (bench train --repeats)
     for row in measured_rows:
         strategy, _, algorithm = str(row.get("run", "")).partition("@")[0].partition("-")
-        if strategy not in STRATEGIES or (algorithm or "butterfly") != grad_algorithm:
+        if (algorithm or "butterfly") != grad_algorithm:
+            continue
+        if strategy == "auto":  # bench train's own auto run: what parallelize(strategy="auto") chose there, trained
+            key = ("auto", row.get("mp_size"))
+            at_mp_size[key], auto_run_chose = float(row["step_ms"]), row.get("chose")
+            runs = [float(ms) for ms in row.get("step_ms_runs") or []]
+            if len(runs) >= 2:
+                ranges[key] = (min(runs), max(runs))
+            continue
+        if strategy not in STRATEGIES:
             continue
         plan_mp_size = planned[strategy]["mp_size"] if strategy in planned else None
         key = (strategy, row.get("mp_size") or plan_mp_size)
@@ -514,8 +537,11 @@ def compare(result: dict, measured_rows: list[dict], grad_algorithm: str) -> dic
     ]
     auto = planned["auto"]
     chose = auto["chose"]
-    # Measured only where bench train ran auto's choice: its strategy at the mp_size auto gave it.
-    auto_key = (chose, 1 if chose == "dp" else auto["mp_size"])
+    # Measured where bench train ran auto itself, else by the run of its strategy at its mp_size where that trains
+    # the same plan (not where auto split only some layers: a convolution, or some of the chains).
+    auto_key = next((key for key in at_mp_size if key[0] == "auto"), None)
+    if auto_key is None and auto.get("same_as_strategy", True):
+        auto_key = (chose, 1 if chose == "dp" else auto["mp_size"])
     auto_ms = at_mp_size.get(auto_key)
     fastest = min(at_mp_size, key=at_mp_size.get)
     # As two strategies are: tied with the fastest (being another row) where their repeats' ranges overlap.
@@ -531,10 +557,11 @@ def compare(result: dict, measured_rows: list[dict], grad_algorithm: str) -> dic
         "ranking_exact": by_prediction == by_measurement,
         "ties": [list(pair) for pair in ties],
         "repeats": repeats,
-        "auto_chose": chose if chose == "dp" else f"{chose} (mp_size {auto['mp_size']})",
+        "auto_chose": auto.get("plan") or (chose if chose == "dp" else f"{chose} (mp_size {auto['mp_size']})"),
         "auto_measured_ms": auto_ms,
         "auto_over_fastest": auto_ms / at_mp_size[fastest] if auto_ms is not None else None,
         "auto_tied_with_fastest": auto_tied,
+        "auto_run_chose": auto_run_chose,
     }
 
 
@@ -556,6 +583,7 @@ def comparison_text(comparison: dict) -> str:
         f"{'right' if comparison['ranking_right'] else 'WRONG'}{ties}; auto chose {comparison['auto_chose']}"
         + (f", measured {auto:.3f}× the fastest" if auto is not None else " (not measured)")
         + (" (their repeats overlap: tied)" if comparison.get("auto_tied_with_fastest") else "")
+        + (f"; bench train's auto run chose {comparison['auto_run_chose']}" if comparison.get("auto_run_chose") else "")
     )
     return "\n".join(lines)
 

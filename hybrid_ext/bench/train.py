@@ -51,12 +51,14 @@ class TrainRow:
     messages_per_step: float
     step_ms_runs: list[float] = field(default_factory=list)  # each repeat's median step (--repeats)
     mp_size: int | None = None  # the model-parallel group size the run used (1 under dp)
+    chose: str | None = None  # an auto run: the plan it chose (its strategy, mp_size, what it split)
 
 
 def parse_runs(text: str, world: int) -> list[tuple[str, str, str, int | None]]:
     """``--runs``: comma-separated ``STRATEGY-REDUCER[@MP_SIZE]`` (``hybrid-butterfly@2``: hybrid on groups of 2
-    ranks) or ``compute-only[@MP_SIZE]``, as (label, strategy, reducer, mp_size or None for ``--mp-size``'s);
-    ValueError naming the run that cannot be run."""
+    ranks; ``auto-butterfly``: ``parallelize(strategy="auto")``'s choice, ``@MP_SIZE`` fixing its group size) or
+    ``compute-only[@MP_SIZE]``, as (label, strategy, reducer, mp_size or None for ``--mp-size``'s); ValueError
+    naming the run that cannot be run."""
     from hybrid_ext.parallel.reducer import GRAD_ALGORITHMS
 
     runs = []
@@ -68,8 +70,10 @@ def parse_runs(text: str, world: int) -> list[tuple[str, str, str, int | None]]:
         else:
             strategy, _, grad_algorithm = name.partition("-")
             grad_algorithm = grad_algorithm or "butterfly"
-            if strategy not in ("dp", "hybrid", "mp"):
-                raise ValueError(f"--runs: unknown strategy in {label!r}; expected dp, hybrid or mp (dp-butterfly)")
+            if strategy not in ("dp", "hybrid", "mp", "auto"):
+                raise ValueError(
+                    f"--runs: unknown strategy in {label!r}; expected dp, hybrid, mp or auto (dp-butterfly)"
+                )
             if grad_algorithm not in GRAD_ALGORITHMS:
                 raise ValueError(f"--runs: unknown reducer in {label!r}; expected one of {', '.join(GRAD_ALGORITHMS)}")
         mp_size = None
@@ -139,15 +143,16 @@ def _train_rank(
     groups = _mirror_groups(world, mp_size or world, rank, where) if mirror else None
     if mirror:  # no messages move, so ranks cannot compare fingerprints either
         hybrid_ext.set_check(False)
-    model = hybrid_ext.parallelize(
-        build_model(model_name).to(where), strategy=strategy, reducer=grad_algorithm,
-        mp_size=None if mirror else mp_size, groups=groups, sync_initial_weights=not mirror,
-    )  # fmt: skip
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     batch = micro_batch * world if strategy == "mp" else micro_batch
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(batch, 3, size, size, generator=g).to(where)
     y = torch.randint(0, 10, (batch,), generator=g).to(where)
+    model = hybrid_ext.parallelize(
+        build_model(model_name).to(where), strategy=strategy, reducer=grad_algorithm,
+        mp_size=None if mirror else mp_size, groups=groups, sync_initial_weights=not mirror,
+        example_input=x if strategy == "auto" else None,
+    )  # fmt: skip
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     times, sent, messages = [], [], []
 
     def one_step():
@@ -168,7 +173,10 @@ def _train_rank(
         times.append(elapsed)
         sent.append(sum(r.bytes_sent for r in records))  # native reductions record a ring's traffic too
         messages.append(sum(r.messages_sent for r in records))
-    return {"times": times, "bytes": sent, "messages": messages}
+    chose = None
+    if strategy == "auto":  # what auto chose, as its plan names it
+        chose = model.plan.alternatives[0].label
+    return {"times": times, "bytes": sent, "messages": messages, "mp_size": model.groups.dims.mp, "chose": chose}
 
 
 def run_train_bench(
@@ -226,10 +234,18 @@ def run_train_bench(
                 bytes_per_step=statistics.mean(repeated[0][0]["bytes"]),
                 messages_per_step=statistics.mean(repeated[0][0]["messages"]),
                 step_ms_runs=[m * 1e3 for m in medians],
-                mp_size=1 if strategy == "dp" else run_mp_size or world,
+                mp_size=_run_mp_size(strategy, run_mp_size, world, repeated[0][0]),
+                chose=repeated[0][0].get("chose"),
             )
         )
     return rows
+
+
+def _run_mp_size(strategy: str, asked: int | None, world: int, result: dict) -> int:
+    """The model-parallel group size a run trained with: auto's choice (1 where it chose dp), else the one asked."""
+    if strategy == "auto":
+        return 1 if result["chose"] == "dp" else result["mp_size"]
+    return 1 if strategy == "dp" else asked or world
 
 
 def format_markdown(rows: list[TrainRow]) -> str:
@@ -248,6 +264,7 @@ def format_markdown(rows: list[TrainRow]) -> str:
             f"| {r.run} | {r.samples_per_sec:.1f} | {r.step_ms:.0f} | {sent} | {ratio} | "
             f"{r.samples_per_sec / base.samples_per_sec:.2f} |"
         )
+    lines += [f"\n{r.run} chose: {r.chose}" for r in rows if r.chose]
     return "\n".join(lines)
 
 

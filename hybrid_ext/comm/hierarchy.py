@@ -66,7 +66,13 @@ def _moved(plan: Plan, members: Sequence[int], offset: int, prefix: str) -> list
 
 
 def host_layout(hosts: Sequence[int]) -> dict[int, list[int]]:
-    """Group ranks per host, in rank order, for hosts in order of their first rank."""
+    """Group ranks per host, in rank order, for hosts in order of their first rank (one shared answer per layout,
+    planned once for every rank of a large group: read it, do not change it)."""
+    return _host_layout(tuple(hosts))
+
+
+@functools.lru_cache(maxsize=64)
+def _host_layout(hosts: tuple[int, ...]) -> dict[int, list[int]]:
     members: dict[int, list[int]] = {}
     for rank, host in enumerate(hosts):
         members.setdefault(host, []).append(rank)

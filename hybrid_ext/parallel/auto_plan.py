@@ -1,12 +1,17 @@
-"""``strategy="auto"``: shard or replicate each Linear chain, and pick ``mp_size``, by the predicted step.
+"""``strategy="auto"``: shard or replicate each Linear chain, split the convolutions that pay, and pick ``mp_size``,
+by the predicted step.
 
 The candidates: every Linear chain (consecutive Linear layers of one ``nn.Sequential`` with elementwise layers
 between, as :func:`~hybrid_ext.parallel.plan.plan_by_rules` finds them; a Linear elsewhere is a chain of one) either
 sharded (column / row / column_last, as under ``hybrid``) or replicated, and every ``mp_size`` > 1 dividing the
 world size (or the one given); all chains replicated is ``dp``. Up to ``MAX_EXHAUSTIVE_CHAINS`` chains every
-combination is predicted; beyond, one pass of toggling each chain from all-sharded, kept where it helps. The plan
-with the least predicted step (:func:`~hybrid_ext.parallel.step_model.predict_step`) wins; ties go to fewer
-sharded chains, then the smaller ``mp_size``. Convolutions stay data-parallel. ``mp`` (every layer split, the
+combination is predicted; beyond, one pass of toggling each chain from all-sharded, kept where it helps. From the
+best chains at each ``mp_size``, each convolution that might pay (:func:`convolution_candidates`: its weights not
+small next to the activations a split would move) is tried split by output channels, as under ``hybrid`` with a
+rule's ``"mp"``, and kept where the predicted step drops: a convolution late in a CNN, with many weights on a small
+feature map, then exchanges its activations within the group instead of all-reducing its gradients over the world.
+The plan with the least predicted step (:func:`~hybrid_ext.parallel.step_model.predict_step`) wins; ties go to
+fewer sharded chains, then fewer split convolutions, then the smaller ``mp_size``. ``mp`` (every layer split, the
 convolutions by channels, every rank passing the same global batch) is weighed only when asked for
 (``strategies``): switching to it changes what each rank must pass, which auto cannot do behind a script's back.
 
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 from dataclasses import astuple, dataclass, field, fields, replace
 
 import torch
@@ -48,6 +54,7 @@ class Candidate:
     step_s: float
     compute_s: float
     exposed_communication_s: float
+    convolutions: tuple[str, ...] = ()  # under hybrid, the convolutions split by output channels
 
     @property
     def label(self) -> str:
@@ -55,7 +62,10 @@ class Candidate:
             return "dp"
         if self.strategy == "mp":
             return f"mp mp_size={self.mp_size} (every rank passes the global batch)"
-        return f"hybrid mp_size={self.mp_size}, sharded chains at {', '.join(self.sharded)}"
+        parts = [f"sharded chains at {', '.join(self.sharded)}"] if self.sharded else []
+        if self.convolutions:
+            parts.append(f"convolutions split by channels at {', '.join(self.convolutions)}")
+        return f"hybrid mp_size={self.mp_size}, {'; '.join(parts)}"
 
 
 @dataclass
@@ -164,12 +174,12 @@ def choose_plan(
             cores_busy=cores_busy,
         )  # fmt: skip
 
-    results: dict[tuple[str, int, tuple[str, ...]], tuple[Candidate, PartitionPlan, StepPrediction] | None] = {}
+    results: dict[tuple, tuple[Candidate, PartitionPlan, StepPrediction] | None] = {}
 
-    def consider(key: tuple[str, int, tuple[str, ...]], plan: PartitionPlan):
-        """``plan`` predicted and kept under ``key`` (strategy, mp_size, what it splits); None where a layer is too
-        narrow for mp_size shards."""
-        strategy, m, split = key
+    def consider(key: tuple, plan: PartitionPlan):
+        """``plan`` predicted and kept under ``key`` (strategy, mp_size, the chains it shards[, the convolutions it
+        splits]); None where a layer is too narrow for mp_size shards."""
+        strategy, m, split, *convolutions = key
         if m > 1:
             try:
                 check_shardable(model, plan, m)
@@ -177,19 +187,27 @@ def choose_plan(
                 results[key] = None
                 return None
         step = predict(strategy, m, plan)
-        candidate = Candidate(strategy, m, split, step.step_s, step.compute_s, step.exposed_communication_s)
+        candidate = Candidate(strategy, m, split, step.step_s, step.compute_s, step.exposed_communication_s,
+                              tuple(*convolutions))  # fmt: skip
         results[key] = (candidate, plan, step)
         return results[key]
 
-    def evaluate(m: int, sharded: tuple[int, ...]):
+    def evaluate(m: int, sharded: tuple[int, ...], split_convs: tuple[str, ...] = ()):
         heads = tuple(chains[i][0] for i in sorted(sharded))
-        key = ("hybrid", m, heads) if sharded else ("dp", 1, ())
+        if split_convs:
+            key: tuple = ("hybrid", m, heads, tuple(split_convs))
+        else:
+            key = ("hybrid", m, heads) if sharded else ("dp", 1, ())
         if key in results:
             return results[key]
-        if not sharded:
+        if not sharded and not split_convs:
             return consider(key, plan_by_rules(model, "dp"))
         rules = {p: "dp" for i, chain in enumerate(chains) if i not in sharded for p in chain}
+        rules.update({p: "mp" for p in split_convs})
         return consider(key, plan_by_rules(model, "hybrid", rules))
+
+    def faster(trial, best) -> bool:
+        return trial is not None and (best is None or trial[0].step_s < best[0].step_s)
 
     if "dp" in strategies:
         evaluate(1, ())
@@ -198,24 +216,34 @@ def choose_plan(
         consider(("mp", world, tuple(p for p, style in plan.styles.items() if style != "dp")), plan)
     for m in mp_sizes if "hybrid" in strategies else ():
         if len(chains) <= MAX_EXHAUSTIVE_CHAINS:
-            for count in range(1, len(chains) + 1):
-                for subset in itertools.combinations(range(len(chains)), count):
-                    evaluate(m, subset)
+            first = 0 if "dp" in strategies else 1  # no chain sharded is dp's plan
+            subsets = [
+                s for count in range(first, len(chains) + 1) for s in itertools.combinations(range(len(chains)), count)
+            ]
+            tried = {subset: evaluate(m, subset) for subset in subsets}
+            current = min((s for s in subsets if tried[s]), key=lambda s: tried[s][0].step_s, default=())
+            best = tried.get(current)
         else:
-            current = set(range(len(chains)))
-            best = evaluate(m, tuple(current))
+            current = tuple(range(len(chains)))
+            best = evaluate(m, current)
             for i in range(len(chains)):
-                trial = evaluate(m, tuple(sorted(current ^ {i})))
-                if trial and (best is None or trial[0].step_s < best[0].step_s):
-                    current ^= {i}
-                    best = trial
+                trial_chains = tuple(sorted(set(current) ^ {i}))
+                trial = evaluate(m, trial_chains)
+                if faster(trial, best):
+                    current, best = trial_chains, trial
+        # Then each convolution that might pay, most weight per activation first, split where the step drops.
+        split_convs: tuple[str, ...] = ()
+        for path in convolution_candidates(model, table, micro_batch, m):
+            trial = evaluate(m, current, tuple(sorted((*split_convs, path))))
+            if faster(trial, best):
+                split_convs, best = tuple(sorted((*split_convs, path))), trial
     found = [r for r in results.values() if r is not None]
     if not found:
         raise ValueError(
             f"strategy='auto': no plan of {', '.join(strategies)} fits this model on {world} ranks "
             f"(mp_size {', '.join(map(str, mp_sizes)) or 'none'}); a layer is too narrow to split"
         )
-    found.sort(key=lambda r: (r[0].step_s, len(r[0].sharded), r[0].mp_size))
+    found.sort(key=lambda r: (r[0].step_s, len(r[0].sharded), len(r[0].convolutions), r[0].mp_size))
     candidate, plan, step = found[0]
     return AutoPlan(
         plan.strategy,
@@ -225,6 +253,26 @@ def choose_plan(
         prediction=step,
         alternatives=[r[0] for r in found],
     )
+
+
+def convolution_candidates(model: nn.Module, table: LayerTable, micro_batch: int, mp_size: int) -> list[str]:
+    """The convolutions auto tries splitting by output channels under hybrid, most weight per activation first:
+    those with at least ``mp_size`` output channels, groups=1, zero padding, and weights outweighing a quarter of
+    the activations a split moves (b samples' input and output; the step model decides, this only spares it the
+    convolutions that cannot pay, on large feature maps)."""
+    modules = dict(model.named_modules())
+    ratios = {}
+    for path, record in table.layers.items():
+        conv = modules.get(path)
+        if not isinstance(conv, nn.Conv2d) or conv.groups != 1 or conv.padding_mode != "zeros":
+            continue
+        if conv.out_channels < mp_size or not conv.weight.requires_grad:
+            continue
+        moved = micro_batch * (math.prod(record.input_shape) + math.prod(record.output_shape))
+        weights = sum(p.numel() for p in conv.parameters(recurse=False) if p.requires_grad)
+        if 4 * weights >= moved:
+            ratios[path] = weights / moved
+    return sorted(ratios, key=lambda p: (-ratios[p], p))
 
 
 def _needs_example(example_input) -> None:

@@ -235,11 +235,13 @@ def _predict_rank(
     network_constants: CostModel | None,
     compute_scale: float,
     cores_busy: bool,
+    modules: dict[str, nn.Module],
+    held: list,
 ) -> StepPrediction:
+    """Rank ``rank``'s step; ``modules``: the model's by path; ``held``: the parameters it holds after the wrap."""
     m = mp_size if strategy in ("hybrid", "mp") else 1
-    modules = dict(model.named_modules())
     transfers = step_transfers(
-        model, table, styles, strategy, world, mp_size, rank, micro_batch, grad_algorithm, bucket_bytes, links
+        model, table, styles, strategy, world, mp_size, rank, micro_batch, grad_algorithm, bucket_bytes, links, held
     )
     split = {}
     for t in transfers:  # the mappings' own copies around a collective are CPU work, at the table's copy rate
@@ -294,7 +296,6 @@ def _predict_rank(
         previous_end = start + cpu + wire
         prediction.buckets.append(BucketPrediction(transfer, seconds[id(transfer)], ready, start, previous_end))
     prediction.exposed_gradient_s = max(0.0, previous_end - clock) + unhidden
-    held = parameters_after_wrap(model, styles if strategy != "dp" else {}, m, rank % m)
     prediction.optimizer_s = table.optimizer_s_per_element * sum(p.numel for p in held) * compute_scale
     prediction.reducer_s = table.bucket_s_per_byte * bucketed_bytes(held, strategy, world) * compute_scale
     return prediction
@@ -332,10 +333,14 @@ def predict_step(
     mp_size = world if mp_size is None else mp_size
     if micro_batch < 1:
         raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+    # What every rank of an mp_rank shares, worked out once (a thousand ranks are predicted one by one).
+    m = mp_size if strategy in ("hybrid", "mp") else 1
+    modules = dict(model.named_modules())
+    held = {q: parameters_after_wrap(model, styles if strategy != "dp" else {}, m, q) for q in range(m)}
     predictions = [
         _predict_rank(
             model, table, styles, strategy, world, mp_size, r, micro_batch, grad_algorithm, bucket_bytes, links,
-            constants, network_constants, compute_scale, cores_busy,
+            constants, network_constants, compute_scale, cores_busy, modules, held[r % m],
         )
         for r in range(world)
     ]  # fmt: skip

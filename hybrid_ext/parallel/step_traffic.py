@@ -46,6 +46,7 @@ Messages travel in the tensors' own dtype (no ``wire_dtype`` compression).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -93,14 +94,18 @@ class Links:
 
     def group(self, members: list[int], rank: int) -> GroupLinks:
         """The links of the group of world ranks ``members`` (in group order), seen from group rank ``rank``."""
-        numbering: dict[int, int] = {}
-        hosts = (
-            None if self.hosts is None else tuple(numbering.setdefault(self.hosts[m], len(numbering)) for m in members)
-        )
-        if hosts is not None and len(set(hosts)) == 1:
-            hosts = None  # a group inside one host runs on that host's transport
+        hosts = None if self.hosts is None else _group_hosts(self.hosts, tuple(members))
         transport = self.transport if hosts is None else f"{self.transport}+{self.network}"
         return GroupLinks(len(members), rank, hosts, transport, self.transport, self.network, self.native)
+
+
+@functools.lru_cache(maxsize=256)
+def _group_hosts(hosts: tuple[int, ...], members: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The hosts of a group's ranks, numbered in order of first appearance; None for a group inside one host (it
+    runs on that host's transport)."""
+    numbering: dict[int, int] = {}
+    numbered = tuple(numbering.setdefault(hosts[m], len(numbering)) for m in members)
+    return None if len(numbering) == 1 else numbered
 
 
 @dataclass(frozen=True)
@@ -352,15 +357,19 @@ def gradient_transfers(
     grad_algorithm: str = "butterfly",
     bucket_bytes: int = 25 << 20,
     links: Links | None = None,
+    held: list[_Param] | None = None,
 ) -> list[Transfer]:
-    """The gradient all-reduces of one step, in the order the reducer launches them (see the module docstring)."""
+    """The gradient all-reduces of one step, in the order the reducer launches them (see the module docstring);
+    ``held``: :func:`parameters_after_wrap` for this rank, where the caller has it."""
     links = links or Links()
     if grad_algorithm not in GRAD_ALGORITHMS:
         raise ValueError(f"unknown reducer {grad_algorithm!r}; choose one of {', '.join(GRAD_ALGORITHMS)}")
     if strategy == "mp":
         return []  # every rank computes the same loss: nothing to combine
     m = mp_size if strategy == "hybrid" else 1
-    params = parameters_after_wrap(model, styles if strategy == "hybrid" else {}, m, rank % m)
+    params = (
+        held if held is not None else parameters_after_wrap(model, styles if strategy == "hybrid" else {}, m, rank % m)
+    )
     position = {id(p): i for i, p in enumerate(params)}
     algorithm = "butterfly" if grad_algorithm in ("butterfly", "auto") else grad_algorithm
     groups = [("replicated", [p for p in params if not p.sharded], links.group(list(range(world)), rank))]
@@ -408,11 +417,13 @@ def step_transfers(
     grad_algorithm: str = "butterfly",
     bucket_bytes: int = 25 << 20,
     links: Links | None = None,
+    held: list[_Param] | None = None,
 ) -> list[Transfer]:
     """Everything rank ``rank`` sends in one step: forward (layer order), backward (reverse), gradient buckets.
 
     ``styles``: the plan's layer path → style (``plan_by_rules(model, strategy).styles``); ``table``: the layers'
-    shapes (:func:`~hybrid_ext.parallel.layer_profile.layer_shapes`); ``micro_batch``: b, samples per rank."""
+    shapes (:func:`~hybrid_ext.parallel.layer_profile.layer_shapes`); ``micro_batch``: b, samples per rank;
+    ``held``: :func:`parameters_after_wrap` for this rank, where the caller has it."""
     links = links or Links()
     if links.hosts is not None and len(links.hosts) != world:
         raise ValueError(f"links.hosts names the hosts of {len(links.hosts)} ranks, not of the world's {world}")
@@ -432,5 +443,7 @@ def step_transfers(
     ]
     forward = [t for t in per_layer if t.phase == "forward"]
     backward = [t for t in reversed(per_layer) if t.phase == "backward"]
-    gradients = gradient_transfers(model, styles, strategy, world, mp_size, rank, grad_algorithm, bucket_bytes, links)
+    gradients = gradient_transfers(
+        model, styles, strategy, world, mp_size, rank, grad_algorithm, bucket_bytes, links, held
+    )
     return forward + backward + gradients

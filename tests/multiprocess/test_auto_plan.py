@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 import hybrid_ext
 from hybrid_ext.parallel import full_grads, make_plan
-from hybrid_ext.parallel.auto_plan import AutoPlan, choose_plan
-from hybrid_ext.parallel.layer_profile import profile_layers
+from hybrid_ext.parallel.auto_plan import AutoPlan, choose_plan, convolution_candidates
+from hybrid_ext.parallel.layer_profile import layer_shapes, profile_layers
 
 from helpers.parallel_reference import (
     MICRO_BATCH,
@@ -47,7 +47,13 @@ def test_auto_shards_alexnet_and_vgg_classifiers(build, shape, head):
     assert isinstance(plan, AutoPlan)
     assert plan.strategy == "hybrid" and plan.mp_size > 1
     assert [plan.styles[f"classifier.{i}"] for i in head] == ["column", "row", "column_last"]
-    assert all(style == "dp" for path, style in plan.styles.items() if path.startswith("features"))
+    # the convolutions: the first, on the largest map, data-parallel; a later one split by channels only where
+    # its weights outweigh the activations it would exchange
+    features = {path: style for path, style in plan.styles.items() if path.startswith("features")}
+    assert features["features.0"] == "dp" and set(features.values()) <= {"dp", "channel"}
+    split = {path for path, style in features.items() if style == "channel"}
+    assert split <= set(convolution_candidates(build(), layer_shapes(build(), torch.randn(8, *shape)), 8, 4))
+    assert tuple(sorted(split)) == plan.alternatives[0].convolutions
     text = str(plan)
     assert "predicted step" in text and "<- chosen" in text and "comm ms" in text
     assert any(c.strategy == "dp" for c in plan.alternatives)  # the alternatives are shown beside it

@@ -55,3 +55,13 @@ def test_warm_up_ends_at_the_same_step_on_every_rank_whatever_each_rank_tried():
     assert spawn(_warm_up_with_trials_until, 2, [1, 3], timeout=60) == [5, 5]
     # no trials anywhere: the minimum
     assert spawn(_warm_up_with_trials_until, 2, [-1, -1], timeout=60) == [2, 2]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(600)
+def test_an_auto_run_trains_what_parallelize_chose_and_names_it():
+    from hybrid_ext.bench.train import parse_runs
+
+    (row,) = run_train_bench("digits_alexnet", 2, parse_runs("auto-butterfly", 2), micro_batch=4, size=32, steps=1)
+    assert row.chose and row.samples_per_sec > 0
+    assert row.mp_size == (1 if row.chose == "dp" else 2)

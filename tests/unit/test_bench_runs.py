@@ -32,7 +32,7 @@ def test_runs_parse_with_and_without_their_own_mp_size():
         ("hybrid-butterfly@3", "'hybrid-butterfly@3': the mp_size after @ must divide the 4 ranks"),
         ("hybrid-butterfly@0", "must divide the 4 ranks"),
         ("hybrid-butterfly@two", "must divide the 4 ranks"),
-        ("fsdp-butterfly", "unknown strategy in 'fsdp-butterfly'"),
+        ("fsdp-butterfly", "unknown strategy in 'fsdp-butterfly'; expected dp, hybrid, mp or auto"),
         ("dp-foo", "unknown reducer in 'dp-foo'; expected one of butterfly, auto"),
     ],
 )
@@ -79,6 +79,28 @@ def test_each_run_trains_at_its_own_mp_size_and_its_row_says_which(monkeypatch):
     mirrors.clear()
     (row,) = train.run_train_bench("digits_alexnet", 4, train.parse_runs("compute-only@2", 4), 4, 16, 1)
     assert calls == [("hybrid", 2)] and mirrors == [True] and row.mp_size == 2
+
+
+def test_an_auto_run_trains_auto_and_its_row_says_what_auto_chose(monkeypatch):
+    assert train.parse_runs("auto-butterfly,auto@2", 4) == [
+        ("auto-butterfly", "auto", "butterfly", None),
+        ("auto@2", "auto", "butterfly", 2),
+    ]
+    chose = "hybrid mp_size=2, sharded chains at classifier.1; convolutions split by channels at features.10"
+
+    def fake_spawn(fn, world, model, strategy, grad_algorithm, mp_size, *args, **kwargs):
+        assert strategy == "auto"
+        return [{"times": [0.1], "bytes": [8.0], "messages": [2.0], "mp_size": 2, "chose": chose}] * world
+
+    monkeypatch.setattr(train, "spawn", fake_spawn)
+    (row,) = train.run_train_bench("alexnet", 4, train.parse_runs("auto-butterfly", 4), 4, 16, 1)
+    assert (row.run, row.mp_size, row.chose) == ("auto-butterfly", 2, chose)
+    assert f"auto-butterfly chose: {chose}" in train.format_markdown([row])
+    # auto chose dp: its row is at mp_size 1, whatever groups parallelize built
+    monkeypatch.setattr(train, "spawn", lambda *a, **k: [{"times": [0.1], "bytes": [8.0], "messages": [2.0],
+                                                         "mp_size": 4, "chose": "dp"}] * 4)  # fmt: skip
+    (row,) = train.run_train_bench("alexnet", 4, train.parse_runs("auto-butterfly", 4), 4, 16, 1)
+    assert row.mp_size == 1
 
 
 def _plan(auto_mp_size: int) -> dict:
@@ -137,3 +159,22 @@ def test_auto_whose_repeats_overlap_the_fastests_is_tied_with_it():
     rows[-1].update(step_ms=240.0, step_ms_runs=[238, 242])
     result = compare(_plan(2), rows, "butterfly")
     assert result["auto_over_fastest"] == 1.0 and not result["auto_tied_with_fastest"]
+
+
+def test_auto_that_split_only_some_layers_is_measured_by_its_own_run_only():
+    plan = _plan(4)
+    plan["strategies"][-1].update(same_as_strategy=False, plan="hybrid mp_size=4, ...; convolutions split at f.10")
+    # hybrid-butterfly trains every Linear split and no convolution: not auto's plan, so auto is not measured
+    result = compare(plan, _rows(None), "butterfly")
+    assert result["auto_measured_ms"] is None and result["auto_chose"].endswith("convolutions split at f.10")
+    # bench train's auto run measures it, and may be the fastest of all
+    rows = [*_rows(None), {"run": "auto-butterfly", "step_ms": 240.0, "mp_size": 4, "chose": "what ranks chose"}]
+    result = compare(plan, rows, "butterfly")
+    assert result["auto_measured_ms"] == 240.0 and result["auto_over_fastest"] == 1.0
+    assert result["auto_run_chose"] == "what ranks chose"
+    assert [r["strategy"] for r in result["rows"]] == ["dp", "hybrid", "mp"]  # auto is not a strategy's row
+    rows[-1]["step_ms"] = 260.0
+    assert compare(plan, rows, "butterfly")["auto_over_fastest"] == pytest.approx(260 / 250)
+    # where auto's plan is the strategy's own, the strategy's run still measures it
+    plan["strategies"][-1]["same_as_strategy"] = True
+    assert compare(plan, _rows(None), "butterfly")["auto_measured_ms"] == 250.0
