@@ -476,6 +476,7 @@ def table_text(result: dict) -> str:
             f"{e['exposed_communication_ms']:>17.2f}{e['bytes_per_rank']:>14,}{e['bytes_per_host_link']:>17,}"
             f"{e['samples_per_s']:>12.1f}"
         )
+    lines += [f"  auto chose {e['plan']}" for e in result["strategies"] if e["strategy"] == "auto" and e.get("plan")]
     return "\n".join(lines)
 
 

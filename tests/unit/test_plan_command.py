@@ -25,7 +25,13 @@ def test_dp_hybrid_and_mp_side_by_side(tmp_path, capsys):
     # auto: the least predicted step of its candidates, among them dp and hybrid (every chain sharded) at mp_size 2
     assert rows["auto"]["step_ms"] <= min(rows["dp"]["step_ms"], rows["hybrid"]["step_ms"])
     assert (rows["auto"]["chose"], rows["auto"]["mp_size"]) in {("dp", 1), ("hybrid", 2)}
-    assert f"auto:{rows['auto']['chose']}" in printed
+    assert f"auto:{rows['auto']['chose']}" in printed and f"auto chose {rows['auto']['plan']}" in printed
+    # what auto splits, and whether the strategy's own plan is it (so that a run of the strategy measures it)
+    assert set(rows["auto"]) >= {"sharded_chains", "split_convolutions", "same_as_strategy"}
+    assert rows["auto"]["same_as_strategy"] == (
+        not rows["auto"]["split_convolutions"]
+        and len(rows["auto"]["sharded_chains"]) == (rows["auto"]["chose"] != "dp")
+    )
     for entry in rows.values():
         assert entry["step_ms"] == pytest.approx(entry["compute_ms"] + entry["exposed_communication_ms"])
         assert entry["samples_per_s"] == pytest.approx(4 * 2 / (entry["step_ms"] / 1e3))
