@@ -174,12 +174,13 @@ def choose_plan(
             cores_busy=cores_busy,
         )  # fmt: skip
 
+    # (strategy, mp_size, sharded chains by first layer, split convolutions) -> its prediction, None if unfit
     results: dict[tuple, tuple[Candidate, PartitionPlan, StepPrediction] | None] = {}
 
     def consider(key: tuple, plan: PartitionPlan):
-        """``plan`` predicted and kept under ``key`` (strategy, mp_size, the chains it shards[, the convolutions it
-        splits]); None where a layer is too narrow for mp_size shards."""
-        strategy, m, split, *convolutions = key
+        """``plan`` predicted and kept under ``key`` (strategy, mp_size, the chains it shards, the convolutions it
+        splits); None where a layer is too narrow for mp_size shards."""
+        strategy, m, split, convolutions = key
         if m > 1:
             try:
                 check_shardable(model, plan, m)
@@ -187,17 +188,15 @@ def choose_plan(
                 results[key] = None
                 return None
         step = predict(strategy, m, plan)
-        candidate = Candidate(strategy, m, split, step.step_s, step.compute_s, step.exposed_communication_s,
-                              tuple(*convolutions))  # fmt: skip
+        candidate = Candidate(
+            strategy, m, split, step.step_s, step.compute_s, step.exposed_communication_s, convolutions
+        )
         results[key] = (candidate, plan, step)
         return results[key]
 
     def evaluate(m: int, sharded: tuple[int, ...], split_convs: tuple[str, ...] = ()):
         heads = tuple(chains[i][0] for i in sorted(sharded))
-        if split_convs:
-            key: tuple = ("hybrid", m, heads, tuple(split_convs))
-        else:
-            key = ("hybrid", m, heads) if sharded else ("dp", 1, ())
+        key = ("hybrid", m, heads, split_convs) if sharded or split_convs else ("dp", 1, (), ())
         if key in results:
             return results[key]
         if not sharded and not split_convs:
@@ -213,7 +212,7 @@ def choose_plan(
         evaluate(1, ())
     if "mp" in strategies and world in mp_sizes:
         plan = plan_by_rules(model, "mp")
-        consider(("mp", world, tuple(p for p, style in plan.styles.items() if style != "dp")), plan)
+        consider(("mp", world, tuple(p for p, style in plan.styles.items() if style != "dp"), ()), plan)
     for m in mp_sizes if "hybrid" in strategies else ():
         if len(chains) <= MAX_EXHAUSTIVE_CHAINS:
             first = 0 if "dp" in strategies else 1  # no chain sharded is dp's plan
@@ -234,9 +233,10 @@ def choose_plan(
         # Then each convolution that might pay, most weight per activation first, split where the step drops.
         split_convs: tuple[str, ...] = ()
         for path in convolution_candidates(model, table, micro_batch, m):
-            trial = evaluate(m, current, tuple(sorted((*split_convs, path))))
+            trial_convs = tuple(sorted((*split_convs, path)))
+            trial = evaluate(m, current, trial_convs)
             if faster(trial, best):
-                split_convs, best = tuple(sorted((*split_convs, path))), trial
+                split_convs, best = trial_convs, trial
     found = [r for r in results.values() if r is not None]
     if not found:
         raise ValueError(

@@ -82,10 +82,14 @@ def torch_groups(dims: ParallelDims, device=None) -> Groups:
     device = device or torch.device("cpu")
     rank = dist.get_rank()
     mine: dict[str, Any] = {"world": dist.group.WORLD}
-    # new_group is collective over the whole world: every rank creates every group, in the same order.
+    # new_group is collective over the whole world: every rank creates every group, in the same order. A
+    # model-parallel group of every rank is a group of its own all the same: its communicator runs the layers'
+    # exchanges in its own issue order, which must not queue behind the world's gradient buckets in flight (a
+    # convolution split under hybrid exchanges during backward, while they are).
     for kind, layout in (("mp", dims.mp_groups()), ("dp", dims.dp_groups())):
         for ranks in layout:
-            group = dist.new_group(ranks) if len(ranks) < dims.world else dist.group.WORLD
+            own = len(ranks) < dims.world or (kind == "mp" and len(ranks) > 1)
+            group = dist.new_group(ranks) if own else dist.group.WORLD
             if rank in ranks:
                 mine[kind] = group
     return Groups(

@@ -53,7 +53,7 @@ differ by one).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
@@ -181,6 +181,43 @@ def transfer_split(
     return cpu, network.alpha * transfer.network_messages + wire
 
 
+def link_bytes_s(
+    transfer: Transfer, links: Links, constants: CostModel | None = None, network_constants: CostModel | None = None
+) -> float:
+    """Seconds the bytes this rank sends to other hosts in ``transfer`` hold its host's link (β·n, the host's ranks
+    sending at once; 0 on one host)."""
+    if links.hosts is None or not transfer.network_bytes:
+        return 0.0
+    network = _link_constants(transfer, constants, network_constants)
+    return network.beta * transfer.network_bytes * links.ranks_per_link
+
+
+def _link_sharing(
+    launched: list, finished_at: dict[str, float], backward_of: dict[str, float], by_layer: dict, link_s
+) -> tuple[dict[str, float], dict[int, float]]:
+    """(layer -> its delay, id(bucket) -> its delay) where a layer's backward exchanges cross the link while a
+    bucket's bytes are on it: each overlap, capped at the exchange's own time on the link, delays both (two flows
+    on one link move at half the rate each). ``launched``: the buckets' (transfer, ready, start, end)."""
+    layer_delays: dict[str, float] = {}
+    bucket_delays: dict[int, float] = {}
+    for path, own in by_layer.items():
+        on_link = sum(link_s(t) for t in own if t.phase == "backward")
+        if on_link <= 0:
+            continue
+        end = finished_at[path]
+        begin = end - backward_of[path]
+        left = on_link
+        for transfer, _ready, start, stop in launched:
+            if left <= 0 or link_s(transfer) <= 0:
+                continue
+            overlap = min(left, link_s(transfer), max(0.0, min(end, stop) - max(begin, start)))
+            if overlap > 0:
+                layer_delays[path] = layer_delays.get(path, 0.0) + overlap
+                bucket_delays[id(transfer)] = bucket_delays.get(id(transfer), 0.0) + overlap
+                left -= overlap
+    return layer_delays, bucket_delays
+
+
 def link_cpu_s(
     transfer: Transfer, links: Links, constants: CostModel | None = None, network_constants: CostModel | None = None
 ) -> float:
@@ -275,26 +312,53 @@ def _predict_rank(
     glue_forward, glue_backward = glue_forward * compute_scale, glue_backward * compute_scale
     prediction.glue_s = glue_forward + glue_backward
     prediction.forward_s += glue_forward
-    finished_at: dict[str, float] = {}  # layer -> when its backward ends, from the start of backward
-    clock = glue_backward  # counted before the layers: buckets are then ready late, never early
-    for path in reversed(table.layers):
-        clock += backward_of[path]
-        finished_at[path] = clock
+    buckets = [t for t in transfers if t.phase == "gradients"]
+
+    def backward_timeline(delays: dict[str, float]) -> tuple[dict[str, float], float]:
+        """(layer -> when its backward ends, from the start of backward; when backward ends)."""
+        finished_at, clock = {}, glue_backward  # the glue counted first: buckets are then ready late, never early
+        for path in reversed(table.layers):
+            clock += backward_of[path] + delays.get(path, 0.0)
+            finished_at[path] = clock
+        return finished_at, clock
+
+    def schedule(finished_at: dict[str, float], clock: float, delays: dict[int, float]):
+        """The buckets' (ready, start, end) in launch order, and their CPU time that no idle core hides."""
+        previous_end, unhidden, out = 0.0, 0.0, []
+        for transfer in buckets:
+            # A bucket's gradients are all in once backward has passed the earliest (in forward order) of its layers.
+            ready = max((finished_at.get(layer, clock) for layer in transfer.layers), default=clock)
+            start = max(ready, previous_end)
+            cpu, wire = split[id(transfer)]
+            wire += delays.get(id(transfer), 0.0)
+            if cores_busy:  # its copies and reductions wait for a core: only its time on the wire can hide
+                unhidden += cpu
+                cpu = 0.0
+                if wire > 0 and start < clock:  # moving its bytes takes the busy cores' time while backward runs
+                    kernel = link_cpu_s(transfer, links, constants, network_constants) * compute_scale
+                    unhidden += kernel * min(1.0, (clock - start) / wire)
+            previous_end = start + cpu + wire
+            out.append((transfer, ready, start, previous_end))
+        return out, previous_end, unhidden
+
+    finished_at, clock = backward_timeline({})
+    launched, previous_end, unhidden = schedule(finished_at, clock, {})
+    # An activation exchange in backward whose bytes cross hosts while a bucket's are on the link shares the link
+    # with it: the time they overlap, each moves at half its rate, and both take that much longer.
+    layer_delays, bucket_delays = _link_sharing(
+        launched, finished_at, backward_of, by_layer, lambda t: link_bytes_s(t, links, constants, network_constants)
+    )
+    if layer_delays:
+        finished_at, clock = backward_timeline(layer_delays)
+        launched, previous_end, unhidden = schedule(finished_at, clock, bucket_delays)
+        prediction.layers = [
+            replace(layer, communication_s=layer.communication_s + layer_delays.get(layer.path, 0.0))
+            for layer in prediction.layers
+        ]
     prediction.backward_s = clock
-    previous_end, unhidden = 0.0, 0.0
-    for transfer in (t for t in transfers if t.phase == "gradients"):
-        # A bucket's gradients are all in once backward has passed the earliest (in forward order) of its layers.
-        ready = max((finished_at.get(layer, clock) for layer in transfer.layers), default=clock)
-        start = max(ready, previous_end)
-        cpu, wire = split[id(transfer)]
-        if cores_busy:  # its copies and reductions wait for a core: only its time on the wire can hide
-            unhidden += cpu
-            cpu = 0.0
-            if wire > 0 and start < clock:  # moving its bytes takes the busy cores' time while backward runs
-                kernel = link_cpu_s(transfer, links, constants, network_constants) * compute_scale
-                unhidden += kernel * min(1.0, (clock - start) / wire)
-        previous_end = start + cpu + wire
-        prediction.buckets.append(BucketPrediction(transfer, seconds[id(transfer)], ready, start, previous_end))
+    for transfer, ready, start, end in launched:
+        taken = seconds[id(transfer)] + bucket_delays.get(id(transfer), 0.0)
+        prediction.buckets.append(BucketPrediction(transfer, taken, ready, start, end))
     prediction.exposed_gradient_s = max(0.0, previous_end - clock) + unhidden
     prediction.optimizer_s = table.optimizer_s_per_element * sum(p.numel for p in held) * compute_scale
     prediction.reducer_s = table.bucket_s_per_byte * bucketed_bytes(held, strategy, world) * compute_scale

@@ -63,7 +63,9 @@ def _create(dims: ParallelDims, rank: int, device: torch.device) -> Groups:
     channel = side_channel(hvd.global_process_set)
     comms: dict[str, Communicator] = {}
     for kind, members in (("mp", dims.mp_group_of(rank)), ("dp", dims.dp_group_of(rank))):
-        if len(members) == world:
+        # A model-parallel group of every rank still gets its own communicator (its own issue order): the layers'
+        # exchanges in backward must not queue behind the world's gradient buckets in flight.
+        if len(members) == world and (kind == "dp" or world == 1):
             comms[kind] = world_comm
         else:
             index = members[0] if kind == "mp" else rank % dims.mp

@@ -236,3 +236,24 @@ def _split_device_rank(rank: int, world: int) -> str:
 def test_a_model_on_several_devices_is_refused(spawn_ranks):
     for message in spawn_ranks(_split_device_rank, 2):
         assert "on several devices" in message and "meta" in message
+
+
+def _exchange_while_world_busy(rank: int, world: int) -> tuple[float, bool]:
+    import time
+
+    from hybrid_ext.parallel.dims import ParallelDims, torch_groups
+
+    groups = torch_groups(ParallelDims(world, world))  # mp_size = world: the group has every rank
+    in_flight = groups.world.submit(lambda: time.sleep(2.0))  # a gradient bucket on the wire
+    start = time.perf_counter()
+    groups.mp.row_counts(rank + 1, device="cpu", name="batch counts")  # a split layer's exchange in backward
+    waited = time.perf_counter() - start
+    in_flight.wait()
+    return waited, groups.mp is groups.world
+
+
+def test_a_layers_exchange_does_not_wait_behind_a_gradient_bucket_when_mp_spans_the_world(spawn_ranks):
+    # The model-parallel group of every rank has its own communicator (its own issue order), even with every rank
+    # in it: backward's blocking exchanges of a split convolution must not queue behind the world's buckets.
+    for waited, same in spawn_ranks(_exchange_while_world_busy, 2, timeout=60):
+        assert not same and waited < 1.0, waited

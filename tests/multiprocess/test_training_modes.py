@@ -138,6 +138,13 @@ def vgg11_bn() -> nn.Module:
 
 BN_MODELS = {"resnet18": resnet18, "vgg11_bn": vgg11_bn}
 BN_STEPS = 2
+# Late convolutions split by output channels (hybrid's "mp" rule), each followed by its BatchNorm; ResNet's residual
+# branch (downsample) too.
+BN_SPLIT = {
+    "resnet18": {"layer4.*.conv*": "mp", "layer4.0.downsample.0": "mp"},
+    "vgg11_bn": {"features.22": "mp", "features.25": "mp"},
+}
+BN_VARIANTS = ((False, False), (True, False), (True, True))  # (SyncBatchNorm in float64, convolutions split)
 
 
 def _bn_batches(world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -169,11 +176,11 @@ def _bn_reference(model_name: str, world: int) -> dict[str, torch.Tensor]:
 def _bn_rank(rank: int, world: int) -> dict:
     out = {}
     for model_name, build in BN_MODELS.items():
-        for sync in (False, True):
+        for sync, split in BN_VARIANTS:
             model = build()
             if sync:  # in float64, as the reference
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model).double()
-            model = hybrid_ext.parallelize(model, strategy="hybrid")
+            model = hybrid_ext.parallelize(model, strategy="hybrid", rules=BN_SPLIT[model_name] if split else None)
             optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
             for x, y in _bn_batches(world):
                 x, y = (
@@ -183,7 +190,8 @@ def _bn_rank(rank: int, world: int) -> dict:
                 optimizer.zero_grad()
                 F.cross_entropy(model(x.double() if sync else x), y).backward()
                 optimizer.step()
-            out[(model_name, sync)] = {
+            out[(model_name, sync, split)] = {
+                "split": [path for path, style in model.plan.styles.items() if style == "channel"],
                 "buffers": {n: b.clone() for n, b in model.module.named_buffers()},
                 "state": hybrid_ext.full_state_dict(model),
             }
@@ -195,12 +203,13 @@ def test_batchnorm_buffers_agree_on_every_rank_and_syncbatchnorm_equals_the_refe
     results = spawn_ranks(_bn_rank, 2, timeout=240)
     for model_name in BN_MODELS:
         expected = _bn_reference(model_name, 2)
-        for sync in (False, True):
-            what = f"{model_name} {'SyncBatchNorm' if sync else 'BatchNorm'}"
-            first = results[0][(model_name, sync)]
+        for sync, split in BN_VARIANTS:
+            what = f"{model_name} {'SyncBatchNorm' if sync else 'BatchNorm'}{', convolutions split' * split}"
+            first = results[0][(model_name, sync, split)]
+            assert len(first["split"]) == split * {"resnet18": 5, "vgg11_bn": 2}[model_name], (what, first["split"])
             assert any("running_var" in n for n in first["buffers"]), what
             for rank, result in enumerate(results):
-                run = result[(model_name, sync)]
+                run = result[(model_name, sync, split)]
                 for name, buffer in run["buffers"].items():  # the replicas' own buffers, not only the checkpoint
                     assert torch.equal(buffer, first["buffers"][name]), f"{what}: rank {rank} {name} differs"
                 for name, value in run["state"].items():
