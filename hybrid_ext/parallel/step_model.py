@@ -39,6 +39,11 @@ Step, per rank:
   only its time on the network's wire overlaps backward — less the hosts' CPU for moving those bytes (the link's
   κ per byte sent, :mod:`hybrid_ext.bench.link_cpu`), which the busy cores lose for the share of the wire time
   that falls before backward ends: κ·σ·n_net·min(1, (T_b − s_k)/wire_k);
+- a layer's exchange in backward whose bytes cross hosts while a bucket's are on the link (a convolution split
+  under hybrid runs backward after later layers' buckets were launched) shares the link with it: for the time
+  they overlap, capped at the exchange's own β·n on the link, each moves at half its rate, so the layer and the
+  bucket both end that much later (one more pass over backward with those delays). The exchanges run on the
+  model-parallel group's own communicator, never queued behind a bucket;
 - the reducer's own copies T_r = r · G (:mod:`hybrid_ext.parallel.reducer`: each gradient into its bucket during
   backward, autograd's zero in its place, the reduced bucket back into ``.grad`` after), at the table's rate r per
   byte for the G bytes of gradient it buckets — every parameter this rank holds under dp and hybrid, FC shards

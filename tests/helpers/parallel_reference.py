@@ -51,6 +51,25 @@ def vgg11() -> nn.Module:
     return torchvision.models.vgg11(num_classes=10, dropout=0.0)
 
 
+def head_heavy_cnn() -> nn.Module:
+    """A stem on a 32×32 map (few weights, large activations), then two convolutions of many weights on a 2×2 map,
+    and a small classifier."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(16),
+        nn.Conv2d(16, 256, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(256, 256, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(256, 256, 1, groups=4),  # grouped: cannot be split by channels
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(256, 10),
+    )
+
+
 def token_mlp() -> nn.Module:
     """A Linear applied at every position of a sequence (3-D activations), then a classifier."""
     torch.manual_seed(0)

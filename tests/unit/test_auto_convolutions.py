@@ -15,31 +15,14 @@ from hybrid_ext.parallel.layer_profile import layer_shapes
 from hybrid_ext.parallel.step_model import predict_step
 from hybrid_ext.parallel.step_traffic import Links
 
+from helpers.parallel_reference import head_heavy_cnn
+
 pytestmark = pytest.mark.timeout(120)
 
 B = 4
 TWO_HOSTS = Links("shm", hosts=(0, 0, 1, 1))
 SLOW_LINK = CostModel(alpha=50e-6, beta=32e-9, gamma=0.4e-9)  # 250 Mbit/s
 FAST_LINK = CostModel(alpha=50e-6, beta=0.08e-9, gamma=0.4e-9)  # 100 Gbit/s
-
-
-def head_heavy_cnn() -> nn.Module:
-    """A stem on a 32×32 map (few weights, large activations), then two convolutions of many weights on a 2×2 map,
-    and a small classifier."""
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(16),
-        nn.Conv2d(16, 256, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(256, 256, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(256, 256, 1, groups=4),  # grouped: cannot be split by channels
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(256, 10),
-    )
 
 
 def _table(model: nn.Module, seconds_per_sample: float = 1e-4):

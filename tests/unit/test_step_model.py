@@ -26,7 +26,7 @@ from hybrid_ext.parallel.layer_profile import (
 from hybrid_ext.parallel.step_model import compute_fraction, predict_step
 from hybrid_ext.parallel.step_traffic import Links, gradient_transfers, step_transfers
 
-from helpers.parallel_reference import small_cnn
+from helpers.parallel_reference import head_heavy_cnn, small_cnn
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -501,3 +501,44 @@ def test_a_group_inside_one_host_runs_on_shared_memory():
     with pytest.raises(ValueError, match="hosts of 3 ranks, not of the world's 4"):
         step_transfers(small_cnn(), layer_shapes(small_cnn(), torch.randn(1, 3, 16, 16)), {}, "dp", 4, 1, 0, B,
                        links=Links(hosts=(0, 0, 1)))  # fmt: skip
+
+
+def _heavy_conv_steps(links: Links):
+    """head_heavy_cnn with its second 256-channel convolution split over 4 ranks under hybrid, every parameter its
+    own bucket (so the last convolution's buckets are on the wire when the split one runs backward), each layer
+    with parameters 10 ms forward and 20 ms backward, the others as layer_shapes leaves them (none)."""
+    model = head_heavy_cnn()
+    table = layer_shapes(model, torch.randn(4, 3, 32, 32))
+    weighted = {path for path, module in model.named_modules() if list(module.parameters(recurse=False))}
+    table.layers = {
+        p: replace(r, forward_s=0.01, backward_s=0.02) if p in weighted else r for p, r in table.layers.items()
+    }
+    styles = {"5": "channel"}
+    link = CostModel(alpha=50e-6, beta=32e-9, gamma=0.4e-9)  # 250 Mbit/s
+    step = predict_step(model, table, styles, "hybrid", 4, 4, 4, bucket_bytes=1, links=links,
+                        network_constants=link, cores_busy=True)  # fmt: skip
+    return step, link
+
+
+def test_a_backward_exchange_shares_the_link_with_a_bucket_on_it():
+    from hybrid_ext.parallel.step_model import link_bytes_s, transfer_split
+
+    two_hosts = Links("shm", hosts=(0, 0, 1, 1))
+    step, link = _heavy_conv_steps(two_hosts)
+    layer = next(layer for layer in step.layers if layer.path == "5")
+    own = [t for t in step.layer_transfers if t.name == "5"]
+    alone = sum(sum(transfer_split(t, two_hosts, network_constants=link)) for t in own)
+    on_link = sum(link_bytes_s(t, two_hosts, network_constants=link) for t in own if t.phase == "backward")
+    shared = layer.communication_s - alone
+    # the buckets of the layers after it (in forward order) are on the wire during its backward: its exchanges
+    # there move at half rate, for at most their own time on the link
+    assert 0 < shared <= on_link + 1e-12
+    # on one host there is no link to share
+    one_host, _ = _heavy_conv_steps(Links("shm"))
+    assert next(x for x in one_host.layers if x.path == "5").communication_s == pytest.approx(
+        sum(
+            sum(transfer_split(t, Links("shm"), network_constants=link))
+            for t in one_host.layer_transfers
+            if t.name == "5"
+        )
+    )
