@@ -52,6 +52,7 @@ class TrainRow:
     step_ms_runs: list[float] = field(default_factory=list)  # each repeat's median step (--repeats)
     mp_size: int | None = None  # the model-parallel group size the run used (1 under dp)
     chose: str | None = None  # an auto run: the plan it chose (its strategy, mp_size, what it split)
+    chose_runs: list[str] = field(default_factory=list)  # an auto run: each repeat's choice (each decides anew)
 
 
 def parse_runs(text: str, world: int) -> list[tuple[str, str, str, int | None]]:
@@ -236,6 +237,7 @@ def run_train_bench(
                 step_ms_runs=[m * 1e3 for m in medians],
                 mp_size=_run_mp_size(strategy, run_mp_size, world, repeated[0][0]),
                 chose=repeated[0][0].get("chose"),
+                chose_runs=[results[0]["chose"] for results in repeated if results[0].get("chose")],
             )
         )
     return rows
@@ -264,7 +266,11 @@ def format_markdown(rows: list[TrainRow]) -> str:
             f"| {r.run} | {r.samples_per_sec:.1f} | {r.step_ms:.0f} | {sent} | {ratio} | "
             f"{r.samples_per_sec / base.samples_per_sec:.2f} |"
         )
-    lines += [f"\n{r.run} chose: {r.chose}" for r in rows if r.chose]
+    for r in (r for r in rows if r.chose):
+        choices = list(dict.fromkeys(r.chose_runs or [r.chose]))
+        lines.append(f"\n{r.run} chose: {r.chose}")
+        if len(choices) > 1:  # each repeat profiled and decided anew
+            lines.append(f"{r.run}'s repeats chose differently: " + " | ".join(choices))
     return "\n".join(lines)
 
 

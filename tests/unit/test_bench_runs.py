@@ -96,6 +96,9 @@ def test_an_auto_run_trains_auto_and_its_row_says_what_auto_chose(monkeypatch):
     (row,) = train.run_train_bench("alexnet", 4, train.parse_runs("auto-butterfly", 4), 4, 16, 1)
     assert (row.run, row.mp_size, row.chose) == ("auto-butterfly", 2, chose)
     assert f"auto-butterfly chose: {chose}" in train.format_markdown([row])
+    assert row.chose_runs == [chose] and "chose differently" not in train.format_markdown([row])
+    row.chose_runs = [chose, "dp"]  # each repeat decides anew: a different choice is shown
+    assert f"auto-butterfly's repeats chose differently: {chose} | dp" in train.format_markdown([row])
     # auto chose dp: its row is at mp_size 1, whatever groups parallelize built
     monkeypatch.setattr(train, "spawn", lambda *a, **k: [{"times": [0.1], "bytes": [8.0], "messages": [2.0],
                                                          "mp_size": 4, "chose": "dp"}] * 4)  # fmt: skip
