@@ -77,47 +77,36 @@ def test_scatter_batch_is_a_reduce_scatter_forward_and_an_allgather_backward(siz
         assert torch.equal(x_grad, grad)
 
 
-def _exchange(transport: LoopbackTransport, features: tuple[int, ...]) -> tuple:
+# Where the features are: a Linear's output over a sequence of 2 (the last dim), a convolution's channels over a
+# 2x3 map (dim 1). A shape with the features' size as None.
+FEATURE_LAYOUTS = {-1: (2, None), 1: (None, 2, 3)}
+
+
+def _shape(rows: int, dim: int, features: int) -> tuple[int, ...]:
+    return (rows, *(features if size is None else size for size in FEATURE_LAYOUTS[dim]))
+
+
+def _exchange(transport: LoopbackTransport, features: tuple[int, ...], dim: int) -> tuple:
     comm, rank = Communicator(transport), transport.rank
     counts = _rows(transport.size)
-    x = _input(rank, sum(counts), 2, features[rank]).requires_grad_()  # all rows, a sequence of 2, my features
-    y = exchange_rows_for_features(x, comm, counts, features)
-    (y * _weight(rank, counts[rank], 2, sum(features))).sum().backward()
+    x = _input(rank, *_shape(sum(counts), dim, features[rank])).requires_grad_()  # all rows, my features
+    y = exchange_rows_for_features(x, comm, counts, features, dim=dim)
+    (y * _weight(rank, *_shape(counts[rank], dim, sum(features)))).sum().backward()
     return y.detach(), x.grad
 
 
+@pytest.mark.parametrize("dim", FEATURE_LAYOUTS)
 @pytest.mark.parametrize("size", SIZES)
-def test_exchange_rows_for_features_is_an_all_to_all_and_its_transpose(size):
+def test_exchange_rows_for_features_is_an_all_to_all_and_its_transpose(size, dim):
+    """[all rows, my features] -> [my rows, all features]: a Linear's features, or a split convolution's channels."""
     counts, features = _rows(size), shard_sizes(7, size)
     rows = [sum(counts[:rank]) for rank in range(size + 1)]
     cols = [sum(features[:rank]) for rank in range(size + 1)]
-    full = torch.cat([_input(rank, sum(counts), 2, features[rank]) for rank in range(size)], dim=-1)
-    grad = torch.cat([_weight(rank, counts[rank], 2, sum(features)) for rank in range(size)])
-    for rank, (y, x_grad) in enumerate(run_ranks(_exchange, size, features)):
+    full = torch.cat([_input(rank, *_shape(sum(counts), dim, features[rank])) for rank in range(size)], dim=dim)
+    grad = torch.cat([_weight(rank, *_shape(counts[rank], dim, sum(features))) for rank in range(size)])
+    for rank, (y, x_grad) in enumerate(run_ranks(_exchange, size, features, dim)):
         assert torch.equal(y, full[rows[rank] : rows[rank + 1]])
-        assert torch.equal(x_grad, grad[..., cols[rank] : cols[rank + 1]])
-
-
-def _exchange_channels(transport: LoopbackTransport, channels: tuple[int, ...]) -> tuple:
-    comm, rank = Communicator(transport), transport.rank
-    counts = _rows(transport.size)
-    x = _input(rank, sum(counts), channels[rank], 2, 3).requires_grad_()  # all rows, my channels, a 2x3 map
-    y = exchange_rows_for_features(x, comm, counts, channels, dim=1)
-    (y * _weight(rank, counts[rank], sum(channels), 2, 3)).sum().backward()
-    return y.detach(), x.grad
-
-
-@pytest.mark.parametrize("size", SIZES)
-def test_exchange_rows_for_channels_of_a_feature_map(size):
-    """A convolution split by output channels under hybrid: [all rows, my channels, H, W] -> [my rows, all of them]."""
-    counts, channels = _rows(size), shard_sizes(7, size)
-    rows = [sum(counts[:rank]) for rank in range(size + 1)]
-    cols = [sum(channels[:rank]) for rank in range(size + 1)]
-    full = torch.cat([_input(rank, sum(counts), channels[rank], 2, 3) for rank in range(size)], dim=1)
-    grad = torch.cat([_weight(rank, counts[rank], sum(channels), 2, 3) for rank in range(size)])
-    for rank, (y, x_grad) in enumerate(run_ranks(_exchange_channels, size, channels)):
-        assert torch.equal(y, full[rows[rank] : rows[rank + 1]])
-        assert torch.equal(x_grad, grad[:, cols[rank] : cols[rank + 1]])
+        assert torch.equal(x_grad, grad.narrow(dim, cols[rank], features[rank]))
 
 
 def test_exchange_refuses_features_along_the_rows():
