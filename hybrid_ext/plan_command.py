@@ -492,7 +492,7 @@ def compare(result: dict, measured_rows: list[dict], grad_algorithm: str) -> dic
     tied, and the ranking is right when every pair it orders otherwise than the measurements is tied
     (``ranking_exact``: the orders are the same); auto's choice is tied with the fastest likewise."""
     planned = {e["strategy"]: e for e in result["strategies"]}
-    measured, spread, repeats, auto_run_chose = {}, {}, {}, None
+    measured, spread, repeats, auto_row = {}, {}, {}, None
     at_mp_size: dict[tuple[str, int], float] = {}  # (strategy, mp_size) -> measured ms, every mp_size
     ranges: dict[tuple[str, int], tuple[float, float]] = {}  # the range its repeats spanned (bench train --repeats)
     for row in measured_rows:
@@ -500,8 +500,10 @@ def compare(result: dict, measured_rows: list[dict], grad_algorithm: str) -> dic
         if (algorithm or "butterfly") != grad_algorithm:
             continue
         if strategy == "auto":  # bench train's own auto run: what parallelize(strategy="auto") chose there, trained
-            key = ("auto", row.get("mp_size"))
-            at_mp_size[key], auto_run_chose = float(row["step_ms"]), row.get("chose")
+            if auto_row is not None:
+                raise ValueError(f"--compare: more than one auto run of --reducer {grad_algorithm}: {row.get('run')}")
+            auto_row, key = row, ("auto", row.get("mp_size"))
+            at_mp_size[key] = float(row["step_ms"])
             runs = [float(ms) for ms in row.get("step_ms_runs") or []]
             if len(runs) >= 2:
                 ranges[key] = (min(runs), max(runs))
@@ -562,7 +564,9 @@ def compare(result: dict, measured_rows: list[dict], grad_algorithm: str) -> dic
         "auto_measured_ms": auto_ms,
         "auto_over_fastest": auto_ms / at_mp_size[fastest] if auto_ms is not None else None,
         "auto_tied_with_fastest": auto_tied,
-        "auto_run_chose": auto_run_chose,
+        "auto_run_chose": auto_row.get("chose") if auto_row else None,
+        # each repeat of an auto run profiles and decides anew: its median may mix plans
+        "auto_run_choices_differ": bool(auto_row) and len(set(auto_row.get("chose_runs") or [])) > 1,
     }
 
 
@@ -585,6 +589,7 @@ def comparison_text(comparison: dict) -> str:
         + (f", measured {auto:.3f}× the fastest" if auto is not None else " (not measured)")
         + (" (their repeats overlap: tied)" if comparison.get("auto_tied_with_fastest") else "")
         + (f"; bench train's auto run chose {comparison['auto_run_chose']}" if comparison.get("auto_run_chose") else "")
+        + (" (its repeats chose differently)" if comparison.get("auto_run_choices_differ") else "")
     )
     return "\n".join(lines)
 

@@ -31,8 +31,9 @@ sends a host's blocks across once per partner that needs them (twice the bound a
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from hybrid_ext.comm.schedule import (
     ALGORITHMS,
@@ -65,18 +66,18 @@ def _moved(plan: Plan, members: Sequence[int], offset: int, prefix: str) -> list
     ]
 
 
-def host_layout(hosts: Sequence[int]) -> dict[int, list[int]]:
-    """Group ranks per host, in rank order, for hosts in order of their first rank (one shared answer per layout,
-    planned once for every rank of a large group: read it, do not change it)."""
+def host_layout(hosts: Sequence[int]) -> Mapping[int, tuple[int, ...]]:
+    """Group ranks per host, in rank order, for hosts in order of their first rank (one answer per layout, shared
+    by every rank of a large group planned at once: read-only)."""
     return _host_layout(tuple(hosts))
 
 
 @functools.lru_cache(maxsize=64)
-def _host_layout(hosts: tuple[int, ...]) -> dict[int, list[int]]:
+def _host_layout(hosts: tuple[int, ...]) -> Mapping[int, tuple[int, ...]]:
     members: dict[int, list[int]] = {}
     for rank, host in enumerate(hosts):
         members.setdefault(host, []).append(rank)
-    return members
+    return MappingProxyType({host: tuple(ranks) for host, ranks in members.items()})
 
 
 def _stages(

@@ -8,7 +8,8 @@
 - ``mp``: every rank passes the same global batch; Linear layers split by features, Conv2d by output channels;
   no gradient all-reduce (model parallelism alone).
 - ``hybrid``: conv and other parameter-light layers data-parallel, Linear layers model-parallel over groups of
-  ``mp_size`` ranks (default: all), replicated across world/mp_size such groups.
+  ``mp_size`` ranks (default: all), replicated across world/mp_size such groups; a convolution a rule marks
+  ``"mp"`` (or ``auto`` chooses) is split by output channels over the group as well.
 
 ``reducer`` picks the gradient all-reduce: ``butterfly`` (or ``auto``), ``rabenseifner``,
 ``recursive_doubling``, ``ring``, or ``native`` (the host framework's own). The plan is printable before
@@ -16,7 +17,7 @@ anything is sharded: ``print(hybrid_ext.parallel.make_plan(model, "hybrid"))``.
 
 With ``host_reduces_data_parallel=True`` a host framework that averages every gradient over its data-parallel
 group itself (DeepSpeed, given the grid's groups as its ``mpu``) does that part: hybrid-ext then averages
-replicated (conv) gradients over the model-parallel group only and scales FC-shard gradients by 1/mp_size, so
+replicated (conv) gradients over the model-parallel group only and scales the shards' gradients by 1/mp_size, so
 that the host's average over the dp = world/mp_size replicas completes them — avg over mp, then over dp, is the
 average over all ranks; (Σ over the group's ranks / mp_size) averaged over dp is the sum over the shard's
 replicas / world, as below.
@@ -208,7 +209,8 @@ def parallelize(
         model (nn.Module): the model, on one device (CPU or one CUDA device per rank).
         strategy (str): ``"hybrid"`` (default: conv layers data-parallel, Linear layers model-parallel), ``"dp"``,
             ``"mp"``, or ``"auto"`` (needs ``example_input``, a micro-batch as each rank passes it): each Linear
-            chain sharded or replicated, and ``mp_size`` (if not given), chosen for the least step predicted from
+            chain sharded or replicated, convolutions split by channels where that pays, and ``mp_size`` (if not
+            given), chosen for the least step predicted from
             the layers profiled on every rank (see :mod:`hybrid_ext.parallel.auto_plan`; only as good as those
             predictions).
         reducer (str): the gradient all-reduce: ``"butterfly"`` (default) or ``"auto"``, ``"rabenseifner"``,
@@ -271,7 +273,8 @@ def parallelize(
         # Ranks compare device kinds over the default group's CPU communicator: communicators of different devices
         # (what the groups below would give ranks that disagree) could not meet.
         device = _check_devices(model, communicator(None, torch.device("cpu")))
-        groups = torch_groups(dims, device)  # communicators follow the parameters' device
+        # Communicators follow the parameters' device; a plan that splits nothing needs no model-parallel group.
+        groups = torch_groups(dims, device, own_mp=any(style != "dp" for style in plan.styles.values()))
     else:
         if mp_size is not None and mp_size != groups.dims.mp:
             raise ValueError(f"mp_size={mp_size} disagrees with the groups given (mp={groups.dims.mp})")

@@ -68,8 +68,9 @@ class Groups:
     as ``reduce(tensors, op) -> Handle`` (reducer="native"); None: torch.distributed's, over ``handles[kind]``."""
 
 
-def torch_groups(dims: ParallelDims, device=None) -> Groups:
-    """Create the groups with torch.distributed (every rank calls this, in the same order)."""
+def torch_groups(dims: ParallelDims, device=None, own_mp: bool = True) -> Groups:
+    """Create the groups with torch.distributed (every rank calls this, in the same order). ``own_mp``: give a
+    model-parallel group of every rank its own group (False, for a plan that splits nothing: the world's)."""
     import torch
     import torch.distributed as dist
 
@@ -88,7 +89,7 @@ def torch_groups(dims: ParallelDims, device=None) -> Groups:
     # convolution split under hybrid exchanges during backward, while they are).
     for kind, layout in (("mp", dims.mp_groups()), ("dp", dims.dp_groups())):
         for ranks in layout:
-            own = len(ranks) < dims.world or (kind == "mp" and len(ranks) > 1)
+            own = len(ranks) < dims.world or (kind == "mp" and len(ranks) > 1 and own_mp)
             group = dist.new_group(ranks) if own else dist.group.WORLD
             if rank in ranks:
                 mine[kind] = group

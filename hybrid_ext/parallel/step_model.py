@@ -43,7 +43,9 @@ Step, per rank:
   under hybrid runs backward after later layers' buckets were launched) shares the link with it: for the time
   they overlap, capped at the exchange's own β·n on the link, each moves at half its rate, so the layer and the
   bucket both end that much later (one more pass over backward with those delays). The exchanges run on the
-  model-parallel group's own communicator, never queued behind a bucket;
+  model-parallel group's own communicator, never queued behind the world's buckets (where a host framework
+  reduces the data-parallel part, DeepSpeed's path, the replicated gradients go over that group and they do
+  queue: a path this model does not predict);
 - the reducer's own copies T_r = r · G (:mod:`hybrid_ext.parallel.reducer`: each gradient into its bucket during
   backward, autograd's zero in its place, the reduced bucket back into ``.grad`` after), at the table's rate r per
   byte for the G bytes of gradient it buckets — every parameter this rank holds under dp and hybrid, FC shards

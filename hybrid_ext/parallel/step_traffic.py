@@ -94,7 +94,7 @@ class Links:
 
     def group(self, members: list[int], rank: int) -> GroupLinks:
         """The links of the group of world ranks ``members`` (in group order), seen from group rank ``rank``."""
-        hosts = None if self.hosts is None else _group_hosts(self.hosts, tuple(members))
+        hosts = None if self.hosts is None else _group_hosts(tuple(self.hosts), tuple(members))
         transport = self.transport if hosts is None else f"{self.transport}+{self.network}"
         return GroupLinks(len(members), rank, hosts, transport, self.transport, self.network, self.native)
 
@@ -317,13 +317,10 @@ def parameters_after_wrap(model: nn.Module, styles: dict[str, str], mp_size: int
                 continue
             seen.add(id(p))
             numel, sharded = p.numel(), False
-            if style in ("column", "column_last") or (style == "row" and name == "weight"):
-                split_dim = 1 if style == "row" else 0
+            if style in ("column", "column_last", "channel") or (style == "row" and name == "weight"):
+                split_dim = 1 if style == "row" else 0  # a row layer's inputs; output features or channels
                 sizes = shard_sizes(p.shape[split_dim], mp_size)
                 numel, sharded = numel // p.shape[split_dim] * sizes[mp_rank], True
-            elif style == "channel":
-                sizes = shard_sizes(p.shape[0], mp_size)
-                numel, sharded = numel // p.shape[0] * sizes[mp_rank], True
             params.append(_Param(path, numel, p.element_size(), str(p.dtype), str(p.device), sharded))
     return params
 

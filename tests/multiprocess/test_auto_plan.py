@@ -52,7 +52,7 @@ def test_auto_shards_alexnet_and_vgg_classifiers(build, shape, head):
     features = {path: style for path, style in plan.styles.items() if path.startswith("features")}
     assert features["features.0"] == "dp" and set(features.values()) <= {"dp", "channel"}
     split = {path for path, style in features.items() if style == "channel"}
-    assert split <= set(convolution_candidates(build(), layer_shapes(build(), torch.randn(8, *shape)), 8, 4))
+    assert split <= set(convolution_candidates(build(), layer_shapes(build(), torch.randn(8, *shape)), 8, plan.mp_size))
     assert tuple(sorted(split)) == plan.alternatives[0].convolutions
     text = str(plan)
     assert "predicted step" in text and "<- chosen" in text and "comm ms" in text

@@ -171,10 +171,15 @@ def test_auto_that_split_only_some_layers_is_measured_by_its_own_run_only():
     result = compare(plan, _rows(None), "butterfly")
     assert result["auto_measured_ms"] is None and result["auto_chose"].endswith("convolutions split at f.10")
     # bench train's auto run measures it, and may be the fastest of all
-    rows = [*_rows(None), {"run": "auto-butterfly", "step_ms": 240.0, "mp_size": 4, "chose": "what ranks chose"}]
+    auto_row = {"run": "auto-butterfly", "step_ms": 240.0, "mp_size": 4, "chose": "what ranks chose"}
+    rows = [*_rows(None), auto_row]
     result = compare(plan, rows, "butterfly")
     assert result["auto_measured_ms"] == 240.0 and result["auto_over_fastest"] == 1.0
-    assert result["auto_run_chose"] == "what ranks chose"
+    assert result["auto_run_chose"] == "what ranks chose" and not result["auto_run_choices_differ"]
+    auto_row["chose_runs"] = ["what ranks chose", "something else"]  # each repeat decides anew
+    assert compare(plan, rows, "butterfly")["auto_run_choices_differ"]
+    with pytest.raises(ValueError, match="more than one auto run"):
+        compare(plan, [*rows, {**auto_row, "run": "auto-butterfly@2", "mp_size": 2}], "butterfly")
     assert [r["strategy"] for r in result["rows"]] == ["dp", "hybrid", "mp"]  # auto is not a strategy's row
     rows[-1]["step_ms"] = 260.0
     assert compare(plan, rows, "butterfly")["auto_over_fastest"] == pytest.approx(260 / 250)
