@@ -257,3 +257,16 @@ def test_a_layers_exchange_does_not_wait_behind_a_gradient_bucket_when_mp_spans_
     # in it: backward's blocking exchanges of a split convolution must not queue behind the world's buckets.
     for waited, same in spawn_ranks(_exchange_while_world_busy, 2, timeout=60):
         assert not same and waited < 1.0, waited
+
+
+def _own_mp_group(rank: int, world: int) -> dict[str, bool]:
+    out = {}
+    for strategy in ("dp", "hybrid"):
+        model = hybrid_ext.parallelize(small_cnn(), strategy=strategy)  # mp_size: every rank
+        out[strategy] = model.groups.mp is not model.groups.world
+    return out
+
+
+def test_only_a_plan_that_splits_layers_builds_a_model_parallel_group_of_its_own(spawn_ranks):
+    for result in spawn_ranks(_own_mp_group, 2, timeout=60):
+        assert result == {"dp": False, "hybrid": True}
