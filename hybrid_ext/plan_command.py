@@ -497,26 +497,21 @@ def compare(result: dict, measured_rows: list[dict], grad_algorithm: str) -> dic
     ranges: dict[tuple[str, int], tuple[float, float]] = {}  # the range its repeats spanned (bench train --repeats)
     for row in measured_rows:
         strategy, _, algorithm = str(row.get("run", "")).partition("@")[0].partition("-")
-        if (algorithm or "butterfly") != grad_algorithm:
+        if strategy not in (*STRATEGIES, "auto") or (algorithm or "butterfly") != grad_algorithm:
             continue
         if strategy == "auto":  # bench train's own auto run: what parallelize(strategy="auto") chose there, trained
             if auto_row is not None:
                 raise ValueError(f"--compare: more than one auto run of --reducer {grad_algorithm}: {row.get('run')}")
-            auto_row, key = row, ("auto", row.get("mp_size"))
-            at_mp_size[key] = float(row["step_ms"])
-            runs = [float(ms) for ms in row.get("step_ms_runs") or []]
-            if len(runs) >= 2:
-                ranges[key] = (min(runs), max(runs))
-            continue
-        if strategy not in STRATEGIES:
-            continue
-        plan_mp_size = planned[strategy]["mp_size"] if strategy in planned else None
-        key = (strategy, row.get("mp_size") or plan_mp_size)
+            auto_row, plan_mp_size = row, None
+            key = ("auto", row.get("mp_size"))
+        else:
+            plan_mp_size = planned[strategy]["mp_size"] if strategy in planned else None
+            key = (strategy, row.get("mp_size") or plan_mp_size)
         at_mp_size[key] = float(row["step_ms"])
         runs = [float(ms) for ms in row.get("step_ms_runs") or []]
         if len(runs) >= 2:
             ranges[key] = (min(runs), max(runs))
-        if key[1] != plan_mp_size:
+        if strategy == "auto" or key[1] != plan_mp_size:
             continue
         measured[strategy] = float(row["step_ms"])
         repeats[strategy] = max(1, len(runs))
@@ -542,9 +537,12 @@ def compare(result: dict, measured_rows: list[dict], grad_algorithm: str) -> dic
     chose = auto["chose"]
     # Measured where bench train ran auto itself, else by the run of its strategy at its mp_size where that trains
     # the same plan (not where auto split only some layers: a convolution, or some of the chains).
-    auto_key = next((key for key in at_mp_size if key[0] == "auto"), None)
-    if auto_key is None and auto.get("same_as_strategy", True):
+    if auto_row is not None:
+        auto_key = ("auto", auto_row.get("mp_size"))
+    elif auto.get("same_as_strategy", True):
         auto_key = (chose, 1 if chose == "dp" else auto["mp_size"])
+    else:
+        auto_key = None
     auto_ms = at_mp_size.get(auto_key)
     fastest = min(at_mp_size, key=at_mp_size.get)
     # As two strategies are: tied with the fastest (being another row) where their repeats' ranges overlap.

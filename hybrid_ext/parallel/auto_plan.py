@@ -219,9 +219,11 @@ def choose_plan(
             subsets = [
                 s for count in range(first, len(chains) + 1) for s in itertools.combinations(range(len(chains)), count)
             ]
-            tried = {subset: evaluate(m, subset) for subset in subsets}
-            current = min((s for s in subsets if tried[s]), key=lambda s: tried[s][0].step_s, default=())
-            best = tried.get(current)
+            current, best = (), None
+            for subset in subsets:
+                trial = evaluate(m, subset)
+                if faster(trial, best):
+                    current, best = subset, trial
         else:
             current = tuple(range(len(chains)))
             best = evaluate(m, current)

@@ -37,6 +37,25 @@ class BatchSplit:
     counts: tuple[int, ...] = field(default_factory=tuple)
 
 
+def _group_input(x: torch.Tensor, comm: Communicator, split: BatchSplit, strategy: str) -> torch.Tensor:
+    """The input of a layer split by its outputs: under hybrid the group's samples gathered (their counts kept in
+    ``split``), under mp the same batch, its gradient summed over the group."""
+    if strategy == "hybrid":
+        split.counts = mappings.batch_counts(x, comm)
+        return mappings.gather_batch(x, comm, split.counts)
+    return mappings.copy_to_group(x, comm)
+
+
+def _all_outputs(
+    y: torch.Tensor, comm: Communicator, split: BatchSplit, strategy: str, sizes: tuple[int, ...], dim: int
+) -> torch.Tensor:
+    """This rank's samples with every output (features or channels along ``dim``) from the shards of ``sizes``: an
+    all-to-all under hybrid, an all-gather under mp."""
+    if strategy == "hybrid":
+        return mappings.exchange_rows_for_features(y, comm, split.counts, sizes, dim=dim)
+    return mappings.gather_dim(y, comm, dim, sizes)
+
+
 class ColumnParallelLinear(ShardedStateDictMixin, nn.Module):
     """Output features split over the model-parallel group (see the module docstring).
 
@@ -58,17 +77,8 @@ class ColumnParallelLinear(ShardedStateDictMixin, nn.Module):
         self.sharded_params = {"weight": 0, "bias": 0}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.strategy == "hybrid":
-            self.split.counts = mappings.batch_counts(x, self.comm)
-            x = mappings.gather_batch(x, self.comm, self.split.counts)
-        else:
-            x = mappings.copy_to_group(x, self.comm)
-        y = F.linear(x, self.weight, self.bias)
-        if not self.last:
-            return y
-        if self.strategy == "hybrid":
-            return mappings.exchange_rows_for_features(y, self.comm, self.split.counts, self.sizes)
-        return mappings.gather_dim(y, self.comm, -1, self.sizes)
+        y = F.linear(_group_input(x, self.comm, self.split, self.strategy), self.weight, self.bias)
+        return _all_outputs(y, self.comm, self.split, self.strategy, self.sizes, -1) if self.last else y
 
     def extra_repr(self) -> str:
         return (
@@ -136,15 +146,9 @@ class ChannelParallelConv2d(ShardedStateDictMixin, nn.Module):
         self.sharded_params = {"weight": 0, "bias": 0}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.strategy == "hybrid":
-            self.split.counts = mappings.batch_counts(x, self.comm)
-            x = mappings.gather_batch(x, self.comm, self.split.counts)
-        else:
-            x = mappings.copy_to_group(x, self.comm)
+        x = _group_input(x, self.comm, self.split, self.strategy)
         y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
-        if self.strategy == "hybrid":
-            return mappings.exchange_rows_for_features(y, self.comm, self.split.counts, self.sizes, dim=1)
-        return mappings.gather_dim(y, self.comm, 1, self.sizes)
+        return _all_outputs(y, self.comm, self.split, self.strategy, self.sizes, 1)
 
     def extra_repr(self) -> str:
         return (

@@ -183,16 +183,15 @@ def transfer_split(
     near_messages = transfer.messages - transfer.network_messages
     near_bytes = transfer.bytes_sent - transfer.network_bytes
     cpu = local.alpha * near_messages + local.beta * near_bytes + local.gamma * transfer.bytes_reduced
-    # The ranks of a host send at once (every group of the step runs the same collective) and share its link.
-    wire = network.beta * transfer.network_bytes * links.ranks_per_link
-    return cpu, network.alpha * transfer.network_messages + wire
+    return cpu, network.alpha * transfer.network_messages + link_bytes_s(transfer, links, constants, network_constants)
 
 
 def link_bytes_s(
     transfer: Transfer, links: Links, constants: CostModel | None = None, network_constants: CostModel | None = None
 ) -> float:
-    """Seconds the bytes this rank sends to other hosts in ``transfer`` hold its host's link (β·n, the host's ranks
-    sending at once; 0 on one host)."""
+    """Seconds the bytes this rank sends to other hosts in ``transfer`` hold its host's link: β·n times the host's
+    ranks, which send at once (every group of the step runs the same collective) and share its link; 0 on one
+    host."""
     if links.hosts is None or not transfer.network_bytes:
         return 0.0
     network = _link_constants(transfer, constants, network_constants)
@@ -207,17 +206,16 @@ def _link_sharing(
     on one link move at half the rate each). ``launched``: the buckets' (transfer, ready, start, end)."""
     layer_delays: dict[str, float] = {}
     bucket_delays: dict[int, float] = {}
+    crossing = [(transfer, start, stop, link_s(transfer)) for transfer, _ready, start, stop in launched]
+    crossing = [bucket for bucket in crossing if bucket[3] > 0]
     for path, own in by_layer.items():
-        on_link = sum(link_s(t) for t in own if t.phase == "backward")
-        if on_link <= 0:
-            continue
+        left = sum(link_s(t) for t in own if t.phase == "backward")
         end = finished_at[path]
         begin = end - backward_of[path]
-        left = on_link
-        for transfer, _ready, start, stop in launched:
-            if left <= 0 or link_s(transfer) <= 0:
-                continue
-            overlap = min(left, link_s(transfer), max(0.0, min(end, stop) - max(begin, start)))
+        for transfer, start, stop, on_link in crossing:
+            if left <= 0:
+                break
+            overlap = min(left, on_link, max(0.0, min(end, stop) - max(begin, start)))
             if overlap > 0:
                 layer_delays[path] = layer_delays.get(path, 0.0) + overlap
                 bucket_delays[id(transfer)] = bucket_delays.get(id(transfer), 0.0) + overlap
