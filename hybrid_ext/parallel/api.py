@@ -323,9 +323,12 @@ def parallelize(
             ReduceGroup("replicated", replicated, groups.world, "avg", 1.0, algorithm, native and native("world"))
         ]
     else:
+        # A shard no other rank holds (mp_size = world) is only scaled: no bucket, no copy through one.
+        shard_replicas = groups.dp if groups.dims.dp > 1 else None
+        shard_native = native("dp") if native and shard_replicas is not None else None
         reduce_groups = [
             ReduceGroup("replicated", replicated, groups.world, "avg", 1.0, algorithm, native and native("world")),
-            ReduceGroup("fc-shards", shard_params, groups.dp, "sum", 1.0 / world, algorithm, native and native("dp")),
+            ReduceGroup("fc-shards", shard_params, shard_replicas, "sum", 1.0 / world, algorithm, shard_native),
         ]
     grad_reducer = GradientReducer(
         reduce_groups,

@@ -343,6 +343,7 @@ def agree_on_times(table: LayerTable, world) -> LayerTable:
         "glue_backward_fixed_s",
         "copy_s_per_byte",
         "bucket_s_per_byte",
+        "scale_s_per_byte",
     )
     values = [getattr(r, f) for r in table.layers.values() for f in fields] + [getattr(table, f) for f in whole]
     agreed = world.max_over_ranks(values, name="auto plan layer times")

@@ -39,10 +39,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-CALIBRATION_FORMAT = 4
+CALIBRATION_FORMAT = 5
 # Format 1 has no fixed parts, glue or optimizer time, format 2 no fixed part of the glue and no copy rate, format 3
-# no reducer rate: read as 0 (times ∝ rows, copies free).
-READABLE_FORMATS = (1, 2, 3, 4)
+# no reducer rate, format 4 no rate of the reducer's scaling alone: read as 0 (times ∝ rows, copies free).
+READABLE_FORMATS = (1, 2, 3, 4, 5)
 ROWS_FACTOR = 4  # the second micro-batch leaves with parameters are timed at, as a multiple of the first
 OPTIMIZER_PROBE_ELEMENTS = 1 << 22  # the scratch parameter the optimizer's update is timed on (at most)
 COPY_PROBE_SHAPE = (16, 64, 64, 64)  # 16 MiB of float32, moved channels-first as a gather along channels does
@@ -101,8 +101,10 @@ class LayerTable:
     # A strided copy into a new tensor (what a gather along channels does to put the shards in place), seconds per
     # byte copied.
     copy_s_per_byte: float = 0.0
-    # The gradient reducer's copies (into its bucket, autograd's zero, back into .grad), seconds per gradient byte.
+    # The gradient reducer's copies (into its bucket, back into .grad), seconds per gradient byte.
     bucket_s_per_byte: float = 0.0
+    # Its scaling of a gradient no other rank holds (one pass, no bucket), seconds per gradient byte.
+    scale_s_per_byte: float = 0.0
 
     def glue_at(self, rows: float) -> tuple[float, float]:
         """(forward, backward) seconds of the glue at ``rows`` rows: fixed + per row, as a leaf's."""
@@ -264,10 +266,11 @@ def _time_copy(device: torch.device, steps: int) -> float:
     return seconds / (probe.numel() * probe.element_size())
 
 
-def _time_reducer(elements: int, device: torch.device, steps: int) -> float:
-    """Seconds per gradient byte the reducer adds to a backward pass (median of ``steps`` after one warm-up): a
-    parameter's backward timed with it reducing over a group of one (its buckets' path: the scale is not 1, as for
-    hybrid's FC shards) against the same without it."""
+def _time_reducer(elements: int, device: torch.device, steps: int) -> tuple[float, float]:
+    """Seconds per gradient byte the reducer adds to a backward pass (median of ``steps`` after one warm-up), through
+    a bucket and where it only scales: a parameter's backward timed with it reducing over a group of one (its
+    buckets' path: the scale is not 1), and with no group (``comm=None``: hybrid's FC shards at mp_size = world),
+    against the same without it."""
     from hybrid_ext.comm import Communicator
     from hybrid_ext.comm.transports.loopback import LoopbackGroup, LoopbackTransport
     from hybrid_ext.parallel.reducer import GradientReducer, ReduceGroup
@@ -284,14 +287,17 @@ def _time_reducer(elements: int, device: torch.device, steps: int) -> float:
 
         return _median_seconds(lambda value: value.backward(), device, steps, prepare=loss)
 
+    def extra_s_per_byte(comm: Communicator | None) -> float:
+        weight = nn.Parameter(torch.zeros(count, device=device))
+        reducer = GradientReducer([ReduceGroup("probe", [weight], comm, "sum", 0.5)])
+        try:
+            reduced = backward_s(weight)
+        finally:
+            reducer.remove()
+        return max(0.0, reduced - plain) / (count * weight.element_size())
+
     plain = backward_s(nn.Parameter(torch.zeros(count, device=device)))
-    weight = nn.Parameter(torch.zeros(count, device=device))
-    reducer = GradientReducer([ReduceGroup("probe", [weight], alone, "sum", 0.5)])
-    try:
-        reduced = backward_s(weight)
-    finally:
-        reducer.remove()
-    return max(0.0, reduced - plain) / (count * weight.element_size())
+    return extra_s_per_byte(alone), extra_s_per_byte(None)
 
 
 def _time_optimizer(elements: int, device: torch.device, steps: int) -> float:
@@ -357,7 +363,8 @@ def profile_layers(
     table.optimizer_s_per_element = _time_optimizer(elements, example_input.device, steps) if elements else 0.0
     table.copy_s_per_byte = _time_copy(example_input.device, steps)
     largest = max((p.numel() for p in model.parameters()), default=0)
-    table.bucket_s_per_byte = _time_reducer(largest, example_input.device, steps) if largest else 0.0
+    if largest:
+        table.bucket_s_per_byte, table.scale_s_per_byte = _time_reducer(largest, example_input.device, steps)
     return table
 
 
@@ -406,6 +413,7 @@ def save_calibration(table: LayerTable, path: str | Path) -> Path:
         "glue_backward_fixed_s": table.glue_backward_fixed_s,
         "copy_s_per_byte": table.copy_s_per_byte,
         "bucket_s_per_byte": table.bucket_s_per_byte,
+        "scale_s_per_byte": table.scale_s_per_byte,
         "layers": [asdict(record) for record in table.layers.values()],
     }
     path.write_text(json.dumps(payload, indent=1) + "\n")
@@ -434,6 +442,7 @@ def load_calibration(path: str | Path, model: nn.Module, example_input: torch.Te
             float(payload.get("glue_backward_fixed_s", 0.0)),
             float(payload.get("copy_s_per_byte", 0.0)),
             float(payload.get("bucket_s_per_byte", 0.0)),
+            float(payload.get("scale_s_per_byte", 0.0)),
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(

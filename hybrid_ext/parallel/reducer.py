@@ -9,12 +9,15 @@ Parameters are grouped by how their gradients combine:
   tests in ``tests/multiprocess/test_parallel.py``).
 
 What is reduced: each backward pass's *own contribution*, never the accumulated ``.grad``. A tensor hook (it
-runs before ``AccumulateGrad``) adds the incoming gradient into the bucket's flat buffer and hands autograd a
-zero to accumulate; once the bucket is reduced, the reduced and scaled contribution is added to ``.grad``. So
-with k backward passes before ``optimizer.step()``, ``.grad`` ends as Σ_k reduce(g_k) = reduce(Σ_k g_k): the
-update of the single-process step on all k micro-batches (divide each micro-loss by k, as with DDP). Reducing
-the accumulated ``.grad`` instead is right only for an average of values already equal on every rank (DDP's
-case); an FC shard's sum-then-scale would count earlier passes again (g1/W² + g2/W).
+runs before ``AccumulateGrad``) copies the incoming gradient into the bucket's flat buffer; once the bucket is
+reduced, the reduced and scaled contribution is added to ``.grad``. So with k backward passes before
+``optimizer.step()``, ``.grad`` ends as Σ_k reduce(g_k) = reduce(Σ_k g_k): the update of the single-process step on
+all k micro-batches (divide each micro-loss by k, as with DDP). Reducing the accumulated ``.grad`` instead is right
+only for an average of values already equal on every rank (DDP's case); an FC shard's sum-then-scale would count
+earlier passes again (g1/W² + g2/W). Where ``.grad`` is empty when the gradient arrives (after
+``zero_grad()``, the usual case) the hook lets autograd store the gradient itself there and the reduced value
+overwrites it in place: no new tensor is allocated and touched for ``.grad`` (a fresh one costs page faults on a
+CPU). Otherwise it hands autograd a zero to accumulate and adds the reduced value.
 
 ``no_sync()`` (as DDP's): backward passes inside it communicate nothing; their contributions stay in the
 buckets, and the first backward after it reduces everything accumulated since the last reduction. Until
@@ -30,15 +33,18 @@ needs no extra call. Collectives run on the communicator's thread while autograd
 (``name=``: ``<group>.bucket<i>``, ``<group>.param<i>`` when blocking), so check mode (``HYBRID_EXT_CHECK=1``)
 names the bucket when ranks disagree on what they reduce.
 
-Two variants serve host frameworks that reduce over the data-parallel group themselves (DeepSpeed):
+A group without a communicator (``comm=None``: no other rank holds its parameters, as hybrid's FC shards at
+mp_size = world, or a host framework reduces them) only scales each incoming gradient by ``scale``, with no
+bucket, before it is accumulated into ``.grad`` (linear under accumulation); where ``.grad`` is empty, autograd
+stores the gradient and a post-accumulate hook scales it in place. Inside ``no_sync()`` its contributions are held
+as the buckets' are, so every ``.grad`` shows the same passes and ``discard_pending`` drops them all.
 
-- a group without a communicator (``comm=None``) only scales each incoming gradient by ``scale`` (a tensor hook,
-  so it runs before the gradient is accumulated into ``.grad`` and is linear under gradient accumulation);
-- ``blocking=True`` reduces each parameter's incoming gradient on its own, synchronously, in a tensor hook:
-  tensor hooks run before ``AccumulateGrad``, hence before *any* post-accumulate-grad hook on that parameter —
-  where DeepSpeed's ZeRO-2 (and ZeRO-1 with ``overlap_comm``) read the gradient and bucket it for their own
-  reduction. The price is one collective per parameter, without overlap. It reduces what each pass adds, so
-  it is exact under accumulation too; ``no_sync()`` does not stop it (the host framework owns accumulation).
+``blocking=True`` serves host frameworks that reduce over the data-parallel group themselves (DeepSpeed): it
+reduces each parameter's incoming gradient on its own, synchronously, in a tensor hook. Tensor hooks run before
+``AccumulateGrad``, hence before *any* post-accumulate-grad hook on that parameter — where DeepSpeed's ZeRO-2 (and
+ZeRO-1 with ``overlap_comm``) read the gradient and bucket it for their own reduction. The price is one collective
+per parameter, without overlap. It reduces what each pass adds, so it is exact under accumulation too;
+``no_sync()`` stops neither it nor the scaling of ``comm=None`` groups (the host framework owns accumulation).
 """
 
 from __future__ import annotations
@@ -64,7 +70,7 @@ class ReduceGroup:
 
     name: str
     params: list[nn.Parameter]
-    comm: Communicator | None  # None: nothing to communicate, only ``scale`` each incoming gradient
+    comm: Communicator | None  # None: nothing to communicate, only ``scale`` each incoming gradient (see above)
     op: str  # "avg" or "sum"
     scale: float = 1.0  # applied after the reduction
     algorithm: str = "butterfly"
@@ -83,6 +89,7 @@ class _Bucket:
     flat: torch.Tensor | None = None  # contributions since the last reduction; allocated at first use
     filled: set[int] = field(default_factory=set)  # slots holding a contribution (else stale: copy, don't add)
     arrived: set[int] = field(default_factory=set)  # slots whose gradient arrived in this backward pass
+    overwrite: set[int] = field(default_factory=set)  # slots whose ``.grad`` holds only this pass's own gradient
     handle: Handle | None = None
 
     @property
@@ -95,6 +102,15 @@ class _Bucket:
         if self.flat is None:
             self.flat = torch.empty(self.numel, dtype=param.dtype, device=param.device)
         return self.flat[self.offsets[index] : self.offsets[index] + param.numel()].view(param.shape)
+
+
+@dataclass
+class _Unshared:
+    """A parameter of a ``comm=None`` group: scaled as its gradient arrives; ``held``: its ``no_sync()`` passes."""
+
+    group: ReduceGroup
+    held: torch.Tensor | None = None
+    scale_in_place: bool = False  # this pass's gradient went into an empty ``.grad`` unscaled: scale it there
 
 
 def queue_end_of_backward(callback: Callable[[], None]) -> None:
@@ -121,6 +137,7 @@ class GradientReducer:
         self._next_launch = 0  # buckets [0, _next_launch) are launched in this pass
         self.launched_during_backward = 0  # buckets started before backward ended (overlap), for inspection
         self._hooks = []
+        self._unshared: list[_Unshared] = []
         order = parameter_order if parameter_order is not None else [p for g in self.groups for p in g.params]
         position = {id(p): i for i, p in enumerate(order)}
         pending: list[tuple[ReduceGroup, list[nn.Parameter]]] = []
@@ -128,7 +145,16 @@ class GradientReducer:
             trainable = [p for p in group.params if p.requires_grad]
             if (group.comm is None or group.comm.size == 1) and group.scale == 1.0:
                 continue  # nothing to combine
-            if group.comm is None or blocking:
+            if group.comm is None and not blocking:
+                for p in trainable:
+                    unshared = _Unshared(group)
+                    self._unshared.append(unshared)
+                    self._hooks.append(p.register_hook(functools.partial(self._scale, unshared, p)))
+                    self._hooks.append(
+                        p.register_post_accumulate_grad_hook(functools.partial(self._scale_in_place, unshared))
+                    )
+                continue
+            if blocking:
                 self._hooks += [
                     p.register_hook(functools.partial(self._on_incoming_grad, group, f"{group.name}.param{i}"))
                     for i, p in enumerate(trainable)
@@ -163,8 +189,33 @@ class GradientReducer:
             grad.mul_(group.scale)
         return grad
 
-    def _collect(self, bucket: _Bucket, slot: int, grad: torch.Tensor) -> torch.Tensor:
-        """Tensor hook: move this pass's gradient into the bucket; autograd accumulates a zero in its place."""
+    def _scale(self, unshared: _Unshared, param: nn.Parameter, grad: torch.Tensor) -> torch.Tensor | None:
+        """Tensor hook of an unshared parameter: scale this pass's gradient (with any held ``no_sync()`` passes)."""
+        unshared.scale_in_place = False
+        if not self.sync_enabled:
+            if unshared.held is None:
+                unshared.held = grad.detach().clone(memory_format=torch.contiguous_format)
+            else:
+                unshared.held.add_(grad)
+            return grad.new_zeros(()).expand_as(grad)
+        if unshared.held is not None:
+            grad, unshared.held = unshared.held.add_(grad), None
+        elif param.grad is None:
+            unshared.scale_in_place = True
+            return None  # autograd stores it as it is; _scale_in_place scales it there
+        return grad * unshared.group.scale
+
+    @staticmethod
+    def _scale_in_place(unshared: _Unshared, param: nn.Parameter) -> None:
+        """Post-accumulate hook: ``.grad`` is this pass's gradient alone (it was empty), no one else's tensor."""
+        if unshared.scale_in_place:
+            unshared.scale_in_place = False
+            param.grad.mul_(unshared.group.scale)
+
+    def _collect(self, bucket: _Bucket, slot: int, grad: torch.Tensor) -> torch.Tensor | None:
+        """Tensor hook: copy this pass's gradient into the bucket. Autograd then stores it in an empty ``.grad``,
+        which the reduced value overwrites; else (``.grad`` holds earlier passes, or inside ``no_sync()``) it
+        accumulates a zero in its place."""
         if grad.is_sparse:
             raise TypeError(f"sparse gradients are not supported (parameter of shape {tuple(grad.shape)})")
         target = bucket.slot(slot)
@@ -173,11 +224,15 @@ class GradientReducer:
         else:
             target.copy_(grad)
             bucket.filled.add(slot)
-        if self.sync_enabled:
-            self.arm()
-            bucket.arrived.add(slot)
-            self._launch_ready()
-        return grad.new_zeros(()).expand_as(grad)  # no allocation; .grad gets the reduced value later
+        if not self.sync_enabled:
+            return grad.new_zeros(()).expand_as(grad)  # no allocation
+        self.arm()
+        bucket.arrived.add(slot)
+        overwrite = bucket.params[slot].grad is None
+        if overwrite:
+            bucket.overwrite.add(slot)
+        self._launch_ready()
+        return None if overwrite else grad.new_zeros(()).expand_as(grad)
 
     # ------------------------------------------------------------------ launching in bucket order
     def arm(self) -> None:
@@ -221,13 +276,16 @@ class GradientReducer:
                 scale = bucket.group.scale
                 for slot, param in enumerate(bucket.params):
                     reduced = bucket.slot(slot)
-                    if param.grad is None:
+                    if param.grad is None:  # no gradient reached it (torch.autograd.grad, an unused parameter)
                         param.grad = reduced * scale if scale != 1.0 else reduced.clone()
+                    elif slot in bucket.overwrite:
+                        torch.mul(reduced, scale, out=param.grad)
                     else:
                         param.grad.add_(reduced, alpha=scale)
                 bucket.handle = None
                 bucket.filled.clear()
                 bucket.arrived.clear()
+                bucket.overwrite.clear()
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -246,6 +304,9 @@ class GradientReducer:
         for bucket in self.buckets:
             bucket.filled.clear()
             bucket.arrived.clear()
+            bucket.overwrite.clear()
+        for unshared in self._unshared:
+            unshared.held = None
 
     def remove(self) -> None:
         for hook in self._hooks:

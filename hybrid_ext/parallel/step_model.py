@@ -46,11 +46,11 @@ Step, per rank:
   model-parallel group's own communicator, never queued behind the world's buckets (where a host framework
   reduces the data-parallel part, DeepSpeed's path, the replicated gradients go over that group and they do
   queue: a path this model does not predict);
-- the reducer's own copies T_r = r · G (:mod:`hybrid_ext.parallel.reducer`: each gradient into its bucket during
-  backward, autograd's zero in its place, the reduced bucket back into ``.grad`` after), at the table's rate r per
-  byte for the G bytes of gradient it buckets — every parameter this rank holds under dp and hybrid, FC shards
-  held by no other rank included (their bucket scales them), none under mp — on the training thread, so never
-  hidden;
+- the reducer's own copies T_r = r · G + r_s · G_s (:mod:`hybrid_ext.parallel.reducer`: each gradient into its
+  bucket during backward, the reduced bucket back into ``.grad`` after), at the table's rate r per byte for the G
+  bytes of gradient it buckets — every parameter this rank holds under dp and hybrid, none under mp — except
+  hybrid's FC shards held by no other rank (mp_size = world), the G_s bytes it only scales in ``.grad``, at the
+  rate r_s; on the training thread, so never hidden;
 - step = T_f + T_b + E + T_o + T_r; exposed communication = the forward and backward transfers + E + T_r.
 
 Left out: the loss, contention between communication and compute beyond the two rules above (busy cores, a
@@ -68,7 +68,7 @@ from hybrid_ext.comm import cost_model
 from hybrid_ext.comm.cost_model import CostModel
 from hybrid_ext.parallel.layer_profile import LayerTable
 from hybrid_ext.parallel.mappings import shard_sizes
-from hybrid_ext.parallel.step_traffic import Links, Transfer, bucketed_bytes, parameters_after_wrap, step_transfers
+from hybrid_ext.parallel.step_traffic import Links, Transfer, parameters_after_wrap, reducer_bytes, step_transfers
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ class StepPrediction:
     backward_s: float = 0.0  # T_b
     exposed_gradient_s: float = 0.0  # E
     optimizer_s: float = 0.0  # T_o: the optimizer's update of the parameters this rank holds
-    reducer_s: float = 0.0  # T_r: the reducer's copies of the gradients through its buckets
+    reducer_s: float = 0.0  # T_r: the reducer's copies of the gradients through its buckets, and its scaling
     glue_s: float = 0.0  # forward and backward between the layers (in forward_s and backward_s)
     host_link_bytes: int = 0  # the most bytes any host sends out over its link in the step (all its ranks)
 
@@ -366,7 +366,8 @@ def _predict_rank(
         prediction.buckets.append(BucketPrediction(transfer, taken, ready, start, end))
     prediction.exposed_gradient_s = max(0.0, previous_end - clock) + unhidden
     prediction.optimizer_s = table.optimizer_s_per_element * sum(p.numel for p in held) * compute_scale
-    prediction.reducer_s = table.bucket_s_per_byte * bucketed_bytes(held, strategy, world) * compute_scale
+    bucketed, scaled = reducer_bytes(held, strategy, world, mp_size)
+    prediction.reducer_s = (table.bucket_s_per_byte * bucketed + table.scale_s_per_byte * scaled) * compute_scale
     return prediction
 
 

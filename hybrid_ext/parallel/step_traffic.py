@@ -389,17 +389,19 @@ def gradient_transfers(
     return out
 
 
-def bucketed_bytes(held: list[_Param], strategy: str, world: int) -> int:
-    """Bytes of gradient a rank's reducer moves through its buckets in a step (copied in during backward, added back
-    into ``.grad`` after), ``held`` its parameters (:func:`parameters_after_wrap`): every one under dp and hybrid on
-    more than one rank — hybrid's FC
-    shards too where no other rank holds them (mp_size = world), as the bucket still scales them by 1/world; none
-    under mp. (``parallelize``'s own reducer: where a host framework reduces the data-parallel gradients itself,
-    DeepSpeed's path, or ``blocking_reduction``, the reducer buckets nothing; the step model does not model those
-    paths' gradients either.)"""
+def reducer_bytes(held: list[_Param], strategy: str, world: int, mp_size: int) -> tuple[int, int]:
+    """Bytes of gradient a rank's reducer handles in a step, ``held`` its parameters (:func:`parameters_after_wrap`):
+    (through its buckets — copied in during backward, added back into ``.grad`` after —, only scaled as they arrive).
+    Under dp and hybrid on more than one rank every parameter a rank holds is bucketed, except hybrid's FC shards
+    where no other rank holds them (mp_size = world): those are only scaled by 1/world. Under mp: nothing.
+    (``parallelize``'s own reducer: where a host framework reduces the data-parallel gradients itself, DeepSpeed's
+    path, or ``blocking_reduction``, the step model does not model the gradients.)"""
     if strategy == "mp" or world == 1:
-        return 0
-    return sum(p.numel * p.itemsize for p in held)
+        return 0, 0
+    unshared = [p for p in held if p.sharded and mp_size == world]
+    total = sum(p.numel * p.itemsize for p in held)
+    scaled = sum(p.numel * p.itemsize for p in unshared)
+    return total - scaled, scaled
 
 
 def step_transfers(

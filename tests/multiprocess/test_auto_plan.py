@@ -98,6 +98,7 @@ def _skewed(rank: int, factor: float):
                 record, forward_s=record.forward_s * scale, backward_s=record.backward_s * scale
             )
         table.copy_s_per_byte, table.bucket_s_per_byte = scale * 1e-9, scale * 2e-9  # the rates too
+        table.scale_s_per_byte = scale * 3e-9
         return table
 
     return profile
@@ -138,7 +139,7 @@ def _auto_rank(rank: int, world: int, model_name: str, skew: float | None, diver
         "mp_size": model.plan.mp_size,
         "own_times": [(r.forward_s, r.backward_s) for r in own.layers.values()],
         "agreed_times": [(r.forward_s, r.backward_s) for r in common.layers.values()],
-        "agreed_rates": (common.copy_s_per_byte, common.bucket_s_per_byte),
+        "agreed_rates": (common.copy_s_per_byte, common.bucket_s_per_byte, common.scale_s_per_byte),
         "text": str(model.plan),
     }
 
@@ -173,7 +174,7 @@ def test_ranks_with_different_times_agree_on_one_plan(spawn_ranks):
     expected = [tuple(map(max, a, b)) for a, b in zip(results[0]["own_times"], results[1]["own_times"])]
     for result in results:
         assert result["agreed_times"] == expected
-        assert result["agreed_rates"] == pytest.approx((50e-9, 100e-9))  # rank 1's: the larger
+        assert result["agreed_rates"] == pytest.approx((50e-9, 100e-9, 150e-9))  # rank 1's: the larger
     assert len({r["fingerprint"] for r in results}) == 1
     _check_against_reference(results, 2)
 

@@ -270,3 +270,15 @@ def _own_mp_group(rank: int, world: int) -> dict[str, bool]:
 def test_only_a_plan_that_splits_layers_builds_a_model_parallel_group_of_its_own(spawn_ranks):
     for result in spawn_ranks(_own_mp_group, 2, timeout=60):
         assert result == {"dp": False, "hybrid": True}
+
+
+def _bucketed_shards(rank: int, world: int, mp_size: int) -> int:
+    model = hybrid_ext.parallelize(small_cnn(), strategy="hybrid", mp_size=mp_size)
+    return sum(hasattr(p, "shard_dim") for bucket in model.reducer.buckets for p in bucket.params)
+
+
+@pytest.mark.parametrize(("world", "mp_size", "bucketed"), [(2, 2, 0), (4, 2, 5)])
+def test_fc_shards_no_other_rank_holds_take_no_bucket(spawn_ranks, world, mp_size, bucketed):
+    # At mp_size = world each shard is only scaled (one pass over its gradient); where another rank replicates it,
+    # it is summed over them through a bucket (small_cnn's three FC layers: five shards, the row layer's bias whole).
+    assert spawn_ranks(_bucketed_shards, world, mp_size, timeout=60) == [bucketed] * world

@@ -224,19 +224,20 @@ def test_the_optimizer_updates_the_parameters_each_rank_holds():
     assert shared.optimizer_s == pytest.approx(80e-3)
 
 
-def test_the_reducer_copies_every_gradient_it_buckets():
-    """r = 1 µs per gradient byte. Two Linear(4, 4), 40 float32 elements. dp on 4 ranks: all 160 bytes. hybrid at
-    mp_size 4: no other rank holds a shard, yet the reducer still buckets (and scales) each — the 13 elements held;
-    at mp_size 2 the same way. mp, and one rank alone: no bucket."""
+def test_the_reducer_copies_every_gradient_it_buckets_and_only_scales_unshared_shards():
+    """r = 1 µs per gradient byte through a bucket, r_s = 0.1 µs where it only scales. Two Linear(4, 4), 40 float32
+    elements. dp on 4 ranks: all 160 bytes bucketed. hybrid at mp_size 4: no other rank holds a shard, so the
+    reducer only scales the 9 shard elements a rank holds and buckets the row layer's whole bias (4); at mp_size 2,
+    where a shard has a replica, it buckets all it holds. mp, and one rank alone: nothing."""
     model, table = _two_linears_table(1.0, 2.0)
-    table.bucket_s_per_byte = 1e-6
+    table.bucket_s_per_byte, table.scale_s_per_byte = 1e-6, 1e-7
     zero = CostModel(0, 0, 0)
     sharded = {"0": "column", "1": "row"}
     dp = predict_step(model, table, {}, "dp", 4, 1, B, constants=zero)
     assert dp.reducer_s == pytest.approx(160e-6)
     assert dp.step_s == pytest.approx(6.0 + 160e-6) and dp.exposed_communication_s == pytest.approx(160e-6)
     hybrid = predict_step(model, table, sharded, "hybrid", 4, 4, B, constants=zero)
-    assert hybrid.reducer_s == pytest.approx(13 * 4e-6)
+    assert hybrid.reducer_s == pytest.approx(4 * 4e-6 + 9 * 4e-7)
     assert predict_step(model, table, sharded, "hybrid", 4, 2, B, constants=zero).reducer_s == pytest.approx(
         (10 + 4 + 8) * 4e-6  # column: half of 20; row: half of its weight (8) and its whole bias (4)
     )
@@ -362,6 +363,7 @@ def test_profile_times_the_fixed_part_and_the_optimizer():
     assert 0.0 <= table.glue_backward_fixed_s <= table.glue_backward_s
     assert 0.0 < table.copy_s_per_byte < 1e-6  # faster than 1 MB/s
     assert 0.0 < table.bucket_s_per_byte < 1e-6  # the reducer copies: slower than not, faster than 1 MB/s
+    assert 0.0 <= table.scale_s_per_byte < 1e-6  # its scaling alone, one pass (may time as nothing)
     with pytest.raises(ValueError, match="rows_factor must be >= 2"):
         profile_layers(model, torch.randn(2, 512), rows_factor=1)
 
@@ -387,6 +389,11 @@ def test_a_calibration_of_format_1_reads_as_proportional(tmp_path):
     third = {k: v for k, v in payload.items() if k != "bucket_s_per_byte"}
     (tmp_path / "third.json").write_text(json.dumps({**third, "format": 3}))
     assert load_calibration(tmp_path / "third.json", model, x).bucket_s_per_byte == 0.0
+    # format 4: no rate of the scaling alone, read as free
+    fourth = {k: v for k, v in payload.items() if k != "scale_s_per_byte"}
+    (tmp_path / "fourth.json").write_text(json.dumps({**fourth, "format": 4}))
+    loaded = load_calibration(tmp_path / "fourth.json", model, x)
+    assert loaded.scale_s_per_byte == 0.0 and loaded.bucket_s_per_byte == payload["bucket_s_per_byte"]
 
 
 def test_profile_measures_every_leaf_and_leaves_no_trace():
@@ -416,6 +423,7 @@ def test_calibration_file_round_trip(tmp_path):
     assert loaded.optimizer_s_per_element == table.optimizer_s_per_element
     assert (loaded.glue_forward_s, loaded.glue_backward_s) == (table.glue_forward_s, table.glue_backward_s)
     assert (loaded.copy_s_per_byte, loaded.bucket_s_per_byte) == (table.copy_s_per_byte, table.bucket_s_per_byte)
+    assert loaded.scale_s_per_byte == table.scale_s_per_byte
 
 
 def test_calibration_for_another_model_is_refused(tmp_path):
