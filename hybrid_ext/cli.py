@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--runs",
         default="dp-butterfly,hybrid-butterfly,compute-only",
         help="comma-separated STRATEGY-REDUCER[@MP_SIZE] (dp-native, hybrid-butterfly, mp-butterfly, "
-        "hybrid-butterfly@2: on model-parallel groups of 2...) or compute-only",
+        "hybrid-butterfly@2: on model-parallel groups of 2...), compute-only, or ddp (torch's "
+        "DistributedDataParallel: the peer)",
     )
     train.add_argument("--micro-batch", type=positive_int, default=16, help="samples per rank per step (default: 16)")
     train.add_argument("--size", type=int, default=64, help="input height and width (default: 64)")

@@ -1,7 +1,8 @@
 """``hybrid-ext bench train``: samples/s and bytes per step of dp / mp / hybrid on one model, in one run.
 
 Every strategy trains the same model on the same global batch (W ranks × micro-batch; under ``mp`` every
-rank processes the whole global batch). Also measured, as the limit: ``compute-only`` — each rank does
+rank processes the whole global batch). ``ddp`` is the peer: torch's own ``DistributedDataParallel`` on the same
+process group, the data-parallel step users already have. Also measured, as the limit: ``compute-only`` — each rank does
 exactly the per-rank work of ``hybrid`` (its conv micro-batch, its FC shards on the group's batch) with every
 message skipped (:class:`MirrorTransport`). Bytes come from hybrid-ext's metrics (sent per rank per step;
 ``native`` reductions record what a ring allreduce of their buffers sends). The timed steps follow at least 2
@@ -58,8 +59,8 @@ class TrainRow:
 def parse_runs(text: str, world: int) -> list[tuple[str, str, str, int | None]]:
     """``--runs``: comma-separated ``STRATEGY-REDUCER[@MP_SIZE]`` (``hybrid-butterfly@2``: hybrid on groups of 2
     ranks; ``auto-butterfly``: ``parallelize(strategy="auto")``'s choice, ``@MP_SIZE`` fixing its group size) or
-    ``compute-only[@MP_SIZE]``, as (label, strategy, reducer, mp_size or None for ``--mp-size``'s); ValueError
-    naming the run that cannot be run."""
+    ``compute-only[@MP_SIZE]``, or ``ddp`` (torch's DistributedDataParallel, its own allreduce), as (label, strategy,
+    reducer, mp_size or None for ``--mp-size``'s); ValueError naming the run that cannot be run."""
     from hybrid_ext.parallel.reducer import GRAD_ALGORITHMS
 
     runs = []
@@ -68,6 +69,8 @@ def parse_runs(text: str, world: int) -> list[tuple[str, str, str, int | None]]:
         name, at, size = (part.strip() for part in label.partition("@"))
         if _is_compute_only(label):
             strategy, grad_algorithm = "hybrid", "butterfly"
+        elif name == "ddp":
+            strategy, grad_algorithm = "ddp", "native"
         else:
             strategy, _, grad_algorithm = name.partition("-")
             grad_algorithm = grad_algorithm or "butterfly"
@@ -79,8 +82,10 @@ def parse_runs(text: str, world: int) -> list[tuple[str, str, str, int | None]]:
                 raise ValueError(f"--runs: unknown reducer in {label!r}; expected one of {', '.join(GRAD_ALGORITHMS)}")
         mp_size = None
         if at:
-            if strategy == "dp":
-                raise ValueError(f"--runs: {label!r}: dp has no model-parallel groups; @MP_SIZE is for hybrid and mp")
+            if strategy in ("dp", "ddp"):
+                raise ValueError(
+                    f"--runs: {label!r}: {strategy} has no model-parallel groups; @MP_SIZE is for hybrid and mp"
+                )
             if not size.isdigit() or int(size) < 1 or world % int(size):
                 raise ValueError(f"--runs: {label!r}: the mp_size after @ must divide the {world} ranks")
             mp_size = int(size)
@@ -148,11 +153,14 @@ def _train_rank(
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(batch, 3, size, size, generator=g).to(where)
     y = torch.randint(0, 10, (batch,), generator=g).to(where)
-    model = hybrid_ext.parallelize(
-        build_model(model_name).to(where), strategy=strategy, reducer=grad_algorithm,
-        mp_size=None if mirror else mp_size, groups=groups, sync_initial_weights=not mirror,
-        example_input=x if strategy == "auto" else None,
-    )  # fmt: skip
+    if strategy == "ddp":
+        model = _torch_ddp(build_model(model_name).to(where), where)
+    else:
+        model = hybrid_ext.parallelize(
+            build_model(model_name).to(where), strategy=strategy, reducer=grad_algorithm,
+            mp_size=None if mirror else mp_size, groups=groups, sync_initial_weights=not mirror,
+            example_input=x if strategy == "auto" else None,
+        )  # fmt: skip
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     times, sent, messages = [], [], []
 
@@ -172,12 +180,36 @@ def _train_rank(
     for _ in range(steps):
         elapsed, records = one_step()
         times.append(elapsed)
+        if strategy == "ddp":  # torch's allreduce records nothing: a ring's traffic, as native reductions record
+            records = [_ring_record(model, world)]
         sent.append(sum(r.bytes_sent for r in records))  # native reductions record a ring's traffic too
         messages.append(sum(r.messages_sent for r in records))
     chose = None
     if strategy == "auto":  # what auto chose, as its plan names it
         chose = model.plan.alternatives[0].label
-    return {"times": times, "bytes": sent, "messages": messages, "mp_size": model.groups.dims.mp, "chose": chose}
+    mp = 1 if strategy == "ddp" else model.groups.dims.mp
+    return {"times": times, "bytes": sent, "messages": messages, "mp_size": mp, "chose": chose}
+
+
+def _torch_ddp(model: nn.Module, where: torch.device) -> nn.Module:
+    """``model`` under torch's DistributedDataParallel on the default process group, as its users build it."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[where.index] if where.type == "cuda" else None)
+
+
+def _ring_record(model: nn.Module, world: int) -> metrics.CollectiveRecord:
+    """What a ring allreduce of every gradient sends from one rank (``metrics.record_native_allreduce``'s count; the
+    messages: 2(P − 1) for each of DDP's buckets, as its logging data lists them)."""
+    grads = [p for p in model.parameters() if p.requires_grad]
+    elements = sum(p.numel() for p in grads)
+    nbytes = int(2 * (world - 1) / world * sum(p.numel() * p.element_size() for p in grads))
+    buckets = len(str(model._get_ddp_logging_data().get("bucket_sizes", "0")).split(","))
+    dtype = str(grads[0].dtype).removeprefix("torch.")
+    messages = 2 * (world - 1) * buckets
+    return metrics.CollectiveRecord(
+        "allreduce", "native", "torch", 0, world, elements, dtype, nbytes, nbytes, messages, 0.0
+    )
 
 
 def run_train_bench(
@@ -247,7 +279,7 @@ def _run_mp_size(strategy: str, asked: int | None, world: int, result: dict) -> 
     """The model-parallel group size a run trained with: auto's choice (1 where it chose dp), else the one asked."""
     if strategy == "auto":
         return 1 if result["chose"] == "dp" else result["mp_size"]
-    return 1 if strategy == "dp" else asked or world
+    return 1 if strategy in ("dp", "ddp") else asked or world
 
 
 def format_markdown(rows: list[TrainRow]) -> str:

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def test_runs_parse_with_and_without_their_own_mp_size():
-    runs = train.parse_runs("dp-native, hybrid-butterfly@2,mp-butterfly@4,hybrid,compute-only,compute-only@2", 4)
+    runs = train.parse_runs("dp-native, hybrid-butterfly@2,mp-butterfly@4,hybrid,compute-only,compute-only@2,ddp", 4)
     assert runs == [
         ("dp-native", "dp", "native", None),
         ("hybrid-butterfly@2", "hybrid", "butterfly", 2),
@@ -22,6 +22,7 @@ def test_runs_parse_with_and_without_their_own_mp_size():
         ("hybrid", "hybrid", "butterfly", None),
         ("compute-only", "hybrid", "butterfly", None),
         ("compute-only@2", "hybrid", "butterfly", 2),  # hybrid's work at mp_size 2, its messages skipped
+        ("ddp", "ddp", "native", None),  # torch's DistributedDataParallel, the peer
     ]
 
 
@@ -29,6 +30,7 @@ def test_runs_parse_with_and_without_their_own_mp_size():
     ("text", "message"),
     [
         ("dp-butterfly@2", "'dp-butterfly@2': dp has no model-parallel groups"),
+        ("ddp@2", "'ddp@2': ddp has no model-parallel groups"),
         ("hybrid-butterfly@3", "'hybrid-butterfly@3': the mp_size after @ must divide the 4 ranks"),
         ("hybrid-butterfly@0", "must divide the 4 ranks"),
         ("hybrid-butterfly@two", "must divide the 4 ranks"),
@@ -140,6 +142,14 @@ def test_auto_at_another_mp_size_is_measured_by_that_run_and_only_that_run():
     # the fastest is over every run, other mp_sizes included
     result = compare(_plan(4), _rows(200.0), "butterfly")
     assert result["auto_measured_ms"] == 250.0 and result["auto_over_fastest"] == pytest.approx(250 / 200)
+
+
+def test_a_ddp_row_is_measured_beside_the_strategies_not_as_one():
+    # torch's DDP is the peer in the table, not a strategy the plan predicts, nor a run auto could have chosen
+    rows = [*_rows(None), {"run": "ddp", "step_ms": 100.0, "mp_size": 1}]
+    result = compare(_plan(4), rows, "butterfly")
+    assert [r["strategy"] for r in result["rows"]] == ["dp", "hybrid", "mp"]
+    assert result["auto_over_fastest"] == pytest.approx(1.0)
 
 
 def test_rows_without_mp_size_are_at_the_plans():
