@@ -367,7 +367,9 @@ def _torch_native_allreduce(groups: Groups):
         def reduce(tensors: list[torch.Tensor], op: str) -> Handle:
             import concurrent.futures
 
-            flat = torch.cat([t.reshape(-1) for t in tensors])
+            # The reducer hands one flat bucket: reduced in place (a copy of it would allocate and fault in pages).
+            alone = len(tensors) == 1 and tensors[0].is_contiguous()
+            flat = tensors[0].view(-1) if alone else torch.cat([t.reshape(-1) for t in tensors])
             size = dist.get_world_size(group)
             start = time.perf_counter()
             work = dist.all_reduce(flat, group=group, async_op=True)
@@ -378,7 +380,7 @@ def _torch_native_allreduce(groups: Groups):
                     dist.get_backend(group), groups.rank, size, flat, time.perf_counter() - start
                 )
                 offset = 0
-                for t in tensors:
+                for t in tensors if not alone else ():
                     t.copy_(flat[offset : offset + t.numel()].view_as(t))
                     offset += t.numel()
                 if op == "avg":

@@ -75,9 +75,15 @@ def test_hybrid_with_channel_split_convolutions_equals_the_reference(spawn_ranks
     _check_step(spawn_ranks, model_name, "hybrid", world, mp_size, rules)
 
 
-def _check_step(spawn_ranks, model_name, strategy, world, mp_size, rules=None):
+@pytest.mark.parametrize(("strategy", "world", "mp_size"), [("dp", 2, None), ("hybrid", 2, None), ("hybrid", 4, 2)])
+def test_torch_distributeds_own_allreduce_as_the_reducer_equals_the_reference(spawn_ranks, strategy, world, mp_size):
+    # reducer="native": gloo's allreduce reduces each bucket in place (and, at 4@2, the FC shards over their replicas)
+    _check_step(spawn_ranks, "small_cnn", strategy, world, mp_size, reducer="native")
+
+
+def _check_step(spawn_ranks, model_name, strategy, world, mp_size, rules=None, reducer="butterfly"):
     loss, grads, state = reference(model_name, world)
-    results = spawn_ranks(step_rank, world, model_name, strategy, mp_size, "butterfly", None, rules, timeout=300)
+    results = spawn_ranks(step_rank, world, model_name, strategy, mp_size, reducer, None, rules, timeout=300)
     for rank, result in enumerate(results):
         assert result["loss"] == pytest.approx(loss, rel=1e-5), f"rank {rank}"
         for name, expected in grads.items():
