@@ -92,6 +92,10 @@ _KNOBS = (
          "argument is kept): `butterfly` limits the choice to the butterflies, `native` runs the group's own "
          "allreduce where it has one.",
          choices=("auto", "butterfly", "recursive_doubling", "rabenseifner", "ring", "native")),
+    Knob("HYBRID_EXT_AUTO_TABLE", "path", None,
+         "Where `strategy=\"auto\"` writes, from rank 0, the layer times its ranks agreed on, as a calibration "
+         "file (`hybrid-ext plan --calibration` reads it and predicts what they chose from); each plan replaces "
+         "the last."),
     Knob("HYBRID_EXT_CACHE", "path", None,
          "Directory of the saved cost model, the tuner's choices and the built Horovod wheel.",
          default_doc="`${XDG_CACHE_HOME:-~/.cache}/hybrid-ext`"),

@@ -34,7 +34,8 @@ from dataclasses import astuple, dataclass, field, fields, replace
 import torch
 from torch import nn
 
-from hybrid_ext.parallel.layer_profile import LayerTable, profile_layers
+from hybrid_ext import config
+from hybrid_ext.parallel.layer_profile import LayerTable, profile_layers, save_calibration
 from hybrid_ext.parallel.plan import STRATEGIES, PartitionPlan, _linear_chains, check_shardable, plan_by_rules
 from hybrid_ext.parallel.step_model import StepPrediction, predict_step
 from hybrid_ext.parallel.step_traffic import Links
@@ -418,6 +419,9 @@ def plan_on_ranks(
         world_comm, world = groups.world, groups.dims.world
         mp_sizes = [groups.dims.mp]
     table = agree_on_times(profile_layers(model, example_input), world_comm)
+    saved = config.get("HYBRID_EXT_AUTO_TABLE")
+    if saved is not None and world_comm.rank == 0:  # what the choice was made from, to predict it again
+        save_calibration(table, saved)
     # The job's own layout: ranks on several hosts send to each other over the network (its calibrated link, if any).
     links = links_of(world_comm.topology)
     constants, network_constants = agree_on_links(links, world_comm)

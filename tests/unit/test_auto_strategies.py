@@ -150,3 +150,36 @@ def test_ranks_whose_hosts_saved_different_links_price_them_alike(monkeypatch):
     assert all(r == results[0] for r in results)
     assert (link.alpha, link.beta, link.cpu_per_byte) == pytest.approx((4e-3, 8e-9, 3e-10))
     assert local == cost_model.default_model("loopback")  # the transport inside a host: the same file everywhere
+
+
+def test_auto_writes_the_times_its_ranks_agreed_on_and_they_predict_the_same_choice(tmp_path):
+    """HYBRID_EXT_AUTO_TABLE: rank 0 saves the agreed table; choose_plan on that file, for the same ranks and
+    links, makes the ranks' very choice (how a choice made in a job is predicted again afterwards)."""
+    from types import SimpleNamespace
+
+    from hybrid_ext import config
+    from hybrid_ext.comm import Communicator
+    from hybrid_ext.comm.transports.loopback import run_ranks
+    from hybrid_ext.parallel.auto_plan import agree_on_links, links_of, plan_on_ranks
+    from hybrid_ext.parallel.dims import ParallelDims
+    from hybrid_ext.parallel.layer_profile import load_calibration
+
+    saved, x = tmp_path / "agreed.json", torch.randn(B, 3, 16, 16)
+
+    def rank(transport):
+        torch.manual_seed(0)
+        world = Communicator(transport)
+        groups = SimpleNamespace(world=world, dims=ParallelDims(2, 2))
+        plan = plan_on_ranks(small_cnn(), x, groups, None, None, "butterfly", 25 << 20)
+        links = links_of(world.topology)
+        return plan.styles, links, agree_on_links(links, world)
+
+    with config.override(HYBRID_EXT_AUTO_TABLE=str(saved)):
+        results = run_ranks(rank, 2, timeout=100)
+    styles, links, (constants, network_constants) = results[0]
+    table = load_calibration(saved, small_cnn(), x)
+    again = choose_plan(
+        small_cnn(), table, 2, B, [2], "butterfly", 25 << 20, links, constants=constants,
+        network_constants=network_constants,
+    )  # fmt: skip
+    assert again.styles == styles and table.micro_batch == B
