@@ -177,11 +177,12 @@ def _train_rank(
 
     # Mirror ranks send nothing, so they have no trials to agree on (and no process group).
     warm_up(one_step, warmup, tuner.trial_calls, (lambda tried: tried) if mirror else _on_any_rank)
+    ddp_allreduces = _ddp_allreduces(model, rank, world) if strategy == "ddp" else None
     for _ in range(steps):
         elapsed, records = one_step()
         times.append(elapsed)
-        if strategy == "ddp":  # torch's allreduce records nothing: a ring's traffic, as native reductions record
-            records = [_ring_record(model, world)]
+        if ddp_allreduces is not None:  # torch's DDP records nothing
+            records = ddp_allreduces
         sent.append(sum(r.bytes_sent for r in records))  # native reductions record a ring's traffic too
         messages.append(sum(r.messages_sent for r in records))
     chose = None
@@ -198,18 +199,12 @@ def _torch_ddp(model: nn.Module, where: torch.device) -> nn.Module:
     return DistributedDataParallel(model, device_ids=[where.index] if where.type == "cuda" else None)
 
 
-def _ring_record(model: nn.Module, world: int) -> metrics.CollectiveRecord:
-    """What a ring allreduce of every gradient sends from one rank (``metrics.record_native_allreduce``'s count; the
-    messages: 2(P − 1) for each of DDP's buckets, as its logging data lists them)."""
-    grads = [p for p in model.parameters() if p.requires_grad]
-    elements = sum(p.numel() for p in grads)
-    nbytes = int(2 * (world - 1) / world * sum(p.numel() * p.element_size() for p in grads))
-    buckets = len(str(model._get_ddp_logging_data().get("bucket_sizes", "0")).split(","))
-    dtype = str(grads[0].dtype).removeprefix("torch.")
-    messages = 2 * (world - 1) * buckets
-    return metrics.CollectiveRecord(
-        "allreduce", "native", "torch", 0, world, elements, dtype, nbytes, nbytes, messages, 0.0
-    )
+def _ddp_allreduces(model: nn.Module, rank: int, world: int) -> list[metrics.CollectiveRecord]:
+    """What DDP's allreduces send in a step: one per bucket, as its logging data lists their bytes (fixed once the
+    first steps have run), counted as native reductions are (a ring's)."""
+    dtype = next(p.dtype for p in model.parameters() if p.requires_grad)
+    sizes = [int(b) for b in str(model._get_ddp_logging_data().get("bucket_sizes", "")).split(",") if b.strip()]
+    return [metrics.native_allreduce_record("torch", rank, world, b // dtype.itemsize, dtype, 0.0) for b in sizes]
 
 
 def run_train_bench(

@@ -79,14 +79,19 @@ def record(rec: CollectiveRecord) -> None:
 
 
 def record_native_allreduce(transport: str, rank: int, size: int, flat, seconds: float) -> None:
-    """Record a host framework's allreduce of the flat tensor ``flat``. Gloo, NCCL and Horovod do not report
-    traffic: this records a ring allreduce's, their algorithm for large buffers."""
-    nbytes = int(2 * (size - 1) / size * flat.numel() * flat.element_size())
-    dtype = str(flat.dtype).removeprefix("torch.")
-    record(
-        CollectiveRecord(
-            "allreduce", "native", transport, rank, size, flat.numel(), dtype, nbytes, nbytes, 2 * (size - 1), seconds
-        )
+    """Record a host framework's allreduce of the flat tensor ``flat`` (:func:`native_allreduce_record`)."""
+    record(native_allreduce_record(transport, rank, size, flat.numel(), flat.dtype, seconds))
+
+
+def native_allreduce_record(
+    transport: str, rank: int, size: int, elements: int, dtype, seconds: float
+) -> CollectiveRecord:
+    """A host framework's allreduce of ``elements`` of the torch ``dtype``. Gloo, NCCL and Horovod do not report
+    traffic: this is a ring allreduce's, their algorithm for large buffers."""
+    nbytes = int(2 * (size - 1) / size * elements * dtype.itemsize)
+    name = str(dtype).removeprefix("torch.")
+    return CollectiveRecord(
+        "allreduce", "native", transport, rank, size, elements, name, nbytes, nbytes, 2 * (size - 1), seconds
     )
 
 

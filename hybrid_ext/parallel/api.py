@@ -379,10 +379,11 @@ def _torch_native_allreduce(groups: Groups):
                 metrics.record_native_allreduce(
                     dist.get_backend(group), groups.rank, size, flat, time.perf_counter() - start
                 )
-                offset = 0
-                for t in tensors if not alone else ():
-                    t.copy_(flat[offset : offset + t.numel()].view_as(t))
-                    offset += t.numel()
+                if not alone:
+                    offset = 0
+                    for t in tensors:
+                        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                        offset += t.numel()
                 if op == "avg":
                     for t in tensors:
                         t.div_(size)
