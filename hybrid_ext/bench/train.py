@@ -54,6 +54,10 @@ class TrainRow:
     mp_size: int | None = None  # the model-parallel group size the run used (1 under dp)
     chose: str | None = None  # an auto run: the plan it chose (its strategy, mp_size, what it split)
     chose_runs: list[str] = field(default_factory=list)  # an auto run: each repeat's choice (each decides anew)
+    # Where the step went (CPU runs only: on a GPU the host reaches each point before the kernels end): forward with
+    # the loss, backward with the reducer's waits, the optimizer, and the collectives' time from launch to result
+    # (overlapping the others); each the median over steps of the slowest rank's, over the repeats.
+    phases_ms: dict[str, float] | None = None
 
 
 def parse_runs(text: str, world: int) -> list[tuple[str, str, str, int | None]]:
@@ -164,16 +168,25 @@ def _train_rank(
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     times, sent, messages = [], [], []
 
+    phases = []
+
     def one_step():
         with metrics.capture() as records:
             start = time.perf_counter()
             optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
+            loss = F.cross_entropy(model(x), y)
+            forward_end = time.perf_counter()
+            loss.backward()
+            backward_end = time.perf_counter()
             optimizer.step()
             if where.type == "cuda":
                 torch.cuda.synchronize(where)  # the step's kernels are queued, not done, when step() returns
-            elapsed = time.perf_counter() - start
-        return elapsed, records
+            end = time.perf_counter()
+        phases.append({
+            "forward": forward_end - start, "backward": backward_end - forward_end, "optimizer": end - backward_end,
+            "collectives": sum(r.seconds for r in records),
+        })  # fmt: skip
+        return end - start, records
 
     # Mirror ranks send nothing, so they have no trials to agree on (and no process group).
     warm_up(one_step, warmup, tuner.trial_calls, (lambda tried: tried) if mirror else _on_any_rank)
@@ -189,7 +202,8 @@ def _train_rank(
     if strategy == "auto":  # what auto chose, as its plan names it
         chose = model.plan.alternatives[0].label
     mp = 1 if strategy == "ddp" else model.groups.dims.mp
-    return {"times": times, "bytes": sent, "messages": messages, "mp_size": mp, "chose": chose}
+    timed = phases[-steps:] if where.type == "cpu" else []
+    return {"times": times, "bytes": sent, "messages": messages, "mp_size": mp, "chose": chose, "phases": timed}
 
 
 def _torch_ddp(model: nn.Module, where: torch.device) -> nn.Module:
@@ -265,9 +279,24 @@ def run_train_bench(
                 mp_size=_run_mp_size(strategy, run_mp_size, world, repeated[0][0]),
                 chose=repeated[0][0].get("chose"),
                 chose_runs=[results[0]["chose"] for results in repeated if results[0].get("chose")],
+                phases_ms=_phases_ms(repeated),
             )
         )
     return rows
+
+
+def _phases_ms(repeated: list[list[dict]]) -> dict[str, float] | None:
+    """Each phase of the step in ms: per step the slowest rank's, the median over a repeat's steps, then over the
+    repeats; None where the ranks timed none (a GPU run)."""
+    if not all(rank.get("phases") for results in repeated for rank in results):
+        return None
+    names = repeated[0][0]["phases"][0].keys()
+    per_repeat = {name: [] for name in names}
+    for results in repeated:
+        for name in names:
+            slowest = [max(step[name] for step in steps) for steps in zip(*(rank["phases"] for rank in results))]
+            per_repeat[name].append(statistics.median(slowest))
+    return {name: statistics.median(values) * 1e3 for name, values in per_repeat.items()}
 
 
 def _run_mp_size(strategy: str, asked: int | None, world: int, result: dict) -> int:
@@ -293,6 +322,10 @@ def format_markdown(rows: list[TrainRow]) -> str:
             f"| {r.run} | {r.samples_per_sec:.1f} | {r.step_ms:.0f} | {sent} | {ratio} | "
             f"{r.samples_per_sec / base.samples_per_sec:.2f} |"
         )
+    timed = [r for r in rows if r.phases_ms]
+    if timed:
+        lines.append("\nwhere the step went, ms (collectives: launch to result, overlapping backward):")
+        lines += [f"{r.run}: " + ", ".join(f"{name} {ms:.0f}" for name, ms in r.phases_ms.items()) for r in timed]
     for r in (r for r in rows if r.chose):
         choices = list(dict.fromkeys(r.chose_runs or [r.chose]))
         lines.append(f"\n{r.run} chose: {r.chose}")

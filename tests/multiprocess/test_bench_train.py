@@ -25,6 +25,10 @@ def test_native_and_butterfly_dp_send_the_same_bytes_counted_once():
     assert rows["ddp"].bytes_per_step == pytest.approx(params, rel=1e-6)
     assert rows["ddp"].mp_size == 1 and rows["ddp"].messages_per_step >= 2
     assert all(row.samples_per_sec > 0 for row in rows.values())
+    # where the step went: every phase timed; the butterfly's allreduces recorded with their time, DDP's not
+    phases = rows["dp-butterfly"].phases_ms
+    assert set(phases) == {"forward", "backward", "optimizer", "collectives"} and min(phases.values()) > 0
+    assert max(phases["forward"], phases["backward"], phases["optimizer"]) < rows["dp-butterfly"].step_ms
 
 
 @pytest.mark.multiprocess

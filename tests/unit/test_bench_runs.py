@@ -196,3 +196,27 @@ def test_auto_that_split_only_some_layers_is_measured_by_its_own_run_only():
     # where auto's plan is the strategy's own, the strategy's run still measures it
     plan["strategies"][-1]["same_as_strategy"] = True
     assert compare(plan, _rows(None), "butterfly")["auto_measured_ms"] == 250.0
+
+
+def test_a_rows_phases_are_the_slowest_ranks_per_step_then_medians_over_steps_and_repeats(monkeypatch):
+    def phases(*forward_ms):  # one rank's steps; the other phases follow from forward
+        return [
+            {"forward": f / 1e3, "backward": 2 * f / 1e3, "optimizer": 0.001, "collectives": 0.0} for f in forward_ms
+        ]
+
+    repeats = iter([
+        [{"times": [0.1] * 3, "bytes": [8.0], "messages": [2.0], "phases": phases(10, 30, 20)},
+         {"times": [0.1] * 3, "bytes": [8.0], "messages": [2.0], "phases": phases(40, 10, 10)}],  # slowest: 40 30 20
+        [{"times": [0.1] * 3, "bytes": [8.0], "messages": [2.0], "phases": phases(50, 50, 60)},
+         {"times": [0.1] * 3, "bytes": [8.0], "messages": [2.0], "phases": phases(10, 70, 10)}],  # slowest: 50 70 60
+    ])  # fmt: skip
+    monkeypatch.setattr(train, "spawn", lambda *a, **k: next(repeats))
+    (row,) = train.run_train_bench("alexnet", 2, train.parse_runs("dp-butterfly", 2), 4, 16, 3, repeats=2)
+    # medians over steps: 30 and 60; over the two repeats: 45
+    assert row.phases_ms == pytest.approx({"forward": 45.0, "backward": 90.0, "optimizer": 1.0, "collectives": 0.0})
+    assert "dp-butterfly: forward 45, backward 90, optimizer 1, collectives 0" in train.format_markdown([row])
+    # a GPU run times no phases (its host runs ahead of the kernels): none shown
+    monkeypatch.setattr(train, "spawn", lambda *a, **k: [{"times": [0.1], "bytes": [8.0], "messages": [2.0],
+                                                         "phases": []}] * 2)  # fmt: skip
+    (row,) = train.run_train_bench("alexnet", 2, train.parse_runs("dp-butterfly", 2), 4, 16, 1)
+    assert row.phases_ms is None and "where the step went" not in train.format_markdown([row])
