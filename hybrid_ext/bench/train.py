@@ -166,9 +166,7 @@ def _train_rank(
             example_input=x if strategy == "auto" else None,
         )  # fmt: skip
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    times, sent, messages = [], [], []
-
-    phases = []
+    times, sent, messages, phases = [], [], [], []
 
     def one_step():
         with metrics.capture() as records:
@@ -182,18 +180,19 @@ def _train_rank(
             if where.type == "cuda":
                 torch.cuda.synchronize(where)  # the step's kernels are queued, not done, when step() returns
             end = time.perf_counter()
-        phases.append({
-            "forward": forward_end - start, "backward": backward_end - forward_end, "optimizer": end - backward_end,
-            "collectives": sum(r.seconds for r in records),
-        })  # fmt: skip
-        return end - start, records
+        phase = {"forward": forward_end - start, "backward": backward_end - forward_end}
+        phase["optimizer"] = end - backward_end
+        if strategy != "ddp":  # torch's DDP records none of its allreduces: no time to show
+            phase["collectives"] = sum(r.seconds for r in records)
+        return end - start, records, phase
 
     # Mirror ranks send nothing, so they have no trials to agree on (and no process group).
     warm_up(one_step, warmup, tuner.trial_calls, (lambda tried: tried) if mirror else _on_any_rank)
     ddp_allreduces = _ddp_allreduces(model, rank, world) if strategy == "ddp" else None
     for _ in range(steps):
-        elapsed, records = one_step()
+        elapsed, records, phase = one_step()
         times.append(elapsed)
+        phases.append(phase)
         if ddp_allreduces is not None:  # torch's DDP records nothing
             records = ddp_allreduces
         sent.append(sum(r.bytes_sent for r in records))  # native reductions record a ring's traffic too
@@ -202,7 +201,7 @@ def _train_rank(
     if strategy == "auto":  # what auto chose, as its plan names it
         chose = model.plan.alternatives[0].label
     mp = 1 if strategy == "ddp" else model.groups.dims.mp
-    timed = phases[-steps:] if where.type == "cpu" else []
+    timed = phases if where.type == "cpu" else []
     return {"times": times, "bytes": sent, "messages": messages, "mp_size": mp, "chose": chose, "phases": timed}
 
 
