@@ -31,7 +31,7 @@ sends a host's blocks across once per partner that needs them (twice the bound a
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -51,11 +51,11 @@ INTRA_SCATTER = "recursive_halving"
 INTRA_GATHER = "recursive_doubling"
 
 
-def _moved(plan: Plan, members: Sequence[int], offset: int, prefix: str) -> list[Step]:
-    """``plan``'s steps with its ranks renamed to ``members`` and its ranges shifted by ``offset``."""
+def _moved(plan: Plan, members: Callable[[int], int], offset: int, prefix: str) -> list[Step]:
+    """``plan``'s steps with each rank r renamed ``members(r)`` and its ranges shifted by ``offset``."""
 
     def rank(r: int | None) -> int | None:
-        return None if r is None else members[r]
+        return None if r is None else members(r)
 
     def shifted(span: Range | None) -> Range | None:
         return None if span is None else (span[0] + offset, span[1] + offset)
@@ -80,20 +80,47 @@ def _host_layout(hosts: tuple[int, ...]) -> Mapping[int, tuple[int, ...]]:
     return MappingProxyType({host: tuple(ranks) for host, ranks in members.items()})
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """What every rank's plan reads of one layout, worked out once for it (a rank's plan then costs its own steps,
+    not a pass over every host: a planner asks for each of a thousand ranks)."""
+
+    members: Mapping[int, tuple[int, ...]]  # host -> its group ranks
+    order: tuple[int, ...]  # the hosts, by first rank
+    position: Mapping[int, int]  # host -> its index in order
+    local: tuple[int, ...]  # group rank -> its index among its host's ranks
+    lanes: int  # the most ranks on one host
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(hosts: tuple[int, ...]) -> _Layout:
+    members = host_layout(hosts)
+    local = [0] * len(hosts)
+    for ranks in members.values():
+        for index, rank in enumerate(ranks):
+            local[rank] = index
+    order = tuple(members)
+    position = MappingProxyType({host: index for index, host in enumerate(order)})
+    return _Layout(members, order, position, tuple(local), max(len(m) for m in members.values()))
+
+
+def _check(inter_algorithm: str, rank: int, hosts: tuple[int, ...]) -> None:
+    if inter_algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm between hosts {inter_algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+    if not 0 <= rank < len(hosts):
+        raise ValueError(f"rank {rank} is not in a group of {len(hosts)}")
+
+
 def _stages(
     inter_algorithm: str, rank: int, hosts: tuple[int, ...], count: int, offset: int = 0
 ) -> tuple[list[Step], ...]:
     """(reduce-scatter within the host, allreduce between hosts, all-gather within the host): rank's steps for
     the ``count`` elements from ``offset`` on."""
-    if inter_algorithm not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm between hosts {inter_algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
-    if not 0 <= rank < len(hosts):
-        raise ValueError(f"rank {rank} is not in a group of {len(hosts)}")
-    members = host_layout(hosts)
-    order = list(members)  # host order: by first rank
+    _check(inter_algorithm, rank, hosts)
+    layout = _layout(tuple(hosts))
+    members, order = layout.members, layout.order
     mine = members[hosts[rank]]
-    local, size = mine.index(rank), len(mine)
-    lanes = max(len(m) for m in members.values())
+    local, size, lanes = layout.local[rank], len(mine), layout.lanes
     bounds = block_bounds(count, lanes)
     rounds = range(0, lanes, size)
 
@@ -107,15 +134,64 @@ def _stages(
     if count > 0 and len(hosts) > 1:
         for first in rounds:
             sub = plan_reduce_scatter(INTRA_SCATTER, local, round_counts(first))
-            within += _moved(sub, mine, offset + bounds[first], "host ")
+            within += _moved(sub, mine.__getitem__, offset + bounds[first], "host ")
+        host_index = layout.position[hosts[rank]]
         for lane in range(local, lanes, size):
-            owners = [members[h][lane % len(members[h])] for h in order]
-            sub = plan_allreduce(inter_algorithm, order.index(hosts[rank]), len(order), bounds[lane + 1] - bounds[lane])
-            between += _moved(sub, owners, offset + bounds[lane], "hosts ")
+
+            def owner(h: int, lane: int = lane) -> int:  # the lane's owner on the h-th host
+                ranks = members[order[h]]
+                return ranks[lane % len(ranks)]
+
+            sub = plan_allreduce(inter_algorithm, host_index, len(order), bounds[lane + 1] - bounds[lane])
+            between += _moved(sub, owner, offset + bounds[lane], "hosts ")
         for first in rounds:
             sub = plan_allgather(INTRA_GATHER, local, round_counts(first))
-            gather += _moved(sub, mine, offset + bounds[first], "host ")
+            gather += _moved(sub, mine.__getitem__, offset + bounds[first], "host ")
     return within, between, gather
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """What one rank sends and reduces in one collective, in elements (a plan's sums, without its steps)."""
+
+    elements_sent: int
+    messages: int
+    elements_reduced: int  # received and reduced into its own
+    remote_elements: int  # of elements_sent, to ranks on other hosts
+    remote_messages: int  # of messages, to ranks on other hosts
+
+
+@functools.lru_cache(maxsize=4096)
+def _sums(planner, algorithm: str, rank: int, *shape) -> tuple[int, int, int]:
+    """(elements sent, messages, elements reduced) of ``planner(algorithm, rank, *shape)``'s flat plan."""
+    plan = planner(algorithm, rank, *shape)
+    return plan.elements_sent, plan.messages_sent, sum(s.recv_count for s in plan.steps if s.reduce)
+
+
+def hierarchical_traffic(inter_algorithm: str, rank: int, hosts: tuple[int, ...], count: int) -> Traffic:
+    """The sums of ``plan_hierarchical(inter_algorithm, rank, hosts, count)``, from its stages' flat plans alone:
+    no step is renamed or moved, so a planner can ask it of each of a thousand ranks. The exchange between hosts
+    runs among one rank per host, so every message of it leaves the host; those inside a host stay."""
+    _check(inter_algorithm, rank, hosts)
+    layout = _layout(tuple(hosts))
+    mine = layout.members[hosts[rank]]
+    local, size, lanes = layout.local[rank], len(mine), layout.lanes
+    if count <= 0 or len(hosts) == 1:
+        return Traffic(0, 0, 0, 0, 0)
+    bounds = block_bounds(count, lanes)
+    near = [0, 0, 0]
+    for first in range(0, lanes, size):
+        own = [bounds[k + 1] - bounds[k] for k in range(first, min(first + size, lanes))]
+        counts = tuple(own + [0] * (size - len(own)))
+        for sums in (_sums(plan_reduce_scatter, INTRA_SCATTER, local, counts),
+                     _sums(plan_allgather, INTRA_GATHER, local, counts)):  # fmt: skip
+            near = [a + b for a, b in zip(near, sums, strict=True)]
+    far = [0, 0, 0]
+    host_index = layout.position[hosts[rank]]
+    for lane in range(local, lanes, size):
+        sums = _sums(plan_allreduce, inter_algorithm, host_index, len(layout.order), bounds[lane + 1] - bounds[lane])
+        far = [a + b for a, b in zip(far, sums, strict=True)]
+    return Traffic(near[0] + far[0], near[1] + far[1], near[2] + far[2], far[0], far[1])
 
 
 @functools.lru_cache(maxsize=4096)
@@ -170,10 +246,10 @@ def _lanes(rank: int, hosts: tuple[int, ...], counts: tuple[int, ...]):
     if not equal_hosts(hosts):
         raise ValueError(f"hosts {list(hosts)}: the hierarchical all-gather / reduce-scatter needs equal hosts")
     offsets = _offsets(counts)  # refuses negative sizes
-    members = host_layout(hosts)
-    order = list(members)
-    mine = members[hosts[rank]]
-    return order, members, mine, order.index(hosts[rank]), mine.index(rank), lambda r: (offsets[r], offsets[r + 1])
+    layout = _layout(tuple(hosts))
+    mine = layout.members[hosts[rank]]
+    host_index, local = layout.position[hosts[rank]], layout.local[rank]
+    return layout.order, layout.members, mine, host_index, local, lambda r: (offsets[r], offsets[r + 1])
 
 
 def _step(phase: str, to: int, send: Range, frm: int, recv: Range, reduce: bool) -> list[Step]:

@@ -19,6 +19,7 @@ Every helper is the identity for a group of one rank.
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -191,6 +192,7 @@ def gather_dim(x: torch.Tensor, comm: Communicator, dim: int, sizes: tuple[int, 
     return x if comm.size == 1 else _GatherDim.apply(x, comm, dim, sizes)
 
 
+@functools.lru_cache(maxsize=1024)  # a planner asks it of every layer for each of a thousand ranks
 def shard_sizes(total: int, parts: int) -> tuple[int, ...]:
     """Sizes of ``parts`` contiguous shards of ``total`` features, differing by at most one."""
     bounds = block_bounds(total, parts)

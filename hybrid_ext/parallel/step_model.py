@@ -262,7 +262,7 @@ def compute_fraction(style: str, path: str, model_modules: dict[str, nn.Module],
 
 
 def _predict_rank(
-    model: nn.Module,
+    transfers: list[Transfer],
     table: LayerTable,
     styles: dict[str, str],
     strategy: str,
@@ -270,8 +270,6 @@ def _predict_rank(
     mp_size: int,
     rank: int,
     micro_batch: int,
-    grad_algorithm: str,
-    bucket_bytes: int,
     links: Links,
     constants: CostModel | None,
     network_constants: CostModel | None,
@@ -280,11 +278,9 @@ def _predict_rank(
     modules: dict[str, nn.Module],
     held: list,
 ) -> StepPrediction:
-    """Rank ``rank``'s step; ``modules``: the model's by path; ``held``: the parameters it holds after the wrap."""
+    """Rank ``rank``'s step from its ``transfers`` (:func:`step_transfers`); ``modules``: the model's by path;
+    ``held``: the parameters it holds after the wrap."""
     m = mp_size if strategy in ("hybrid", "mp") else 1
-    transfers = step_transfers(
-        model, table, styles, strategy, world, mp_size, rank, micro_batch, grad_algorithm, bucket_bytes, links, held
-    )
     split = {}
     for t in transfers:  # the mappings' own copies around a collective are CPU work, at the table's copy rate
         cpu, wire = transfer_split(t, links, constants, network_constants)
@@ -386,6 +382,7 @@ def predict_step(
     network_constants: CostModel | None = None,
     compute_scale: float = 1.0,
     cores_busy: bool = False,
+    memo: dict | None = None,
 ) -> StepPrediction:
     """The predicted step of the slowest rank (see the module docstring); ``mp_size`` None: all ranks.
 
@@ -394,7 +391,8 @@ def predict_step(
     use instead of the transport's, ``network_constants`` for messages between hosts; ``links``: default one host's
     shared memory; ``compute_scale``: σ, for ranks that share a device's cores; ``cores_busy``: the ranks' compute
     keeps every core of their host busy, so the gradient buckets' CPU work cannot overlap it (see the module
-    docstring)."""
+    docstring); ``memo``: a dict kept across calls with the same ``model``, ``table``, ``links`` and environment
+    (:func:`~hybrid_ext.parallel.step_traffic.step_transfers`), where a caller predicts many plans."""
     if compute_scale <= 0:
         raise ValueError(f"compute_scale must be positive, got {compute_scale}")
     links = links or Links()
@@ -407,13 +405,28 @@ def predict_step(
     m = mp_size if strategy in ("hybrid", "mp") else 1
     modules = dict(model.named_modules())
     held = {q: parameters_after_wrap(model, styles if strategy != "dp" else {}, m, q) for q in range(m)}
-    predictions = [
-        _predict_rank(
+    memo = {} if memo is None else memo
+    # A rank's step depends on its rank only through its shards' sizes and its transfers: ranks alike in both (on
+    # equal hosts, most of them) are predicted once, as the first of them.
+    sharded = [(path, style) for path, style in styles.items() if style != "dp" and strategy != "dp"]
+    shards = {
+        q: (tuple(compute_fraction(style, path, modules, m, q) for path, style in sharded), tuple(held[q]))
+        for q in range(m)
+    }
+    by_class: dict[tuple, StepPrediction] = {}
+    predictions = []
+    for r in range(world):
+        transfers = step_transfers(
             model, table, styles, strategy, world, mp_size, r, micro_batch, grad_algorithm, bucket_bytes, links,
-            constants, network_constants, compute_scale, cores_busy, modules, held[r % m],
-        )
-        for r in range(world)
-    ]  # fmt: skip
+            held[r % m], memo,
+        )  # fmt: skip
+        key = (shards[r % m], tuple(transfers))
+        if key not in by_class:
+            by_class[key] = _predict_rank(
+                transfers, table, styles, strategy, world, mp_size, r, micro_batch, links, constants,
+                network_constants, compute_scale, cores_busy, modules, held[r % m],
+            )  # fmt: skip
+        predictions.append(by_class[key])
     slowest = max(predictions, key=lambda p: p.step_s)
     if links.hosts is not None:
         leaving = {h: 0 for h in links.hosts}

@@ -56,7 +56,7 @@ from torch import nn
 
 from hybrid_ext.comm import choose, cost_model
 from hybrid_ext.comm.hierarchy import (
-    plan_hierarchical,
+    hierarchical_traffic,
     plan_hierarchical_allgather,
     plan_hierarchical_reduce_scatter,
 )
@@ -92,11 +92,23 @@ class Links:
             return 1
         return max(Counter(self.hosts).values())
 
+    def world_group(self, world: int, rank: int) -> GroupLinks:
+        """:meth:`group` of every world rank (its hosts numbered once per layout: a planner asks for each of a
+        thousand ranks)."""
+        hosts = None if self.hosts is None else _world_hosts(tuple(self.hosts), world)
+        transport = self.transport if hosts is None else f"{self.transport}+{self.network}"
+        return GroupLinks(world, rank, hosts, transport, self.transport, self.network, self.native)
+
     def group(self, members: list[int], rank: int) -> GroupLinks:
         """The links of the group of world ranks ``members`` (in group order), seen from group rank ``rank``."""
         hosts = None if self.hosts is None else _group_hosts(tuple(self.hosts), tuple(members))
         transport = self.transport if hosts is None else f"{self.transport}+{self.network}"
         return GroupLinks(len(members), rank, hosts, transport, self.transport, self.network, self.native)
+
+
+@functools.lru_cache(maxsize=16)
+def _world_hosts(hosts: tuple[int, ...], world: int) -> tuple[int, ...] | None:
+    return _group_hosts(hosts, tuple(range(world)))
 
 
 @functools.lru_cache(maxsize=256)
@@ -179,30 +191,40 @@ def _topology(group: GroupLinks) -> Topology:
     return Topology(group.size, group.transport, group.hosts, group.local, group.network)
 
 
-def _allreduce_schedule(algorithm: str, nbytes: int, group: GroupLinks) -> str:
-    """The schedule the communicator runs for a request of ``algorithm`` with the tuner off (or ``native``)."""
+def _allreduce_schedule(algorithm: str, nbytes: int, group: GroupLinks, memo: dict | None = None) -> str:
+    """The schedule the communicator runs for a request of ``algorithm`` with the tuner off (or ``native``);
+    ``memo``: choices already made in this prediction (the same for every rank of a group)."""
     if algorithm == cost_model.NATIVE:
         return algorithm
-    return choose.allreduce(algorithm, nbytes, _topology(group), native=group.native, tune=False)
+    topology = _topology(group)
+    key = ("allreduce", algorithm, nbytes, topology, group.native)
+    if memo is not None and key in memo:
+        return memo[key]
+    chosen = choose.allreduce(algorithm, nbytes, topology, native=group.native, tune=False)
+    if memo is not None:
+        memo[key] = chosen
+    return chosen
 
 
 def allreduce_transfer(
-    name: str, phase: str, algorithm: str, count: int, itemsize: int, group: GroupLinks, layers=()
+    name: str, phase: str, algorithm: str, count: int, itemsize: int, group: GroupLinks, layers=(), memo=None
 ) -> Transfer | None:
     """The all-reduce of ``count`` elements that runs for a request of ``algorithm`` (None on a group of one)."""
     size, rank = group.size, group.rank
     if size == 1:
         return None  # the communicator returns before sending or recording anything
-    chosen = _allreduce_schedule(algorithm, count * itemsize, group)
+    chosen = _allreduce_schedule(algorithm, count * itemsize, group, memo)
     if chosen == cost_model.NATIVE:
         moved = int(2 * (size - 1) / size * count * itemsize)
         return Transfer(name, phase, "allreduce", "native", size, count, moved, 2 * (size - 1), moved // 2, True,
                         layers, 0, 0, group.local, group.network)  # fmt: skip
     if chosen.startswith(cost_model.HIERARCHICAL_PREFIX):
         inter = chosen.removeprefix(cost_model.HIERARCHICAL_PREFIX)
-        plan = plan_hierarchical(inter, rank, group.hosts, count)
-    else:
-        plan = plan_allreduce(chosen, rank, size, count)
+        sums = hierarchical_traffic(inter, rank, group.hosts, count)  # plan_hierarchical's, without its steps
+        return Transfer(name, phase, "allreduce", chosen, size, count, sums.elements_sent * itemsize, sums.messages,
+                        sums.elements_reduced * itemsize, True, layers, sums.remote_elements * itemsize,
+                        sums.remote_messages, group.local, group.network)  # fmt: skip
+    plan = plan_allreduce(chosen, rank, size, count)
     return _from_plan(name, phase, "allreduce", plan, itemsize, group, True, layers)
 
 
@@ -355,9 +377,11 @@ def gradient_transfers(
     bucket_bytes: int = 25 << 20,
     links: Links | None = None,
     held: list[_Param] | None = None,
+    memo: dict | None = None,
 ) -> list[Transfer]:
     """The gradient all-reduces of one step, in the order the reducer launches them (see the module docstring);
-    ``held``: :func:`parameters_after_wrap` for this rank, where the caller has it."""
+    ``held``: :func:`parameters_after_wrap` for this rank, where the caller has it; ``memo``: see
+    :func:`step_transfers`."""
     links = links or Links()
     if grad_algorithm not in GRAD_ALGORITHMS:
         raise ValueError(f"unknown reducer {grad_algorithm!r}; choose one of {', '.join(GRAD_ALGORITHMS)}")
@@ -369,7 +393,7 @@ def gradient_transfers(
     )
     position = {id(p): i for i, p in enumerate(params)}
     algorithm = "butterfly" if grad_algorithm in ("butterfly", "auto") else grad_algorithm
-    groups = [("replicated", [p for p in params if not p.sharded], links.group(list(range(world)), rank))]
+    groups = [("replicated", [p for p in params if not p.sharded], links.world_group(world, rank))]
     if strategy == "hybrid":
         replicas = list(range(rank % m, world, m))  # the ranks holding this rank's shards (dims.dp_group_of)
         groups.append(("fc-shards", [p for p in params if p.sharded], links.group(replicas, rank // m)))
@@ -382,7 +406,7 @@ def gradient_transfers(
         count = sum(p.numel for p in bucket)
         layers = tuple(dict.fromkeys(p.layer for p in bucket))
         transfer = allreduce_transfer(
-            f"{name}.bucket{index}", "gradients", algorithm, count, bucket[0].itemsize, group, layers
+            f"{name}.bucket{index}", "gradients", algorithm, count, bucket[0].itemsize, group, layers, memo
         )
         if transfer is not None:
             out.append(transfer)
@@ -417,12 +441,16 @@ def step_transfers(
     bucket_bytes: int = 25 << 20,
     links: Links | None = None,
     held: list[_Param] | None = None,
+    memo: dict | None = None,
 ) -> list[Transfer]:
     """Everything rank ``rank`` sends in one step: forward (layer order), backward (reverse), gradient buckets.
 
     ``styles``: the plan's layer path → style (``plan_by_rules(model, strategy).styles``); ``table``: the layers'
     shapes (:func:`~hybrid_ext.parallel.layer_profile.layer_shapes`); ``micro_batch``: b, samples per rank;
-    ``held``: :func:`parameters_after_wrap` for this rank, where the caller has it."""
+    ``held``: :func:`parameters_after_wrap` for this rank, where the caller has it; ``memo``: a dict the caller
+    keeps while it asks for many ranks of one plan, with the same ``model``, ``table``, ``links`` and environment:
+    what is the same for every rank of a group (the schedule chosen for a size, a layer's traffic at one place in
+    its group) is worked out once (a thousand ranks are planned rank by rank)."""
     links = links or Links()
     if links.hosts is not None and len(links.hosts) != world:
         raise ValueError(f"links.hosts names the hosts of {len(links.hosts)} ranks, not of the world's {world}")
@@ -434,15 +462,21 @@ def step_transfers(
     rows = world * micro_batch if strategy == "mp" else micro_batch
     first = rank // m * m
     mp_group = links.group(list(range(first, first + m)), rank % m)  # dims.mp_group_of
-    per_layer = [
-        t
-        for path in table.layers
-        if styles.get(path, "dp") != "dp"
-        for t in layer_transfers(path, styles[path], table, strategy, mp_group, rows)
-    ]
+    per_layer = []
+    for path in table.layers:
+        style = styles.get(path, "dp")
+        if style == "dp":
+            continue
+        key = ("layer", path, style, strategy, mp_group, rows)
+        found = memo.get(key) if memo is not None else None
+        if found is None:
+            found = layer_transfers(path, style, table, strategy, mp_group, rows)
+            if memo is not None:
+                memo[key] = found
+        per_layer += found
     forward = [t for t in per_layer if t.phase == "forward"]
     backward = [t for t in reversed(per_layer) if t.phase == "backward"]
     gradients = gradient_transfers(
-        model, styles, strategy, world, mp_size, rank, grad_algorithm, bucket_bytes, links, held
+        model, styles, strategy, world, mp_size, rank, grad_algorithm, bucket_bytes, links, held, memo
     )
     return forward + backward + gradients

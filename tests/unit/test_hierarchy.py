@@ -7,6 +7,7 @@ import pytest
 
 from hybrid_ext.comm.hierarchy import (
     equal_hosts,
+    hierarchical_traffic,
     host_layout,
     plan_hierarchical,
     plan_hierarchical_allgather,
@@ -28,6 +29,28 @@ LAYOUTS = [
     (0, 0, 1, 1, 1, 1, 2),
     (0, 0, 1, 1, 2, 2, 3, 3),
 ]
+
+
+@pytest.mark.parametrize("hosts", [*LAYOUTS, (2, 2, 0, 0, 1, 1), (0, 0, 1, 1, 2)], ids=str)
+@pytest.mark.parametrize("inter", ["recursive_doubling", "rabenseifner", "ring"])
+def test_the_traffic_sums_are_the_plans(hosts, inter):
+    """hierarchical_traffic counts what plan_hierarchical's steps send, without building them: every rank, every
+    size, what leaves the host apart."""
+    for rank in range(len(hosts)):
+        for count in (0, 1, 5, 37, 1000):
+            plan = plan_hierarchical(inter, rank, hosts, count)
+            remote = [s for s in plan.steps if s.send_to is not None and hosts[s.send_to] != hosts[rank]]
+            sums = hierarchical_traffic(inter, rank, hosts, count)
+            assert (sums.elements_sent, sums.messages, sums.elements_reduced) == (
+                plan.elements_sent,
+                plan.messages_sent,
+                sum(s.recv_count for s in plan.steps if s.reduce),
+            )
+            assert (sums.remote_elements, sums.remote_messages) == (sum(s.send_count for s in remote), len(remote))
+    with pytest.raises(ValueError, match="unknown algorithm between hosts 'nope'"):
+        hierarchical_traffic("nope", 0, hosts, 10)
+    with pytest.raises(ValueError, match=f"rank {len(hosts)} is not in a group of {len(hosts)}"):
+        hierarchical_traffic(inter, len(hosts), hosts, 10)
 
 
 @pytest.mark.parametrize("hosts", LAYOUTS, ids=str)

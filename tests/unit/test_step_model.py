@@ -550,3 +550,53 @@ def test_a_backward_exchange_shares_the_link_with_a_bucket_on_it():
             if t.name == "5"
         )
     )
+
+
+@pytest.mark.parametrize(
+    ("strategy", "world", "mp_size", "hosts", "fewer"),
+    [
+        ("dp", 16, 1, tuple(r // 4 for r in range(16)), True),  # powers of two: hosts alike
+        ("hybrid", 16, 4, tuple(r // 4 for r in range(16)), True),
+        ("dp", 12, 1, tuple(r // 3 for r in range(12)), False),  # the butterfly's fold sets ranks apart
+        ("hybrid", 12, 4, tuple(r // 3 for r in range(12)), False),  # model-parallel groups across hosts
+        ("hybrid", 10, 5, (0, 0, 0, 1, 1, 2, 2, 2, 2, 3), False),  # unequal hosts
+        ("mp", 6, 6, (0, 0, 1, 1, 2, 2), False),
+    ],
+)
+def test_ranks_alike_are_predicted_once_and_the_step_is_the_slowest_ranks(
+    strategy, world, mp_size, hosts, fewer, monkeypatch
+):
+    """predict_step predicts each class of ranks with the same shards and transfers once: its answer is the one
+    predicting every rank on its own gives (small_cnn's 100 and 10 features split unevenly; buckets of one
+    parameter)."""
+    from hybrid_ext.parallel import step_model
+    from hybrid_ext.parallel.step_model import _predict_rank
+    from hybrid_ext.parallel.step_traffic import parameters_after_wrap
+
+    model = small_cnn()
+    table = layer_shapes(model, torch.randn(1, 3, 16, 16))
+    table.layers = {p: replace(r, forward_s=1e-3 * (i + 1), backward_s=2e-3) for i, (p, r) in
+                    enumerate(table.layers.items())}  # fmt: skip
+    styles = make_plan(model, strategy).styles
+    links = Links("shm", hosts=hosts)
+    m = mp_size if strategy != "dp" else 1
+    modules = dict(model.named_modules())
+    one_by_one = []
+    for rank in range(world):
+        held = parameters_after_wrap(model, styles if strategy != "dp" else {}, m, rank % m)
+        transfers = step_transfers(model, table, styles, strategy, world, mp_size, rank, B, "butterfly", 1, links, held)
+        alone = _predict_rank(
+            transfers, table, styles, strategy, world, mp_size, rank, B, links, None, None, 2.0, True, modules, held
+        )
+        one_by_one.append(alone)
+    slowest = max(one_by_one, key=lambda p: p.step_s)
+    predicted = []
+    monkeypatch.setattr(step_model, "_predict_rank", lambda *a: predicted.append(a[6]) or _predict_rank(*a))
+    step = predict_step(model, table, styles, strategy, world, mp_size, B, "butterfly", 1, links, compute_scale=2.0,
+                        cores_busy=True)  # fmt: skip
+    assert len(predicted) < world if fewer else len(predicted) <= world
+    assert (step.rank, step.step_s, step.bytes_sent) == (slowest.rank, slowest.step_s, slowest.bytes_sent)
+    leaving = {h: sum(p.network_bytes for r, p in enumerate(one_by_one) if hosts[r] == h) for h in set(hosts)}
+    assert step.host_link_bytes == max(leaving.values()) > 0
+    if strategy != "dp":  # the ranks differ (their shards, or more): the classes are not all one
+        assert len({p.step_s for p in one_by_one}) > 1
