@@ -168,11 +168,13 @@ def choose_plan(
     linears = {p for p, m in modules.items() if p and isinstance(m, nn.Linear)}
     chains = _linear_chains(modules, linears)
 
+    memo: dict = {}  # what candidates share: a schedule chosen for a size, a layer's traffic in its group
+
     def predict(strategy: str, m: int, plan: PartitionPlan) -> StepPrediction:
         return predict_step(
             model, table, plan.styles, strategy, world, m, micro_batch, grad_algorithm, bucket_bytes, links,
             constants=constants, network_constants=network_constants, compute_scale=compute_scale,
-            cores_busy=cores_busy,
+            cores_busy=cores_busy, memo=memo,
         )  # fmt: skip
 
     # (strategy, mp_size, sharded chains by first layer, split convolutions) -> its prediction, None if unfit

@@ -401,7 +401,7 @@ def predict_step(
     mp_size = world if mp_size is None else mp_size
     if micro_batch < 1:
         raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
-    # What every rank of an mp_rank shares, worked out once (a thousand ranks are predicted one by one).
+    # What every rank of an mp_rank shares, worked out once.
     m = mp_size if strategy in ("hybrid", "mp") else 1
     modules = dict(model.named_modules())
     held = {q: parameters_after_wrap(model, styles if strategy != "dp" else {}, m, q) for q in range(m)}
