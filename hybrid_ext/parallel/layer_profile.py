@@ -10,18 +10,22 @@ Measurement: one training-mode forward pass of the whole model records every lay
 timed on its own, on that input (``steps`` timed repeats after one warm-up, the median kept): forward, then
 backward of ``ones`` from its output. A leaf with parameters is timed again on its input repeated ``rows_factor``
 times; the line through the two points gives its fixed part, so a step model can scale it to the rows a strategy
-gives the layer (a sharded layer sees its group's gathered batch). Timing each layer alone, rather than hooking
-the whole step, keeps in-place layers (``ReLU(inplace=True)``) and autograd untouched; it leaves out what the step
-shares between layers: the whole model is timed too, and what it takes beyond its leaves (residual additions,
-reshapes) is kept as the table's glue, its fixed part found as a leaf's (the whole model timed again at
-``rows_factor`` times the rows, where memory allows). The optimizer's update is timed apart, per parameter element:
-SGD with momentum on a scratch parameter (what ``hybrid-ext bench train`` runs; Adam's update costs a few times
-more); so is a strided copy (the re-layout around a gather along channels), per byte, and the gradient reducer's
-own work per byte of gradient (:mod:`hybrid_ext.parallel.reducer` copies each incoming gradient into its bucket,
-autograd fills ``.grad`` with the zero it is handed, and the reduced bucket is added back: three passes over the
-gradient, whatever the collective), timed on the real reducer over a group of one, on a parameter as large as the
-model's largest (within :data:`BUCKET_PROBE_ELEMENTS`). Nothing is left behind:
-gradients, buffers (BatchNorm statistics), random number generators and train/eval modes are as before.
+gives the layer (a sharded layer sees its group's gathered batch). A convolution a plan can split by its output
+channels is also timed as a copy holding half of them, and the line through the two gives the part a shard keeps
+whatever its share of the channels (a quarter of a convolution's channels takes more than a quarter of its time; a
+Linear's shards, timed alone, are within a few % of proportional, and are not timed).
+
+Timing each layer alone, rather than hooking the whole step, keeps in-place layers (``ReLU(inplace=True)``) and
+autograd untouched; it leaves out what the step shares between layers: the whole model is timed too, and what it
+takes beyond its leaves (residual additions, reshapes) is kept as the table's glue, its fixed part found as a leaf's
+(the whole model timed again at ``rows_factor`` times the rows, where memory allows). The optimizer's update is
+timed apart, per parameter element: SGD with momentum on a scratch parameter (what ``hybrid-ext bench train`` runs;
+Adam's update costs a few times more); so is a strided copy (the re-layout around a gather along channels), per
+byte, and the gradient reducer's own work per byte of gradient (:mod:`hybrid_ext.parallel.reducer` copies each
+incoming gradient into its bucket and writes the reduced bucket back into ``.grad``: passes over the gradient,
+whatever the collective), timed on the real reducer over a group of one, on a parameter as large as the model's
+largest (within :data:`BUCKET_PROBE_ELEMENTS`). Nothing is left behind: gradients, buffers (BatchNorm statistics),
+random number generators and train/eval modes are as before.
 
 A calibration file (:func:`save_calibration`) carries the table to another machine, e.g. per-layer times
 measured on a GPU to plan a GPU cluster; :func:`load_calibration` refuses a file whose layers (paths, kinds,
@@ -39,10 +43,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-CALIBRATION_FORMAT = 5
+CALIBRATION_FORMAT = 6
 # Format 1 has no fixed parts, glue or optimizer time, format 2 no fixed part of the glue and no copy rate, format 3
-# no reducer rate, format 4 no rate of the reducer's scaling alone: read as 0 (times ∝ rows, copies free).
-READABLE_FORMATS = (1, 2, 3, 4, 5)
+# no reducer rate, format 4 no rate of the reducer's scaling alone, format 5 no part fixed in the channels: read as
+# 0 (times ∝ rows and channels, copies free).
+READABLE_FORMATS = (1, 2, 3, 4, 5, 6)
 ROWS_FACTOR = 4  # the second micro-batch leaves with parameters are timed at, as a multiple of the first
 OPTIMIZER_PROBE_ELEMENTS = 1 << 22  # the scratch parameter the optimizer's update is timed on (at most)
 COPY_PROBE_SHAPE = (16, 64, 64, 64)  # 16 MiB of float32, moved channels-first as a gather along channels does
@@ -70,12 +75,28 @@ class LayerRecord:
     backward_s: float = 0.0
     forward_fixed_s: float = 0.0  # of forward_s, the part that does not grow with the rows
     backward_fixed_s: float = 0.0
+    # Of forward_s / backward_s, the part a shard of a convolution's output channels takes whatever its share of
+    # them (the line through the whole layer's time and a copy's with half its channels, at none).
+    forward_channel_fixed_s: float = 0.0
+    backward_channel_fixed_s: float = 0.0
 
     def seconds_at(self, rows: float, micro_batch: int) -> tuple[float, float]:
         """(forward, backward) seconds at ``rows`` rows, the table measured at ``micro_batch``: fixed + per row."""
         return (
             _at_rows(self.forward_s, self.forward_fixed_s, rows / micro_batch),
             _at_rows(self.backward_s, self.backward_fixed_s, rows / micro_batch),
+        )
+
+    def shard_share(self, style: str, fraction: float) -> tuple[float, float]:
+        """(forward, backward): the share of the whole layer's time a shard of ``style`` holding ``fraction`` of
+        its features takes: a channel shard the part fixed in its channels plus ``fraction`` of the rest; a Linear's
+        shard ``fraction`` (a Linear split either way, timed alone, is within a few % of proportional)."""
+        if fraction >= 1.0 or style != "channel":
+            return fraction, fraction
+        fixed = (self.forward_channel_fixed_s, self.backward_channel_fixed_s)
+        return tuple(
+            (f + (whole - f) * fraction) / whole if whole > 0 else fraction
+            for f, whole in zip(fixed, (self.forward_s, self.backward_s), strict=True)
         )
 
     def shape_key(self) -> tuple:
@@ -228,6 +249,32 @@ def _time_leaf(module: nn.Module, args: tuple, steps: int) -> tuple[float, float
     return statistics.median(forwards), statistics.median(backwards)
 
 
+def _half_channels(module: nn.Module) -> nn.Module | None:
+    """A copy of ``module`` with half its output channels, for a convolution a plan can split by them (one group,
+    zero padding, two channels or more); else None."""
+    if not isinstance(module, nn.Conv2d) or module.groups != 1 or module.padding_mode != "zeros":
+        return None
+    if module.out_channels < 2:
+        return None
+    return nn.Conv2d(
+        module.in_channels, module.out_channels // 2, module.kernel_size, module.stride, module.padding,
+        module.dilation, bias=module.bias is not None, device=module.weight.device, dtype=module.weight.dtype,
+    )  # fmt: skip
+
+
+def _fixed_in_channels(module: nn.Module, args: tuple, steps: int, whole: tuple[float, float]) -> tuple[float, float]:
+    """(forward, backward) seconds of ``module``'s time at ``args`` that a shard of its output channels keeps
+    whatever its share of them: the line through the whole layer's time and a copy's with half its channels, at
+    none; (0, 0) for a layer not split by channels."""
+    half = _half_channels(module)
+    if half is None:
+        return 0.0, 0.0
+    at_half = _time_leaf(half, args, steps)
+    factor = module.out_channels / half.out_channels
+    # within the whole layer's time: noise may time the copy slower than the whole, and no shard takes longer
+    return tuple(min(_fixed_part(h, w, factor), w) for h, w in zip(at_half, whole, strict=True))
+
+
 def _repeated_rows(args: tuple, factor: int) -> tuple:
     """``args`` with every tensor's rows (dim 0) repeated ``factor`` times: the layer's input at a larger batch."""
     return tuple(
@@ -238,9 +285,9 @@ def _repeated_rows(args: tuple, factor: int) -> tuple:
     )
 
 
-def _fixed_part(at_one: float, at_factor: float, factor: int) -> float:
+def _fixed_part(at_one: float, at_factor: float, factor: float) -> float:
     """The intercept of the line through (1, ``at_one``) and (``factor``, ``at_factor``), kept within [0, at_one]
-    (timing noise must not make a layer cheaper at more rows, nor its fixed part exceed its whole time)."""
+    (timing noise must not make a layer cheaper at more rows or channels, nor its fixed part exceed its time)."""
     return min(max((factor * at_one - at_factor) / (factor - 1), 0.0), at_one)
 
 
@@ -330,10 +377,12 @@ def profile_layers(
             leaf = not list(module.children())
             forward_s, backward_s = _time_leaf(module, args, steps) if leaf else (0.0, 0.0)
             forward_fixed, backward_fixed = 0.0, 0.0
+            channel_fixed = (0.0, 0.0)
             if leaf and any(True for _ in module.parameters(recurse=False)):
                 forward_more, backward_more = _time_leaf(module, _repeated_rows(args, rows_factor), steps)
                 forward_fixed = _fixed_part(forward_s, forward_more, rows_factor)
                 backward_fixed = _fixed_part(backward_s, backward_more, rows_factor)
+                channel_fixed = _fixed_in_channels(module, args, steps, (forward_s, backward_s))
             table.layers[path] = LayerRecord(
                 path=path,
                 kind=type(module).__name__,
@@ -346,6 +395,8 @@ def profile_layers(
                 backward_s=backward_s,
                 forward_fixed_s=forward_fixed,
                 backward_fixed_s=backward_fixed,
+                forward_channel_fixed_s=channel_fixed[0],
+                backward_channel_fixed_s=channel_fixed[1],
             )
         whole_forward, whole_backward = _time_leaf(model, (example_input,), steps)
         more = _whole_at_more_rows(model, example_input, rows_factor, steps)

@@ -5,11 +5,14 @@ t_f(ℓ), t_b(ℓ) are layer ℓ's forward and backward seconds measured at micr
 (:mod:`hybrid_ext.parallel.layer_profile`).
 
 Compute: a layer's time grows with the rows it processes and, sharded, shrinks with the fraction of its features
-it holds: (t₀(ℓ) + (t(ℓ) − t₀(ℓ)) · R/b₀) · φ, where t₀ is the part of the time that does not grow with the rows
+it holds: (t₀(ℓ) + (t(ℓ) − t₀(ℓ)) · R/b₀) · s, where t₀ is the part of the time that does not grow with the rows
 (measured by timing the layer at two batches: a Linear layer's weights are read and written whatever the batch),
 R = b for a replicated layer under dp and hybrid, R = m·b for a sharded layer
 under hybrid (it sees the group's gathered batch), R = P·b for every layer under mp (the global batch on every
-rank), and φ = f_q/F (a column or channel shard's output features, a row shard's input features; 1 replicated).
+rank), and s the share of the layer a shard computes: φ = f_q/F (a column shard's output features, a row shard's
+input features; 1 replicated); for a convolution's channel shard w + (1 − w)·φ, w the share of its time that does
+not shrink with its channels (measured by timing a copy with half of them; 0 in calibrations of format 5 and
+before).
 Only leaves are timed (a module that owns parameters and has children counts through its children); the whole
 model's time beyond its leaves' (the glue: residual additions, reshapes) is fixed + per row as a layer's, at the
 rows every layer of the trunk sees (b, or P·b under mp). The optimizer's update costs T_o = u · N, u seconds per
@@ -302,7 +305,8 @@ def _predict_rank(
             samples = micro_batch
         fraction = compute_fraction(style, path, modules, m, rank % m)
         forward, backward = record.seconds_at(samples, table.micro_batch) if record.leaf else (0.0, 0.0)
-        forward, backward = forward * fraction * compute_scale, backward * fraction * compute_scale
+        forward_share, backward_share = record.shard_share(style, fraction)
+        forward, backward = forward * forward_share * compute_scale, backward * backward_share * compute_scale
         own = by_layer.get(path, [])
         comm = sum(seconds[id(t)] for t in own)
         prediction.layers.append(LayerPrediction(path, style, forward, backward, comm, sum(t.bytes_sent for t in own)))

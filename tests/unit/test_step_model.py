@@ -202,6 +202,51 @@ def test_the_fixed_part_of_a_layer_does_not_grow_with_rows():
     assert step.compute_s == pytest.approx(2 * 6.0)  # at the table's own micro-batch: as measured, ×σ
 
 
+def test_a_channel_shard_keeps_the_part_of_a_convolution_that_does_not_shrink_with_its_channels():
+    """mp on 4 ranks, every row on every rank: a convolution's forward 1 s at b rows (4 s at 4·b) of which 0.2 of
+    its time is fixed in its channels: a quarter of them (0.2 + 0.8/4)·4 = 1.6 s; its backward (2 s, 8 s at 4·b)
+    none: 2 s. A Linear's shard: its share of the features, whatever the record says."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Flatten(), nn.Linear(4, 4))
+    table = layer_shapes(model, torch.randn(1, 3, 1, 1))
+    timed = {"0": (1.0, 2.0, 0.2), "2": (1.0, 2.0, 0.5)}
+    table.layers = {
+        p: replace(r, forward_s=timed[p][0], backward_s=timed[p][1], forward_channel_fixed_s=timed[p][2])
+        if p in timed else r
+        for p, r in table.layers.items()
+    }  # fmt: skip
+    conv = table.layers["0"]
+    assert conv.shard_share("channel", 0.25) == pytest.approx((0.4, 0.25))
+    assert conv.shard_share("channel", 1.0) == (1.0, 1.0)  # whole: as measured
+    assert table.layers["2"].shard_share("column", 0.25) == (0.25, 0.25)
+    step = predict_step(model, table, {"0": "channel", "2": "column"}, "mp", 4, 4, 1, constants=CostModel(0, 0, 0))
+    layers = {layer.path: (layer.forward_s, layer.backward_s) for layer in step.layers}
+    assert layers["0"] == pytest.approx((1.6, 2.0)) and layers["2"] == pytest.approx((1.0, 2.0))
+    step = predict_step(model, table, {}, "dp", 4, 1, 1, constants=CostModel(0, 0, 0))
+    assert step.compute_s == pytest.approx(6.0)  # replicated: every layer whole, as measured
+
+
+def test_the_part_fixed_in_the_channels_is_timed_on_a_copy_with_half_of_them(monkeypatch):
+    """Which convolutions are timed at half their channels, and the intercept at none of the line through the
+    two times."""
+    from hybrid_ext.parallel import layer_profile
+    from hybrid_ext.parallel.layer_profile import _fixed_in_channels, _half_channels
+
+    conv = nn.Conv2d(4, 9, 3, stride=2, padding=1, bias=False)
+    half = _half_channels(conv)
+    assert (half.in_channels, half.out_channels, half.stride, half.padding, half.bias) == (4, 4, (2, 2), (1, 1), None)
+    assert _half_channels(nn.Conv2d(4, 8, 3, groups=2)) is None  # grouped: never split
+    assert _half_channels(nn.Conv2d(4, 8, 3, padding=1, padding_mode="circular")) is None
+    assert _half_channels(nn.Conv2d(4, 1, 3)) is None  # one channel: nothing to halve
+    assert _half_channels(nn.Linear(6, 10)) is None and _half_channels(nn.ReLU()) is None
+    # the copy with 4 of 8 channels takes 0.6 s forward and 1 s backward where the whole takes 1 s and 2 s
+    monkeypatch.setattr(layer_profile, "_time_leaf", lambda module, args, steps: (0.6, 1.0))
+    x = torch.randn(1, 4, 5, 5)
+    assert _fixed_in_channels(nn.Conv2d(4, 8, 3), (x,), 1, (1.0, 2.0)) == pytest.approx((0.2, 0.0))
+    assert _fixed_in_channels(nn.Linear(5, 10), (x,), 1, (1.0, 2.0)) == (0.0, 0.0)
+    # noise: the copy timed slower than the whole layer; the fixed part stays within the whole
+    assert _fixed_in_channels(nn.Conv2d(4, 8, 3), (x,), 1, (0.5, 0.9)) == pytest.approx((0.5, 0.9))
+
+
 def test_fixed_part_is_the_intercept_kept_within_the_measured_time():
     assert _fixed_part(1.0, 2.5, 4) == pytest.approx(0.5)
     assert _fixed_part(1.0, 4.0, 4) == 0.0  # all per row
@@ -357,6 +402,10 @@ def test_profile_times_the_fixed_part_and_the_optimizer():
     linear, relu = table.layers["0"], table.layers["1"]
     assert 0.0 <= linear.forward_fixed_s <= linear.forward_s and 0.0 <= linear.backward_fixed_s <= linear.backward_s
     assert relu.forward_fixed_s == relu.backward_fixed_s == 0.0  # no parameters: timed at one batch only
+    assert linear.forward_channel_fixed_s == linear.backward_channel_fixed_s == 0.0  # only convolutions
+    conv = profile_layers(nn.Sequential(nn.Conv2d(8, 16, 3)), torch.randn(2, 8, 16, 16), steps=2).layers["0"]
+    assert 0.0 <= conv.forward_channel_fixed_s <= conv.forward_s
+    assert 0.0 <= conv.backward_channel_fixed_s <= conv.backward_s
     assert table.optimizer_s_per_element > 0.0
     assert table.glue_forward_s >= 0.0 and table.glue_backward_s >= 0.0
     assert 0.0 <= table.glue_forward_fixed_s <= table.glue_forward_s
@@ -394,6 +443,14 @@ def test_a_calibration_of_format_1_reads_as_proportional(tmp_path):
     (tmp_path / "fourth.json").write_text(json.dumps({**fourth, "format": 4}))
     loaded = load_calibration(tmp_path / "fourth.json", model, x)
     assert loaded.scale_s_per_byte == 0.0 and loaded.bucket_s_per_byte == payload["bucket_s_per_byte"]
+    # format 5: no part fixed in the channels, read as proportional to them
+    fifth = {**payload, "format": 5, "layers": [
+        {k: v for k, v in r.items() if not k.endswith("_channel_fixed_s")} for r in payload["layers"]
+    ]}  # fmt: skip
+    (tmp_path / "fifth.json").write_text(json.dumps(fifth))
+    loaded = load_calibration(tmp_path / "fifth.json", model, x)
+    assert all(r.shard_share("channel", 0.25) == (0.25, 0.25) for r in loaded.layers.values() if r.forward_s > 0)
+    assert loaded.layers["7"].forward_fixed_s == payload["layers"][7]["forward_fixed_s"]
 
 
 def test_profile_measures_every_leaf_and_leaves_no_trace():
