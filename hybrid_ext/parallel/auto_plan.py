@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from hybrid_ext import config
-from hybrid_ext.parallel.layer_profile import LayerTable, profile_layers, save_calibration
+from hybrid_ext.parallel.layer_profile import LayerRecord, LayerTable, profile_layers, save_calibration
 from hybrid_ext.parallel.plan import STRATEGIES, PartitionPlan, _linear_chains, check_shardable, plan_by_rules
 from hybrid_ext.parallel.step_model import StepPrediction, predict_step
 from hybrid_ext.parallel.step_traffic import Links
@@ -337,21 +337,13 @@ def agree_on_times(table: LayerTable, world) -> LayerTable:
     counts = world.row_counts(len(table.layers), device=cpu, name="auto plan layer counts")
     if len(set(counts)) > 1:
         raise ValueError(f"strategy='auto': ranks profiled different numbers of layers {list(counts)}")
-    fields = ("forward_s", "backward_s", "forward_fixed_s", "backward_fixed_s")
-    whole = (
-        "optimizer_s_per_element",
-        "glue_forward_s",
-        "glue_backward_s",
-        "glue_forward_fixed_s",
-        "glue_backward_fixed_s",
-        "copy_s_per_byte",
-        "bucket_s_per_byte",
-        "scale_s_per_byte",
-    )
-    values = [getattr(r, f) for r in table.layers.values() for f in fields] + [getattr(table, f) for f in whole]
+    # every time a record or the table holds, whatever a calibration format adds
+    timed = tuple(f.name for f in fields(LayerRecord) if f.name.endswith("_s"))
+    whole = tuple(f.name for f in fields(LayerTable) if f.name.endswith(("_s", "_per_element", "_per_byte")))
+    values = [getattr(r, f) for r in table.layers.values() for f in timed] + [getattr(table, f) for f in whole]
     agreed = world.max_over_ranks(values, name="auto plan layer times")
     layers = {
-        path: replace(record, **dict(zip(fields, agreed[len(fields) * i : len(fields) * (i + 1)])))
+        path: replace(record, **dict(zip(timed, agreed[len(timed) * i : len(timed) * (i + 1)], strict=True)))
         for i, (path, record) in enumerate(table.layers.items())
     }
     return LayerTable(table.micro_batch, table.device, layers, **dict(zip(whole, agreed[-len(whole) :])))

@@ -183,3 +183,29 @@ def test_auto_writes_the_times_its_ranks_agreed_on_and_they_predict_the_same_cho
         network_constants=network_constants,
     )  # fmt: skip
     assert again.styles == styles and table.micro_batch == B
+
+
+def test_the_ranks_agree_on_every_time_the_table_holds():
+    """agree_on_times takes the maximum over the ranks of every time of every record and of the table, those a newer
+    calibration format adds included (a field left out would be each rank's own: plans that differ)."""
+    from dataclasses import fields
+
+    from hybrid_ext.parallel.auto_plan import agree_on_times
+    from hybrid_ext.parallel.layer_profile import LayerRecord, LayerTable
+
+    class OtherRankSlower:  # a world of two whose other rank measured every time 1 s longer
+        def row_counts(self, count, device, name):
+            return [count, count]
+
+        def max_over_ranks(self, values, name):
+            return [v + 1.0 for v in values]
+
+    table = layer_shapes(small_cnn(), torch.randn(1, 3, 16, 16))
+    agreed = agree_on_times(table, OtherRankSlower())
+    timed = [f.name for f in fields(LayerRecord) if f.name.endswith("_s")]
+    assert {"forward_s", "backward_fixed_s", "forward_channel_fixed_s"} <= set(timed)
+    assert all(getattr(r, f) == getattr(table.layers[p], f) + 1.0 for p, r in agreed.layers.items() for f in timed)
+    rates = [f.name for f in fields(LayerTable) if f.name not in ("micro_batch", "device", "layers")]
+    assert all(getattr(agreed, f) == getattr(table, f) + 1.0 for f in rates)
+    assert (agreed.micro_batch, agreed.device) == (table.micro_batch, table.device)
+    assert list(agreed.layers) == list(table.layers)
