@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -113,3 +114,17 @@ def test_compare_names_a_file_without_comparable_runs(tmp_path, capsys):
     assert expected in capsys.readouterr().err
     assert main(["plan", "--model", "digits_alexnet", *SMALL, "--np", "2", "--compare", str(tmp_path / "none")]) == 2
     assert "--compare" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["digits_alexnet", "alexnet", "resnet18", "vgg11"])
+def test_the_kept_validation_inputs_still_predict_and_compare(model, tmp_path):
+    """benchmarks/validation/2026-12-06-one-host: the layer file still loads for its model and every strategy its
+    measured file holds is compared (the numbers are the model's of the day, not checked here)."""
+    kept = Path(__file__).resolve().parents[2] / "benchmarks" / "validation" / "2026-12-06-one-host"
+    planned = tmp_path / "plan.json"
+    assert main(["plan", "--model", model, "--np", "4", "--cores", "2", "--micro-batch", "16", "--size", "64",
+                 "--device", "cpu", "--calibration", str(kept / f"{model}-cal.json"),
+                 "--compare", str(kept / f"{model}-1x4.json"), "--json", str(planned)]) == 0  # fmt: skip
+    rows = json.loads(planned.read_text())["comparison"]["rows"]
+    assert sorted(r["strategy"] for r in rows) == ["dp", "hybrid", "mp"]
+    assert all(r["measured_ms"] > 0 and r["predicted_ms"] > 0 for r in rows)
