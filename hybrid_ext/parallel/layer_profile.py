@@ -22,7 +22,7 @@ takes beyond its leaves (residual additions, reshapes) is kept as the table's gl
 timed apart, per parameter element: SGD with momentum on a scratch parameter (what ``hybrid-ext bench train`` runs;
 Adam's update costs a few times more); so is a strided copy (the re-layout around a gather along channels), per
 byte, and the gradient reducer's own work per byte of gradient (:mod:`hybrid_ext.parallel.reducer` copies each
-incoming gradient into its bucket and writes the reduced bucket back into ``.grad``: passes over the gradient,
+incoming gradient into its bucket and writes the reduced bucket back into ``.grad``: two passes over the gradient,
 whatever the collective), timed on the real reducer over a group of one, on a parameter as large as the model's
 largest (within :data:`BUCKET_PROBE_ELEMENTS`). Nothing is left behind: gradients, buffers (BatchNorm statistics),
 random number generators and train/eval modes are as before.
