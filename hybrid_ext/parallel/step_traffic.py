@@ -391,26 +391,40 @@ def gradient_transfers(
     params = (
         held if held is not None else parameters_after_wrap(model, styles if strategy == "hybrid" else {}, m, rank % m)
     )
-    position = {id(p): i for i, p in enumerate(params)}
     algorithm = "butterfly" if grad_algorithm in ("butterfly", "auto") else grad_algorithm
-    groups = [("replicated", [p for p in params if not p.sharded], links.world_group(world, rank))]
+    groups = {"replicated": links.world_group(world, rank)}
     if strategy == "hybrid":
         replicas = list(range(rank % m, world, m))  # the ranks holding this rank's shards (dims.dp_group_of)
-        groups.append(("fc-shards", [p for p in params if p.sharded], links.group(replicas, rank // m)))
-    pending = []
-    for name, members, group in groups:
-        pending += [(name, group, bucket) for bucket in _buckets(members, bucket_bytes)]
-    pending.sort(key=lambda item: -max(position[id(p)] for p in item[2]))  # the reducer's launch order
+        groups["fc-shards"] = links.group(replicas, rank // m)
     out = []
-    for index, (name, group, bucket) in enumerate(pending):
-        count = sum(p.numel for p in bucket)
-        layers = tuple(dict.fromkeys(p.layer for p in bucket))
+    for index, (name, count, itemsize, layers) in enumerate(_launch_order(params, strategy, bucket_bytes, memo)):
         transfer = allreduce_transfer(
-            f"{name}.bucket{index}", "gradients", algorithm, count, bucket[0].itemsize, group, layers, memo
+            f"{name}.bucket{index}", "gradients", algorithm, count, itemsize, groups[name], layers, memo
         )
         if transfer is not None:
             out.append(transfer)
     return out
+
+
+def _launch_order(params: list[_Param], strategy: str, bucket_bytes: int, memo: dict | None) -> list[tuple]:
+    """The buckets of ``params`` as the reducer launches them: (its group, elements, element size, layers); the
+    same for every rank holding the same list (a memo keeps it, and the list with it: its id stays its own)."""
+    key = ("launch order", id(params), strategy, bucket_bytes)
+    if memo is not None and key in memo and memo[key][0] is params:
+        return memo[key][1]
+    position = {id(p): i for i, p in enumerate(params)}
+    members = {"replicated": [p for p in params if not p.sharded]}
+    if strategy == "hybrid":
+        members["fc-shards"] = [p for p in params if p.sharded]
+    pending = [(name, bucket) for name, group in members.items() for bucket in _buckets(group, bucket_bytes)]
+    pending.sort(key=lambda item: -max(position[id(p)] for p in item[1]))  # the reducer's launch order
+    order = [
+        (name, sum(p.numel for p in bucket), bucket[0].itemsize, tuple(dict.fromkeys(p.layer for p in bucket)))
+        for name, bucket in pending
+    ]
+    if memo is not None:
+        memo[key] = (params, order)
+    return order
 
 
 def reducer_bytes(held: list[_Param], strategy: str, world: int, mp_size: int) -> tuple[int, int]:
