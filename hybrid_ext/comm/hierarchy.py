@@ -111,6 +111,13 @@ def _check(inter_algorithm: str, rank: int, hosts: tuple[int, ...]) -> None:
         raise ValueError(f"rank {rank} is not in a group of {len(hosts)}")
 
 
+def _round_counts(bounds: list[int], first: int, size: int, lanes: int) -> tuple[int, ...]:
+    """The lanes from ``first`` a host of ``size`` ranks reduces in one round, one per local rank (0 past the last
+    lane)."""
+    own = [bounds[k + 1] - bounds[k] for k in range(first, min(first + size, lanes))]
+    return tuple(own + [0] * (size - len(own)))
+
+
 def _stages(
     inter_algorithm: str, rank: int, hosts: tuple[int, ...], count: int, offset: int = 0
 ) -> tuple[list[Step], ...]:
@@ -125,8 +132,7 @@ def _stages(
     rounds = range(0, lanes, size)
 
     def round_counts(first: int) -> tuple[int, ...]:
-        own = [bounds[k + 1] - bounds[k] for k in range(first, min(first + size, lanes))]
-        return tuple(own + [0] * (size - len(own)))
+        return _round_counts(bounds, first, size, lanes)
 
     within: list[Step] = []
     between: list[Step] = []
@@ -181,8 +187,7 @@ def hierarchical_traffic(inter_algorithm: str, rank: int, hosts: tuple[int, ...]
     bounds = block_bounds(count, lanes)
     near = [0, 0, 0]
     for first in range(0, lanes, size):
-        own = [bounds[k + 1] - bounds[k] for k in range(first, min(first + size, lanes))]
-        counts = tuple(own + [0] * (size - len(own)))
+        counts = _round_counts(bounds, first, size, lanes)
         for sums in (_sums(plan_reduce_scatter, INTRA_SCATTER, local, counts),
                      _sums(plan_allgather, INTRA_GATHER, local, counts)):  # fmt: skip
             near = [a + b for a, b in zip(near, sums, strict=True)]
