@@ -95,15 +95,16 @@ class Links:
     def world_group(self, world: int, rank: int) -> GroupLinks:
         """:meth:`group` of every world rank (its hosts numbered once per layout: a planner asks for each of a
         thousand ranks)."""
-        hosts = None if self.hosts is None else _world_hosts(tuple(self.hosts), world)
-        transport = self.transport if hosts is None else f"{self.transport}+{self.network}"
-        return GroupLinks(world, rank, hosts, transport, self.transport, self.network, self.native)
+        return self._links(world, rank, None if self.hosts is None else _world_hosts(tuple(self.hosts), world))
 
     def group(self, members: list[int], rank: int) -> GroupLinks:
         """The links of the group of world ranks ``members`` (in group order), seen from group rank ``rank``."""
         hosts = None if self.hosts is None else _group_hosts(tuple(self.hosts), tuple(members))
+        return self._links(len(members), rank, hosts)
+
+    def _links(self, size: int, rank: int, hosts: tuple[int, ...] | None) -> GroupLinks:
         transport = self.transport if hosts is None else f"{self.transport}+{self.network}"
-        return GroupLinks(len(members), rank, hosts, transport, self.transport, self.network, self.native)
+        return GroupLinks(size, rank, hosts, transport, self.transport, self.network, self.native)
 
 
 @functools.lru_cache(maxsize=16)
