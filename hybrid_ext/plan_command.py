@@ -129,14 +129,11 @@ def add_arguments(parser: argparse.ArgumentParser, positive_int) -> None:
     add_device_argument(parser)  # where the layers are profiled
 
 
-def _core_sharing(args: argparse.Namespace, table, per_host: int) -> tuple[float, bool]:
-    """(σ: how much slower each of ``per_host`` ranks computes than the profile measured it alone, whether their
-    compute keeps every core of the host busy — no idle one for the gradients' copies). A calibration from a GPU:
-    one device per rank, no sharing."""
-    if not table.device.startswith("cpu"):
-        return 1.0, False
-    cores, demand = args.cores or os.cpu_count() or 1, per_host * args.threads
-    return max(1.0, demand / cores), demand >= cores
+def _core_sharing(args: argparse.Namespace, table, per_host: int) -> dict:
+    """:func:`~hybrid_ext.parallel.step_model.host_sharing` of ``per_host`` ranks on ``--cores``, ``--threads``."""
+    from hybrid_ext.parallel.step_model import host_sharing
+
+    return host_sharing(per_host, args.threads, args.cores or os.cpu_count() or 1, table.device.startswith("cpu"))
 
 
 SHARING_STEPS = 5  # the fewest lockstep steps σ is timed over: a median of maxima over ranks needs a few
@@ -236,8 +233,8 @@ def predictions(args: argparse.Namespace) -> tuple[dict, list]:
     entries, steps = [], []
     # Ranks of one host share its cores: each computes R·t/C times slower than the profile measured it alone.
     per_host = args.np // (args.hosts or 1)
-    compute_scale, cores_busy = _core_sharing(args, table, per_host)
-    sharing = "ranks × threads / cores"
+    shared = _core_sharing(args, table, per_host)
+    compute_scale, sharing = shared["compute_scale"], "ranks × threads / cores"
     if args.measure_sharing:
         if not table.device.startswith("cpu"):
             raise ValueError(
@@ -250,15 +247,14 @@ def predictions(args: argparse.Namespace) -> tuple[dict, list]:
         sharing = f"measured: {args.np} ranks at once against one alone"
         if measured < compute_scale:
             sharing += f", {measured:.2f}, below the cores' share, which is kept"
-        compute_scale = max(compute_scale, measured)
+        compute_scale = shared["compute_scale"] = max(compute_scale, measured)
     for strategy in STRATEGIES:
         plan = plan_by_rules(model, strategy)
         size = 1 if strategy == "dp" else mp_size
         check_shardable(model, plan, size)
         step = predict_step(
             model, table, plan.styles, strategy, args.np, size, args.micro_batch, args.reducer,
-            int(args.bucket_mb * (1 << 20)), links, network_constants=network_constants, compute_scale=compute_scale,
-            cores_busy=cores_busy,
+            int(args.bucket_mb * (1 << 20)), links, network_constants=network_constants, **shared,
         )  # fmt: skip
         steps.append(step)
         entries.append(_entry(strategy, size, step))
@@ -266,8 +262,8 @@ def predictions(args: argparse.Namespace) -> tuple[dict, list]:
     # step the same model predicts
     chosen = choose_plan(
         model, table, args.np, args.micro_batch, [args.mp_size] if args.mp_size else None, args.reducer,
-        int(args.bucket_mb * (1 << 20)), links, network_constants=network_constants, compute_scale=compute_scale,
-        cores_busy=cores_busy, strategies=args.auto_strategies,
+        int(args.bucket_mb * (1 << 20)), links, network_constants=network_constants, strategies=args.auto_strategies,
+        **shared,
     )  # fmt: skip
     steps.append(chosen.prediction)
     best = chosen.alternatives[0]
@@ -297,7 +293,8 @@ def predictions(args: argparse.Namespace) -> tuple[dict, list]:
         "layer_times": source,
         "compute_scale": compute_scale,
         "compute_scale_source": sharing,
-        "cores_busy": cores_busy,
+        "cpu_sharing": shared["cpu_sharing"],
+        "cores_busy": shared["cores_busy"],
         "strategies": entries,
         **({"scaling": scaling} if scaling is not None else {}),
     }, steps
@@ -319,7 +316,7 @@ def _scaling(args: argparse.Namespace, model, table) -> list[dict]:
         local = min(world, per_host)
         hosts = tuple(r // local for r in range(world)) if world > local else None
         links = Links(args.transport, hosts=hosts, network=args.network) if hosts else Links(args.transport)
-        scale, busy = _core_sharing(args, table, local)
+        shared = _core_sharing(args, table, local)
         shard = min(args.mp_size or local, world)
         point: dict = {"ranks": world, "hosts": world // local}
         for strategy, size in (("dp", 1), ("hybrid", shard), ("mp", world)):
@@ -333,14 +330,13 @@ def _scaling(args: argparse.Namespace, model, table) -> list[dict]:
                 continue
             step = predict_step(
                 model, table, plan.styles, strategy, world, size, args.micro_batch, args.reducer, bucket, links,
-                network_constants=network_constants, compute_scale=scale, cores_busy=busy,
+                network_constants=network_constants, **shared,
             )  # fmt: skip
             point[strategy] = step.samples_per_s
         candidates = [shard] if world % shard == 0 else None
         chosen = choose_plan(
             model, table, world, args.micro_batch, candidates, args.reducer, bucket, links,
-            network_constants=network_constants, compute_scale=scale, cores_busy=busy,
-            strategies=args.auto_strategies,
+            network_constants=network_constants, strategies=args.auto_strategies, **shared,
         )  # fmt: skip
         point["auto"] = chosen.prediction.samples_per_s
         point["auto_chose"] = f"{chosen.strategy} (mp_size {chosen.mp_size})"

@@ -32,7 +32,7 @@ import statistics
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -501,17 +501,21 @@ def save_calibrations(
     bytes_per_second: float | None = None,
     itemsize: int = 4,
     link_cpu_per_byte: float = 0.0,
+    sharing: float = 0.0,
 ) -> list[str]:
     """Fit and save what ``--calibrate`` measures: the transport's constants, the native allreduce's (three sizes
-    or more), the link between hosts' (a run across hosts). Returns one line per saved set."""
-    model = calibrate(rows)
+    or more), the link between hosts' (a run across hosts). ``sharing``: ranks per core while they ran (kept with
+    the constants inside a host, :func:`~hybrid_ext.comm.cost_model.at_sharing`). Returns one line per saved set."""
+    model = replace(calibrate(rows), sharing=sharing)
     path = cost_model.save_model(transport, model)
     said = [
-        f"calibrated α={model.alpha * 1e6:.1f} µs, β={model.beta * 1e9:.3f} ns/B, γ={model.gamma * 1e9:.3f} ns/B",
+        f"calibrated α={model.alpha * 1e6:.1f} µs, β={model.beta * 1e9:.3f} ns/B, γ={model.gamma * 1e9:.3f} ns/B "
+        f"({sharing:.3g} ranks per core)",
         f"saved for transport {transport!r} to {path} (used by algorithm='auto')",
     ]
     native = calibrate_native(rows)
     if native is not None:
+        native = replace(native, sharing=sharing)
         key = cost_model.native_model_key(f"torch-{native_backend}")
         cost_model.save_model(key, native)
         said.append(f"native: α={native.alpha * 1e6:.1f} µs, β={native.beta * 1e9:.3f} ns/B, saved as {key!r}")
@@ -610,7 +614,11 @@ def main(args) -> int:
 
             rate = rate_bytes_per_second(args.nic)
         itemsize = DTYPES[getattr(args, "dtype", "float32")].itemsize
-        print("\n".join(save_calibrations(rows, transport, native_backend, rate, itemsize, link_cpu_per_byte)))
+        # Emulated hosts share this machine's cores; launched ranks, their host's (torchrun's LOCAL_WORLD_SIZE).
+        here = int(os.environ.get("LOCAL_WORLD_SIZE", rows[0].ranks)) if launched() else rows[0].ranks
+        sharing = max(1.0, here / cost_model.usable_cores())
+        said = save_calibrations(rows, transport, native_backend, rate, itemsize, link_cpu_per_byte, sharing)
+        print("\n".join(said))
     if launched():
         from hybrid_ext.launch import report_result
 

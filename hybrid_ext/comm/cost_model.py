@@ -37,13 +37,19 @@ order of magnitude between transports (shared memory vs TCP), so each transport 
 The link between hosts has its own too (``network/<transport>``, :func:`network_model`): ``--calibrate`` across
 hosts (``--hosts H``) fits them to the hierarchical rows, so a message to another host is not priced as one
 through the same transport inside a host (loopback).
+
+Inside a host a message's bytes are CPU work: the constants hold the share of a core each rank had while they
+were measured (``sharing``, ranks × threads / cores, at least 1; ``--calibrate`` records it), and
+:func:`at_sharing` prices the same bytes where ranks share cores otherwise. α is not rescaled: with every core
+busy, a message waits for its peer's turn on a core, which the measured α already holds.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from hybrid_ext import config
@@ -72,6 +78,7 @@ class CostModel:
     beta: float = 0.6e-9
     gamma: float = 0.4e-9
     cpu_per_byte: float = 0.0
+    sharing: float = 0.0  # ranks per core while β and γ were measured (0: not known, never rescaled)
 
     def terms(self, algorithm: str, nbytes: int, p: int) -> tuple[float, float, float]:
         """(messages, bytes sent, bytes reduced) per rank on the critical path."""
@@ -98,6 +105,20 @@ class CostModel:
         return min(candidates, key=lambda a: (self.predict(a, nbytes, p), candidates.index(a)))
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity; what the ranks of a host share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def at_sharing(model: CostModel, sharing: float) -> CostModel:
+    """``model``'s constants where each core is shared ``sharing`` ways (ranks × threads / cores, at least 1): β
+    and γ, a rank's CPU per byte, scaled from the sharing they were measured at (unchanged where it is unknown)."""
+    if model.sharing <= 0:
+        return model
+    factor = max(1.0, sharing) / model.sharing
+    return replace(model, beta=model.beta * factor, gamma=model.gamma * factor, sharing=max(1.0, sharing))
+
+
 def network_model_key(network: str) -> str:
     """The name the link between hosts is kept under (its transport's own constants stay under the bare name)."""
     return f"{NETWORK_PREFIX}{network}"
@@ -113,10 +134,10 @@ def model_path() -> Path:
 
 
 # Built-in constants per transport, from `hybrid-ext bench allreduce --np 8 --calibrate [--transport torch]` on a
-# 2-core x86-64 machine (α is high there: 8 ranks share 2 cores). A saved calibration replaces them.
+# 2-core x86-64 machine (α is high there: 8 ranks share 2 cores, sharing 4). A saved calibration replaces them.
 BUILTIN: dict[str, CostModel] = {
-    "shm": CostModel(alpha=650e-6, beta=0.9e-9, gamma=2.2e-9),
-    "torch-gloo": CostModel(alpha=3.5e-3, beta=1.0e-9, gamma=2.2e-9),
+    "shm": CostModel(alpha=650e-6, beta=0.9e-9, gamma=2.2e-9, sharing=4.0),
+    "torch-gloo": CostModel(alpha=3.5e-3, beta=1.0e-9, gamma=2.2e-9, sharing=4.0),
 }
 
 _models: dict[str, CostModel] | None = None
@@ -135,6 +156,7 @@ def _load_models() -> dict[str, CostModel]:
                         _models[transport] = CostModel(
                             **{k: float(values[k]) for k in ("alpha", "beta", "gamma")},
                             cpu_per_byte=float(values.get("cpu_per_byte", 0.0)),  # saved before it was measured
+                            sharing=float(values.get("sharing", 0.0)),  # saved before it was recorded: unknown
                         )
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 _models = None

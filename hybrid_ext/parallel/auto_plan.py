@@ -21,7 +21,10 @@ repository's 2-core machine).
 Across ranks (:func:`plan_on_ranks`): every rank profiles its layers (:func:`~hybrid_ext.parallel.layer_profile.
 profile_layers` on ``example_input``), the ranks agree on the element-wise maximum of every layer's times (one
 small all-reduce over the world), each decides from those same figures, and the chosen plan's fingerprint (its
-styles and ``mp_size``) is compared across ranks: a mismatch is an error, before anything is sharded.
+styles and ``mp_size``) is compared across ranks: a mismatch is an error, before anything is sharded. The times
+were measured with the host-mates profiling at once, so they already hold the cores' sharing (σ = 1); the
+messages' CPU work and whether a core is left idle for it follow the most-shared host
+(:func:`~hybrid_ext.parallel.step_model.host_sharing`, agreed over the ranks).
 """
 
 from __future__ import annotations
@@ -29,15 +32,17 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+from collections import Counter
 from dataclasses import astuple, dataclass, field, fields, replace
 
 import torch
 from torch import nn
 
 from hybrid_ext import config
+from hybrid_ext.comm import cost_model
 from hybrid_ext.parallel.layer_profile import LayerRecord, LayerTable, profile_layers, save_calibration
 from hybrid_ext.parallel.plan import STRATEGIES, PartitionPlan, _linear_chains, check_shardable, plan_by_rules
-from hybrid_ext.parallel.step_model import StepPrediction, predict_step
+from hybrid_ext.parallel.step_model import StepPrediction, host_sharing, predict_step
 from hybrid_ext.parallel.step_traffic import Links
 
 MAX_EXHAUSTIVE_CHAINS = 6
@@ -145,6 +150,7 @@ def choose_plan(
     cores_busy: bool = False,
     strategies: tuple[str, ...] = SAME_BATCH_STRATEGIES,
     constants=None,
+    cpu_sharing: float | None = None,
 ) -> AutoPlan:
     """The candidate with the least predicted step (see the module docstring), from ``table``'s layer times.
 
@@ -153,7 +159,8 @@ def choose_plan(
     (default dp and hybrid, under which every rank passes its own micro-batch; ``mp`` — every layer split, every
     rank passing the same global batch — only where the caller feeds it so, and only at ``mp_size`` = ``world``).
     ``constants``, ``network_constants``: α, β, γ of the transport inside a host and of the link between hosts
-    (default: the saved calibrations, else the built-in constants)."""
+    (default: the saved calibrations, else the built-in constants); ``compute_scale``, ``cpu_sharing``,
+    ``cores_busy``: as :func:`~hybrid_ext.parallel.step_model.predict_step`'s."""
     if not isinstance(world, int) or isinstance(world, bool) or world < 1:
         raise ValueError(f"world must be a positive integer, got {world!r}")
     check_strategies(strategies)
@@ -174,7 +181,7 @@ def choose_plan(
         return predict_step(
             model, table, plan.styles, strategy, world, m, micro_batch, grad_algorithm, bucket_bytes, links,
             constants=constants, network_constants=network_constants, compute_scale=compute_scale,
-            cores_busy=cores_busy, memo=memo,
+            cores_busy=cores_busy, memo=memo, cpu_sharing=cpu_sharing,
         )  # fmt: skip
 
     # (strategy, mp_size, sharded chains by first layer, split convolutions) -> its prediction, None if unfit
@@ -361,17 +368,23 @@ def links_of(topology) -> Links:
 def agree_on_links(links: Links, world):
     """(the constants of the transport inside a host, of the link between hosts or None on one host), each the
     maximum over the ranks of ``world``: ranks whose hosts saved different calibrations price messages alike."""
-    from hybrid_ext.comm import cost_model
-    from hybrid_ext.comm.cost_model import CostModel
-
     own = [cost_model.default_model(links.transport)]
     if links.hosts is not None:
         own.append(cost_model.network_model(links.network))
     values = [v for m in own for v in astuple(m)]
     agreed = world.max_over_ranks(values, name="auto plan links")
-    width = len(fields(CostModel))
-    models = [CostModel(*agreed[i : i + width]) for i in range(0, len(agreed), width)]
+    width = len(fields(cost_model.CostModel))
+    models = [cost_model.CostModel(*agreed[i : i + width]) for i in range(0, len(agreed), width)]
     return models[0], (models[1] if len(models) > 1 else None)
+
+
+def agree_on_sharing(links: Links, world, on_cpu: bool) -> tuple[float, bool]:
+    """(ranks × threads per core, whether every core computes) of the most-shared host, the same on every rank of
+    ``world`` (:func:`~hybrid_ext.parallel.step_model.host_sharing` of this rank's host, maximum over the ranks)."""
+    on_host = world.size if links.hosts is None else Counter(links.hosts)[links.hosts[world.rank]]
+    own = host_sharing(on_host, torch.get_num_threads(), cost_model.usable_cores(), on_cpu)
+    sharing, busy = world.max_over_ranks([own["cpu_sharing"], float(own["cores_busy"])], name="auto plan sharing")
+    return sharing, busy > 0
 
 
 def check_same_plan(plan: AutoPlan, world) -> None:
@@ -419,9 +432,11 @@ def plan_on_ranks(
     # The job's own layout: ranks on several hosts send to each other over the network (its calibrated link, if any).
     links = links_of(world_comm.topology)
     constants, network_constants = agree_on_links(links, world_comm)
+    cpu_sharing, cores_busy = agree_on_sharing(links, world_comm, example_input.device.type == "cpu")
     plan = choose_plan(
         model, table, world, mp_sizes=mp_sizes, grad_algorithm=grad_algorithm, bucket_bytes=bucket_bytes,
         links=links, constants=constants, network_constants=network_constants, strategies=tuple(strategies),
+        cpu_sharing=cpu_sharing, cores_busy=cores_busy,
     )  # fmt: skip
     check_same_plan(plan, world_comm)
     return plan

@@ -22,8 +22,10 @@ of t threads each on C cores (the table measured one rank alone).
 
 Communication: each transfer costs α·k + β·n + γ·u + c·σ·v, with k messages sent, n bytes sent, u bytes received
 and reduced by this rank (:class:`hybrid_ext.comm.cost_model.CostModel`; a transport's calibrated constants, else
-its built-in ones) and v bytes the rank copies in memory around the collective (a gather along channels moves its
-shards to the front and back; an in-place all-reduce starts from a clone) at the table's copy rate c: the
+its built-in ones; inside a host its β and γ, CPU work, at σ_c, ranks × threads per core on the host
+(``cpu_sharing``, σ where the ranks compute on the CPU: :func:`hybrid_ext.comm.cost_model.at_sharing`) and v
+bytes the rank copies in memory around the collective (a gather along channels moves its shards to the front and
+back; an in-place all-reduce starts from a clone) at the table's copy rate c: the
 messages to ranks on other hosts at the link's α, β (``network/<transport>``, calibrated across hosts, else the
 network transport's own: :func:`hybrid_ext.comm.cost_model.network_model`), the others at those of the transport
 inside a host, the link's β times the ranks of a host (they send at once and share its link); a native all-reduce
@@ -41,7 +43,7 @@ Step, per rank:
   terms inside a host and every γ term) finds no idle core to run on while backward runs: it is exposed whole, and
   only its time on the network's wire overlaps backward — less the hosts' CPU for moving those bytes (the link's
   κ per byte sent, :mod:`hybrid_ext.bench.link_cpu`), which the busy cores lose for the share of the wire time
-  that falls before backward ends: κ·σ·n_net·min(1, (T_b − s_k)/wire_k);
+  that falls before backward ends: κ·σ_c·n_net·min(1, (T_b − s_k)/wire_k);
 - a layer's exchange in backward whose bytes cross hosts while a bucket's are on the link (a convolution split
   under hybrid runs backward after later layers' buckets were launched) shares the link with it: for the time
   they overlap, capped at the exchange's own β·n on the link, each moves at half its rate, so the layer and the
@@ -169,20 +171,39 @@ class StepPrediction:
     __str__ = describe
 
 
+def host_sharing(ranks_on_host: int, threads: int, cores: float, on_cpu: bool) -> dict:
+    """:func:`predict_step`'s ``compute_scale``, ``cpu_sharing`` and ``cores_busy`` for ``ranks_on_host`` ranks of
+    ``threads`` compute threads each on ``cores`` cores, whose layer times were measured one rank alone: on the CPU
+    each computes R·t/C times slower (at least 1), and with R·t ≥ C no core is idle for the gradients' copies; on
+    an accelerator (``on_cpu`` False) the cores only move messages, one thread a rank."""
+    if not on_cpu:
+        return {"compute_scale": 1.0, "cpu_sharing": max(1.0, ranks_on_host / cores), "cores_busy": False}
+    demand = ranks_on_host * threads
+    sharing = max(1.0, demand / cores)
+    return {"compute_scale": sharing, "cpu_sharing": sharing, "cores_busy": demand >= cores}
+
+
 def transfer_split(
-    transfer: Transfer, links: Links, constants: CostModel | None = None, network_constants: CostModel | None = None
+    transfer: Transfer,
+    links: Links,
+    constants: CostModel | None = None,
+    network_constants: CostModel | None = None,
+    cpu_sharing: float | None = None,
 ) -> tuple[float, float]:
     """(seconds of the rank's own CPU work, seconds on the wire between hosts) of one transfer: α·k + β·n + γ·u (see
     the module docstring), the messages to other hosts priced by the network's constants — on the wire —, the rest
     and every reduction by the transport's inside a host — CPU work. ``constants``: one set for every message;
-    ``network_constants``: the set for messages to other hosts (a link's measured rate, say)."""
+    ``network_constants``: the set for messages to other hosts (a link's measured rate, say); ``cpu_sharing``: ranks
+    × threads per core on a host (None: the constants as measured)."""
     network = _link_constants(transfer, constants, network_constants)
     if transfer.algorithm == cost_model.NATIVE:
         measured = cost_model.native_model(links.native) if links.native else None
-        model = measured or (network if links.hosts else constants or cost_model.default_model(transfer.local))
-        seconds = model.predict(cost_model.NATIVE, _native_bytes(transfer), transfer.group_size)
-        return (0.0, seconds) if links.hosts else (seconds, 0.0)
-    local = constants or cost_model.default_model(transfer.local)
+        if links.hosts:
+            seconds = (measured or network).predict(cost_model.NATIVE, _native_bytes(transfer), transfer.group_size)
+            return 0.0, seconds
+        model = _at_sharing(measured or constants or cost_model.default_model(transfer.local), cpu_sharing)
+        return model.predict(cost_model.NATIVE, _native_bytes(transfer), transfer.group_size), 0.0
+    local = _at_sharing(constants or cost_model.default_model(transfer.local), cpu_sharing)
     near_messages = transfer.messages - transfer.network_messages
     near_bytes = transfer.bytes_sent - transfer.network_bytes
     cpu = local.alpha * near_messages + local.beta * near_bytes + local.gamma * transfer.bytes_reduced
@@ -236,6 +257,10 @@ def link_cpu_s(
     return _link_constants(transfer, constants, network_constants).cpu_per_byte * transfer.network_bytes
 
 
+def _at_sharing(model: CostModel, cpu_sharing: float | None) -> CostModel:
+    return model if cpu_sharing is None else cost_model.at_sharing(model, cpu_sharing)
+
+
 def _link_constants(transfer: Transfer, constants: CostModel | None, network_constants: CostModel | None) -> CostModel:
     """The constants of ``transfer``'s messages to other hosts: those given for the link, else the one set given for
     every message, else the link's calibration (:func:`hybrid_ext.comm.cost_model.network_model`)."""
@@ -277,6 +302,7 @@ def _predict_rank(
     constants: CostModel | None,
     network_constants: CostModel | None,
     compute_scale: float,
+    cpu_sharing: float,
     cores_busy: bool,
     modules: dict[str, nn.Module],
     held: list,
@@ -286,7 +312,7 @@ def _predict_rank(
     m = mp_size if strategy in ("hybrid", "mp") else 1
     split = {}
     for t in transfers:  # the mappings' own copies around a collective are CPU work, at the table's copy rate
-        cpu, wire = transfer_split(t, links, constants, network_constants)
+        cpu, wire = transfer_split(t, links, constants, network_constants, cpu_sharing)
         split[id(t)] = (cpu + table.copy_s_per_byte * t.copied_bytes * compute_scale, wire)
     seconds = {key: cpu + wire for key, (cpu, wire) in split.items()}
     prediction = StepPrediction(strategy, world, mp_size, micro_batch, rank)
@@ -340,7 +366,7 @@ def _predict_rank(
                 unhidden += cpu
                 cpu = 0.0
                 if wire > 0 and start < clock:  # moving its bytes takes the busy cores' time while backward runs
-                    kernel = link_cpu_s(transfer, links, constants, network_constants) * compute_scale
+                    kernel = link_cpu_s(transfer, links, constants, network_constants) * cpu_sharing
                     unhidden += kernel * min(1.0, (clock - start) / wire)
             previous_end = start + cpu + wire
             out.append((transfer, ready, start, previous_end))
@@ -387,18 +413,24 @@ def predict_step(
     compute_scale: float = 1.0,
     cores_busy: bool = False,
     memo: dict | None = None,
+    cpu_sharing: float | None = None,
 ) -> StepPrediction:
     """The predicted step of the slowest rank (see the module docstring); ``mp_size`` None: all ranks.
 
     ``styles``: the plan (``plan_by_rules(model, strategy).styles``); ``table``: per-layer times
     (:func:`~hybrid_ext.parallel.layer_profile.profile_layers` or a loaded calibration); ``constants``: α, β, γ to
     use instead of the transport's, ``network_constants`` for messages between hosts; ``links``: default one host's
-    shared memory; ``compute_scale``: σ, for ranks that share a device's cores; ``cores_busy``: the ranks' compute
+    shared memory; ``compute_scale``: σ, for ranks that share a device's cores; ``cpu_sharing``: ranks × threads per
+    core on a host, for the CPU work of messages (default σ: where ranks compute on the CPU, the same sharing;
+    where the layer times already hold it, measured by ranks at once, pass it apart); ``cores_busy``: the ranks' compute
     keeps every core of their host busy, so the gradient buckets' CPU work cannot overlap it (see the module
     docstring); ``memo``: a dict kept across calls with the same ``model``, ``table``, ``links`` and environment
     (:func:`~hybrid_ext.parallel.step_traffic.step_transfers`), where a caller predicts many plans."""
     if compute_scale <= 0:
         raise ValueError(f"compute_scale must be positive, got {compute_scale}")
+    cpu_sharing = compute_scale if cpu_sharing is None else cpu_sharing
+    if cpu_sharing <= 0:
+        raise ValueError(f"cpu_sharing must be positive, got {cpu_sharing}")
     links = links or Links()
     if strategy not in ("dp", "hybrid", "mp"):
         raise ValueError(f"unknown strategy {strategy!r}; choose dp, hybrid or mp")
@@ -428,7 +460,7 @@ def predict_step(
         if key not in by_class:
             by_class[key] = _predict_rank(
                 transfers, table, styles, strategy, world, mp_size, r, micro_batch, links, constants,
-                network_constants, compute_scale, cores_busy, modules, held[r % m],
+                network_constants, compute_scale, cpu_sharing, cores_busy, modules, held[r % m],
             )  # fmt: skip
         predictions.append(by_class[key])
     slowest = max(predictions, key=lambda p: p.step_s)

@@ -152,6 +152,25 @@ def test_ranks_whose_hosts_saved_different_links_price_them_alike(monkeypatch):
     assert local == cost_model.default_model("loopback")  # the transport inside a host: the same file everywhere
 
 
+def test_the_ranks_price_messages_at_the_most_shared_hosts_cores(monkeypatch):
+    """Three ranks of one thread on a host of 2 cores and one on another: every rank prices a message's CPU work at
+    1.5 ranks per core, with no core idle for it; ranks on a GPU compute there, so their cores are not busy."""
+    from hybrid_ext.comm import Communicator, cost_model
+    from hybrid_ext.comm.transports.loopback import run_ranks
+    from hybrid_ext.parallel.auto_plan import agree_on_sharing, links_of
+
+    monkeypatch.setattr(cost_model, "usable_cores", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+
+    def rank(transport):
+        world = Communicator(transport)
+        links = links_of(world.topology)
+        return agree_on_sharing(links, world, on_cpu=True), agree_on_sharing(links, world, on_cpu=False)
+
+    results = run_ranks(rank, 4, hosts=("a", "a", "a", "b"), timeout=60)
+    assert all(r == ((1.5, True), (1.5, False)) for r in results), results
+
+
 def test_auto_writes_the_times_its_ranks_agreed_on_and_they_predict_the_same_choice(tmp_path):
     """HYBRID_EXT_AUTO_TABLE: rank 0 saves the agreed table; choose_plan on that file, for the same ranks and
     links, makes the ranks' very choice (how a choice made in a job is predicted again afterwards)."""
@@ -160,7 +179,7 @@ def test_auto_writes_the_times_its_ranks_agreed_on_and_they_predict_the_same_cho
     from hybrid_ext import config
     from hybrid_ext.comm import Communicator
     from hybrid_ext.comm.transports.loopback import run_ranks
-    from hybrid_ext.parallel.auto_plan import agree_on_links, links_of, plan_on_ranks
+    from hybrid_ext.parallel.auto_plan import agree_on_links, agree_on_sharing, links_of, plan_on_ranks
     from hybrid_ext.parallel.dims import ParallelDims
     from hybrid_ext.parallel.layer_profile import load_calibration
 
@@ -172,15 +191,15 @@ def test_auto_writes_the_times_its_ranks_agreed_on_and_they_predict_the_same_cho
         groups = SimpleNamespace(world=world, dims=ParallelDims(2, 2))
         plan = plan_on_ranks(small_cnn(), x, groups, None, None, "butterfly", 25 << 20)
         links = links_of(world.topology)
-        return plan.styles, links, agree_on_links(links, world)
+        return plan.styles, links, agree_on_links(links, world), agree_on_sharing(links, world, on_cpu=True)
 
     with config.override(HYBRID_EXT_AUTO_TABLE=str(saved)):
         results = run_ranks(rank, 2, timeout=100)
-    styles, links, (constants, network_constants) = results[0]
+    styles, links, (constants, network_constants), (cpu_sharing, cores_busy) = results[0]
     table = load_calibration(saved, small_cnn(), x)
     again = choose_plan(
         small_cnn(), table, 2, B, [2], "butterfly", 25 << 20, links, constants=constants,
-        network_constants=network_constants,
+        network_constants=network_constants, cpu_sharing=cpu_sharing, cores_busy=cores_busy,
     )  # fmt: skip
     assert again.styles == styles and table.micro_batch == B
 

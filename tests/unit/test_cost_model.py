@@ -95,6 +95,33 @@ def test_a_links_cpu_per_byte_is_saved_and_files_without_it_read_as_free(tmp_pat
     assert cost_model.network_model("torch-gloo") == CostModel(alpha=1e-3, beta=8e-9, gamma=0.0, cpu_per_byte=0.0)
 
 
+def test_constants_measured_with_ranks_sharing_cores_are_rescaled_to_the_sharing_they_price():
+    measured = CostModel(alpha=650e-6, beta=0.9e-9, gamma=2.2e-9, sharing=4.0)  # 8 ranks on 2 cores
+    half = cost_model.at_sharing(measured, 2.0)  # 4 ranks on 2 cores: each has twice the core
+    assert (half.alpha, half.beta, half.gamma, half.sharing) == pytest.approx((650e-6, 0.45e-9, 1.1e-9, 2.0))
+    # fewer ranks than cores: one core each, never faster than that
+    assert cost_model.at_sharing(measured, 0.5) == cost_model.at_sharing(measured, 1.0)
+    assert cost_model.at_sharing(measured, 1.0).beta == pytest.approx(0.225e-9)
+    unknown = CostModel(alpha=1e-4, beta=1e-9, gamma=1e-9)  # saved before the sharing was recorded
+    assert cost_model.at_sharing(unknown, 2.0) == unknown
+    assert cost_model.BUILTIN["shm"].sharing == 4.0  # the built-in constants' run: 8 ranks on 2 cores
+
+
+def test_the_sharing_is_saved_with_the_constants_and_files_without_it_read_as_unknown(tmp_path):
+    rows = []
+    for algorithm in ("recursive_doubling", "rabenseifner", "native"):
+        for size in (1 << 10, 1 << 16, 1 << 20, 1 << 24):
+            seconds = CostModel(alpha=300e-6, beta=1e-9, gamma=2e-9).predict(algorithm, size, 8)
+            rows.append(bench.BenchRow(size, algorithm, 8, seconds * 1e3, 0, 0, None, algorithm))
+    said = bench.save_calibrations(rows, "shm", "gloo", sharing=4.0)
+    assert "(4 ranks per core)" in said[0]
+    assert cost_model.default_model("shm").sharing == 4.0
+    assert cost_model.native_model("torch-gloo").sharing == 4.0
+    (tmp_path / "cost_model.json").write_text(json.dumps({"shm": {"alpha": 1e-3, "beta": 8e-9, "gamma": 0.0}}))
+    cost_model.save_model("torch-gloo", CostModel())  # re-reads the file
+    assert cost_model.default_model("shm").sharing == 0.0
+
+
 def test_calibrate_recovers_known_constants():
     truth = CostModel(alpha=300e-6, beta=1e-9, gamma=2e-9)
     rows = []

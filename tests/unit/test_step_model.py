@@ -354,6 +354,33 @@ def test_busy_cores_leave_the_gradients_cpu_work_exposed():
     assert busy.exposed_gradient_s == pytest.approx(calm.exposed_gradient_s) == pytest.approx(6.0)
 
 
+def test_the_messages_cpu_work_is_priced_at_the_ranks_sharing_of_the_cores():
+    """Constants measured at 4 ranks per core price a bucket inside a host at the step's sharing (default σ): its β
+    and γ terms at 2/4 of theirs, at 1/4 with a core each; α as measured; constants of unknown sharing as they are;
+    the link's time on the wire never rescaled."""
+    model, table = _two_linears_table(1.0, 2.0)
+    measured = CostModel(alpha=0.1, beta=0.05, gamma=0.02, sharing=4.0)
+
+    def priced(constants, **sharing):
+        step = predict_step(model, table, {}, "dp", 2, 1, B, bucket_bytes=80, constants=constants, **sharing)
+        terms = [(b.transfer.messages, b.transfer.bytes_sent, b.transfer.bytes_reduced) for b in step.buckets]
+        return [b.seconds for b in step.buckets], terms
+
+    def at(scale, terms):
+        return [pytest.approx(0.1 * k + (0.05 * n + 0.02 * u) * scale) for k, n, u in terms]
+
+    seconds, terms = priced(measured, compute_scale=2.0)
+    assert all(n and u for _, n, u in terms) and seconds == at(0.5, terms)
+    assert priced(measured, compute_scale=2.0, cpu_sharing=1.0)[0] == at(0.25, terms)
+    assert priced(measured)[0] == at(0.25, terms)
+    assert priced(replace(measured, sharing=0.0), compute_scale=2.0)[0] == at(1.0, terms)
+    links, zero = Links("shm", hosts=(0, 1)), CostModel(0, 0, 0)
+    wire = CostModel(alpha=0.0, beta=0.05, gamma=0.0, sharing=4.0)
+    step = predict_step(model, table, {}, "dp", 2, 1, B, bucket_bytes=80, links=links, network_constants=wire,
+                        constants=zero, compute_scale=2.0)  # fmt: skip
+    assert [b.seconds for b in step.buckets] == [pytest.approx(0.05 * b.transfer.network_bytes) for b in step.buckets]
+
+
 def test_busy_cores_lose_the_links_cpu_while_backward_runs():
     """Two hosts, one rank each, every core busy, σ = 1.5: each layer's backward 3 s, so layer 1 is done at 3 s and
     layer 0 at 6 s. Bucket 0 (layer 1, 80 bytes to the other host, 4 s on the wire) runs 3–7 s, 3 s of it before
@@ -592,7 +619,7 @@ def test_a_backward_exchange_shares_the_link_with_a_bucket_on_it():
     step, link = _heavy_conv_steps(two_hosts)
     layer = next(layer for layer in step.layers if layer.path == "5")
     own = [t for t in step.layer_transfers if t.name == "5"]
-    alone = sum(sum(transfer_split(t, two_hosts, network_constants=link)) for t in own)
+    alone = sum(sum(transfer_split(t, two_hosts, network_constants=link, cpu_sharing=1.0)) for t in own)
     on_link = sum(link_bytes_s(t, two_hosts, network_constants=link) for t in own if t.phase == "backward")
     shared = layer.communication_s - alone
     # the buckets of the layers after it (in forward order) are on the wire during its backward: its exchanges
@@ -602,7 +629,7 @@ def test_a_backward_exchange_shares_the_link_with_a_bucket_on_it():
     one_host, _ = _heavy_conv_steps(Links("shm"))
     assert next(x for x in one_host.layers if x.path == "5").communication_s == pytest.approx(
         sum(
-            sum(transfer_split(t, Links("shm"), network_constants=link))
+            sum(transfer_split(t, Links("shm"), network_constants=link, cpu_sharing=1.0))
             for t in one_host.layer_transfers
             if t.name == "5"
         )
@@ -643,8 +670,9 @@ def test_ranks_alike_are_predicted_once_and_the_step_is_the_slowest_ranks(
         held = parameters_after_wrap(model, styles if strategy != "dp" else {}, m, rank % m)
         transfers = step_transfers(model, table, styles, strategy, world, mp_size, rank, B, "butterfly", 1, links, held)
         alone = _predict_rank(
-            transfers, table, styles, strategy, world, mp_size, rank, B, links, None, None, 2.0, True, modules, held
-        )
+            transfers, table, styles, strategy, world, mp_size, rank, B, links, None, None, 2.0, 2.0, True, modules,
+            held,
+        )  # fmt: skip
         one_by_one.append(alone)
     slowest = max(one_by_one, key=lambda p: p.step_s)
     predicted = []

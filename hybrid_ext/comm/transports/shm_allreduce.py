@@ -25,13 +25,12 @@ The loops are C (:mod:`hybrid_ext.comm.transports.shm_kernels`) where a compiler
 from __future__ import annotations
 
 import ctypes
-import os
 import time
 
 import numpy as np
 import torch
 
-from hybrid_ext.comm.cost_model import DIRECT
+from hybrid_ext.comm.cost_model import DIRECT, usable_cores
 from hybrid_ext.comm.transports.contract import PeerError
 from hybrid_ext.comm.transports.shm_kernels import DTYPE_CODES, OP_CODES, Group, kernels
 
@@ -83,8 +82,7 @@ class DirectAllreduce:
         self._own_bell = bells[self.rank]
         self._buffers = [pointers(*(r + REGION_HEAD + b * chunk_bytes for r in regions)) for b in (0, 1)]
         self._counters = [np.ctypeslib.as_array((ctypes.c_int64 * 1).from_address(r)) for r in regions]
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        self._spins = SPIN_ROUNDS_OWN_CORE if self.size <= cores else SPIN_ROUNDS_SHARED_CORE
+        self._spins = SPIN_ROUNDS_OWN_CORE if self.size <= usable_cores() else SPIN_ROUNDS_SHARED_CORE
         self._rounds = self._spins + YIELD_ROUNDS
         self._groups = [
             Group(
