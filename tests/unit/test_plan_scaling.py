@@ -116,15 +116,47 @@ def test_compare_names_a_file_without_comparable_runs(tmp_path, capsys):
     assert "--compare" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("model", ["digits_alexnet", "alexnet", "resnet18", "vgg11"])
-def test_the_kept_validation_inputs_still_predict_and_compare(model, tmp_path):
-    """benchmarks/validation/2026-12-06-one-host: the layer file still loads for its model and every strategy its
-    measured file holds is compared (the numbers are the model's of the day, not checked here)."""
-    kept = Path(__file__).resolve().parents[2] / "benchmarks" / "validation" / "2026-12-06-one-host"
+KEPT = Path(__file__).resolve().parents[2] / "benchmarks" / "validation"
+KEPT_LAYOUTS = {  # benchmarks/validation/<folder>: (the measured files' suffix, the layout's plan arguments)
+    "2026-12-06-one-host": ("1x4", ["--np", "4", "--cores", "2"]),
+    "2026-12-06-2x2-1gbit": ("2x2-1gbit", ["--np", "4", "--hosts", "2", "--nic", "1gbit", "--cores", "1"]),
+    "2026-12-06-3x2-1gbit": ("3x2-1gbit", ["--np", "6", "--hosts", "3", "--nic", "1gbit", "--cores", "0.667"]),
+}
+KEPT_CASES = [
+    (folder, path.name.removesuffix(f"-{suffix}.json"))
+    for folder, (suffix, _) in sorted(KEPT_LAYOUTS.items())
+    for path in sorted((KEPT / folder).glob(f"*-{suffix}.json"))
+    if not path.name.startswith("link-")
+]
+
+
+def test_every_kept_validation_is_checked():
+    assert sorted(p.name for p in KEPT.iterdir() if p.is_dir()) == sorted(KEPT_LAYOUTS)
+    assert len(KEPT_CASES) == 4 + 4 + 3
+
+
+@pytest.mark.parametrize(("folder", "model"), KEPT_CASES)
+def test_the_kept_validation_inputs_still_predict_and_compare(folder, model, tmp_path, monkeypatch):
+    """benchmarks/validation/*: the layer file still loads for its model, the link file (across hosts) as the cost
+    model, and every strategy its measured file holds is compared (the numbers are the model's of the day, not
+    checked here)."""
+    from hybrid_ext.comm import cost_model
+
+    kept = KEPT / folder
+    suffix, layout = KEPT_LAYOUTS[folder]
+    links = sorted(kept.glob("link-*.json"))
+    if links:
+        monkeypatch.setenv("HYBRID_EXT_COST_MODEL", str(links[0]))
+        monkeypatch.setattr(cost_model, "_models", None)
     planned = tmp_path / "plan.json"
-    assert main(["plan", "--model", model, "--np", "4", "--cores", "2", "--micro-batch", "16", "--size", "64",
-                 "--device", "cpu", "--calibration", str(kept / f"{model}-cal.json"),
-                 "--compare", str(kept / f"{model}-1x4.json"), "--json", str(planned)]) == 0  # fmt: skip
-    rows = json.loads(planned.read_text())["comparison"]["rows"]
+    assert main(["plan", "--model", model, *layout, "--micro-batch", "16", "--size", "64", "--device", "cpu",
+                 "--calibration", str(kept / f"{model}-cal.json"), "--compare", str(kept / f"{model}-{suffix}.json"),
+                 "--json", str(planned)]) == 0  # fmt: skip
+    result = json.loads(planned.read_text())
+    rows = result["comparison"]["rows"]
     assert sorted(r["strategy"] for r in rows) == ["dp", "hybrid", "mp"]
     assert all(r["measured_ms"] > 0 and r["predicted_ms"] > 0 for r in rows)
+    if links:  # the kept link is the one the plan priced
+        kept_link = json.loads(links[0].read_text())["network/torch-gloo"]
+        assert result["link"]["source"].startswith("calibrated")
+        assert result["link"]["alpha_s"] == kept_link["alpha"]
