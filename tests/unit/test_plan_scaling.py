@@ -120,6 +120,7 @@ KEPT = Path(__file__).resolve().parents[2] / "benchmarks" / "validation"
 KEPT_LAYOUTS = {  # benchmarks/validation/<folder>: (the measured files' suffix, the layout's plan arguments)
     "2026-12-06-one-host": ("1x4", ["--np", "4", "--cores", "2"]),
     "2026-12-06-2x2-1gbit": ("2x2-1gbit", ["--np", "4", "--hosts", "2", "--nic", "1gbit", "--cores", "1"]),
+    "2026-12-06-2x2-250mbit": ("2x2-250mbit", ["--np", "4", "--hosts", "2", "--nic", "250mbit", "--cores", "1"]),
     "2026-12-06-3x2-1gbit": ("3x2-1gbit", ["--np", "6", "--hosts", "3", "--nic", "1gbit", "--cores", "0.667"]),
 }
 KEPT_CASES = [
@@ -132,7 +133,7 @@ KEPT_CASES = [
 
 def test_every_kept_validation_is_checked():
     assert sorted(p.name for p in KEPT.iterdir() if p.is_dir()) == sorted(KEPT_LAYOUTS)
-    assert len(KEPT_CASES) == 4 + 4 + 3
+    assert len(KEPT_CASES) == 4 + 4 + 3 + 3
 
 
 @pytest.mark.parametrize(("folder", "model"), KEPT_CASES)
