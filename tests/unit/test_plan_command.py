@@ -135,8 +135,10 @@ def test_ranks_sharing_cores_compute_slower(tmp_path):
     assert main(["plan", *SMALL, "--np", "4", "--hosts", "2", "--cores", "0.5", "--calibration", str(calibration),
                  "--json", str(emulated)]) == 0  # fmt: skip
     assert json.loads(emulated.read_text())["compute_scale"] == 4.0
-    for a, s in zip(alone["strategies"], shared["strategies"]):
-        assert s["compute_ms"] == pytest.approx(2 * a["compute_ms"])
+    for a, s in zip(alone["strategies"], shared["strategies"], strict=True):
+        # auto may choose another plan where messages cost the ranks more of a core: only the same plan compares
+        if a["strategy"] != "auto" or a["plan"] == s["plan"]:
+            assert s["compute_ms"] == pytest.approx(2 * a["compute_ms"])
 
 
 def test_cores_must_be_positive(capsys):
