@@ -234,7 +234,7 @@ def predictions(args: argparse.Namespace) -> tuple[dict, list]:
     # Ranks of one host share its cores: each computes R·t/C times slower than the profile measured it alone.
     per_host = args.np // (args.hosts or 1)
     shared = _core_sharing(args, table, per_host)
-    compute_scale, sharing = shared["compute_scale"], "ranks × threads / cores"
+    sharing = "ranks × threads / cores"
     if args.measure_sharing:
         if not table.device.startswith("cpu"):
             raise ValueError(
@@ -245,9 +245,9 @@ def predictions(args: argparse.Namespace) -> tuple[dict, list]:
         # bandwidth, caches, the hypervisor).
         measured = measured_sharing(args.model, args.np, example, args.threads, args.profile_steps)
         sharing = f"measured: {args.np} ranks at once against one alone"
-        if measured < compute_scale:
+        if measured < shared["compute_scale"]:
             sharing += f", {measured:.2f}, below the cores' share, which is kept"
-        compute_scale = shared["compute_scale"] = max(compute_scale, measured)
+        shared["compute_scale"] = max(shared["compute_scale"], measured)
     for strategy in STRATEGIES:
         plan = plan_by_rules(model, strategy)
         size = 1 if strategy == "dp" else mp_size
@@ -291,7 +291,7 @@ def predictions(args: argparse.Namespace) -> tuple[dict, list]:
         "nic": args.nic,
         "link": _link_entry(args) if args.hosts else None,
         "layer_times": source,
-        "compute_scale": compute_scale,
+        "compute_scale": shared["compute_scale"],
         "compute_scale_source": sharing,
         "cpu_sharing": shared["cpu_sharing"],
         "cores_busy": shared["cores_busy"],
