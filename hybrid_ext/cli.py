@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run each job under torchrun on this many emulated hosts (hybrid-ext cluster)",
     )
     demo.add_argument("--nic", metavar="RATE", help="with --hosts: each host's egress rate (tc syntax: 1gbit)")
+    add_cpus_per_host_argument(demo)
     add_device_argument(demo)
     demo.set_defaults(handler=_cmd_demo)
 
@@ -158,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--hosts", type=positive_int, help="run under torchrun on this many emulated hosts (hybrid-ext cluster; root)"
     )
     allreduce.add_argument("--nic", metavar="RATE", help="with --hosts: each host's egress rate (tc syntax: 1gbit)")
+    add_cpus_per_host_argument(allreduce)
     allreduce.add_argument(
         "--count-bytes-on",
         metavar="IFACE",
@@ -196,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--hosts", type=positive_int, help="run under torchrun on this many emulated hosts (hybrid-ext cluster)"
     )
     train.add_argument("--nic", metavar="RATE", help="with --hosts: each host's egress rate (tc syntax: 1gbit)")
+    add_cpus_per_host_argument(train)
     train.add_argument("--json", metavar="FILE")
     train.add_argument("--markdown", metavar="FILE")
     add_device_argument(train)
@@ -259,12 +262,34 @@ def _add_cluster_parser(commands) -> None:
     up = actions.add_parser("up", help="start node0..node<H-1> (installs openssh-server and pdsh if missing)")
     up.add_argument("--hosts", type=positive_int, default=2, help="hosts (default: 2)")
     up.add_argument("--nic", metavar="RATE", help="shape each host's egress to RATE with tbf (tc syntax: 1gbit)")
+    add_cpus_per_host_argument(up)
     run = actions.add_parser("run", help="run a command on a host, in this directory: run node1 -- CMD")
     run.add_argument("host", help="a host's name (node1) or index (1)")
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD", help="the command (default: a shell)")
     actions.add_parser("down", help="stop the cluster and remove everything it made")
     actions.add_parser("status", help="list the hosts")
     cluster.set_defaults(handler=_cmd_cluster)
+
+
+def add_cpus_per_host_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cpus-per-host",
+        type=positive_float,
+        metavar="CORES",
+        help="limit each emulated host to this many cores' worth of CPU time (a cgroup quota; may be a fraction, "
+        "e.g. 0.667); default: the hosts share every core of the machine",
+    )
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
 
 
 def positive_int(text: str) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import statistics
 import sys
 import time
@@ -90,8 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser, positive_int) -> None:
     parser.add_argument(
         "--cores",
         type=_positive_float,
-        help="CPU cores per host the ranks share (default: this machine's; cpu only; a fraction where emulated hosts "
-        "share one machine: 2 cores over 3 hosts is 0.667)",
+        help="CPU cores per host the ranks share (default: those this process may use, its affinity and CPU quota, "
+        "as the ranks count them; cpu only; may be a fraction, as `hybrid-ext cluster up --cpus-per-host` gives)",
     )
     parser.add_argument(
         "--threads",
@@ -131,9 +130,10 @@ def add_arguments(parser: argparse.ArgumentParser, positive_int) -> None:
 
 def _core_sharing(args: argparse.Namespace, table, per_host: int) -> dict:
     """:func:`~hybrid_ext.parallel.step_model.host_sharing` of ``per_host`` ranks on ``--cores``, ``--threads``."""
+    from hybrid_ext.comm.host_cores import usable_cores
     from hybrid_ext.parallel.step_model import host_sharing
 
-    return host_sharing(per_host, args.threads, args.cores or os.cpu_count() or 1, table.device.startswith("cpu"))
+    return host_sharing(per_host, args.threads, args.cores or usable_cores(), table.device.startswith("cpu"))
 
 
 SHARING_STEPS = 5  # the fewest lockstep steps σ is timed over: a median of maxima over ranks needs a few

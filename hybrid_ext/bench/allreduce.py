@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from hybrid_ext import comm, config
-from hybrid_ext.comm import cost_model
+from hybrid_ext.comm import cost_model, host_cores
 from hybrid_ext.launch import spawn
 from hybrid_ext.launch.spawn import leave_process_group
 
@@ -614,9 +614,13 @@ def main(args) -> int:
 
             rate = rate_bytes_per_second(args.nic)
         itemsize = DTYPES[getattr(args, "dtype", "float32")].itemsize
-        # Emulated hosts share this machine's cores; launched ranks, their host's (torchrun's LOCAL_WORLD_SIZE).
+        # Launched ranks share their host's cores (torchrun's LOCAL_WORLD_SIZE); emulated hosts, this machine's, or
+        # each its own quota.
         here = int(os.environ.get("LOCAL_WORLD_SIZE", rows[0].ranks)) if launched() else rows[0].ranks
-        sharing = max(1.0, here / cost_model.usable_cores())
+        cores = host_cores.usable_cores()
+        if getattr(args, "hosts", None) and getattr(args, "cpus_per_host", None):
+            here, cores = rows[0].ranks / args.hosts, args.cpus_per_host
+        sharing = max(1.0, here / cores)
         said = save_calibrations(rows, transport, native_backend, rate, itemsize, link_cpu_per_byte, sharing)
         print("\n".join(said))
     if launched():
@@ -638,7 +642,7 @@ def _run_on_emulated_cluster(args, sizes: list[int], algorithms: list[str]) -> t
                "--warmup", str(args.warmup), "--transport", args.transport,
                "--device", getattr(args, "device", "cpu"), "--dtype", getattr(args, "dtype", "float32"),
                "--count-bytes-on", cluster.INTERFACE]  # fmt: skip
-    with cluster.emulated_cluster(args.hosts, args.nic) as hosts:
+    with cluster.emulated_cluster(args.hosts, args.nic, getattr(args, "cpus_per_host", None)) as hosts:
         results = run_torchrun(command, args.np, cluster=hosts, nodes=args.hosts, timeout=1800)
         rate = cluster.rate_bytes_per_second(args.nic) if args.nic else None
         cpu_per_byte = 0.0

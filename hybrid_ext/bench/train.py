@@ -386,6 +386,6 @@ def _run_on_emulated_cluster(args) -> list[TrainRow]:
                "--repeats", str(getattr(args, "repeats", 1))]  # fmt: skip
     if args.mp_size:
         command += ["--mp-size", str(args.mp_size)]
-    with cluster.emulated_cluster(args.hosts, args.nic) as hosts:
+    with cluster.emulated_cluster(args.hosts, args.nic, getattr(args, "cpus_per_host", None)) as hosts:
         results = run_torchrun(command, args.np, cluster=hosts, nodes=args.hosts, timeout=3600)
     return [TrainRow(**row) for row in results[0]]

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -103,11 +102,6 @@ class CostModel:
 
     def choose(self, nbytes: int, p: int, candidates: tuple[str, ...] = ALGORITHMS) -> str:
         return min(candidates, key=lambda a: (self.predict(a, nbytes, p), candidates.index(a)))
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity; what the ranks of a host share)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def at_sharing(model: CostModel, sharing: float) -> CostModel:

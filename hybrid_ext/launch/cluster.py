@@ -15,7 +15,10 @@ they reach real nodes. Each host is
   Keys, known_hosts and configs live in the cluster's state directory; nothing under ``~/.ssh`` is written,
   and no ssh file of this machine's own namespace changes (the hosts' ``/etc/ssh/ssh_config`` is a bind mount
   inside their mount namespaces);
-- with ``--nic RATE``, egress shaped by ``tc qdisc ... tbf rate RATE`` on ``eth0``.
+- with ``--nic RATE``, egress shaped by ``tc qdisc ... tbf rate RATE`` on ``eth0``;
+- with ``--cpus-per-host C``, a cgroup whose CPU quota is C cores (:mod:`hybrid_ext.launch.cpu_quota`): without
+  it the hosts share every core of the machine, and one whose ranks wait on the network lends its cores to the
+  others, as real hosts cannot.
 
 A long-lived keeper process (PID 1 of the host's PID namespace) holds the namespaces; ``cluster run HOST --
 CMD`` enters them with ``nsenter``. The filesystem is shared, as a cluster's NFS home is. ``down`` removes
@@ -38,6 +41,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from hybrid_ext import config
+from hybrid_ext.launch import cpu_quota
 
 SUBNET_PREFIX = "10.213.0"  # 10.213.0.0/24: lives only on the cluster's bridge, inside its namespaces
 FIRST_ADDRESS = 10  # node<i> is 10.213.0.<10 + i>
@@ -91,6 +95,10 @@ class Cluster:
         return self._state().get("nic")
 
     @property
+    def cpus_per_host(self) -> float | None:
+        return self._state().get("cpus_per_host")
+
+    @property
     def names(self) -> list[str]:
         return [h.name for h in self.hosts]
 
@@ -112,7 +120,12 @@ class Cluster:
         host = self.host(ref)
         wd = os.fspath(cwd) if cwd is not None else os.getcwd()
         # -p: in the host's PID namespace (nsenter forks for it); --wd: nsenter with -m would start in /.
-        return ["nsenter", "-t", str(host.pid), "-n", "-u", "-m", "-p", f"--wd={wd}", "--", *argv]
+        inside = ["nsenter", "-t", str(host.pid), "-n", "-u", "-m", "-p", f"--wd={wd}", "--", *argv]
+        # Into the host's cgroup from this mount namespace, where the cgroup files are; nsenter's child inherits it.
+        return cpu_quota.entering(self._procs(host.name), inside) if self.cpus_per_host else inside
+
+    def _procs(self, name: str) -> Path:
+        return Path(self._state()["cgroups"][name])
 
     def run(self, ref: str | int, argv: Sequence[str], **kwargs) -> subprocess.CompletedProcess:
         """``subprocess.run`` of ``argv`` inside host ``ref`` (keyword ``cwd`` is the directory there)."""
@@ -167,7 +180,7 @@ def state_dir() -> Path:
 # ------------------------------------------------------------------ requirements
 
 
-def missing_requirements(nic: str | None = None) -> list[str]:
+def missing_requirements(nic: str | None = None, cpus_per_host: float | None = None) -> list[str]:
     """What this machine lacks for an emulated cluster, each as a sentence (empty: it can run one)."""
     missing = []
     if os.geteuid() != 0:
@@ -183,6 +196,8 @@ def missing_requirements(nic: str | None = None) -> list[str]:
             missing.append(f"`{tool}` (Debian package {package})")
     if missing:
         return missing
+    if cpus_per_host and cpu_quota.missing():
+        missing.append(f"for --cpus-per-host: {cpu_quota.missing()}")
     probe = subprocess.run(
         ["unshare", "--net", "--uts", "--mount", "--pid", "--fork", "true"], capture_output=True, text=True
     )
@@ -236,30 +251,42 @@ def ensure_packages() -> None:
 # ------------------------------------------------------------------ up / down
 
 
-def up(hosts: int = 2, nic: str | None = None, *, reuse: bool = False, quiet: bool = True) -> Cluster:
-    """Start an emulated cluster of ``hosts`` hosts (egress shaped to ``nic``, e.g. ``1gbit``) and return it.
+def up(
+    hosts: int = 2,
+    nic: str | None = None,
+    *,
+    cpus_per_host: float | None = None,
+    reuse: bool = False,
+    quiet: bool = True,
+) -> Cluster:
+    """Start an emulated cluster of ``hosts`` hosts (egress shaped to ``nic``, e.g. ``1gbit``; each limited to
+    ``cpus_per_host`` cores' worth of CPU time, default the whole machine shared) and return it.
 
-    Over a live cluster: with ``reuse``, return it if it has at least ``hosts`` hosts and the same ``nic``;
-    otherwise refuse. Raises :class:`ClusterUnavailable` when this machine cannot run one, naming what is missing.
+    Over a live cluster: with ``reuse``, return it if it has at least ``hosts`` hosts and the same ``nic`` and
+    CPUs; otherwise refuse. Raises :class:`ClusterUnavailable` when this machine cannot run one, naming what is
+    missing.
     """
     if not 1 <= hosts <= MAX_HOSTS:
         raise ValueError(f"--hosts must be between 1 and {MAX_HOSTS}, got {hosts}")
     burst = _tbf_burst(nic) if nic else None
-    missing = missing_requirements(nic)
+    if cpus_per_host is not None:
+        cpu_quota.quota_us(cpus_per_host)  # a bad value named before anything starts
+    missing = missing_requirements(nic, cpus_per_host)
     if missing:
         raise ClusterUnavailable("cannot start an emulated cluster here; missing: " + "; ".join(missing))
     live = current()
     if live is not None:
-        if reuse and len(live.hosts) >= hosts and live.nic == nic:
+        if reuse and _fits(live, hosts, nic, cpus_per_host):
             return live
         raise ClusterError(
-            f"an emulated cluster is already up ({', '.join(live.names)}, nic {live.nic or 'unshaped'}; state in "
+            f"an emulated cluster is already up ({', '.join(live.names)}, nic {live.nic or 'unshaped'}, "
+            f"{_cpus_text(live.cpus_per_host)}; state in "
             f"{live.state_dir}): use it, or stop it first with `hybrid-ext cluster down`"
         )
     ensure_packages()
     remove_leftovers()
     try:
-        cluster = _build(hosts, nic, burst)
+        cluster = _build(hosts, nic, burst, cpus_per_host)
         _check_ssh(cluster)
     except BaseException:
         remove_leftovers()
@@ -293,6 +320,7 @@ def remove_leftovers() -> bool:
     for link in _list_links():
         found = True
         subprocess.run(["ip", "link", "delete", link], capture_output=True)
+    found = cpu_quota.remove(NAME_PREFIX) or found  # after the namespaces: their processes are gone
     directory = state_dir()
     if directory.exists():
         found = True
@@ -301,29 +329,38 @@ def remove_leftovers() -> bool:
 
 
 @contextlib.contextmanager
-def emulated_cluster(hosts: int = 2, nic: str | None = None) -> Iterator[Cluster]:
-    """A cluster for the ``with`` block: a live one with enough hosts (and the same ``nic``) is used and left up;
-    otherwise one is started and removed afterwards."""
+def emulated_cluster(hosts: int = 2, nic: str | None = None, cpus_per_host: float | None = None) -> Iterator[Cluster]:
+    """A cluster for the ``with`` block: a live one with enough hosts (and the same ``nic`` and CPUs) is used and
+    left up; otherwise one is started and removed afterwards."""
     live = current()
-    if live is not None and len(live.hosts) >= hosts and live.nic == nic:
+    if live is not None and _fits(live, hosts, nic, cpus_per_host):
         yield live
         return
-    cluster = up(hosts, nic)
+    cluster = up(hosts, nic, cpus_per_host=cpus_per_host)
     try:
         yield cluster
     finally:
         down()
 
 
+def _fits(live: Cluster, hosts: int, nic: str | None, cpus_per_host: float | None) -> bool:
+    return len(live.hosts) >= hosts and live.nic == nic and live.cpus_per_host == cpus_per_host
+
+
+def _cpus_text(cpus_per_host: float | None) -> str:
+    return f"{cpus_per_host:g} cores each" if cpus_per_host else "the machine's cores shared"
+
+
 def describe(cluster: Cluster) -> str:
     shaped = f", egress {cluster.nic} each" if cluster.nic else ""
+    shaped += f", {_cpus_text(cluster.cpus_per_host)}"
     lines = [f"emulated cluster: {len(cluster.hosts)} hosts on {BRIDGE} ({SUBNET_PREFIX}.0/24{shaped})"]
     lines += [f"  {h.name}  {h.address}  {cluster.interface}  keeper pid {h.pid}" for h in cluster.hosts]
     lines.append(f"  state: {cluster.state_dir}; try `hybrid-ext cluster run node0 -- ssh node1 hostname`")
     return "\n".join(lines)
 
 
-def _build(hosts: int, nic: str | None, burst: int | None) -> Cluster:
+def _build(hosts: int, nic: str | None, burst: int | None, cpus_per_host: float | None) -> Cluster:
     directory = state_dir()
     directory.mkdir(parents=True, mode=0o700)
     names = [f"node{i}" for i in range(hosts)]
@@ -343,6 +380,9 @@ def _build(hosts: int, nic: str | None, burst: int | None) -> Cluster:
     _ip("link", "set", BRIDGE, "up")
     (directory / "keeper.py").write_text(_KEEPER)
     keepers = []
+    cgroups = {name: str(cpu_quota.create(_netns(name), cpus_per_host)) for name in names} if cpus_per_host else {}
+    if cpus_per_host:
+        (directory / "cgroup-mounts").write_text("".join(f"{' '.join(m)}\n" for m in cpu_quota.mounts()))
     for i, (name, address) in enumerate(zip(names, addresses)):
         netns = _netns(name)
         _ip("netns", "add", netns)
@@ -353,10 +393,11 @@ def _build(hosts: int, nic: str | None, burst: int | None) -> Cluster:
         if nic:
             _run(["tc", "-n", netns, "qdisc", "add", "dev", INTERFACE, "root", "tbf", "rate", nic,
                   "burst", str(burst), "latency", "50ms"])  # fmt: skip
-        keepers.append(_start_keeper(directory, name, netns))
+        keepers.append(_start_keeper(directory, name, netns, cgroups.get(name)))
     pids = [_wait_ready(directory, name, proc) for name, proc in zip(names, keepers)]
     hosts_state = [asdict(Host(n, a, p)) for n, a, p in zip(names, addresses, pids)]
-    (directory / "cluster.json").write_text(json.dumps({"hosts": hosts_state, "nic": nic}))
+    state = {"hosts": hosts_state, "nic": nic, "cpus_per_host": cpus_per_host, "cgroups": cgroups}
+    (directory / "cluster.json").write_text(json.dumps(state))
     return Cluster(directory)
 
 
@@ -407,6 +448,12 @@ try:
     if os.path.exists("/etc/resolv.conf"):
         run("mount", "--bind", str(state / "resolv.conf"), "/etc/resolv.conf")
     run("mount", "-t", "tmpfs", "-o", "mode=1777", "tmpfs", "/dev/shm")
+    # `ip netns exec` mounted a fresh /sys: the cgroup files go back, so ranks can read their host's CPU quota.
+    mounts = state / "cgroup-mounts"
+    for line in (mounts.read_text().splitlines() if mounts.exists() else []):
+        kind, target, options = line.split()
+        os.makedirs(target, exist_ok=True)
+        run("mount", "-t", kind, "-o", options, kind, target)
     run("ip", "link", "set", "lo", "up")
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
     log = open(here / "sshd.log", "ab")
@@ -425,12 +472,14 @@ while True:
 """
 
 
-def _start_keeper(directory: Path, name: str, netns: str) -> subprocess.Popen:
+def _start_keeper(directory: Path, name: str, netns: str, procs: str | None) -> subprocess.Popen:
     log = open(directory / name / "keeper.log", "wb")  # noqa: SIM115 - handed to the keeper
     # `ip netns exec` also mounts a /sys of the host's network namespace (interfaces as the host sees them).
     unshare = ["unshare", "--uts", "--mount", "--pid", "--fork", "--mount-proc", "--propagation", "private"]
     keeper = [sys.executable, str(directory / "keeper.py"), KEEPER_MARK, name, str(directory)]
     argv = ["ip", "netns", "exec", netns, *unshare, *keeper]
+    if procs:  # the keeper, its sshd and what ssh starts run in the host's cgroup
+        argv = cpu_quota.entering(procs, argv)
     with log:
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
 
@@ -559,7 +608,7 @@ def main(args) -> int:
     action = args.cluster_action
     try:
         if action == "up":
-            up(args.hosts, args.nic, quiet=False)
+            up(args.hosts, args.nic, cpus_per_host=args.cpus_per_host, quiet=False)
             return 0
         if action == "down":
             print("emulated cluster removed" if down() else "no emulated cluster to remove", flush=True)

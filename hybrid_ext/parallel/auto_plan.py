@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from hybrid_ext import config
-from hybrid_ext.comm import cost_model
+from hybrid_ext.comm import cost_model, host_cores
 from hybrid_ext.parallel.layer_profile import LayerRecord, LayerTable, profile_layers, save_calibration
 from hybrid_ext.parallel.plan import STRATEGIES, PartitionPlan, _linear_chains, check_shardable, plan_by_rules
 from hybrid_ext.parallel.step_model import StepPrediction, host_sharing, predict_step
@@ -382,7 +382,7 @@ def agree_on_sharing(links: Links, world, on_cpu: bool) -> tuple[float, bool]:
     """(ranks × threads per core, whether every core computes) of the most-shared host, the same on every rank of
     ``world`` (:func:`~hybrid_ext.parallel.step_model.host_sharing` of this rank's host, maximum over the ranks)."""
     on_host = world.size if links.hosts is None else Counter(links.hosts)[links.hosts[world.rank]]
-    own = host_sharing(on_host, torch.get_num_threads(), cost_model.usable_cores(), on_cpu)
+    own = host_sharing(on_host, torch.get_num_threads(), host_cores.usable_cores(), on_cpu)
     sharing, busy = world.max_over_ranks([own["cpu_sharing"], float(own["cores_busy"])], name="auto plan sharing")
     return sharing, busy > 0
 

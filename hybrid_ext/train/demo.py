@@ -88,7 +88,7 @@ def _ranks(args):
         return
     from hybrid_ext.launch import cluster, run_torchrun
 
-    with cluster.emulated_cluster(args.hosts, args.nic) as hosts:
+    with cluster.emulated_cluster(args.hosts, args.nic, getattr(args, "cpus_per_host", None)) as hosts:
 
         def run_job(config: TrainConfig) -> dict:
             command = ["-m", "hybrid_ext.train.demo", json.dumps(asdict(config))]

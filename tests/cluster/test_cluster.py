@@ -149,3 +149,32 @@ def test_a_crashed_cluster_leaves_nothing_up_trips_on_and_nic_shapes_egress(scra
     assert emulated.down()
     assert not emulated._list_netns() and not emulated._list_links() and not emulated.state_dir().exists()
     assert not emulated.down()  # nothing left to remove
+
+
+_BUSY = "import time\nstart = time.time()\nwhile time.time() - start < {seconds}: pass\nprint(time.process_time())"
+
+
+@pytest.mark.timeout(180)
+def test_cpus_per_host_limits_each_host_and_its_ranks_read_the_limit(scratch_cluster):
+    from hybrid_ext.comm.host_cores import cpu_cgroup
+
+    emulated.down()
+    limited = emulated.up(2, cpus_per_host=0.5)
+    assert "0.5 cores each" in emulated.describe(limited)
+    read = [sys.executable, "-c", "from hybrid_ext.comm.host_cores import usable_cores; print(usable_cores())"]
+    env = f"cd {ROOT} && PYTHONPATH={ROOT}"
+    assert _on(limited, 0, f"{env} {' '.join(read[:2])} '{read[2]}'") == "0.5"
+    # ranks that a launcher starts over ssh land in the host's group too (sshd runs in it)
+    assert _on(limited, 1, f"ssh node0 \"{env} {read[0]} -c '{read[2]}'\"") == "0.5"
+    # two busy processes on node0 share half a core between them; node1 is not limited by them
+    seconds = 2.0
+    busy = [limited.popen(0, [sys.executable, "-c", _BUSY.format(seconds=seconds)], stdout=subprocess.PIPE, text=True)]
+    busy.append(
+        limited.popen(0, [sys.executable, "-c", _BUSY.format(seconds=seconds)], stdout=subprocess.PIPE, text=True)
+    )
+    cpu = sum(float(p.communicate(timeout=60)[0]) for p in busy)
+    assert cpu < 0.5 * seconds * 1.3, f"node0's two processes used {cpu:.2f} CPU seconds in {seconds} s at 0.5 cores"
+    groups = cpu_cgroup()[0]
+    assert sorted(g.name for g in groups.glob(f"{emulated.NAME_PREFIX}*")) == ["hxc-node0", "hxc-node1"]
+    assert emulated.down()
+    assert not list(groups.glob(f"{emulated.NAME_PREFIX}*")), "down left the hosts' cgroups"

@@ -155,11 +155,11 @@ def test_ranks_whose_hosts_saved_different_links_price_them_alike(monkeypatch):
 def test_the_ranks_price_messages_at_the_most_shared_hosts_cores(monkeypatch):
     """Three ranks of one thread on a host of 2 cores and one on another: every rank prices a message's CPU work at
     1.5 ranks per core, with no core idle for it; ranks on a GPU compute there, so their cores are not busy."""
-    from hybrid_ext.comm import Communicator, cost_model
+    from hybrid_ext.comm import Communicator, host_cores
     from hybrid_ext.comm.transports.loopback import run_ranks
     from hybrid_ext.parallel.auto_plan import agree_on_sharing, links_of
 
-    monkeypatch.setattr(cost_model, "usable_cores", lambda: 2)
+    monkeypatch.setattr(host_cores, "usable_cores", lambda: 2)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
 
     def rank(transport):

@@ -30,7 +30,8 @@ import time
 import numpy as np
 import torch
 
-from hybrid_ext.comm.cost_model import DIRECT, usable_cores
+from hybrid_ext.comm.cost_model import DIRECT
+from hybrid_ext.comm.host_cores import usable_cores
 from hybrid_ext.comm.transports.contract import PeerError
 from hybrid_ext.comm.transports.shm_kernels import DTYPE_CODES, OP_CODES, Group, kernels
 
