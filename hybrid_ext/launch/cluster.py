@@ -380,7 +380,10 @@ def _build(hosts: int, nic: str | None, burst: int | None, cpus_per_host: float 
     _ip("link", "set", BRIDGE, "up")
     (directory / "keeper.py").write_text(_KEEPER)
     keepers = []
-    cgroups = {name: str(cpu_quota.create(_netns(name), cpus_per_host)) for name in names} if cpus_per_host else {}
+    try:
+        cgroups = {name: str(cpu_quota.create(_netns(name), cpus_per_host)) for name in names} if cpus_per_host else {}
+    except OSError as exc:
+        raise ClusterUnavailable(f"--cpus-per-host {cpus_per_host:g}: {exc}") from None
     if cpus_per_host:
         (directory / "cgroup-mounts").write_text("".join(f"{' '.join(m)}\n" for m in cpu_quota.mounts()))
     for i, (name, address) in enumerate(zip(names, addresses)):

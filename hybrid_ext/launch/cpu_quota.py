@@ -45,14 +45,17 @@ def create(name: str, cores: float) -> Path:
         raise OSError(missing())
     parent, version = found
     group = parent / name
-    group.mkdir(exist_ok=True)
-    if version == 1:
-        (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
-        (group / "cpu.cfs_quota_us").write_text(str(quota_us(cores)))
-    else:
-        with contextlib.suppress(OSError):  # already delegated where the parent's own processes allow it
-            (parent / "cgroup.subtree_control").write_text("+cpu")
-        (group / "cpu.max").write_text(f"{quota_us(cores)} {PERIOD_US}")
+    try:
+        group.mkdir(exist_ok=True)
+        if version == 1:
+            (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+            (group / "cpu.cfs_quota_us").write_text(str(quota_us(cores)))
+        else:
+            with contextlib.suppress(OSError):  # already delegated where the parent's own processes allow it
+                (parent / "cgroup.subtree_control").write_text("+cpu")
+            (group / "cpu.max").write_text(f"{quota_us(cores)} {PERIOD_US}")
+    except OSError as exc:  # e.g. v2 with the cpu controller not delegated below a cgroup that holds processes
+        raise OSError(f"could not give cgroup {group} a CPU quota of {cores:g} cores: {exc}") from None
     return group / "cgroup.procs"
 
 

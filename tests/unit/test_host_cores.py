@@ -88,6 +88,13 @@ def test_v2_host_group_writes_cpu_max(tree):
     assert (tree / "job" / "cgroup.subtree_control").read_text() == "+cpu"
 
 
+def test_a_group_that_cannot_take_a_quota_is_named(tree):
+    (tree / "cgroup.controllers").write_text("cpu memory\n")
+    (tree / "job" / "hxc-node0" / "cpu.max").mkdir(parents=True)  # unwritable as a file, as an undelegated cpu.max
+    with pytest.raises(OSError, match=r"hxc-node0 a CPU quota of 0\.5 cores"):
+        cpu_quota.create("hxc-node0", 0.5)
+
+
 @pytest.mark.parametrize("cores", [0, -1, float("nan")])
 def test_a_quota_of_no_cores_is_refused(cores):
     with pytest.raises(ValueError, match="--cpus-per-host"):
