@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="predicted step time of dp / hybrid / mp on one model, from per-layer times and the plan's bytes",
         description="Predict one training step per strategy: compute per layer, bytes per rank, exposed communication.",
     )
-    plan_command.add_arguments(plan, positive_int)
+    plan_command.add_arguments(plan, positive_int, positive_float)
     plan.set_defaults(handler=_cmd_plan)
 
     install = commands.add_parser(

@@ -55,7 +55,7 @@ def build_planned_model(spec: str):
     return model
 
 
-def add_arguments(parser: argparse.ArgumentParser, positive_int) -> None:
+def add_arguments(parser: argparse.ArgumentParser, positive_int, positive_float) -> None:
     from hybrid_ext.train.device import add_device_argument
 
     parser.add_argument(
@@ -88,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser, positive_int) -> None:
     parser.add_argument("--profile-steps", type=positive_int, default=3, help="timed runs per layer (default: 3)")
     parser.add_argument(
         "--cores",
-        type=_positive_float,
+        type=positive_float,
         help="CPU cores per host the ranks share (default: those this process may use, its affinity and CPU quota, "
         "as the ranks count them; cpu only; may be a fraction, as `hybrid-ext cluster up --cpus-per-host` gives)",
     )
@@ -185,16 +185,6 @@ def _strategy_list(text: str) -> tuple[str, ...]:
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"expected some of {','.join(STRATEGIES)}, comma-separated; got {text!r}")
     return names
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
 
 
 def predictions(args: argparse.Namespace) -> tuple[dict, list]:

@@ -122,10 +122,8 @@ class Cluster:
         # -p: in the host's PID namespace (nsenter forks for it); --wd: nsenter with -m would start in /.
         inside = ["nsenter", "-t", str(host.pid), "-n", "-u", "-m", "-p", f"--wd={wd}", "--", *argv]
         # Into the host's cgroup from this mount namespace, where the cgroup files are; nsenter's child inherits it.
-        return cpu_quota.entering(self._procs(host.name), inside) if self.cpus_per_host else inside
-
-    def _procs(self, name: str) -> Path:
-        return Path(self._state()["cgroups"][name])
+        procs = self._state().get("cgroups", {}).get(host.name)
+        return cpu_quota.entering(procs, inside) if procs else inside
 
     def run(self, ref: str | int, argv: Sequence[str], **kwargs) -> subprocess.CompletedProcess:
         """``subprocess.run`` of ``argv`` inside host ``ref`` (keyword ``cwd`` is the directory there)."""
@@ -196,8 +194,9 @@ def missing_requirements(nic: str | None = None, cpus_per_host: float | None = N
             missing.append(f"`{tool}` (Debian package {package})")
     if missing:
         return missing
-    if cpus_per_host and cpu_quota.missing():
-        missing.append(f"for --cpus-per-host: {cpu_quota.missing()}")
+    no_quota = cpu_quota.missing() if cpus_per_host else None
+    if no_quota:
+        missing.append(f"for --cpus-per-host: {no_quota}")
     probe = subprocess.run(
         ["unshare", "--net", "--uts", "--mount", "--pid", "--fork", "true"], capture_output=True, text=True
     )
