@@ -92,10 +92,11 @@ def test_up_says_exactly_what_is_missing(monkeypatch):
         emulated.up(0)
 
 
-def test_tbf_burst_covers_the_rate():
-    assert emulated._tbf_burst("1gbit") == 1_250_000  # 10 ms at 125 MB/s
-    assert emulated._tbf_burst("10mbit") == 65536
-    assert emulated._tbf_burst("100mbps") == 1_000_000
+def test_tbf_burst_is_200_microseconds_of_the_rate_at_least_32_kib():
+    assert emulated._tbf_burst("10gbit") == 250_000  # 200 µs at 1.25 GB/s
+    assert emulated._tbf_burst("1gbit") == 32768  # 200 µs would be 25 kB: the floor
+    assert emulated._tbf_burst("250mbit") == 32768
+    assert emulated._tbf_burst("800mbps") == 160_000
 
 
 @pytest.fixture
@@ -109,19 +110,33 @@ def scratch_cluster(cluster_session):
     emulated.up(2)
 
 
-# One end of a TCP stream between two hosts: the receiver reads until EOF; the sender reports its rate.
-_RECEIVER = "import socket; s = socket.create_server(('{addr}', 5201)); c, _ = s.accept()\nwhile c.recv(1 << 20): pass"
+# Two ends of a TCP link between two hosts: the receiver acknowledges each length-prefixed message with one byte;
+# the sender reports the median time of a 128 KiB message after an idle spell, then its rate over a long stream.
+_RECEIVER = """
+import socket
+c, _ = socket.create_server(('{addr}', 5201)).accept()
+while (head := c.recv(8, socket.MSG_WAITALL)):
+    left = int.from_bytes(head, 'little')
+    while left:
+        left -= len(c.recv(min(left, 1 << 20)))
+    c.sendall(b'k')
+"""
 _SENDER = """
-import socket, time
+import socket, statistics, time
 for _ in range(100):
     try:
         c = socket.create_connection(('{addr}', 5201)); break
     except OSError:
         time.sleep(0.05)
-data = b'x' * (1 << 20); start = time.perf_counter()
-for _ in range({mib}):
-    c.sendall(data)
-c.shutdown(socket.SHUT_WR); c.recv(1); print(({mib} << 23) / (time.perf_counter() - start))
+def exchange(size):
+    start = time.perf_counter(); c.sendall(size.to_bytes(8, 'little') + b'x' * size); c.recv(1)
+    return time.perf_counter() - start
+exchange(1 << 20)
+short = []
+for _ in range(3):
+    time.sleep(0.2)  # the link idles: tbf's bucket refills
+    short.append(exchange(128 << 10))
+print(statistics.median(short), ({mib} << 23) / exchange({mib} << 20))
 """
 
 
@@ -139,13 +154,16 @@ def test_a_crashed_cluster_leaves_nothing_up_trips_on_and_nic_shapes_egress(scra
         sender = _SENDER.format(addr=shaped.hosts[0].address, mib=6)
         done = shaped.run(1, [sys.executable, "-c", sender], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
-        rate = float(done.stdout)
+        short, rate = map(float, done.stdout.split())
     finally:
         receiver.kill()
         receiver.wait()
     sent = shaped.traffic(1)["tx_bytes"] - before["tx_bytes"]
     assert sent >= 6 << 20  # the stream left node1 through its interface on the bridge
     assert 20e6 < rate < 1.2e8, f"{rate / 1e6:.1f} Mbit/s through a 100mbit tbf"
+    # Like a NIC, not a bucket: after an idle spell 128 KiB still waits for the rate (10.5 ms at 100 Mbit/s; tbf's
+    # burst lets 32 KiB pass at once). A burst of 10 ms of the rate, as before, sent it in 1.2 ms.
+    assert short > 0.6 * (128 << 13) / 100e6, f"128 KiB in {short * 1e3:.2f} ms through a 100mbit tbf"
     assert emulated.down()
     assert not emulated._list_netns() and not emulated._list_links() and not emulated.state_dir().exists()
     assert not emulated.down()  # nothing left to remove
