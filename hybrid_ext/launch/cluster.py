@@ -598,14 +598,16 @@ def rate_bytes_per_second(rate: str) -> float:
 
 
 def _tbf_burst(rate: str) -> int:
-    """Bytes of burst for tbf at ``rate``: 200 µs worth, at least 32 KiB.
+    """Bytes of burst for tbf at ``rate``: 200 µs worth, at least 72 KiB.
 
     A NIC sends nothing faster than its rate; tbf lets ``burst`` bytes through at once after an idle spell, so a
-    large burst makes short exchanges free (10 ms of it hid half of a model's collectives at 250 Mbit/s). The
-    qdisc's timer is a high-resolution one, so tbf still holds the rate over long transfers with 32 KiB
-    (docs/multi-host.md has the measurement); below that it splits every 64 KiB segment into more, at a cost.
+    large burst makes short exchanges free (10 ms of it hid half of a model's collectives at 250 Mbit/s). The floor
+    is one full GSO segment as the qdisc counts it (64 KiB and its packets' headers, about 68.4 kB): tbf splits a
+    segment larger than its burst into packets in software, which cost the hosts 13× the CPU per byte (8.9 against
+    0.6 ns at 1 Gbit/s, 64 against 72 KiB). The qdisc's timer is a high-resolution one, so the small burst still
+    holds the rate over long transfers (docs/multi-host.md has both measurements).
     """
-    return max(int(rate_bytes_per_second(rate) * 200e-6), 32768)
+    return max(int(rate_bytes_per_second(rate) * 200e-6), 73728)
 
 
 # ------------------------------------------------------------------ the command line

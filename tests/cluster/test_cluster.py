@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from hybrid_ext.bench import link_cpu
 from hybrid_ext.launch import cluster as emulated
 
 from helpers import ROOT
@@ -92,11 +93,11 @@ def test_up_says_exactly_what_is_missing(monkeypatch):
         emulated.up(0)
 
 
-def test_tbf_burst_is_200_microseconds_of_the_rate_at_least_32_kib():
+def test_tbf_burst_is_200_microseconds_of_the_rate_and_at_least_one_gso_segment():
     assert emulated._tbf_burst("10gbit") == 250_000  # 200 µs at 1.25 GB/s
-    assert emulated._tbf_burst("1gbit") == 32768  # 200 µs would be 25 kB: the floor
-    assert emulated._tbf_burst("250mbit") == 32768
-    assert emulated._tbf_burst("800mbps") == 160_000
+    assert emulated._tbf_burst("1gbit") == 73728  # 200 µs would be 25 kB: the floor
+    assert emulated._tbf_burst("250mbit") == 73728
+    assert emulated._tbf_burst("3200mbps") == 640_000
 
 
 @pytest.fixture
@@ -111,7 +112,7 @@ def scratch_cluster(cluster_session):
 
 
 # Two ends of a TCP link between two hosts: the receiver acknowledges each length-prefixed message with one byte;
-# the sender reports the median time of a 128 KiB message after an idle spell, then its rate over a long stream.
+# the sender reports the median time of a 1 MiB message after an idle spell, then its rate over a long stream.
 _RECEIVER = """
 import socket
 c, _ = socket.create_server(('{addr}', 5201)).accept()
@@ -135,7 +136,7 @@ exchange(1 << 20)
 short = []
 for _ in range(3):
     time.sleep(0.2)  # the link idles: tbf's bucket refills
-    short.append(exchange(128 << 10))
+    short.append(exchange(1 << 20))
 print(statistics.median(short), ({mib} << 23) / exchange({mib} << 20))
 """
 
@@ -146,12 +147,12 @@ def test_a_crashed_cluster_leaves_nothing_up_trips_on_and_nic_shapes_egress(scra
         os.kill(host.pid, signal.SIGKILL)
     time.sleep(0.2)
     assert emulated.current() is None
-    shaped = emulated.up(2, nic="100mbit")
+    shaped = emulated.up(2, nic="1gbit")
     assert "tbf" in _on(shaped, 1, f"tc qdisc show dev {shaped.interface}")
     before = shaped.traffic(1)
     receiver = shaped.popen(0, [sys.executable, "-c", _RECEIVER.format(addr=shaped.hosts[0].address)])
     try:
-        sender = _SENDER.format(addr=shaped.hosts[0].address, mib=6)
+        sender = _SENDER.format(addr=shaped.hosts[0].address, mib=32)
         done = shaped.run(1, [sys.executable, "-c", sender], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         short, rate = map(float, done.stdout.split())
@@ -159,11 +160,14 @@ def test_a_crashed_cluster_leaves_nothing_up_trips_on_and_nic_shapes_egress(scra
         receiver.kill()
         receiver.wait()
     sent = shaped.traffic(1)["tx_bytes"] - before["tx_bytes"]
-    assert sent >= 6 << 20  # the stream left node1 through its interface on the bridge
-    assert 20e6 < rate < 1.2e8, f"{rate / 1e6:.1f} Mbit/s through a 100mbit tbf"
-    # Like a NIC, not a bucket: after an idle spell 128 KiB still waits for the rate (10.5 ms at 100 Mbit/s; tbf's
-    # burst lets 32 KiB pass at once). A burst of 10 ms of the rate, as before, sent it in 1.2 ms.
-    assert short > 0.6 * (128 << 13) / 100e6, f"128 KiB in {short * 1e3:.2f} ms through a 100mbit tbf"
+    assert sent >= 32 << 20  # the stream left node1 through its interface on the bridge
+    assert 20e6 < rate < 1.2e9, f"{rate / 1e6:.1f} Mbit/s through a 1gbit tbf"
+    # Like a NIC, not a bucket: after an idle spell 1 MiB still waits for the rate (8.4 ms at 1 Gbit/s; tbf's burst
+    # lets 72 KiB pass at once). A burst of 10 ms of the rate, as before, sent it in 2.4 ms.
+    assert short > 0.6 * (1 << 23) / 1e9, f"1 MiB in {short * 1e3:.2f} ms through a 1gbit tbf"
+    # and sends whole GSO segments: a burst under one makes tbf split each into packets, at 13× the CPU per byte
+    cpu_per_byte = link_cpu.measure(shaped, 32 << 20, repeats=1)
+    assert cpu_per_byte < 3e-9, f"{cpu_per_byte * 1e9:.1f} ns of CPU per byte sent through a 1gbit tbf"
     assert emulated.down()
     assert not emulated._list_netns() and not emulated._list_links() and not emulated.state_dir().exists()
     assert not emulated.down()  # nothing left to remove
