@@ -434,7 +434,9 @@ def _network_constants(args: argparse.Namespace):
     from hybrid_ext.comm import cost_model
     from hybrid_ext.launch.cluster import rate_bytes_per_second
 
-    return replace(cost_model.network_model(args.network), beta=1.0 / rate_bytes_per_second(args.nic))
+    return replace(
+        cost_model.network_model(args.network), beta=cost_model.beta_at_line_rate(rate_bytes_per_second(args.nic))
+    )
 
 
 def table_text(result: dict) -> str:

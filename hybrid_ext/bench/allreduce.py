@@ -452,7 +452,8 @@ def calibrate_network(
     them so too), is the time its messages to other hosts took, the slowest rank's (the row times the slowest
     rank): α·k + β·n·L for k messages and n bytes to other hosts, L ranks per host sharing the host's link. α is
     the median over the rows of at most :data:`LATENCY_ROWS_UP_TO` bytes, β the median over the larger rows, or
-    1/``bytes_per_second`` where the link's rate is known (``--nic``). γ stays the transport's: reductions run
+    the payload's at ``bytes_per_second`` on the wire where the link's rate is known (``--nic``:
+    :func:`~hybrid_ext.comm.cost_model.beta_at_line_rate`). γ stays the transport's: reductions run
     inside a host. ``cpu_per_byte``: the hosts' CPU per byte sent, measured apart (:mod:`hybrid_ext.bench.link_cpu`)."""
     from hybrid_ext.parallel.step_traffic import Links, allreduce_transfer
 
@@ -475,7 +476,7 @@ def calibrate_network(
             )
             ranks.append((near, t.network_messages, t.network_bytes * links.ranks_per_link))
         per_rank.append((row, ranks))
-    alpha, beta = known.alpha, 1.0 / bytes_per_second if bytes_per_second else known.beta
+    alpha, beta = known.alpha, cost_model.beta_at_line_rate(bytes_per_second) if bytes_per_second else known.beta
     # Each estimate leans a little on the other (a small row's few bytes, a large row's few messages), and which
     # rank is slowest on both: a few rounds settle them.
     for _ in range(NETWORK_FIT_ROUNDS):

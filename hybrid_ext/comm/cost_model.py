@@ -65,6 +65,9 @@ CHOICES = (
     "auto", "butterfly", "hierarchical", *ALGORITHMS, *(HIERARCHICAL_PREFIX + a for a in ALGORITHMS), NATIVE, DIRECT,
 )  # fmt: skip
 BUTTERFLIES = ("recursive_doubling", "rabenseifner")
+# TCP over Ethernet at MTU 1500: 1538 bytes on the wire (preamble and gap, header, check sequence) carry 1448 of
+# payload (IPv4 and TCP headers with timestamps take the rest), so a link's rate moves 6 % fewer bytes of messages.
+TCP_WIRE_BYTES_PER_PAYLOAD = 1538 / 1448
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,11 @@ def at_sharing(model: CostModel, sharing: float) -> CostModel:
         return model
     factor = max(1.0, sharing) / model.sharing
     return replace(model, beta=model.beta * factor, gamma=model.gamma * factor, sharing=max(1.0, sharing))
+
+
+def beta_at_line_rate(bytes_per_second: float) -> float:
+    """β of messages over TCP on a link of ``bytes_per_second`` on the wire (a NIC's rate, as ``--nic`` gives it)."""
+    return TCP_WIRE_BYTES_PER_PAYLOAD / bytes_per_second
 
 
 def network_model_key(network: str) -> str:

@@ -268,11 +268,11 @@ def _rows_priced_by_the_step_model(truth: CostModel, sizes, hosts: int = 2, worl
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize(("hosts", "world"), [(2, 4), (3, 6), (2, 5)])  # 5 over 2 hosts: 3 + 2, as launched
 def test_the_link_between_hosts_is_calibrated_from_the_hierarchical_rows(hosts, world):
-    truth = CostModel(alpha=700e-6, beta=8e-9, gamma=2.2e-9)
+    truth = CostModel(alpha=700e-6, beta=cost_model.beta_at_line_rate(125e6), gamma=2.2e-9)  # 1 Gbit/s of TCP
     rows = _rows_priced_by_the_step_model(truth, (8, 1 << 10, 1 << 14, 1 << 20, 1 << 22), hosts, world)
     rows.append(bench.BenchRow(1 << 20, "native", world, 1.0, 0, 0, 1.0, "gloo", hosts=hosts))
     # The link's rate known (--nic): α from the small rows; not known: β from the large ones too.
-    shaped = bench.calibrate_network(rows, "shm+torch-gloo", bytes_per_second=1 / truth.beta)
+    shaped = bench.calibrate_network(rows, "shm+torch-gloo", bytes_per_second=125e6)
     assert (shaped.alpha, shaped.beta) == (pytest.approx(truth.alpha, rel=1e-6), pytest.approx(truth.beta))
     fitted = bench.calibrate_network(rows, "shm+torch-gloo")
     assert fitted.alpha == pytest.approx(truth.alpha, rel=1e-6)
@@ -295,13 +295,13 @@ def test_the_link_between_hosts_is_saved_apart_from_its_transport_and_used():
     from hybrid_ext.comm import choose
     from hybrid_ext.comm.topology import Topology
 
-    truth = CostModel(alpha=2e-3, beta=8e-9, gamma=2.2e-9)
+    truth = CostModel(alpha=2e-3, beta=cost_model.beta_at_line_rate(125e6), gamma=2.2e-9)
     rows = _rows_priced_by_the_step_model(truth, (8, 1 << 12, 1 << 16, 1 << 20, 1 << 22))
     rows += [bench.BenchRow(r.size_bytes, "rabenseifner", 4, r.median_ms, 0, 0, None, "rabenseifner", hosts=2)
              for r in rows]  # fmt: skip
     one_host_gloo = cost_model.default_model("torch-gloo")
     said = bench.save_calibrations(rows, "shm+torch-gloo", "gloo", bytes_per_second=125e6, link_cpu_per_byte=0.9e-9)
-    line = "between hosts: α=2000.0 µs, β=8.000 ns/B (the link's rate), the hosts' CPU 0.900 ns/B"
+    line = "between hosts: α=2000.0 µs, β=8.497 ns/B (the link's rate), the hosts' CPU 0.900 ns/B"
     assert any(line in said_line for said_line in said), said
     fitted = cost_model.network_model("torch-gloo")
     assert (fitted.alpha, fitted.beta, fitted.gamma) == pytest.approx((truth.alpha, truth.beta, truth.gamma))
@@ -313,3 +313,8 @@ def test_the_link_between_hosts_is_saved_apart_from_its_transport_and_used():
     between = truth.predict("recursive_doubling", 512, 2)
     within = cost_model.default_model("shm").predict("ring", 1024, 2)
     assert choose.predicted("hierarchical/recursive_doubling", 1024, topology) == pytest.approx(within + between)
+
+
+def test_a_line_rate_carries_the_tcp_payload_that_iperf_shows_on_gigabit_ethernet():
+    payload_bits_per_second = 8 / cost_model.beta_at_line_rate(1e9 / 8)
+    assert payload_bits_per_second == pytest.approx(941.5e6, rel=1e-3)  # iperf's 941 Mbit/s over 1 Gbit/s
