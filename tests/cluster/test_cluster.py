@@ -111,34 +111,9 @@ def scratch_cluster(cluster_session):
     emulated.up(2)
 
 
-# Two ends of a TCP link between two hosts: the receiver acknowledges each length-prefixed message with one byte;
-# the sender reports the median time of a 1 MiB message after an idle spell, then its rate over a long stream.
-_RECEIVER = """
-import socket
-c, _ = socket.create_server(('{addr}', 5201)).accept()
-while (head := c.recv(8, socket.MSG_WAITALL)):
-    left = int.from_bytes(head, 'little')
-    while left:
-        left -= len(c.recv(min(left, 1 << 20)))
-    c.sendall(b'k')
-"""
-_SENDER = """
-import socket, statistics, time
-for _ in range(100):
-    try:
-        c = socket.create_connection(('{addr}', 5201)); break
-    except OSError:
-        time.sleep(0.05)
-def exchange(size):
-    start = time.perf_counter(); c.sendall(size.to_bytes(8, 'little') + b'x' * size); c.recv(1)
-    return time.perf_counter() - start
-exchange(1 << 20)
-short = []
-for _ in range(3):
-    time.sleep(0.2)  # the link idles: tbf's bucket refills
-    short.append(exchange(1 << 20))
-print(statistics.median(short), ({mib} << 23) / exchange({mib} << 20))
-"""
+# One message at a time between two hosts, each acknowledged, after an idle spell (median of 3 per size; the
+# 32 MiB row is the link's rate over a long stream).
+_LINK_PROBE = [sys.executable, str(ROOT / "benchmarks" / "link_probe.py")]
 
 
 @pytest.mark.timeout(180)
@@ -150,12 +125,15 @@ def test_a_crashed_cluster_leaves_nothing_up_trips_on_and_nic_shapes_egress(scra
     shaped = emulated.up(2, nic="1gbit")
     assert "tbf" in _on(shaped, 1, f"tc qdisc show dev {shaped.interface}")
     before = shaped.traffic(1)
-    receiver = shaped.popen(0, [sys.executable, "-c", _RECEIVER.format(addr=shaped.hosts[0].address)])
+    address = shaped.hosts[0].address
+    receiver = shaped.popen(0, [*_LINK_PROBE, "serve", address])
     try:
-        sender = _SENDER.format(addr=shaped.hosts[0].address, mib=32)
-        done = shaped.run(1, [sys.executable, "-c", sender], capture_output=True, text=True, timeout=60)
+        probe = [*_LINK_PROBE, "send", address, "--idle", "0.2", "--tries", "3"]
+        done = shaped.run(1, probe, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
-        short, rate = map(float, done.stdout.split())
+        rows = {int(kib): (float(ms), float(mbit)) for kib, ms, mbit in (line.split() for line in
+                done.stdout.splitlines()[1:])}  # fmt: skip
+        short, rate = rows[1024][0] / 1e3, rows[32768][1] * 1e6
     finally:
         receiver.kill()
         receiver.wait()
