@@ -41,9 +41,12 @@ Step, per rank:
   e_k = s_k + c_k; what reaches past backward is exposed: E = max(0, e_last − T_b). Where the ranks' compute
   keeps every core of a CPU host busy (R·t ≥ C), a bucket's own CPU work (its copies and reductions: the α, β, γ
   terms inside a host and every γ term) finds no idle core to run on while backward runs: it is exposed whole, and
-  only its time on the network's wire overlaps backward — less the hosts' CPU for moving those bytes (the link's
-  κ per byte sent, :mod:`hybrid_ext.bench.link_cpu`), which the busy cores lose for the share of the wire time
-  that falls before backward ends: κ·σ_c·n_net·min(1, (T_b − s_k)/wire_k);
+  its network stages, which that work feeds (a hierarchical all-reduce reduces inside the host before it sends),
+  start when backward ends: s_k = max(r_k, e_{k−1}, T_b) — nothing overlaps backward (measured across emulated
+  hosts: ResNet-18's dp at 2 × 2 took the whole wire time more than on one host);
+- a bucket's time on a link is at least the hosts' CPU to move its bytes: max(β·n_net·R_link, κ·σ_c·n_net), κ the
+  link's CPU per byte sent (:mod:`hybrid_ext.bench.link_cpu`; binds on links faster than the kernel, 100 Gbit/s
+  is 0.085 ns per byte against κ ≈ 0.7 measured here);
 - a layer's exchange in backward whose bytes cross hosts while a bucket's are on the link (a convolution split
   under hybrid runs backward after later layers' buckets were launched) shares the link with it: for the time
   they overlap, capped at the exchange's own β·n on the link, each moves at half its rate, so the layer and the
@@ -207,7 +210,10 @@ def transfer_split(
     near_messages = transfer.messages - transfer.network_messages
     near_bytes = transfer.bytes_sent - transfer.network_bytes
     cpu = local.alpha * near_messages + local.beta * near_bytes + local.gamma * transfer.bytes_reduced
-    return cpu, network.alpha * transfer.network_messages + link_bytes_s(transfer, links, constants, network_constants)
+    on_link = link_bytes_s(transfer, links, constants, network_constants)
+    # The hosts' kernels move the bytes: on a link faster than they are, the link waits for them.
+    moving = link_cpu_s(transfer, links, constants, network_constants) * (1.0 if cpu_sharing is None else cpu_sharing)
+    return cpu, network.alpha * transfer.network_messages + max(on_link, moving)
 
 
 def link_bytes_s(
@@ -362,12 +368,10 @@ def _predict_rank(
             start = max(ready, previous_end)
             cpu, wire = split[id(transfer)]
             wire += delays.get(id(transfer), 0.0)
-            if cores_busy:  # its copies and reductions wait for a core: only its time on the wire can hide
+            if cores_busy:  # its copies and reductions, which feed its network stages, wait for backward to end
                 unhidden += cpu
                 cpu = 0.0
-                if wire > 0 and start < clock:  # moving its bytes takes the busy cores' time while backward runs
-                    kernel = link_cpu_s(transfer, links, constants, network_constants) * cpu_sharing
-                    unhidden += kernel * min(1.0, (clock - start) / wire)
+                start = max(start, clock)
             previous_end = start + cpu + wire
             out.append((transfer, ready, start, previous_end))
         return out, previous_end, unhidden

@@ -344,14 +344,16 @@ def test_busy_cores_leave_the_gradients_cpu_work_exposed():
     constants = CostModel(alpha=0.0, beta=0.05, gamma=0.0)
     step = predict_step(model, table, {}, "dp", 2, 1, B, bucket_bytes=80, constants=constants, cores_busy=True)
     assert step.exposed_gradient_s == pytest.approx(8.0) and step.step_s == pytest.approx(14.0)
-    # Between hosts the wire time still hides behind backward; only reductions (γ) are CPU work then.
+    # Between hosts too: the copies and reductions feed the network stages, so with no idle core for them the wire
+    # waits for backward to end at 4 s (2 of the 8 s hidden with a core to spare, none with every core computing).
     links = Links("shm", hosts=(0, 1))
     wire = CostModel(alpha=0.0, beta=0.05, gamma=0.0)
     calm = predict_step(model, table, {}, "dp", 2, 1, B, bucket_bytes=80, links=links, network_constants=wire,
                         constants=CostModel(0, 0, 0))  # fmt: skip
     busy = predict_step(model, table, {}, "dp", 2, 1, B, bucket_bytes=80, links=links, network_constants=wire,
                         constants=CostModel(0, 0, 0), cores_busy=True)  # fmt: skip
-    assert busy.exposed_gradient_s == pytest.approx(calm.exposed_gradient_s) == pytest.approx(6.0)
+    assert calm.exposed_gradient_s == pytest.approx(6.0) and busy.exposed_gradient_s == pytest.approx(8.0)
+    assert [(b.start_s, b.end_s) for b in busy.buckets] == [pytest.approx((4.0, 8.0)), pytest.approx((8.0, 12.0))]
 
 
 def test_the_messages_cpu_work_is_priced_at_the_ranks_sharing_of_the_cores():
@@ -381,27 +383,27 @@ def test_the_messages_cpu_work_is_priced_at_the_ranks_sharing_of_the_cores():
     assert [b.seconds for b in step.buckets] == [pytest.approx(0.05 * b.transfer.network_bytes) for b in step.buckets]
 
 
-def test_busy_cores_lose_the_links_cpu_while_backward_runs():
-    """Two hosts, one rank each, every core busy, σ = 1.5: each layer's backward 3 s, so layer 1 is done at 3 s and
-    layer 0 at 6 s. Bucket 0 (layer 1, 80 bytes to the other host, 4 s on the wire) runs 3–7 s, 3 s of it before
-    backward ends; bucket 1 runs 7–11 s, after it. Moving a byte costs the hosts κ = 1 ms of CPU: bucket 0 costs
-    κ·σ·80·(3/4) more, bucket 1 nothing more (the cores are idle by then)."""
+def test_a_link_waits_for_the_hosts_cpu_to_move_its_bytes():
+    """Two hosts, one rank each, σ = 1.5: each bucket sends 80 bytes to the other host, 4 s on the wire at β = 50 ms
+    per byte. Moving a byte costs the hosts κ of CPU: at κ·σ under β the bucket takes its wire time, above it
+    κ·σ·80 — busy cores or not; on one host there is no link to wait for."""
     model, table = _two_linears_table(1.0, 2.0)
     links, zero = Links("shm", hosts=(0, 1)), CostModel(0, 0, 0)
     wire = CostModel(alpha=0.0, beta=0.05, gamma=0.0)
-    kappa = replace(wire, cpu_per_byte=1e-3)
 
-    def step(network, cores_busy, links=links):
+    def step(network, cores_busy=False, links=links):
         return predict_step(model, table, {}, "dp", 2, 1, B, bucket_bytes=80, links=links, network_constants=network,
                             constants=zero, compute_scale=1.5, cores_busy=cores_busy)  # fmt: skip
 
-    without, busy = step(wire, True), step(kappa, True)
-    assert [(b.start_s, b.end_s) for b in busy.buckets] == [pytest.approx((3.0, 7.0)), pytest.approx((7.0, 11.0))]
-    assert [b.transfer.network_bytes for b in busy.buckets] == [80, 80]
-    assert busy.exposed_gradient_s - without.exposed_gradient_s == pytest.approx(1e-3 * 1.5 * 80 * 3 / 4)
-    # Cores to spare, or one host: the link's CPU costs the step nothing.
-    assert step(kappa, False).step_s == pytest.approx(step(wire, False).step_s)
-    assert step(kappa, True, Links("shm")).step_s == pytest.approx(step(wire, True, Links("shm")).step_s)
+    assert [b.transfer.network_bytes for b in step(wire).buckets] == [80, 80]
+    slow_kernel = replace(wire, cpu_per_byte=0.1)  # 0.15 s a byte at σ = 1.5
+    for cores_busy in (False, True):
+        assert [b.seconds for b in step(replace(wire, cpu_per_byte=0.01), cores_busy).buckets] == [
+            pytest.approx(4.0)
+        ] * 2
+        assert [b.seconds for b in step(slow_kernel, cores_busy).buckets] == [pytest.approx(0.1 * 1.5 * 80)] * 2
+    one_host = Links("shm")
+    assert step(slow_kernel, True, one_host).step_s == pytest.approx(step(wire, True, one_host).step_s)
 
 
 def test_the_ranks_of_a_host_share_its_link():
@@ -608,7 +610,7 @@ def _heavy_conv_steps(links: Links):
     styles = {"5": "channel"}
     link = CostModel(alpha=50e-6, beta=32e-9, gamma=0.4e-9)  # 250 Mbit/s
     step = predict_step(model, table, styles, "hybrid", 4, 4, 4, bucket_bytes=1, links=links,
-                        network_constants=link, cores_busy=True)  # fmt: skip
+                        network_constants=link)  # fmt: skip
     return step, link
 
 
