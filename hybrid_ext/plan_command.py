@@ -535,6 +535,12 @@ def compare(result: dict, measured_rows: list[dict], grad_algorithm: str) -> dic
     fastest = min(at_mp_size, key=at_mp_size.get)
     # As two strategies are: tied with the fastest (being another row) where their repeats' ranges overlap.
     auto_tied = auto_key != fastest and _overlap(ranges.get(auto_key), ranges.get(fastest))
+    # The prediction of auto's plan is checked only where the measured run trained that plan in every repeat.
+    if auto_row is not None:
+        same_plan = set(auto_row.get("chose_runs") or [auto_row.get("chose")]) == {auto.get("plan")}
+    else:
+        same_plan = auto_key is not None
+    auto_error = (auto["step_ms"] - auto_ms) / auto_ms if auto_ms is not None and same_plan else None
     return {
         "rows": [
             {"strategy": s, "predicted_ms": predicted[s], "measured_ms": measured[s], "error": errors[s]}
@@ -551,6 +557,8 @@ def compare(result: dict, measured_rows: list[dict], grad_algorithm: str) -> dic
         "auto_over_fastest": auto_ms / at_mp_size[fastest] if auto_ms is not None else None,
         "auto_tied_with_fastest": auto_tied,
         "auto_run_chose": auto_row.get("chose") if auto_row else None,
+        "auto_predicted_ms": auto["step_ms"],
+        "auto_error": auto_error,  # None where the measured run trained another plan (or none)
         # each repeat of an auto run profiles and decides anew: its median may mix plans
         "auto_run_choices_differ": bool(auto_row) and len(set(auto_row.get("chose_runs") or [])) > 1,
     }
@@ -574,6 +582,11 @@ def comparison_text(comparison: dict) -> str:
         f"{'right' if comparison['ranking_right'] else 'WRONG'}{ties}; auto chose {comparison['auto_chose']}"
         + (f", measured {auto:.3f}× the fastest" if auto is not None else " (not measured)")
         + (" (their repeats overlap: tied)" if comparison.get("auto_tied_with_fastest") else "")
+        + (
+            f", predicted {comparison['auto_predicted_ms']:.1f} ms: {comparison['auto_error']:+.1%}"
+            if comparison.get("auto_error") is not None
+            else ""
+        )
         + (f"; bench train's auto run chose {comparison['auto_run_chose']}" if comparison.get("auto_run_chose") else "")
         + (" (its repeats chose differently)" if comparison.get("auto_run_choices_differ") else "")
     )

@@ -8,7 +8,7 @@ import argparse
 import pytest
 
 from hybrid_ext.bench import train
-from hybrid_ext.plan_command import compare
+from hybrid_ext.plan_command import compare, comparison_text
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -186,8 +186,20 @@ def test_auto_that_split_only_some_layers_is_measured_by_its_own_run_only():
     result = compare(plan, rows, "butterfly")
     assert result["auto_measured_ms"] == 240.0 and result["auto_over_fastest"] == 1.0
     assert result["auto_run_chose"] == "what ranks chose" and not result["auto_run_choices_differ"]
+    assert result["auto_error"] is None  # the ranks trained another plan than this one predicts
     auto_row["chose_runs"] = ["what ranks chose", "something else"]  # each repeat decides anew
     assert compare(plan, rows, "butterfly")["auto_run_choices_differ"]
+    # the ranks trained auto's own plan in every repeat: its prediction is checked against their step
+    predicted_plan = plan["strategies"][-1]["plan"]
+    same = {**auto_row, "chose": predicted_plan, "chose_runs": [predicted_plan] * 2}
+    result = compare(plan, [*_rows(None), same], "butterfly")
+    auto_ms = plan["strategies"][-1]["step_ms"]
+    assert result["auto_predicted_ms"] == auto_ms and result["auto_error"] == pytest.approx((auto_ms - 240) / 240)
+    assert f"predicted {auto_ms:.1f} ms" in comparison_text(result)
+    assert (
+        compare(plan, [*_rows(None), {**same, "chose_runs": [predicted_plan, "other"]}], "butterfly")["auto_error"]
+        is None
+    )
     with pytest.raises(ValueError, match="more than one auto run"):
         compare(plan, [*rows, {**auto_row, "run": "auto-butterfly@2", "mp_size": 2}], "butterfly")
     assert [r["strategy"] for r in result["rows"]] == ["dp", "hybrid", "mp"]  # auto is not a strategy's row
