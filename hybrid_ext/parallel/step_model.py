@@ -194,8 +194,9 @@ def transfer_split(
     cpu_sharing: float | None = None,
 ) -> tuple[float, float]:
     """(seconds of the rank's own CPU work, seconds on the wire between hosts) of one transfer: α·k + β·n + γ·u (see
-    the module docstring), the messages to other hosts priced by the network's constants — on the wire —, the rest
-    and every reduction by the transport's inside a host — CPU work. ``constants``: one set for every message;
+    the module docstring), the messages to other hosts priced by the network's constants — on the wire, and never
+    faster than the hosts' CPU moves their bytes (κ·σ_c per byte) —, the rest and every reduction by the
+    transport's inside a host — CPU work. ``constants``: one set for every message;
     ``network_constants``: the set for messages to other hosts (a link's measured rate, say); ``cpu_sharing``: ranks
     × threads per core on a host (None: the constants as measured)."""
     network = _link_constants(transfer, constants, network_constants)
