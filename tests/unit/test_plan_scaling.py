@@ -131,9 +131,40 @@ KEPT_CASES = [
 ]
 
 
+KEPT_AUTO_RUNS = [  # the ranks' auto measured again beside the fastest fixed strategies: (folder, model)
+    (folder, path.name.removesuffix(f"-{suffix}-auto.json"))
+    for folder, (suffix, _) in sorted(KEPT_LAYOUTS.items())
+    for path in sorted((KEPT / folder).glob(f"*-{suffix}-auto.json"))
+]
+
+
 def test_every_kept_validation_is_checked():
     assert sorted(p.name for p in KEPT.iterdir() if p.is_dir()) == sorted(KEPT_LAYOUTS)
     assert len(KEPT_CASES) == 4 + 4 + 3 + 3
+    assert len(KEPT_AUTO_RUNS) == 4 + 3
+
+
+@pytest.mark.parametrize(("folder", "model"), KEPT_AUTO_RUNS)
+def test_the_kept_auto_runs_compare_against_their_own_fixed_runs(folder, model, tmp_path, monkeypatch):
+    """benchmarks/validation/*/M-*-auto.json: auto as the ranks chose it, with the fastest fixed strategies of the
+    same hour: compared with the folder's layer file and link, auto measured against the fastest of that file."""
+    from hybrid_ext.comm import cost_model
+
+    kept = KEPT / folder
+    suffix, layout = KEPT_LAYOUTS[folder]
+    monkeypatch.setenv("HYBRID_EXT_COST_MODEL", str(next(kept.glob("link-*.json"))))
+    monkeypatch.setattr(cost_model, "_models", None)
+    measured = kept / f"{model}-{suffix}-auto.json"
+    planned = tmp_path / "plan.json"
+    assert main(["plan", "--model", model, *layout, "--micro-batch", "16", "--size", "64", "--device", "cpu",
+                 "--calibration", str(kept / f"{model}-cal.json"), "--compare", str(measured),
+                 "--json", str(planned)]) == 0  # fmt: skip
+    comparison = json.loads(planned.read_text())["comparison"]
+    rows = json.loads(measured.read_text())
+    fastest = min(float(r["step_ms"]) for r in rows)
+    auto = next(r for r in rows if r["run"] == "auto-butterfly")
+    assert comparison["auto_run_chose"] == auto["chose"] and len(auto["step_ms_runs"]) == 3
+    assert comparison["auto_over_fastest"] == pytest.approx(float(auto["step_ms"]) / fastest)
 
 
 @pytest.mark.parametrize(("folder", "model"), KEPT_CASES)
