@@ -332,6 +332,28 @@ class Communicator:
         return self._block_counts(rows, device)
 
     # ---------------------------------------------------------------- run on the ordered thread
+    def median_over_ranks(self, values: Sequence[float], *, name: str | None = None) -> list[float]:
+        """The element-wise median of ``values`` over the group (float64; the mean of the middle two for an even
+        group), the same on every rank, after earlier collectives.
+
+        Args:
+            values (sequence of float): of the same length on every rank.
+            name (str or None): compared across ranks in check mode.
+
+        Returns:
+            list[float]: the medians.
+
+        Raises:
+            PeerError, CollectiveMismatchError: as for :meth:`allreduce`.
+        """
+
+        def job() -> list[float]:
+            row = torch.tensor([list(values)], dtype=torch.float64, device=self.device)
+            every = self._allgather_now(row, (1,) * self.size, "auto", name)
+            return torch.quantile(every, 0.5, dim=0).cpu().tolist()
+
+        return self._ordered(job, False)
+
     def check_consistency(
         self, collective: str, op: str, tensors: Sequence[torch.Tensor], name: str | None = None
     ) -> None:

@@ -205,18 +205,18 @@ def test_auto_writes_the_times_its_ranks_agreed_on_and_they_predict_the_same_cho
 
 
 def test_the_ranks_agree_on_every_time_the_table_holds():
-    """agree_on_times takes the maximum over the ranks of every time of every record and of the table, those a newer
+    """agree_on_times takes the median over the ranks of every time of every record and of the table, those a newer
     calibration format adds included (a field left out would be each rank's own: plans that differ)."""
     from dataclasses import fields
 
     from hybrid_ext.parallel.auto_plan import agree_on_times
     from hybrid_ext.parallel.layer_profile import LayerRecord, LayerTable
 
-    class OtherRankSlower:  # a world of two whose other rank measured every time 1 s longer
+    class OtherRankSlower:  # a world of two whose other rank measured every time 2 s longer
         def row_counts(self, count, device, name):
             return [count, count]
 
-        def max_over_ranks(self, values, name):
+        def median_over_ranks(self, values, name):
             return [v + 1.0 for v in values]
 
     table = layer_shapes(small_cnn(), torch.randn(1, 3, 16, 16))

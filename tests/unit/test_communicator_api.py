@@ -39,7 +39,9 @@ def _collectives(transport, async_op: bool) -> dict:
     rows = torch.ones(sum(counts), 3) * (rank + 1)
     scattered = done(comm.reduce_scatter(rows, counts=counts, name="test scatter", async_op=async_op))
     maxima = comm.max_over_ranks([float(rank), -float(rank)], name="test max")
-    return {"x": x, "counts": counts, "gathered": gathered, "known": known, "scattered": scattered, "max": maxima}
+    medians = comm.median_over_ranks([float(rank), float(rank * rank)], name="test median")
+    return {"x": x, "counts": counts, "gathered": gathered, "known": known, "scattered": scattered, "max": maxima,
+            "median": medians}  # fmt: skip
 
 
 @pytest.mark.parametrize("async_op", [False, True])
@@ -54,6 +56,7 @@ def test_the_collectives_give_every_rank_its_result_blocking_and_async(size, asy
         assert torch.equal(out["gathered"], every_row) and torch.equal(out["known"], every_row)
         assert torch.equal(out["scattered"], torch.full((rank + 1, 3), float(total)))
         assert out["max"] == [float(size - 1), 0.0]
+        assert out["median"] == [(size - 1) / 2, 1.0 if size == 3 else 0.0]  # of 0, 1, 4: 1 (their mean is 5/3)
 
 
 def _composite(transport) -> tuple:
