@@ -131,30 +131,30 @@ KEPT_CASES = [
 ]
 
 
-KEPT_AUTO_RUNS = [  # the ranks' auto measured again beside the fastest fixed strategies: (folder, model)
-    (folder, path.name.removesuffix(f"-{suffix}-auto.json"))
+KEPT_AUTO_RUNS = [  # the ranks' auto measured again beside the fastest fixed strategies: (folder, model, file)
+    (folder, path.name.partition(f"-{suffix}-auto")[0], path.name)
     for folder, (suffix, _) in sorted(KEPT_LAYOUTS.items())
-    for path in sorted((KEPT / folder).glob(f"*-{suffix}-auto.json"))
+    for path in sorted((KEPT / folder).glob(f"*-{suffix}-auto*.json"))
 ]
 
 
 def test_every_kept_validation_is_checked():
     assert sorted(p.name for p in KEPT.iterdir() if p.is_dir()) == sorted(KEPT_LAYOUTS)
     assert len(KEPT_CASES) == 4 + 4 + 3 + 3
-    assert len(KEPT_AUTO_RUNS) == 4 + 3
+    assert len(KEPT_AUTO_RUNS) == 4 + 3 + 3  # + the medians' runs at 2 × 2
 
 
-@pytest.mark.parametrize(("folder", "model"), KEPT_AUTO_RUNS)
-def test_the_kept_auto_runs_compare_against_their_own_fixed_runs(folder, model, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("folder", "model", "name"), KEPT_AUTO_RUNS)
+def test_the_kept_auto_runs_compare_against_their_own_fixed_runs(folder, model, name, tmp_path, monkeypatch):
     """benchmarks/validation/*/M-*-auto.json: auto as the ranks chose it, with the fastest fixed strategies of the
     same hour: compared with the folder's layer file and link, auto measured against the fastest of that file."""
     from hybrid_ext.comm import cost_model
 
     kept = KEPT / folder
-    suffix, layout = KEPT_LAYOUTS[folder]
+    layout = KEPT_LAYOUTS[folder][1]
     monkeypatch.setenv("HYBRID_EXT_COST_MODEL", str(next(kept.glob("link-*.json"))))
     monkeypatch.setattr(cost_model, "_models", None)
-    measured = kept / f"{model}-{suffix}-auto.json"
+    measured = kept / name
     planned = tmp_path / "plan.json"
     assert main(["plan", "--model", model, *layout, "--micro-batch", "16", "--size", "64", "--device", "cpu",
                  "--calibration", str(kept / f"{model}-cal.json"), "--compare", str(measured),
