@@ -333,19 +333,8 @@ class Communicator:
 
     # ---------------------------------------------------------------- run on the ordered thread
     def median_over_ranks(self, values: Sequence[float], *, name: str | None = None) -> list[float]:
-        """The element-wise median of ``values`` over the group (float64; the mean of the middle two for an even
-        group), the same on every rank, after earlier collectives.
-
-        Args:
-            values (sequence of float): of the same length on every rank.
-            name (str or None): compared across ranks in check mode.
-
-        Returns:
-            list[float]: the medians.
-
-        Raises:
-            PeerError, CollectiveMismatchError: as for :meth:`allreduce`.
-        """
+        """As :meth:`max_over_ranks`, the element-wise median (the mean of the middle two for an even group): one
+        all-gather of every rank's ``values``, the same answer on every rank."""
 
         def job() -> list[float]:
             row = torch.tensor([list(values)], dtype=torch.float64, device=self.device)
