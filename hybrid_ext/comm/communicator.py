@@ -326,12 +326,6 @@ class Communicator:
 
         return self._ordered(job, False)
 
-    def _checked_row_counts(self, rows: int, device: torch.device, name: str | None) -> tuple[int, ...]:
-        if consistency.check_enabled():
-            self.check_consistency("allgather", "cat", [torch.empty(0, dtype=torch.int64, device=device)], name)
-        return self._block_counts(rows, device)
-
-    # ---------------------------------------------------------------- run on the ordered thread
     def median_over_ranks(self, values: Sequence[float], *, name: str | None = None) -> list[float]:
         """As :meth:`max_over_ranks`, the element-wise median (the mean of the middle two for an even group): one
         all-gather of every rank's ``values``, the same answer on every rank."""
@@ -343,6 +337,12 @@ class Communicator:
 
         return self._ordered(job, False)
 
+    def _checked_row_counts(self, rows: int, device: torch.device, name: str | None) -> tuple[int, ...]:
+        if consistency.check_enabled():
+            self.check_consistency("allgather", "cat", [torch.empty(0, dtype=torch.int64, device=device)], name)
+        return self._block_counts(rows, device)
+
+    # ---------------------------------------------------------------- run on the ordered thread
     def check_consistency(
         self, collective: str, op: str, tensors: Sequence[torch.Tensor], name: str | None = None
     ) -> None:
