@@ -141,7 +141,7 @@ KEPT_AUTO_RUNS = [  # the ranks' auto measured again beside the fastest fixed st
 def test_every_kept_validation_is_checked():
     assert sorted(p.name for p in KEPT.iterdir() if p.is_dir()) == sorted(KEPT_LAYOUTS)
     assert len(KEPT_CASES) == 4 + 4 + 3 + 3
-    assert len(KEPT_AUTO_RUNS) == 4 + 3 + 3  # + the medians' runs at 2 × 2
+    assert len(KEPT_AUTO_RUNS) == 4 + 3 + 3 + 3  # + the medians' runs at 2 × 2 and 3 × 2
 
 
 @pytest.mark.parametrize(("folder", "model", "name"), KEPT_AUTO_RUNS)
