@@ -144,22 +144,29 @@ def test_every_kept_validation_is_checked():
     assert len(KEPT_AUTO_RUNS) == 4 + 3 + 3 + 3  # + the medians' runs at 2 × 2 and 3 × 2
 
 
+def _plan_kept(folder: str, model: str, measured: Path, tmp_path, monkeypatch) -> dict:
+    """``hybrid-ext plan --compare measured`` of a kept folder's layout, layer file and link (where it has one), as
+    its README runs it: the ``--json`` result."""
+    from hybrid_ext.comm import cost_model
+
+    kept = KEPT / folder
+    links = sorted(kept.glob("link-*.json"))
+    if links:
+        monkeypatch.setenv("HYBRID_EXT_COST_MODEL", str(links[0]))
+        monkeypatch.setattr(cost_model, "_models", None)
+    planned = tmp_path / "plan.json"
+    assert main(["plan", "--model", model, *KEPT_LAYOUTS[folder][1], "--micro-batch", "16", "--size", "64",
+                 "--device", "cpu", "--calibration", str(kept / f"{model}-cal.json"), "--compare", str(measured),
+                 "--json", str(planned)]) == 0  # fmt: skip
+    return json.loads(planned.read_text())
+
+
 @pytest.mark.parametrize(("folder", "model", "name"), KEPT_AUTO_RUNS)
 def test_the_kept_auto_runs_compare_against_their_own_fixed_runs(folder, model, name, tmp_path, monkeypatch):
     """benchmarks/validation/*/M-*-auto.json: auto as the ranks chose it, with the fastest fixed strategies of the
     same hour: compared with the folder's layer file and link, auto measured against the fastest of that file."""
-    from hybrid_ext.comm import cost_model
-
-    kept = KEPT / folder
-    layout = KEPT_LAYOUTS[folder][1]
-    monkeypatch.setenv("HYBRID_EXT_COST_MODEL", str(next(kept.glob("link-*.json"))))
-    monkeypatch.setattr(cost_model, "_models", None)
-    measured = kept / name
-    planned = tmp_path / "plan.json"
-    assert main(["plan", "--model", model, *layout, "--micro-batch", "16", "--size", "64", "--device", "cpu",
-                 "--calibration", str(kept / f"{model}-cal.json"), "--compare", str(measured),
-                 "--json", str(planned)]) == 0  # fmt: skip
-    comparison = json.loads(planned.read_text())["comparison"]
+    measured = KEPT / folder / name
+    comparison = _plan_kept(folder, model, measured, tmp_path, monkeypatch)["comparison"]
     rows = json.loads(measured.read_text())
     fastest = min(float(r["step_ms"]) for r in rows)
     auto = next(r for r in rows if r["run"] == "auto-butterfly")
@@ -172,19 +179,9 @@ def test_the_kept_validation_inputs_still_predict_and_compare(folder, model, tmp
     """benchmarks/validation/*: the layer file still loads for its model, the link file (across hosts) as the cost
     model, and every strategy its measured file holds is compared (the numbers are the model's of the day, not
     checked here)."""
-    from hybrid_ext.comm import cost_model
-
     kept = KEPT / folder
-    suffix, layout = KEPT_LAYOUTS[folder]
     links = sorted(kept.glob("link-*.json"))
-    if links:
-        monkeypatch.setenv("HYBRID_EXT_COST_MODEL", str(links[0]))
-        monkeypatch.setattr(cost_model, "_models", None)
-    planned = tmp_path / "plan.json"
-    assert main(["plan", "--model", model, *layout, "--micro-batch", "16", "--size", "64", "--device", "cpu",
-                 "--calibration", str(kept / f"{model}-cal.json"), "--compare", str(kept / f"{model}-{suffix}.json"),
-                 "--json", str(planned)]) == 0  # fmt: skip
-    result = json.loads(planned.read_text())
+    result = _plan_kept(folder, model, kept / f"{model}-{KEPT_LAYOUTS[folder][0]}.json", tmp_path, monkeypatch)
     rows = result["comparison"]["rows"]
     assert sorted(r["strategy"] for r in rows) == ["dp", "hybrid", "mp"]
     assert all(r["measured_ms"] > 0 and r["predicted_ms"] > 0 for r in rows)
