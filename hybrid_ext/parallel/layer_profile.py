@@ -8,12 +8,16 @@ grow with the rows (reading and writing the weights: most of a large Linear laye
 
 Measurement: one training-mode forward pass of the whole model records every layer's input; each leaf is then
 timed on its own, on that input (``steps`` timed repeats after one warm-up, the median kept): forward, then
-backward of ``ones`` from its output. A leaf with parameters is timed again on its input repeated ``rows_factor``
-times; the line through the two points gives its fixed part, so a step model can scale it to the rows a strategy
-gives the layer (a sharded layer sees its group's gathered batch). A convolution a plan can split by its output
-channels is also timed as a copy holding half of them, and the line through the two gives the part a shard keeps
-whatever its share of the channels (a quarter of a convolution's channels takes more than a quarter of its time; a
-Linear's shards, timed alone, are within a few % of proportional, and are not timed).
+backward of ``ones`` from its output. Every leaf is timed again on its input repeated ``rows_factor`` times; the
+line through the two points gives its fixed part, so a step model can scale it to the rows a strategy gives the
+layer (a sharded layer sees its group's gathered batch, every layer under mp the global one). The fixed part is
+negative where a layer grows faster than its rows: on a CPU a tensor of tens of MB comes fresh from the kernel at
+every step (the allocator maps it, the kernel zeroes each page at first touch) and smaller ones outgrow the caches:
+digits_alexnet's first convolution, ReLU and pooling took 1.6–5.4× their proportional time at 4× the rows here.
+A convolution a plan can split by its output channels is also timed as a copy holding half of them, and the line
+through the two gives the part a shard keeps whatever its share of the channels (a quarter of a convolution's
+channels takes more than a quarter of its time; a Linear's shards, timed alone, are within a few % of
+proportional, and are not timed).
 
 Timing each layer alone, rather than hooking the whole step, keeps in-place layers (``ReLU(inplace=True)``) and
 autograd untouched; it leaves out what the step shares between layers: the whole model is timed too, and what it
@@ -43,12 +47,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-CALIBRATION_FORMAT = 6
+CALIBRATION_FORMAT = 7
 # Format 1 has no fixed parts, glue or optimizer time, format 2 no fixed part of the glue and no copy rate, format 3
 # no reducer rate, format 4 no rate of the reducer's scaling alone, format 5 no part fixed in the channels: read as
-# 0 (times ∝ rows and channels, copies free).
-READABLE_FORMATS = (1, 2, 3, 4, 5, 6)
-ROWS_FACTOR = 4  # the second micro-batch leaves with parameters are timed at, as a multiple of the first
+# 0 (times ∝ rows and channels, copies free); before format 7 only leaves with parameters were timed at two batches
+# and no fixed part was negative (the others read as ∝ rows).
+READABLE_FORMATS = (1, 2, 3, 4, 5, 6, 7)
+ROWS_FACTOR = 4  # the second micro-batch every leaf is timed at, as a multiple of the first
 OPTIMIZER_PROBE_ELEMENTS = 1 << 22  # the scratch parameter the optimizer's update is timed on (at most)
 COPY_PROBE_SHAPE = (16, 64, 64, 64)  # 16 MiB of float32, moved channels-first as a gather along channels does
 BUCKET_PROBE_ELEMENTS = (1 << 20, 1 << 24)  # the fewest and most elements the reducer's rate is timed on (float32:
@@ -56,7 +61,10 @@ BUCKET_PROBE_ELEMENTS = (1 << 20, 1 << 24)  # the fewest and most elements the r
 
 
 def _at_rows(measured_s: float, fixed_s: float, scale: float) -> float:
-    """A time measured at some rows, of which ``fixed_s`` does not grow with them, at ``scale`` times the rows."""
+    """A time measured at some rows, of which ``fixed_s`` does not grow with them, at ``scale`` times the rows; one
+    growing faster than its rows (``fixed_s`` < 0) proportional below the measured rows."""
+    if fixed_s < 0.0 and scale < 1.0:
+        return measured_s * scale
     return fixed_s + (measured_s - fixed_s) * scale
 
 
@@ -73,7 +81,7 @@ class LayerRecord:
     leaf: bool
     forward_s: float = 0.0
     backward_s: float = 0.0
-    forward_fixed_s: float = 0.0  # of forward_s, the part that does not grow with the rows
+    forward_fixed_s: float = 0.0  # of forward_s, the part that does not grow with the rows (< 0: grows faster)
     backward_fixed_s: float = 0.0
     # Of forward_s / backward_s, the part a shard of a convolution's output channels takes whatever its share of
     # them (the line through the whole layer's time and a copy's with half its channels, at none).
@@ -98,6 +106,20 @@ class LayerRecord:
             (f + (whole - f) * fraction) / whole if whole > 0 else fraction
             for f, whole in zip(fixed, (self.forward_s, self.backward_s), strict=True)
         )
+
+    def shard_seconds_at(self, rows: float, micro_batch: int, style: str, fraction: float) -> tuple[float, float]:
+        """(forward, backward) seconds of a shard of ``style`` holding ``fraction`` of the layer's features at
+        ``rows`` rows: its share of the layer's time at those rows, where a layer that grows faster than its rows
+        (a negative fixed part) does so by the size of its tensors — a shard's are the whole layer's at ``rows`` ×
+        ``fraction`` rows, so its growth beyond proportional is the whole layer's there."""
+        shares = self.shard_share(style, fraction)
+        out = []
+        for measured, fixed, share in zip(
+            (self.forward_s, self.backward_s), (self.forward_fixed_s, self.backward_fixed_s), shares, strict=True
+        ):
+            beyond = max(0.0, -fixed * (rows * fraction / micro_batch - 1.0))  # 0 where fixed ≥ 0
+            out.append(_at_rows(measured, max(fixed, 0.0), rows / micro_batch) * share + beyond)
+        return out[0], out[1]
 
     def shape_key(self) -> tuple:
         """What must agree between a calibration file and the model it is used for."""
@@ -285,10 +307,12 @@ def _repeated_rows(args: tuple, factor: int) -> tuple:
     )
 
 
-def _fixed_part(at_one: float, at_factor: float, factor: float) -> float:
-    """The intercept of the line through (1, ``at_one``) and (``factor``, ``at_factor``), kept within [0, at_one]
-    (timing noise must not make a layer cheaper at more rows or channels, nor its fixed part exceed its time)."""
-    return min(max((factor * at_one - at_factor) / (factor - 1), 0.0), at_one)
+def _fixed_part(at_one: float, at_factor: float, factor: float, superlinear: bool = False) -> float:
+    """The intercept of the line through (1, ``at_one``) and (``factor``, ``at_factor``), at most ``at_one``
+    (timing noise must not make a layer cheaper at more rows or channels) and at least 0 unless ``superlinear``
+    (rows, where a layer may grow faster than them: a negative intercept)."""
+    intercept = min((factor * at_one - at_factor) / (factor - 1), at_one)
+    return intercept if superlinear else max(intercept, 0.0)
 
 
 def _median_seconds(work, device: torch.device, steps: int, prepare=lambda: None) -> float:
@@ -360,7 +384,7 @@ def profile_layers(
     model: nn.Module, example_input: torch.Tensor, steps: int = 3, rows_factor: int = ROWS_FACTOR
 ) -> LayerTable:
     """Shapes of every layer and the compute seconds of every leaf at micro-batch ``len(example_input)``: whole,
-    and (leaves with parameters, timed again at ``rows_factor`` times the rows) the part fixed in the rows; and the
+    and (every leaf timed again at ``rows_factor`` times the rows) the part fixed in the rows; and the
     optimizer's update per parameter element."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -378,10 +402,10 @@ def profile_layers(
             forward_s, backward_s = _time_leaf(module, args, steps) if leaf else (0.0, 0.0)
             forward_fixed, backward_fixed = 0.0, 0.0
             channel_fixed = (0.0, 0.0)
-            if leaf and any(True for _ in module.parameters(recurse=False)):
+            if leaf:
                 forward_more, backward_more = _time_leaf(module, _repeated_rows(args, rows_factor), steps)
-                forward_fixed = _fixed_part(forward_s, forward_more, rows_factor)
-                backward_fixed = _fixed_part(backward_s, backward_more, rows_factor)
+                forward_fixed = _fixed_part(forward_s, forward_more, rows_factor, superlinear=True)
+                backward_fixed = _fixed_part(backward_s, backward_more, rows_factor, superlinear=True)
                 channel_fixed = _fixed_in_channels(module, args, steps, (forward_s, backward_s))
             table.layers[path] = LayerRecord(
                 path=path,

@@ -13,6 +13,10 @@ rank), and s the share of the layer a shard computes: φ = f_q/F (a column shard
 input features; 1 replicated); for a convolution's channel shard w + (1 − w)·φ, w the share of its time that does
 not shrink with its channels (measured by timing a copy with half of them; 0 in calibrations of format 5 and
 before).
+A layer timed as growing faster than its rows (t₀ < 0: its tensors come fresh from the kernel or outgrow the
+caches at more rows) grows so by the size of its tensors: a shard's are the whole layer's at R·φ rows, so it takes
+(t₀⁺ + (t − t₀⁺) · R/b₀) · s + (−t₀) · (R·φ/b₀ − 1)⁺, t₀⁺ = max(t₀, 0) — under mp a convolution's shard adds
+nothing beyond proportional, the ReLU and pooling after its gather (the whole tensor at P·b rows) do.
 Only leaves are timed (a module that owns parameters and has children counts through its children); the whole
 model's time beyond its leaves' (the glue: residual additions, reshapes) is fixed + per row as a layer's, at the
 rows every layer of the trunk sees (b, or P·b under mp). The optimizer's update costs T_o = u · N, u seconds per
@@ -337,9 +341,10 @@ def _predict_rank(
         else:
             samples = micro_batch
         fraction = compute_fraction(style, path, modules, m, rank % m)
-        forward, backward = record.seconds_at(samples, table.micro_batch) if record.leaf else (0.0, 0.0)
-        forward_share, backward_share = record.shard_share(style, fraction)
-        forward, backward = forward * forward_share * compute_scale, backward * backward_share * compute_scale
+        forward, backward = (
+            record.shard_seconds_at(samples, table.micro_batch, style, fraction) if record.leaf else (0.0, 0.0)
+        )
+        forward, backward = forward * compute_scale, backward * compute_scale
         own = by_layer.get(path, [])
         comm = sum(seconds[id(t)] for t in own)
         prediction.layers.append(LayerPrediction(path, style, forward, backward, comm, sum(t.bytes_sent for t in own)))

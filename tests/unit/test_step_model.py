@@ -250,8 +250,31 @@ def test_the_part_fixed_in_the_channels_is_timed_on_a_copy_with_half_of_them(mon
 def test_fixed_part_is_the_intercept_kept_within_the_measured_time():
     assert _fixed_part(1.0, 2.5, 4) == pytest.approx(0.5)
     assert _fixed_part(1.0, 4.0, 4) == 0.0  # all per row
-    assert _fixed_part(1.0, 5.0, 4) == 0.0  # noise: more than proportional
+    assert _fixed_part(1.0, 5.0, 4) == 0.0  # channels: more than proportional is noise
     assert _fixed_part(1.0, 0.5, 4) == 1.0  # noise: faster at more rows
+    # rows: a layer may grow faster than them (its tensors outgrow the caches, come fresh from the kernel)
+    assert _fixed_part(1.0, 5.5, 4, superlinear=True) == pytest.approx(-0.5)
+    assert _fixed_part(1.0, 0.5, 4, superlinear=True) == 1.0
+
+
+def test_a_layer_that_grows_faster_than_its_rows_grows_so_by_the_size_of_its_tensors():
+    """1 s forward and 2 s backward at b rows, 5.5 s and 11 s at 4·b (fixed parts −0.5 and −1: 1.5 s and 3 s beyond
+    proportional there). Whole at 4·b: as measured; below b: proportional, never less. A quarter of it (a shard at
+    4·b rows, its tensors the whole layer's at b): a quarter of the proportional time, nothing beyond; a half at
+    4·b: its tensors the whole layer's at 2·b, 0.5 s and 1 s beyond. dp at b: as measured."""
+    model, table = _two_linears_table(1.0, 2.0)
+    table.layers = {p: replace(r, forward_fixed_s=-0.5, backward_fixed_s=-1.0) for p, r in table.layers.items()}
+    record = table.layers["0"]
+    assert record.seconds_at(4 * B, B) == pytest.approx((5.5, 11.0))
+    assert record.seconds_at(B / 2, B) == pytest.approx((0.5, 1.0))
+    assert record.shard_seconds_at(4 * B, B, "dp", 1.0) == pytest.approx((5.5, 11.0))
+    assert record.shard_seconds_at(4 * B, B, "column", 0.25) == pytest.approx((1.0, 2.0))
+    assert record.shard_seconds_at(4 * B, B, "column", 0.5) == pytest.approx((2.5, 5.0))
+    assert record.shard_seconds_at(B, B, "column", 0.25) == pytest.approx((0.25, 0.5))  # never under proportional
+    step = predict_step(model, table, {"0": "column", "1": "row"}, "hybrid", 4, 4, B, constants=CostModel(0, 0, 0))
+    assert [x for layer in step.layers for x in (layer.forward_s, layer.backward_s)] == pytest.approx([1, 2, 1, 2])
+    step = predict_step(model, table, {}, "dp", 4, 1, B, constants=CostModel(0, 0, 0))
+    assert step.compute_s == pytest.approx(6.0)
 
 
 def test_the_optimizer_updates_the_parameters_each_rank_holds():
@@ -427,10 +450,11 @@ def test_the_ranks_of_a_host_share_its_link():
 
 def test_profile_times_the_fixed_part_and_the_optimizer():
     model = nn.Sequential(nn.Linear(512, 512), nn.ReLU())
-    table = profile_layers(model, torch.randn(2, 512), steps=2)
+    table = profile_layers(model, torch.randn(2, 512), steps=5)  # medians of 5: the reducer's ~1 ms must show
     linear, relu = table.layers["0"], table.layers["1"]
     assert 0.0 <= linear.forward_fixed_s <= linear.forward_s and 0.0 <= linear.backward_fixed_s <= linear.backward_s
-    assert relu.forward_fixed_s == relu.backward_fixed_s == 0.0  # no parameters: timed at one batch only
+    # every leaf timed at two batches: a fixed part at most its time, negative where it grows faster than its rows
+    assert relu.forward_fixed_s <= relu.forward_s and relu.backward_fixed_s <= relu.backward_s
     assert linear.forward_channel_fixed_s == linear.backward_channel_fixed_s == 0.0  # only convolutions
     conv = profile_layers(nn.Sequential(nn.Conv2d(8, 16, 3)), torch.randn(2, 8, 16, 16), steps=2).layers["0"]
     assert 0.0 <= conv.forward_channel_fixed_s <= conv.forward_s
@@ -444,6 +468,21 @@ def test_profile_times_the_fixed_part_and_the_optimizer():
     assert 0.0 <= table.scale_s_per_byte < 1e-6  # its scaling alone, one pass (may time as nothing)
     with pytest.raises(ValueError, match="rows_factor must be >= 2"):
         profile_layers(model, torch.randn(2, 512), rows_factor=1)
+
+
+def test_profile_times_every_leaf_at_two_batches(monkeypatch):
+    """Layers timed as growing with their rows to the power 1.5 (b = 2: 2.83 s, 22.6 s at 4·b): every leaf's fixed
+    part is the line's intercept, −3.77 s, with parameters or not."""
+    from hybrid_ext.parallel import layer_profile
+
+    monkeypatch.setattr(
+        layer_profile, "_time_leaf", lambda module, args, steps: (len(args[0]) ** 1.5, 2 * len(args[0]) ** 1.5)
+    )
+    table = profile_layers(nn.Sequential(nn.Linear(8, 8), nn.ReLU()), torch.randn(2, 8), steps=1)
+    expected = (4 * 2**1.5 - 8**1.5) / 3
+    for record in table.layers.values():
+        assert (record.forward_fixed_s, record.backward_fixed_s) == pytest.approx((expected, 2 * expected))
+        assert record.seconds_at(8, 2) == pytest.approx((8**1.5, 2 * 8**1.5))
 
 
 def test_a_calibration_of_format_1_reads_as_proportional(tmp_path):
