@@ -138,26 +138,37 @@ KEPT_AUTO_RUNS = [  # the ranks' auto measured again beside the fastest fixed st
 ]
 
 
+# One profile of calibration format 7 and the steps measured with it, in the layouts of the folders above
+ROWS = "2026-12-06-rows"
+ROWS_CASES = [
+    (folder, path.name.removesuffix(f"-{suffix}.json"))
+    for folder, (suffix, _) in sorted(KEPT_LAYOUTS.items())
+    for path in sorted((KEPT / ROWS).glob(f"*-{suffix}.json"))
+]
+
+
 def test_every_kept_validation_is_checked():
-    assert sorted(p.name for p in KEPT.iterdir() if p.is_dir()) == sorted(KEPT_LAYOUTS)
+    assert sorted(p.name for p in KEPT.iterdir() if p.is_dir()) == sorted([*KEPT_LAYOUTS, ROWS])
+    assert len(ROWS_CASES) == 4 + 4 + 2  # one host and 2 × 2: every model; 3 × 2: digits_alexnet, resnet18
     assert len(KEPT_CASES) == 4 + 4 + 4 + 3  # vgg11 at 3 × 2 does not fit in the machine's memory
     # one host, 250 Mbit/s: medians; 2 × 2, 3 × 2 at 1 Gbit/s: maxima, then medians
     assert len(KEPT_AUTO_RUNS) == 4 + 3 + (4 + 4) + (3 + 3)
 
 
-def _plan_kept(folder: str, model: str, measured: Path, tmp_path, monkeypatch) -> dict:
-    """``hybrid-ext plan --compare measured`` of a kept folder's layout, layer file and link (where it has one), as
-    its README runs it: the ``--json`` result."""
+def _plan_kept(folder: str, model: str, measured: Path, tmp_path, monkeypatch, calibration: Path | None = None) -> dict:
+    """``hybrid-ext plan --compare measured`` of a kept folder's layout, layer file (or ``calibration``) and link
+    (where it has one), as its README runs it: the ``--json`` result."""
     from hybrid_ext.comm import cost_model
 
     kept = KEPT / folder
+    calibration = calibration or kept / f"{model}-cal.json"
     links = sorted(kept.glob("link-*.json"))
     if links:
         monkeypatch.setenv("HYBRID_EXT_COST_MODEL", str(links[0]))
         monkeypatch.setattr(cost_model, "_models", None)
     planned = tmp_path / "plan.json"
     assert main(["plan", "--model", model, *KEPT_LAYOUTS[folder][1], "--micro-batch", "16", "--size", "64",
-                 "--device", "cpu", "--calibration", str(kept / f"{model}-cal.json"), "--compare", str(measured),
+                 "--device", "cpu", "--calibration", str(calibration), "--compare", str(measured),
                  "--json", str(planned)]) == 0  # fmt: skip
     return json.loads(planned.read_text())
 
@@ -190,3 +201,37 @@ def test_the_kept_validation_inputs_still_predict_and_compare(folder, model, tmp
         kept_link = json.loads(links[0].read_text())["network/torch-gloo"]
         assert result["link"]["source"].startswith("calibrated")
         assert result["link"]["alpha_s"] == kept_link["alpha"]
+
+
+def _as_format_6(calibration: Path, out: Path) -> Path:
+    """The layer file as format 6 kept it: every fixed part at least 0, leaves without parameters ∝ rows (its
+    README's snippet)."""
+    table = json.loads(calibration.read_text())
+    for layer in table["layers"]:
+        with_parameters = layer["kind"] in ("Conv2d", "Linear", "BatchNorm2d")
+        for key in ("forward_fixed_s", "backward_fixed_s"):
+            layer[key] = max(layer[key], 0.0) if with_parameters else 0.0
+    out.write_text(json.dumps(table))
+    return out
+
+
+@pytest.mark.timeout(600)
+def test_layers_growing_faster_than_their_rows_bring_mp_closer_on_the_kept_steps(tmp_path, monkeypatch):
+    """benchmarks/validation/2026-12-06-rows: the same layer files and measured steps, predicted with the growth
+    beyond proportional (format 7) and without it (as format 6 kept the file): every case still compares, and over
+    the 10, mp's mean error is smaller with it (9.1 against 14.2 % when kept); dp's and hybrid's are unchanged."""
+    errors = {"with": [], "without": []}
+    for folder, model in ROWS_CASES:
+        suffix = KEPT_LAYOUTS[folder][0]
+        measured = KEPT / ROWS / f"{model}-{suffix}.json"
+        with_growth = KEPT / ROWS / f"{model}-cal.json"
+        without = _as_format_6(with_growth, tmp_path / f"{model}-as-format6.json")
+        rows = {}
+        for name, calibration in (("with", with_growth), ("without", without)):
+            result = _plan_kept(folder, model, measured, tmp_path, monkeypatch, calibration)
+            rows[name] = {r["strategy"]: r for r in result["comparison"]["rows"]}
+            assert sorted(rows[name]) == ["dp", "hybrid", "mp"]
+            errors[name].append(abs(rows[name]["mp"]["error"]))
+        for strategy in ("dp", "hybrid"):  # their layers run at the rows they were timed at, or shards of them
+            assert rows["with"][strategy]["predicted_ms"] == pytest.approx(rows["without"][strategy]["predicted_ms"])
+    assert sum(errors["with"]) < sum(errors["without"])
