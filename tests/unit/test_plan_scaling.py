@@ -235,3 +235,22 @@ def test_layers_growing_faster_than_their_rows_bring_mp_closer_on_the_kept_steps
         for strategy in ("dp", "hybrid"):  # their layers run at the rows they were timed at, or shards of them
             assert rows["with"][strategy]["predicted_ms"] == pytest.approx(rows["without"][strategy]["predicted_ms"])
     assert sum(errors["with"]) < sum(errors["without"])
+
+
+@pytest.mark.parametrize(
+    ("name", "layout"),
+    [
+        ("digits_alexnet-1x4-22h45.json", ["--np", "4", "--cores", "2"]),
+        ("digits_alexnet-1x2-22h45.json", ["--np", "2", "--cores", "2"]),
+    ],
+)
+def test_the_kept_earlier_one_host_runs_still_compare(name, layout, tmp_path):
+    """benchmarks/validation/2026-12-06-rows: digits_alexnet's runs ten minutes before its layer file, 4 and 2 ranks
+    on the 2 cores, compared with that file (every strategy)."""
+    planned = tmp_path / "plan.json"
+    kept = KEPT / ROWS
+    assert main(["plan", "--model", "digits_alexnet", *layout, "--micro-batch", "16", "--size", "64", "--device", "cpu",
+                 "--calibration", str(kept / "digits_alexnet-cal.json"), "--compare", str(kept / name),
+                 "--json", str(planned)]) == 0  # fmt: skip
+    rows = json.loads(planned.read_text())["comparison"]["rows"]
+    assert sorted(r["strategy"] for r in rows) == ["dp", "hybrid", "mp"] and all(r["measured_ms"] > 0 for r in rows)
