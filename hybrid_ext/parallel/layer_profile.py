@@ -11,9 +11,9 @@ timed on its own, on that input (``steps`` timed repeats after one warm-up, the 
 backward of ``ones`` from its output. Every leaf is timed again on its input repeated ``rows_factor`` times; the
 line through the two points gives its fixed part, so a step model can scale it to the rows a strategy gives the
 layer (a sharded layer sees its group's gathered batch, every layer under mp the global one). The fixed part is
-negative where a layer grows faster than its rows: on a CPU a tensor of tens of MB comes fresh from the kernel at
-every step (the allocator maps it, the kernel zeroes each page at first touch) and smaller ones outgrow the caches:
-digits_alexnet's first convolution, ReLU and pooling took 1.6–5.4× their proportional time at 4× the rows here.
+negative where a layer grows faster than its rows (on a CPU, large tensors outgrow the caches and may come fresh
+from the kernel at every step, each page zeroed at first touch): digits_alexnet's first convolution's, ReLU's and
+pooling's backward took 2.7–5.7× their proportional time at 4× the rows.
 A convolution a plan can split by its output channels is also timed as a copy holding half of them, and the line
 through the two gives the part a shard keeps whatever its share of the channels (a quarter of a convolution's
 channels takes more than a quarter of its time; a Linear's shards, timed alone, are within a few % of
