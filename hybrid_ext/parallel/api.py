@@ -282,7 +282,7 @@ def parallelize(
         _check_devices(model, groups.world)
     if sync_initial_weights:
         initial = [t for t in [*model.parameters(), *syncable_buffers(model)] if t.dtype.is_floating_point]
-        broadcast_from_first(initial, groups.world)
+        broadcast_from_first(initial, groups.world, piece_bytes=int(bucket_mb * (1 << 20)))
 
     # Statistics over the ranks that hold different samples: all of them, except under mp (the same batch).
     before = dict(model.named_parameters())

@@ -16,20 +16,58 @@ from torch import nn
 from hybrid_ext.comm import Communicator
 
 
-def broadcast_from_first(tensors: list[torch.Tensor], comm: Communicator) -> None:
+def broadcast_from_first(tensors: list[torch.Tensor], comm: Communicator, piece_bytes: int = 25 << 20) -> None:
     """Overwrite ``tensors`` with the group's first rank's values: a sum to which the other ranks add zeros
-    (exact: x + 0 = x), one collective per dtype."""
+    (exact: x + 0 = x), in collectives of at most ``piece_bytes`` (small tensors together, large ones in slices).
+
+    In pieces because a communicator's receive buffers keep the size of the largest collective it ran: one
+    collective of the whole model would hold two more copies of it on every rank for the rest of training.
+    """
     if comm.size == 1 or not tensors:
         return
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    by_kind: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
     for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
+        by_kind.setdefault((t.dtype, t.device), []).append(t)
     with torch.no_grad():
-        for group in by_dtype.values():
-            work = [t.detach().clone() if comm.rank == 0 else torch.zeros_like(t) for t in group]
-            comm.allreduce(work, name=f"broadcast from first rank ({group[0].dtype})")
-            for t, w in zip(group, work):
-                t.copy_(w)
+        for (dtype, device), group in by_kind.items():
+            limit = max(1, piece_bytes // dtype.itemsize)
+            work = torch.empty(min(limit, sum(t.numel() for t in group)), dtype=dtype, device=device)  # reused
+            pending: list[tuple[torch.Tensor, int, int]] = []  # (a tensor's flat values, start, stop)
+            filled = 0
+            pieces = 0
+            for t in group:
+                flat = t.detach().reshape(-1)  # t's own memory where contiguous, else a copy written back below
+                for start in range(0, flat.numel(), limit):
+                    stop = min(start + limit, flat.numel())
+                    if filled + stop - start > limit:
+                        _sum_piece(pending, work[:filled], comm, f"broadcast from first rank ({dtype}, piece {pieces})")
+                        pending, filled, pieces = [], 0, pieces + 1
+                    pending.append((flat, start, stop))
+                    filled += stop - start
+                if flat.data_ptr() != t.data_ptr() or not t.is_contiguous():
+                    _sum_piece(pending, work[:filled], comm, f"broadcast from first rank ({dtype}, piece {pieces})")
+                    pending, filled, pieces = [], 0, pieces + 1
+                    t.copy_(flat.view_as(t))
+            if pending:
+                _sum_piece(pending, work[:filled], comm, f"broadcast from first rank ({dtype}, piece {pieces})")
+
+
+def _sum_piece(pending: list[tuple[torch.Tensor, int, int]], work: torch.Tensor, comm: Communicator, name: str) -> None:
+    """One collective over ``pending``'s slices in ``work``: the first rank's values, zeros from the others."""
+    if not pending:
+        return
+    if comm.rank != 0:
+        work.zero_()
+    offset = 0
+    for flat, start, stop in pending:
+        if comm.rank == 0:
+            work[offset : offset + stop - start].copy_(flat[start:stop])
+        offset += stop - start
+    comm.allreduce([work], name=name)
+    offset = 0
+    for flat, start, stop in pending:
+        flat[start:stop].copy_(work[offset : offset + stop - start])
+        offset += stop - start
 
 
 SYNCABLE = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int64)

@@ -130,3 +130,41 @@ def test_a_thousand_async_allreduces_in_flight_from_eight_threads(spawn_ranks, t
     for result in results:
         assert result["issued"] == 2 * THREADS * PER_THREAD
         assert result["mismatches"] == []
+
+
+BIG_LAYER = 4096  # three 4096 × 4096 Linear layers: 192 MiB of float32 weights
+SYNC_BUCKET_MB = 8.0
+
+
+def _sync_rank(rank: int, p: int) -> dict:
+    from hybrid_ext.comm import metrics
+
+    torch.manual_seed(rank)  # different weights on every rank: the first rank's must win
+    wide = [layer for _ in range(3) for layer in (torch.nn.Linear(BIG_LAYER, BIG_LAYER), torch.nn.ReLU())]
+    model = torch.nn.Sequential(*wide, torch.nn.Linear(BIG_LAYER, 10))
+    hybrid_ext.parallelize(torch.nn.Linear(4, 4), strategy="dp")  # the communicators and their threads, first
+    before = usage()["rss_mib"]
+    with metrics.capture() as records:
+        wrapped = hybrid_ext.parallelize(model, strategy="dp", bucket_mb=SYNC_BUCKET_MB)
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    sums = [float(t.double().sum()) for t in wrapped.module.parameters()]
+    return {
+        "grew_mib": usage()["rss_mib"] - before,
+        "peak_over_mib": int(status["VmHWM"].split()[0]) / 1024 - before,
+        "largest_collective": max(r.elements * 4 for r in records),
+        "sums": sums,
+    }
+
+
+def test_initial_sync_holds_no_copy_of_the_model(spawn_ranks):
+    """The first rank's weights reach every rank in collectives no larger than a gradient bucket: a communicator's
+    receive buffers keep the size of the largest collective it ran, so one collective of the whole model would
+    hold copies of it for the rest of training (2 GB on each rank of VGG-11)."""
+    model_mib = 3 * BIG_LAYER * BIG_LAYER * 4 / (1 << 20)
+    results = spawn_ranks(_sync_rank, 2, timeout=240)
+    assert results[1]["sums"] == results[0]["sums"], "the ranks' weights differ after parallelize"
+    for rank, result in enumerate(results):
+        print(f"rank {rank}: {result}")
+        assert result["largest_collective"] <= SYNC_BUCKET_MB * (1 << 20), f"rank {rank}: {result}"
+        assert result["grew_mib"] < model_mib / 4, f"rank {rank} keeps {result['grew_mib']:.0f} MiB more after sync"
+        assert result["peak_over_mib"] < model_mib / 4, f"rank {rank} peaked {result['peak_over_mib']:.0f} MiB higher"
