@@ -377,15 +377,46 @@ def main(args) -> int:
 
 
 def _run_on_emulated_cluster(args) -> list[TrainRow]:
-    """This benchmark under torchrun on ``args.hosts`` emulated hosts (``args.np`` ranks spread over them)."""
+    """This benchmark under torchrun on ``args.hosts`` emulated hosts (``args.np`` ranks spread over them): one job
+    per run and repeat, interleaved as on one host, so that a run starts in fresh processes (as a user's training
+    job does) and holds no memory an earlier run left behind (six ranks of vgg11 did not fit in one job)."""
     from hybrid_ext.launch import cluster, run_torchrun
 
-    command = ["-m", "hybrid_ext.cli", "bench", "train", "--model", args.model, "--runs", args.runs,
-               "--micro-batch", str(args.micro_batch), "--size", str(args.size),
-               "--steps", str(args.steps), "--device", getattr(args, "device", "cpu"),
-               "--repeats", str(getattr(args, "repeats", 1))]  # fmt: skip
-    if args.mp_size:
-        command += ["--mp-size", str(args.mp_size)]
+    labels = [label.strip() for label in args.runs.split(",") if label.strip()]
+    repeats = getattr(args, "repeats", 1)
+    measured: dict[str, list[TrainRow]] = {label: [] for label in labels}
     with cluster.emulated_cluster(args.hosts, args.nic, getattr(args, "cpus_per_host", None)) as hosts:
-        results = run_torchrun(command, args.np, cluster=hosts, nodes=args.hosts, timeout=3600)
-    return [TrainRow(**row) for row in results[0]]
+        for _repeat, label in itertools.product(range(repeats), labels):
+            command = ["-m", "hybrid_ext.cli", "bench", "train", "--model", args.model, "--runs", label,
+                       "--micro-batch", str(args.micro_batch), "--size", str(args.size),
+                       "--steps", str(args.steps), "--device", getattr(args, "device", "cpu"),
+                       "--repeats", "1"]  # fmt: skip
+            if args.mp_size:
+                command += ["--mp-size", str(args.mp_size)]
+            results = run_torchrun(command, args.np, cluster=hosts, nodes=args.hosts, timeout=3600)
+            measured[label].append(TrainRow(**results[0][0]))
+    return [merge_repeats(rows) for rows in measured.values()]
+
+
+def merge_repeats(rows: list[TrainRow]) -> TrainRow:
+    """One run's rows of single repeats as one row: as :func:`run_train_bench` reports repeats run in one job (the
+    step the median of the repeats' steps, each phase the median of the repeats', bytes of the first)."""
+    first = rows[0]
+    step_ms_runs = [ms for row in rows for ms in row.step_ms_runs]
+    step_ms = statistics.median(step_ms_runs)
+    phases = None
+    if all(row.phases_ms for row in rows):
+        phases = {name: statistics.median(row.phases_ms[name] for row in rows) for name in first.phases_ms}
+    return TrainRow(
+        run=first.run,
+        world=first.world,
+        samples_per_sec=first.samples_per_sec * first.step_ms / step_ms,
+        step_ms=step_ms,
+        bytes_per_step=first.bytes_per_step,
+        messages_per_step=first.messages_per_step,
+        step_ms_runs=step_ms_runs,
+        mp_size=first.mp_size,
+        chose=first.chose,
+        chose_runs=[choice for row in rows for choice in row.chose_runs],
+        phases_ms=phases,
+    )

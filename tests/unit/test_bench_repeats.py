@@ -38,6 +38,43 @@ def test_repeats_interleave_the_runs_and_keep_each_repeats_median(monkeypatch):
         train.run_train_bench("digits_alexnet", 2, runs, micro_batch=4, size=16, steps=3, repeats=0)
 
 
+def test_across_hosts_each_run_and_repeat_is_its_own_job_and_the_repeats_merge(monkeypatch):
+    """``--hosts``: one torchrun job per run and repeat (fresh processes, as a user's job), interleaved; the rows merge
+    as one job's repeats would."""
+    import argparse
+    import contextlib
+
+    from hybrid_ext import launch
+    from hybrid_ext.launch import cluster
+
+    jobs = []
+
+    def fake_torchrun(command, np, **kwargs):
+        label = command[command.index("--runs") + 1]
+        assert command[command.index("--repeats") + 1] == "1"
+        jobs.append(label)
+        ms = {"dp-butterfly": 200.0, "auto-butterfly": 100.0}[label] * (1 + 0.1 * (len(jobs) - 1))
+        phases = {"forward": ms / 4, "backward": ms / 2}
+        row = {"run": label, "world": np, "samples_per_sec": np * 4 / ms * 1e3, "step_ms": ms, "bytes_per_step": 8.0,
+               "messages_per_step": 2.0, "step_ms_runs": [ms], "mp_size": 1, "phases_ms": phases,
+               "chose": "dp" if label.startswith("auto") else None,
+               "chose_runs": ["dp"] if label.startswith("auto") else []}  # fmt: skip
+        return [[row]] * np  # every rank reports rank 0's rows
+
+    monkeypatch.setattr(cluster, "emulated_cluster", lambda *a: contextlib.nullcontext(["node0", "node1"]))
+    monkeypatch.setattr(launch, "run_torchrun", fake_torchrun)
+    args = argparse.Namespace(model="digits_alexnet", runs="dp-butterfly,auto-butterfly", micro_batch=4, size=16,
+                              steps=3, device="cpu", repeats=3, mp_size=None, hosts=2, nic="1gbit", cpus_per_host=1,
+                              np=4)  # fmt: skip
+    dp, auto = train._run_on_emulated_cluster(args)
+    assert jobs == ["dp-butterfly", "auto-butterfly"] * 3  # A B A B A B, each its own job
+    assert [round(ms, 6) for ms in dp.step_ms_runs] == [200.0, 240.0, 280.0]
+    assert dp.step_ms == pytest.approx(240.0) and dp.samples_per_sec == pytest.approx(4 * 4 / 0.240)
+    assert dp.phases_ms == pytest.approx({"forward": 60.0, "backward": 120.0})
+    assert auto.step_ms == pytest.approx(130.0) and auto.chose_runs == ["dp"] * 3 and auto.chose == "dp"
+    assert dp.bytes_per_step == 8.0 and dp.world == 4
+
+
 def _plan(dp: float, hybrid: float, mp: float) -> dict:
     return {
         "strategies": [
