@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--repeats",
         type=positive_int,
         default=1,
-        help="run every run this many times, interleaved; the step is the median of the repeats' (default: 1)",
+        help="run every run this many times, interleaved, each in fresh processes (across hosts one torchrun job per "
+        "run and repeat); the step is the median of the repeats' (default: 1)",
     )
     train.add_argument(
         "--mp-size", type=positive_int, default=None, help="model-parallel group size (default: all ranks)"
