@@ -32,42 +32,50 @@ def broadcast_from_first(tensors: list[torch.Tensor], comm: Communicator, piece_
         for (dtype, device), group in by_kind.items():
             limit = max(1, piece_bytes // dtype.itemsize)
             work = torch.empty(min(limit, sum(t.numel() for t in group)), dtype=dtype, device=device)  # reused
-            pending: list[tuple[torch.Tensor, int, int]] = []  # (a tensor's flat values, start, stop)
-            filled = 0
-            pieces = 0
+            pieces = _Pieces(work, comm, f"broadcast from first rank, {dtype}")
             for t in group:
                 flat = t.detach().reshape(-1)  # t's own memory where contiguous, else a copy written back below
                 for start in range(0, flat.numel(), limit):
-                    stop = min(start + limit, flat.numel())
-                    if filled + stop - start > limit:
-                        _sum_piece(pending, work[:filled], comm, f"broadcast from first rank ({dtype}, piece {pieces})")
-                        pending, filled, pieces = [], 0, pieces + 1
-                    pending.append((flat, start, stop))
-                    filled += stop - start
+                    pieces.add(flat, start, min(start + limit, flat.numel()))
                 if flat.data_ptr() != t.data_ptr() or not t.is_contiguous():
-                    _sum_piece(pending, work[:filled], comm, f"broadcast from first rank ({dtype}, piece {pieces})")
-                    pending, filled, pieces = [], 0, pieces + 1
+                    pieces.send()
                     t.copy_(flat.view_as(t))
-            if pending:
-                _sum_piece(pending, work[:filled], comm, f"broadcast from first rank ({dtype}, piece {pieces})")
+            pieces.send()
 
 
-def _sum_piece(pending: list[tuple[torch.Tensor, int, int]], work: torch.Tensor, comm: Communicator, name: str) -> None:
-    """One collective over ``pending``'s slices in ``work``: the first rank's values, zeros from the others."""
-    if not pending:
-        return
-    if comm.rank != 0:
-        work.zero_()
-    offset = 0
-    for flat, start, stop in pending:
-        if comm.rank == 0:
-            work[offset : offset + stop - start].copy_(flat[start:stop])
-        offset += stop - start
-    comm.allreduce([work], name=name)
-    offset = 0
-    for flat, start, stop in pending:
-        flat[start:stop].copy_(work[offset : offset + stop - start])
-        offset += stop - start
+class _Pieces:
+    """Slices of tensors gathered in one reused buffer, each collective the first rank's values, zeros from the
+    others; sent when the next slice would not fit, or when asked."""
+
+    def __init__(self, work: torch.Tensor, comm: Communicator, name: str) -> None:
+        self.work, self.comm, self.name = work, comm, name
+        self.pending: list[tuple[torch.Tensor, int, int]] = []  # (a tensor's flat values, start, stop)
+        self.filled = 0
+        self.sent = 0
+
+    def add(self, flat: torch.Tensor, start: int, stop: int) -> None:
+        if self.filled + stop - start > self.work.numel():
+            self.send()
+        self.pending.append((flat, start, stop))
+        self.filled += stop - start
+
+    def send(self) -> None:
+        if not self.pending:
+            return
+        work = self.work[: self.filled]
+        if self.comm.rank != 0:
+            work.zero_()
+        offset = 0
+        for flat, start, stop in self.pending:
+            if self.comm.rank == 0:
+                work[offset : offset + stop - start].copy_(flat[start:stop])
+            offset += stop - start
+        self.comm.allreduce([work], name=f"{self.name}, piece {self.sent}")
+        offset = 0
+        for flat, start, stop in self.pending:
+            flat[start:stop].copy_(work[offset : offset + stop - start])
+            offset += stop - start
+        self.pending, self.filled, self.sent = [], 0, self.sent + 1
 
 
 SYNCABLE = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int64)
