@@ -11,7 +11,10 @@ small next to the activations a split would move) is tried split by output chann
 rule's ``"mp"``, and kept where the predicted step drops: a convolution late in a CNN, with many weights on a small
 feature map, then exchanges its activations within the group instead of all-reducing its gradients over the world.
 The plan with the least predicted step (:func:`~hybrid_ext.parallel.step_model.predict_step`) wins; ties go to
-fewer sharded chains, then fewer split convolutions, then the smaller ``mp_size``. ``mp`` (every layer split, the
+fewer sharded chains, then fewer split convolutions, then the smaller ``mp_size``. Where every core computes, a
+plan beyond the fixed strategies' own (dp; hybrid's or mp's at an ``mp_size``) must also beat them with the
+gradients' all-reduces overlapping backward (the step model's other bound there), or the fastest that does wins:
+what it saves in gradient bytes may be hidden behind backward anyway. ``mp`` (every layer split, the
 convolutions by channels, every rank passing the same global batch) is weighed only when asked for
 (``strategies``): switching to it changes what each rank must pass, which auto cannot do behind a script's back.
 
@@ -61,6 +64,7 @@ class Candidate:
     compute_s: float
     exposed_communication_s: float
     convolutions: tuple[str, ...] = ()  # under hybrid, the convolutions split by output channels
+    overlapped_step_s: float | None = None  # where checked: its step with the gradients overlapping backward
 
     @property
     def label(self) -> str:
@@ -81,7 +85,7 @@ class AutoPlan(PartitionPlan):
 
     mp_size: int = 1
     prediction: StepPrediction | None = None
-    alternatives: list[Candidate] = field(default_factory=list)  # every candidate predicted, fastest first
+    alternatives: list[Candidate] = field(default_factory=list)  # each predicted: the chosen, then fastest first
 
     def fingerprint(self) -> int:
         """48 bits of a hash of the styles and ``mp_size`` (what must agree across ranks)."""
@@ -118,9 +122,15 @@ class AutoPlan(PartitionPlan):
                 f"{step.micro_batch})"
             )
         if self.alternatives:
-            lines.append("  candidates (predicted step ms, fastest first):")
+            lines.append("  candidates (predicted step ms; the one chosen, then the others fastest first):")
             for index, c in enumerate(self.alternatives):  # the first is the one chosen
-                lines.append(f"    {c.step_s * 1e3:10.3f}  {c.label}{'  <- chosen' if index == 0 else ''}")
+                note = "  <- chosen" if index == 0 else ""
+                if index and c.overlapped_step_s is not None and c.step_s < self.alternatives[0].step_s:
+                    note = (
+                        f"  (not taken: {c.overlapped_step_s * 1e3:.3f} ms with the gradients overlapping backward, "
+                        "no faster than a fixed strategy's plan)"
+                    )
+                lines.append(f"    {c.step_s * 1e3:10.3f}  {c.label}{note}")
         return "\n".join(lines)
 
     __str__ = describe
@@ -177,11 +187,11 @@ def choose_plan(
 
     memo: dict = {}  # what candidates share: a schedule chosen for a size, a layer's traffic in its group
 
-    def predict(strategy: str, m: int, plan: PartitionPlan) -> StepPrediction:
+    def predict(strategy: str, m: int, plan: PartitionPlan, overlap_wire: bool = False) -> StepPrediction:
         return predict_step(
             model, table, plan.styles, strategy, world, m, micro_batch, grad_algorithm, bucket_bytes, links,
             constants=constants, network_constants=network_constants, compute_scale=compute_scale,
-            cores_busy=cores_busy, memo=memo, cpu_sharing=cpu_sharing,
+            cores_busy=cores_busy, memo=memo, cpu_sharing=cpu_sharing, overlap_wire=overlap_wire,
         )  # fmt: skip
 
     # (strategy, mp_size, sharded chains by first layer, split convolutions) -> its prediction, None if unfit
@@ -256,15 +266,47 @@ def choose_plan(
             f"(mp_size {', '.join(map(str, mp_sizes)) or 'none'}); a layer is too narrow to split"
         )
     found.sort(key=lambda r: (r[0].step_s, len(r[0].sharded), len(r[0].convolutions), r[0].mp_size))
-    candidate, plan, step = found[0]
+    chosen = found[0]
+    if cores_busy:
+        chosen, found = _robust_to_overlap(found, chains, predict)
+    candidate, plan, step = chosen
     return AutoPlan(
         plan.strategy,
         dict(plan.styles),
         dict(plan.parameters),
         mp_size=candidate.mp_size,
         prediction=step,
-        alternatives=[r[0] for r in found],
+        alternatives=[candidate] + [r[0] for r in found if r is not chosen],  # the one chosen first
     )
+
+
+def _robust_to_overlap(found: list, chains: list, predict) -> tuple[tuple, list]:
+    """(the fastest of ``found`` that is a fixed strategy's plan — dp, or hybrid's or mp's own at an mp_size — or
+    that beats them under the other bound of what busy cores overlap too, ``found`` with that bound noted).
+
+    Where every core computes, the step model charges the gradients' all-reduces as if nothing overlapped backward
+    (what the steps measured across emulated hosts came to), though the phases show it running during backward: a
+    plan that wins only by moving fewer gradient bytes (a convolution split) may win by nothing if they do overlap
+    (vgg11 at 2 × 2 and 3 × 2: such splits measured 0.97–1.06× hybrid). So a plan beyond the fixed strategies is
+    taken only where it is also the faster with the gradients overlapping backward (``overlap_wire``)."""
+    every_chain = tuple(chain[0] for chain in chains)
+    fixed = {
+        id(r) for r in found if r[0].strategy in ("dp", "mp") or (r[0].sharded, r[0].convolutions) == (every_chain, ())
+    }
+    if not fixed or id(found[0]) in fixed:
+        return found[0], found
+    bound = {}
+
+    def overlapped(entry) -> float:
+        if id(entry) not in bound:
+            candidate, plan, _ = entry
+            bound[id(entry)] = predict(candidate.strategy, candidate.mp_size, plan, overlap_wire=True).step_s
+        return bound[id(entry)]
+
+    best_fixed = min(overlapped(r) for r in found if id(r) in fixed)
+    at = next(i for i, r in enumerate(found) if id(r) in fixed or overlapped(r) < best_fixed)
+    noted = [(replace(r[0], overlapped_step_s=bound[id(r)]), *r[1:]) if id(r) in bound else r for r in found]
+    return noted[at], noted
 
 
 def convolution_candidates(model: nn.Module, table: LayerTable, micro_batch: int, mp_size: int) -> list[str]:

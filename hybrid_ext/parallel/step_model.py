@@ -47,7 +47,14 @@ Step, per rank:
   terms inside a host and every γ term) finds no idle core to run on while backward runs: it is exposed whole, and
   its network stages, which that work feeds (a hierarchical all-reduce reduces inside the host before it sends),
   start when backward ends: s_k = max(r_k, e_{k−1}, T_b) — nothing overlaps backward (measured across emulated
-  hosts: ResNet-18's dp at 2 × 2 took the whole wire time more than on one host);
+  hosts: ResNet-18's dp at 2 × 2 took the whole wire time more than on one host). That is one bound: the phases
+  measured there say the collectives did run during backward (vgg11's dp at 2 × 2: 5.4 s of them in 5.5 s of
+  backward), and the step came out as if they had not — the links' bytes cost the shared cores too. The other
+  bound (``overlap_wire``): the bucket's CPU work shares the cores with what is left of backward, each at half
+  speed, so for min(w_k, left) both take that much longer (backward and the later buckets' ready times move by
+  it), and its time on the wire overlaps backward as with a core to spare: E = L + max(0, e_last − T_b − L), L the
+  lengthening; it under-predicted fresh runs at 3 × 2 (ResNet-18 −19 %, vgg11's hybrid −14 %), the first bound
+  fits them; :mod:`hybrid_ext.parallel.auto_plan` checks a plan beyond the fixed strategies against both;
 - a bucket's time on a link is at least the hosts' CPU to move its bytes: max(β·n_net·R_link, κ·σ_c·n_net), κ the
   link's CPU per byte sent (:mod:`hybrid_ext.bench.link_cpu`; binds on links faster than the kernel, 100 Gbit/s
   is 0.085 ns per byte against κ ≈ 0.7 measured here);
@@ -317,6 +324,7 @@ def _predict_rank(
     cores_busy: bool,
     modules: dict[str, nn.Module],
     held: list,
+    overlap_wire: bool = False,
 ) -> StepPrediction:
     """Rank ``rank``'s step from its ``transfers`` (:func:`step_transfers`); ``modules``: the model's by path;
     ``held``: the parameters it holds after the wrap."""
@@ -366,24 +374,30 @@ def _predict_rank(
         return finished_at, clock
 
     def schedule(finished_at: dict[str, float], clock: float, delays: dict[int, float]):
-        """The buckets' (ready, start, end) in launch order, and their CPU time that no idle core hides."""
-        previous_end, unhidden, out = 0.0, 0.0, []
+        """The buckets' (ready, start, end) in launch order, their CPU time that no idle core hides, and how much
+        that work lengthened backward (``overlap_wire``)."""
+        previous_end, unhidden, lengthened, out = 0.0, 0.0, 0.0, []
         for transfer in buckets:
-            # A bucket's gradients are all in once backward has passed the earliest (in forward order) of its layers.
-            ready = max((finished_at.get(layer, clock) for layer in transfer.layers), default=clock)
+            # A bucket's gradients are all in once backward has passed the earliest (in forward order) of its layers
+            # (later by the buckets' CPU work that shared the cores with backward before it).
+            ready = max((finished_at.get(layer, clock) for layer in transfer.layers), default=clock) + lengthened
             start = max(ready, previous_end)
             cpu, wire = split[id(transfer)]
             wire += delays.get(id(transfer), 0.0)
-            if cores_busy:  # its copies and reductions, which feed its network stages, wait for backward to end
+            if cores_busy and overlap_wire:  # its CPU work and what is left of backward share the cores
+                shared = min(cpu, max(0.0, clock + lengthened - start))
+                lengthened += shared
+                cpu += shared
+            elif cores_busy:  # its copies and reductions, which feed its network stages, wait for backward to end
                 unhidden += cpu
                 cpu = 0.0
                 start = max(start, clock)
             previous_end = start + cpu + wire
             out.append((transfer, ready, start, previous_end))
-        return out, previous_end, unhidden
+        return out, previous_end, unhidden, lengthened
 
     finished_at, clock = backward_timeline({})
-    launched, previous_end, unhidden = schedule(finished_at, clock, {})
+    launched, previous_end, unhidden, lengthened = schedule(finished_at, clock, {})
     # An activation exchange in backward whose bytes cross hosts while a bucket's are on the link shares the link
     # with it: the time they overlap, each moves at half its rate, and both take that much longer.
     layer_delays, bucket_delays = _link_sharing(
@@ -391,7 +405,7 @@ def _predict_rank(
     )
     if layer_delays:
         finished_at, clock = backward_timeline(layer_delays)
-        launched, previous_end, unhidden = schedule(finished_at, clock, bucket_delays)
+        launched, previous_end, unhidden, lengthened = schedule(finished_at, clock, bucket_delays)
         prediction.layers = [
             replace(layer, communication_s=layer.communication_s + layer_delays.get(layer.path, 0.0))
             for layer in prediction.layers
@@ -400,7 +414,7 @@ def _predict_rank(
     for transfer, ready, start, end in launched:
         taken = seconds[id(transfer)] + bucket_delays.get(id(transfer), 0.0)
         prediction.buckets.append(BucketPrediction(transfer, taken, ready, start, end))
-    prediction.exposed_gradient_s = max(0.0, previous_end - clock) + unhidden
+    prediction.exposed_gradient_s = unhidden + lengthened + max(0.0, previous_end - clock - lengthened)
     prediction.optimizer_s = table.optimizer_s_per_element * sum(p.numel for p in held) * compute_scale
     bucketed, scaled = reducer_bytes(held, strategy, world, mp_size)
     prediction.reducer_s = (table.bucket_s_per_byte * bucketed + table.scale_s_per_byte * scaled) * compute_scale
@@ -424,6 +438,7 @@ def predict_step(
     cores_busy: bool = False,
     memo: dict | None = None,
     cpu_sharing: float | None = None,
+    overlap_wire: bool = False,
 ) -> StepPrediction:
     """The predicted step of the slowest rank (see the module docstring); ``mp_size`` None: all ranks.
 
@@ -434,8 +449,10 @@ def predict_step(
     core on a host, for the CPU work of messages (default σ: where ranks compute on the CPU, the same sharing;
     where the layer times already hold it, measured by ranks at once, pass it apart); ``cores_busy``: the ranks' compute
     keeps every core of their host busy, so the gradient buckets' CPU work cannot overlap it (see the module
-    docstring); ``memo``: a dict kept across calls with the same ``model``, ``table``, ``links`` and environment
-    (:func:`~hybrid_ext.parallel.step_traffic.step_transfers`), where a caller predicts many plans."""
+    docstring); ``overlap_wire``: with ``cores_busy``, the other bound (the buckets' CPU work sharing the cores
+    with backward, their time on the wire overlapping it); ``memo``: a dict kept across calls with the same
+    ``model``, ``table``, ``links`` and environment (:func:`~hybrid_ext.parallel.step_traffic.step_transfers`),
+    where a caller predicts many plans."""
     if compute_scale <= 0:
         raise ValueError(f"compute_scale must be positive, got {compute_scale}")
     cpu_sharing = compute_scale if cpu_sharing is None else cpu_sharing
@@ -470,7 +487,7 @@ def predict_step(
         if key not in by_class:
             by_class[key] = _predict_rank(
                 transfers, table, styles, strategy, world, mp_size, r, micro_batch, links, constants,
-                network_constants, compute_scale, cpu_sharing, cores_busy, modules, held[r % m],
+                network_constants, compute_scale, cpu_sharing, cores_busy, modules, held[r % m], overlap_wire,
             )  # fmt: skip
         predictions.append(by_class[key])
     slowest = max(predictions, key=lambda p: p.step_s)

@@ -208,6 +208,34 @@ def test_the_kept_validation_inputs_still_predict_and_compare(folder, model, tmp
         assert result["link"]["alpha_s"] == kept_link["alpha"]
 
 
+@pytest.mark.parametrize(
+    ("folder", "model", "splits"),
+    [
+        ("2026-12-06-2x2-1gbit", "vgg11", False),
+        ("2026-12-07-vgg11-3x2", "vgg11", False),
+        ("2026-12-06-2x2-1gbit", "alexnet", True),
+        ("2026-12-06-3x2-1gbit", "resnet18", True),
+    ],
+)
+def test_auto_splits_convolutions_only_where_they_pay_with_the_gradients_overlapping_backward_too(
+    folder, model, splits, tmp_path, monkeypatch
+):
+    """Every core computing, across hosts: vgg11's splits of features.16 and .18 are predicted to pay only if none
+    of the gradients' all-reduces overlap backward (measured 0.97–1.06× hybrid): auto keeps hybrid's own plan.
+    AlexNet's and ResNet-18's pay under both bounds and are kept; without the check vgg11's would be taken too."""
+    from hybrid_ext.parallel import auto_plan
+
+    measured = KEPT / folder / f"{model}-{KEPT_LAYOUTS[folder][0]}.json"
+    auto = _plan_kept(folder, model, measured, tmp_path, monkeypatch)["strategies"][-1]
+    assert auto["strategy"] == "auto" and auto["chose"] == "hybrid"
+    assert bool(auto["split_convolutions"]) == splits
+    if not splits:
+        assert auto["same_as_strategy"]  # hybrid's own plan: its measured run measures it
+        monkeypatch.setattr(auto_plan, "_robust_to_overlap", lambda found, chains, predict: (found[0], found))
+        unchecked = _plan_kept(folder, model, measured, tmp_path, monkeypatch)["strategies"][-1]
+        assert unchecked["split_convolutions"] and unchecked["step_ms"] < auto["step_ms"]
+
+
 def _as_format_6(calibration: Path, out: Path) -> Path:
     """The layer file as format 6 kept it: every fixed part at least 0, leaves without parameters ∝ rows (its
     README's snippet)."""

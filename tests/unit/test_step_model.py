@@ -379,6 +379,41 @@ def test_busy_cores_leave_the_gradients_cpu_work_exposed():
     assert [(b.start_s, b.end_s) for b in busy.buckets] == [pytest.approx((4.0, 8.0)), pytest.approx((8.0, 12.0))]
 
 
+def test_the_other_bound_on_busy_cores_shares_them_and_lets_the_wire_overlap_backward():
+    """``overlap_wire``: as in the overlap test above (bucket 0 ready at 2 s, 4 s long), every core computing.
+    Inside one host a bucket is CPU work: bucket 0 shares the cores with the 2 s left of backward, each at half
+    speed, so backward ends at 6 s and bucket 0 at 8 s; bucket 1 then runs alone, 8–12 s: exposed 8 s, as under the
+    first bound (the CPU's work is the same however it is shared)."""
+    model, table = _two_linears_table(1.0, 2.0)
+    constants = CostModel(alpha=0.0, beta=0.05, gamma=0.0)
+    step = predict_step(model, table, {}, "dp", 2, 1, B, bucket_bytes=80, constants=constants, cores_busy=True,
+                        overlap_wire=True)  # fmt: skip
+    assert [(b.start_s, b.end_s) for b in step.buckets] == [pytest.approx((2.0, 8.0)), pytest.approx((8.0, 12.0))]
+    assert step.exposed_gradient_s == pytest.approx(8.0) and step.step_s == pytest.approx(14.0)
+    # A bucket shorter than what is left of backward: both at half speed while it runs, backward 1 s later.
+    model, table = _two_linears_table(1.0, 10.0)
+    short = CostModel(alpha=0.0, beta=0.0125, gamma=0.0)  # 1 s a bucket
+    step = predict_step(model, table, {}, "dp", 2, 1, B, bucket_bytes=80, constants=short, cores_busy=True,
+                        overlap_wire=True)  # fmt: skip
+    assert [(b.ready_s, b.start_s, b.end_s) for b in step.buckets] == [
+        pytest.approx((10.0, 10.0, 12.0)), pytest.approx((21.0, 21.0, 22.0))
+    ]  # fmt: skip
+    assert step.exposed_gradient_s == pytest.approx(2.0)
+    # Between hosts the wire needs no core: with no CPU work the buckets overlap backward as with a core to spare,
+    # where the first bound (the default) holds them until backward ends.
+    model, table = _two_linears_table(1.0, 2.0)
+    links = Links("shm", hosts=(0, 1))
+    wire = CostModel(alpha=0.0, beta=0.05, gamma=0.0)
+    args = (model, table, {}, "dp", 2, 1, B)
+    kw = {"bucket_bytes": 80, "links": links, "network_constants": wire, "constants": CostModel(0, 0, 0)}
+    calm = predict_step(*args, **kw)
+    overlapped = predict_step(*args, **kw, cores_busy=True, overlap_wire=True)
+    serial = predict_step(*args, **kw, cores_busy=True)
+    assert [(b.start_s, b.end_s) for b in overlapped.buckets] == [(b.start_s, b.end_s) for b in calm.buckets]
+    assert overlapped.exposed_gradient_s == pytest.approx(6.0) and serial.exposed_gradient_s == pytest.approx(8.0)
+    assert predict_step(*args, **kw, overlap_wire=True).step_s == calm.step_s  # no bound to choose with a core idle
+
+
 def test_the_messages_cpu_work_is_priced_at_the_ranks_sharing_of_the_cores():
     """Constants measured at 4 ranks per core price a bucket inside a host at the step's sharing (default σ): its β
     and γ terms at 2/4 of theirs, at 1/4 with a core each; α as measured; constants of unknown sharing as they are;
