@@ -7,13 +7,16 @@ forward and backward seconds at the micro-batch ``b`` it was profiled with, and 
 grow with the rows (reading and writing the weights: most of a large Linear layer's time at small batches).
 
 Measurement: one training-mode forward pass of the whole model records every layer's input; each leaf is then
-timed on its own, on that input (``steps`` timed repeats after one warm-up, the median kept): forward, then
-backward of ``ones`` from its output. Every leaf is timed again on its input repeated ``rows_factor`` times; the
-line through the two points gives its fixed part, so a step model can scale it to the rows a strategy gives the
-layer (a sharded layer sees its group's gathered batch, every layer under mp the global one). The fixed part is
-negative where a layer grows faster than its rows (on a CPU, large tensors outgrow the caches and may come fresh
-from the kernel at every step, each page zeroed at first touch): digits_alexnet's first convolution's, ReLU's and
-pooling's backward took 2.7–5.7× their proportional time at 4× the rows.
+timed on its own, on that input: forward, then backward of ``ones`` from its output; in rounds, every timing once
+per round, one warm-up round and ``steps`` timed ones, each timing's median kept (a spell of noise then costs one
+sample of several layers, which the median drops, not every sample of one). Every leaf is timed again on its input
+repeated ``rows_factor`` times; the line through the two points gives its fixed part, so a step model can scale it
+to the rows a strategy gives the layer (a sharded layer sees its group's gathered batch, every layer under mp the
+global one). The fixed part is negative where a layer grows faster than its rows: on a CPU, large tensors outgrow
+the caches, and on glibc's default heap they may come fresh from the kernel at every step, each page zeroed at
+first touch (digits_alexnet's first convolution's, ReLU's and pooling's backward took 2.7–5.7× their proportional
+time at 4× the rows; on the steady heap of :mod:`hybrid_ext.launch.heap`, which ``hybrid-ext plan`` profiles on,
+about 1×).
 A convolution a plan can split by its output channels is also timed as a copy holding half of them, and the line
 through the two gives the part a shard keeps whatever its share of the channels (a quarter of a convolution's
 channels takes more than a quarter of its time; a Linear's shards, timed alone, are within a few % of
@@ -242,33 +245,54 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_leaf(module: nn.Module, args: tuple, steps: int) -> tuple[float, float]:
-    """(forward seconds, backward seconds), medians of ``steps`` runs after one warm-up, on copies of ``args``."""
-    forwards, backwards = [], []
+def _time_leaf_once(module: nn.Module, args: tuple) -> tuple[float, float]:
+    """(forward seconds, backward seconds) of one run of ``module`` on copies of ``args``."""
+    # A fresh non-leaf copy per run: an in-place layer may write its input, and a leaf that needs a gradient may
+    # not be written in place.
+    fresh = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            copy = a.detach().clone().requires_grad_(a.requires_grad)
+            fresh.append(copy.clone() if a.requires_grad else copy)
+        else:
+            fresh.append(a)
+    device = next((a.device for a in fresh if isinstance(a, torch.Tensor)), torch.device("cpu"))
+    _synchronize(device)
+    began = time.perf_counter()
+    out = first_tensor(module(*fresh))
+    _synchronize(device)
+    forwarded = time.perf_counter()
+    if out is not None and out.requires_grad:
+        out.backward(torch.ones_like(out))
+    _synchronize(device)
+    return forwarded - began, time.perf_counter() - forwarded
+
+
+def _time_in_rounds(probes: dict, steps: int, optional: frozenset = frozenset()) -> dict:
+    """Each probe's (forward, backward) seconds, medians of ``steps`` rounds after one warm-up round; a round runs
+    every probe once, in order, so a burst of noise (another process, a page-zeroing spell) lands on one sample of
+    many layers, which the median drops, rather than on every sample of one. ``probes``: key -> (module, a
+    function giving its arguments, untimed); an ``optional`` probe whose run finds no device memory is left out."""
+    samples: dict = {key: [] for key in probes}
     for run in range(steps + 1):
-        # A fresh non-leaf copy per run: an in-place layer may write its input, and a leaf that needs a gradient may
-        # not be written in place.
-        fresh = []
-        for a in args:
-            if isinstance(a, torch.Tensor):
-                copy = a.detach().clone().requires_grad_(a.requires_grad)
-                fresh.append(copy.clone() if a.requires_grad else copy)
-            else:
-                fresh.append(a)
-        device = next((a.device for a in fresh if isinstance(a, torch.Tensor)), torch.device("cpu"))
-        _synchronize(device)
-        began = time.perf_counter()
-        out = first_tensor(module(*fresh))
-        _synchronize(device)
-        forwarded = time.perf_counter()
-        if out is not None and out.requires_grad:
-            out.backward(torch.ones_like(out))
-        _synchronize(device)
-        ended = time.perf_counter()
-        if run:
-            forwards.append(forwarded - began)
-            backwards.append(ended - forwarded)
-    return statistics.median(forwards), statistics.median(backwards)
+        for key, (module, arguments) in probes.items():
+            if key not in samples:
+                continue
+            try:
+                timed = _time_leaf_once(module, arguments())
+            except torch.OutOfMemoryError:
+                if key not in optional:
+                    raise
+                del samples[key]
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            if run:
+                samples[key].append(timed)
+    return {
+        key: (statistics.median(f for f, _ in runs), statistics.median(b for _, b in runs))
+        for key, runs in samples.items()
+    }
 
 
 def _half_channels(module: nn.Module) -> nn.Module | None:
@@ -284,15 +308,13 @@ def _half_channels(module: nn.Module) -> nn.Module | None:
     )  # fmt: skip
 
 
-def _fixed_in_channels(module: nn.Module, args: tuple, steps: int, whole: tuple[float, float]) -> tuple[float, float]:
-    """(forward, backward) seconds of ``module``'s time at ``args`` that a shard of its output channels keeps
-    whatever its share of them: the line through the whole layer's time and a copy's with half its channels, at
-    none; (0, 0) for a layer not split by channels."""
-    half = _half_channels(module)
-    if half is None:
-        return 0.0, 0.0
-    at_half = _time_leaf(half, args, steps)
-    factor = module.out_channels / half.out_channels
+def _fixed_in_channels(
+    out_channels: int, at_half: tuple[float, float], whole: tuple[float, float]
+) -> tuple[float, float]:
+    """(forward, backward) seconds of a convolution's time that a shard of its ``out_channels`` keeps whatever its
+    share of them: the line through the whole layer's time and that of a copy with half its channels (``at_half``,
+    :func:`_half_channels`), at none."""
+    factor = out_channels / (out_channels // 2)
     # within the whole layer's time: noise may time the copy slower than the whole, and no shard takes longer
     return tuple(min(_fixed_part(h, w, factor), w) for h, w in zip(at_half, whole, strict=True))
 
@@ -392,21 +414,36 @@ def profile_layers(
         raise ValueError(f"rows_factor must be >= 2, got {rows_factor}")
     calls, modules = _capture_inputs(model, example_input)
     table = LayerTable(int(example_input.shape[0]), str(example_input.device))
+    leaves = {path: module for path, module in modules.items() if path in calls and not list(module.children())}
+    probes: dict = {}
+    for path, module in leaves.items():
+        args = calls[path][0]
+        probes["at", path] = (module, lambda args=args: args)
+        probes["more", path] = (module, lambda args=args: _repeated_rows(args, rows_factor))
+        half = _half_channels(module)
+        if half is not None:
+            probes["half", path] = (half, lambda args=args: args)
+    probes["at", ""] = (model, lambda: (example_input,))
+    # where the device has no memory for it, the glue is taken as growing with the rows
+    probes["more", ""] = (model, lambda: _repeated_rows((example_input,), rows_factor))
     with _RestoredAfterwards(model):
+        timed = _time_in_rounds(probes, steps, optional=frozenset({("more", "")}))
         for path, module in modules.items():
             if path not in calls:
                 continue  # not called in this forward pass
             args, output_shape, itemsize = calls[path]
             first = first_tensor(args)
-            leaf = not list(module.children())
-            forward_s, backward_s = _time_leaf(module, args, steps) if leaf else (0.0, 0.0)
+            leaf = path in leaves
+            forward_s, backward_s = timed["at", path] if leaf else (0.0, 0.0)
             forward_fixed, backward_fixed = 0.0, 0.0
             channel_fixed = (0.0, 0.0)
             if leaf:
-                forward_more, backward_more = _time_leaf(module, _repeated_rows(args, rows_factor), steps)
+                forward_more, backward_more = timed["more", path]
                 forward_fixed = _fixed_part(forward_s, forward_more, rows_factor, superlinear=True)
                 backward_fixed = _fixed_part(backward_s, backward_more, rows_factor, superlinear=True)
-                channel_fixed = _fixed_in_channels(module, args, steps, (forward_s, backward_s))
+                if ("half", path) in timed:
+                    whole = (forward_s, backward_s)
+                    channel_fixed = _fixed_in_channels(module.out_channels, timed["half", path], whole)
             table.layers[path] = LayerRecord(
                 path=path,
                 kind=type(module).__name__,
@@ -422,8 +459,8 @@ def profile_layers(
                 forward_channel_fixed_s=channel_fixed[0],
                 backward_channel_fixed_s=channel_fixed[1],
             )
-        whole_forward, whole_backward = _time_leaf(model, (example_input,), steps)
-        more = _whole_at_more_rows(model, example_input, rows_factor, steps)
+        whole_forward, whole_backward = timed["at", ""]
+        more = timed.get(("more", ""))
     leaves = [r for r in table.layers.values() if r.leaf]
     table.glue_forward_s = max(0.0, whole_forward - sum(r.forward_s for r in leaves))
     table.glue_backward_s = max(0.0, whole_backward - sum(r.backward_s for r in leaves))
@@ -441,17 +478,6 @@ def profile_layers(
     if largest:
         table.bucket_s_per_byte, table.scale_s_per_byte = _time_reducer(largest, example_input.device, steps)
     return table
-
-
-def _whole_at_more_rows(model: nn.Module, example_input, rows_factor: int, steps: int) -> tuple[float, float] | None:
-    """The whole model's (forward, backward) seconds at ``rows_factor`` times the rows, or None where the device
-    has no memory for that batch (the glue is then taken as growing with the rows)."""
-    try:
-        return _time_leaf(model, _repeated_rows((example_input,), rows_factor), steps)
-    except torch.OutOfMemoryError:
-        if example_input.device.type == "cuda":
-            torch.cuda.empty_cache()
-        return None
 
 
 def layer_shapes(model: nn.Module, example_input: torch.Tensor) -> LayerTable:

@@ -239,12 +239,14 @@ def test_the_part_fixed_in_the_channels_is_timed_on_a_copy_with_half_of_them(mon
     assert _half_channels(nn.Conv2d(4, 1, 3)) is None  # one channel: nothing to halve
     assert _half_channels(nn.Linear(6, 10)) is None and _half_channels(nn.ReLU()) is None
     # the copy with 4 of 8 channels takes 0.6 s forward and 1 s backward where the whole takes 1 s and 2 s
-    monkeypatch.setattr(layer_profile, "_time_leaf", lambda module, args, steps: (0.6, 1.0))
-    x = torch.randn(1, 4, 5, 5)
-    assert _fixed_in_channels(nn.Conv2d(4, 8, 3), (x,), 1, (1.0, 2.0)) == pytest.approx((0.2, 0.0))
-    assert _fixed_in_channels(nn.Linear(5, 10), (x,), 1, (1.0, 2.0)) == (0.0, 0.0)
+    assert _fixed_in_channels(8, (0.6, 1.0), (1.0, 2.0)) == pytest.approx((0.2, 0.0))
     # noise: the copy timed slower than the whole layer; the fixed part stays within the whole
-    assert _fixed_in_channels(nn.Conv2d(4, 8, 3), (x,), 1, (0.5, 0.9)) == pytest.approx((0.5, 0.9))
+    assert _fixed_in_channels(8, (0.6, 1.0), (0.5, 0.9)) == pytest.approx((0.5, 0.9))
+    # profiled: only the convolution is timed with half its channels
+    x, timed = torch.randn(1, 4, 5, 5), []
+    monkeypatch.setattr(layer_profile, "_time_leaf_once", lambda module, args: timed.append(module) or (1.0, 2.0))
+    layer_profile.profile_layers(nn.Sequential(nn.Conv2d(4, 8, 3), nn.Flatten(), nn.Linear(72, 5)), x, steps=1)
+    assert [m.out_channels for m in timed if isinstance(m, nn.Conv2d)] == [8, 8, 4] * 2  # at b, 4·b, half; 2 rounds
 
 
 def test_fixed_part_is_the_intercept_kept_within_the_measured_time():
@@ -511,7 +513,7 @@ def test_profile_times_every_leaf_at_two_batches(monkeypatch):
     from hybrid_ext.parallel import layer_profile
 
     monkeypatch.setattr(
-        layer_profile, "_time_leaf", lambda module, args, steps: (len(args[0]) ** 1.5, 2 * len(args[0]) ** 1.5)
+        layer_profile, "_time_leaf_once", lambda module, args: (len(args[0]) ** 1.5, 2 * len(args[0]) ** 1.5)
     )
     table = profile_layers(nn.Sequential(nn.Linear(8, 8), nn.ReLU()), torch.randn(2, 8), steps=1)
     expected = (4 * 2**1.5 - 8**1.5) / 3
@@ -761,3 +763,25 @@ def test_ranks_alike_are_predicted_once_and_the_step_is_the_slowest_ranks(
     assert step.host_link_bytes == max(leaving.values()) > 0
     if strategy != "dp":  # the ranks differ (their shards, or more): the classes are not all one
         assert len({p.step_s for p in one_by_one}) > 1
+
+
+def test_layers_are_timed_in_rounds_so_a_burst_of_noise_is_one_sample_of_each(monkeypatch):
+    """A spell of noise that slows four timings in a row (10× the 1 s each takes) lands on one round's samples of
+    two layers, not on every sample of one: the medians of three rounds keep every layer at 1 s."""
+    from hybrid_ext.parallel import layer_profile
+
+    calls = []
+
+    def slowed_spell(module, args):
+        calls.append(module)
+        spell = 9 <= len(calls) < 13  # in the second timed round (rounds of 6: two leaves at b and 4·b, the whole ×2)
+        seconds = (10.0 if spell else 1.0) * len(args[0]) / 2
+        return seconds, 2 * seconds
+
+    monkeypatch.setattr(layer_profile, "_time_leaf_once", slowed_spell)
+    table = profile_layers(nn.Sequential(nn.Linear(8, 8), nn.ReLU()), torch.randn(2, 8), steps=3)
+    assert len(calls) == 4 * 6  # a warm-up round, then three
+    for record in table.layers.values():
+        assert (record.forward_s, record.backward_s) == (1.0, 2.0)
+        assert record.forward_fixed_s == record.backward_fixed_s == 0.0  # 4 s at 4·b: proportional
+    assert table.glue_forward_s == table.glue_backward_s == 0.0
