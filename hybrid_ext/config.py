@@ -115,6 +115,11 @@ _KNOBS = (
          "Who reduces a DeepSpeed engine's gradient buckets on the butterfly backend: hybrid-ext (buckets reduced "
          "in place, copies included) or DeepSpeed's own method.",
          choices=("hybrid-ext", "deepspeed")),
+    Knob("HYBRID_EXT_HEAP", "choice", "steady",
+         "The glibc heap of ranks hybrid-ext starts and of `hybrid-ext plan`'s profile: `steady` keeps freed "
+         "memory for the next step (no chunk-level mmap), `default` leaves glibc's behaviour (large blocks mapped "
+         "afresh, their pages zeroed again, as often as its moving threshold decides).",
+         choices=("steady", "default")),
     Knob("HYBRID_EXT_HOROVOD_GPU", "choice", "auto",
          "Build the Horovod wheel with NCCL GPU operations: `on`, `off`, or `auto` (when this torch is a CUDA "
          "build and sees a GPU).",

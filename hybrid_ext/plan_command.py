@@ -192,6 +192,7 @@ def predictions(args: argparse.Namespace) -> tuple[dict, list]:
     StepPrediction` of each)."""
     import torch
 
+    from hybrid_ext.launch.heap import steady_heap
     from hybrid_ext.parallel.auto_plan import choose_plan
     from hybrid_ext.parallel.dims import ParallelDims
     from hybrid_ext.parallel.layer_profile import load_calibration, profile_layers, save_calibration
@@ -210,7 +211,9 @@ def predictions(args: argparse.Namespace) -> tuple[dict, list]:
         table = load_calibration(args.calibration, model, example)
         source = f"calibration {args.calibration} ({table.device}, micro-batch {table.micro_batch})"
     else:
-        # Ranks of a job run one CPU thread each (torchrun's OMP_NUM_THREADS=1, hybrid-ext's spawn): profile so.
+        # Ranks of a job run one CPU thread each (torchrun's OMP_NUM_THREADS=1, hybrid-ext's spawn): profile so,
+        # on the heap hybrid-ext's ranks run on (HYBRID_EXT_HEAP).
+        steady_heap()
         threads = torch.get_num_threads()
         torch.set_num_threads(args.threads)
         try:

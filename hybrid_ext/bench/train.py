@@ -31,6 +31,7 @@ from torch import nn
 from hybrid_ext.bench.mirror_transport import MirrorTransport
 from hybrid_ext.comm import metrics, tuner
 from hybrid_ext.launch import spawn
+from hybrid_ext.launch.heap import steady_heap
 
 
 def build_model(name: str, classes: int = 10) -> nn.Module:
@@ -149,6 +150,7 @@ def _train_rank(
     import hybrid_ext
     from hybrid_ext.train.device import this_rank_device
 
+    steady_heap()  # every step's large tensors reused, not mapped afresh (HYBRID_EXT_HEAP): as plan's profile
     where = this_rank_device(device)
     groups = _mirror_groups(world, mp_size or world, rank, where) if mirror else None
     if mirror:  # no messages move, so ranks cannot compare fingerprints either

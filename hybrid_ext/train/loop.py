@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from hybrid_ext.comm import metrics
+from hybrid_ext.launch.heap import steady_heap
 from hybrid_ext.parallel import ParallelModel, parallelize
 from hybrid_ext.train import data as data_module
 from hybrid_ext.train import models
@@ -117,6 +118,7 @@ def train(config: TrainConfig, groups=None, prepare: Prepare = prepare_adam) -> 
     if config.size < models.MIN_SIZE.get(config.model, 1):
         smallest = models.MIN_SIZE[config.model]
         raise ValueError(f"{config.model} needs images of at least {smallest} px a side; got size={config.size}")
+    steady_heap()  # every step's large tensors reused, not mapped afresh (HYBRID_EXT_HEAP)
     device = this_rank_device(config.device)
     dataset = data_module.load(config.data, config.size, models.input_channels(config.model))
     net = models.build(config.model, dataset.channels, dataset.classes, config.seed).to(device)
