@@ -2,19 +2,18 @@
 
 glibc's malloc serves a block above its mmap threshold with a fresh ``mmap`` and unmaps it when freed; the
 threshold starts at 128 KiB and rises to the size of the largest such block freed, at most 32 MiB on 64-bit. A
-CPU training step allocates and frees the same large activations and gradients every step, so whether each of
-them comes back as pages the kernel must zero again at first touch depends on what the process freed before:
-measured on the 2-core machine this project is built on, one process's digits_alexnet layers took 1× or 4–7× as
-long from one profile to the next (the first ReLU's forward 0.5 or 3.6 ms), and four ranks' mp step 537 ms against
-359 ms with the heap steady (``docs/benchmarks.md``). :func:`steady_heap` turns the chunk-level mmaps off and the
-trimming of the heap's top up, as ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=…`` would at a process's start; a
-process's peak memory is what it was (its largest step is kept, not returned and taken again). A thread's own
-arena still maps a block larger than its heap (64 MiB).
+CPU training step allocates and frees the same large activations and gradients every step, so whether each comes
+back as pages the kernel must zero again at first touch depends on what the process freed before: the same layer
+timed several times as long from one process to the next, a step up to 1.5× as long (``docs/benchmarks.md``, "On a
+steady heap"). :func:`steady_heap` turns the chunk-level mmaps off and the trimming of the heap's top up, as
+``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=…`` would at a process's start — what torch's ``run_cpu`` gets by
+preloading jemalloc or tcmalloc. A process then keeps its largest step's memory rather than returning it and
+taking it again. A thread's own arena still maps a block larger than its heap (64 MiB).
 
-hybrid-ext's launchers' ranks (``hybrid-ext bench train``, the recipes) and ``hybrid-ext plan``'s profile call it
-so that the layer times a plan is made from are those of the steps it predicts; ``HYBRID_EXT_HEAP=default``
-leaves glibc's behaviour alone. A user's own script may call it before building its model
-(``hybrid_ext.steady_heap()``), or preload jemalloc or tcmalloc, which keep freed memory too.
+hybrid-ext's ranks (``hybrid-ext bench train``, the recipes) and ``hybrid-ext plan``'s profile call it, so that the
+layer times a plan is made from are those of the steps it predicts; ``HYBRID_EXT_HEAP=default`` leaves glibc's
+behaviour alone. A script under a launcher of its own may call it before building its model; ``parallelize`` does
+not change a process's allocator.
 """
 
 from __future__ import annotations
