@@ -414,9 +414,9 @@ def profile_layers(
         raise ValueError(f"rows_factor must be >= 2, got {rows_factor}")
     calls, modules = _capture_inputs(model, example_input)
     table = LayerTable(int(example_input.shape[0]), str(example_input.device))
-    leaves = {path: module for path, module in modules.items() if path in calls and not list(module.children())}
+    leaf_modules = {path: m for path, m in modules.items() if path in calls and not list(m.children())}
     probes: dict = {}
-    for path, module in leaves.items():
+    for path, module in leaf_modules.items():
         args = calls[path][0]
         probes["at", path] = (module, lambda args=args: args)
         probes["more", path] = (module, lambda args=args: _repeated_rows(args, rows_factor))
@@ -433,7 +433,7 @@ def profile_layers(
                 continue  # not called in this forward pass
             args, output_shape, itemsize = calls[path]
             first = first_tensor(args)
-            leaf = path in leaves
+            leaf = path in leaf_modules
             forward_s, backward_s = timed["at", path] if leaf else (0.0, 0.0)
             forward_fixed, backward_fixed = 0.0, 0.0
             channel_fixed = (0.0, 0.0)
