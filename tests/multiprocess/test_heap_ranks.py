@@ -31,6 +31,7 @@ def test_a_steady_heap_reuses_a_freed_tensors_pages():
     steady, faults = spawn(_faults_of_a_second_tensor, 1, "steady", backend=None, timeout=60)[0]
     if not steady:
         pytest.skip("the C library is not glibc")
-    default = spawn(_faults_of_a_second_tensor, 1, "default", backend=None, timeout=60)[0]
-    assert default == (False, pytest.approx(PAGES, rel=0.2))  # glibc's own: every page zeroed again
-    assert faults < PAGES // 100
+    steady_default, faults_default = spawn(_faults_of_a_second_tensor, 1, "default", backend=None, timeout=60)[0]
+    # glibc's own: every page zeroed again (one fault per 4 KiB page, or per 2 MiB where huge pages back it)
+    assert not steady_default and faults_default >= ELEMENTS * 4 // 2**21
+    assert faults < min(PAGES // 100, faults_default)
