@@ -8,7 +8,9 @@ timed several times as long from one process to the next, a step up to 1.5× as 
 steady heap"). :func:`steady_heap` turns the chunk-level mmaps off and the trimming of the heap's top up, as
 ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=…`` would at a process's start — what torch's ``run_cpu`` gets by
 preloading jemalloc or tcmalloc. A process then keeps its largest step's memory rather than returning it and
-taking it again. A thread's own arena still maps a block larger than its heap (64 MiB).
+taking it again, once its first few steps have grown the heap to hold their blocks (a small block allocated after
+a large one keeps the large one, freed, from merging with its neighbours). A thread's own arena still maps a block
+larger than its heap (64 MiB).
 
 hybrid-ext's ranks (``hybrid-ext bench train``, the recipes) and ``hybrid-ext plan``'s profile call it, so that the
 layer times a plan is made from are those of the steps it predicts; ``HYBRID_EXT_HEAP=default`` leaves glibc's
