@@ -131,11 +131,13 @@ KEPT_LAYOUTS["2026-12-07-2x2-1gbit"] = KEPT_LAYOUTS["2026-12-06-2x2-1gbit"]
 STEADY_HEAP = {  # folder: the measured files' suffix
     "2026-12-07-one-host-steady-heap": "1x4",
     "2026-12-07-2x2-1gbit-steady-heap": "2x2-1gbit",
-    "2026-12-07-3x2-1gbit-steady-heap": "3x2-1gbit",  # vgg11 not measured there
+    "2026-12-07-3x2-1gbit-steady-heap": "3x2-1gbit",
+    "2026-12-07-2x2-250mbit-steady-heap": "2x2-250mbit",
 }
 KEPT_LAYOUTS["2026-12-07-one-host-steady-heap"] = KEPT_LAYOUTS["2026-12-06-one-host"]
 KEPT_LAYOUTS["2026-12-07-2x2-1gbit-steady-heap"] = KEPT_LAYOUTS["2026-12-06-2x2-1gbit"]
 KEPT_LAYOUTS["2026-12-07-3x2-1gbit-steady-heap"] = KEPT_LAYOUTS["2026-12-06-3x2-1gbit"]
+KEPT_LAYOUTS["2026-12-07-2x2-250mbit-steady-heap"] = KEPT_LAYOUTS["2026-12-06-2x2-250mbit"]
 KEPT_STRATEGIES = {"2026-12-07-3x2-1gbit": ["dp", "hybrid"]}  # the strategies measured, where not all three
 KEPT_CASES = [
     (folder, path.name.removesuffix(f"-{suffix}.json"))
@@ -171,12 +173,13 @@ ROWS_CASES = [
 def test_every_kept_validation_is_checked():
     assert sorted(p.name for p in KEPT.iterdir() if p.is_dir()) == sorted([*KEPT_LAYOUTS, ROWS])
     assert len(ROWS_CASES) == 4 + 4 + 4 + 3  # as the layouts' own folders of 2026-12-06
-    # vgg11 at 3 × 2 the next day; three models again at 3 × 2; again on a steady heap: one host, 2 × 2, 3 × 2
-    assert len(KEPT_CASES) == 4 + 4 + 4 + 3 + 1 + 3 + 4 + 4 + 3
+    # vgg11 at 3 × 2 the next day; three models again at 3 × 2; again on a steady heap: one host, 2 × 2 and 3 × 2
+    # at 1 Gbit/s, 2 × 2 at 250 Mbit/s
+    assert len(KEPT_CASES) == 4 + 4 + 4 + 3 + 1 + 3 + 4 + 4 + 4 + 4
     # one host, 250 Mbit/s: medians; 2 × 2, 3 × 2 at 1 Gbit/s: maxima, then medians; vgg11 at 3 × 2: medians;
     # then auto checking its plans against both bounds: vgg11 at 3 × 2, vgg11 and ResNet-18 at 2 × 2; then beside
-    # all three fixed strategies on a steady heap, on one host, at 2 × 2 and at 3 × 2
-    assert len(KEPT_AUTO_RUNS) == 4 + 3 + (4 + 4) + (3 + 3) + 1 + 1 + 2 + 4 + 4 + 3
+    # all three fixed strategies on a steady heap, on one host, at 2 × 2 and 3 × 2 (1 Gbit/s), at 2 × 2 (250 Mbit/s)
+    assert len(KEPT_AUTO_RUNS) == 4 + 3 + (4 + 4) + (3 + 3) + 1 + 1 + 2 + 4 + 4 + 4 + 4
 
 
 def _plan_kept(
@@ -327,5 +330,5 @@ def test_on_a_steady_heap_the_validations_goal_is_met(folder, suffix, tmp_path, 
         errors += [abs(row["error"]) for row in comparison["rows"]]
         assert comparison["ranking_right"], model
         assert comparison["auto_over_fastest"] <= 1.03, model
-    assert len(models) >= 3 and len(errors) == 3 * len(models)
+    assert sorted(models) == ["alexnet", "digits_alexnet", "resnet18", "vgg11"] and len(errors) == 3 * len(models)
     assert max(errors) <= 0.20 and sum(errors) / len(errors) <= 0.10
