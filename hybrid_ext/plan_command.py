@@ -560,6 +560,7 @@ def compare(result: dict, measured_rows: list[dict], grad_algorithm: str) -> dic
         "auto_over_fastest": auto_ms / at_mp_size[fastest] if auto_ms is not None else None,
         "auto_tied_with_fastest": auto_tied,
         "auto_run_chose": auto_row.get("chose") if auto_row else None,
+        "auto_run_same_plan": same_plan if auto_row else None,  # whether the ranks trained the plan predicted here
         "auto_predicted_ms": auto["step_ms"],
         "auto_error": auto_error,  # None where the measured run trained another plan (or none)
         # each repeat of an auto run profiles and decides anew: its median may mix plans
@@ -580,18 +581,27 @@ def comparison_text(comparison: dict) -> str:
         )
     auto = comparison["auto_over_fastest"]
     ties = "".join(f" ({a} and {b} tied)" for a, b in comparison.get("ties", []))
-    lines.append(
-        f"  mean |error| {comparison['mean_absolute_error']:.1%}, worst {comparison['worst_error']:+.1%}; ranking "
-        f"{'right' if comparison['ranking_right'] else 'WRONG'}{ties}; auto chose {comparison['auto_chose']}"
-        + (f", measured {auto:.3f}× the fastest" if auto is not None else " (not measured)")
-        + (" (their repeats overlap: tied)" if comparison.get("auto_tied_with_fastest") else "")
-        + (
+    measured = (f", measured {auto:.3f}× the fastest" if auto is not None else " (not measured)") + (
+        " (their repeats overlap: tied)" if comparison.get("auto_tied_with_fastest") else ""
+    )
+    run = (
+        f"; bench train's auto run chose {comparison['auto_run_chose']}"
+        + (" (its repeats chose differently)" if comparison.get("auto_run_choices_differ") else "")
+        if comparison.get("auto_run_chose")
+        else ""
+    )
+    if run and comparison.get("auto_run_same_plan") is False:  # the measurement is of the plan the ranks trained
+        auto_text = f"auto chose {comparison['auto_chose']}{run}{measured}"
+    else:
+        predicted = (
             f", predicted {comparison['auto_predicted_ms']:.1f} ms: {comparison['auto_error']:+.1%}"
             if comparison.get("auto_error") is not None
             else ""
         )
-        + (f"; bench train's auto run chose {comparison['auto_run_chose']}" if comparison.get("auto_run_chose") else "")
-        + (" (its repeats chose differently)" if comparison.get("auto_run_choices_differ") else "")
+        auto_text = f"auto chose {comparison['auto_chose']}{measured}{predicted}{run}"
+    lines.append(
+        f"  mean |error| {comparison['mean_absolute_error']:.1%}, worst {comparison['worst_error']:+.1%}; ranking "
+        f"{'right' if comparison['ranking_right'] else 'WRONG'}{ties}; {auto_text}"
     )
     return "\n".join(lines)
 

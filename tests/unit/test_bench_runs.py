@@ -187,6 +187,11 @@ def test_auto_that_split_only_some_layers_is_measured_by_its_own_run_only():
     assert result["auto_measured_ms"] == 240.0 and result["auto_over_fastest"] == 1.0
     assert result["auto_run_chose"] == "what ranks chose" and not result["auto_run_choices_differ"]
     assert result["auto_error"] is None  # the ranks trained another plan than this one predicts
+    # the measurement is said of the plan that ran, not of the plan's own choice
+    text = comparison_text(result)
+    expected = "auto chose hybrid mp_size=4, ...; convolutions split at f.10; bench train's auto run chose what ranks "
+    assert expected in text
+    assert text.endswith("chose what ranks chose, measured 1.000× the fastest")
     auto_row["chose_runs"] = ["what ranks chose", "something else"]  # each repeat decides anew
     assert compare(plan, rows, "butterfly")["auto_run_choices_differ"]
     # the ranks trained auto's own plan in every repeat: its prediction is checked against their step
