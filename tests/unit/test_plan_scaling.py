@@ -323,12 +323,10 @@ def test_on_a_steady_heap_the_validations_goal_is_met(folder, suffix, tmp_path, 
     within 10 %), the strategies ranked right, and the ranks' auto within 3 % of the fastest fixed strategy or
     faster; a change to the model that loses any of it fails here."""
     errors = []
-    models = [model for f, model, _ in KEPT_AUTO_RUNS if f == folder]
-    for model in models:
+    for model in ("digits_alexnet", "alexnet", "resnet18", "vgg11"):  # each folder holds every model
         measured = KEPT / folder / f"{model}-{suffix}.json"
         comparison = _plan_kept(folder, model, measured, tmp_path, monkeypatch)["comparison"]
         errors += [abs(row["error"]) for row in comparison["rows"]]
         assert comparison["ranking_right"], model
         assert comparison["auto_over_fastest"] <= 1.03, model
-    assert sorted(models) == ["alexnet", "digits_alexnet", "resnet18", "vgg11"] and len(errors) == 3 * len(models)
-    assert max(errors) <= 0.20 and sum(errors) / len(errors) <= 0.10
+    assert len(errors) == 12 and max(errors) <= 0.20 and sum(errors) / len(errors) <= 0.10
